@@ -1,0 +1,101 @@
+"""``mlf demo``: train three digits models, score them through the queue, print accuracy."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def _start_workers(processes: int | None) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "worker"] + (["--processes", str(processes)] if processes else [])
+    return subprocess.Popen(argv)
+
+
+def _stop_workers(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def demo(
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of the two CNNs.")] = 30,
+    processes: Annotated[Optional[int], typer.Option(min=1, help="Worker processes to start if none is running.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each job.")] = 900.0,
+) -> None:
+    """Train sklearn, PyTorch and Keras models on the digits dataset, score it through the
+    queue with each, and print per-model accuracy and throughput."""
+    from ml_framework.errors import MLFrameworkError
+    from ml_framework.settings import get_settings
+    from producer.client import Client
+    from demo.digits import FRAMEWORKS, load_data, train_and_export
+
+    settings = get_settings()
+    console.print(f"broker: {'embedded SQLite (' + str(settings.var_dir) + ')' if settings.embedded_broker else settings.broker_url}")
+    with Client(settings) as client:
+        console.print(f"results store: {client.store.engine.url.render_as_string(hide_password=True)}")
+        workers = None
+        live = client.store.live_workers()
+        if live:
+            console.print(f"using running workers: {', '.join(live)}")
+        else:
+            console.print("no worker running: starting workers for the demo (`mlf worker`)")
+            workers = _start_workers(processes)
+        try:
+            data = load_data()
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            dataset = settings.data_dir / "digits.csv"
+            data.frame.to_csv(dataset, index=False)
+            console.print(f"dataset: {dataset} ({len(data.frame)} rows, 64 pixel columns, "
+                          f"{(data.frame['split'] == 'test').sum()} held-out test rows)")
+            manifests = {}
+            for framework in FRAMEWORKS:
+                t0 = time.perf_counter()
+                console.print(f"training {framework} model ...")
+                manifests[framework] = train_and_export(framework, data, settings.models_dir, epochs)
+                m = manifests[framework]
+                console.print(f"  exported {m.name}/{m.version} to {settings.models_dir / m.name / str(m.version)} "
+                              f"in {time.perf_counter() - t0:.1f} s")
+            jobs = {fw: client.score_dataset(dataset, m.name, version=m.version) for fw, m in manifests.items()}
+            for fw, job in jobs.items():
+                console.print(f"submitted job {job.id} ({manifests[fw].name})")
+            report = Table("model", "framework", "state", "accuracy (test)", "accuracy (all)",
+                           "rows", "rows/s", "job id", title="digits: scored through the queue")
+            out_dir = settings.var_dir / "demo"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for fw, job in jobs.items():
+                status = job.wait(timeout_s=timeout, progress=True)
+                frame = job.results().join(data.frame[["label", "split"]])
+                correct = frame["prediction"] == frame["label"]
+                test = frame["split"] == "test"
+                rate = status.n_rows / status.elapsed_s if status.elapsed_s else float("nan")
+                report.add_row(manifests[fw].name, fw, status.state.value, f"{correct[test].mean():.3f}",
+                               f"{correct.mean():.3f}", str(status.rows_done), f"{rate:,.0f}", job.id)
+                job.save_results(out_dir / f"{manifests[fw].name}.csv")
+        except MLFrameworkError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+        finally:
+            if workers is not None:
+                console.print("stopping the demo's workers ...")
+                _stop_workers(workers)
+    Console(width=max(Console().width, 150)).print(report)
+    console.print(f"results: {out_dir}/<model>.csv, and in the results store "
+                  "(`mlf status JOB`, `mlf results JOB -o out.parquet`)")
+    console.print("rows/s: rows / (first shard start -> last result), model loading included")
+
+
+def register(app: typer.Typer, _models_app: typer.Typer) -> None:
+    """Plug ``mlf demo`` into ``mlf``."""
+    app.command(name="demo")(demo)

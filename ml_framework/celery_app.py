@@ -1,0 +1,61 @@
+"""The one Celery app both sides use: broker, serializers, acknowledgement and queues.
+
+Producers send tasks by name (:mod:`ml_framework.protocol`); the worker package registers
+the task bodies on this same app (``worker.app``).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from ml_framework import broker  # noqa: F401 - registers the embedded transport
+from ml_framework.settings import Settings, get_settings
+
+APP_NAME = "ml_framework"
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """Build the Celery app from settings.
+
+    Choices: JSON on the wire (msgpack also accepted; never pickle); late acknowledgement
+    with reject-on-worker-lost so a killed worker's shard is redelivered; prefetch of one
+    message per process because a shard runs for seconds to minutes; no Celery result
+    backend (results live in the results store).
+
+    Args:
+        settings: defaults to :func:`~ml_framework.settings.get_settings`.
+
+    Returns:
+        A configured :class:`celery.Celery`.
+    """
+    settings = settings or get_settings()
+    if settings.embedded_broker:
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+    app = Celery(APP_NAME, broker=settings.effective_broker_url, set_as_current=False)
+    transport_options: dict[str, object] = {
+        "visibility_timeout": settings.broker_visibility_timeout_s,
+    }
+    if settings.embedded_broker:
+        transport_options["polling_interval"] = settings.broker_polling_interval_s
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json", "msgpack"],
+        result_accept_content=["json", "msgpack"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=settings.bulk_queue,
+        task_routes={"mlf.score_shard": {"queue": settings.bulk_queue}},
+        task_time_limit=settings.task_time_limit_s,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        enable_utc=True,
+    )
+    return app

@@ -1,0 +1,197 @@
+"""Reading CSV and Parquet datasets by row range, shared by producers and workers.
+
+CSV columns are read as strings (``null`` for empty cells) and converted per the model's
+input spec on the worker, so that one non-numeric cell fails one row, not the file.
+Parquet columns keep their stored types. Rows are numbered from 0, header excluded.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from ml_framework.errors import DatasetFormatError, DatasetNotFoundError, DatasetSchemaError
+
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+CSV_BLOCK_BYTES = 4 << 20  # pyarrow CSV block size: bounds memory per read step
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Schema and size of a dataset file, read without loading its rows.
+
+    Attributes:
+        path: absolute path of the file.
+        format: ``csv`` or ``parquet``.
+        columns: column names in file order.
+        n_rows: number of data rows (header excluded).
+    """
+
+    path: Path
+    format: str
+    columns: list[str]
+    n_rows: int
+
+    def require_columns(self, needed: Sequence[str]) -> None:
+        """Raise :class:`DatasetSchemaError` naming every column of ``needed`` not in the file."""
+        missing = [c for c in needed if c not in self.columns]
+        if missing:
+            raise DatasetSchemaError(
+                f"{self.path}: missing column(s) {', '.join(map(repr, missing))} "
+                f"(file has: {', '.join(self.columns[:20])}{' ...' if len(self.columns) > 20 else ''})"
+            )
+
+
+def detect_format(path: Path) -> str:
+    """``csv`` or ``parquet`` from the file suffix.
+
+    Raises:
+        DatasetFormatError: any other suffix.
+    """
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DatasetFormatError(
+            f"{path}: unsupported dataset type {path.suffix!r} (supported: {', '.join(sorted(FORMATS))})"
+        )
+    return fmt
+
+
+def _csv_names(path: Path) -> list[str]:
+    reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES))
+    names = list(reader.schema.names)
+    reader.close()
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DatasetFormatError(f"{path}: duplicate column name(s) {dup}")
+    return names
+
+
+def _csv_reader(path: Path, columns: Sequence[str], skip_rows: int = 0) -> pa_csv.CSVStreamingReader:
+    return pa_csv.open_csv(
+        path,
+        read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, skip_rows_after_names=skip_rows),
+        convert_options=pa_csv.ConvertOptions(
+            include_columns=list(columns),
+            column_types={c: pa.string() for c in columns},
+            strings_can_be_null=True,
+        ),
+    )
+
+
+def inspect(path: Path) -> DatasetInfo:
+    """Read a dataset's columns and row count (one streaming pass for CSV, footer only for Parquet).
+
+    Raises:
+        DatasetNotFoundError: ``path`` does not exist.
+        DatasetFormatError: unsupported suffix, or the file cannot be parsed.
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        raise DatasetNotFoundError(f"dataset not found: {path}")
+    fmt = detect_format(path)
+    try:
+        if fmt == "parquet":
+            meta = pq.ParquetFile(path).metadata
+            return DatasetInfo(path, fmt, list(meta.schema.to_arrow_schema().names), meta.num_rows)
+        names = _csv_names(path)
+        reader = _csv_reader(path, names[:1])
+        n_rows = sum(batch.num_rows for batch in reader)
+        return DatasetInfo(path, fmt, names, n_rows)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise DatasetFormatError(f"{path}: cannot read as {fmt}: {exc}") from exc
+
+
+def read_rows(path: Path, fmt: str, row_start: int, row_end: int, columns: Sequence[str]) -> pa.Table:
+    """Rows ``[row_start, row_end)`` of ``columns`` as an Arrow table.
+
+    CSV columns come back as strings; Parquet reads only the row groups that overlap.
+
+    Raises:
+        DatasetFormatError: the file cannot be parsed, or holds fewer rows than asked.
+    """
+    want = row_end - row_start
+    try:
+        if fmt == "parquet":
+            table = _parquet_rows(pq.ParquetFile(path), row_start, row_end, columns)
+        else:
+            batches, got = [], 0
+            reader = _csv_reader(path, columns, skip_rows=row_start)
+            for batch in reader:
+                batches.append(batch)
+                got += batch.num_rows
+                if got >= want:
+                    break
+            reader.close()
+            table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, want)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise DatasetFormatError(f"{path}: cannot read rows {row_start}-{row_end}: {exc}") from exc
+    if table.num_rows != want:
+        raise DatasetFormatError(
+            f"{path}: expected rows {row_start}-{row_end} but the file has only {row_start + table.num_rows}"
+        )
+    return table
+
+
+def _parquet_rows(pf: pq.ParquetFile, row_start: int, row_end: int, columns: Sequence[str]) -> pa.Table:
+    groups, offset, first = [], 0, None
+    for i in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if offset < row_end and offset + n > row_start:
+            groups.append(i)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return pf.schema_arrow.empty_table().select(list(columns))
+    table = pf.read_row_groups(groups, columns=list(columns))
+    return table.slice(row_start - first, row_end - row_start)
+
+
+def iter_shards(info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: Sequence[str]) -> Iterator[pa.Table]:
+    """Yield one table per range in a single pass over the file (ranges ascending, contiguous).
+
+    Used by producers that must inline shards; memory holds about one shard at a time.
+    """
+    if info.format == "parquet":
+        pf = pq.ParquetFile(info.path)
+        for a, b in ranges:
+            yield _parquet_rows(pf, a, b, columns)
+        return
+    reader = _csv_reader(info.path, columns)
+    pending: list[pa.RecordBatch] = []
+    buffered = 0
+    for a, b in ranges:
+        while buffered < b - a:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            pending.append(batch)
+            buffered += batch.num_rows
+        table = pa.Table.from_batches(pending, schema=reader.schema)
+        yield table.slice(0, b - a)
+        rest = table.slice(b - a)
+        pending, buffered = rest.to_batches(), rest.num_rows
+
+
+def encode_table(table: pa.Table) -> str:
+    """Arrow IPC stream of ``table``, base64-encoded for a JSON message."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return base64.b64encode(sink.getvalue().to_pybytes()).decode("ascii")
+
+
+def decode_table(data_b64: str) -> pa.Table:
+    """Inverse of :func:`encode_table`."""
+    return pa.ipc.open_stream(base64.b64decode(data_b64)).read_all()
+
+
+def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """Split ``n_rows`` into ``[start, end)`` ranges of at most ``shard_size`` rows."""
+    return [(a, min(a + shard_size, n_rows)) for a in range(0, n_rows, shard_size)]

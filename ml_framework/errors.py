@@ -1,0 +1,83 @@
+"""Every error ml-framework raises on purpose.
+
+Hierarchy::
+
+    MLFrameworkError
+    ├── SettingsError            bad or unknown configuration key
+    ├── ModelError
+    │   ├── ModelNotFoundError   no such model / version in the model repository
+    │   ├── ManifestError        manifest missing, malformed or inconsistent with its artifact
+    │   └── ModelLoadError       the runtime could not load the artifact
+    ├── DatasetError
+    │   ├── DatasetNotFoundError the dataset path does not exist
+    │   ├── DatasetFormatError   unsupported or unreadable file
+    │   └── DatasetSchemaError   columns the model needs are missing
+    ├── JobError
+    │   ├── JobNotFoundError     no job with that id in the results store
+    │   └── JobTimeoutError      ``Job.wait`` ran out of time
+    └── StoreError               the results database refused an operation
+
+Row-level problems (a non-numeric value in one row) are not exceptions: they are recorded
+as row errors and the rest of the job goes on.
+"""
+
+from __future__ import annotations
+
+
+class MLFrameworkError(Exception):
+    """Root of every error raised on purpose by ml-framework."""
+
+
+class SettingsError(MLFrameworkError):
+    """Raised when a configuration key is unknown or its value invalid.
+
+    The message names each offending key and where it came from (YAML file or env var).
+    """
+
+
+class ModelError(MLFrameworkError):
+    """Raised when a model cannot be found, described or loaded."""
+
+
+class ModelNotFoundError(ModelError):
+    """Raised when a model name or version is not in the model repository."""
+
+
+class ManifestError(ModelError):
+    """Raised when a model manifest is missing, malformed or does not match its artifact."""
+
+
+class ModelLoadError(ModelError):
+    """Raised when a runtime fails to load a model artifact."""
+
+
+class DatasetError(MLFrameworkError):
+    """Raised when a dataset cannot be read as a whole."""
+
+
+class DatasetNotFoundError(DatasetError):
+    """Raised when a dataset path does not exist."""
+
+
+class DatasetFormatError(DatasetError):
+    """Raised when a dataset's file type is unsupported or the file cannot be parsed."""
+
+
+class DatasetSchemaError(DatasetError):
+    """Raised when a dataset lacks the columns a model needs."""
+
+
+class JobError(MLFrameworkError):
+    """Raised for job-level problems on the producer side."""
+
+
+class JobNotFoundError(JobError):
+    """Raised when no job with the given id exists in the results store."""
+
+
+class JobTimeoutError(JobError):
+    """Raised when ``Job.wait`` reaches its timeout before the job finished."""
+
+
+class StoreError(MLFrameworkError):
+    """Raised when the results database refuses an operation."""

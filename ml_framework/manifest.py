@@ -1,0 +1,241 @@
+"""Model manifests and the read-only view of the model repository.
+
+Layout (as Triton's model repository)::
+
+    <models_dir>/<name>/<version>/manifest.yaml
+    <models_dir>/<name>/<version>/<artifact file>
+
+Versions are positive integers; "latest" is the highest. Reading manifests needs no ML
+framework, so producers use this module to list models and validate jobs at submit time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from ml_framework.errors import ManifestError, ModelNotFoundError
+
+MANIFEST_FILE = "manifest.yaml"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+Framework = Literal["torch", "tensorflow", "sklearn"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """What one row of input is.
+
+    Attributes:
+        columns: dataset columns fed to the model, in this order.
+        dtype: NumPy dtype name of the model input (e.g. ``float32``).
+        shape: per-row tensor shape, batch dimension excluded; the row's column values
+            (in ``columns`` order) are reshaped to it, e.g. 64 pixel columns -> ``[1, 8, 8]``.
+            Default ``[len(columns)]``. The model sees ``(N, *shape)``.
+        allow_missing: when false, a row with an empty / NaN value fails with a row error.
+    """
+
+    columns: list[str] = Field(min_length=1)
+    dtype: Literal["float32", "float64", "int32", "int64"] = "float32"
+    shape: list[PositiveInt] | None = None
+    allow_missing: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError("inputs.columns has duplicate names")
+        if self.shape is not None and math.prod(self.shape) != len(self.columns):
+            raise ValueError(
+                f"inputs.shape {self.shape} holds {math.prod(self.shape)} values but "
+                f"inputs.columns names {len(self.columns)}"
+            )
+        return self
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Per-row shape the model receives (batch dimension excluded)."""
+        return tuple(self.shape) if self.shape else (len(self.columns),)
+
+
+class OutputSpec(_Strict):
+    """What the model returns per row and how it becomes a result.
+
+    Attributes:
+        kind: ``classification``: the model returns ``(N, K)`` scores, the result holds
+            ``prediction`` (a label), ``score`` and ``probabilities``; ``regression``:
+            ``(N,)`` or ``(N, 1)`` -> ``prediction``; ``embedding``: ``(N, D)`` -> ``embedding``.
+        labels: class labels, index ``k`` naming score column ``k`` (classification).
+        activation: ``softmax`` when the model returns logits, ``none`` when it already
+            returns probabilities.
+        size: ``K`` or ``D``; checked against what the model returns.
+    """
+
+    kind: Literal["classification", "regression", "embedding"]
+    labels: list[Any] | None = None
+    activation: Literal["none", "softmax"] = "none"
+    size: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputSpec:
+        if self.kind == "classification":
+            if not self.labels:
+                raise ValueError("outputs.labels is required for kind: classification")
+            if self.size is not None and self.size != len(self.labels):
+                raise ValueError(f"outputs.size {self.size} != {len(self.labels)} labels")
+        return self
+
+    @property
+    def width(self) -> int | None:
+        """Expected output width per row (``K`` or ``D``), ``None`` if not declared."""
+        if self.kind == "classification":
+            return len(self.labels or [])
+        return self.size
+
+
+class Preprocessing(_Strict):
+    """Element-wise affine transform applied to inputs: ``x * scale + shift``."""
+
+    scale: float = 1.0
+    shift: float = 0.0
+
+
+class ModelManifest(_Strict):
+    """Description of one model version; stored as ``manifest.yaml`` beside the artifact.
+
+    Attributes:
+        name: model name (letters, digits, ``._-``).
+        version: positive integer version.
+        framework: ``torch`` (``torch.export`` ``.pt2`` or TorchScript ``.pt``),
+            ``tensorflow`` (``.keras`` or a SavedModel directory) or ``sklearn`` (``.skops``).
+        artifact: file (or directory) name inside the version directory.
+        inputs / outputs / preprocessing: see :class:`InputSpec`, :class:`OutputSpec`,
+            :class:`Preprocessing`.
+        default_batch_size: rows per forward pass unless the job says otherwise.
+        trusted_types: scikit-learn only: the exact types skops may instantiate when
+            loading; anything else in the file makes loading fail (no bare pickle).
+        description: free text.
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: PositiveInt
+    framework: Framework
+    artifact: str = Field(min_length=1)
+    inputs: InputSpec
+    outputs: OutputSpec
+    preprocessing: Preprocessing = Preprocessing()
+    default_batch_size: PositiveInt | None = None
+    trusted_types: list[str] = []
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelManifest:
+        if "/" in self.artifact or self.artifact in {".", ".."}:
+            raise ValueError(f"artifact must be a name inside the version directory, got {self.artifact!r}")
+        if self.trusted_types and self.framework != "sklearn":
+            raise ValueError("trusted_types applies to framework: sklearn only")
+        return self
+
+    @classmethod
+    def read(cls, path: Path) -> ModelManifest:
+        """Read and validate a ``manifest.yaml``.
+
+        Raises:
+            ManifestError: the file is missing, not YAML, or fails validation (the message
+                names the file and each bad field).
+        """
+        if not path.is_file():
+            raise ManifestError(f"{path}: manifest not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            return cls.model_validate(data)
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(manifest)'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ManifestError(f"{path}: invalid manifest: {details}") from None
+
+    def write(self, directory: Path) -> Path:
+        """Write this manifest as ``directory/manifest.yaml`` and return its path."""
+        path = directory / MANIFEST_FILE
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        return path
+
+
+class ModelRepository:
+    """Read-only view of ``<root>/<name>/<version>/manifest.yaml``.
+
+    Args:
+        root: the models directory.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def version_dir(self, name: str, version: int) -> Path:
+        """Directory of one model version (it may not exist)."""
+        if not re.match(NAME_PATTERN, name):
+            raise ModelNotFoundError(f"invalid model name {name!r}")
+        return self.root / name / str(int(version))
+
+    def versions(self, name: str) -> list[int]:
+        """Versions of ``name`` present in the repository, ascending."""
+        model_dir = self.root / name
+        if not re.match(NAME_PATTERN, name) or not model_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in model_dir.iterdir()
+                      if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+
+    def names(self) -> list[str]:
+        """Model names that have at least one version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+
+    def resolve(self, name: str, version: int | None = None) -> ModelManifest:
+        """Manifest of ``name`` at ``version`` (the highest version when ``None``).
+
+        Raises:
+            ModelNotFoundError: no such model or version; the message lists what exists.
+            ManifestError: the manifest is invalid or names another model / version.
+        """
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.names()) or "none"
+            raise ModelNotFoundError(
+                f"model {name!r} not found in {self.root} (models there: {known})"
+            )
+        if version is None:
+            version = versions[-1]
+        elif int(version) not in versions:
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version} in {self.root} (versions: {versions})"
+            )
+        path = self.version_dir(name, version) / MANIFEST_FILE
+        manifest = ModelManifest.read(path)
+        if manifest.name != name or manifest.version != int(version):
+            raise ManifestError(
+                f"{path}: manifest says {manifest.name}/{manifest.version}, "
+                f"directory says {name}/{version}"
+            )
+        return manifest
+
+    def list(self) -> list[ModelManifest]:
+        """Every valid manifest in the repository (invalid ones are skipped)."""
+        out = []
+        for name in self.names():
+            for version in self.versions(name):
+                try:
+                    out.append(self.resolve(name, version))
+                except ManifestError:
+                    continue
+        return out

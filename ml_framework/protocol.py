@@ -1,0 +1,73 @@
+"""Task names and message schemas: everything that travels on the broker.
+
+Messages are JSON. A shard names its rows either by reference (a dataset path relative
+to the workers' data directory plus a row range) or inline (Arrow IPC bytes, base64), for
+datasets the workers cannot read.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+
+SCORE_SHARD_TASK = "mlf.score_shard"
+"""Celery task name of the bulk-scoring task (one shard per message)."""
+
+DatasetFormat = Literal["csv", "parquet"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetRef(_Message):
+    """Rows ``[row_start, row_end)`` of a dataset file under the workers' data directory.
+
+    Attributes:
+        path: POSIX path relative to the data directory.
+        format: ``csv`` or ``parquet``.
+        row_start: first row (0-based, header excluded), inclusive.
+        row_end: last row, exclusive.
+    """
+
+    kind: Literal["ref"] = "ref"
+    path: str
+    format: DatasetFormat
+    row_start: NonNegativeInt
+    row_end: NonNegativeInt
+
+
+class InlineRows(_Message):
+    """Rows ``[row_start, row_end)`` carried in the message as an Arrow IPC stream.
+
+    Attributes:
+        data_b64: base64 of an Arrow IPC stream holding exactly ``row_end - row_start``
+            rows of the needed columns (all strings for CSV sources).
+    """
+
+    kind: Literal["inline"] = "inline"
+    row_start: NonNegativeInt
+    row_end: NonNegativeInt
+    data_b64: str
+
+
+class ScoreShard(_Message):
+    """Body of one ``mlf.score_shard`` task.
+
+    Attributes:
+        job_id: the job's id in the results store.
+        shard_index: 0-based index of this shard within the job.
+        model / version: which model version to run.
+        batch_size: rows per forward pass.
+        columns: dataset columns the model reads.
+        source: where the rows are.
+    """
+
+    job_id: str
+    shard_index: NonNegativeInt
+    model: str
+    version: PositiveInt
+    batch_size: PositiveInt
+    columns: list[str]
+    source: DatasetRef | InlineRows = Field(discriminator="kind")

@@ -1,0 +1,199 @@
+"""Typed settings: defaults, then a YAML file, then ``ML_FRAMEWORK_*`` environment variables.
+
+The YAML file is ``configs/development.yaml`` (relative to the working directory) when it
+exists, or the file named by ``ML_FRAMEWORK_CONFIG``. Relative paths in settings are taken
+relative to the working directory. Unknown keys, in the file or as ``ML_FRAMEWORK_*``
+variables, and invalid values fail at start with :class:`~ml_framework.errors.SettingsError`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, PositiveInt, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ml_framework.errors import SettingsError
+
+ENV_PREFIX = "ML_FRAMEWORK_"
+CONFIG_ENV = "ML_FRAMEWORK_CONFIG"
+DEFAULT_CONFIG = Path("configs/development.yaml")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Feeds the already-parsed YAML mapping in below environment variables."""
+
+    data: dict[str, Any] = {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+class Settings(BaseSettings):
+    """Every setting of ml-framework, validated once at start.
+
+    Attributes:
+        broker_url: Celery broker URL (``redis://host:6379/0``). ``None`` selects the
+            embedded, server-less SQLite transport under ``var_dir``.
+        database_url: SQLAlchemy URL of the results store
+            (``postgresql+psycopg://user@host/db``). ``None`` selects SQLite under ``var_dir``.
+        models_dir: root of the model repository, ``<models_dir>/<name>/<version>/``.
+        data_dir: datasets under this directory travel to workers by reference
+            (path + row range); others are inlined into the shard messages.
+        var_dir: local state of the embedded default (broker and results SQLite files).
+        logging_level: standard level name.
+        default_batch_size: rows per forward pass when neither job nor manifest says.
+        shard_size: rows per shard (one Celery task each).
+        worker_processes: worker processes ``mlf worker`` starts; default one per CPU core.
+        worker_threads: framework intra-op threads per worker process; default
+            ``cores // worker_processes`` (at least 1).
+        bulk_queue: Celery queue that carries bulk-scoring shards.
+        task_time_limit_s: hard limit of one shard task, seconds.
+        broker_visibility_timeout_s: seconds before Redis redelivers an unacknowledged
+            shard; must exceed ``task_time_limit_s`` or long shards would run twice.
+        broker_polling_interval_s: how often the embedded transport polls, seconds.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    broker_url: str | None = None
+    database_url: str | None = None
+    models_dir: Path = Path("models")
+    data_dir: Path = Path("data")
+    var_dir: Path = Path("var")
+    logging_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    default_batch_size: PositiveInt = 256
+    shard_size: PositiveInt = 10_000
+    worker_processes: PositiveInt | None = None
+    worker_threads: PositiveInt | None = None
+    bulk_queue: str = Field(default="mlf.bulk", min_length=1)
+    task_time_limit_s: PositiveInt = 3600
+    broker_visibility_timeout_s: PositiveInt = 7200
+    broker_polling_interval_s: float = Field(default=0.2, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> Settings:
+        if self.broker_visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(
+                f"broker_visibility_timeout_s ({self.broker_visibility_timeout_s}) must exceed "
+                f"task_time_limit_s ({self.task_time_limit_s}); otherwise the broker "
+                "redelivers shards that are still running"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker URL is configured and the SQLite transport is used."""
+        return not self.broker_url
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The broker URL to connect to, the embedded SQLite transport if none is set."""
+        if self.broker_url:
+            return self.broker_url
+        return f"mlfsqla+sqlite:///{(self.var_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The results-store URL, SQLite under ``var_dir`` if none is set."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'results.sqlite').resolve()}"
+
+
+def _config_path() -> Path | None:
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise SettingsError(f"{CONFIG_ENV}={named}: no such file")
+        return path
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+    return data
+
+
+def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from defaults, the YAML file, the environment and ``overrides``.
+
+    Args:
+        config_path: YAML file to read; default ``$ML_FRAMEWORK_CONFIG`` or
+            ``configs/development.yaml`` when it exists.
+        **overrides: values that win over every other source (used by tests and the CLI).
+
+    Returns:
+        The validated, immutable :class:`Settings`.
+
+    Raises:
+        SettingsError: an unknown key or a bad value; the message names each key and
+            its source (the YAML file or the environment variable).
+    """
+    path = config_path if config_path is not None else _config_path()
+    data = _read_yaml(path) if path is not None else {}
+    fields = set(Settings.model_fields)
+    problems = [f"{path}: unknown key {key!r}" for key in data if key not in fields]
+    problems += [
+        f"environment: unknown variable {name}"
+        for name in os.environ
+        if name.startswith(ENV_PREFIX)
+        and name != CONFIG_ENV
+        and name[len(ENV_PREFIX):].lower() not in fields
+    ]
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)
+                            + f"\n  known keys: {', '.join(sorted(fields))}")
+    _YamlSource.data = data
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = str(err["loc"][0]) if err["loc"] else "(settings)"
+            env_name = ENV_PREFIX + key.upper()
+            if key in overrides:
+                source = "argument"
+            elif env_name in os.environ:
+                source = f"environment variable {env_name}"
+            elif key in data:
+                source = str(path)
+            else:
+                source = "defaults" if key != "(settings)" else str(path or "settings")
+            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    finally:
+        _YamlSource.data = {}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, loaded once (see :func:`load_settings`)."""
+    return load_settings()

@@ -1,0 +1,365 @@
+"""The results-store API: the only code that writes jobs, shards, results and row errors.
+
+Every write that moves a shard is one transaction. Completing a shard is idempotent: the
+shard row is flipped from PENDING/RUNNING to DONE/FAILED by a conditional UPDATE first, and
+only the transaction that flipped it inserts rows, so a redelivered shard never
+duplicates results (primary keys ``(job_id, row_index)`` back this up).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+from sqlalchemy import Engine, case, delete, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from ml_framework.errors import JobNotFoundError, StoreError
+from ml_framework.store.engine import READ_ONLY, make_engine, upgrade
+from ml_framework.store.schema import (
+    JobRow,
+    JobState,
+    ResultRow,
+    RowErrorRow,
+    ShardRow,
+    ShardState,
+    WorkerRow,
+)
+
+_OPEN_SHARD = (ShardState.PENDING.value, ShardState.RUNNING.value)
+_OPEN_JOB = (JobState.PENDING.value, JobState.RUNNING.value)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; every timestamp we store is UTC.
+    if ts is not None and ts.tzinfo is None:
+        return ts.replace(tzinfo=UTC)
+    return ts
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one row has no output.
+
+    Attributes:
+        row_index: 0-based row of the dataset (header excluded).
+        message: what was wrong, naming the value when there is one.
+        field: the column to blame, if any.
+    """
+
+    row_index: int
+    message: str
+    field: str | None = None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of one job's progress.
+
+    Attributes:
+        rows_ok / rows_failed: rows recorded so far with an output / with a row error.
+        shards_done: shards whose rows are all recorded (DONE or FAILED).
+    """
+
+    job_id: str
+    model: str
+    model_version: int
+    dataset: str
+    state: JobState
+    n_rows: int
+    n_shards: int
+    shards_done: int
+    rows_ok: int
+    rows_failed: int
+    batch_size: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def rows_done(self) -> int:
+        """Rows recorded so far, with an output or an error."""
+        return self.rows_ok + self.rows_failed
+
+    @property
+    def elapsed_s(self) -> float | None:
+        """Seconds from the first shard start to the end (or to now while running)."""
+        if self.started_at is None:
+            return None
+        return ((self.finished_at or _now()) - self.started_at).total_seconds()
+
+
+class ShardClaim(str, enum.Enum):
+    """What a worker should do with a shard message it received."""
+
+    RUN = "RUN"
+    ALREADY_DONE = "ALREADY_DONE"
+    CANCELLED = "CANCELLED"
+    UNKNOWN_JOB = "UNKNOWN_JOB"
+
+
+class ResultStore:
+    """Jobs, shards, results and row errors in a SQL database.
+
+    Args:
+        url: SQLAlchemy URL (SQLite or PostgreSQL).
+        migrate: run the Alembic upgrade to the newest schema on open (idempotent).
+    """
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url)
+        if migrate:
+            try:
+                upgrade(self.engine)
+            except SQLAlchemyError as exc:
+                raise StoreError(f"cannot open results store {self.engine.url!r}: {exc}") from exc
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.engine.dispose()
+
+    def _read(self):  # noqa: ANN202
+        return self.engine.connect().execution_options(**{READ_ONLY: True})
+
+    # ----------------------------------------------------------------- producer side
+    def create_job(
+        self,
+        *,
+        model: str,
+        model_version: int,
+        dataset: str,
+        n_rows: int,
+        shard_ranges: Sequence[tuple[int, int]],
+        batch_size: int,
+    ) -> str:
+        """Record a PENDING job and its PENDING shards; return the new job id (32 hex chars)."""
+        job_id = uuid.uuid4().hex
+        with self.engine.begin() as conn:
+            conn.execute(insert(JobRow), [{
+                "id": job_id, "model": model, "model_version": model_version, "dataset": dataset,
+                "state": JobState.PENDING.value, "n_rows": n_rows, "n_shards": len(shard_ranges),
+                "shards_done": 0, "rows_ok": 0, "rows_failed": 0, "batch_size": batch_size,
+                "created_at": _now(),
+            }])
+            if shard_ranges:
+                conn.execute(insert(ShardRow), [
+                    {"job_id": job_id, "shard_index": i, "row_start": a, "row_end": b,
+                     "state": ShardState.PENDING.value, "attempts": 0, "deliveries": 0, "rows_ok": 0, "rows_failed": 0}
+                    for i, (a, b) in enumerate(shard_ranges)
+                ])
+        return job_id
+
+    def job(self, job_id: str) -> JobStatus:
+        """Current status of ``job_id``.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        with self._read() as conn:
+            row = conn.execute(select(JobRow.__table__).where(JobRow.id == job_id)).one_or_none()
+        if row is None:
+            raise JobNotFoundError(f"no job {job_id!r} in results store {self.engine.url!r}")
+        return JobStatus(
+            job_id=row.id, model=row.model, model_version=row.model_version, dataset=row.dataset,
+            state=JobState(row.state), n_rows=row.n_rows, n_shards=row.n_shards,
+            shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
+            batch_size=row.batch_size, created_at=_aware(row.created_at),
+            started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
+        )
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a job that has not finished: no shard starts after this; shards already
+        running may still record their rows. A finished job is left as it is.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        self.job(job_id)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(_OPEN_JOB))
+                .values(state=JobState.CANCELLED.value, finished_at=_now())
+            ).rowcount
+            if done:
+                conn.execute(
+                    update(ShardRow)
+                    .where(ShardRow.job_id == job_id, ShardRow.state == ShardState.PENDING.value)
+                    .values(state=ShardState.CANCELLED.value)
+                )
+        return self.job(job_id)
+
+    def results(self, job_id: str) -> pd.DataFrame:
+        """Outputs and row errors of a job, in input row order.
+
+        Returns:
+            DataFrame indexed by ``row`` (0-based input row), one column per output key
+            (e.g. ``prediction``, ``score``, ``probabilities``), plus ``error`` and
+            ``error_field`` (``None`` on rows that succeeded). Rows not yet recorded are absent.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        self.job(job_id)
+        with self._read() as conn:
+            outs = conn.execute(
+                select(ResultRow.row_index, ResultRow.output).where(ResultRow.job_id == job_id)
+            ).all()
+            errs = conn.execute(
+                select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message)
+                .where(RowErrorRow.job_id == job_id)
+            ).all()
+        ok = pd.DataFrame.from_records(
+            [json.loads(o) for _, o in outs], index=pd.Index([r for r, _ in outs], name="row")
+        )
+        failed = pd.DataFrame(
+            {"error": [m for _, _, m in errs], "error_field": [f for _, f, _ in errs]},
+            index=pd.Index([r for r, _, _ in errs], name="row"),
+        )
+        frame = pd.concat([ok, failed], axis=0, sort=False) if len(failed) else ok
+        for col in ("error", "error_field"):
+            if col not in frame.columns:
+                frame[col] = None
+            frame[col] = frame[col].astype(object).where(frame[col].notna(), None)
+        return frame.sort_index()
+
+    def live_workers(self, max_age_s: float = 30.0) -> list[str]:
+        """Hostnames of worker processes whose heartbeat is younger than ``max_age_s``."""
+        cutoff = _now() - timedelta(seconds=max_age_s)
+        with self._read() as conn:
+            rows = conn.execute(select(WorkerRow.hostname, WorkerRow.last_seen_at)).all()
+        return sorted(h for h, seen in rows if _aware(seen) >= cutoff)
+
+    # ------------------------------------------------------------------- worker side
+    def claim_shard(self, job_id: str, shard_index: int, worker: str) -> ShardClaim:
+        """Mark a shard RUNNING (counting the attempt) unless it is finished or cancelled.
+
+        Every call counts one delivery of the shard's message, whatever the outcome.
+        """
+        now = _now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(ShardRow).where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index)
+                .values(deliveries=ShardRow.deliveries + 1)
+            )
+            job_state = conn.execute(select(JobRow.state).where(JobRow.id == job_id)).scalar_one_or_none()
+            if job_state is None:
+                return ShardClaim.UNKNOWN_JOB
+            if job_state == JobState.CANCELLED.value:
+                conn.execute(
+                    update(ShardRow)
+                    .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
+                           ShardRow.state.in_(_OPEN_SHARD))
+                    .values(state=ShardState.CANCELLED.value)
+                )
+                return ShardClaim.CANCELLED
+            claimed = conn.execute(
+                update(ShardRow)
+                .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
+                       ShardRow.state.in_(_OPEN_SHARD))
+                .values(state=ShardState.RUNNING.value, attempts=ShardRow.attempts + 1,
+                        worker=worker, started_at=now)
+            ).rowcount
+            if not claimed:
+                return ShardClaim.ALREADY_DONE
+            conn.execute(
+                update(JobRow).where(JobRow.id == job_id, JobRow.state == JobState.PENDING.value)
+                .values(state=JobState.RUNNING.value, started_at=now)
+            )
+        return ShardClaim.RUN
+
+    def complete_shard(
+        self,
+        job_id: str,
+        shard_index: int,
+        outputs: Sequence[tuple[int, dict]],
+        errors: Sequence[RowError],
+        *,
+        shard_error: str | None = None,
+    ) -> bool:
+        """Record a shard's outputs and row errors in one transaction.
+
+        Args:
+            outputs: ``(row_index, output)`` pairs; each output a JSON-serialisable dict.
+            errors: one :class:`RowError` per row without output.
+            shard_error: set when the shard as a whole failed (then ``outputs`` is empty
+                and every row has an error); the shard ends FAILED instead of DONE.
+
+        Returns:
+            True if this call recorded the shard; False if it was already recorded (a
+            redelivery) and nothing was written.
+        """
+        state = ShardState.FAILED if shard_error else ShardState.DONE
+        now = _now()
+        with self.engine.begin() as conn:
+            flipped = conn.execute(
+                update(ShardRow)
+                .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
+                       ShardRow.state.in_(_OPEN_SHARD))
+                .values(state=state.value, finished_at=now, rows_ok=len(outputs),
+                        rows_failed=len(errors), error=shard_error)
+            ).rowcount
+            if not flipped:
+                return False
+            if outputs:
+                conn.execute(insert(ResultRow), [
+                    {"job_id": job_id, "row_index": r, "shard_index": shard_index,
+                     "output": json.dumps(o, separators=(",", ":"))}
+                    for r, o in outputs
+                ])
+            if errors:
+                conn.execute(insert(RowErrorRow), [
+                    {"job_id": job_id, "row_index": e.row_index, "shard_index": shard_index,
+                     "field": e.field, "message": e.message}
+                    for e in errors
+                ])
+            conn.execute(
+                update(JobRow).where(JobRow.id == job_id).values(
+                    shards_done=JobRow.shards_done + 1,
+                    rows_ok=JobRow.rows_ok + len(outputs),
+                    rows_failed=JobRow.rows_failed + len(errors),
+                )
+            )
+            conn.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.state.in_(_OPEN_JOB),
+                       JobRow.shards_done >= JobRow.n_shards)
+                .values(
+                    state=case(
+                        (JobRow.rows_ok == 0, JobState.FAILED.value),
+                        (JobRow.rows_failed > 0, JobState.PARTIAL.value),
+                        else_=JobState.SUCCEEDED.value,
+                    ),
+                    finished_at=now,
+                )
+            )
+        return True
+
+    def shards(self, job_id: str) -> list[dict]:
+        """Every shard of a job as a dict of its columns, by shard index."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(ShardRow.__table__).where(ShardRow.job_id == job_id).order_by(ShardRow.shard_index)
+            ).mappings().all()
+        return [dict(r) for r in rows]
+
+    def heartbeat(self, hostname: str, pid: int, started_at: datetime, shards_done: int) -> None:
+        """Record that worker process ``hostname`` is alive now."""
+        values = {"pid": pid, "started_at": started_at, "last_seen_at": _now(), "shards_done": shards_done}
+        with self.engine.begin() as conn:
+            if not conn.execute(update(WorkerRow).where(WorkerRow.hostname == hostname).values(**values)).rowcount:
+                conn.execute(insert(WorkerRow).values(hostname=hostname, **values))
+
+    def remove_worker(self, hostname: str) -> None:
+        """Forget a worker process's heartbeat (on clean shutdown)."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(WorkerRow).where(WorkerRow.hostname == hostname))

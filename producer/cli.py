@@ -1,0 +1,194 @@
+"""``mlf``: the command line of ml-framework.
+
+Exit codes (for shell scripts):
+
+====  ===========================================================
+0     success (with ``--wait``: the job SUCCEEDED)
+1     an error, explained on stderr (unknown model, missing file...)
+2     bad command-line usage
+3     the job ended PARTIAL (some rows failed; see ``mlf results``)
+4     the job ended FAILED
+5     the job was CANCELLED
+6     ``--timeout`` reached before the job finished
+====  ===========================================================
+
+Commands that live outside the producer (``mlf worker``, ``mlf models add``, ``mlf demo``)
+are plugged in through the ``mlf.commands`` entry-point group, so a producer-only
+install never imports the worker or an ML framework.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ml_framework.errors import JobTimeoutError, MLFrameworkError
+from ml_framework.logging import configure_logging
+from ml_framework.store import JobState, JobStatus
+
+EXIT_ERROR = 1
+EXIT_BY_STATE = {JobState.SUCCEEDED: 0, JobState.PARTIAL: 3, JobState.FAILED: 4, JobState.CANCELLED: 5}
+EXIT_TIMEOUT = 6
+
+app = typer.Typer(help="ml-framework: batch inference on Celery workers.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="The model repository.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    """Print ``error: message`` on stderr and return the Exit to raise."""
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def client():  # noqa: ANN201 - lazy import keeps `mlf --help` fast
+    """A :class:`producer.Client` from the current settings."""
+    from producer.client import Client
+
+    return Client()
+
+
+def print_status(status: JobStatus) -> None:
+    """Human-readable summary of a job."""
+    pct = 100.0 * status.rows_done / status.n_rows if status.n_rows else 100.0
+    out.print(f"job {status.job_id}  [bold]{status.state.value}[/bold]  model {status.model}/{status.model_version}")
+    out.print(f"  dataset  {status.dataset}")
+    out.print(f"  rows     {status.rows_done}/{status.n_rows} ({pct:.1f}%): {status.rows_ok} ok, "
+              f"{status.rows_failed} failed")
+    out.print(f"  shards   {status.shards_done}/{status.n_shards}")
+    if status.elapsed_s:
+        out.print(f"  elapsed  {status.elapsed_s:.1f} s ({status.rows_done / status.elapsed_s:.0f} rows/s)")
+
+
+@app.command()
+def score(
+    dataset: Annotated[Path, typer.Argument(help="CSV or Parquet file.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")],
+    version: Annotated[Optional[int], typer.Option(help="Model version (default: latest).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Rows per forward pass.")] = None,
+    columns: Annotated[Optional[str], typer.Option(help="Comma-separated dataset columns mapped onto the model's inputs.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here (.parquet / .csv); implies --wait.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job, with a progress bar.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait at most.")] = None,
+) -> None:
+    """Submit a bulk-scoring job; prints the job id (and waits with --wait / -o)."""
+    try:
+        with client() as c:
+            job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
+                                  columns=columns.split(",") if columns else None)
+            if not (wait or output):
+                print(job.id)
+                return
+            err.print(f"job {job.id} submitted", highlight=False)
+            status = job.wait(timeout_s=timeout, progress=sys.stderr.isatty())
+            print_status(status)
+            if output:
+                job.save_results(output)
+                out.print(f"results written to {output}")
+    except JobTimeoutError as exc:
+        raise fail(str(exc), EXIT_TIMEOUT) from None
+    except (MLFrameworkError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(EXIT_BY_STATE.get(status.state, 0))
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a job's state and progress."""
+    try:
+        with client() as c:
+            st = c.get_job(job_id).status()
+    except MLFrameworkError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        data = {k: getattr(st, k) for k in st.__dataclass_fields__}
+        print(json.dumps(data, default=str))
+    else:
+        print_status(st)
+
+
+@app.command()
+def results(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Destination .parquet or .csv.")],
+) -> None:
+    """Write a job's results (outputs and row errors, in input order) to a file."""
+    try:
+        with client() as c:
+            job = c.get_job(job_id)
+            st = job.status()
+            job.save_results(output)
+    except (MLFrameworkError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    out.print(f"{st.rows_done} rows ({st.rows_failed} failed) of job {job_id} "
+              f"[{st.state.value}] written to {output}")
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="Job id.")]) -> None:
+    """Cancel a job: no further shard starts; recorded results stay."""
+    try:
+        with client() as c:
+            st = c.get_job(job_id).cancel()
+    except MLFrameworkError as exc:
+        raise fail(str(exc)) from None
+    out.print(f"job {job_id} is {st.state.value}")
+
+
+@models_app.callback()
+def models(ctx: typer.Context) -> None:
+    """List the models in the repository (``mlf models add`` adds one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ml_framework.manifest import ModelRepository
+    from ml_framework.settings import get_settings
+
+    try:
+        manifests = ModelRepository(get_settings().models_dir).list()
+    except MLFrameworkError as exc:
+        raise fail(str(exc)) from None
+    if not manifests:
+        out.print(f"no models in {get_settings().models_dir} (try `mlf demo` or `mlf models add`)")
+        return
+    table = Table("name", "version", "framework", "inputs", "outputs", "batch")
+    for m in manifests:
+        outputs = m.outputs.kind + (f" ({len(m.outputs.labels)} labels)" if m.outputs.labels else "")
+        table.add_row(m.name, str(m.version), m.framework,
+                      f"{len(m.inputs.columns)} cols -> {list(m.inputs.row_shape)} {m.inputs.dtype}",
+                      outputs, str(m.default_batch_size or "-"))
+    out.print(table)
+
+
+def _load_plugins() -> None:
+    for ep in entry_points(group="mlf.commands"):
+        try:
+            register = ep.load()
+        except ImportError:  # e.g. a producer-only install without the worker's extras
+            continue
+        register(app, models_app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from ml_framework.settings import get_settings
+
+    try:
+        configure_logging(get_settings().logging_level)
+    except MLFrameworkError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(EXIT_ERROR) from None
+    _load_plugins()
+    app()

@@ -1,0 +1,223 @@
+"""The Python client: submit scoring jobs, follow them, read their results.
+
+Example::
+
+    from producer import Client
+    client = Client()
+    job = client.score_dataset("data/digits.csv", model="digits-sklearn")
+    job.wait(timeout_s=600, progress=True)
+    df = job.results()            # one row per input row, in input order
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ml_framework.celery_app import create_app
+from ml_framework.datasets import shard_ranges
+from ml_framework.errors import JobTimeoutError
+from ml_framework.manifest import ModelManifest, ModelRepository
+from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
+from ml_framework.settings import Settings, get_settings
+from ml_framework.store import JobStatus, ResultStore
+from producer.datasets import inspect, plan_sources, resolve_columns
+
+POLL_START_S = 0.1
+POLL_MAX_S = 2.0
+
+
+class Job:
+    """Handle on one scoring job; every method reads the results store.
+
+    Attributes:
+        id: the job id (32 hex characters).
+    """
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> JobStatus:
+        """Current state and counters. Raises ``JobNotFoundError``."""
+        return self.client.store.job(self.id)
+
+    def wait(self, timeout_s: float | None = None, progress: bool = False) -> JobStatus:
+        """Block until the job is finished (any terminal state).
+
+        Polls the store with backoff from 0.1 s to 2 s.
+
+        Args:
+            timeout_s: give up after this many seconds (``None``: wait forever).
+            progress: show a progress bar of rows done on the terminal.
+
+        Returns:
+            The final status.
+
+        Raises:
+            JobTimeoutError: the job did not finish within ``timeout_s``.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delay = POLL_START_S
+        bar = _ProgressBar(self) if progress else None
+        try:
+            while True:
+                status = self.status()
+                if bar:
+                    bar.update(status)
+                if status.state.terminal:
+                    return status
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobTimeoutError(
+                        f"job {self.id} still {status.state.value} after {timeout_s} s "
+                        f"({status.rows_done}/{status.n_rows} rows); are workers running? (`mlf worker`)"
+                    )
+                time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 1.5, POLL_MAX_S)
+        finally:
+            if bar:
+                bar.close()
+
+    def results(self) -> pd.DataFrame:
+        """Outputs and row errors in input row order (see ``ResultStore.results``)."""
+        return self.client.store.results(self.id)
+
+    def cancel(self) -> JobStatus:
+        """Cancel the job: no further shard starts; recorded results stay."""
+        return self.client.store.cancel(self.id)
+
+    def save_results(self, path: Path | str) -> Path:
+        """Write :meth:`results` to ``.parquet`` or ``.csv`` (list values as JSON in CSV)."""
+        return write_results(self.results(), Path(path))
+
+
+def write_results(frame: pd.DataFrame, path: Path) -> Path:
+    """Write a results frame to Parquet or CSV, chosen by suffix.
+
+    Raises:
+        ValueError: another suffix.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        frame.to_parquet(path)
+    elif suffix == ".csv":
+        import json
+
+        flat = frame.copy()
+        for col in flat.columns:
+            if flat[col].map(lambda v: isinstance(v, list)).any():
+                flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
+        flat.to_csv(path)
+    else:
+        raise ValueError(f"{path}: results can be written as .parquet or .csv")
+    return path
+
+
+class _ProgressBar:
+    def __init__(self, job: Job) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[state]}"))
+        self.task = self.progress.add_task(f"job {job.id[:8]}", total=None, state="")
+        self.progress.start()
+
+    def update(self, status: JobStatus) -> None:
+        self.progress.update(self.task, total=status.n_rows, completed=status.rows_done,
+                             state=status.state.value)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class Client:
+    """Submits jobs to the broker and reads jobs from the results store.
+
+    Args:
+        settings: default :func:`~ml_framework.settings.get_settings`.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.store = ResultStore(self.settings.effective_database_url)
+        self.repository = ModelRepository(self.settings.models_dir)
+        self.app = create_app(self.settings)
+
+    def close(self) -> None:
+        """Release broker and database connections."""
+        self.store.close()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def models(self) -> list[ModelManifest]:
+        """Every model version in the model repository."""
+        return self.repository.list()
+
+    def get_job(self, job_id: str) -> Job:
+        """A handle on an existing job (from any process). Raises ``JobNotFoundError``."""
+        self.store.job(job_id)
+        return Job(self, job_id)
+
+    def score_dataset(
+        self,
+        path: Path | str,
+        model: str,
+        version: int | None = None,
+        batch_size: int | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> Job:
+        """Submit a bulk-scoring job over a CSV or Parquet file.
+
+        Only the schema and row count are read here; the rows travel by reference
+        (dataset under ``settings.data_dir``) or inlined per shard, one pass over the file.
+
+        Args:
+            path: dataset file (``.csv``, ``.parquet``).
+            model: model name in the repository.
+            version: model version; default the highest.
+            batch_size: rows per forward pass; default the manifest's, then settings'.
+            columns: dataset columns to feed, mapped onto the manifest's input columns
+                in order; default the manifest's column names.
+
+        Returns:
+            The new :class:`Job` (state PENDING).
+
+        Raises:
+            ModelNotFoundError: unknown model or version.
+            DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
+                the file is missing, unreadable, lacks columns or has no rows.
+        """
+        manifest = self.repository.resolve(model, version)
+        info = inspect(Path(path))
+        use_columns = resolve_columns(info, manifest, columns)
+        ranges = shard_ranges(info.n_rows, self.settings.shard_size)
+        batch = batch_size or manifest.default_batch_size or self.settings.default_batch_size
+        job_id = self.store.create_job(
+            model=manifest.name, model_version=manifest.version, dataset=str(info.path),
+            n_rows=info.n_rows, shard_ranges=ranges, batch_size=batch,
+        )
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for index, source in enumerate(plan_sources(info, ranges, use_columns, self.settings.data_dir)):
+                    body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name,
+                                      version=manifest.version, batch_size=batch,
+                                      columns=use_columns, source=source)
+                    self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
+                                       queue=self.settings.bulk_queue, producer=producer)
+        except BaseException:
+            self.store.cancel(job_id)
+            raise
+        return Job(self, job_id)

@@ -1,0 +1,167 @@
+"""Shared fixtures: trained demo models, datasets, and real worker processes per backend.
+
+Backends: ``embedded`` (SQLite broker transport + SQLite results) and ``redis-postgres``
+(the Redis and PostgreSQL servers on 127.0.0.1). Without those servers the
+``redis-postgres`` tests skip, except under ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REDIS_URL = os.environ.get("MLF_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_ADMIN_URL = os.environ.get("MLF_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+SHARD_SIZE = 500
+WORKER_PROCESSES = 2
+WORKER_START_TIMEOUT_S = 120
+
+
+def service_unavailable(what: str, exc: Exception) -> None:
+    """Skip on a laptop without ``what``; fail under CI, where every service must be up."""
+    message = f"{what} unreachable: {exc}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def check_redis() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:  # noqa: BLE001
+        service_unavailable("Redis", exc)
+
+
+def pg_admin():  # noqa: ANN201
+    import psycopg
+
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except Exception as exc:  # noqa: BLE001
+        service_unavailable("PostgreSQL", exc)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Any:
+    """A fresh PostgreSQL database for this session; yields its SQLAlchemy URL."""
+    conn = pg_admin()
+    name = f"mlf_test_{uuid.uuid4().hex[:10]}"
+    conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def digits():  # noqa: ANN201
+    """The demo's digits dataset with its train/test split."""
+    from demo.digits import load_data
+
+    return load_data()
+
+
+@pytest.fixture(scope="session")
+def trained(digits, tmp_path_factory):  # noqa: ANN001, ANN201
+    """The three demo models, trained briefly and published into a temporary repository.
+
+    Returns:
+        ``(models_dir, {framework: (native_model, manifest)})``.
+    """
+    from demo import digits as d
+
+    models_dir = tmp_path_factory.mktemp("models")
+    clf = d.fit_sklearn(digits)
+    cnn = d.fit_torch(digits, epochs=4)
+    keras_model = d.fit_keras(digits, epochs=4)
+    return models_dir, {
+        "sklearn": (clf, d.export_sklearn_model(clf, models_dir)),
+        "torch": (cnn, d.export_torch_model(cnn, models_dir)),
+        "tensorflow": (keras_model, d.export_keras_model(keras_model, models_dir)),
+    }
+
+
+@pytest.fixture(scope="session")
+def data_dir(digits, tmp_path_factory) -> Path:  # noqa: ANN001
+    """Data directory holding ``digits.csv`` and ``digits.parquet`` (row groups of 300)."""
+    path = tmp_path_factory.mktemp("data")
+    digits.frame.to_csv(path / "digits.csv", index=False)
+    digits.frame.to_parquet(path / "digits.parquet", row_group_size=300)
+    return path
+
+
+@dataclass
+class Backend:
+    """A running set of worker processes and the client that talks to them."""
+
+    name: str
+    values: dict[str, Any]
+    client: Any
+    worker_log: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for another process (CLI, worker) using the same backend."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+        env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in self.values.items()})
+        return env
+
+
+def start_workers(values: dict[str, Any], log_path: Path, processes: int = WORKER_PROCESSES) -> subprocess.Popen:
+    """``python -m worker`` with the backend's settings in its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "worker", "--processes", str(processes), "--grace", "20"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_workers(proc: subprocess.Popen) -> None:
+    """Warm shutdown, then kill after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session", params=["embedded", "redis-postgres"])
+def backend(request, trained, data_dir, tmp_path_factory):  # noqa: ANN001, ANN201
+    """Real worker processes on one backend, and a Client configured like them."""
+    from ml_framework.settings import load_settings
+    from producer.client import Client
+
+    var_dir = tmp_path_factory.mktemp(f"var-{request.param}")
+    values: dict[str, Any] = {
+        "models_dir": trained[0], "data_dir": data_dir, "var_dir": var_dir,
+        "shard_size": SHARD_SIZE, "bulk_queue": f"mlf.test.{uuid.uuid4().hex[:8]}",
+        "broker_polling_interval_s": 0.1,
+    }
+    if request.param == "redis-postgres":
+        check_redis()
+        values["broker_url"] = REDIS_URL
+        values["database_url"] = request.getfixturevalue("pg_database")
+    client = Client(load_settings(**values))
+    log_path = var_dir / "workers.log"
+    proc = start_workers(values, log_path)
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while len(client.store.live_workers()) < WORKER_PROCESSES:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_workers(proc)
+            pytest.fail(f"workers did not start; log:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield Backend(request.param, values, client, log_path)
+    stop_workers(proc)
+    client.close()

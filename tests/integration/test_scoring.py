@@ -1,0 +1,191 @@
+"""Bulk scoring end to end through a real broker, real worker processes and a real database.
+
+Every test runs on both backends (embedded SQLite and Redis + PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from demo.digits import PIXELS, SCALE
+from ml_framework.errors import DatasetNotFoundError, DatasetSchemaError, ModelNotFoundError
+from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, ScoreShard
+from ml_framework.settings import load_settings
+from ml_framework.store import JobState
+from producer.client import Client
+
+pytestmark = pytest.mark.integration
+TIMEOUT_S = 240
+
+
+def own_probabilities(framework: str, model, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """The trained model's own in-process class probabilities for ``x`` (N, 64) in [0, 1]."""
+    if framework == "sklearn":
+        return model.predict_proba(x)
+    if framework == "torch":
+        import torch
+
+        with torch.inference_mode():
+            return torch.softmax(model(torch.from_numpy(x.reshape(-1, 1, 8, 8))), dim=1).numpy()
+    return model.predict(x.reshape(-1, 8, 8, 1), verbose=0)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("framework", ["sklearn", "torch", "tensorflow"])
+def test_predictions_equal_in_process_predictions(backend, trained, data_dir, digits, framework, fmt):
+    """Scoring through the queue gives the model's own predictions, in input row order."""
+    native, manifest = trained[1][framework]
+    job = backend.client.score_dataset(data_dir / f"digits.{fmt}", manifest.name)
+    status = job.wait(timeout_s=TIMEOUT_S)
+    n = len(digits.frame)
+    assert status.state is JobState.SUCCEEDED, status
+    assert (status.rows_ok, status.rows_failed, status.n_shards, status.shards_done) == (n, 0, 4, 4)
+    results = job.results()
+    assert list(results.index) == list(range(n))
+    assert results["error"].isna().all()
+    expected = own_probabilities(framework, native, digits.frame[PIXELS].to_numpy(np.float32) * SCALE)
+    got = np.stack(results["probabilities"].to_numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert (results["prediction"].astype(int).to_numpy() == expected.argmax(axis=1)).all()
+
+
+def test_dataset_outside_data_dir_is_inlined(backend, trained, digits, tmp_path):
+    """A file the workers cannot see travels inline in the shard messages and scores the same."""
+    clf, manifest = trained[1]["sklearn"]
+    path = tmp_path / "elsewhere.parquet"
+    digits.frame.iloc[:700].to_parquet(path)
+    job = backend.client.score_dataset(path, manifest.name)
+    assert job.wait(timeout_s=TIMEOUT_S).state is JobState.SUCCEEDED
+    got = job.results()["prediction"].astype(int).to_numpy()
+    assert (got == clf.predict(digits.frame[PIXELS].iloc[:700].to_numpy(np.float32) * SCALE)).all()
+
+
+def test_redelivered_shard_records_each_row_once(backend, trained):
+    """Each shard message delivered twice: every row is recorded once, counters count once."""
+    manifest = trained[1]["sklearn"][1]
+    client = backend.client
+    ranges = [(0, 500), (500, 1000)]
+    job_id = client.store.create_job(model=manifest.name, model_version=manifest.version,
+                                     dataset="digits.csv", n_rows=1000, shard_ranges=ranges, batch_size=128)
+    for index, (a, b) in enumerate(ranges):
+        body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name, version=manifest.version,
+                          batch_size=128, columns=PIXELS,
+                          source=DatasetRef(path="digits.csv", format="csv", row_start=a, row_end=b))
+        for _ in range(2):
+            client.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
+                                 queue=backend.values["bulk_queue"])
+    job = client.get_job(job_id)
+    status = job.wait(timeout_s=TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(s["deliveries"] < 2 for s in client.store.shards(job_id)):
+        assert time.monotonic() < deadline, client.store.shards(job_id)
+        time.sleep(0.2)
+    status = job.status()
+    assert status.state is JobState.SUCCEEDED
+    assert (status.rows_ok, status.rows_failed, status.shards_done) == (1000, 0, 2)
+    results = job.results()
+    assert len(results) == 1000 and results.index.is_unique
+    assert [s["deliveries"] for s in client.store.shards(job_id)] == [2, 2]
+
+
+def test_bad_rows_fail_alone(backend, trained, data_dir, digits):
+    """A non-numeric cell and an empty cell fail their rows, naming row and field; the rest succeed."""
+    clf, manifest = trained[1]["sklearn"]
+    frame = digits.frame.copy()
+    frame[PIXELS] = frame[PIXELS].astype(object)
+    frame.loc[7, "pixel_3"] = "abc"
+    frame.loc[12, "pixel_10"] = None
+    path = data_dir / f"bad-{backend.name}.csv"
+    frame.to_csv(path, index=False)
+    job = backend.client.score_dataset(path, manifest.name)
+    status = job.wait(timeout_s=TIMEOUT_S)
+    assert status.state is JobState.PARTIAL
+    assert (status.rows_ok, status.rows_failed) == (len(frame) - 2, 2)
+    results = job.results()
+    assert results.loc[7, "error_field"] == "pixel_3"
+    assert "row 7" in results.loc[7, "error"] and "'abc' is not a number" in results.loc[7, "error"]
+    assert results.loc[12, "error_field"] == "pixel_10" and "missing value" in results.loc[12, "error"]
+    ok = results["error"].isna()
+    assert ok.sum() == len(frame) - 2
+    expected = clf.predict(digits.frame[PIXELS].to_numpy(np.float32) * SCALE)
+    assert (results.loc[ok, "prediction"].astype(int).to_numpy() == expected[ok.to_numpy()]).all()
+
+
+def test_submit_errors_name_the_problem(backend, trained, data_dir, digits, tmp_path):
+    """Unknown model, missing column and missing file are refused at submit with clear errors."""
+    client = backend.client
+    with pytest.raises(ModelNotFoundError, match="'no-such-model'.*digits-sklearn"):
+        client.score_dataset(data_dir / "digits.csv", "no-such-model")
+    narrow = tmp_path / "narrow.csv"
+    digits.frame.drop(columns=["pixel_5"]).to_csv(narrow, index=False)
+    with pytest.raises(DatasetSchemaError, match="pixel_5"):
+        client.score_dataset(narrow, "digits-sklearn")
+    with pytest.raises(DatasetNotFoundError, match="nope.csv"):
+        client.score_dataset(tmp_path / "nope.csv", "digits-sklearn")
+
+
+def test_cancel_stops_new_shards(backend, trained, data_dir):
+    """After cancel no shard starts; shards already recorded keep their rows."""
+    manifest = trained[1]["torch"][1]
+    small = Client(load_settings(**{**backend.values, "shard_size": 20}))
+    try:
+        job = small.score_dataset(data_dir / "digits.csv", manifest.name, batch_size=4)
+        status = job.cancel()
+        assert status.state is JobState.CANCELLED
+        time.sleep(3)  # let workers drain what they already took
+        shards = small.store.shards(job.id)
+        assert not any(s["state"] == "RUNNING" for s in shards)
+        done = [s for s in shards if s["state"] == "DONE"]
+        assert len(done) < len(shards)
+        assert len(job.results()) == sum(s["rows_ok"] for s in done)
+        assert job.status().state is JobState.CANCELLED
+    finally:
+        small.close()
+
+
+def mlf(backend, *args: str, cwd=None) -> subprocess.CompletedProcess:  # noqa: ANN001
+    """Run the ``mlf`` CLI against the backend."""
+    return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", *args],
+                          env=backend.env, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd)
+
+
+def test_cli_score_status_results(backend, trained, data_dir, tmp_path, digits):
+    """`mlf score --wait -o`, `mlf status` and `mlf results` work and exit 0 on success."""
+    out = tmp_path / "out.csv"
+    run = mlf(backend, "score", str(data_dir / "digits.csv"), "--model", "digits-torch", "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    frame = pd.read_csv(out, index_col="row")
+    assert len(frame) == len(digits.frame) and frame["error"].isna().all()
+    run = mlf(backend, "score", str(data_dir / "digits.parquet"), "--model", "digits-keras")
+    assert run.returncode == 0, run.stderr
+    job_id = run.stdout.strip()
+    assert len(job_id) == 32
+    backend.client.get_job(job_id).wait(timeout_s=TIMEOUT_S)
+    status = mlf(backend, "status", job_id, "--json")
+    assert status.returncode == 0 and '"state": "SUCCEEDED"' in status.stdout
+    parquet = tmp_path / "r.parquet"
+    assert mlf(backend, "results", job_id, "-o", str(parquet)).returncode == 0
+    assert len(pd.read_parquet(parquet)) == len(digits.frame)
+
+
+def test_cli_errors_and_exit_codes(backend, trained, data_dir, digits, tmp_path):
+    """The CLI names the problem on stderr and exits non-zero: 1 for errors, 3 for PARTIAL."""
+    run = mlf(backend, "score", str(tmp_path / "missing.csv"), "--model", "digits-sklearn")
+    assert run.returncode == 1 and "missing.csv" in run.stderr
+    run = mlf(backend, "score", str(data_dir / "digits.csv"), "--model", "nope")
+    assert run.returncode == 1 and "'nope' not found" in run.stderr
+    run = mlf(backend, "status", "0" * 32)
+    assert run.returncode == 1 and "no job" in run.stderr
+    bad = tmp_path / "bad.csv"
+    frame = digits.frame.iloc[:100].astype({"pixel_0": object})
+    frame.loc[3, "pixel_0"] = "x"
+    frame.to_csv(bad, index=False)
+    run = mlf(backend, "score", str(bad), "--model", "digits-sklearn", "--wait")
+    assert run.returncode == 3, run.stderr
+    assert "PARTIAL" in run.stdout and "99 ok, 1 failed" in run.stdout

@@ -1,0 +1,35 @@
+"""The Celery app as a worker process loads it: ``celery -A worker.app worker ...``."""
+
+from __future__ import annotations
+
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+
+from ml_framework.celery_app import create_app
+from ml_framework.logging import configure_logging
+from ml_framework.settings import get_settings
+from worker import tasks
+
+settings = get_settings()
+configure_logging(settings.logging_level)
+app = create_app(settings)
+tasks.register(app)
+
+_hostname: list[str] = []
+
+
+@celeryd_after_setup.connect
+def _remember_hostname(sender: str, **_: object) -> None:
+    _hostname.append(sender)
+
+
+@worker_ready.connect
+def _start_heartbeat(**_: object) -> None:
+    tasks.get_store()  # open the store (and run migrations) before taking work
+    tasks.heartbeat = tasks.Heartbeat(_hostname[0] if _hostname else "worker")
+    tasks.heartbeat.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: object) -> None:
+    if tasks.heartbeat is not None:
+        tasks.heartbeat.stop()

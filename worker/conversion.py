@@ -1,0 +1,78 @@
+"""Turn a shard's Arrow table into the model's input tensor, one row error per bad row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ml_framework.manifest import InputSpec, Preprocessing
+from ml_framework.store import RowError
+
+_MAX_VALUE_CHARS = 40
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS] + "...'"
+
+
+def to_inputs(
+    table: pa.Table,
+    columns: Sequence[str],
+    spec: InputSpec,
+    preprocessing: Preprocessing,
+    row_start: int,
+) -> tuple[np.ndarray, np.ndarray, list[RowError]]:
+    """Convert rows to a model input, isolating the rows that cannot be converted.
+
+    Args:
+        table: the shard's rows; ``columns`` must be present (strings or numbers).
+        columns: dataset columns in the order of ``spec.columns``.
+        spec: the model's input spec (dtype, per-row shape, missing-value policy).
+        preprocessing: ``x * scale + shift``, applied after conversion.
+        row_start: dataset row number of the table's first row (for error messages).
+
+    Returns:
+        ``(x, rows, errors)``: ``x`` of shape ``(n_ok, *spec.row_shape)`` and dtype
+        ``spec.dtype``; ``rows`` (n_ok,) int64 dataset row numbers of ``x``'s rows;
+        ``errors``: one :class:`RowError` per rejected row, naming the first bad field.
+    """
+    n = table.num_rows
+    values = np.empty((n, len(columns)), dtype=np.float64)
+    bad: dict[int, RowError] = {}
+    for j, name in enumerate(columns):
+        raw = table.column(name).to_pandas()
+        if raw.dtype == object or pd.api.types.is_string_dtype(raw.dtype):
+            numeric = pd.to_numeric(raw, errors="coerce")
+        else:
+            numeric = raw.astype("float64")
+        col = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+        finite = np.isfinite(col)
+        if spec.allow_missing:
+            problem = ~finite & raw.notna().to_numpy() & ~np.isnan(col)  # infinities
+            unparsable = raw.notna().to_numpy() & np.isnan(col)
+            problem |= unparsable
+        else:
+            problem = ~finite
+        for i in np.flatnonzero(problem):
+            if i in bad:
+                continue
+            original = raw.iloc[i]
+            if original is None or (isinstance(original, float) and np.isnan(original)) or original is pd.NA:
+                msg = f"row {row_start + i}, field {name!r}: missing value"
+            elif np.isnan(col[i]):
+                msg = f"row {row_start + i}, field {name!r}: {_show(original)} is not a number"
+            else:
+                msg = f"row {row_start + i}, field {name!r}: {_show(original)} is not finite"
+            bad[int(i)] = RowError(row_start + int(i), msg, name)
+        values[:, j] = col
+    keep = np.array([i not in bad for i in range(n)], dtype=bool)
+    x = values[keep]
+    if preprocessing.scale != 1.0 or preprocessing.shift != 0.0:
+        x = x * preprocessing.scale + preprocessing.shift
+    x = x.reshape((x.shape[0], *spec.row_shape)).astype(spec.dtype, copy=False)
+    rows = np.flatnonzero(keep).astype(np.int64) + row_start
+    return np.ascontiguousarray(x), rows, [bad[i] for i in sorted(bad)]

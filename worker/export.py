@@ -1,0 +1,252 @@
+"""Put models into the model repository: one helper per framework, plus existing artifacts.
+
+Every path validates before publishing: the artifact is loaded by the same runtime a
+worker uses and one batch runs through it (a sample you pass, else zeros of the input
+spec's shape). Only then is the version directory moved into place, atomically, so
+workers never see a half-written version.
+
+Example::
+
+    from worker.export import export_sklearn
+    export_sklearn(clf, "models", "digits-sklearn",
+                   inputs={"columns": [f"pixel_{i}" for i in range(64)]})
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from ml_framework.errors import ManifestError
+from ml_framework.manifest import InputSpec, ModelManifest, ModelRepository, OutputSpec, Preprocessing
+from worker.registry import load_runtime, validate_runtime
+
+SpecLike = Mapping[str, Any] | InputSpec | OutputSpec | Preprocessing
+
+
+def _dump(spec: SpecLike | None) -> Any:
+    if spec is None or isinstance(spec, Mapping):
+        return spec
+    return spec.model_dump()
+
+
+def _publish(
+    models_dir: Path | str,
+    write: Callable[[Path], None],
+    *,
+    name: str,
+    framework: str,
+    artifact: str,
+    inputs: SpecLike,
+    outputs: SpecLike,
+    version: int | None,
+    preprocessing: SpecLike | None,
+    default_batch_size: int | None,
+    trusted_types: list[str] | None,
+    description: str,
+    sample: np.ndarray | None,
+) -> ModelManifest:
+    repo = ModelRepository(Path(models_dir))
+    version = version or max(repo.versions(name), default=0) + 1
+    fields = {
+        "name": name, "version": version, "framework": framework, "artifact": artifact,
+        "inputs": _dump(inputs), "outputs": _dump(outputs),
+        "default_batch_size": default_batch_size, "trusted_types": trusted_types or [],
+        "description": description,
+    }
+    if preprocessing is not None:
+        fields["preprocessing"] = _dump(preprocessing)
+    try:
+        manifest = ModelManifest.model_validate(fields)
+    except ValidationError as exc:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ManifestError(f"{name}/{version}: invalid manifest: {details}") from None
+    final = repo.version_dir(name, version)
+    if final.exists():
+        raise ManifestError(f"{final} already exists; versions are immutable, pick another version")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=final.parent))
+    try:
+        write(staging / artifact)
+        manifest.write(staging)
+        validate_runtime(load_runtime(manifest, staging), sample)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def export_sklearn(
+    model: Any,
+    models_dir: Path | str,
+    name: str,
+    *,
+    inputs: SpecLike,
+    outputs: SpecLike | None = None,
+    version: int | None = None,
+    preprocessing: SpecLike | None = None,
+    default_batch_size: int | None = None,
+    description: str = "",
+    sample: np.ndarray | None = None,
+) -> ModelManifest:
+    """Save a fitted scikit-learn estimator with skops and publish it.
+
+    The types skops does not trust by default are recorded in the manifest's
+    ``trusted_types`` (you are exporting your own object, so you vouch for them);
+    workers refuse any other type at load.
+
+    Args:
+        model: a fitted estimator or pipeline.
+        models_dir: model repository root.
+        name: model name.
+        inputs: input spec (``columns``, ``dtype``, ``shape``...).
+        outputs: output spec; default: classification over ``model.classes_`` for
+            classifiers, regression otherwise.
+        version: default: the next free integer.
+        sample: ``(N, *row_shape)`` rows to validate with; default zeros.
+
+    Returns:
+        The published manifest.
+
+    Raises:
+        ManifestError: invalid spec, or the model does not honour it.
+    """
+    import skops.io as sio
+
+    if outputs is None:
+        if hasattr(model, "classes_"):
+            outputs = {"kind": "classification",
+                       "labels": [c.item() if hasattr(c, "item") else c for c in model.classes_]}
+        else:
+            outputs = {"kind": "regression"}
+    trusted = sio.get_untrusted_types(data=sio.dumps(model))
+    return _publish(
+        models_dir, lambda path: sio.dump(model, path), name=name, framework="sklearn",
+        artifact="model.skops", inputs=inputs, outputs=outputs, version=version,
+        preprocessing=preprocessing, default_batch_size=default_batch_size,
+        trusted_types=trusted, description=description, sample=sample,
+    )
+
+
+def export_torch(
+    model: Any,
+    models_dir: Path | str,
+    name: str,
+    *,
+    inputs: SpecLike,
+    outputs: SpecLike,
+    version: int | None = None,
+    preprocessing: SpecLike | None = None,
+    default_batch_size: int | None = None,
+    description: str = "",
+    sample: np.ndarray | None = None,
+    method: str = "export",
+) -> ModelManifest:
+    """Export a ``torch.nn.Module`` and publish it.
+
+    Args:
+        model: the module; it is put in eval mode and moved to CPU for export.
+        method: ``export`` (``torch.export`` with a dynamic batch dimension, ``.pt2``) or
+            ``torchscript`` (``torch.jit.trace``, ``.pt``) for models ``torch.export``
+            cannot capture.
+        Other arguments: as :func:`export_sklearn`.
+
+    Raises:
+        ManifestError: invalid spec, export failure, or the model does not honour the spec.
+    """
+    import torch
+
+    spec = InputSpec.model_validate(_dump(inputs))
+    example = torch.zeros((2, *spec.row_shape), dtype=getattr(torch, spec.dtype))
+    model = model.eval().to("cpu")
+
+    def write(path: Path) -> None:
+        try:
+            if method == "export":
+                batch = torch.export.Dim("batch", min=1, max=1 << 24)
+                program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+                torch.export.save(program, str(path))
+            elif method == "torchscript":
+                torch.jit.save(torch.jit.trace(model, example), str(path))
+            else:
+                raise ValueError(f"method must be 'export' or 'torchscript', got {method!r}")
+        except Exception as exc:  # noqa: BLE001
+            raise ManifestError(f"{name}: torch {method} failed: {exc}") from exc
+
+    artifact = "model.pt2" if method == "export" else "model.pt"
+    return _publish(
+        models_dir, write, name=name, framework="torch", artifact=artifact, inputs=inputs,
+        outputs=outputs, version=version, preprocessing=preprocessing,
+        default_batch_size=default_batch_size, trusted_types=None, description=description,
+        sample=sample,
+    )
+
+
+def export_keras(
+    model: Any,
+    models_dir: Path | str,
+    name: str,
+    *,
+    inputs: SpecLike,
+    outputs: SpecLike,
+    version: int | None = None,
+    preprocessing: SpecLike | None = None,
+    default_batch_size: int | None = None,
+    description: str = "",
+    sample: np.ndarray | None = None,
+) -> ModelManifest:
+    """Save a Keras model as ``model.keras`` and publish it. Arguments as :func:`export_sklearn`."""
+    return _publish(
+        models_dir, lambda path: model.save(path), name=name, framework="tensorflow",
+        artifact="model.keras", inputs=inputs, outputs=outputs, version=version,
+        preprocessing=preprocessing, default_batch_size=default_batch_size, trusted_types=None,
+        description=description, sample=sample,
+    )
+
+
+def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping[str, Any]) -> ModelManifest:
+    """Publish an existing artifact (file or SavedModel directory) with a manifest.
+
+    Args:
+        artifact: path of the artifact to copy into the repository.
+        manifest: manifest fields (``name``, ``framework``, ``inputs``, ``outputs``, ...);
+            ``artifact`` defaults to the file's name, ``version`` to the next free one.
+
+    Raises:
+        ManifestError: invalid manifest, or the artifact does not honour it.
+        FileNotFoundError: ``artifact`` does not exist.
+    """
+    src = Path(artifact)
+    if not src.exists():
+        raise FileNotFoundError(f"artifact not found: {src}")
+    fields = dict(manifest)
+    known = {"name", "version", "framework", "artifact", "inputs", "outputs", "preprocessing",
+             "default_batch_size", "trusted_types", "description"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ManifestError(f"unknown manifest key(s): {unknown} (known: {sorted(known)})")
+    for key in ("name", "framework", "inputs", "outputs"):
+        if key not in fields:
+            raise ManifestError(f"manifest needs {key!r}")
+
+    def write(path: Path) -> None:
+        if src.is_dir():
+            shutil.copytree(src, path)
+        else:
+            shutil.copy2(src, path)
+
+    return _publish(
+        models_dir, write, name=fields["name"], framework=fields["framework"],
+        artifact=fields.get("artifact") or src.name, inputs=fields["inputs"],
+        outputs=fields["outputs"], version=fields.get("version"),
+        preprocessing=fields.get("preprocessing"), default_batch_size=fields.get("default_batch_size"),
+        trusted_types=fields.get("trusted_types"), description=fields.get("description", ""),
+        sample=None,
+    )

@@ -1,0 +1,145 @@
+"""``mlf worker``: start and supervise N Celery worker processes on this host.
+
+Each child is a separate OS process (``celery -A worker.app worker --pool solo``): no fork
+after a framework is initialised, one task at a time, its own framework thread count.
+The parent imports no ML framework. SIGTERM / SIGINT to the parent is forwarded to the
+children as SIGTERM, Celery's warm shutdown (finish the running shard, take no new one);
+children still alive after ``grace_s`` are killed, and their unacknowledged shards are
+redelivered by the broker. A child that dies on its own is restarted with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ml_framework.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class ChildSpec:
+    """How to start one worker process.
+
+    Attributes:
+        name: Celery node name, e.g. ``cpu0@host``.
+        argv: the command line.
+        env: the full environment of the child.
+    """
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(repr=False)
+
+
+def plan_children(settings: Settings, processes: int | None = None, threads: int | None = None,
+                  cores: int | None = None) -> list[ChildSpec]:
+    """Work out the worker processes to start on a CPU host.
+
+    Args:
+        processes: how many; default ``settings.worker_processes`` or one per core.
+        threads: intra-op threads per process; default ``settings.worker_threads`` or
+            ``cores // processes`` (at least 1), so that processes x threads = cores.
+        cores: CPU cores to share; default ``os.cpu_count()``.
+
+    Returns:
+        One :class:`ChildSpec` per process.
+    """
+    cores = cores or os.cpu_count() or 1
+    processes = processes or settings.worker_processes or cores
+    threads = threads or settings.worker_threads or max(1, cores // processes)
+    host = os.uname().nodename
+    argv_base = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo",
+                 "--concurrency", "1", "-Q", settings.bulk_queue, "--loglevel", settings.logging_level]
+    if settings.embedded_broker:
+        # The SQLite transport has no broadcast: no mingle / gossip / broker heartbeats.
+        argv_base += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    children = []
+    for i in range(processes):
+        env = dict(os.environ)
+        env.update({
+            "ML_FRAMEWORK_WORKER_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads),
+            "TF_NUM_INTRAOP_THREADS": str(threads),
+            "TF_NUM_INTEROP_THREADS": "1",
+            "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+            "CUDA_VISIBLE_DEVICES": "",
+        })
+        name = f"cpu{i}@{host}"
+        children.append(ChildSpec(name, [*argv_base, "-n", name], env))
+    return children
+
+
+class Supervisor:
+    """Runs the children, restarts the ones that die, and shuts all down on a signal.
+
+    Args:
+        children: what to run.
+        grace_s: seconds a child may take to finish its shard after SIGTERM.
+    """
+
+    def __init__(self, children: list[ChildSpec], grace_s: float = 60.0) -> None:
+        self.children = children
+        self.grace_s = grace_s
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = {}
+        self._stopping = False
+
+    def _start(self, child: ChildSpec) -> None:
+        self.procs[child.name] = subprocess.Popen(child.argv, env=child.env)
+        log.info("started worker %s (pid %d)", child.name, self.procs[child.name].pid)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("received %s: warm shutdown of %d worker(s)", signal.Signals(signum).name, len(self.procs))
+        self._stopping = True
+
+    def run(self) -> int:
+        """Start every child and supervise until a signal; return the exit status."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for child in self.children:
+            self._start(child)
+        next_start: dict[str, float] = {}
+        while not self._stopping:
+            now = time.monotonic()
+            for child in self.children:
+                proc = self.procs.get(child.name)
+                if child.name in next_start:
+                    if now >= next_start[child.name]:
+                        del next_start[child.name]
+                        self._start(child)
+                elif proc is not None and proc.poll() is not None:
+                    n = self.restarts.get(child.name, 0)
+                    delay = RESTART_BACKOFF_S[min(n, len(RESTART_BACKOFF_S) - 1)]
+                    self.restarts[child.name] = n + 1
+                    log.warning("worker %s exited with %s; restarting in %.0f s", child.name,
+                                proc.returncode, delay)
+                    next_start[child.name] = now + delay
+            time.sleep(0.2)
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        """SIGTERM every child, wait ``grace_s``, then SIGKILL the rest."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s did not stop within %.0f s; killing it", name, self.grace_s)
+                proc.kill()
+                proc.wait()
+        log.info("all workers stopped")
+        return 0
