@@ -1,0 +1,104 @@
+"""Row conversion and the shared runtime code: row errors, batch isolation, output records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ml_framework.manifest import InputSpec, ModelManifest, OutputSpec, Preprocessing
+from worker.conversion import to_inputs
+from worker.runtimes.base import BatchContractError, Runtime, to_record
+
+
+def test_to_inputs_converts_scales_and_reshapes():
+    """String cells become numbers, are scaled, and rows take the per-row shape."""
+    table = pa.table({"a": ["1", "2"], "b": ["3", "4"], "c": ["5", "6"], "d": ["7", "8"]})
+    spec = InputSpec(columns=["a", "b", "c", "d"], shape=[2, 2])
+    x, rows, errors = to_inputs(table, spec.columns, spec, Preprocessing(scale=0.5, shift=1), 10)
+    assert errors == [] and rows.tolist() == [10, 11]
+    assert x.dtype == np.float32 and x.shape == (2, 2, 2)
+    np.testing.assert_array_equal(x[1], [[2.0, 3.0], [4.0, 5.0]])
+
+
+def test_to_inputs_isolates_bad_rows_naming_row_and_field():
+    """Non-numeric, empty and infinite cells fail only their rows, each error naming row and field."""
+    table = pa.table({"a": ["1", "oops", "3", "4"], "b": [1.0, 2.0, None, float("inf")]})
+    spec = InputSpec(columns=["a", "b"])
+    x, rows, errors = to_inputs(table, ["a", "b"], spec, Preprocessing(), 100)
+    assert rows.tolist() == [100] and x.tolist() == [[1.0, 1.0]]
+    assert [(e.row_index, e.field) for e in errors] == [(101, "a"), (102, "b"), (103, "b")]
+    assert errors[0].message == "row 101, field 'a': 'oops' is not a number"
+    assert "missing value" in errors[1].message and "not finite" in errors[2].message
+
+
+def test_to_inputs_allow_missing_keeps_nan():
+    """With allow_missing, empty cells pass through as NaN but text still fails."""
+    table = pa.table({"a": ["1", None, "x"]})
+    spec = InputSpec(columns=["a"], allow_missing=True)
+    x, rows, errors = to_inputs(table, ["a"], spec, Preprocessing(), 0)
+    assert rows.tolist() == [0, 1] and np.isnan(x[1, 0])
+    assert [e.row_index for e in errors] == [2]
+
+
+class ThresholdModel(Runtime):
+    """A real runtime whose model fails on any row holding a negative value."""
+
+    framework = "test"
+
+    def load(self) -> None:
+        self.calls = []
+
+    def predict_batch(self, x: np.ndarray) -> np.ndarray:
+        self.calls.append(len(x))
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return np.stack([x[:, 0], 1 - x[:, 0]], axis=1)
+
+
+def manifest(kind: str = "classification") -> ModelManifest:
+    return ModelManifest(name="t", version=1, framework="torch", artifact="a",
+                         inputs=InputSpec(columns=["a"]),
+                         outputs=OutputSpec(kind=kind, labels=["yes", "no"] if kind == "classification" else None))
+
+
+def test_failing_batch_is_split_until_the_bad_row_is_found():
+    """One bad row in a batch of 8 fails alone; the other 7 rows get outputs."""
+    rt = ThresholdModel(manifest(), ".")
+    rt.load()
+    x = np.full((8, 1), 0.25, dtype=np.float32)
+    x[5] = -1
+    outputs, errors = rt.run(x, batch_size=8)
+    assert [e is None for e in errors] == [True] * 5 + [False] + [True] * 2
+    assert "negative input" in errors[5]
+    assert all(o is not None for i, o in enumerate(outputs) if i != 5)
+
+
+def test_batch_contract_violation_fails_rows():
+    """A model returning fewer outputs than inputs fails those rows, not silently."""
+    class Short(ThresholdModel):
+        def predict_batch(self, x):  # noqa: ANN001, ANN202
+            return np.zeros((max(len(x) - 1, 0), 2))
+
+    rt = Short(manifest(), ".")
+    outputs, errors = rt.run(np.zeros((4, 1), np.float32), batch_size=4)
+    assert all(o is None for o in outputs)
+    assert all("returned 0 outputs for 1 inputs" in e for e in errors)
+
+
+def test_to_record_classification_softmax_and_checks():
+    """Classification records carry label, score and probabilities; bad outputs raise."""
+    spec = OutputSpec(kind="classification", labels=["a", "b"], activation="softmax")
+    rec = to_record(np.array([0.0, np.log(3.0)]), spec)
+    assert rec["prediction"] == "b" and rec["score"] == pytest.approx(0.75)
+    assert rec["probabilities"] == pytest.approx([0.25, 0.75])
+    with pytest.raises(BatchContractError, match="non-finite"):
+        to_record(np.array([np.nan, 1.0]), spec)
+    with pytest.raises(BatchContractError, match="3 values per row, manifest expects 2"):
+        to_record(np.array([1.0, 2.0, 3.0]), spec)
+
+
+def test_to_record_regression_and_embedding():
+    """Regression gives a scalar prediction, embeddings a vector."""
+    assert to_record(np.array([2.5]), OutputSpec(kind="regression")) == {"prediction": 2.5}
+    assert to_record(np.array([1, 2]), OutputSpec(kind="embedding", size=2)) == {"embedding": [1.0, 2.0]}

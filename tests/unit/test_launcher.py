@@ -1,0 +1,32 @@
+"""The worker launcher's plan: process count, thread split and per-child environment."""
+
+from __future__ import annotations
+
+from ml_framework.settings import load_settings
+from worker.launcher import plan_children
+
+
+def test_one_process_per_core_threads_split():
+    """Default: one process per core, processes x threads = cores, distinct node names."""
+    children = plan_children(load_settings(), cores=8)
+    assert len(children) == 8
+    assert {c.env["OMP_NUM_THREADS"] for c in children} == {"1"}
+    assert len({c.name for c in children}) == 8 and children[0].name.startswith("cpu0@")
+
+
+def test_explicit_processes_get_the_remaining_threads():
+    """Two processes on 8 cores get 4 framework threads each, and no GPU."""
+    children = plan_children(load_settings(), processes=2, cores=8)
+    for c in children:
+        assert c.env["ML_FRAMEWORK_WORKER_THREADS"] == "4" == c.env["TF_NUM_INTRAOP_THREADS"]
+        assert c.env["CUDA_VISIBLE_DEVICES"] == ""
+        assert c.argv[c.argv.index("--pool") + 1] == "solo"
+
+
+def test_embedded_broker_disables_broadcast_features():
+    """The SQLite transport has no fanout, so mingle/gossip/heartbeat are off; Redis keeps them."""
+    embedded = plan_children(load_settings(), processes=1)[0].argv
+    assert "--without-mingle" in embedded
+    redis = plan_children(load_settings(broker_url="redis://127.0.0.1:6379/0"), processes=1)[0].argv
+    assert "--without-mingle" not in redis
+    assert redis[redis.index("-Q") + 1] == "mlf.bulk"

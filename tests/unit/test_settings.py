@@ -1,0 +1,94 @@
+"""Settings: defaults, YAML file, environment, and clear errors for bad keys and values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ml_framework.errors import SettingsError
+from ml_framework.settings import load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No ML_FRAMEWORK_* variables, and a working directory without configs/."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("ML_FRAMEWORK_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_select_the_embedded_broker_and_sqlite():
+    """With nothing configured the broker and results store are SQLite files under var/."""
+    s = load_settings()
+    assert s.embedded_broker
+    assert s.effective_broker_url.startswith("mlfsqla+sqlite:///") and s.effective_broker_url.endswith("var/broker.sqlite")
+    assert s.effective_database_url.endswith("var/results.sqlite")
+    assert s.shard_size == 10_000 and s.default_batch_size == 256
+
+
+def test_yaml_then_env_precedence(tmp_path, monkeypatch):
+    """The YAML file overrides defaults and ML_FRAMEWORK_* variables override the file."""
+    cfg = write(tmp_path / "c.yaml", "shard_size: 123\ndefault_batch_size: 7\nbroker_url: redis://h:1/0\n")
+    monkeypatch.setenv("ML_FRAMEWORK_CONFIG", str(cfg))
+    monkeypatch.setenv("ML_FRAMEWORK_DEFAULT_BATCH_SIZE", "9")
+    s = load_settings()
+    assert (s.shard_size, s.default_batch_size, s.broker_url) == (123, 9, "redis://h:1/0")
+    assert not s.embedded_broker
+
+
+def test_development_yaml_is_read_from_configs(tmp_path):
+    """configs/development.yaml in the working directory is the default file."""
+    (tmp_path / "configs").mkdir()
+    write(tmp_path / "configs" / "development.yaml", "logging_level: DEBUG\n")
+    assert load_settings().logging_level == "DEBUG"
+
+
+def test_unknown_yaml_key_names_key_and_file(tmp_path):
+    """An unknown key in the file fails with the key and the file's path."""
+    cfg = write(tmp_path / "bad.yaml", "shard_sise: 10\n")
+    with pytest.raises(SettingsError, match=r"bad\.yaml: unknown key 'shard_sise'"):
+        load_settings(cfg)
+
+
+def test_bad_value_names_key_and_file(tmp_path):
+    """An invalid value fails with the key, the file and the value."""
+    cfg = write(tmp_path / "bad.yaml", "shard_size: -5\n")
+    with pytest.raises(SettingsError, match=r"bad\.yaml: shard_size: .*greater than 0.*-5"):
+        load_settings(cfg)
+
+
+def test_bad_env_value_names_the_variable(monkeypatch):
+    """An invalid environment value names the variable."""
+    monkeypatch.setenv("ML_FRAMEWORK_SHARD_SIZE", "lots")
+    with pytest.raises(SettingsError, match="ML_FRAMEWORK_SHARD_SIZE: shard_size"):
+        load_settings()
+
+
+def test_unknown_env_variable_is_refused(monkeypatch):
+    """A misspelt ML_FRAMEWORK_* variable is not silently ignored."""
+    monkeypatch.setenv("ML_FRAMEWORK_BROKER_ULR", "redis://x")
+    with pytest.raises(SettingsError, match="ML_FRAMEWORK_BROKER_ULR"):
+        load_settings()
+
+
+def test_missing_config_file_is_an_error(monkeypatch, tmp_path):
+    """ML_FRAMEWORK_CONFIG naming a missing file fails with its name."""
+    monkeypatch.setenv("ML_FRAMEWORK_CONFIG", str(tmp_path / "nope.yaml"))
+    with pytest.raises(SettingsError, match="nope.yaml"):
+        load_settings()
+
+
+def test_visibility_timeout_must_exceed_task_time_limit(tmp_path):
+    """A visibility timeout shorter than the task limit would run long shards twice: refused."""
+    cfg = write(tmp_path / "c.yaml", "task_time_limit_s: 600\nbroker_visibility_timeout_s: 300\n")
+    with pytest.raises(SettingsError, match="broker_visibility_timeout_s"):
+        load_settings(cfg)
