@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -31,15 +31,15 @@ def _stop_workers(proc: subprocess.Popen) -> None:
 
 def demo(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs of the two CNNs.")] = 30,
-    processes: Annotated[Optional[int], typer.Option(min=1, help="Worker processes to start if none is running.")] = None,
+    processes: Annotated[int | None, typer.Option(min=1, help="Worker processes to start if none is running.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each job.")] = 900.0,
 ) -> None:
     """Train sklearn, PyTorch and Keras models on the digits dataset, score it through the
     queue with each, and print per-model accuracy and throughput."""
+    from demo.digits import FRAMEWORKS, load_data, train_and_export
     from ml_framework.errors import MLFrameworkError
     from ml_framework.settings import get_settings
     from producer.client import Client
-    from demo.digits import FRAMEWORKS, load_data, train_and_export
 
     settings = get_settings()
     console.print(f"broker: {'embedded SQLite (' + str(settings.var_dir) + ')' if settings.embedded_broker else settings.broker_url}")

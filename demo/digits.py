@@ -67,7 +67,7 @@ def _common(description: str, shape: list[int]) -> dict:
     }
 
 
-def fit_sklearn(data: DigitsData):  # noqa: ANN201
+def fit_sklearn(data: DigitsData):
     """A logistic regression fitted on the train split (inputs (N, 64) in [0, 1])."""
     from sklearn.linear_model import LogisticRegression
 
@@ -75,7 +75,7 @@ def fit_sklearn(data: DigitsData):  # noqa: ANN201
     return LogisticRegression(max_iter=2000, random_state=SEED).fit(x, y)
 
 
-def export_sklearn_model(clf, models_dir: Path) -> ModelManifest:  # noqa: ANN001
+def export_sklearn_model(clf, models_dir: Path) -> ModelManifest:
     """Publish the fitted classifier as ``digits-sklearn`` (skops)."""
     from worker.export import export_sklearn
 
@@ -83,7 +83,7 @@ def export_sklearn_model(clf, models_dir: Path) -> ModelManifest:  # noqa: ANN00
                           **_common("logistic regression on 8x8 digits", [64]))
 
 
-def build_torch_cnn():  # noqa: ANN201
+def build_torch_cnn():
     """A small CNN: (N, 1, 8, 8) float32 -> (N, 10) logits."""
     import torch
     from torch import nn
@@ -103,7 +103,7 @@ def build_torch_cnn():  # noqa: ANN201
     return DigitsCNN()
 
 
-def fit_torch(data: DigitsData, epochs: int = 30):  # noqa: ANN201
+def fit_torch(data: DigitsData, epochs: int = 30):
     """The torch CNN trained with Adam on the train split; in eval mode."""
     import torch
 
@@ -123,7 +123,7 @@ def fit_torch(data: DigitsData, epochs: int = 30):  # noqa: ANN201
     return model.eval()
 
 
-def export_torch_model(model, models_dir: Path) -> ModelManifest:  # noqa: ANN001
+def export_torch_model(model, models_dir: Path) -> ModelManifest:
     """Publish the CNN as ``digits-torch`` (``torch.export``, logits -> softmax)."""
     from worker.export import export_torch
 
@@ -132,7 +132,7 @@ def export_torch_model(model, models_dir: Path) -> ModelManifest:  # noqa: ANN00
                         **_common("CNN on 8x8 digits (PyTorch, torch.export)", [1, 8, 8]))
 
 
-def fit_keras(data: DigitsData, epochs: int = 30):  # noqa: ANN201
+def fit_keras(data: DigitsData, epochs: int = 30):
     """A Keras CNN trained on the train split: (N, 8, 8, 1) -> (N, 10) probabilities."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -153,7 +153,7 @@ def fit_keras(data: DigitsData, epochs: int = 30):  # noqa: ANN201
     return model
 
 
-def export_keras_model(model, models_dir: Path) -> ModelManifest:  # noqa: ANN001
+def export_keras_model(model, models_dir: Path) -> ModelManifest:
     """Publish the Keras CNN as ``digits-keras`` (``.keras``)."""
     from worker.export import export_keras
 

@@ -19,7 +19,7 @@ _TRANSPORT_ONLY = ("polling_interval", "visibility_timeout")
 class SQLiteChannel(kombu_sqla.Channel):
     """kombu SQLAlchemy channel whose engine gets no transport-only options."""
 
-    def _engine_from_config(self):  # noqa: ANN202 - kombu's signature
+    def _engine_from_config(self):
         client = self.connection.client
         saved = client.transport_options
         client.transport_options = {k: v for k, v in saved.items() if k not in _TRANSPORT_ONLY}

@@ -23,7 +23,7 @@ import json
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -51,7 +51,7 @@ def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
     return typer.Exit(code)
 
 
-def client():  # noqa: ANN201 - lazy import keeps `mlf --help` fast
+def client():
     """A :class:`producer.Client` from the current settings."""
     from producer.client import Client
 
@@ -74,12 +74,12 @@ def print_status(status: JobStatus) -> None:
 def score(
     dataset: Annotated[Path, typer.Argument(help="CSV or Parquet file.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name.")],
-    version: Annotated[Optional[int], typer.Option(help="Model version (default: latest).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Rows per forward pass.")] = None,
-    columns: Annotated[Optional[str], typer.Option(help="Comma-separated dataset columns mapped onto the model's inputs.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results here (.parquet / .csv); implies --wait.")] = None,
+    version: Annotated[int | None, typer.Option(help="Model version (default: latest).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per forward pass.")] = None,
+    columns: Annotated[str | None, typer.Option(help="Comma-separated dataset columns mapped onto the model's inputs.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results here (.parquet / .csv); implies --wait.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job, with a progress bar.")] = False,
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait at most.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
 ) -> None:
     """Submit a bulk-scoring job; prints the job id (and waits with --wait / -o)."""
     try:

@@ -122,7 +122,13 @@ def write_results(frame: pd.DataFrame, path: Path) -> Path:
 
 class _ProgressBar:
     def __init__(self, job: Job) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(),

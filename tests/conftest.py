@@ -43,7 +43,7 @@ def check_redis() -> None:
         service_unavailable("Redis", exc)
 
 
-def pg_admin():  # noqa: ANN201
+def pg_admin():
     import psycopg
 
     try:
@@ -65,7 +65,7 @@ def pg_database() -> Any:
 
 
 @pytest.fixture(scope="session")
-def digits():  # noqa: ANN201
+def digits():
     """The demo's digits dataset with its train/test split."""
     from demo.digits import load_data
 
@@ -73,7 +73,7 @@ def digits():  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def trained(digits, tmp_path_factory):  # noqa: ANN001, ANN201
+def trained(digits, tmp_path_factory):
     """The three demo models, trained briefly and published into a temporary repository.
 
     Returns:
@@ -93,7 +93,7 @@ def trained(digits, tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="session")
-def data_dir(digits, tmp_path_factory) -> Path:  # noqa: ANN001
+def data_dir(digits, tmp_path_factory) -> Path:
     """Data directory holding ``digits.csv`` and ``digits.parquet`` (row groups of 300)."""
     path = tmp_path_factory.mktemp("data")
     digits.frame.to_csv(path / "digits.csv", index=False)
@@ -138,7 +138,7 @@ def stop_workers(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session", params=["embedded", "redis-postgres"])
-def backend(request, trained, data_dir, tmp_path_factory):  # noqa: ANN001, ANN201
+def backend(request, trained, data_dir, tmp_path_factory):
     """Real worker processes on one backend, and a Client configured like them."""
     from ml_framework.settings import load_settings
     from producer.client import Client

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import yaml
 
 
 def worker(
-    processes: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: one per CPU core).")] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Framework threads per process (default: cores / processes).")] = None,
+    processes: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: one per CPU core).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Framework threads per process (default: cores / processes).")] = None,
     grace: Annotated[float, typer.Option(help="Seconds running shards get to finish on shutdown.")] = 60.0,
 ) -> None:
     """Start and supervise worker processes until SIGTERM / Ctrl-C."""
@@ -35,8 +35,8 @@ def fail(message: str) -> typer.Exit:
 def models_add(
     artifact: Annotated[Path, typer.Argument(help="Model file (.skops, .pt2, .pt, .keras) or SavedModel directory.")],
     manifest: Annotated[Path, typer.Option(help="YAML/JSON manifest: framework, inputs, outputs, ...")],
-    name: Annotated[Optional[str], typer.Option(help="Model name (overrides the manifest).")] = None,
-    version: Annotated[Optional[int], typer.Option(min=1, help="Version (default: next free).")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name (overrides the manifest).")] = None,
+    version: Annotated[int | None, typer.Option(min=1, help="Version (default: next free).")] = None,
 ) -> None:
     """Validate an existing artifact against its manifest (load + one batch) and add it."""
     from ml_framework.errors import MLFrameworkError

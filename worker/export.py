@@ -24,7 +24,13 @@ import numpy as np
 from pydantic import ValidationError
 
 from ml_framework.errors import ManifestError
-from ml_framework.manifest import InputSpec, ModelManifest, ModelRepository, OutputSpec, Preprocessing
+from ml_framework.manifest import (
+    InputSpec,
+    ModelManifest,
+    ModelRepository,
+    OutputSpec,
+    Preprocessing,
+)
 from worker.registry import load_runtime, validate_runtime
 
 SpecLike = Mapping[str, Any] | InputSpec | OutputSpec | Preprocessing
@@ -177,7 +183,7 @@ def export_torch(
                 torch.jit.save(torch.jit.trace(model, example), str(path))
             else:
                 raise ValueError(f"method must be 'export' or 'torchscript', got {method!r}")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ManifestError(f"{name}: torch {method} failed: {exc}") from exc
 
     artifact = "model.pt2" if method == "export" else "model.pt"

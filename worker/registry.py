@@ -40,7 +40,7 @@ def validate_runtime(runtime: Runtime, sample: np.ndarray | None = None) -> None
         sample = np.zeros((2, *spec.row_shape), dtype=spec.dtype)
     try:
         y = np.asarray(runtime.predict_batch(sample.astype(spec.dtype, copy=False)))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ManifestError(
             f"{runtime.manifest.name}: a batch shaped {(len(sample), *spec.row_shape)} "
             f"{spec.dtype} (the manifest's input spec) fails in the model: {type(exc).__name__}: {exc}"
@@ -52,7 +52,7 @@ def validate_runtime(runtime: Runtime, sample: np.ndarray | None = None) -> None
     try:
         for row in y:
             to_record(row, runtime.manifest.outputs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ManifestError(f"{runtime.manifest.name}: output spec does not fit the model: {exc}") from exc
 
 

@@ -8,7 +8,6 @@ import threading
 import time
 from datetime import UTC, datetime
 from functools import lru_cache
-from pathlib import Path
 
 import pyarrow as pa
 from celery import Celery
@@ -119,7 +118,7 @@ def score_table(
     return outputs, errors
 
 
-def score_shard(task, **body: object) -> str:  # noqa: ANN001 - bound Celery task
+def score_shard(task, **body: object) -> str:
     """Score one shard and record its outputs and row errors in one transaction.
 
     Returns:
@@ -144,7 +143,7 @@ def score_shard(task, **body: object) -> str:  # noqa: ANN001 - bound Celery tas
         runtime = get_registry().get(msg.model, msg.version)
         table = _load_table(msg)
         outputs, errors = score_table(runtime, table, msg.columns, msg.source.row_start, msg.batch_size)
-    except Exception as exc:  # noqa: BLE001 - one bad shard never kills the worker
+    except Exception as exc:
         if isinstance(exc, MLFrameworkError):
             shard_error = str(exc)
         else:

@@ -128,7 +128,7 @@ class ResultStore:
         """Release pooled connections."""
         self.engine.dispose()
 
-    def _read(self):  # noqa: ANN202
+    def _read(self):
         return self.engine.connect().execution_options(**{READ_ONLY: True})
 
     # ----------------------------------------------------------------- producer side

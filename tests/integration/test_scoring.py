@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 TIMEOUT_S = 240
 
 
-def own_probabilities(framework: str, model, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def own_probabilities(framework: str, model, x: np.ndarray) -> np.ndarray:
     """The trained model's own in-process class probabilities for ``x`` (N, 64) in [0, 1]."""
     if framework == "sklearn":
         return model.predict_proba(x)
@@ -149,7 +149,7 @@ def test_cancel_stops_new_shards(backend, trained, data_dir):
         small.close()
 
 
-def mlf(backend, *args: str, cwd=None) -> subprocess.CompletedProcess:  # noqa: ANN001
+def mlf(backend, *args: str, cwd=None) -> subprocess.CompletedProcess:
     """Run the ``mlf`` CLI against the backend."""
     return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", *args],
                           env=backend.env, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=cwd)

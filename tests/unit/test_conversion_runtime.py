@@ -77,7 +77,7 @@ def test_failing_batch_is_split_until_the_bad_row_is_found():
 def test_batch_contract_violation_fails_rows():
     """A model returning fewer outputs than inputs fails those rows, not silently."""
     class Short(ThresholdModel):
-        def predict_batch(self, x):  # noqa: ANN001, ANN202
+        def predict_batch(self, x):
             return np.zeros((max(len(x) - 1, 0), 2))
 
     rt = Short(manifest(), ".")

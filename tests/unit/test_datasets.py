@@ -25,7 +25,7 @@ def frame() -> pd.DataFrame:
 
 
 @pytest.fixture(params=["csv", "parquet"])
-def dataset(request, frame, tmp_path):  # noqa: ANN001, ANN201
+def dataset(request, frame, tmp_path):
     path = tmp_path / f"d.{request.param}"
     if request.param == "csv":
         frame.to_csv(path, index=False)

@@ -21,7 +21,7 @@ IRIS_COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
 
 @pytest.fixture(scope="module")
-def iris():  # noqa: ANN201
+def iris():
     return load_iris(return_X_y=True)
 
 

@@ -15,7 +15,7 @@ BASE = {
 }
 
 
-def put(root, data):  # noqa: ANN001, ANN201
+def put(root, data):
     d = root / data["name"] / str(data["version"])
     d.mkdir(parents=True)
     (d / "manifest.yaml").write_text(yaml.safe_dump(data))

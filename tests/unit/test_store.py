@@ -12,7 +12,7 @@ from ml_framework.store import JobState, ResultStore, RowError, ShardClaim
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):  # noqa: ANN001, ANN201
+def store(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'r.sqlite'}"
     else:
@@ -22,7 +22,7 @@ def store(request, tmp_path):  # noqa: ANN001, ANN201
     s.close()
 
 
-def new_job(store: ResultStore, ranges=((0, 2), (2, 4))) -> str:  # noqa: ANN001
+def new_job(store: ResultStore, ranges=((0, 2), (2, 4))) -> str:
     return store.create_job(model="m", model_version=1, dataset="d.csv", n_rows=ranges[-1][1],
                             shard_ranges=list(ranges), batch_size=2)
 

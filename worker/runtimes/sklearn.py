@@ -34,7 +34,7 @@ class SklearnRuntime(Runtime):
         path = self.artifact_path
         try:
             untrusted = sio.get_untrusted_types(file=path)
-        except Exception as exc:  # noqa: BLE001 - skops raises many kinds
+        except Exception as exc:
             raise ModelLoadError(f"{path}: not a readable skops file: {exc}") from exc
         refused = sorted(set(untrusted) - set(self.manifest.trusted_types))
         if refused:
@@ -44,7 +44,7 @@ class SklearnRuntime(Runtime):
             )
         try:
             self.model = sio.load(path, trusted=list(untrusted))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ModelLoadError(f"{path}: skops failed to load: {exc}") from exc
         spec = self.manifest.outputs
         self._proba = spec.kind == "classification" and hasattr(self.model, "predict_proba")

@@ -44,7 +44,7 @@ class TensorFlowRuntime(Runtime):
                 import keras
 
                 self.model = keras.models.load_model(path, compile=False, safe_mode=True)
-        except Exception as exc:  # noqa: BLE001 - TF raises many kinds
+        except Exception as exc:
             raise ModelLoadError(f"{path}: tensorflow failed to load: {exc}") from exc
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ class TorchRuntime(Runtime):
                 self.model = torch.jit.load(str(path), map_location=self.device)
                 self.model.eval()
             self.model.to(self.device)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds
+        except Exception as exc:
             raise ModelLoadError(f"{path}: torch failed to load: {exc}") from exc
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
