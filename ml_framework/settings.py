@@ -172,22 +172,26 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)
                             + f"\n  known keys: {', '.join(sorted(fields))}")
     _YamlSource.data = data
+
+    def source(key: str) -> str:
+        if key in overrides:
+            return "argument"
+        if ENV_PREFIX + key.upper() in os.environ:
+            return f"environment variable {ENV_PREFIX + key.upper()}"
+        return str(path) if key in data else "defaults"
+
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            key = str(err["loc"][0]) if err["loc"] else "(settings)"
-            env_name = ENV_PREFIX + key.upper()
-            if key in overrides:
-                source = "argument"
-            elif env_name in os.environ:
-                source = f"environment variable {env_name}"
-            elif key in data:
-                source = str(path)
-            else:
-                source = "defaults" if key != "(settings)" else str(path or "settings")
-            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+            if err["loc"]:
+                key = str(err["loc"][0])
+                lines.append(f"{source(key)}: {key}: {err['msg']} (got {err.get('input')!r})")
+            else:  # a rule across keys: name where each key involved came from
+                involved = [k for k in fields if k in err["msg"]]
+                where = "; ".join(f"{k} from {source(k)}" for k in involved) or str(path or "settings")
+                lines.append(f"{err['msg']} ({where})")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
     finally:
         _YamlSource.data = {}

@@ -41,7 +41,8 @@ app = typer.Typer(help="ml-framework: batch inference on Celery workers.", no_ar
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="The model repository.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-out = Console()
+# Tables are wide; keep them whole when output goes to a file or pipe (rich assumes 80).
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
@@ -90,6 +91,9 @@ def score(
                 print(job.id)
                 return
             err.print(f"job {job.id} submitted", highlight=False)
+            if not c.live_workers():
+                err.print("[yellow]warning:[/yellow] no worker heartbeat in the last 30 s; the job waits "
+                          "until one runs (`mlf worker`)", highlight=False)
             status = job.wait(timeout_s=timeout, progress=sys.stderr.isatty())
             print_status(status)
             if output:

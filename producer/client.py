@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +24,14 @@ from ml_framework.errors import JobTimeoutError
 from ml_framework.manifest import ModelManifest, ModelRepository
 from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
 from ml_framework.settings import Settings, get_settings
-from ml_framework.store import JobStatus, ResultStore
+from ml_framework.store import JobState, JobStatus, ResultStore
 from producer.datasets import inspect, plan_sources, resolve_columns
 
 POLL_START_S = 0.1
 POLL_MAX_S = 2.0
+NO_WORKER_WARNING_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class Job:
@@ -51,7 +55,8 @@ class Job:
     def wait(self, timeout_s: float | None = None, progress: bool = False) -> JobStatus:
         """Block until the job is finished (any terminal state).
 
-        Polls the store with backoff from 0.1 s to 2 s.
+        Polls the store with backoff from 0.1 s to 2 s. Logs a warning when the job is
+        still PENDING after 5 s and no worker heartbeat is live.
 
         Args:
             timeout_s: give up after this many seconds (``None``: wait forever).
@@ -63,8 +68,10 @@ class Job:
         Raises:
             JobTimeoutError: the job did not finish within ``timeout_s``.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
         delay = POLL_START_S
+        warned = False
         bar = _ProgressBar(self) if progress else None
         try:
             while True:
@@ -73,6 +80,12 @@ class Job:
                     bar.update(status)
                 if status.state.terminal:
                     return status
+                if (not warned and status.state is JobState.PENDING
+                        and time.monotonic() - started > NO_WORKER_WARNING_S
+                        and not self.client.live_workers()):
+                    log.warning("job %s is still PENDING and no worker has sent a heartbeat in the "
+                                "last 30 s: start workers with `mlf worker`", self.id)
+                    warned = True
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeoutError(
                         f"job {self.id} still {status.state.value} after {timeout_s} s "
@@ -133,7 +146,7 @@ class _ProgressBar:
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(),
                                  TextColumn("{task.fields[state]}"))
-        self.task = self.progress.add_task(f"job {job.id[:8]}", total=None, state="")
+        self.task = self.progress.add_task(f"job {job.id}", total=None, state="")
         self.progress.start()
 
     def update(self, status: JobStatus) -> None:
@@ -173,9 +186,16 @@ class Client:
         return self.repository.list()
 
     def get_job(self, job_id: str) -> Job:
-        """A handle on an existing job (from any process). Raises ``JobNotFoundError``."""
-        self.store.job(job_id)
-        return Job(self, job_id)
+        """A handle on an existing job, by id or unique id prefix (from any process).
+
+        Raises:
+            JobNotFoundError: no such job, or the prefix matches several.
+        """
+        return Job(self, self.store.resolve_job_id(job_id))
+
+    def live_workers(self, max_age_s: float = 30.0) -> list[str]:
+        """Worker processes whose heartbeat reached the results store in the last ``max_age_s``."""
+        return self.store.live_workers(max_age_s)
 
     def score_dataset(
         self,

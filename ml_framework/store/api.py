@@ -177,6 +177,23 @@ class ResultStore:
             started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
         )
 
+    def resolve_job_id(self, id_or_prefix: str) -> str:
+        """The full id of the one job whose id is, or starts with, ``id_or_prefix`` (>= 4 chars).
+
+        Raises:
+            JobNotFoundError: no job matches, the prefix is too short, or several match.
+        """
+        prefix = id_or_prefix.strip().lower()
+        if len(prefix) < 4 or not all(c in "0123456789abcdef" for c in prefix):
+            raise JobNotFoundError(f"no job {id_or_prefix!r}: give the job id (32 hex characters) or at least 4 of its first")
+        with self._read() as conn:
+            ids = conn.execute(select(JobRow.id).where(JobRow.id.startswith(prefix)).limit(5)).scalars().all()
+        if not ids:
+            raise JobNotFoundError(f"no job {id_or_prefix!r} in results store {self.engine.url!r}")
+        if len(ids) > 1:
+            raise JobNotFoundError(f"job id prefix {id_or_prefix!r} is ambiguous: {', '.join(ids)}")
+        return ids[0]
+
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a job that has not finished: no shard starts after this; shards already
         running may still record their rows. A finished job is left as it is.

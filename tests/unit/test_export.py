@@ -70,6 +70,9 @@ def test_add_artifact_checks_labels_and_versions(tmp_path, iris):
     base = {"name": "iris", "framework": "sklearn", "inputs": {"columns": IRIS_COLUMNS}}
     with pytest.raises(ManifestError, match="differ from manifest labels"):
         add_artifact(artifact, models, {**base, "outputs": {"kind": "classification", "labels": ["a", "b", "c"]}})
+    with pytest.raises(ManifestError, match="activation: none"):
+        add_artifact(artifact, models, {**base, "outputs": {"kind": "classification", "labels": [0, 1, 2],
+                                                            "activation": "softmax"}})
     good = {**base, "outputs": {"kind": "classification", "labels": [0, 1, 2]}}
     assert add_artifact(artifact, models, good).version == 1
     assert add_artifact(artifact, models, good).version == 2

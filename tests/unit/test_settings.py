@@ -92,3 +92,13 @@ def test_visibility_timeout_must_exceed_task_time_limit(tmp_path):
     cfg = write(tmp_path / "c.yaml", "task_time_limit_s: 600\nbroker_visibility_timeout_s: 300\n")
     with pytest.raises(SettingsError, match="broker_visibility_timeout_s"):
         load_settings(cfg)
+
+
+def test_cross_key_error_names_each_source(tmp_path, monkeypatch):
+    """A rule across keys names where each key came from (file or environment)."""
+    cfg = write(tmp_path / "c.yaml", "broker_visibility_timeout_s: 300\n")
+    monkeypatch.setenv("ML_FRAMEWORK_TASK_TIME_LIMIT_S", "600")
+    with pytest.raises(SettingsError) as info:
+        load_settings(cfg)
+    assert f"broker_visibility_timeout_s from {cfg}" in str(info.value)
+    assert "task_time_limit_s from environment variable ML_FRAMEWORK_TASK_TIME_LIMIT_S" in str(info.value)

@@ -139,3 +139,32 @@ def test_concurrent_first_open_migrates_once(tmp_path, pg_database):
         if url.startswith("postgresql"):
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def test_job_id_prefix_resolves_when_unique(store):
+    """A unique id prefix finds the job; unknown, too short or ambiguous prefixes are refused."""
+    from ml_framework.errors import JobNotFoundError
+
+    ids = [new_job(store) for _ in range(3)]
+    for job_id in ids:
+        assert store.resolve_job_id(job_id) == job_id
+        assert store.resolve_job_id(job_id[:12].upper()) == job_id
+    with pytest.raises(JobNotFoundError, match="at least 4"):
+        store.resolve_job_id("ab")
+    with pytest.raises(JobNotFoundError, match="no job"):
+        store.resolve_job_id("zzzz")
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from ml_framework.store.schema import JobRow
+
+    twins = ["abcd" + "0" * 28, "abcd" + "1" * 28]
+    with store.engine.begin() as conn:
+        conn.execute(insert(JobRow), [
+            {"id": i, "model": "m", "model_version": 1, "dataset": "d", "state": "PENDING", "n_rows": 0,
+             "n_shards": 0, "shards_done": 0, "rows_ok": 0, "rows_failed": 0, "batch_size": 1,
+             "created_at": datetime.now(UTC)} for i in twins])
+    with pytest.raises(JobNotFoundError, match="ambiguous"):
+        store.resolve_job_id("abcd")
+    assert store.resolve_job_id("abcd1") == twins[1]

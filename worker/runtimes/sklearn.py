@@ -48,6 +48,11 @@ class SklearnRuntime(Runtime):
             raise ModelLoadError(f"{path}: skops failed to load: {exc}") from exc
         spec = self.manifest.outputs
         self._proba = spec.kind == "classification" and hasattr(self.model, "predict_proba")
+        if self._proba and spec.activation != "none":
+            raise ManifestError(
+                f"{path}: predict_proba already returns probabilities; set outputs.activation: none "
+                f"(got {spec.activation!r})"
+            )
         if self._proba:
             classes = [c.item() if hasattr(c, "item") else c for c in self.model.classes_]
             if [str(c) for c in classes] != [str(c) for c in spec.labels]:

@@ -1,0 +1,32 @@
+"""`mlf score --wait` with no worker running says so and honours --timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+from worker.export import export_sklearn
+
+
+def test_score_wait_without_workers_warns_and_times_out(tmp_path):
+    """No heartbeat: a warning names `mlf worker`; --timeout ends the wait with exit code 6."""
+    x, y = load_iris(return_X_y=True)
+    columns = ["a", "b", "c", "d"]
+    export_sklearn(LogisticRegression(max_iter=500).fit(x, y), tmp_path / "models", "iris",
+                   inputs={"columns": columns})
+    pd.DataFrame(x, columns=columns).to_csv(tmp_path / "iris.csv", index=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update(ML_FRAMEWORK_MODELS_DIR=str(tmp_path / "models"), ML_FRAMEWORK_VAR_DIR=str(tmp_path / "var"))
+    run = subprocess.run(
+        [sys.executable, "-c", "from producer.cli import main; main()", "score", str(tmp_path / "iris.csv"),
+         "--model", "iris", "--wait", "--timeout", "2"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert run.returncode == 6, run.stderr
+    assert "no worker heartbeat" in run.stderr and "mlf worker" in run.stderr
+    assert "still PENDING after 2" in run.stderr
