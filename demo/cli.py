@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _start_workers(processes: int | None) -> subprocess.Popen:

@@ -10,6 +10,11 @@ processes sharing one fresh SQLite file:
   ("table kombu_queue already exists", "UNIQUE constraint failed: kombu_queue.name");
   the loser now finds what the winner created instead of crashing.
 - SQLite connections wait up to 30 s for a lock instead of kombu's 5 s default.
+- Acknowledgement semantics like Redis': kombu's transport marks a delivered message
+  invisible and never looks at it again, so the shard of a worker killed mid-task was
+  lost. Here an acked message is deleted, a rejected or restored one made visible again,
+  and one left unacked (its consumer died) becomes visible again after
+  ``visibility_timeout`` seconds, when any consumer next polls.
 
 It is registered as the ``mlfsqla`` alias: ``mlfsqla+sqlite:////abs/path/broker.sqlite``.
 """
@@ -17,9 +22,14 @@ It is registered as the ``mlfsqla`` alias: ``mlfsqla+sqlite:////abs/path/broker.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
+from queue import Empty
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqla
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 ALIAS = "mlfsqla"
@@ -29,7 +39,65 @@ _CREATE_RETRIES = 5
 
 
 class SQLiteChannel(kombu_sqla.Channel):
-    """kombu SQLAlchemy channel, safe for concurrent first use of a SQLite file."""
+    """kombu SQLAlchemy channel: safe concurrent first use, real acks, visibility timeout."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._rows: dict[str, int] = {}  # delivery tag -> kombu_message.id, while unacked
+
+    @property
+    def _visibility_timeout_s(self) -> float | None:
+        return self.connection.client.transport_options.get("visibility_timeout")
+
+    def _get(self, queue):
+        obj = self._get_or_create(queue)
+        message = self.message_cls
+        self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
+        try:
+            now = datetime.now()  # kombu stores naive local times
+            timeout = self._visibility_timeout_s
+            if timeout:
+                self.session.query(message).filter(
+                    message.queue_id == obj.id, message.visible == False,  # noqa: E712
+                    message.sent_at < now - timedelta(seconds=timeout),
+                ).update({message.visible: True}, synchronize_session=False)
+            row = (self.session.query(message)
+                   .filter(message.queue_id == obj.id, message.visible == True)  # noqa: E712
+                   .order_by(message.sent_at, message.id).limit(1).first())
+            if row is None:
+                raise Empty()
+            row.visible = False
+            row.sent_at = now  # from now on: when it was delivered
+            payload = loads(bytes_to_str(row.payload))
+            self._rows[payload["properties"]["delivery_tag"]] = row.id
+            return payload
+        finally:
+            self.session.commit()
+
+    def _set_row(self, delivery_tag: str, *, delete: bool) -> bool:
+        row_id = self._rows.pop(delivery_tag, None)
+        if row_id is None:
+            return False
+        query = self.session.query(self.message_cls).filter(self.message_cls.id == row_id)
+        if delete:
+            query.delete(synchronize_session=False)
+        else:
+            query.update({self.message_cls.visible: True}, synchronize_session=False)
+        self.session.commit()
+        return True
+
+    def basic_ack(self, delivery_tag, multiple=False):
+        super().basic_ack(delivery_tag, multiple)
+        self._set_row(delivery_tag, delete=True)
+
+    def basic_reject(self, delivery_tag, requeue=False):
+        super().basic_reject(delivery_tag, requeue)  # requeue goes through _restore_at_beginning
+        self._set_row(delivery_tag, delete=True)
+
+    def _restore(self, message):
+        # Make the original row visible again instead of publishing a copy of it.
+        if not self._set_row(message.delivery_tag, delete=False):
+            super()._restore(message)
 
     def _engine_from_config(self):
         client = self.connection.client

@@ -37,6 +37,12 @@ def create_app(settings: Settings | None = None) -> Celery:
     }
     if settings.embedded_broker:
         transport_options["polling_interval"] = settings.broker_polling_interval_s
+    else:
+        # kombu's Redis transport sweeps for expired unacked messages only every
+        # interval x throttle = 10 x 10 s by default; sweep every <= 10 s so that a killed
+        # worker's shard is redelivered soon after the visibility timeout.
+        transport_options["unacked_restore_interval"] = max(1, min(10, settings.broker_visibility_timeout_s // 4))
+        transport_options["unacked_restore_throttle"] = 1
     app.conf.update(
         task_serializer="json",
         accept_content=["json", "msgpack"],

@@ -1,8 +1,11 @@
 """Reading CSV and Parquet datasets by row range, shared by producers and workers.
 
-CSV columns are read as strings (``null`` for empty cells) and converted per the model's
-input spec on the worker, so that one non-numeric cell fails one row, not the file.
-Parquet columns keep their stored types. Rows are numbered from 0, header excluded.
+CSV cells are read as raw bytes (``null`` for empty cells) and decoded and converted per
+the model's input spec on the worker, so that one non-numeric or non-UTF-8 cell fails one
+row, not the file. Parquet columns keep their stored types. Rows are numbered from 0,
+header excluded, counting parsed records: blank lines are not rows, and a quoted field
+may span lines. Producers and workers count rows the same way (by parsing), so a row
+range names the same records on both sides.
 """
 
 from __future__ import annotations
@@ -62,26 +65,69 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
-def _csv_names(path: Path) -> list[str]:
-    reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES))
-    names = list(reader.schema.names)
-    reader.close()
+def _check_unique(path: Path, names: list[str]) -> list[str]:
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise DatasetFormatError(f"{path}: duplicate column name(s) {dup}")
     return names
 
 
-def _csv_reader(path: Path, columns: Sequence[str], skip_rows: int = 0) -> pa_csv.CSVStreamingReader:
+class _BadRows:
+    """pyarrow ``invalid_row_handler`` that remembers the first malformed row, then fails."""
+
+    def __init__(self) -> None:
+        self.first = None
+
+    def __call__(self, row) -> str:
+        if self.first is None:
+            self.first = row
+        return "error"
+
+    def describe(self, path: Path) -> str | None:
+        if self.first is None:
+            return None
+        row = self.first
+        number = row.number if row.number is not None else _find_line(path, row.text)
+        where = f"line {number}" if number is not None else "a row"
+        return (f"{path}: {where}: expected {row.expected_columns} fields, found "
+                f"{row.actual_columns}: {row.text[:80]!r}")
+
+
+def _find_line(path: Path, text: str) -> int | None:
+    """1-based number of the first line of ``path`` equal to ``text`` (pyarrow's streaming
+    reader does not track line numbers; this runs only to explain an error)."""
+    target = text.encode("utf-8", "surrogateescape")
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.rstrip(b"\r\n") == target:
+                return number
+    return None
+
+
+def _csv_names(path: Path, bad_rows: _BadRows) -> list[str]:
+    reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                             parse_options=pa_csv.ParseOptions(invalid_row_handler=bad_rows),
+                             convert_options=pa_csv.ConvertOptions(check_utf8=False))
+    names = list(reader.schema.names)
+    reader.close()
+    return _check_unique(path, names)
+
+
+def _csv_reader(path: Path, columns: Sequence[str], bad_rows: _BadRows | None = None) -> pa_csv.CSVStreamingReader:
     return pa_csv.open_csv(
         path,
-        read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, skip_rows_after_names=skip_rows),
+        read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+        parse_options=pa_csv.ParseOptions(invalid_row_handler=bad_rows or _BadRows()),
         convert_options=pa_csv.ConvertOptions(
             include_columns=list(columns),
-            column_types={c: pa.string() for c in columns},
+            column_types={c: pa.binary() for c in columns},
             strings_can_be_null=True,
         ),
     )
+
+
+def _format_error(path: Path, exc: Exception, bad_rows: _BadRows, doing: str) -> DatasetFormatError:
+    return DatasetFormatError(bad_rows.describe(path) or f"{path}: cannot {doing}: {exc}")
 
 
 def inspect(path: Path) -> DatasetInfo:
@@ -94,43 +140,51 @@ def inspect(path: Path) -> DatasetInfo:
     path = Path(path).absolute()
     if not path.exists():
         raise DatasetNotFoundError(f"dataset not found: {path}")
+    if path.is_dir():
+        raise DatasetFormatError(f"{path}: is a directory, expected a file")
     fmt = detect_format(path)
+    bad_rows = _BadRows()
     try:
         if fmt == "parquet":
             meta = pq.ParquetFile(path).metadata
-            return DatasetInfo(path, fmt, list(meta.schema.to_arrow_schema().names), meta.num_rows)
-        names = _csv_names(path)
-        reader = _csv_reader(path, names[:1])
+            names = _check_unique(path, list(meta.schema.to_arrow_schema().names))
+            return DatasetInfo(path, fmt, names, meta.num_rows)
+        names = _csv_names(path, bad_rows)
+        reader = _csv_reader(path, names[:1], bad_rows)
         n_rows = sum(batch.num_rows for batch in reader)
         return DatasetInfo(path, fmt, names, n_rows)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise DatasetFormatError(f"{path}: cannot read as {fmt}: {exc}") from exc
+        raise _format_error(path, exc, bad_rows, f"read as {fmt}") from exc
 
 
 def read_rows(path: Path, fmt: str, row_start: int, row_end: int, columns: Sequence[str]) -> pa.Table:
     """Rows ``[row_start, row_end)`` of ``columns`` as an Arrow table.
 
-    CSV columns come back as strings; Parquet reads only the row groups that overlap.
+    CSV columns come back as binary (raw cell bytes); Parquet reads only the row groups
+    that overlap. CSV records before ``row_start`` are parsed and dropped, so that row
+    numbers agree with :func:`inspect` whatever blank lines or multi-line fields the file holds.
 
     Raises:
         DatasetFormatError: the file cannot be parsed, or holds fewer rows than asked.
     """
     want = row_end - row_start
+    bad_rows = _BadRows()
     try:
         if fmt == "parquet":
             table = _parquet_rows(pq.ParquetFile(path), row_start, row_end, columns)
         else:
-            batches, got = [], 0
-            reader = _csv_reader(path, columns, skip_rows=row_start)
+            batches, seen = [], 0
+            reader = _csv_reader(path, columns, bad_rows)
             for batch in reader:
-                batches.append(batch)
-                got += batch.num_rows
-                if got >= want:
+                if seen + batch.num_rows > row_start:
+                    batches.append(batch.slice(max(0, row_start - seen)))
+                seen += batch.num_rows
+                if seen >= row_end:
                     break
             reader.close()
             table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, want)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise DatasetFormatError(f"{path}: cannot read rows {row_start}-{row_end}: {exc}") from exc
+        raise _format_error(path, exc, bad_rows, f"read rows {row_start}-{row_end}") from exc
     if table.num_rows != want:
         raise DatasetFormatError(
             f"{path}: expected rows {row_start}-{row_end} but the file has only {row_start + table.num_rows}"
@@ -157,26 +211,30 @@ def iter_shards(info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: S
 
     Used by producers that must inline shards; memory holds about one shard at a time.
     """
-    if info.format == "parquet":
-        pf = pq.ParquetFile(info.path)
+    bad_rows = _BadRows()
+    try:
+        if info.format == "parquet":
+            pf = pq.ParquetFile(info.path)
+            for a, b in ranges:
+                yield _parquet_rows(pf, a, b, columns)
+            return
+        reader = _csv_reader(info.path, columns, bad_rows)
+        pending: list[pa.RecordBatch] = []
+        buffered = 0
         for a, b in ranges:
-            yield _parquet_rows(pf, a, b, columns)
-        return
-    reader = _csv_reader(info.path, columns)
-    pending: list[pa.RecordBatch] = []
-    buffered = 0
-    for a, b in ranges:
-        while buffered < b - a:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            pending.append(batch)
-            buffered += batch.num_rows
-        table = pa.Table.from_batches(pending, schema=reader.schema)
-        yield table.slice(0, b - a)
-        rest = table.slice(b - a)
-        pending, buffered = rest.to_batches(), rest.num_rows
+            while buffered < b - a:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                pending.append(batch)
+                buffered += batch.num_rows
+            table = pa.Table.from_batches(pending, schema=reader.schema)
+            yield table.slice(0, b - a)
+            rest = table.slice(b - a)
+            pending, buffered = rest.to_batches(), rest.num_rows
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise _format_error(info.path, exc, bad_rows, "read") from exc
 
 
 def encode_table(table: pa.Table) -> str:

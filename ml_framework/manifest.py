@@ -14,10 +14,19 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from ml_framework.errors import ManifestError, ModelNotFoundError
 
@@ -72,14 +81,16 @@ class OutputSpec(_Strict):
         kind: ``classification``: the model returns ``(N, K)`` scores, the result holds
             ``prediction`` (a label), ``score`` and ``probabilities``; ``regression``:
             ``(N,)`` or ``(N, 1)`` -> ``prediction``; ``embedding``: ``(N, D)`` -> ``embedding``.
-        labels: class labels, index ``k`` naming score column ``k`` (classification).
+        labels: class labels (strings or numbers, as they should appear in results),
+            index ``k`` naming score column ``k`` (classification). Quote labels that
+            YAML would read as dates or booleans.
         activation: ``softmax`` when the model returns logits, ``none`` when it already
             returns probabilities.
         size: ``K`` or ``D``; checked against what the model returns.
     """
 
     kind: Literal["classification", "regression", "embedding"]
-    labels: list[Any] | None = None
+    labels: list[StrictStr | StrictInt | float] | None = None
     activation: Literal["none", "softmax"] = "none"
     size: PositiveInt | None = None
 
@@ -171,6 +182,11 @@ class ModelManifest(_Strict):
         return path
 
 
+def _is_version(name: str) -> bool:
+    """A canonical positive integer in ASCII digits: ``1``, ``12``; not ``01``, ``²`` or ``0``."""
+    return name.isascii() and name.isdecimal() and name == str(int(name)) and int(name) > 0
+
+
 class ModelRepository:
     """Read-only view of ``<root>/<name>/<version>/manifest.yaml``.
 
@@ -193,7 +209,7 @@ class ModelRepository:
         if not re.match(NAME_PATTERN, name) or not model_dir.is_dir():
             return []
         return sorted(int(p.name) for p in model_dir.iterdir()
-                      if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+                      if _is_version(p.name) and (p / MANIFEST_FILE).is_file())
 
     def names(self) -> list[str]:
         """Model names that have at least one version."""

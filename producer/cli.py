@@ -32,6 +32,7 @@ from rich.table import Table
 from ml_framework.errors import JobTimeoutError, MLFrameworkError
 from ml_framework.logging import configure_logging
 from ml_framework.store import JobState, JobStatus
+from producer.results import check_output_path
 
 EXIT_ERROR = 1
 EXIT_BY_STATE = {JobState.SUCCEEDED: 0, JobState.PARTIAL: 3, JobState.FAILED: 4, JobState.CANCELLED: 5}
@@ -42,8 +43,8 @@ app = typer.Typer(help="ml-framework: batch inference on Celery workers.", no_ar
 models_app = typer.Typer(help="The model repository.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 # Tables are wide; keep them whole when output goes to a file or pipe (rich assumes 80).
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # never wrap messages scripts may grep
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
@@ -83,6 +84,11 @@ def score(
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
 ) -> None:
     """Submit a bulk-scoring job; prints the job id (and waits with --wait / -o)."""
+    if output is not None:
+        try:
+            check_output_path(output)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     try:
         with client() as c:
             job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
@@ -131,6 +137,7 @@ def results(
 ) -> None:
     """Write a job's results (outputs and row errors, in input order) to a file."""
     try:
+        check_output_path(output)
         with client() as c:
             job = c.get_job(job_id)
             st = job.status()
@@ -195,4 +202,11 @@ def main() -> None:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise SystemExit(EXIT_ERROR) from None
     _load_plugins()
-    app()
+    try:
+        app()
+    except Exception as exc:  # e.g. broker unreachable, unknown URL scheme
+        if get_settings().logging_level == "DEBUG":
+            raise
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        err.print("(set ML_FRAMEWORK_LOGGING_LEVEL=DEBUG for the traceback)", highlight=False)
+        raise SystemExit(EXIT_ERROR) from None

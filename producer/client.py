@@ -26,6 +26,7 @@ from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, ResultStore
 from producer.datasets import inspect, plan_sources, resolve_columns
+from producer.results import write_results
 
 POLL_START_S = 0.1
 POLL_MAX_S = 2.0
@@ -108,29 +109,6 @@ class Job:
     def save_results(self, path: Path | str) -> Path:
         """Write :meth:`results` to ``.parquet`` or ``.csv`` (list values as JSON in CSV)."""
         return write_results(self.results(), Path(path))
-
-
-def write_results(frame: pd.DataFrame, path: Path) -> Path:
-    """Write a results frame to Parquet or CSV, chosen by suffix.
-
-    Raises:
-        ValueError: another suffix.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        frame.to_parquet(path)
-    elif suffix == ".csv":
-        import json
-
-        flat = frame.copy()
-        for col in flat.columns:
-            if flat[col].map(lambda v: isinstance(v, list)).any():
-                flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
-        flat.to_csv(path)
-    else:
-        raise ValueError(f"{path}: results can be written as .parquet or .csv")
-    return path
 
 
 class _ProgressBar:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ml_framework.manifest import InputSpec, Preprocessing
 from ml_framework.store import RowError
@@ -17,6 +18,33 @@ _MAX_VALUE_CHARS = 40
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS] + "...'"
+
+
+def _column(arr: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray, str | None]:
+    """A column as a pandas Series, a mask of cells that are not valid UTF-8, and a reason
+    if the column's type can never be a number."""
+    invalid = np.zeros(len(arr), dtype=bool)
+    kind = arr.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        try:
+            arr = pc.cast(arr, pa.string())
+        except pa.ArrowInvalid:  # some cell is not UTF-8: decode cell by cell
+            values = []
+            for i, cell in enumerate(arr.to_pylist()):
+                if cell is None:
+                    values.append(None)
+                    continue
+                try:
+                    values.append(cell.decode("utf-8"))
+                except UnicodeDecodeError:
+                    invalid[i] = True
+                    values.append(None)
+            return pd.Series(values, dtype=object), invalid, None
+    elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+              or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+              or pa.types.is_decimal(kind)):
+        return pd.Series([None] * len(arr), dtype=object), invalid, f"column type {kind} is not numeric"
+    return arr.to_pandas(), invalid, None
 
 
 def to_inputs(
@@ -44,11 +72,19 @@ def to_inputs(
     values = np.empty((n, len(columns)), dtype=np.float64)
     bad: dict[int, RowError] = {}
     for j, name in enumerate(columns):
-        raw = table.column(name).to_pandas()
+        raw, invalid, type_error = _column(table.column(name))
+        if type_error:
+            for i in range(n):
+                bad.setdefault(i, RowError(row_start + i, f"row {row_start + i}, field {name!r}: {type_error}", name))
+            continue
+        for i in np.flatnonzero(invalid):
+            bad.setdefault(int(i), RowError(row_start + int(i),
+                                            f"row {row_start + int(i)}, field {name!r}: not valid UTF-8 text", name))
         if raw.dtype == object or pd.api.types.is_string_dtype(raw.dtype):
             numeric = pd.to_numeric(raw, errors="coerce")
         else:
             numeric = raw.astype("float64")
+        numeric[invalid] = 0.0  # already failed above; keep it out of the checks below
         col = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
         finite = np.isfinite(col)
         if spec.allow_missing:

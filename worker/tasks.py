@@ -12,7 +12,7 @@ from functools import lru_cache
 import pyarrow as pa
 from celery import Celery
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ml_framework.datasets import decode_table, read_rows
 from ml_framework.errors import DatasetError, MLFrameworkError
@@ -27,6 +27,9 @@ from worker.runtimes.base import to_record
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 5.0
+# Connection-level failures (server down, SQLite locked): worth retrying. Data errors
+# (a value the column refuses) are not: the shard is recorded as failed instead.
+TRANSIENT_STORE_ERRORS = (OperationalError, InterfaceError)
 STORE_RETRY_MAX = 8
 
 
@@ -152,7 +155,20 @@ def score_shard(task, **body: object) -> str:
         outputs = []
         errors = [RowError(r, f"row {r}: shard failed: {shard_error}")
                   for r in range(msg.source.row_start, msg.source.row_end)]
-    store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
+    try:
+        recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
+    except TRANSIENT_STORE_ERRORS:
+        raise  # the store is unreachable: retried with backoff (see register)
+    except Exception as exc:
+        log.exception("job %s shard %d: the results store refused the shard's rows", msg.job_id, msg.shard_index)
+        shard_error = f"results store refused the shard's rows: {type(exc).__name__}: {exc}"[:2000]
+        outputs = []
+        errors = [RowError(r, f"row {r}: {shard_error}") for r in range(msg.source.row_start, msg.source.row_end)]
+        recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
+    if not recorded:
+        log.info("job %s shard %d: already recorded by another delivery; nothing written",
+                 msg.job_id, msg.shard_index)
+        return ShardClaim.ALREADY_DONE.value
     if heartbeat is not None:
         heartbeat.shards_done += 1
     elapsed = time.perf_counter() - started
@@ -169,6 +185,6 @@ def register(app: Celery) -> None:
     stays unacknowledged until a retry is scheduled, so nothing is lost.
     """
     app.task(
-        name=SCORE_SHARD_TASK, bind=True, autoretry_for=(OperationalError, DBAPIError),
+        name=SCORE_SHARD_TASK, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
         retry_backoff=True, retry_backoff_max=60, max_retries=STORE_RETRY_MAX,
     )(score_shard)

@@ -103,7 +103,7 @@ class RowErrorRow(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     row_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     shard_index: Mapped[int] = mapped_column(Integer)
-    field: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    field: Mapped[str | None] = mapped_column(Text, nullable=True)
     message: Mapped[str] = mapped_column(Text)
 
 

@@ -30,3 +30,18 @@ def test_score_wait_without_workers_warns_and_times_out(tmp_path):
     assert run.returncode == 6, run.stderr
     assert "no worker heartbeat" in run.stderr and "mlf worker" in run.stderr
     assert "still PENDING after 2" in run.stderr
+
+
+def test_bad_output_path_is_refused_before_submitting(tmp_path):
+    """`-o out.txt` and `-o <directory>` fail at once with a clear message, submitting nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env["ML_FRAMEWORK_VAR_DIR"] = str(tmp_path / "var")
+    (tmp_path / "dir.csv").mkdir()
+    for target, needle in (("out.txt", ".parquet or .csv"), ("dir.csv", "is a directory")):
+        run = subprocess.run(
+            [sys.executable, "-c", "from producer.cli import main; main()", "score", "whatever.csv",
+             "--model", "m", "-o", str(tmp_path / target)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert run.returncode == 1 and needle in run.stderr
+        assert not (tmp_path / "var").exists()  # nothing was submitted

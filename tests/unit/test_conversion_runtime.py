@@ -102,3 +102,27 @@ def test_to_record_regression_and_embedding():
     """Regression gives a scalar prediction, embeddings a vector."""
     assert to_record(np.array([2.5]), OutputSpec(kind="regression")) == {"prediction": 2.5}
     assert to_record(np.array([1, 2]), OutputSpec(kind="embedding", size=2)) == {"embedding": [1.0, 2.0]}
+
+
+def test_invalid_utf8_cell_fails_only_its_row(tmp_path):
+    """A cell that is not UTF-8 fails its row, naming row and field; other rows convert."""
+    from ml_framework.datasets import inspect, read_rows
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"a,b\n1,2\n3,\xe94\n5,6\n")
+    assert inspect(path).n_rows == 3
+    table = read_rows(path, "csv", 0, 3, ["a", "b"])
+    x, rows, errors = to_inputs(table, ["a", "b"], InputSpec(columns=["a", "b"]), Preprocessing(), 0)
+    assert rows.tolist() == [0, 2] and x.tolist() == [[1.0, 2.0], [5.0, 6.0]]
+    assert [(e.row_index, e.field) for e in errors] == [(1, "b")]
+    assert "not valid UTF-8" in errors[0].message
+
+
+def test_non_numeric_column_type_fails_rows_naming_field():
+    """A timestamp column cannot feed a model: each row fails naming the field and type."""
+    import datetime as dt
+
+    table = pa.table({"a": [1.0, 2.0], "t": pa.array([dt.datetime(2020, 1, 1)] * 2)})
+    x, rows, errors = to_inputs(table, ["a", "t"], InputSpec(columns=["a", "t"]), Preprocessing(), 0)
+    assert len(x) == 0 and rows.tolist() == []
+    assert all(e.field == "t" and "timestamp" in e.message for e in errors) and len(errors) == 2

@@ -92,3 +92,48 @@ def test_short_file_is_reported(dataset):
     info = inspect(dataset)
     with pytest.raises(DatasetFormatError, match="has only 1000"):
         read_rows(dataset, info.format, 900, 1100, ["a"])
+
+
+def test_blank_lines_and_multiline_fields_keep_row_numbers(tmp_path):
+    """Row ranges name the same parsed records as inspect(), whatever blank lines or quoted
+    newlines the CSV holds (regression: rows shifted onto the wrong row numbers)."""
+    path = tmp_path / "tricky.csv"
+    lines = ["id,note"]
+    for i in range(12):
+        lines.append(f'{i},"line one\nline two"' if i % 4 == 1 else f"{i},plain")
+        if i % 5 == 2:
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    info = inspect(path)
+    assert info.n_rows == 12
+    for a, b in [(0, 3), (3, 6), (5, 12), (11, 12)]:
+        ids = [int(v) for v in read_rows(path, "csv", a, b, ["id"]).column("id").to_pylist()]
+        assert ids == list(range(a, b))
+    ranges = shard_ranges(12, 5)
+    for (a, _b), table in zip(ranges, iter_shards(info, ranges, ["id"]), strict=True):
+        assert int(table.column("id")[0].as_py()) == a
+
+
+def test_ragged_row_is_named_by_line(tmp_path):
+    """A row with too many fields is reported with its line number and the file."""
+    path = tmp_path / "ragged.csv"
+    path.write_text("a,b\n1,2\n3,4,5\n6,7\n")
+    with pytest.raises(DatasetFormatError, match=r"ragged\.csv: line 3: expected 2 fields, found 3"):
+        inspect(path)
+
+
+def test_duplicate_parquet_columns_are_refused(tmp_path):
+    """Parquet files with a repeated column name are refused at inspect, naming it."""
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array([1]), pa.array([2])], names=["x", "x"]), path)
+    with pytest.raises(DatasetFormatError, match=r"duplicate column name\(s\) \['x'\]"):
+        inspect(path)
+
+
+def test_directory_is_not_a_dataset(tmp_path):
+    """A directory named like a dataset is refused clearly."""
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(DatasetFormatError, match="is a directory"):
+        inspect(tmp_path / "d.csv")

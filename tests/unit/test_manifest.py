@@ -70,3 +70,26 @@ def test_row_shape_defaults_to_column_count():
     """Without a shape each row is a vector of the columns."""
     m = ModelManifest.model_validate({**BASE, "inputs": {"columns": ["a", "b", "c"]}})
     assert m.inputs.row_shape == (3,)
+
+
+def test_only_canonical_integer_directories_are_versions(tmp_path):
+    """Directories like '²', '01' or '0' are not versions and break nothing (regression)."""
+    put(tmp_path, BASE)
+    for odd in ("²", "01", "0", "v2"):
+        d = tmp_path / "m" / odd
+        d.mkdir()
+        (d / "manifest.yaml").write_text(yaml.safe_dump(BASE))
+    repo = ModelRepository(tmp_path)
+    assert repo.versions("m") == [1]
+    assert repo.resolve("m").version == 1
+    with pytest.raises(ModelNotFoundError, match="'other' not found"):
+        repo.resolve("other")
+
+
+def test_labels_that_yaml_reads_as_dates_are_refused(tmp_path):
+    """Unquoted date labels would not serialise into results: refused at the manifest."""
+    d = tmp_path / "m" / "1"
+    d.mkdir(parents=True)
+    (d / "manifest.yaml").write_text(yaml.safe_dump(BASE).replace("- x\n  - y", "- 2020-01-01\n  - 2020-01-02"))
+    with pytest.raises(ManifestError, match="outputs.labels.0"):
+        ModelRepository(tmp_path).resolve("m")

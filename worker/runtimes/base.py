@@ -74,10 +74,10 @@ class Runtime(ABC):
         outputs: list[np.ndarray | None] = [None] * n
         errors: list[str | None] = [None] * n
         for start in range(0, n, batch_size):
-            self._run_span(x, start, min(start + batch_size, n), outputs, errors)
+            self._run_span(x, start, min(start + batch_size, n), outputs, errors, top=True)
         return outputs, errors
 
-    def _run_span(self, x: np.ndarray, a: int, b: int, outputs: list, errors: list) -> None:
+    def _run_span(self, x: np.ndarray, a: int, b: int, outputs: list, errors: list, top: bool = False) -> None:
         try:
             y = np.asarray(self.predict_batch(x[a:b]))
             if y.ndim == 0 or y.shape[0] != b - a:
@@ -88,7 +88,9 @@ class Runtime(ABC):
             if b - a == 1:
                 errors[a] = f"model failed on this row: {type(exc).__name__}: {exc}"
                 return
-            log.warning("batch of %d rows failed (%s); retrying in halves", b - a, exc)
+            if top:  # one line per failing batch, not per split
+                log.warning("batch of %d rows failed (%s); retrying in halves to isolate the bad rows",
+                            b - a, exc)
             mid = (a + b) // 2
             self._run_span(x, a, mid, outputs, errors)
             self._run_span(x, mid, b, outputs, errors)

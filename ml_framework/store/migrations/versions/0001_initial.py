@@ -63,7 +63,7 @@ def upgrade() -> None:
         sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("row_index", sa.Integer, primary_key=True),
         sa.Column("shard_index", sa.Integer, nullable=False),
-        sa.Column("field", sa.String(255), nullable=True),
+        sa.Column("field", sa.Text, nullable=True),
         sa.Column("message", sa.Text, nullable=False),
     )
     op.create_table(
