@@ -56,7 +56,10 @@ class Settings(BaseSettings):
         worker_threads: framework intra-op threads per worker process; default
             ``cores // worker_processes`` (at least 1).
         bulk_queue: Celery queue that carries bulk-scoring shards.
-        task_time_limit_s: hard limit of one shard task, seconds.
+        task_time_limit_s: hard limit of one shard task, seconds, given to Celery. The solo
+            pool that ``mlf worker`` runs does not enforce Celery's hard limits, so today this
+            only bounds ``broker_visibility_timeout_s``; enforcing it from the launcher is
+            part of the fault-tolerance work.
         broker_visibility_timeout_s: seconds before Redis redelivers an unacknowledged
             shard; must exceed ``task_time_limit_s`` or long shards would run twice.
         broker_polling_interval_s: how often the embedded transport polls, seconds.
