@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -18,15 +17,6 @@ console = Console(stderr=True, soft_wrap=True)
 def _start_workers(processes: int | None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "worker"] + (["--processes", str(processes)] if processes else [])
     return subprocess.Popen(argv)
-
-
-def _stop_workers(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def demo(
@@ -89,7 +79,9 @@ def demo(
         finally:
             if workers is not None:
                 console.print("stopping the demo's workers ...")
-                _stop_workers(workers)
+                from worker.launcher import terminate
+
+                terminate(workers, grace_s=90)
     Console(width=max(Console().width, 150)).print(report)
     console.print(f"results: {out_dir}/<model>.csv, and in the results store "
                   "(`mlf status JOB`, `mlf results JOB -o out.parquet`)")

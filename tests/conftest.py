@@ -8,7 +8,6 @@ Backends: ``embedded`` (SQLite broker transport + SQLite results) and ``redis-po
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -129,12 +128,9 @@ def start_workers(values: dict[str, Any], log_path: Path, processes: int = WORKE
 
 def stop_workers(proc: subprocess.Popen) -> None:
     """Warm shutdown, then kill after 60 s."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    from worker.launcher import terminate
+
+    terminate(proc, grace_s=60)
 
 
 @pytest.fixture(scope="session", params=["embedded", "redis-postgres"])

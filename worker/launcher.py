@@ -80,6 +80,17 @@ def plan_children(settings: Settings, processes: int | None = None, threads: int
     return children
 
 
+def terminate(proc: subprocess.Popen, grace_s: float) -> int:
+    """SIGTERM ``proc`` (a warm shutdown for Celery and for ``mlf worker``), wait up to
+    ``grace_s`` seconds, then SIGKILL it. Returns its exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 class Supervisor:
     """Runs the children, restarts the ones that die, and shuts all down on a signal.
 

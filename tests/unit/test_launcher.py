@@ -30,3 +30,30 @@ def test_embedded_broker_disables_broadcast_features():
     redis = plan_children(load_settings(broker_url="redis://127.0.0.1:6379/0"), processes=1)[0].argv
     assert "--without-mingle" not in redis
     assert redis[redis.index("-Q") + 1] == "mlf.bulk"
+
+
+SUPERVISE = """
+import os, sys
+from worker.launcher import ChildSpec, Supervisor
+log = sys.argv[1]
+crash = ChildSpec("crash@t", [sys.executable, "-c", f"open({log!r}, 'a').write('start\\\\n')"], dict(os.environ))
+stay = ChildSpec("stay@t", [sys.executable, "-c", "import time; time.sleep(600)"], dict(os.environ))
+sys.exit(Supervisor([crash, stay], grace_s=5).run())
+"""
+
+
+def test_supervisor_restarts_dead_children_and_stops_on_sigterm(tmp_path):
+    """A child that exits is started again (with backoff); SIGTERM stops every child."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "starts.log"
+    sup = subprocess.Popen([sys.executable, "-c", SUPERVISE, str(log)])
+    deadline = time.monotonic() + 30
+    while not (log.exists() and log.read_text().count("start") >= 2):
+        assert time.monotonic() < deadline and sup.poll() is None
+        time.sleep(0.1)
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 0
