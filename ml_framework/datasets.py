@@ -72,52 +72,47 @@ def _check_unique(path: Path, names: list[str]) -> list[str]:
     return names
 
 
-class _BadRows:
-    """pyarrow ``invalid_row_handler`` that remembers the first malformed row, then fails."""
+def _find_ragged_record(path: Path) -> str | None:
+    """Describe the first record whose field count differs from the header's, by line.
 
-    def __init__(self) -> None:
-        self.first = None
+    Runs only to explain a parse error (pyarrow's streaming reader does not track line
+    numbers). Uses Python's csv module, which follows quoted multi-line fields.
+    """
+    import csv
 
-    def __call__(self, row) -> str:
-        if self.first is None:
-            self.first = row
-        return "error"
-
-    def describe(self, path: Path) -> str | None:
-        if self.first is None:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        try:
+            expected = len(next(reader))
+        except StopIteration:
             return None
-        row = self.first
-        number = row.number if row.number is not None else _find_line(path, row.text)
-        where = f"line {number}" if number is not None else "a row"
-        return (f"{path}: {where}: expected {row.expected_columns} fields, found "
-                f"{row.actual_columns}: {row.text[:80]!r}")
-
-
-def _find_line(path: Path, text: str) -> int | None:
-    """1-based number of the first line of ``path`` equal to ``text`` (pyarrow's streaming
-    reader does not track line numbers; this runs only to explain an error)."""
-    target = text.encode("utf-8", "surrogateescape")
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if line.rstrip(b"\r\n") == target:
-                return number
+        end_of_previous = reader.line_num
+        for record in reader:
+            if record and len(record) != expected:
+                return (f"{path}: line {end_of_previous + 1}: expected {expected} fields, "
+                        f"found {len(record)}: {','.join(record)[:80]!r}")
+            end_of_previous = reader.line_num
     return None
 
 
-def _csv_names(path: Path, bad_rows: _BadRows) -> list[str]:
+# Quoted fields may hold newlines; without this pyarrow may cut its blocks inside one.
+CSV_PARSE = pa_csv.ParseOptions(newlines_in_values=True)
+
+
+def _csv_names(path: Path) -> list[str]:
     reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                             parse_options=pa_csv.ParseOptions(invalid_row_handler=bad_rows),
+                             parse_options=CSV_PARSE,
                              convert_options=pa_csv.ConvertOptions(check_utf8=False))
     names = list(reader.schema.names)
     reader.close()
     return _check_unique(path, names)
 
 
-def _csv_reader(path: Path, columns: Sequence[str], bad_rows: _BadRows | None = None) -> pa_csv.CSVStreamingReader:
+def _csv_reader(path: Path, columns: Sequence[str]) -> pa_csv.CSVStreamingReader:
     return pa_csv.open_csv(
         path,
         read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-        parse_options=pa_csv.ParseOptions(invalid_row_handler=bad_rows or _BadRows()),
+        parse_options=CSV_PARSE,
         convert_options=pa_csv.ConvertOptions(
             include_columns=list(columns),
             column_types={c: pa.binary() for c in columns},
@@ -126,8 +121,11 @@ def _csv_reader(path: Path, columns: Sequence[str], bad_rows: _BadRows | None = 
     )
 
 
-def _format_error(path: Path, exc: Exception, bad_rows: _BadRows, doing: str) -> DatasetFormatError:
-    return DatasetFormatError(bad_rows.describe(path) or f"{path}: cannot {doing}: {exc}")
+def _format_error(path: Path, exc: Exception, doing: str) -> DatasetFormatError:
+    detail = None
+    if "columns, got" in str(exc) and detect_format(path) == "csv":
+        detail = _find_ragged_record(path)
+    return DatasetFormatError(detail or f"{path}: cannot {doing}: {exc}")
 
 
 def inspect(path: Path) -> DatasetInfo:
@@ -143,18 +141,17 @@ def inspect(path: Path) -> DatasetInfo:
     if path.is_dir():
         raise DatasetFormatError(f"{path}: is a directory, expected a file")
     fmt = detect_format(path)
-    bad_rows = _BadRows()
     try:
         if fmt == "parquet":
             meta = pq.ParquetFile(path).metadata
             names = _check_unique(path, list(meta.schema.to_arrow_schema().names))
             return DatasetInfo(path, fmt, names, meta.num_rows)
-        names = _csv_names(path, bad_rows)
-        reader = _csv_reader(path, names[:1], bad_rows)
+        names = _csv_names(path)
+        reader = _csv_reader(path, names[:1])
         n_rows = sum(batch.num_rows for batch in reader)
         return DatasetInfo(path, fmt, names, n_rows)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise _format_error(path, exc, bad_rows, f"read as {fmt}") from exc
+        raise _format_error(path, exc, f"read as {fmt}") from exc
 
 
 def read_rows(path: Path, fmt: str, row_start: int, row_end: int, columns: Sequence[str]) -> pa.Table:
@@ -168,13 +165,12 @@ def read_rows(path: Path, fmt: str, row_start: int, row_end: int, columns: Seque
         DatasetFormatError: the file cannot be parsed, or holds fewer rows than asked.
     """
     want = row_end - row_start
-    bad_rows = _BadRows()
     try:
         if fmt == "parquet":
             table = _parquet_rows(pq.ParquetFile(path), row_start, row_end, columns)
         else:
             batches, seen = [], 0
-            reader = _csv_reader(path, columns, bad_rows)
+            reader = _csv_reader(path, columns)
             for batch in reader:
                 if seen + batch.num_rows > row_start:
                     batches.append(batch.slice(max(0, row_start - seen)))
@@ -184,7 +180,7 @@ def read_rows(path: Path, fmt: str, row_start: int, row_end: int, columns: Seque
             reader.close()
             table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, want)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise _format_error(path, exc, bad_rows, f"read rows {row_start}-{row_end}") from exc
+        raise _format_error(path, exc, f"read rows {row_start}-{row_end}") from exc
     if table.num_rows != want:
         raise DatasetFormatError(
             f"{path}: expected rows {row_start}-{row_end} but the file has only {row_start + table.num_rows}"
@@ -211,14 +207,13 @@ def iter_shards(info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: S
 
     Used by producers that must inline shards; memory holds about one shard at a time.
     """
-    bad_rows = _BadRows()
     try:
         if info.format == "parquet":
             pf = pq.ParquetFile(info.path)
             for a, b in ranges:
                 yield _parquet_rows(pf, a, b, columns)
             return
-        reader = _csv_reader(info.path, columns, bad_rows)
+        reader = _csv_reader(info.path, columns)
         pending: list[pa.RecordBatch] = []
         buffered = 0
         for a, b in ranges:
@@ -234,7 +229,7 @@ def iter_shards(info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: S
             rest = table.slice(b - a)
             pending, buffered = rest.to_batches(), rest.num_rows
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise _format_error(info.path, exc, bad_rows, "read") from exc
+        raise _format_error(info.path, exc, "read") from exc
 
 
 def encode_table(table: pa.Table) -> str:

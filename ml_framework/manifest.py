@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -34,6 +35,10 @@ MANIFEST_FILE = "manifest.yaml"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 Framework = Literal["torch", "tensorflow", "sklearn"]
+MAX_INT32 = 2**31 - 1  # the results store keeps versions and batch sizes in INTEGER columns
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Version = Annotated[PositiveInt, Field(le=MAX_INT32)]
+BatchSize = Annotated[PositiveInt, Field(le=MAX_INT32)]
 
 
 class _Strict(BaseModel):
@@ -90,7 +95,7 @@ class OutputSpec(_Strict):
     """
 
     kind: Literal["classification", "regression", "embedding"]
-    labels: list[StrictStr | StrictInt | float] | None = None
+    labels: list[StrictStr | StrictInt | FiniteFloat] | None = None
     activation: Literal["none", "softmax"] = "none"
     size: PositiveInt | None = None
 
@@ -99,6 +104,8 @@ class OutputSpec(_Strict):
         if self.kind == "classification":
             if not self.labels:
                 raise ValueError("outputs.labels is required for kind: classification")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"outputs.labels has duplicates: {self.labels}")
             if self.size is not None and self.size != len(self.labels):
                 raise ValueError(f"outputs.size {self.size} != {len(self.labels)} labels")
         return self
@@ -136,13 +143,13 @@ class ModelManifest(_Strict):
     """
 
     name: str = Field(pattern=NAME_PATTERN)
-    version: PositiveInt
+    version: Version
     framework: Framework
     artifact: str = Field(min_length=1)
     inputs: InputSpec
     outputs: OutputSpec
     preprocessing: Preprocessing = Preprocessing()
-    default_batch_size: PositiveInt | None = None
+    default_batch_size: BatchSize | None = None
     trusted_types: list[str] = []
     description: str = ""
 
@@ -184,7 +191,7 @@ class ModelManifest(_Strict):
 
 def _is_version(name: str) -> bool:
     """A canonical positive integer in ASCII digits: ``1``, ``12``; not ``01``, ``²`` or ``0``."""
-    return name.isascii() and name.isdecimal() and name == str(int(name)) and int(name) > 0
+    return name.isascii() and name.isdecimal() and name == str(int(name)) and 0 < int(name) <= MAX_INT32
 
 
 class ModelRepository:

@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     var_dir: Path = Path("var")
     logging_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    default_batch_size: PositiveInt = 256
-    shard_size: PositiveInt = 10_000
+    default_batch_size: PositiveInt = Field(default=256, le=2**31 - 1)
+    shard_size: PositiveInt = Field(default=10_000, le=2**31 - 1)
     worker_processes: PositiveInt | None = None
     worker_threads: PositiveInt | None = None
     bulk_queue: str = Field(default="mlf.bulk", min_length=1)

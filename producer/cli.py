@@ -31,6 +31,7 @@ from rich.table import Table
 
 from ml_framework.errors import JobTimeoutError, MLFrameworkError
 from ml_framework.logging import configure_logging
+from ml_framework.manifest import MAX_INT32
 from ml_framework.store import JobState, JobStatus
 from producer.results import check_output_path
 
@@ -76,8 +77,8 @@ def print_status(status: JobStatus) -> None:
 def score(
     dataset: Annotated[Path, typer.Argument(help="CSV or Parquet file.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name.")],
-    version: Annotated[int | None, typer.Option(help="Model version (default: latest).")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per forward pass.")] = None,
+    version: Annotated[int | None, typer.Option(min=1, max=MAX_INT32, help="Model version (default: latest).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_INT32, help="Rows per forward pass.")] = None,
     columns: Annotated[str | None, typer.Option(help="Comma-separated dataset columns mapped onto the model's inputs.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results here (.parquet / .csv); implies --wait.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job, with a progress bar.")] = False,

@@ -21,7 +21,7 @@ import pandas as pd
 from ml_framework.celery_app import create_app
 from ml_framework.datasets import shard_ranges
 from ml_framework.errors import JobTimeoutError
-from ml_framework.manifest import ModelManifest, ModelRepository
+from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
 from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, ResultStore
@@ -200,10 +200,13 @@ class Client:
             The new :class:`Job` (state PENDING).
 
         Raises:
+            ValueError: ``batch_size`` out of range.
             ModelNotFoundError: unknown model or version.
             DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
                 the file is missing, unreadable, lacks columns or has no rows.
         """
+        if batch_size is not None and not 0 < batch_size <= MAX_INT32:
+            raise ValueError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
         manifest = self.repository.resolve(model, version)
         info = inspect(Path(path))
         use_columns = resolve_columns(info, manifest, columns)

@@ -25,6 +25,10 @@ def _column(arr: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray, str | None]:
     if the column's type can never be a number."""
     invalid = np.zeros(len(arr), dtype=bool)
     kind = arr.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        # Parquet writers need not validate UTF-8: re-check it like raw CSV bytes.
+        arr = pc.cast(arr, pa.large_binary() if pa.types.is_large_string(kind) else pa.binary())
+        kind = arr.type
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         try:
             arr = pc.cast(arr, pa.string())
@@ -41,7 +45,7 @@ def _column(arr: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray, str | None]:
                     values.append(None)
             return pd.Series(values, dtype=object), invalid, None
     elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
-              or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+              or pa.types.is_null(kind)
               or pa.types.is_decimal(kind)):
         return pd.Series([None] * len(arr), dtype=object), invalid, f"column type {kind} is not numeric"
     return arr.to_pandas(), invalid, None

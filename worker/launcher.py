@@ -80,6 +80,16 @@ def plan_children(settings: Settings, processes: int | None = None, threads: int
     return children
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM this process when its parent dies,
+    so that children of a killed ``mlf worker`` do not run on unsupervised."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # from <linux/prctl.h>
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def terminate(proc: subprocess.Popen, grace_s: float) -> int:
     """SIGTERM ``proc`` (a warm shutdown for Celery and for ``mlf worker``), wait up to
     ``grace_s`` seconds, then SIGKILL it. Returns its exit status."""
@@ -107,7 +117,7 @@ class Supervisor:
         self._stopping = False
 
     def _start(self, child: ChildSpec) -> None:
-        self.procs[child.name] = subprocess.Popen(child.argv, env=child.env)
+        self.procs[child.name] = subprocess.Popen(child.argv, env=child.env, preexec_fn=_die_with_parent)
         log.info("started worker %s (pid %d)", child.name, self.procs[child.name].pid)
 
     def _on_signal(self, signum: int, _frame: object) -> None:

@@ -27,10 +27,10 @@ from worker.runtimes.base import to_record
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 5.0
+STORE_RETRY_BACKOFF_MAX_S = 60
 # Connection-level failures (server down, SQLite locked): worth retrying. Data errors
 # (a value the column refuses) are not: the shard is recorded as failed instead.
 TRANSIENT_STORE_ERRORS = (OperationalError, InterfaceError)
-STORE_RETRY_MAX = 8
 
 
 @lru_cache(maxsize=1)
@@ -181,10 +181,11 @@ def score_shard(task, **body: object) -> str:
 def register(app: Celery) -> None:
     """Register the worker's tasks on ``app``.
 
-    Store outages (connection errors) are retried with exponential backoff; the message
-    stays unacknowledged until a retry is scheduled, so nothing is lost.
+    Store outages (connection errors) are retried with exponential backoff capped at 60 s,
+    for as long as the outage lasts: giving up would drop the message and leave its shard
+    PENDING for ever. The message stays unacknowledged until its retry is published.
     """
     app.task(
         name=SCORE_SHARD_TASK, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
-        retry_backoff=True, retry_backoff_max=60, max_retries=STORE_RETRY_MAX,
+        retry_backoff=True, retry_backoff_max=STORE_RETRY_BACKOFF_MAX_S, max_retries=None,
     )(score_shard)

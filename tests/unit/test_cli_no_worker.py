@@ -45,3 +45,18 @@ def test_bad_output_path_is_refused_before_submitting(tmp_path):
         )
         assert run.returncode == 1 and needle in run.stderr
         assert not (tmp_path / "var").exists()  # nothing was submitted
+
+
+def test_unwritable_output_and_huge_batch_size_are_refused(tmp_path):
+    """An -o inside a file, or a batch size beyond the store's range, fails before submitting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env["ML_FRAMEWORK_VAR_DIR"] = str(tmp_path / "var")
+    (tmp_path / "file.csv").write_text("a\n1\n")
+    mlf = [sys.executable, "-c", "from producer.cli import main; main()", "score", "whatever.csv", "--model", "m"]
+    run = subprocess.run([*mlf, "-o", str(tmp_path / "file.csv" / "out.csv")],
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1 and "cannot write there" in run.stderr
+    run = subprocess.run([*mlf, "--batch-size", "3000000000"],
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2 and "batch-size" in run.stderr
+    assert not (tmp_path / "var").exists()

@@ -126,3 +126,18 @@ def test_non_numeric_column_type_fails_rows_naming_field():
     x, rows, errors = to_inputs(table, ["a", "t"], InputSpec(columns=["a", "t"]), Preprocessing(), 0)
     assert len(x) == 0 and rows.tolist() == []
     assert all(e.field == "t" and "timestamp" in e.message for e in errors) and len(errors) == 2
+
+
+def test_invalid_utf8_in_a_parquet_string_column_fails_only_its_row(tmp_path):
+    """Parquet writers need not validate UTF-8: a bad string cell fails its row alone."""
+    import pyarrow.parquet as pq
+
+    from ml_framework.datasets import read_rows
+
+    cells = pa.array([b"1", b"\xe92", b"3"], type=pa.binary())
+    table = pa.table({"a": cells.view(pa.string()), "b": pa.array([1.0, 2.0, 3.0])})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    rows_table = read_rows(tmp_path / "bad.parquet", "parquet", 0, 3, ["a", "b"])
+    x, rows, errors = to_inputs(rows_table, ["a", "b"], InputSpec(columns=["a", "b"]), Preprocessing(), 0)
+    assert rows.tolist() == [0, 2] and x[:, 0].tolist() == [1.0, 3.0]
+    assert [(e.row_index, e.field) for e in errors] == [(1, "a")] and "UTF-8" in errors[0].message

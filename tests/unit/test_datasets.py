@@ -137,3 +137,42 @@ def test_directory_is_not_a_dataset(tmp_path):
     (tmp_path / "d.csv").mkdir()
     with pytest.raises(DatasetFormatError, match="is a directory"):
         inspect(tmp_path / "d.csv")
+
+
+def test_multiline_fields_across_parse_blocks(tmp_path):
+    """A CSV larger than one 4 MiB parse block, with quoted newlines throughout, keeps
+    every record whole and numbered (regression: blocks were cut inside quoted fields)."""
+    from ml_framework.datasets import CSV_BLOCK_BYTES
+
+    path = tmp_path / "big.csv"
+    note = '"first line, with a comma\nsecond\nthird ""quoted""\nfourth"'  # 3 of 4 newlines quoted
+    n = 0
+    with open(path, "w") as f:
+        f.write("id,note,x\n")
+        while f.tell() < 4.5 * CSV_BLOCK_BYTES:
+            f.write(f"{n},{note},{n * 0.5}\n")
+            n += 1
+    info = inspect(path)
+    assert info.n_rows == n
+    ids = read_rows(path, "csv", n - 1000, n, ["id", "x"]).column("id").to_pylist()
+    assert [int(v) for v in ids] == list(range(n - 1000, n))
+    ranges = shard_ranges(n, 20_000)
+    starts = [int(t.column("id")[0].as_py()) for t in iter_shards(info, ranges, ["id"])]
+    assert starts == [a for a, _ in ranges]
+
+
+def test_ragged_row_line_counts_multiline_fields(tmp_path):
+    """The reported line is the ragged record's own, not an earlier line with the same text."""
+    path = tmp_path / "rg.csv"
+    path.write_text('x,note,y\n1,"a\n2,b\nc",0\n3,d,0\n2,b\n')
+    with pytest.raises(DatasetFormatError, match=r"line 6: expected 3 fields, found 2"):
+        inspect(path)
+
+
+def test_ragged_row_with_invalid_utf8_is_named(tmp_path, capfd):
+    """A ragged row holding non-UTF-8 bytes is reported by line, without a traceback."""
+    path = tmp_path / "rg.csv"
+    path.write_bytes(b"x,y\n1,2\n3,\xff,9\n")
+    with pytest.raises(DatasetFormatError, match=r"line 3: expected 2 fields, found 3"):
+        inspect(path)
+    assert "Traceback" not in capfd.readouterr().err

@@ -57,3 +57,41 @@ def test_supervisor_restarts_dead_children_and_stops_on_sigterm(tmp_path):
         time.sleep(0.1)
     sup.send_signal(signal.SIGTERM)
     assert sup.wait(timeout=30) == 0
+
+
+ORPHAN = """
+import os, sys
+from worker.launcher import ChildSpec, Supervisor
+pid_file = sys.argv[1]
+code = f"import os, time; open({pid_file!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+sys.exit(Supervisor([ChildSpec("stay@t", [sys.executable, "-c", code], dict(os.environ))]).run())
+"""
+
+
+def test_children_die_with_a_killed_supervisor(tmp_path):
+    """SIGKILL of `mlf worker` itself takes its children down (no unsupervised orphans)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    sup = subprocess.Popen([sys.executable, "-c", ORPHAN, str(pid_file)])
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    sup.send_signal(signal.SIGKILL)
+    sup.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("child outlived its killed supervisor")
+        time.sleep(0.1)

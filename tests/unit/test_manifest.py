@@ -93,3 +93,26 @@ def test_labels_that_yaml_reads_as_dates_are_refused(tmp_path):
     (d / "manifest.yaml").write_text(yaml.safe_dump(BASE).replace("- x\n  - y", "- 2020-01-01\n  - 2020-01-02"))
     with pytest.raises(ManifestError, match="outputs.labels.0"):
         ModelRepository(tmp_path).resolve("m")
+
+
+@pytest.mark.parametrize(("labels", "needle"), [
+    ("[no, yes]", "outputs.labels.0"),          # YAML booleans
+    ("[.nan, 1]", "outputs.labels.0"),          # NaN
+    ("[1, 1.0]", "duplicates"),
+    ("['a', 'a']", "duplicates"),
+])
+def test_ambiguous_labels_are_refused(tmp_path, labels, needle):
+    """Labels must be distinct strings or finite numbers (YAML booleans and NaN are refused)."""
+    d = tmp_path / "m" / "1"
+    d.mkdir(parents=True)
+    data = {**BASE, "outputs": {"kind": "classification", "labels": "PLACEHOLDER"}}
+    text = yaml.safe_dump(data).replace("labels: PLACEHOLDER", f"labels: {labels}")
+    (d / "manifest.yaml").write_text(text)
+    with pytest.raises(ManifestError, match=needle):
+        ModelRepository(tmp_path).resolve("m")
+
+
+def test_versions_must_fit_the_store():
+    """A version beyond the store's INTEGER range is refused in the manifest."""
+    with pytest.raises(Exception, match="less than or equal to 2147483647"):
+        ModelManifest.model_validate({**BASE, "version": 3_000_000_000})
