@@ -16,6 +16,7 @@ Hierarchy::
     │   ├── JobNotFoundError     no job with that id in the results store
     │   └── JobTimeoutError      ``Job.wait`` ran out of time
     └── StoreError               the results database refused an operation
+        └── StoreUnavailableError    the results database cannot be reached (retry later)
 
 Row-level problems (a non-numeric value in one row) are not exceptions: they are recorded
 as row errors and the rest of the job goes on.
@@ -81,3 +82,10 @@ class JobTimeoutError(JobError):
 
 class StoreError(MLFrameworkError):
     """Raised when the results database refuses an operation."""
+
+
+class StoreUnavailableError(StoreError):
+    """Raised when the results database cannot be reached (connection refused, server down).
+
+    Transient: workers retry the shard with backoff until the database is back.
+    """

@@ -51,9 +51,8 @@ def pg_admin():
         service_unavailable("PostgreSQL", exc)
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Any:
-    """A fresh PostgreSQL database for this session; yields its SQLAlchemy URL."""
+def new_pg_database() -> Any:
+    """Create an empty PostgreSQL database; yield its SQLAlchemy URL; drop it afterwards."""
     conn = pg_admin()
     name = f"mlf_test_{uuid.uuid4().hex[:10]}"
     conn.execute(f'CREATE DATABASE "{name}"')
@@ -61,6 +60,19 @@ def pg_database() -> Any:
     yield f"{base}/{name}"
     conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Any:
+    """A PostgreSQL database shared by this session's tests (and the redis-postgres workers)."""
+    yield from new_pg_database()
+
+
+@pytest.fixture()
+def own_pg_database() -> Any:
+    """A PostgreSQL database for one test, for tests that start workers of their own: the
+    session's workers write heartbeats into the shared one."""
+    yield from new_pg_database()
 
 
 @pytest.fixture(scope="session")

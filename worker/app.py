@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 
 from ml_framework.celery_app import create_app
@@ -24,7 +26,10 @@ def _remember_hostname(sender: str, **_: object) -> None:
 
 @worker_ready.connect
 def _start_heartbeat(**_: object) -> None:
-    tasks.get_store()  # open the store (and run migrations) before taking work
+    try:
+        tasks.get_store()  # open the store (and run migrations) before the first shard
+    except Exception as exc:  # noqa: BLE001 - shards retry until the store is reachable
+        logging.getLogger(__name__).warning("results store not reachable yet: %s", exc)
     tasks.heartbeat = tasks.Heartbeat(_hostname[0] if _hostname else "worker")
     tasks.heartbeat.start()
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ml_framework.datasets import decode_table, read_rows
-from ml_framework.errors import DatasetError, MLFrameworkError
+from ml_framework.errors import DatasetError, MLFrameworkError, StoreUnavailableError
 from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, ScoreShard
 from ml_framework.settings import get_settings
 from ml_framework.store import ResultStore, RowError, ShardClaim
@@ -30,7 +30,7 @@ HEARTBEAT_INTERVAL_S = 5.0
 STORE_RETRY_BACKOFF_MAX_S = 60
 # Connection-level failures (server down, SQLite locked): worth retrying. Data errors
 # (a value the column refuses) are not: the shard is recorded as failed instead.
-TRANSIENT_STORE_ERRORS = (OperationalError, InterfaceError)
+TRANSIENT_STORE_ERRORS = (OperationalError, InterfaceError, StoreUnavailableError)
 
 
 @lru_cache(maxsize=1)

@@ -17,9 +17,9 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 from sqlalchemy import Engine, case, delete, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
-from ml_framework.errors import JobNotFoundError, StoreError
+from ml_framework.errors import JobNotFoundError, StoreError, StoreUnavailableError
 from ml_framework.store.engine import READ_ONLY, make_engine, upgrade
 from ml_framework.store.schema import (
     JobRow,
@@ -121,6 +121,8 @@ class ResultStore:
         if migrate:
             try:
                 upgrade(self.engine)
+            except (OperationalError, InterfaceError) as exc:
+                raise StoreUnavailableError(f"cannot reach results store {self.engine.url!r}: {exc}") from exc
             except SQLAlchemyError as exc:
                 raise StoreError(f"cannot open results store {self.engine.url!r}: {exc}") from exc
 

@@ -39,7 +39,7 @@ def test_killed_worker_shard_is_redone_once(kind, request, trained, data_dir, di
     if kind == "redis-postgres":
         check_redis()
         values["broker_url"] = REDIS_URL
-        values["database_url"] = request.getfixturevalue("pg_database")
+        values["database_url"] = request.getfixturevalue("own_pg_database")
     client = Client(load_settings(**values))
     proc = start_workers(values, tmp_path / "workers.log")
     try:

@@ -18,23 +18,30 @@ pytestmark = pytest.mark.integration
 OUTAGE_S = 15
 
 
-def test_shards_survive_a_results_store_outage(trained, data_dir, digits, pg_database, tmp_path):
-    """Connections refused for 15 s mid-job: the job still SUCCEEDS with every row once."""
+@pytest.mark.parametrize("workers_start", ["before", "during"])
+def test_shards_survive_a_results_store_outage(workers_start, trained, data_dir, digits, own_pg_database,
+                                               tmp_path):
+    """Connections refused for 15 s while a job is queued, with workers started before or
+    during the outage: the job still SUCCEEDS with every row once."""
     check_redis()
     values = {"models_dir": trained[0], "data_dir": data_dir, "var_dir": tmp_path, "shard_size": 300,
               "bulk_queue": f"mlf.test.outage.{uuid.uuid4().hex[:8]}", "broker_url": REDIS_URL,
-              "database_url": pg_database}
+              "database_url": own_pg_database}
     client = Client(load_settings(**values))
-    proc = start_workers(values, tmp_path / "workers.log")
-    db = pg_database.rsplit("/", 1)[1]
+    proc = start_workers(values, tmp_path / "workers.log") if workers_start == "before" else None
+    db = own_pg_database.rsplit("/", 1)[1]
     admin = pg_admin()
     try:
-        while len(client.live_workers()) < 2:
+        deadline = time.monotonic() + 120
+        while proc is not None and len(client.live_workers()) < 2:
+            assert time.monotonic() < deadline, (tmp_path / "workers.log").read_text()[-3000:]
             time.sleep(0.2)
         job_id = client.score_dataset(data_dir / "digits.csv", "digits-sklearn").id
         client.store.close()
         admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,))
+        if proc is None:
+            proc = start_workers(values, tmp_path / "workers.log")
         time.sleep(OUTAGE_S)
         admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
         job = client.get_job(job_id)
@@ -47,7 +54,8 @@ def test_shards_survive_a_results_store_outage(trained, data_dir, digits, pg_dat
     finally:
         admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
         admin.close()
-        stop_workers(proc)
+        if proc is not None:
+            stop_workers(proc)
         client.close()
 
 
