@@ -1,0 +1,26 @@
+"""The Celery app's contract: JSON/msgpack only, late acks, prefetch 1, no result backend."""
+
+from __future__ import annotations
+
+from ml_framework.celery_app import create_app
+from ml_framework.settings import load_settings
+
+
+def test_wire_format_and_acknowledgement():
+    """No pickle on the wire; late acks with reject-on-worker-lost; one message prefetched."""
+    conf = create_app(load_settings(broker_url="redis://127.0.0.1:6379/0")).conf
+    assert conf.task_serializer == "json"
+    assert set(conf.accept_content) == {"json", "msgpack"}
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_ignore_result and not conf.result_backend
+
+
+def test_visibility_timeout_reaches_both_transports(tmp_path):
+    """Redis and the embedded transport both get the visibility timeout from settings."""
+    redis = create_app(load_settings(broker_url="redis://x:1/0", broker_visibility_timeout_s=9000)).conf
+    assert redis.broker_transport_options["visibility_timeout"] == 9000
+    assert redis.broker_transport_options["unacked_restore_interval"] == 10
+    embedded = create_app(load_settings(var_dir=tmp_path, broker_visibility_timeout_s=9000))
+    assert embedded.conf.broker_url.startswith("mlfsqla+sqlite:///")
+    assert embedded.conf.broker_transport_options["visibility_timeout"] == 9000
