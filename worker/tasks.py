@@ -121,6 +121,11 @@ def score_table(
     return outputs, errors
 
 
+def _every_row_failed(msg: ScoreShard, reason: str) -> list[RowError]:
+    """One row error with ``reason`` for each row of the shard."""
+    return [RowError(r, f"row {r}: {reason}") for r in range(msg.source.row_start, msg.source.row_end)]
+
+
 def score_shard(task, **body: object) -> str:
     """Score one shard and record its outputs and row errors in one transaction.
 
@@ -152,9 +157,7 @@ def score_shard(task, **body: object) -> str:
         else:
             log.exception("job %s shard %d failed", msg.job_id, msg.shard_index)
             shard_error = f"{type(exc).__name__}: {exc}"
-        outputs = []
-        errors = [RowError(r, f"row {r}: shard failed: {shard_error}")
-                  for r in range(msg.source.row_start, msg.source.row_end)]
+        outputs, errors = [], _every_row_failed(msg, f"shard failed: {shard_error}")
     try:
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
     except TRANSIENT_STORE_ERRORS:
@@ -162,8 +165,7 @@ def score_shard(task, **body: object) -> str:
     except Exception as exc:
         log.exception("job %s shard %d: the results store refused the shard's rows", msg.job_id, msg.shard_index)
         shard_error = f"results store refused the shard's rows: {type(exc).__name__}: {exc}"[:2000]
-        outputs = []
-        errors = [RowError(r, f"row {r}: {shard_error}") for r in range(msg.source.row_start, msg.source.row_end)]
+        outputs, errors = [], _every_row_failed(msg, shard_error)
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
     if not recorded:
         log.info("job %s shard %d: already recorded by another delivery; nothing written",
