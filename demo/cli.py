@@ -32,7 +32,10 @@ def demo(
     from producer.client import Client
 
     settings = get_settings()
-    console.print(f"broker: {'embedded SQLite (' + str(settings.var_dir) + ')' if settings.embedded_broker else settings.broker_url}")
+    from kombu.utils.url import maybe_sanitize_url
+
+    broker = f"embedded SQLite ({settings.var_dir})" if settings.embedded_broker else maybe_sanitize_url(settings.broker_url)
+    console.print(f"broker: {broker}")
     with Client(settings) as client:
         console.print(f"results store: {client.store.engine.url.render_as_string(hide_password=True)}")
         workers = None

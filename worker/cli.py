@@ -11,18 +11,40 @@ import yaml
 
 
 def worker(
-    processes: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: one per CPU core).")] = None,
+    processes: Annotated[int | None, typer.Option("--cpu-processes", "--processes", min=0, help="CPU worker processes (default: one per core when there is no GPU, else none).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Framework threads per process (default: cores / processes).")] = None,
+    devices: Annotated[str | None, typer.Option(help="GPUs to use: NVML indices or UUIDs, e.g. 0,2 (default: all visible).")] = None,
+    processes_per_device: Annotated[int, typer.Option(min=1, help="Worker processes per GPU.")] = 1,
     grace: Annotated[float, typer.Option(help="Seconds running shards get to finish on shutdown.")] = 60.0,
 ) -> None:
-    """Start and supervise worker processes until SIGTERM / Ctrl-C."""
+    """Start one worker process per GPU (CPU processes where there is none) and supervise
+    them until SIGTERM / Ctrl-C."""
+    from kombu.utils.url import maybe_sanitize_url
+
     from ml_framework.settings import get_settings
+    from worker.devices import discover, select_visible
     from worker.launcher import Supervisor, plan_children
 
     settings = get_settings()
-    children = plan_children(settings, processes, threads)
+    report = discover()
+    gpus = report.gpus
+    if devices is not None:
+        if not gpus:
+            raise fail(f"--devices {devices}: no GPU is visible: {report.reason}")
+        gpus, reason = select_visible(gpus, devices)
+        if not gpus:
+            raise fail(f"--devices {devices}: {reason}; visible: "
+                       f"{', '.join(f'{g.index} ({g.uuid})' for g in report.gpus) or 'none'}")
+    for g in gpus:
+        typer.echo(f"GPU {g.index}: {g.name} {g.uuid} ({g.memory_total_bytes / 2**30:.0f} GiB)", err=True)
+    if not gpus:
+        typer.echo(f"no GPU: {report.reason}; running on CPU", err=True)
+    children = plan_children(settings, processes, threads, gpus=gpus, processes_per_device=processes_per_device)
+    if not children:
+        raise fail("nothing to start: no GPU selected and --cpu-processes 0")
     typer.echo(f"starting {len(children)} worker process(es) on queue {settings.bulk_queue} "
-               f"(broker: {'embedded SQLite' if settings.embedded_broker else settings.broker_url})", err=True)
+               f"(broker: {'embedded SQLite' if settings.embedded_broker else maybe_sanitize_url(settings.broker_url)})",
+               err=True)
     raise typer.Exit(Supervisor(children, grace_s=grace).run())
 
 

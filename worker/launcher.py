@@ -1,4 +1,4 @@
-"""``mlf worker``: start and supervise N Celery worker processes on this host.
+"""``mlf worker``: start and supervise one Celery worker process per GPU (or N on CPU).
 
 Each child is a separate OS process (``celery -A worker.app worker --pool solo``): no fork
 after a framework is initialised, one task at a time, its own framework thread count.
@@ -16,9 +16,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ml_framework.settings import Settings
+from worker.devices import GpuDevice
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +42,49 @@ class ChildSpec:
     env: dict[str, str] = field(repr=False)
 
 
-def plan_children(settings: Settings, processes: int | None = None, threads: int | None = None,
-                  cores: int | None = None) -> list[ChildSpec]:
-    """Work out the worker processes to start on a CPU host.
+def plan_children(
+    settings: Settings,
+    processes: int | None = None,
+    threads: int | None = None,
+    cores: int | None = None,
+    *,
+    gpus: Sequence[GpuDevice] = (),
+    processes_per_device: int = 1,
+) -> list[ChildSpec]:
+    """Work out the worker processes to start on this host.
+
+    One process per GPU (``processes_per_device`` each), pinned with
+    ``CUDA_VISIBLE_DEVICES=<uuid>`` and named ``gpu<index>@host``; plus ``processes`` CPU
+    processes, pinned to no GPU and named ``cpu<i>@host``.
 
     Args:
-        processes: how many; default ``settings.worker_processes`` or one per core.
+        processes: CPU processes; default none when there are GPUs, else
+            ``settings.worker_processes`` or one per core.
         threads: intra-op threads per process; default ``settings.worker_threads`` or
-            ``cores // processes`` (at least 1), so that processes x threads = cores.
+            ``cores // all processes`` (at least 1), so that processes x threads = cores.
         cores: CPU cores to share; default ``os.cpu_count()``.
+        gpus: devices to start processes for (see :func:`worker.devices.discover`).
+        processes_per_device: worker processes per GPU.
 
     Returns:
         One :class:`ChildSpec` per process.
     """
     cores = cores or os.cpu_count() or 1
-    processes = processes or settings.worker_processes or cores
-    threads = threads or settings.worker_threads or max(1, cores // processes)
+    if processes is None:
+        processes = 0 if gpus else (settings.worker_processes or cores)
+    total = len(gpus) * processes_per_device + processes
+    threads = threads or settings.worker_threads or max(1, cores // max(total, 1))
     host = os.uname().nodename
     argv_base = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo",
                  "--concurrency", "1", "-Q", settings.bulk_queue, "--loglevel", settings.logging_level]
     if settings.embedded_broker:
         # The SQLite transport has no broadcast: no mingle / gossip / broker heartbeats.
         argv_base += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    placements = [(f"gpu{g.index}" + (f"-{k}" if processes_per_device > 1 else ""), g.uuid)
+                  for g in gpus for k in range(processes_per_device)]
+    placements += [(f"cpu{i}", "") for i in range(processes)]
     children = []
-    for i in range(processes):
+    for prefix, device in placements:
         env = dict(os.environ)
         env.update({
             "ML_FRAMEWORK_WORKER_THREADS": str(threads),
@@ -73,9 +94,11 @@ def plan_children(settings: Settings, processes: int | None = None, threads: int
             "TF_NUM_INTRAOP_THREADS": str(threads),
             "TF_NUM_INTEROP_THREADS": "1",
             "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-            "CUDA_VISIBLE_DEVICES": "",
+            "TF_FORCE_GPU_ALLOW_GROWTH": env.get("TF_FORCE_GPU_ALLOW_GROWTH", "true"),
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": device,
         })
-        name = f"cpu{i}@{host}"
+        name = f"{prefix}@{host}"
         children.append(ChildSpec(name, [*argv_base, "-n", name], env))
     return children
 

@@ -1,0 +1,132 @@
+"""GPU discovery with a fake NVML (NVML cannot exist on this CPU host), and the launcher's
+per-device plan."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from ml_framework.settings import load_settings
+from worker.devices import discover
+from worker.launcher import plan_children
+
+
+class FakeNVMLError(Exception):
+    pass
+
+
+class FakeNVML:
+    """Stands in for pynvml: ``n`` H200s, device ``i`` with UUID ``GPU-000i-...``."""
+
+    NVMLError = FakeNVMLError
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, n: int, init_error: bool = False) -> None:
+        self.n = n
+        self.init_error = init_error
+        self.shutdown_called = False
+
+    def nvmlInit(self) -> None:
+        if self.init_error:
+            raise FakeNVMLError("Driver Not Loaded")
+
+    def nvmlShutdown(self) -> None:
+        self.shutdown_called = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return self.n
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetUUID(self, h: int) -> str:
+        return f"GPU-000{h}-aaaa-bbbb"
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return b"NVIDIA H200"
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> SimpleNamespace:
+        return SimpleNamespace(total=141 * 2**30, used=(h + 1) * 2**30, free=0)
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu=10 * h, memory=0)
+
+    def nvmlDeviceGetTemperature(self, h: int, sensor: int) -> int:
+        return 40 + h
+
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
+        if h == 3:
+            raise FakeNVMLError("Not Supported")
+        return 250_000
+
+
+@pytest.mark.parametrize("n", [0, 1, 4])
+def test_discover_counts_and_reads_telemetry(n):
+    """0, 1 and 4 GPUs are listed with UUID, memory, utilisation, temperature and power."""
+    nvml = FakeNVML(n)
+    report = discover(nvml, use_env=False)
+    assert [g.index for g in report.gpus] == list(range(n))
+    assert (report.reason is None) == (n > 0)
+    assert nvml.shutdown_called
+    if n == 4:
+        g = report.gpus[2]
+        assert (g.uuid, g.name, g.memory_used_bytes, g.utilization_pct, g.temperature_c, g.power_w) == (
+            "GPU-0002-aaaa-bbbb", "NVIDIA H200", 3 * 2**30, 20, 42, 250.0)
+        assert report.gpus[3].power_w is None  # unsupported counter, not a crash
+
+
+def test_nvml_missing_or_failing_reports_a_reason(monkeypatch):
+    """No binding installed, or no driver: no GPUs, a reason, no exception."""
+    report = discover(FakeNVML(2, init_error=True), use_env=False)
+    assert report.gpus == [] and "Driver Not Loaded" in report.reason
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    report = discover(use_env=False)
+    assert report.gpus == [] and "nvidia-ml-py" in report.reason
+
+
+@pytest.mark.parametrize(("visible", "expected"), [
+    ("2,0", [2, 0]),
+    ("GPU-0003-aaaa-bbbb,GPU-0001", [3, 1]),   # full UUID and unique prefix
+    ("1,7,2", [1]),                             # CUDA stops at the first invalid entry
+    ("1,1", [1]),
+    ("", []),
+])
+def test_cuda_visible_devices_by_index_and_uuid(visible, expected):
+    """CUDA_VISIBLE_DEVICES given as indices or UUIDs selects devices in its order."""
+    report = discover(FakeNVML(4), visible=visible)
+    assert [g.index for g in report.gpus] == expected
+    assert (report.reason is not None) == (not expected)
+
+
+def test_environment_variable_is_honoured(monkeypatch):
+    """Without an explicit value, the process's CUDA_VISIBLE_DEVICES applies."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0002")
+    assert [g.index for g in discover(FakeNVML(4)).gpus] == [2]
+
+
+def test_launcher_pins_one_process_per_gpu_by_uuid():
+    """4 GPUs -> 4 processes named gpu<i>@host, each seeing only its device by UUID."""
+    gpus = discover(FakeNVML(4), use_env=False).gpus
+    children = plan_children(load_settings(), cores=16, gpus=gpus)
+    assert [c.name.split("@")[0] for c in children] == ["gpu0", "gpu1", "gpu2", "gpu3"]
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in children] == [g.uuid for g in gpus]
+    assert {c.env["OMP_NUM_THREADS"] for c in children} == {"4"}
+    assert all(c.argv[c.argv.index("--pool") + 1] == "solo" for c in children)
+
+
+def test_launcher_processes_per_device_and_extra_cpu_processes():
+    """Two processes per selected GPU plus CPU processes pinned to no GPU; threads split the cores."""
+    gpus = discover(FakeNVML(4), visible="0,2").gpus
+    children = plan_children(load_settings(), 2, cores=12, gpus=gpus, processes_per_device=2)
+    names = [c.name.split("@")[0] for c in children]
+    assert names == ["gpu0-0", "gpu0-1", "gpu2-0", "gpu2-1", "cpu0", "cpu1"]
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in children][-2:] == ["", ""]
+    assert {c.env["ML_FRAMEWORK_WORKER_THREADS"] for c in children} == {"2"}
+
+
+def test_no_gpu_means_one_cpu_process_per_core():
+    """With no GPU the plan is one CPU process per core."""
+    children = plan_children(load_settings(), cores=3, gpus=[])
+    assert [c.name.split("@")[0] for c in children] == ["cpu0", "cpu1", "cpu2"]
