@@ -26,14 +26,15 @@ def demo(
 ) -> None:
     """Train sklearn, PyTorch and Keras models on the digits dataset, score it through the
     queue with each, and print per-model accuracy and throughput."""
+    from kombu.utils.url import maybe_sanitize_url
+
     from demo.digits import FRAMEWORKS, load_data, train_and_export
     from ml_framework.errors import MLFrameworkError
     from ml_framework.settings import get_settings
     from producer.client import Client
+    from worker.launcher import terminate
 
     settings = get_settings()
-    from kombu.utils.url import maybe_sanitize_url
-
     broker = f"embedded SQLite ({settings.var_dir})" if settings.embedded_broker else maybe_sanitize_url(settings.broker_url)
     console.print(f"broker: {broker}")
     with Client(settings) as client:
@@ -82,8 +83,6 @@ def demo(
         finally:
             if workers is not None:
                 console.print("stopping the demo's workers ...")
-                from worker.launcher import terminate
-
                 terminate(workers, grace_s=90)
     Console(width=max(Console().width, 150)).print(report)
     console.print(f"results: {out_dir}/<model>.csv, and in the results store "

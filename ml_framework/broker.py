@@ -1,7 +1,7 @@
 """The embedded, server-less broker: kombu's SQLAlchemy transport on a SQLite file.
 
-:class:`SQLiteTransport` is kombu's ``sqla`` transport with three fixes for several
-processes sharing one fresh SQLite file:
+:class:`SQLiteTransport` is kombu's ``sqla`` transport with these fixes, for several
+processes sharing one SQLite file:
 
 - kombu hands every transport option to ``create_engine``, so options that belong to the
   transport itself (``polling_interval``, ``visibility_timeout``) make it fail; they are

@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ml_framework.errors import SettingsError
+from ml_framework.manifest import MAX_INT32
 
 ENV_PREFIX = "ML_FRAMEWORK_"
 CONFIG_ENV = "ML_FRAMEWORK_CONFIG"
@@ -73,8 +74,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     var_dir: Path = Path("var")
     logging_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    default_batch_size: PositiveInt = Field(default=256, le=2**31 - 1)
-    shard_size: PositiveInt = Field(default=10_000, le=2**31 - 1)
+    default_batch_size: PositiveInt = Field(default=256, le=MAX_INT32)
+    shard_size: PositiveInt = Field(default=10_000, le=MAX_INT32)
     worker_processes: PositiveInt | None = None
     worker_threads: PositiveInt | None = None
     bulk_queue: str = Field(default="mlf.bulk", min_length=1)

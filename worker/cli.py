@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 import yaml
 
+from ml_framework.manifest import MAX_INT32
+
 
 def worker(
     processes: Annotated[int | None, typer.Option("--cpu-processes", "--processes", min=0, help="CPU worker processes (default: one per core when there is no GPU, else none).")] = None,
@@ -58,7 +60,7 @@ def models_add(
     artifact: Annotated[Path, typer.Argument(help="Model file (.skops, .pt2, .pt, .keras) or SavedModel directory.")],
     manifest: Annotated[Path, typer.Option(help="YAML/JSON manifest: framework, inputs, outputs, ...")],
     name: Annotated[str | None, typer.Option(help="Model name (overrides the manifest).")] = None,
-    version: Annotated[int | None, typer.Option(min=1, max=2**31 - 1, help="Version (default: next free).")] = None,
+    version: Annotated[int | None, typer.Option(min=1, max=MAX_INT32, help="Version (default: next free).")] = None,
 ) -> None:
     """Validate an existing artifact against its manifest (load + one batch) and add it."""
     from ml_framework.errors import MLFrameworkError
