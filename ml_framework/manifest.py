@@ -125,6 +125,35 @@ class Preprocessing(_Strict):
     shift: float = 0.0
 
 
+class RuntimeOptions(_Strict):
+    """Inference fast paths of one model version; every default is the safe choice.
+
+    Attributes:
+        inference_mode: torch: run under ``torch.inference_mode()`` (no autograd
+            bookkeeping); false falls back to ``torch.no_grad()`` for models that
+            mutate tensors in place under inference mode.
+        precision: torch: ``fp32`` (default), or ``bf16`` / ``fp16`` to run the forward
+            pass under ``torch.autocast`` with that dtype. Outputs are returned as float32.
+            bf16 keeps fp32's exponent range; fp16 can overflow on large activations.
+        pin_memory: torch on a GPU: stage each batch in a page-locked host buffer that is
+            reused between batches and copy it with ``non_blocking=True``. Ignored on CPU.
+        jit_compile: tensorflow: compile the forward pass with XLA
+            (``tf.function(jit_compile=True)``); each new batch shape compiles once.
+        warmup: run one batch of zeros right after loading, so the first real batch
+            does not pay for lazy initialisation (cuDNN autotuning, XLA compilation).
+    """
+
+    inference_mode: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    pin_memory: bool = True
+    jit_compile: bool = False
+    warmup: bool = True
+
+
+_TORCH_ONLY = ("inference_mode", "precision", "pin_memory")
+_TF_ONLY = ("jit_compile",)
+
+
 class ModelManifest(_Strict):
     """Description of one model version; stored as ``manifest.yaml`` beside the artifact.
 
@@ -139,6 +168,7 @@ class ModelManifest(_Strict):
         default_batch_size: rows per forward pass unless the job says otherwise.
         trusted_types: scikit-learn only: the exact types skops may instantiate when
             loading; anything else in the file makes loading fail (no bare pickle).
+        runtime: inference fast paths, see :class:`RuntimeOptions`.
         description: free text.
     """
 
@@ -151,6 +181,7 @@ class ModelManifest(_Strict):
     preprocessing: Preprocessing = Preprocessing()
     default_batch_size: BatchSize | None = None
     trusted_types: list[str] = []
+    runtime: RuntimeOptions = RuntimeOptions()
     description: str = ""
 
     @model_validator(mode="after")
@@ -159,6 +190,11 @@ class ModelManifest(_Strict):
             raise ValueError(f"artifact must be a name inside the version directory, got {self.artifact!r}")
         if self.trusted_types and self.framework != "sklearn":
             raise ValueError("trusted_types applies to framework: sklearn only")
+        for keys, framework in ((_TORCH_ONLY, "torch"), (_TF_ONLY, "tensorflow")):
+            changed = [k for k in keys if getattr(self.runtime, k) != RuntimeOptions.model_fields[k].default]
+            wrong = changed if self.framework != framework else []
+            if wrong:
+                raise ValueError(f"runtime.{', runtime.'.join(wrong)} applies to framework: {framework} only")
         return self
 
     @classmethod
@@ -189,7 +225,20 @@ class ModelManifest(_Strict):
         return path
 
 
-def _is_version(name: str) -> bool:
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """Split ``name`` or ``name:version`` into ``(name, version or None)``.
+
+    Raises:
+        ValueError: the name breaks the naming rule or the version is not a canonical
+            positive integer.
+    """
+    name, sep, version = ref.strip().partition(":")
+    if not re.match(NAME_PATTERN, name) or (sep and not is_version(version)):
+        raise ValueError(f"{ref!r} is not 'name' or 'name:version' (a positive integer version)")
+    return name, int(version) if sep else None
+
+
+def is_version(name: str) -> bool:
     """A canonical positive integer in ASCII digits: ``1``, ``12``; not ``01``, ``²`` or ``0``."""
     return name.isascii() and name.isdecimal() and name == str(int(name)) and 0 < int(name) <= MAX_INT32
 
@@ -216,7 +265,7 @@ class ModelRepository:
         if not re.match(NAME_PATTERN, name) or not model_dir.is_dir():
             return []
         return sorted(int(p.name) for p in model_dir.iterdir()
-                      if _is_version(p.name) and (p / MANIFEST_FILE).is_file())
+                      if is_version(p.name) and (p / MANIFEST_FILE).is_file())
 
     def names(self) -> list[str]:
         """Model names that have at least one version."""

@@ -11,15 +11,15 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ml_framework.errors import SettingsError
-from ml_framework.manifest import MAX_INT32
+from ml_framework.manifest import MAX_INT32, parse_model_ref
 
 ENV_PREFIX = "ML_FRAMEWORK_"
 CONFIG_ENV = "ML_FRAMEWORK_CONFIG"
@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         broker_visibility_timeout_s: seconds before Redis redelivers an unacknowledged
             shard; must exceed ``task_time_limit_s`` or long shards would run twice.
         broker_polling_interval_s: how often the embedded transport polls, seconds.
+        worker_preload_models: models each worker process loads (and warms up) at start,
+            before taking its first shard: ``name`` (latest version) or ``name:version``.
+            In the environment, a comma-separated list.
+        worker_max_cached_models: loaded model versions a worker process keeps; loading
+            one more unloads the least recently used (and frees its device memory).
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -82,6 +87,22 @@ class Settings(BaseSettings):
     task_time_limit_s: PositiveInt = 3600
     broker_visibility_timeout_s: PositiveInt = 7200
     broker_polling_interval_s: float = Field(default=0.2, gt=0, le=10)
+    worker_preload_models: Annotated[list[str], NoDecode] = []
+    worker_max_cached_models: PositiveInt = Field(default=4, le=1000)
+
+    @field_validator("worker_preload_models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("worker_preload_models")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_model_ref(entry)
+        return value
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

@@ -69,6 +69,8 @@ def print_status(status: JobStatus) -> None:
     out.print(f"  rows     {status.rows_done}/{status.n_rows} ({pct:.1f}%): {status.rows_ok} ok, "
               f"{status.rows_failed} failed")
     out.print(f"  shards   {status.shards_done}/{status.n_shards}")
+    if status.oom_splits:
+        out.print(f"  memory   {status.oom_splits} batch(es) ran out of memory and were retried in halves")
     if status.elapsed_s:
         out.print(f"  elapsed  {status.elapsed_s:.1f} s ({status.rows_done / status.elapsed_s:.0f} rows/s)")
 
@@ -158,6 +160,43 @@ def cancel(job_id: Annotated[str, typer.Argument(help="Job id.")]) -> None:
     except MLFrameworkError as exc:
         raise fail(str(exc)) from None
     out.print(f"job {job_id} is {st.state.value}")
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+@app.command()
+def workers(
+    all_: Annotated[bool, typer.Option("--all", help="Include workers whose heartbeat is older than 30 s.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines, one per worker process.")] = False,
+) -> None:
+    """List live worker processes: device, loaded models, throughput, memory."""
+    from datetime import UTC, datetime
+
+    try:
+        with client() as c:
+            infos = c.workers(None if all_ else 30.0)
+    except MLFrameworkError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        for info in infos:
+            print(json.dumps(info.__dict__, default=str))
+        return
+    if not infos:
+        out.print("no worker heartbeat in the last 30 s (start workers with `mlf worker`)")
+        return
+    now = datetime.now(UTC)
+    table = Table("worker", "pid", "device", "models", "shards", "rows", "rows/s", "OOM splits",
+                  "RSS GiB", "device mem GiB", "util %", "seen")
+    for w in infos:
+        device = f"{w.device_name} {w.device_uuid[:12]}" if w.device_uuid else f"CPU ({w.threads or '?'} threads)"
+        mem = f"{_gib(w.device_memory_used_bytes)}/{_gib(w.device_memory_total_bytes)}" if w.device_uuid else "-"
+        util = "-" if w.device_utilization_pct is None else f"{w.device_utilization_pct:.0f}"
+        seen = f"{(now - w.last_seen_at).total_seconds():.0f} s ago" if w.last_seen_at else "-"
+        table.add_row(w.hostname, str(w.pid), device, ", ".join(w.models) or "-", str(w.shards_done),
+                      str(w.rows_done), f"{w.rows_per_s:.0f}", str(w.oom_splits), _gib(w.rss_bytes), mem, util, seen)
+    out.print(table)
 
 
 @models_app.callback()

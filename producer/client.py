@@ -24,7 +24,7 @@ from ml_framework.errors import JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
 from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
 from ml_framework.settings import Settings, get_settings
-from ml_framework.store import JobState, JobStatus, ResultStore
+from ml_framework.store import JobState, JobStatus, ResultStore, WorkerInfo
 from producer.datasets import inspect, plan_sources, resolve_columns
 from producer.results import write_results
 
@@ -174,6 +174,12 @@ class Client:
     def live_workers(self, max_age_s: float = 30.0) -> list[str]:
         """Worker processes whose heartbeat reached the results store in the last ``max_age_s``."""
         return self.store.live_workers(max_age_s)
+
+    def workers(self, max_age_s: float | None = 30.0) -> list[WorkerInfo]:
+        """Heartbeats and telemetry of the worker processes seen in the last ``max_age_s``
+        seconds (every one ever recorded and not cleanly stopped when ``None``); see
+        :class:`ml_framework.store.WorkerInfo`."""
+        return self.store.workers(max_age_s)
 
     def score_dataset(
         self,

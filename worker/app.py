@@ -14,6 +14,7 @@ from worker import tasks
 settings = get_settings()
 configure_logging(settings.logging_level)
 app = create_app(settings)
+log = logging.getLogger(__name__)
 tasks.register(app)
 
 _hostname: list[str] = []
@@ -25,13 +26,20 @@ def _remember_hostname(sender: str, **_: object) -> None:
 
 
 @worker_ready.connect
-def _start_heartbeat(**_: object) -> None:
+def _start_heartbeat_and_preload(**_: object) -> None:
+    """Per-process start-up hook: open the store, start the heartbeat, then load and warm
+    up ``worker_preload_models``. With the solo pool this runs in the process's only
+    thread, so no shard starts before the models are ready."""
     try:
         tasks.get_store()  # open the store (and run migrations) before the first shard
     except Exception as exc:  # noqa: BLE001 - shards retry until the store is reachable
-        logging.getLogger(__name__).warning("results store not reachable yet: %s", exc)
+        log.warning("results store not reachable yet: %s", exc)
     tasks.heartbeat = tasks.Heartbeat(_hostname[0] if _hostname else "worker")
     tasks.heartbeat.start()
+    if settings.worker_preload_models:
+        failures = tasks.get_registry().preload(settings.worker_preload_models)
+        log.info("preloaded %d of %d model(s): %s", len(settings.worker_preload_models) - len(failures),
+                 len(settings.worker_preload_models), ", ".join(tasks.get_registry().loaded()) or "none")
 
 
 @worker_shutdown.connect

@@ -18,16 +18,25 @@ def worker(
     devices: Annotated[str | None, typer.Option(help="GPUs to use: NVML indices or UUIDs, e.g. 0,2 (default: all visible).")] = None,
     processes_per_device: Annotated[int, typer.Option(min=1, help="Worker processes per GPU.")] = 1,
     grace: Annotated[float, typer.Option(help="Seconds running shards get to finish on shutdown.")] = 60.0,
+    preload: Annotated[list[str] | None, typer.Option(help="Model to load and warm up in every process before its first shard: name or name:version (repeatable; default: worker_preload_models).")] = None,
 ) -> None:
     """Start one worker process per GPU (CPU processes where there is none) and supervise
     them until SIGTERM / Ctrl-C."""
     from kombu.utils.url import maybe_sanitize_url
 
+    from ml_framework.errors import MLFrameworkError
+    from ml_framework.manifest import ModelRepository, parse_model_ref
     from ml_framework.settings import get_settings
     from worker.devices import discover, select_visible
     from worker.launcher import Supervisor, plan_children
 
     settings = get_settings()
+    repository = ModelRepository(settings.models_dir)
+    for ref in preload if preload is not None else settings.worker_preload_models:
+        try:
+            repository.resolve(*parse_model_ref(ref))
+        except (ValueError, MLFrameworkError) as exc:
+            raise fail(f"--preload {ref}: {exc}") from None
     report = discover()
     gpus = report.gpus
     if devices is not None:
@@ -41,7 +50,8 @@ def worker(
         typer.echo(f"GPU {g.index}: {g.name} {g.uuid} ({g.memory_total_bytes / 2**30:.0f} GiB)", err=True)
     if not gpus:
         typer.echo(f"no GPU: {report.reason}; running on CPU", err=True)
-    children = plan_children(settings, processes, threads, gpus=gpus, processes_per_device=processes_per_device)
+    children = plan_children(settings, processes, threads, gpus=gpus, processes_per_device=processes_per_device,
+                             preload=preload)
     if not children:
         raise fail("nothing to start: no GPU selected and --cpu-processes 0")
     typer.echo(f"starting {len(children)} worker process(es) on queue {settings.bulk_queue} "

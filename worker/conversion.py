@@ -16,6 +16,8 @@ _MAX_VALUE_CHARS = 40
 
 
 def _show(value: object) -> str:
+    if isinstance(value, np.generic):  # NumPy 2 reprs scalars as np.float64(inf)
+        value = value.item()
     text = repr(value)
     return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS] + "...'"
 
@@ -51,6 +53,16 @@ def _column(arr: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray, str | None]:
     return arr.to_pandas(), invalid, None
 
 
+def _numeric_column(arr: pa.ChunkedArray) -> np.ndarray | None:
+    """A numeric column as float64 (nulls as NaN), without pandas; ``None`` for other types."""
+    kind = arr.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        return None
+    if pa.types.is_boolean(kind):
+        arr = pc.cast(arr, pa.int8())
+    return arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
 def to_inputs(
     table: pa.Table,
     columns: Sequence[str],
@@ -73,9 +85,13 @@ def to_inputs(
         ``errors``: one :class:`RowError` per rejected row, naming the first bad field.
     """
     n = table.num_rows
-    values = np.empty((n, len(columns)), dtype=np.float64)
+    values = np.empty((n, len(columns)), dtype=np.float64, order="F")  # filled column by column
     bad: dict[int, RowError] = {}
     for j, name in enumerate(columns):
+        fast = _numeric_column(table.column(name))
+        if fast is not None and (np.isfinite(fast).all() or (spec.allow_missing and not np.isinf(fast).any())):
+            values[:, j] = fast  # the common case: a numeric column with nothing to report
+            continue
         raw, invalid, type_error = _column(table.column(name))
         if type_error:
             for i in range(n):
@@ -109,10 +125,11 @@ def to_inputs(
                 msg = f"row {row_start + i}, field {name!r}: {_show(original)} is not finite"
             bad[int(i)] = RowError(row_start + int(i), msg, name)
         values[:, j] = col
-    keep = np.array([i not in bad for i in range(n)], dtype=bool)
-    x = values[keep]
+    keep = np.ones(n, dtype=bool)
+    keep[list(bad)] = False
+    x = values[keep] if bad else values
     if preprocessing.scale != 1.0 or preprocessing.shift != 0.0:
         x = x * preprocessing.scale + preprocessing.shift
-    x = x.reshape((x.shape[0], *spec.row_shape)).astype(spec.dtype, copy=False)
+    x = np.ascontiguousarray(x, dtype=spec.dtype).reshape((x.shape[0], *spec.row_shape))
     rows = np.flatnonzero(keep).astype(np.int64) + row_start
-    return np.ascontiguousarray(x), rows, [bad[i] for i in sorted(bad)]
+    return x, rows, [bad[i] for i in sorted(bad)]

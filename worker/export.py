@@ -57,6 +57,7 @@ def _publish(
     trusted_types: list[str] | None,
     description: str,
     sample: np.ndarray | None,
+    runtime: SpecLike | None = None,
 ) -> ModelManifest:
     repo = ModelRepository(Path(models_dir))
     version = version or max(repo.versions(name), default=0) + 1
@@ -68,6 +69,8 @@ def _publish(
     }
     if preprocessing is not None:
         fields["preprocessing"] = _dump(preprocessing)
+    if runtime is not None:
+        fields["runtime"] = _dump(runtime)
     try:
         manifest = ModelManifest.model_validate(fields)
     except ValidationError as exc:
@@ -154,14 +157,17 @@ def export_torch(
     description: str = "",
     sample: np.ndarray | None = None,
     method: str = "export",
+    runtime: SpecLike | None = None,
 ) -> ModelManifest:
     """Export a ``torch.nn.Module`` and publish it.
 
     Args:
         model: the module; it is put in eval mode and moved to CPU for export.
-        method: ``export`` (``torch.export`` with a dynamic batch dimension, ``.pt2``) or
+        method: ``export`` (``torch.export`` with a dynamic batch dimension, ``.pt2``),
             ``torchscript`` (``torch.jit.trace``, ``.pt``) for models ``torch.export``
-            cannot capture.
+            cannot capture, or ``script`` (``torch.jit.script``, ``.pt``) for models whose
+            control flow depends on the input.
+        runtime: the manifest's ``runtime`` options (precision, pinned memory, ...).
         Other arguments: as :func:`export_sklearn`.
 
     Raises:
@@ -181,8 +187,10 @@ def export_torch(
                 torch.export.save(program, str(path))
             elif method == "torchscript":
                 torch.jit.save(torch.jit.trace(model, example), str(path))
+            elif method == "script":
+                torch.jit.save(torch.jit.script(model), str(path))
             else:
-                raise ValueError(f"method must be 'export' or 'torchscript', got {method!r}")
+                raise ValueError(f"method must be 'export', 'torchscript' or 'script', got {method!r}")
         except Exception as exc:
             raise ManifestError(f"{name}: torch {method} failed: {exc}") from exc
 
@@ -191,7 +199,7 @@ def export_torch(
         models_dir, write, name=name, framework="torch", artifact=artifact, inputs=inputs,
         outputs=outputs, version=version, preprocessing=preprocessing,
         default_batch_size=default_batch_size, trusted_types=None, description=description,
-        sample=sample,
+        sample=sample, runtime=runtime,
     )
 
 
@@ -207,13 +215,15 @@ def export_keras(
     default_batch_size: int | None = None,
     description: str = "",
     sample: np.ndarray | None = None,
+    runtime: SpecLike | None = None,
 ) -> ModelManifest:
-    """Save a Keras model as ``model.keras`` and publish it. Arguments as :func:`export_sklearn`."""
+    """Save a Keras model as ``model.keras`` and publish it. Arguments as :func:`export_sklearn`;
+    ``runtime``: the manifest's ``runtime`` options (``jit_compile``, ``warmup``)."""
     return _publish(
         models_dir, lambda path: model.save(path), name=name, framework="tensorflow",
         artifact="model.keras", inputs=inputs, outputs=outputs, version=version,
         preprocessing=preprocessing, default_batch_size=default_batch_size, trusted_types=None,
-        description=description, sample=sample,
+        description=description, sample=sample, runtime=runtime,
     )
 
 
@@ -234,7 +244,7 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
         raise FileNotFoundError(f"artifact not found: {src}")
     fields = dict(manifest)
     known = {"name", "version", "framework", "artifact", "inputs", "outputs", "preprocessing",
-             "default_batch_size", "trusted_types", "description"}
+             "default_batch_size", "trusted_types", "runtime", "description"}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ManifestError(f"unknown manifest key(s): {unknown} (known: {sorted(known)})")
@@ -254,5 +264,5 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
         outputs=fields["outputs"], version=fields.get("version"),
         preprocessing=fields.get("preprocessing"), default_batch_size=fields.get("default_batch_size"),
         trusted_types=fields.get("trusted_types"), description=fields.get("description", ""),
-        sample=None,
+        sample=None, runtime=fields.get("runtime"),
     )

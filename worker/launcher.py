@@ -50,6 +50,7 @@ def plan_children(
     *,
     gpus: Sequence[GpuDevice] = (),
     processes_per_device: int = 1,
+    preload: Sequence[str] | None = None,
 ) -> list[ChildSpec]:
     """Work out the worker processes to start on this host.
 
@@ -65,6 +66,8 @@ def plan_children(
         cores: CPU cores to share; default ``os.cpu_count()``.
         gpus: devices to start processes for (see :func:`worker.devices.discover`).
         processes_per_device: worker processes per GPU.
+        preload: models every process loads at start (``name`` or ``name:version``);
+            default ``settings.worker_preload_models``.
 
     Returns:
         One :class:`ChildSpec` per process.
@@ -98,6 +101,8 @@ def plan_children(
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "CUDA_VISIBLE_DEVICES": device,
         })
+        if preload is not None:
+            env["ML_FRAMEWORK_WORKER_PRELOAD_MODELS"] = ",".join(preload)
         name = f"{prefix}@{host}"
         children.append(ChildSpec(name, [*argv_base, "-n", name], env))
     return children

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from ml_framework.errors import ManifestError
-from ml_framework.manifest import ModelManifest, ModelRepository
+from ml_framework.errors import ManifestError, MLFrameworkError
+from ml_framework.manifest import ModelManifest, ModelRepository, parse_model_ref
 from worker.runtimes import Runtime, runtime_class
 from worker.runtimes.base import to_record
 
@@ -56,22 +57,59 @@ def validate_runtime(runtime: Runtime, sample: np.ndarray | None = None) -> None
         raise ManifestError(f"{runtime.manifest.name}: output spec does not fit the model: {exc}") from exc
 
 
+def warm_up(runtime: Runtime, batch_size: int) -> None:
+    """Run ``batch_size`` rows of zeros through a freshly loaded model, so that lazy
+    initialisation (cuDNN autotuning, XLA compilation, allocator growth) happens before
+    the first real batch, and check the outputs against the manifest.
+
+    The batch goes through :meth:`Runtime.run`, so a warm-up batch too big for the device
+    is split like any other.
+
+    Raises:
+        ManifestError: no row of the batch succeeded (the input spec does not fit the
+            model), or the output does not fit the output spec.
+    """
+    manifest = runtime.manifest
+    x = np.zeros((batch_size, *manifest.inputs.row_shape), dtype=manifest.inputs.dtype)
+    run = runtime.run(x, batch_size)
+    ok = [y for y in run.outputs if y is not None]
+    if not ok:
+        raise ManifestError(
+            f"{manifest.name}: a warm-up batch shaped {x.shape} {x.dtype} (the manifest's input spec) "
+            f"fails in the model: {next(e for e in run.errors if e)}"
+        )
+    try:
+        to_record(ok[0], manifest.outputs)
+    except Exception as exc:
+        raise ManifestError(f"{manifest.name}: output spec does not fit the model: {exc}") from exc
+
+
 class ModelRegistry:
-    """Per-process cache of loaded runtimes, keyed by ``(name, version)``.
+    """Per-process cache of loaded runtimes, keyed by ``(name, version)``, least recently
+    used first out.
 
     Args:
         models_dir: root of the model repository.
         threads: framework intra-op threads for every runtime this process loads.
+        max_models: loaded versions kept; loading one more unloads the least recently
+            used, freeing its host and device memory.
+        warmup_batch_size: rows of the warm-up batch run after each load (for manifests
+            with ``runtime.warmup``; the manifest's ``default_batch_size`` wins).
     """
 
-    def __init__(self, models_dir: Path, threads: int | None = None) -> None:
+    def __init__(self, models_dir: Path, threads: int | None = None, max_models: int = 4,
+                 warmup_batch_size: int = 32) -> None:
         self.repository = ModelRepository(models_dir)
         self.threads = threads
-        self._cache: dict[tuple[str, int], Runtime] = {}
+        self.max_models = max_models
+        self.warmup_batch_size = warmup_batch_size
+        self.load_seconds: dict[tuple[str, int], float] = {}
+        self._cache: OrderedDict[tuple[str, int], Runtime] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, name: str, version: int | None = None) -> Runtime:
-        """The loaded runtime of ``name``/``version``, loading it on first use.
+        """The loaded runtime of ``name``/``version`` (latest when ``None``), loading and
+        warming it up on first use.
 
         Raises:
             ModelNotFoundError, ManifestError, ModelLoadError: see the repository and runtimes.
@@ -80,10 +118,46 @@ class ModelRegistry:
         key = (manifest.name, manifest.version)
         with self._lock:
             runtime = self._cache.get(key)
-            if runtime is None:
-                started = time.perf_counter()
-                runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads)
-                log.info("loaded model %s/%s (%s) in %.2f s", key[0], key[1], manifest.framework,
-                         time.perf_counter() - started)
-                self._cache[key] = runtime
+            if runtime is not None:
+                self._cache.move_to_end(key)
+                return runtime
+            while len(self._cache) >= self.max_models:
+                old_key, old = self._cache.popitem(last=False)
+                old.unload()
+                log.info("unloaded model %s/%s (max %d cached models)", *old_key, self.max_models)
+            started = time.perf_counter()
+            runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads)
+            if manifest.runtime.warmup:
+                try:
+                    warm_up(runtime, min(manifest.default_batch_size or self.warmup_batch_size, 1024))
+                except ManifestError:
+                    runtime.unload()
+                    raise
+            self.load_seconds[key] = elapsed = time.perf_counter() - started
+            log.info("loaded model %s/%s (%s)%s in %.2f s", key[0], key[1], manifest.framework,
+                     " and warmed it up" if manifest.runtime.warmup else "", elapsed)
+            self._cache[key] = runtime
             return runtime
+
+    def loaded(self) -> list[str]:
+        """``name/version`` of each cached model, least recently used first."""
+        with self._lock:
+            return [f"{n}/{v}" for n, v in self._cache]
+
+    def preload(self, refs: list[str]) -> list[str]:
+        """Load (and warm up) each of ``refs`` (``name`` or ``name:version``).
+
+        A model that fails to load is logged and skipped: the worker still starts, and
+        shards for that model fail with the same error.
+
+        Returns:
+            One line per model that failed.
+        """
+        failures = []
+        for ref in refs:
+            try:
+                self.get(*parse_model_ref(ref))
+            except (MLFrameworkError, ValueError) as exc:
+                log.error("preloading model %s failed: %s", ref, exc)
+                failures.append(f"{ref}: {exc}")
+        return failures

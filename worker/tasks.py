@@ -6,6 +6,8 @@ import logging
 import os
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 
@@ -18,8 +20,9 @@ from ml_framework.datasets import decode_table, read_rows
 from ml_framework.errors import DatasetError, MLFrameworkError, StoreUnavailableError
 from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, ScoreShard
 from ml_framework.settings import get_settings
-from ml_framework.store import ResultStore, RowError, ShardClaim
+from ml_framework.store import ResultStore, RowError, ShardClaim, WorkerInfo
 from worker.conversion import to_inputs
+from worker.devices import discover
 from worker.registry import ModelRegistry
 from worker.runtimes import Runtime
 from worker.runtimes.base import to_record
@@ -27,6 +30,7 @@ from worker.runtimes.base import to_record
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 5.0
+RATE_WINDOW_S = 60.0
 STORE_RETRY_BACKOFF_MAX_S = 60
 # Connection-level failures (server down, SQLite locked): worth retrying. Data errors
 # (a value the column refuses) are not: the shard is recorded as failed instead.
@@ -43,27 +47,75 @@ def get_store() -> ResultStore:
 def get_registry() -> ModelRegistry:
     """This process's model cache."""
     settings = get_settings()
-    return ModelRegistry(settings.models_dir, settings.worker_threads)
+    return ModelRegistry(settings.models_dir, settings.worker_threads, settings.worker_max_cached_models,
+                         warmup_batch_size=min(settings.default_batch_size, 256))
+
+
+def _rss_bytes() -> int | None:
+    """Resident set size of this process, bytes (Linux ``/proc``; ``None`` elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Heartbeat:
-    """Writes this process's heartbeat to the results store every few seconds."""
+    """Writes this process's heartbeat and telemetry to the results store every
+    :data:`HEARTBEAT_INTERVAL_S` seconds, from a daemon thread.
+
+    The task code adds to :attr:`shards_done`, :attr:`rows_done` and :attr:`oom_splits`;
+    rows/s is computed over the last :data:`RATE_WINDOW_S` seconds of beats. The GPU is
+    the first one ``CUDA_VISIBLE_DEVICES`` shows this process (the launcher pins each
+    process to one); its memory, utilisation, temperature and power come from NVML.
+    """
 
     def __init__(self, hostname: str) -> None:
-        self.hostname = hostname
-        self.started_at = datetime.now(UTC)
+        self.info = WorkerInfo(hostname=hostname, pid=os.getpid(), started_at=datetime.now(UTC),
+                               threads=get_settings().worker_threads)
         self.shards_done = 0
+        self.rows_done = 0
+        self.oom_splits = 0
+        self._samples: deque[tuple[float, int]] = deque()
+        self._gpu = bool(discover().gpus)  # no NVML or no GPU: never ask again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlf-heartbeat", daemon=True)
+
+    @property
+    def hostname(self) -> str:
+        """This process's Celery node name."""
+        return self.info.hostname
 
     def start(self) -> None:
         """Begin beating in a daemon thread."""
         self._thread.start()
 
+    def sample(self) -> WorkerInfo:
+        """Refresh and return the telemetry the next beat writes."""
+        now, rows = time.monotonic(), self.rows_done
+        self._samples.append((now, rows))
+        while len(self._samples) > 1 and now - self._samples[0][0] > RATE_WINDOW_S:
+            self._samples.popleft()
+        t0, rows0 = self._samples[0]
+        info = self.info
+        info.shards_done, info.rows_done, info.oom_splits = self.shards_done, rows, self.oom_splits
+        info.rows_per_s = (rows - rows0) / (now - t0) if now > t0 else 0.0
+        info.models = get_registry().loaded()
+        info.rss_bytes = _rss_bytes()
+        if self._gpu:
+            gpus = discover().gpus
+            if gpus:
+                g = gpus[0]
+                info.device_uuid, info.device_name = g.uuid, g.name
+                info.device_memory_used_bytes, info.device_memory_total_bytes = g.memory_used_bytes, g.memory_total_bytes
+                info.device_utilization_pct, info.device_temperature_c, info.device_power_w = (
+                    g.utilization_pct, g.temperature_c, g.power_w)
+        return info
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                get_store().heartbeat(self.hostname, os.getpid(), self.started_at, self.shards_done)
+                get_store().heartbeat(self.sample())
             except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the worker
                 log.warning("heartbeat failed: %s", exc)
             self._stop.wait(HEARTBEAT_INTERVAL_S)
@@ -96,20 +148,38 @@ def _load_table(msg: ScoreShard) -> pa.Table:
     return table
 
 
-def score_table(
-    runtime: Runtime, table: pa.Table, columns: list[str], row_start: int, batch_size: int
-) -> tuple[list[tuple[int, dict]], list[RowError]]:
+@dataclass
+class ShardOutcome:
+    """The scored rows of one shard.
+
+    Attributes:
+        outputs: ``(row_index, record)`` pairs of the rows that succeeded.
+        errors: one :class:`RowError` per row that did not, sorted by row.
+        oom_splits: batches split after an out-of-memory error.
+    """
+
+    outputs: list[tuple[int, dict]]
+    errors: list[RowError]
+    oom_splits: int = 0
+
+
+def score_table(runtime: Runtime, table: pa.Table, columns: list[str], row_start: int, batch_size: int) -> ShardOutcome:
     """Score every row of ``table``; bad rows become row errors, the rest outputs.
 
+    Args:
+        runtime: the loaded model.
+        table: the shard's rows; ``columns`` feed the model in ``inputs.columns`` order.
+        row_start: dataset row number of ``table``'s first row.
+        batch_size: rows per forward pass.
+
     Returns:
-        ``(outputs, errors)``: ``(row_index, record)`` pairs and :class:`RowError` s,
-        together covering each row of ``table`` exactly once.
+        A :class:`ShardOutcome` whose outputs and errors cover each row exactly once.
     """
     manifest = runtime.manifest
     x, rows, errors = to_inputs(table, columns, manifest.inputs, manifest.preprocessing, row_start)
-    raw, failures = runtime.run(x, batch_size)
+    run = runtime.run(x, batch_size)
     outputs: list[tuple[int, dict]] = []
-    for row, y, failure in zip(rows.tolist(), raw, failures, strict=True):
+    for row, y, failure in zip(rows.tolist(), run.outputs, run.errors, strict=True):
         if failure is None:
             try:
                 outputs.append((row, to_record(y, manifest.outputs)))
@@ -118,7 +188,7 @@ def score_table(
                 failure = str(exc)
         errors.append(RowError(row, f"row {row}: {failure}"))
     errors.sort(key=lambda e: e.row_index)
-    return outputs, errors
+    return ShardOutcome(outputs, errors, run.oom_splits)
 
 
 def _every_row_failed(msg: ScoreShard, reason: str) -> list[RowError]:
@@ -150,16 +220,18 @@ def score_shard(task, **body: object) -> str:
     try:
         runtime = get_registry().get(msg.model, msg.version)
         table = _load_table(msg)
-        outputs, errors = score_table(runtime, table, msg.columns, msg.source.row_start, msg.batch_size)
+        outcome = score_table(runtime, table, msg.columns, msg.source.row_start, msg.batch_size)
     except Exception as exc:
         if isinstance(exc, MLFrameworkError):
             shard_error = str(exc)
         else:
             log.exception("job %s shard %d failed", msg.job_id, msg.shard_index)
             shard_error = f"{type(exc).__name__}: {exc}"
-        outputs, errors = [], _every_row_failed(msg, f"shard failed: {shard_error}")
+        outcome = ShardOutcome([], _every_row_failed(msg, f"shard failed: {shard_error}"))
+    outputs, errors = outcome.outputs, outcome.errors
     try:
-        recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
+        recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error,
+                                        oom_splits=outcome.oom_splits)
     except TRANSIENT_STORE_ERRORS:
         raise  # the store is unreachable: retried with backoff (see register)
     except Exception as exc:
@@ -173,9 +245,12 @@ def score_shard(task, **body: object) -> str:
         return ShardClaim.ALREADY_DONE.value
     if heartbeat is not None:
         heartbeat.shards_done += 1
+        heartbeat.rows_done += len(outputs) + len(errors)
+        heartbeat.oom_splits += outcome.oom_splits
     elapsed = time.perf_counter() - started
-    log.info("job %s shard %d model %s/%d: %d rows ok, %d failed in %.2f s (%.0f rows/s)",
-             msg.job_id, msg.shard_index, msg.model, msg.version, len(outputs), len(errors), elapsed,
+    log.info("job %s shard %d model %s/%d: %d rows ok, %d failed%s in %.2f s (%.0f rows/s)",
+             msg.job_id, msg.shard_index, msg.model, msg.version, len(outputs), len(errors),
+             f", {outcome.oom_splits} out-of-memory split(s)" if outcome.oom_splits else "", elapsed,
              (len(outputs) + len(errors)) / max(elapsed, 1e-9))
     return "FAILED" if shard_error else "DONE"
 

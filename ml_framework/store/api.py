@@ -12,7 +12,7 @@ import enum
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -68,6 +68,7 @@ class JobStatus:
     Attributes:
         rows_ok / rows_failed: rows recorded so far with an output / with a row error.
         shards_done: shards whose rows are all recorded (DONE or FAILED).
+        oom_splits: batches that ran out of memory and were retried in halves.
     """
 
     job_id: str
@@ -84,6 +85,7 @@ class JobStatus:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    oom_splits: int = 0
 
     @property
     def rows_done(self) -> int:
@@ -96,6 +98,47 @@ class JobStatus:
         if self.started_at is None:
             return None
         return ((self.finished_at or _now()) - self.started_at).total_seconds()
+
+
+@dataclass
+class WorkerInfo:
+    """One worker process's heartbeat and telemetry.
+
+    Attributes:
+        hostname: Celery node name, e.g. ``gpu0@host`` or ``cpu1@host``.
+        pid: OS process id.
+        started_at / last_seen_at: process start and latest heartbeat (UTC).
+        shards_done / rows_done: shards and rows this process recorded since it started.
+        rows_per_s: rows scored per second over the last minute (wall clock).
+        oom_splits: out-of-memory batch splits since start.
+        models: ``name/version`` of each model loaded in the process.
+        threads: framework intra-op threads.
+        rss_bytes: resident host memory of the process, bytes.
+        device_uuid / device_name: the GPU the process is pinned to (``None`` on CPU).
+        device_memory_used_bytes / device_memory_total_bytes: device memory (all
+            processes on the device), bytes, from NVML.
+        device_utilization_pct: GPU utilisation, percent, NVML's last sample period.
+        device_temperature_c / device_power_w: degrees Celsius, watts.
+    """
+
+    hostname: str
+    pid: int
+    started_at: datetime
+    last_seen_at: datetime | None = None
+    shards_done: int = 0
+    rows_done: int = 0
+    rows_per_s: float = 0.0
+    oom_splits: int = 0
+    models: list[str] = field(default_factory=list)
+    threads: int | None = None
+    rss_bytes: int | None = None
+    device_uuid: str | None = None
+    device_name: str | None = None
+    device_memory_used_bytes: int | None = None
+    device_memory_total_bytes: int | None = None
+    device_utilization_pct: float | None = None
+    device_temperature_c: float | None = None
+    device_power_w: float | None = None
 
 
 class ShardClaim(str, enum.Enum):
@@ -177,6 +220,7 @@ class ResultStore:
             shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
             batch_size=row.batch_size, created_at=_aware(row.created_at),
             started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
+            oom_splits=row.oom_splits,
         )
 
     def resolve_job_id(self, id_or_prefix: str) -> str:
@@ -258,6 +302,22 @@ class ResultStore:
             rows = conn.execute(select(WorkerRow.hostname, WorkerRow.last_seen_at)).all()
         return sorted(h for h, seen in rows if _aware(seen) >= cutoff)
 
+    def workers(self, max_age_s: float | None = 30.0) -> list[WorkerInfo]:
+        """Worker processes whose heartbeat is younger than ``max_age_s`` seconds (all
+        when ``None``), by hostname."""
+        with self._read() as conn:
+            rows = conn.execute(select(WorkerRow.__table__).order_by(WorkerRow.hostname)).mappings().all()
+        cutoff = None if max_age_s is None else _now() - timedelta(seconds=max_age_s)
+        out = []
+        for row in rows:
+            values = dict(row)
+            values["models"] = json.loads(values["models"] or "[]")
+            values["started_at"] = _aware(values["started_at"])
+            values["last_seen_at"] = _aware(values["last_seen_at"])
+            if cutoff is None or values["last_seen_at"] >= cutoff:
+                out.append(WorkerInfo(**values))
+        return out
+
     # ------------------------------------------------------------------- worker side
     def claim_shard(self, job_id: str, shard_index: int, worker: str) -> ShardClaim:
         """Mark a shard RUNNING (counting the attempt) unless it is finished or cancelled.
@@ -304,6 +364,7 @@ class ResultStore:
         errors: Sequence[RowError],
         *,
         shard_error: str | None = None,
+        oom_splits: int = 0,
     ) -> bool:
         """Record a shard's outputs and row errors in one transaction.
 
@@ -312,6 +373,8 @@ class ResultStore:
             errors: one :class:`RowError` per row without output.
             shard_error: set when the shard as a whole failed (then ``outputs`` is empty
                 and every row has an error); the shard ends FAILED instead of DONE.
+            oom_splits: batches of this shard split after an out-of-memory error; added
+                to the job's count.
 
         Returns:
             True if this call recorded the shard; False if it was already recorded (a
@@ -325,7 +388,7 @@ class ResultStore:
                 .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
                        ShardRow.state.in_(_OPEN_SHARD))
                 .values(state=state.value, finished_at=now, rows_ok=len(outputs),
-                        rows_failed=len(errors), error=shard_error)
+                        rows_failed=len(errors), error=shard_error, oom_splits=oom_splits)
             ).rowcount
             if not flipped:
                 return False
@@ -346,6 +409,7 @@ class ResultStore:
                     shards_done=JobRow.shards_done + 1,
                     rows_ok=JobRow.rows_ok + len(outputs),
                     rows_failed=JobRow.rows_failed + len(errors),
+                    oom_splits=JobRow.oom_splits + oom_splits,
                 )
             )
             conn.execute(
@@ -371,12 +435,15 @@ class ResultStore:
             ).mappings().all()
         return [dict(r) for r in rows]
 
-    def heartbeat(self, hostname: str, pid: int, started_at: datetime, shards_done: int) -> None:
-        """Record that worker process ``hostname`` is alive now."""
-        values = {"pid": pid, "started_at": started_at, "last_seen_at": _now(), "shards_done": shards_done}
+    def heartbeat(self, info: WorkerInfo) -> None:
+        """Record that worker process ``info.hostname`` is alive now, with its telemetry."""
+        values = asdict(info)
+        del values["hostname"]
+        values["models"] = json.dumps(info.models)
+        values["last_seen_at"] = _now()
         with self.engine.begin() as conn:
-            if not conn.execute(update(WorkerRow).where(WorkerRow.hostname == hostname).values(**values)).rowcount:
-                conn.execute(insert(WorkerRow).values(hostname=hostname, **values))
+            if not conn.execute(update(WorkerRow).where(WorkerRow.hostname == info.hostname).values(**values)).rowcount:
+                conn.execute(insert(WorkerRow).values(hostname=info.hostname, **values))
 
     def remove_worker(self, hostname: str) -> None:
         """Forget a worker process's heartbeat (on clean shutdown)."""

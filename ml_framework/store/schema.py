@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -59,6 +59,7 @@ class JobRow(Base):
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     batch_size: Mapped[int] = mapped_column(Integer)
+    oom_splits: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -81,6 +82,7 @@ class ShardRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
+    oom_splits: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
@@ -108,7 +110,7 @@ class RowErrorRow(Base):
 
 
 class WorkerRow(Base):
-    """Heartbeat of one worker process."""
+    """Heartbeat of one worker process, with its telemetry (see ``WorkerInfo``)."""
 
     __tablename__ = "workers"
 
@@ -117,3 +119,16 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     shards_done: Mapped[int] = mapped_column(Integer, default=0)
+    device_uuid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    device_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    threads: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    models: Mapped[str] = mapped_column(Text, default="[]")
+    rows_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_per_s: Mapped[float] = mapped_column(Float, default=0.0)
+    oom_splits: Mapped[int] = mapped_column(Integer, default=0)
+    rss_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    device_memory_used_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    device_memory_total_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    device_utilization_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device_temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device_power_w: Mapped[float | None] = mapped_column(Float, nullable=True)

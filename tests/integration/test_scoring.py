@@ -189,3 +189,30 @@ def test_cli_errors_and_exit_codes(backend, trained, data_dir, digits, tmp_path)
     run = mlf(backend, "score", str(bad), "--model", "digits-sklearn", "--wait")
     assert run.returncode == 3, run.stderr
     assert "PARTIAL" in run.stdout and "99 ok, 1 failed" in run.stdout
+
+
+OOM_LIMIT = 16
+
+
+def test_out_of_memory_batches_are_split_and_the_job_succeeds(backend, trained, data_dir, digits):
+    """A model that runs out of memory above 16 rows, given batches of 64: every batch is
+    split down to 16 rows, every row is scored, and the job reports how often it split."""
+    from ml_framework.manifest import ModelRepository
+    from tests.oom_model import expected_splits, oom_above
+    from worker.export import export_torch
+
+    models_dir = trained[0]
+    if not ModelRepository(models_dir).versions("digits-oom"):  # shared by both backends
+        export_torch(oom_above(OOM_LIMIT, 64, 10), models_dir, "digits-oom", method="script",
+                     inputs={"columns": PIXELS}, runtime={"warmup": False},
+                     outputs={"kind": "classification", "labels": list(range(10)), "activation": "softmax"})
+    job = backend.client.score_dataset(data_dir / "digits.csv", "digits-oom", batch_size=64)
+    status = job.wait(timeout_s=TIMEOUT_S)
+    n = len(digits.frame)
+    assert (status.state, status.rows_ok, status.rows_failed) == (JobState.SUCCEEDED, n, 0)
+    shard_rows = [b - a for a, b in ((s["row_start"], s["row_end"]) for s in backend.client.store.shards(job.id))]
+    expected = sum(expected_splits(min(64, rows - start), OOM_LIMIT)
+                   for rows in shard_rows for start in range(0, rows, 64))
+    assert status.oom_splits == expected > 0
+    run = mlf(backend, "status", job.id)
+    assert f"{expected} batch(es) ran out of memory and were retried in halves" in run.stdout

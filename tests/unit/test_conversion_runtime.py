@@ -68,10 +68,11 @@ def test_failing_batch_is_split_until_the_bad_row_is_found():
     rt.load()
     x = np.full((8, 1), 0.25, dtype=np.float32)
     x[5] = -1
-    outputs, errors = rt.run(x, batch_size=8)
-    assert [e is None for e in errors] == [True] * 5 + [False] + [True] * 2
-    assert "negative input" in errors[5]
-    assert all(o is not None for i, o in enumerate(outputs) if i != 5)
+    run = rt.run(x, batch_size=8)
+    assert [e is None for e in run.errors] == [True] * 5 + [False] + [True] * 2
+    assert "negative input" in run.errors[5]
+    assert all(o is not None for i, o in enumerate(run.outputs) if i != 5)
+    assert run.oom_splits == 0  # a model error is not an out-of-memory split
 
 
 def test_batch_contract_violation_fails_rows():
@@ -81,9 +82,9 @@ def test_batch_contract_violation_fails_rows():
             return np.zeros((max(len(x) - 1, 0), 2))
 
     rt = Short(manifest(), ".")
-    outputs, errors = rt.run(np.zeros((4, 1), np.float32), batch_size=4)
-    assert all(o is None for o in outputs)
-    assert all("returned 0 outputs for 1 inputs" in e for e in errors)
+    run = rt.run(np.zeros((4, 1), np.float32), batch_size=4)
+    assert all(o is None for o in run.outputs)
+    assert all("returned 0 outputs for 1 inputs" in e for e in run.errors)
 
 
 def test_to_record_classification_softmax_and_checks():
@@ -141,3 +142,18 @@ def test_invalid_utf8_in_a_parquet_string_column_fails_only_its_row(tmp_path):
     x, rows, errors = to_inputs(rows_table, ["a", "b"], InputSpec(columns=["a", "b"]), Preprocessing(), 0)
     assert rows.tolist() == [0, 2] and x[:, 0].tolist() == [1.0, 3.0]
     assert [(e.row_index, e.field) for e in errors] == [(1, "a")] and "UTF-8" in errors[0].message
+
+
+def test_numeric_columns_convert_directly_and_still_report_bad_cells():
+    """Integer, boolean and float columns skip pandas when clean, and name the row and field when not."""
+    table = pa.table({"i": pa.array([1, None, 3], pa.int64()), "b": [True, False, True],
+                      "f": [0.5, 1.5, float("nan")]})
+    spec = InputSpec(columns=["i", "b", "f"])
+    x, rows, errors = to_inputs(table, ["i", "b", "f"], spec, Preprocessing(), 0)
+    assert rows.tolist() == [0] and x.tolist() == [[1.0, 1.0, 0.5]]
+    assert [(e.row_index, e.field, e.message) for e in errors] == [
+        (1, "i", "row 1, field 'i': missing value"), (2, "f", "row 2, field 'f': missing value")]
+    lenient = InputSpec(columns=["f"], allow_missing=True)
+    x, rows, errors = to_inputs(pa.table({"f": [float("nan"), float("inf"), 2.0]}), ["f"], lenient, Preprocessing(), 0)
+    assert rows.tolist() == [0, 2] and np.isnan(x[0, 0]) and x[1, 0] == 2.0
+    assert [e.message for e in errors] == ["row 1, field 'f': inf is not finite"]

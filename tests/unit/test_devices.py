@@ -130,3 +130,41 @@ def test_no_gpu_means_one_cpu_process_per_core():
     """With no GPU the plan is one CPU process per core."""
     children = plan_children(load_settings(), cores=3, gpus=[])
     assert [c.name.split("@")[0] for c in children] == ["cpu0", "cpu1", "cpu2"]
+
+
+def test_heartbeat_reports_the_pinned_gpu_by_uuid(monkeypatch):
+    """A worker pinned with CUDA_VISIBLE_DEVICES=<uuid> reports that device's telemetry,
+    even though it is NVML index 2; rows/s comes from the rows counted between beats."""
+    import worker.devices
+    from worker import tasks
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0002-aaaa-bbbb")
+    monkeypatch.setattr(tasks, "discover", lambda: worker.devices.discover(FakeNVML(4)))
+    beat = tasks.Heartbeat("gpu2@host")
+    first = beat.sample()
+    assert (first.device_uuid, first.device_name, first.device_memory_used_bytes, first.device_utilization_pct,
+            first.device_temperature_c, first.device_power_w) == (
+        "GPU-0002-aaaa-bbbb", "NVIDIA H200", 3 * 2**30, 20, 42, 250.0)
+    assert first.rows_per_s == 0.0 and first.rss_bytes > 0
+    beat.rows_done += 500
+    beat._samples[0] = (beat._samples[0][0] - 2.0, 0)  # the previous beat was 2 s ago
+    assert 200 < beat.sample().rows_per_s <= 250
+
+
+def test_heartbeat_on_a_cpu_host_reports_no_device(monkeypatch):
+    """Without NVML the heartbeat carries no device fields and never asks NVML again."""
+    import worker.devices
+    from worker import tasks
+
+    calls = []
+
+    def no_nvml():
+        calls.append(1)
+        return worker.devices.discover(FakeNVML(0, init_error=True))
+
+    monkeypatch.setattr(tasks, "discover", no_nvml)
+    beat = tasks.Heartbeat("cpu0@host")
+    info = beat.sample()
+    beat.sample()
+    assert info.device_uuid is None and info.device_memory_total_bytes is None
+    assert len(calls) == 1

@@ -102,3 +102,15 @@ def test_cross_key_error_names_each_source(tmp_path, monkeypatch):
         load_settings(cfg)
     assert f"broker_visibility_timeout_s from {cfg}" in str(info.value)
     assert "task_time_limit_s from environment variable ML_FRAMEWORK_TASK_TIME_LIMIT_S" in str(info.value)
+
+
+def test_preload_models_from_env_list_and_yaml(tmp_path, monkeypatch):
+    """worker_preload_models takes a comma-separated variable or a YAML list; bad refs name the source."""
+    monkeypatch.setenv("ML_FRAMEWORK_WORKER_PRELOAD_MODELS", "digits-torch, iris:2")
+    assert load_settings().worker_preload_models == ["digits-torch", "iris:2"]
+    monkeypatch.delenv("ML_FRAMEWORK_WORKER_PRELOAD_MODELS")
+    cfg = write(tmp_path / "c.yaml", "worker_preload_models: [a, 'b:3']\n")
+    assert load_settings(cfg).worker_preload_models == ["a", "b:3"]
+    monkeypatch.setenv("ML_FRAMEWORK_WORKER_PRELOAD_MODELS", "iris:0")
+    with pytest.raises(SettingsError, match=r"ML_FRAMEWORK_WORKER_PRELOAD_MODELS: worker_preload_models: .*'iris:0'"):
+        load_settings()

@@ -168,3 +168,81 @@ def test_job_id_prefix_resolves_when_unique(store):
     with pytest.raises(JobNotFoundError, match="ambiguous"):
         store.resolve_job_id("abcd")
     assert store.resolve_job_id("abcd1") == twins[1]
+
+
+def test_out_of_memory_splits_add_up_per_shard_and_job(store):
+    """Each shard's OOM split count is kept, and the job's status sums them."""
+    job = new_job(store)
+    for shard, (rows, splits) in enumerate((([0, 1], 2), ([2, 3], 1))):
+        store.claim_shard(job, shard, "w")
+        store.complete_shard(job, shard, [(r, {"p": r}) for r in rows], [], oom_splits=splits)
+    assert [s["oom_splits"] for s in store.shards(job)] == [2, 1]
+    assert store.job(job).oom_splits == 3
+
+
+def test_worker_heartbeat_telemetry_round_trips(store):
+    """What a worker reports (device, models, rates, memory) is what `workers()` reads back;
+    a second beat updates the same row; stale beats are left out."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from ml_framework.store import WorkerInfo
+    from ml_framework.store.schema import WorkerRow
+
+    started = datetime.now(UTC).replace(microsecond=0)
+    info = WorkerInfo(hostname="gpu0@h", pid=42, started_at=started, shards_done=3, rows_done=3000,
+                      rows_per_s=812.5, oom_splits=1, models=["digits-torch/1"], threads=4,
+                      rss_bytes=2**30, device_uuid="GPU-0000-aaaa", device_name="NVIDIA H200",
+                      device_memory_used_bytes=5 * 2**30, device_memory_total_bytes=141 * 2**30,
+                      device_utilization_pct=87.0, device_temperature_c=51.0, device_power_w=412.5)
+    store.heartbeat(info)
+    info.rows_done = 4000
+    store.heartbeat(info)
+    store.heartbeat(WorkerInfo(hostname="cpu0@h", pid=7, started_at=started))
+    mine = {"gpu0@h", "cpu0@h"}  # the PostgreSQL database is shared with the session's workers
+    got = {w.hostname: w for w in store.workers() if w.hostname in mine}
+    assert set(got) == mine
+    gpu = got["gpu0@h"]
+    assert gpu.last_seen_at is not None and gpu.started_at == started
+    gpu.last_seen_at = None
+    assert gpu == WorkerInfo(**{**info.__dict__, "last_seen_at": None})
+    assert got["cpu0@h"].device_uuid is None and got["cpu0@h"].models == []
+    with store.engine.begin() as conn:
+        conn.execute(update(WorkerRow).where(WorkerRow.hostname == "cpu0@h")
+                     .values(last_seen_at=datetime.now(UTC) - timedelta(minutes=5)))
+    assert [w.hostname for w in store.workers(max_age_s=30) if w.hostname in mine] == ["gpu0@h"]
+    assert {w.hostname for w in store.workers(max_age_s=None)} >= mine
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_store_created_by_the_first_release_upgrades_in_place(backend, request, tmp_path):
+    """A database at revision 0001 (the first release) with a finished job upgrades on open:
+    its job reads back unchanged, with 0 OOM splits, and new columns work."""
+    from alembic import command
+
+    from ml_framework.store import WorkerInfo
+    from ml_framework.store.engine import _alembic_config, make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}" if backend == "sqlite" else request.getfixturevalue("own_pg_database")
+    engine = make_engine(url)
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, "
+            "rows_ok, rows_failed, batch_size, created_at) VALUES ('j1', 'm', 1, 'd.csv', 'SUCCEEDED', 5, 1, 1, "
+            "5, 0, 8, CURRENT_TIMESTAMP)")
+        conn.exec_driver_sql("INSERT INTO workers (hostname, pid, started_at, last_seen_at, shards_done) "
+                             "VALUES ('old@h', 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 2)")
+    engine.dispose()
+    store = ResultStore(url)
+    try:
+        status = store.job("j1")
+        assert (status.state, status.rows_ok, status.oom_splits) == (JobState.SUCCEEDED, 5, 0)
+        assert store.workers(max_age_s=None)[0].models == []
+        store.heartbeat(WorkerInfo(hostname="old@h", pid=2, started_at=status.created_at, models=["m/1"]))
+        assert store.workers()[0].models == ["m/1"]
+    finally:
+        store.close()

@@ -1,13 +1,17 @@
-"""The runtime interface: each framework implements ``load`` and ``predict_batch`` only.
+"""The runtime interface: each framework implements ``load`` and ``predict_batch`` (and,
+where it has them, its out-of-memory error and cache release).
 
 Shared code here owns batching, the batch contract (one output per input), isolation of
-failing rows by halving a failing batch, and turning raw outputs into result records.
+failing rows by halving a failing batch, out-of-memory splitting, and turning raw outputs
+into result records.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +24,23 @@ log = logging.getLogger(__name__)
 
 class BatchContractError(RuntimeError):
     """Raised when a model returns a number or shape of outputs its manifest does not allow."""
+
+
+@dataclass
+class BatchRun:
+    """What :meth:`Runtime.run` produced for ``N`` input rows.
+
+    Attributes:
+        outputs: per row, its raw output row, or ``None`` when the row failed.
+        errors: per row, ``None`` or why it failed.
+        batches: forward passes that succeeded.
+        oom_splits: batches split in halves because the device (or host) ran out of memory.
+    """
+
+    outputs: list[np.ndarray | None]
+    errors: list[str | None]
+    batches: int = 0
+    oom_splits: int = 0
 
 
 class Runtime(ABC):
@@ -60,24 +81,46 @@ class Runtime(ABC):
             ``(N, K)`` or ``(N,)`` array of raw model outputs (scores, logits, values).
         """
 
-    def run(self, x: np.ndarray, batch_size: int) -> tuple[list[np.ndarray | None], list[str | None]]:
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the batch did not fit in memory (device or host).
+
+        The base rule knows Python's ``MemoryError``; framework runtimes add their own
+        (``torch.cuda.OutOfMemoryError``, TensorFlow's ``ResourceExhaustedError``).
+        """
+        return isinstance(exc, MemoryError)
+
+    def release_memory(self) -> None:
+        """Return cached, unused memory after an out-of-memory error (framework hook)."""
+        gc.collect()
+
+    def unload(self) -> None:
+        """Drop the model so its host and device memory can be reclaimed."""
+        self.model = None
+        self.release_memory()
+
+    def run(self, x: np.ndarray, batch_size: int) -> BatchRun:
         """Predict every row of ``x`` in batches of ``batch_size``.
 
         A batch that raises is split in halves and retried down to single rows, so only
-        the rows that really fail get an error.
+        the rows that really fail get an error. When the error is out-of-memory, the
+        framework's cache is emptied first and the split is counted; the next batch starts
+        again at ``batch_size``, since an out-of-memory error is often transient (another
+        process's allocations, fragmentation).
+
+        Args:
+            x: ``(N, *row_shape)`` input of the manifest's dtype.
+            batch_size: rows per forward pass, at least 1.
 
         Returns:
-            ``(outputs, errors)``, both of length ``N``: for each row its raw output row or
-            ``None``, and ``None`` or the error message.
+            A :class:`BatchRun` with one output or error per row.
         """
         n = x.shape[0]
-        outputs: list[np.ndarray | None] = [None] * n
-        errors: list[str | None] = [None] * n
+        result = BatchRun([None] * n, [None] * n)
         for start in range(0, n, batch_size):
-            self._run_span(x, start, min(start + batch_size, n), outputs, errors, top=True)
-        return outputs, errors
+            self._run_span(x, start, min(start + batch_size, n), result, top=True)
+        return result
 
-    def _run_span(self, x: np.ndarray, a: int, b: int, outputs: list, errors: list, top: bool = False) -> None:
+    def _run_span(self, x: np.ndarray, a: int, b: int, result: BatchRun, top: bool = False) -> None:
         try:
             y = np.asarray(self.predict_batch(x[a:b]))
             if y.ndim == 0 or y.shape[0] != b - a:
@@ -85,18 +128,36 @@ class Runtime(ABC):
                     f"model returned {y.shape[0] if y.ndim else 'a scalar'} outputs for {b - a} inputs"
                 )
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated per row
+            oom = self.is_out_of_memory(exc)
+            if oom:
+                self.release_memory()
             if b - a == 1:
-                errors[a] = f"model failed on this row: {type(exc).__name__}: {exc}"
+                reason = "out of memory even for a single row" if oom else "model failed on this row"
+                result.errors[a] = f"{reason}: {type(exc).__name__}: {_first_line(exc)}"
                 return
-            if top:  # one line per failing batch, not per split
+            if oom:
+                result.oom_splits += 1
+                log.warning("batch of %d rows ran out of memory (%s); cache emptied, retrying in halves",
+                            b - a, _first_line(exc))
+            elif top:  # one line per failing batch, not per split
                 log.warning("batch of %d rows failed (%s); retrying in halves to isolate the bad rows",
-                            b - a, exc)
+                            b - a, _first_line(exc))
             mid = (a + b) // 2
-            self._run_span(x, a, mid, outputs, errors)
-            self._run_span(x, mid, b, outputs, errors)
+            self._run_span(x, a, mid, result)
+            self._run_span(x, mid, b, result)
             return
+        result.batches += 1
         for i in range(b - a):
-            outputs[a + i] = y[i]
+            result.outputs[a + i] = y[i]
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most telling line of an exception's message (TorchScript wraps the original
+    error in a traceback whose last line is the error itself)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if len(lines) > 1 and "Traceback" in str(exc) else lines[0]
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 
 import numpy as np
@@ -15,7 +17,10 @@ class TensorFlowRuntime(Runtime):
     ``serving_default`` signature.
 
     TensorFlow is imported here, on first load, so processes that never serve a TF model
-    never pay its start-up cost.
+    never pay its start-up cost. GPU memory grows on demand (``set_memory_growth``, also
+    ``TF_FORCE_GPU_ALLOW_GROWTH=true``) instead of TensorFlow's default of reserving the
+    whole device. With the manifest's ``runtime.jit_compile`` the Keras forward pass runs
+    as ``tf.function(jit_compile=True)`` (XLA).
     """
 
     framework = "tensorflow"
@@ -32,7 +37,12 @@ class TensorFlowRuntime(Runtime):
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError:
                 pass  # TF already initialised in this process; keep its thread pools
+        for gpu in tf.config.list_physical_devices("GPU"):
+            # RuntimeError: devices already initialised by an earlier model; growth was set then
+            with contextlib.suppress(RuntimeError):
+                tf.config.experimental.set_memory_growth(gpu, True)
         self._tf = tf
+        self._fn = None
         path = self.artifact_path
         try:
             if path.is_dir():
@@ -44,12 +54,17 @@ class TensorFlowRuntime(Runtime):
                 import keras
 
                 self.model = keras.models.load_model(path, compile=False, safe_mode=True)
+                if self.manifest.runtime.jit_compile:
+                    model = self.model
+                    self._fn = tf.function(lambda x: model(x, training=False), jit_compile=True)
         except Exception as exc:
             raise ModelLoadError(f"{path}: tensorflow failed to load: {exc}") from exc
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
         """``(N, *row_shape)`` -> ``(N, K)``."""
-        if self.model is not None:
+        if self._fn is not None:
+            out = self._fn(self._tf.constant(x))
+        elif self.model is not None:
             out = self.model.predict_on_batch(x)
         else:
             result = self._signature(self._tf.constant(x))
@@ -57,3 +72,15 @@ class TensorFlowRuntime(Runtime):
         if isinstance(out, (list, tuple)):
             out = out[0]
         return np.asarray(out)
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """TensorFlow's ``ResourceExhaustedError`` (the OOM of its allocators) or ``MemoryError``."""
+        return isinstance(exc, (MemoryError, self._tf.errors.ResourceExhaustedError))
+
+    def unload(self) -> None:
+        """Drop the model, its compiled function and any SavedModel object."""
+        self._fn = None
+        self._saved = None
+        self._signature = None
+        super().unload()
+        gc.collect()
