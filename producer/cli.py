@@ -190,7 +190,8 @@ def workers(
     table = Table("worker", "pid", "device", "models", "shards", "rows", "rows/s", "OOM splits",
                   "RSS GiB", "device mem GiB", "util %", "seen")
     for w in infos:
-        device = f"{w.device_name} {w.device_uuid[:12]}" if w.device_uuid else f"CPU ({w.threads or '?'} threads)"
+        threads = "?" if w.threads is None else f"{w.threads} thread{'s' if w.threads != 1 else ''}"
+        device = f"{w.device_name} {w.device_uuid[:12]}" if w.device_uuid else f"CPU ({threads})"
         mem = f"{_gib(w.device_memory_used_bytes)}/{_gib(w.device_memory_total_bytes)}" if w.device_uuid else "-"
         util = "-" if w.device_utilization_pct is None else f"{w.device_utilization_pct:.0f}"
         seen = f"{(now - w.last_seen_at).total_seconds():.0f} s ago" if w.last_seen_at else "-"
