@@ -69,6 +69,9 @@ class Settings(BaseSettings):
             In the environment, a comma-separated list.
         worker_max_cached_models: loaded model versions a worker process keeps; loading
             one more unloads the least recently used (and frees its device memory).
+        api_keys: keys the HTTP API accepts (``X-API-Key: <key>`` or ``Authorization:
+            Bearer <key>``); empty: no authentication. In the environment, comma-separated.
+        api_max_request_bytes: largest request body the HTTP API reads, bytes.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -89,8 +92,10 @@ class Settings(BaseSettings):
     broker_polling_interval_s: float = Field(default=0.2, gt=0, le=10)
     worker_preload_models: Annotated[list[str], NoDecode] = []
     worker_max_cached_models: PositiveInt = Field(default=4, le=1000)
+    api_keys: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
+    api_max_request_bytes: PositiveInt = 16 * 2**20
 
-    @field_validator("worker_preload_models", mode="before")
+    @field_validator("worker_preload_models", "api_keys", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):

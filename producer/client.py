@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ml_framework.celery_app import create_app
-from ml_framework.datasets import shard_ranges
-from ml_framework.errors import JobTimeoutError
+from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
+from ml_framework.errors import DatasetError, DatasetSchemaError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
-from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
+from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, InlineRows, ScoreShard
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, ResultStore, WorkerInfo
 from producer.datasets import inspect, plan_sources, resolve_columns
@@ -211,26 +214,136 @@ class Client:
             DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
                 the file is missing, unreadable, lacks columns or has no rows.
         """
-        if batch_size is not None and not 0 < batch_size <= MAX_INT32:
-            raise ValueError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
-        manifest = self.repository.resolve(model, version)
+        manifest, batch = self._check(model, version, batch_size)
         info = inspect(Path(path))
         use_columns = resolve_columns(info, manifest, columns)
         ranges = shard_ranges(info.n_rows, self.settings.shard_size)
-        batch = batch_size or manifest.default_batch_size or self.settings.default_batch_size
+        sources = plan_sources(info, ranges, use_columns, self.settings.data_dir)
+        return self._submit(manifest, str(info.path), info.n_rows, ranges, use_columns, sources, batch)
+
+    def score_rows(
+        self,
+        rows: RowsLike,
+        model: str,
+        version: int | None = None,
+        batch_size: int | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> Job:
+        """Submit rows held in memory; they travel inside the shard messages.
+
+        Args:
+            rows: a DataFrame or Arrow table (named columns), a list of dicts (one per
+                row), or a 2-D array / list of lists whose columns are the manifest's
+                input columns in order. Values that are not numbers become row errors on
+                the worker, naming the row and field; they do not fail the job.
+            model, version, batch_size, columns: as :meth:`score_dataset`.
+
+        Returns:
+            The new :class:`Job`; its rows are numbered from 0 in the order given.
+
+        Raises:
+            DatasetSchemaError: missing columns, or an array of the wrong width.
+            DatasetError: no rows.
+            ModelNotFoundError, ValueError: as :meth:`score_dataset`.
+        """
+        manifest, batch = self._check(model, version, batch_size)
+        table = rows_to_table(rows, manifest.inputs.columns)
+        info = DatasetInfo(path=Path("<inline rows>"), format="inline", columns=table.column_names,
+                           n_rows=table.num_rows)
+        use_columns = resolve_columns(info, manifest, columns)
+        ranges = shard_ranges(table.num_rows, self.settings.shard_size)
+        selected = table.select(use_columns)
+        sources = (InlineRows(row_start=a, row_end=b, data_b64=encode_table(selected.slice(a, b - a)))
+                   for a, b in ranges)
+        return self._submit(manifest, f"<{table.num_rows} inline rows>", table.num_rows, ranges, use_columns,
+                            sources, batch)
+
+    def _check(self, model: str, version: int | None, batch_size: int | None) -> tuple[ModelManifest, int]:
+        if batch_size is not None and not 0 < batch_size <= MAX_INT32:
+            raise ValueError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
+        manifest = self.repository.resolve(model, version)
+        return manifest, batch_size or manifest.default_batch_size or self.settings.default_batch_size
+
+    def _submit(
+        self,
+        manifest: ModelManifest,
+        dataset: str,
+        n_rows: int,
+        ranges: list[tuple[int, int]],
+        columns: list[str],
+        sources: Iterable[DatasetRef | InlineRows],
+        batch: int,
+    ) -> Job:
+        """Record the job, then send one shard message per source; cancel the job if sending fails."""
         job_id = self.store.create_job(
-            model=manifest.name, model_version=manifest.version, dataset=str(info.path),
-            n_rows=info.n_rows, shard_ranges=ranges, batch_size=batch,
+            model=manifest.name, model_version=manifest.version, dataset=dataset,
+            n_rows=n_rows, shard_ranges=ranges, batch_size=batch,
         )
         try:
             with self.app.producer_or_acquire() as producer:
-                for index, source in enumerate(plan_sources(info, ranges, use_columns, self.settings.data_dir)):
+                for index, source in enumerate(sources):
                     body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name,
                                       version=manifest.version, batch_size=batch,
-                                      columns=use_columns, source=source)
+                                      columns=columns, source=source)
                     self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
                                        queue=self.settings.bulk_queue, producer=producer)
         except BaseException:
             self.store.cancel(job_id)
             raise
         return Job(self, job_id)
+
+
+RowsLike = pd.DataFrame | pa.Table | np.ndarray | Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]]
+
+
+def rows_to_table(rows: RowsLike, input_columns: Sequence[str]) -> pa.Table:
+    """In-memory rows as an Arrow table (see :meth:`Client.score_rows` for the forms).
+
+    Columns whose values Arrow cannot give one type (say numbers and text mixed) are sent
+    as text: the worker parses each cell and fails only the rows that are not numbers.
+
+    Raises:
+        DatasetSchemaError: an array or list of lists whose width is not the number of
+            input columns, or rows of another type.
+        DatasetError: no rows.
+    """
+    if isinstance(rows, pa.Table):
+        table = rows
+    elif isinstance(rows, pd.DataFrame):
+        if rows.columns.duplicated().any():
+            raise DatasetSchemaError(f"duplicate column names: {sorted(set(rows.columns[rows.columns.duplicated()]))}")
+        table = _columns_to_table({str(c): rows[c].tolist() for c in rows.columns})
+    elif isinstance(rows, np.ndarray) or (isinstance(rows, Sequence) and rows and not isinstance(rows[0], Mapping)):
+        if not isinstance(rows, np.ndarray):
+            for i, row in enumerate(rows):
+                if not isinstance(row, Sequence) or isinstance(row, str) or len(row) != len(input_columns):
+                    raise DatasetSchemaError(f"row {i}: expected a list of {len(input_columns)} values "
+                                             f"(the input columns), got {row!r:.80}")
+        array = np.asarray(rows, dtype=object)
+        array = array.reshape(len(array), -1) if array.ndim == 1 and len(input_columns) > 1 else array
+        array = array.reshape(-1, 1) if array.ndim == 1 else array
+        if array.ndim != 2 or array.shape[1] != len(input_columns):
+            raise DatasetSchemaError(
+                f"rows of shape {array.shape}: expected (rows, {len(input_columns)}) for the input "
+                f"columns {list(input_columns)[:5]}{'...' if len(input_columns) > 5 else ''}")
+        table = _columns_to_table(dict(zip(input_columns, array.T.tolist(), strict=True)))
+    elif isinstance(rows, Sequence):
+        if not all(isinstance(r, Mapping) for r in rows):
+            raise DatasetSchemaError("rows must all be mappings of column -> value, or all be sequences")
+        names = list(dict.fromkeys(k for r in rows for k in r))
+        table = _columns_to_table({n: [r.get(n) for r in rows] for n in names})
+    else:
+        raise DatasetSchemaError(f"cannot score rows of type {type(rows).__name__}")
+    if table.num_rows == 0:
+        raise DatasetError("no rows to score")
+    return table
+
+
+def _columns_to_table(columns: Mapping[str, list[Any]]) -> pa.Table:
+    arrays = {}
+    for name, values in columns.items():
+        try:
+            arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: let the worker judge each cell
+            arrays[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.table(arrays)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -33,20 +34,29 @@ def check_output_path(path: Path) -> None:
         raise ValueError(f"{path}: cannot write there: {exc.strerror or exc}") from None
 
 
+def encode_results(frame: pd.DataFrame, fmt: str) -> bytes:
+    """A results frame as ``csv`` (list values as JSON text, index as ``row``) or ``parquet`` bytes."""
+    buf = io.BytesIO()
+    if fmt == "csv":
+        flat = frame.copy()
+        for col in flat.columns:
+            if flat[col].map(lambda v: isinstance(v, list)).any():
+                flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
+        flat.to_csv(buf, index_label="row")
+    elif fmt == "parquet":
+        frame.to_parquet(buf)
+    else:
+        raise ValueError(f"unknown results format {fmt!r}: csv or parquet")
+    return buf.getvalue()
+
+
 def write_results(frame: pd.DataFrame, path: Path) -> Path:
-    """Write a results frame to Parquet or CSV, chosen by suffix (list values as JSON in CSV).
+    """Write a results frame to Parquet or CSV, chosen by suffix (see :func:`encode_results`).
 
     Raises:
         ValueError: see :func:`check_output_path`.
     """
     check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".csv":
-        flat = frame.copy()
-        for col in flat.columns:
-            if flat[col].map(lambda v: isinstance(v, list)).any():
-                flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
-        flat.to_csv(path)
-    else:
-        frame.to_parquet(path)
+    path.write_bytes(encode_results(frame, "csv" if path.suffix.lower() == ".csv" else "parquet"))
     return path

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
-from sqlalchemy import Engine, case, delete, insert, select, update
+from sqlalchemy import Engine, case, delete, func, insert, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from ml_framework.errors import JobNotFoundError, StoreError, StoreUnavailableError
@@ -294,6 +294,49 @@ class ResultStore:
                 frame[col] = None
             frame[col] = frame[col].astype(object).where(frame[col].notna(), None)
         return frame.sort_index()
+
+    def results_page(self, job_id: str, offset: int, limit: int) -> list[dict]:
+        """The recorded rows of a job among input rows ``[offset, offset + limit)``.
+
+        Returns:
+            One dict per recorded row, in row order: ``row``, the output keys (e.g.
+            ``prediction``, ``score``, ``probabilities``) for rows that succeeded, or
+            ``error`` and ``error_field`` for rows that failed. Rows not yet recorded are
+            absent. Reads by primary key: a page costs the same at any offset.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        self.job(job_id)
+        lo, hi = offset, offset + limit
+        with self._read() as conn:
+            outs = conn.execute(
+                select(ResultRow.row_index, ResultRow.output)
+                .where(ResultRow.job_id == job_id, ResultRow.row_index >= lo, ResultRow.row_index < hi)
+            ).all()
+            errs = conn.execute(
+                select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message)
+                .where(RowErrorRow.job_id == job_id, RowErrorRow.row_index >= lo, RowErrorRow.row_index < hi)
+            ).all()
+        rows = [{"row": r, **json.loads(o)} for r, o in outs]
+        rows += [{"row": r, "error": m, "error_field": f} for r, f, m in errs]
+        return sorted(rows, key=lambda d: d["row"])
+
+    def job_counts(self) -> dict[str, int]:
+        """Number of jobs in each :class:`JobState` (every state present, zeros included)."""
+        with self._read() as conn:
+            rows = conn.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
+        counts = {state.value: 0 for state in JobState}
+        counts.update({state: n for state, n in rows})
+        return counts
+
+    def ping(self) -> None:
+        """Run ``SELECT 1``. Raises ``StoreUnavailableError`` when the database is unreachable."""
+        try:
+            with self._read() as conn:
+                conn.execute(select(1))
+        except SQLAlchemyError as exc:
+            raise StoreUnavailableError(f"results store {self.engine.url!r} unreachable: {exc}") from exc
 
     def live_workers(self, max_age_s: float = 30.0) -> list[str]:
         """Hostnames of worker processes whose heartbeat is younger than ``max_age_s``."""

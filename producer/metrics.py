@@ -1,0 +1,72 @@
+"""Prometheus metrics of the fleet, read from the results store at scrape time.
+
+Served by the HTTP API at ``/metrics``. Each scrape runs two small queries (jobs per state,
+worker heartbeats); nothing is kept in the API process, so every API process (Uvicorn
+worker) answers the same.
+
+=====================================  =======  ==========================================
+metric                                 type     meaning
+=====================================  =======  ==========================================
+``mlf_jobs{state}``                    gauge    jobs in each state
+``mlf_workers_live``                   gauge    worker processes with a heartbeat < 30 s old
+``mlf_worker_rows_per_second{worker}`` gauge    rows/s of each worker over the last minute
+``mlf_worker_rows_total{worker}``      counter  rows recorded by each worker since its start
+``mlf_worker_oom_splits_total{worker}`` counter out-of-memory batch splits since start
+``mlf_gpu_memory_used_bytes{worker,device}``  gauge  device memory in use (NVML)
+``mlf_gpu_utilization_ratio{worker,device}``  gauge  GPU utilisation, 0 to 1 (NVML)
+=====================================  =======  ==========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from producer.client import Client
+
+LIVE_S = 30.0
+
+
+class StoreCollector:
+    """A prometheus-client collector reading jobs and heartbeats from the results store."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families listed in the module docstring."""
+        jobs = GaugeMetricFamily("mlf_jobs", "Jobs in each state.", labels=["state"])
+        for state, n in self.client.store.job_counts().items():
+            jobs.add_metric([state], n)
+        yield jobs
+        workers = self.client.workers(LIVE_S)
+        yield GaugeMetricFamily("mlf_workers_live", "Worker processes with a heartbeat younger than 30 s.",
+                                value=len(workers))
+        rate = GaugeMetricFamily("mlf_worker_rows_per_second", "Rows/s over the last minute.", labels=["worker"])
+        rows = CounterMetricFamily("mlf_worker_rows", "Rows recorded since the worker started.", labels=["worker"])
+        ooms = CounterMetricFamily("mlf_worker_oom_splits", "Out-of-memory batch splits since start.",
+                                   labels=["worker"])
+        mem = GaugeMetricFamily("mlf_gpu_memory_used_bytes", "Device memory in use (NVML).",
+                                labels=["worker", "device"])
+        util = GaugeMetricFamily("mlf_gpu_utilization_ratio", "GPU utilisation, 0 to 1 (NVML).",
+                                 labels=["worker", "device"])
+        for w in workers:
+            rate.add_metric([w.hostname], w.rows_per_s)
+            rows.add_metric([w.hostname], w.rows_done)
+            ooms.add_metric([w.hostname], w.oom_splits)
+            if w.device_uuid and w.device_memory_used_bytes is not None:
+                mem.add_metric([w.hostname, w.device_uuid], w.device_memory_used_bytes)
+            if w.device_uuid and w.device_utilization_pct is not None:
+                util.add_metric([w.hostname, w.device_uuid], w.device_utilization_pct / 100.0)
+        yield from (rate, rows, ooms, mem, util)
+
+
+def render(client: Client) -> tuple[bytes, str]:
+    """The Prometheus text exposition of :class:`StoreCollector` and its content type."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(client))
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,112 @@
+"""The HTTP API against real worker processes, a real broker and a real database (both
+backends), through the ASGI app with httpx (Starlette's TestClient)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from demo.digits import PIXELS
+from ml_framework.settings import load_settings
+from producer.api import create_app
+
+pytestmark = pytest.mark.integration
+TIMEOUT_S = 240
+
+
+@pytest.fixture
+def http(backend):
+    with TestClient(create_app(load_settings(**backend.values))) as client:
+        yield client
+
+
+def wait_done(http, job_id: str, headers=None) -> dict:
+    deadline = time.monotonic() + TIMEOUT_S
+    while (body := http.get(f"/v1/jobs/{job_id}", headers=headers).json())["state"] in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline, body
+        time.sleep(0.2)
+    return body
+
+
+def test_submit_poll_and_page_through_results(http, backend, digits):
+    """POST a dataset job, poll it to SUCCEEDED, and read every row back in pages that
+    match the Python client's results; CSV and Parquet downloads hold the same rows."""
+    r = http.post("/v1/jobs", json={"model": "digits-sklearn", "dataset": "digits.csv", "batch_size": 128})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    done = wait_done(http, job_id)
+    n = len(digits.frame)
+    assert (done["state"], done["rows_ok"], done["progress"]) == ("SUCCEEDED", n, 1.0)
+    rows, offset = [], 0
+    while offset is not None:
+        page = http.get(f"/v1/jobs/{job_id}/results", params={"offset": offset, "limit": 700}).json()
+        rows += page["rows"]
+        offset = page["next_offset"]
+    expected = backend.client.get_job(job_id).results()
+    assert [r["row"] for r in rows] == list(range(n))
+    assert [r["prediction"] for r in rows] == expected["prediction"].tolist()
+    assert [r["probabilities"] for r in rows] == expected["probabilities"].tolist()
+    csv = http.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"})
+    assert csv.headers["content-type"].startswith("text/csv")
+    assert pd.read_csv(io.StringIO(csv.text), index_col="row")["prediction"].tolist() == expected["prediction"].tolist()
+    parquet = pd.read_parquet(io.BytesIO(http.get(f"/v1/jobs/{job_id}/results", params={"format": "parquet"}).content))
+    assert len(parquet) == n and parquet["prediction"].tolist() == expected["prediction"].tolist()
+
+
+def test_inline_rows_with_a_bad_cell_end_partial_naming_row_and_field(http, digits):
+    """Inline rows: one text cell fails its row (named), the others are scored."""
+    rows = digits.frame[PIXELS].iloc[:20].to_dict(orient="records")
+    rows[7]["pixel_3"] = "seven"
+    r = http.post("/v1/jobs", json={"model": "digits-torch", "rows": rows})
+    assert r.status_code == 202, r.text
+    done = wait_done(http, r.json()["job_id"])
+    assert (done["state"], done["rows_ok"], done["rows_failed"]) == ("PARTIAL", 19, 1)
+    page = http.get(f"/v1/jobs/{done['job_id']}/results").json()["rows"]
+    assert page[7] == {"row": 7, "error": "row 7, field 'pixel_3': 'seven' is not a number", "error_field": "pixel_3"}
+    assert all("prediction" in row for i, row in enumerate(page) if i != 7)
+
+
+def test_cancel_errors_and_operations_endpoints(http, backend):
+    """DELETE cancels; unknown ids, bad bodies and paths outside the data directory are
+    JSON errors; /ready, /gpu-status and /metrics describe the live CPU fleet."""
+    job = http.post("/v1/jobs", json={"model": "digits-torch", "dataset": "digits.csv", "batch_size": 1}).json()
+    assert http.delete(f"/v1/jobs/{job['job_id']}").json()["state"] == "CANCELLED"
+    missing = http.get("/v1/jobs/" + "0" * 32)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "JobNotFoundError"
+    bad = http.post("/v1/jobs", json={"model": "digits-torch", "dataset": "digits.csv", "batch_size": 0})
+    assert bad.status_code == 422 and "batch_size" in bad.json()["error"]["message"]
+    outside = http.post("/v1/jobs", json={"model": "digits-torch", "dataset": "../etc/passwd"})
+    assert outside.status_code == 422 and "outside the data directory" in outside.json()["error"]["message"]
+    unknown = http.post("/v1/jobs", json={"model": "nope", "dataset": "digits.csv"})
+    assert unknown.status_code == 404 and "'nope' not found" in unknown.json()["error"]["message"]
+    ready = http.get("/ready")
+    assert ready.status_code == 200, ready.json()
+    assert ready.json()["checks"]["workers"].startswith("ok: ")
+    gpu = http.get("/gpu-status").json()
+    assert gpu["gpus"] == [] and gpu["reason"].endswith("none on a GPU")
+    metrics = http.get("/metrics").text
+    assert 'mlf_jobs{state="CANCELLED"}' in metrics
+    live = next(line for line in metrics.splitlines() if line.startswith("mlf_workers_live "))
+    assert float(live.split()[1]) >= 2
+    assert http.get("/health").json() == {"status": "ok"}
+    schema = http.get("/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/results", "/v1/models", "/ready"} <= set(schema["paths"])
+
+
+def test_api_keys_and_request_size_limit(backend):
+    """With api_keys set, requests need a key (header or bearer); /health stays open.
+    Bodies over api_max_request_bytes get 413 before they are parsed."""
+    settings = load_settings(**backend.values, api_keys=["k-123"], api_max_request_bytes=2048)
+    with TestClient(create_app(settings)) as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert http.get("/v1/models", headers={"X-API-Key": "k-123"}).status_code == 200
+        assert http.get("/v1/models", headers={"Authorization": "Bearer k-123"}).status_code == 200
+        assert http.get("/health").status_code == 200
+        big = {"model": "digits-torch", "rows": [{"pixel_0": 1.0}] * 500}
+        r = http.post("/v1/jobs", json=big, headers={"X-API-Key": "k-123"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLarge"
