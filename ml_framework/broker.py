@@ -29,6 +29,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqla
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
+from kombu.utils.scheduling import FairCycle
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -38,12 +39,28 @@ SQLITE_LOCK_TIMEOUT_S = 30
 _CREATE_RETRIES = 5
 
 
+class InOrderCycle(FairCycle):
+    """Polls the consumed queues in the order they were consumed, from the first one on
+    every poll: with ``-Q mlf.online,mlf.bulk`` an online request is always taken before
+    the next bulk shard (kombu's default :class:`FairCycle` goes round robin). This is what
+    ``queue_order_strategy: priority`` does for kombu's Redis transport."""
+
+    def get(self, callback, **kwargs):
+        """Deliver from the first non-empty queue; ``Empty`` when all are empty."""
+        self.pos = 0
+        return super().get(callback, **kwargs)
+
+
 class SQLiteChannel(kombu_sqla.Channel):
-    """kombu SQLAlchemy channel: safe concurrent first use, real acks, visibility timeout."""
+    """kombu SQLAlchemy channel: safe concurrent first use, real acks, visibility timeout,
+    queues polled in priority order (:class:`InOrderCycle`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._rows: dict[str, int] = {}  # delivery tag -> kombu_message.id, while unacked
+
+    def _reset_cycle(self) -> None:
+        self._cycle = InOrderCycle(self._get_and_deliver, self._active_queues, Empty)
 
     @property
     def _visibility_timeout_s(self) -> float | None:

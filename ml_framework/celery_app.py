@@ -20,7 +20,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     Choices: JSON on the wire (msgpack also accepted; never pickle); late acknowledgement
     with reject-on-worker-lost so a killed worker's shard is redelivered; prefetch of one
     message per process because a shard runs for seconds to minutes; no Celery result
-    backend (results live in the results store).
+    backend (results live in the results store); queues polled in the order the worker
+    lists them (online before bulk), on Redis and on the embedded transport.
 
     Args:
         settings: defaults to :func:`~ml_framework.settings.get_settings`.
@@ -43,6 +44,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         # worker's shard is redelivered soon after the visibility timeout.
         transport_options["unacked_restore_interval"] = max(1, min(10, settings.broker_visibility_timeout_s // 4))
         transport_options["unacked_restore_throttle"] = 1
+        # BRPOP the consumed queues in -Q order (online first) instead of round robin.
+        transport_options["queue_order_strategy"] = "priority"
     app.conf.update(
         task_serializer="json",
         accept_content=["json", "msgpack"],

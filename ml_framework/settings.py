@@ -57,6 +57,9 @@ class Settings(BaseSettings):
         worker_threads: framework intra-op threads per worker process; default
             ``cores // worker_processes`` (at least 1).
         bulk_queue: Celery queue that carries bulk-scoring shards.
+        online_queue: Celery queue of online requests (``Client.submit`` / ``predict``,
+            ``POST /v1/models/{name}/predict``); every worker takes from it before taking
+            its next bulk shard.
         task_time_limit_s: hard limit of one shard task, seconds, given to Celery. The solo
             pool that ``mlf worker`` runs does not enforce Celery's hard limits, so today this
             only bounds ``broker_visibility_timeout_s``; enforcing it from the launcher is
@@ -87,6 +90,7 @@ class Settings(BaseSettings):
     worker_processes: PositiveInt | None = None
     worker_threads: PositiveInt | None = None
     bulk_queue: str = Field(default="mlf.bulk", min_length=1)
+    online_queue: str = Field(default="mlf.online", min_length=1)
     task_time_limit_s: PositiveInt = 3600
     broker_visibility_timeout_s: PositiveInt = 7200
     broker_polling_interval_s: float = Field(default=0.2, gt=0, le=10)
@@ -108,6 +112,13 @@ class Settings(BaseSettings):
         for entry in value:
             parse_model_ref(entry)
         return value
+
+    @model_validator(mode="after")
+    def _check_queues(self) -> Settings:
+        if self.online_queue == self.bulk_queue:
+            raise ValueError(f"online_queue and bulk_queue must differ (both {self.bulk_queue!r}): "
+                             "online requests would wait behind bulk shards")
+        return self
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

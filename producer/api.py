@@ -10,6 +10,7 @@ Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message"
                                             whole result as ``?format=csv`` / ``parquet``
 ``DELETE /v1/jobs/{id}``                    cancel: no further shard starts
 ``GET /v1/models``                          the model repository
+``POST /v1/models/{name}/predict``          online: score a few rows, answer synchronously
 ``GET /health``                             liveness: the process answers
 ``GET /ready``                              broker and database reachable, a worker alive
 ``GET /metrics``                            Prometheus text format
@@ -44,6 +45,7 @@ from ml_framework.errors import (
     DatasetError,
     DatasetNotFoundError,
     JobNotFoundError,
+    JobTimeoutError,
     ManifestError,
     MLFrameworkError,
     ModelNotFoundError,
@@ -90,6 +92,24 @@ class JobRequest(BaseModel):
         if (self.dataset is None) == (self.rows is None):
             raise ValueError("give exactly one of 'dataset' (a file under the data directory) and 'rows'")
         return self
+
+
+class PredictRequest(BaseModel):
+    """An online request: a few rows scored ahead of any bulk backlog."""
+
+    model_config = {"extra": "forbid"}
+
+    rows: list[dict[str, Scalar]] = Field(min_length=1, description="One object of column -> value per row.")
+    version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait for the answer.")
+
+
+class PredictResponse(BaseModel):
+    """The outputs of an online request, one per input row, in order."""
+
+    job_id: str
+    model: str
+    rows: list[dict[str, Any]] = Field(description="As in a results page: 'row' and outputs, or 'error'.")
 
 
 class JobOut(BaseModel):
@@ -152,7 +172,7 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
 
 
 _STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
-    (JobNotFoundError, 404), (ModelNotFoundError, 404), (DatasetNotFoundError, 404),
+    (JobNotFoundError, 404), (ModelNotFoundError, 404), (DatasetNotFoundError, 404), (JobTimeoutError, 504),
     (ManifestError, 409), (DatasetError, 422), (StoreUnavailableError, 503), (MLFrameworkError, 400),
 ]
 
@@ -272,6 +292,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def list_models(c: ClientDep) -> list[dict[str, Any]]:
         """Every model version in the repository, with its manifest."""
         return [m.model_dump(mode="json") for m in c.models()]
+
+    @api.post("/v1/models/{name}/predict", response_model=PredictResponse, tags=["models"],
+              responses={404: {"model": ApiError}, 504: {"model": ApiError}})
+    def predict(name: str, body: PredictRequest, c: ClientDep) -> PredictResponse:
+        """Score a few rows now: the request goes on the online queue, which workers drain
+        before their next bulk shard; 504 when no answer comes within ``timeout_s``."""
+        job = c.answer(c.submit(name, body.rows, body.version), body.timeout_s)
+        rows = c.store.results_page(job.id, 0, len(body.rows))
+        return PredictResponse(job_id=job.id, model=name, rows=_finite(rows))
 
     @api.get("/health", tags=["operations"])
     def health() -> dict[str, str]:

@@ -147,7 +147,7 @@ def results(
             job.save_results(output)
     except (MLFrameworkError, ValueError) as exc:
         raise fail(str(exc)) from None
-    out.print(f"{st.rows_done} rows ({st.rows_failed} failed) of job {job_id} "
+    out.print(f"{st.rows_done} rows ({st.rows_failed} failed) of job {job.id} "
               f"[{st.state.value}] written to {output}")
 
 
@@ -159,7 +159,7 @@ def cancel(job_id: Annotated[str, typer.Argument(help="Job id.")]) -> None:
             st = c.get_job(job_id).cancel()
     except MLFrameworkError as exc:
         raise fail(str(exc)) from None
-    out.print(f"job {job_id} is {st.state.value}")
+    out.print(f"job {st.job_id} is {st.state.value}")
 
 
 def _gib(n: int | None) -> str:
@@ -184,7 +184,8 @@ def workers(
             print(json.dumps(info.__dict__, default=str))
         return
     if not infos:
-        out.print("no worker heartbeat in the last 30 s (start workers with `mlf worker`)")
+        out.print("no worker heartbeat recorded (start workers with `mlf worker`)" if all_
+                  else "no worker heartbeat in the last 30 s (start workers with `mlf worker`)")
         return
     now = datetime.now(UTC)
     table = Table("worker", "pid", "device", "models", "shards", "rows", "rows/s", "OOM splits",

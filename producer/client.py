@@ -33,6 +33,8 @@ from producer.results import write_results
 
 POLL_START_S = 0.1
 POLL_MAX_S = 2.0
+ONLINE_POLL_START_S = 0.005
+ONLINE_POLL_MAX_S = 0.1
 NO_WORKER_WARNING_S = 5.0
 
 log = logging.getLogger(__name__)
@@ -56,15 +58,17 @@ class Job:
         """Current state and counters. Raises ``JobNotFoundError``."""
         return self.client.store.job(self.id)
 
-    def wait(self, timeout_s: float | None = None, progress: bool = False) -> JobStatus:
+    def wait(self, timeout_s: float | None = None, progress: bool = False, *,
+             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S) -> JobStatus:
         """Block until the job is finished (any terminal state).
 
-        Polls the store with backoff from 0.1 s to 2 s. Logs a warning when the job is
-        still PENDING after 5 s and no worker heartbeat is live.
+        Polls the store with backoff (x1.5 per poll) from ``poll_start_s`` to ``poll_max_s``.
+        Logs a warning when the job is still PENDING after 5 s and no worker heartbeat is live.
 
         Args:
             timeout_s: give up after this many seconds (``None``: wait forever).
             progress: show a progress bar of rows done on the terminal.
+            poll_start_s / poll_max_s: first and longest pause between polls, seconds.
 
         Returns:
             The final status.
@@ -74,7 +78,7 @@ class Job:
         """
         started = time.monotonic()
         deadline = None if timeout_s is None else started + timeout_s
-        delay = POLL_START_S
+        delay = poll_start_s
         warned = False
         bar = _ProgressBar(self) if progress else None
         try:
@@ -96,7 +100,7 @@ class Job:
                         f"({status.rows_done}/{status.n_rows} rows); are workers running? (`mlf worker`)"
                     )
                 time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 1.5, POLL_MAX_S)
+                delay = min(delay * 1.5, poll_max_s)
         finally:
             if bar:
                 bar.close()
@@ -228,6 +232,7 @@ class Client:
         version: int | None = None,
         batch_size: int | None = None,
         columns: Sequence[str] | None = None,
+        queue: str | None = None,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
 
@@ -237,6 +242,7 @@ class Client:
                 input columns in order. Values that are not numbers become row errors on
                 the worker, naming the row and field; they do not fail the job.
             model, version, batch_size, columns: as :meth:`score_dataset`.
+            queue: Celery queue of the shards; default the bulk queue.
 
         Returns:
             The new :class:`Job`; its rows are numbered from 0 in the order given.
@@ -256,7 +262,54 @@ class Client:
         sources = (InlineRows(row_start=a, row_end=b, data_b64=encode_table(selected.slice(a, b - a)))
                    for a, b in ranges)
         return self._submit(manifest, f"<{table.num_rows} inline rows>", table.num_rows, ranges, use_columns,
-                            sources, batch)
+                            sources, batch, queue)
+
+    def submit(self, model: str, inputs: RowsLike, version: int | None = None,
+               batch_size: int | None = None) -> Job:
+        """Submit an online request: a few rows, on the online queue, which every worker
+        drains before taking its next bulk shard. Non-blocking form of :meth:`predict`.
+
+        Args and errors: as :meth:`score_rows`.
+        """
+        return self.score_rows(inputs, model, version, batch_size, queue=self.settings.online_queue)
+
+    def predict(self, model: str, inputs: RowsLike, version: int | None = None,
+                timeout_s: float = 30.0) -> pd.DataFrame:
+        """Score a few rows and return their results, blocking at most ``timeout_s``.
+
+        The request goes on the online queue (see :meth:`submit`); its results are read
+        from the results store, polled from 5 ms with backoff up to 100 ms.
+
+        Args:
+            model, inputs, version: as :meth:`score_rows`.
+            timeout_s: seconds to wait at most.
+
+        Returns:
+            One row per input row, in order, as :meth:`Job.results` (outputs, or ``error``
+            and ``error_field`` for rows that failed).
+
+        Raises:
+            JobTimeoutError: no answer within ``timeout_s`` (the request is cancelled).
+            DatasetSchemaError, DatasetError, ModelNotFoundError: as :meth:`score_rows`.
+        """
+        return self.answer(self.submit(model, inputs, version), timeout_s).results()
+
+    def answer(self, job: Job, timeout_s: float) -> Job:
+        """Wait for an online request (see :meth:`submit`), polling the store from 5 ms with
+        backoff up to 100 ms; cancel it if no answer comes within ``timeout_s``.
+
+        Returns:
+            ``job``, now finished.
+
+        Raises:
+            JobTimeoutError: no answer in time (the job is cancelled).
+        """
+        try:
+            job.wait(timeout_s, poll_start_s=ONLINE_POLL_START_S, poll_max_s=ONLINE_POLL_MAX_S)
+        except JobTimeoutError:
+            job.cancel()
+            raise
+        return job
 
     def _check(self, model: str, version: int | None, batch_size: int | None) -> tuple[ModelManifest, int]:
         if batch_size is not None and not 0 < batch_size <= MAX_INT32:
@@ -273,6 +326,7 @@ class Client:
         columns: list[str],
         sources: Iterable[DatasetRef | InlineRows],
         batch: int,
+        queue: str | None = None,
     ) -> Job:
         """Record the job, then send one shard message per source; cancel the job if sending fails."""
         job_id = self.store.create_job(
@@ -286,7 +340,7 @@ class Client:
                                       version=manifest.version, batch_size=batch,
                                       columns=columns, source=source)
                     self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
-                                       queue=self.settings.bulk_queue, producer=producer)
+                                       queue=queue or self.settings.bulk_queue, producer=producer)
         except BaseException:
             self.store.cancel(job_id)
             raise

@@ -25,6 +25,12 @@ WORKER_PROCESSES = 2
 WORKER_START_TIMEOUT_S = 120
 
 
+def queues(prefix: str) -> dict[str, str]:
+    """Bulk and online queue names of one test's workers, unique so tests never share them."""
+    tag = uuid.uuid4().hex[:8]
+    return {"bulk_queue": f"{prefix}{tag}", "online_queue": f"{prefix}{tag}.online"}
+
+
 def service_unavailable(what: str, exc: Exception) -> None:
     """Skip on a laptop without ``what``; fail under CI, where every service must be up."""
     message = f"{what} unreachable: {exc}"
@@ -154,7 +160,7 @@ def backend(request, trained, data_dir, tmp_path_factory):
     var_dir = tmp_path_factory.mktemp(f"var-{request.param}")
     values: dict[str, Any] = {
         "models_dir": trained[0], "data_dir": data_dir, "var_dir": var_dir,
-        "shard_size": SHARD_SIZE, "bulk_queue": f"mlf.test.{uuid.uuid4().hex[:8]}",
+        "shard_size": SHARD_SIZE, **queues("mlf.test."),
         "broker_polling_interval_s": 0.1,
     }
     if request.param == "redis-postgres":

@@ -79,7 +79,7 @@ def plan_children(
     threads = threads or settings.worker_threads or max(1, cores // max(total, 1))
     host = os.uname().nodename
     argv_base = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo",
-                 "--concurrency", "1", "-Q", settings.bulk_queue, "--loglevel", settings.logging_level]
+                 "--concurrency", "1", "-Q", f"{settings.online_queue},{settings.bulk_queue}", "--loglevel", settings.logging_level]
     if settings.embedded_broker:
         # The SQLite transport has no broadcast: no mingle / gossip / broker heartbeats.
         argv_base += ["--without-mingle", "--without-gossip", "--without-heartbeat"]

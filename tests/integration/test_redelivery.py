@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 
 import pytest
 from sqlalchemy import select
@@ -16,7 +15,7 @@ from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from ml_framework.store.schema import WorkerRow
 from producer.client import Client
-from tests.conftest import REDIS_URL, check_redis, start_workers, stop_workers
+from tests.conftest import REDIS_URL, check_redis, queues, start_workers, stop_workers
 
 pytestmark = pytest.mark.integration
 VISIBILITY_TIMEOUT_S = 8
@@ -32,7 +31,7 @@ def test_killed_worker_shard_is_redone_once(kind, request, trained, data_dir, di
         pd.concat([digits.frame] * 4, ignore_index=True).to_csv(big, index=False)
     values = {
         "models_dir": trained[0], "data_dir": data_dir, "var_dir": tmp_path,
-        "shard_size": 100_000, "bulk_queue": f"mlf.test.kill.{uuid.uuid4().hex[:8]}",
+        "shard_size": 100_000, **queues("mlf.test.kill."),
         "broker_polling_interval_s": 0.1, "task_time_limit_s": VISIBILITY_TIMEOUT_S - 1,
         "broker_visibility_timeout_s": VISIBILITY_TIMEOUT_S,
     }

@@ -5,14 +5,13 @@ backoff, then finish the job with each row once. Retries are not capped (regress
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client
-from tests.conftest import REDIS_URL, check_redis, pg_admin, start_workers, stop_workers
+from tests.conftest import REDIS_URL, check_redis, pg_admin, queues, start_workers, stop_workers
 
 pytestmark = pytest.mark.integration
 OUTAGE_S = 15
@@ -25,7 +24,7 @@ def test_shards_survive_a_results_store_outage(workers_start, trained, data_dir,
     during the outage: the job still SUCCEEDS with every row once."""
     check_redis()
     values = {"models_dir": trained[0], "data_dir": data_dir, "var_dir": tmp_path, "shard_size": 300,
-              "bulk_queue": f"mlf.test.outage.{uuid.uuid4().hex[:8]}", "broker_url": REDIS_URL,
+              **queues("mlf.test.outage."), "broker_url": REDIS_URL,
               "database_url": own_pg_database}
     client = Client(load_settings(**values))
     proc = start_workers(values, tmp_path / "workers.log") if workers_start == "before" else None

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pandas as pd
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client
-from tests.conftest import REDIS_URL, check_redis, stop_workers
+from tests.conftest import REDIS_URL, check_redis, queues, stop_workers
 
 pytestmark = pytest.mark.integration
 VISIBILITY_TIMEOUT_S = 8
@@ -40,7 +39,7 @@ def test_two_cpu_processes_share_a_job_and_a_killed_one_is_restarted(request, tr
     check_redis()
     values = {
         "models_dir": trained[0], "data_dir": data_dir, "var_dir": tmp_path, "shard_size": 600,
-        "bulk_queue": f"mlf.test.procs.{uuid.uuid4().hex[:8]}", "broker_url": REDIS_URL,
+        **queues("mlf.test.procs."), "broker_url": REDIS_URL,
         "database_url": request.getfixturevalue("own_pg_database"),
         "task_time_limit_s": VISIBILITY_TIMEOUT_S - 1, "broker_visibility_timeout_s": VISIBILITY_TIMEOUT_S,
     }

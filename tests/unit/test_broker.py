@@ -34,3 +34,32 @@ def test_processes_racing_on_a_fresh_broker_file_all_start(tmp_path):
         results = race(url, queue)
         failures = [err[-400:] for p, _out, err in results if p.returncode != 0]
         assert failures == [], failures
+
+
+def test_queues_are_drained_in_the_order_consumed(tmp_path):
+    """With 5 bulk messages waiting, online messages sent later are all delivered first, on
+    every poll (kombu's default cycle alternates between the queues: online0, bulk0, online1)."""
+    from kombu import Connection, Consumer, Queue
+
+    import ml_framework.broker  # noqa: F401 - registers the transport
+
+    url = f"mlfsqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    online, bulk = Queue("t.online"), Queue("t.bulk")
+    got: list[str] = []
+    with Connection(url, transport_options={"polling_interval": 0.01}) as conn:
+        producer = conn.Producer()
+        for i in range(5):
+            producer.publish({"n": f"bulk{i}"}, routing_key="t.bulk", declare=[bulk])
+        for i in range(2):
+            producer.publish({"n": f"online{i}"}, routing_key="t.online", declare=[online])
+
+        def on_message(body, message):
+            got.append(body["n"])
+            message.ack()
+            if body["n"] == "bulk0":  # an online request arriving while bulk work runs
+                producer.publish({"n": "online2"}, routing_key="t.online", declare=[online])
+
+        with Consumer(conn, [online, bulk], callbacks=[on_message], prefetch_count=1):
+            while len(got) < 8:
+                conn.drain_events(timeout=5)
+    assert got == ["online0", "online1", "bulk0", "online2", "bulk1", "bulk2", "bulk3", "bulk4"]

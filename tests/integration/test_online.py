@@ -1,0 +1,75 @@
+"""Online requests: answered ahead of a bulk backlog, from Python and over HTTP, on both
+backends, with real worker processes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from demo.digits import PIXELS, SCALE
+from ml_framework.errors import JobTimeoutError
+from ml_framework.settings import load_settings
+from producer.api import create_app
+from producer.client import Client
+from tests.integration.test_scoring import own_probabilities
+
+pytestmark = pytest.mark.integration
+
+
+def expected_labels(trained, framework: str, frame: pd.DataFrame) -> list[int]:
+    model, manifest = trained[1][framework]
+    x = frame[PIXELS].to_numpy(np.float32) * SCALE
+    return [manifest.outputs.labels[k] for k in own_probabilities(framework, model, x).argmax(axis=1)]
+
+
+def test_online_request_overtakes_a_bulk_backlog(backend, trained, data_dir, digits):
+    """With a bulk job of many shards queued, a 5-row request is answered within one
+    shard's time (plus 2 s of slack), while bulk shards are still waiting."""
+    big = data_dir / "digits_x4.csv"
+    if not big.exists():
+        pd.concat([digits.frame] * 4, ignore_index=True).to_csv(big, index=False)
+    bulk = Client(load_settings(**{**backend.values, "shard_size": 400}))
+    try:
+        job = bulk.score_dataset(big, "digits-torch", batch_size=1)
+        deadline = time.monotonic() + 120
+        while sum(s["state"] == "RUNNING" for s in bulk.store.shards(job.id)) < 2:  # both workers busy
+            assert time.monotonic() < deadline, backend.worker_log.read_text()[-2000:]
+            time.sleep(0.05)
+        rows = digits.frame.iloc[:5]
+        started = time.monotonic()
+        answer = backend.client.predict("digits-torch", rows[PIXELS], timeout_s=120)
+        latency = time.monotonic() - started
+        shards = bulk.store.shards(job.id)
+        waiting = sum(s["state"] == "PENDING" for s in shards)
+        durations = [(s["finished_at"] - s["started_at"]).total_seconds() for s in shards if s["state"] == "DONE"]
+        print(f"online latency {latency:.2f} s; bulk shards {max(durations):.2f} s at most; {waiting} still queued")
+        assert waiting > 0, "the backlog was gone before the answer: the test proves nothing"
+        assert latency <= max(durations) + 2.0
+        assert answer["prediction"].tolist() == expected_labels(trained, "torch", rows)
+        assert answer.index.tolist() == [0, 1, 2, 3, 4] and answer["error"].isna().all()
+    finally:
+        bulk.get_job(job.id).cancel()
+        bulk.close()
+
+
+def test_predict_over_http(backend, trained, digits):
+    """POST /v1/models/{name}/predict answers in order, isolates a bad row, names unknown
+    models, and times out with 504."""
+    rows = digits.frame[PIXELS].iloc[10:14].to_dict(orient="records")
+    rows[2]["pixel_9"] = None
+    with TestClient(create_app(load_settings(**backend.values))) as http:
+        r = http.post("/v1/models/digits-sklearn/predict", json={"rows": rows})
+        assert r.status_code == 200, r.text
+        got = r.json()["rows"]
+        want = expected_labels(trained, "sklearn", digits.frame.iloc[10:14])
+        assert [g.get("prediction") for g in got] == [want[0], want[1], None, want[3]]
+        assert got[2] == {"row": 2, "error": "row 2, field 'pixel_9': missing value", "error_field": "pixel_9"}
+        assert http.post("/v1/models/nope/predict", json={"rows": rows}).status_code == 404
+        slow = http.post("/v1/models/digits-sklearn/predict", json={"rows": rows, "timeout_s": 0.001})
+        assert slow.status_code == 504 and slow.json()["error"]["type"] == "JobTimeoutError"
+    with pytest.raises(JobTimeoutError):
+        backend.client.predict("digits-sklearn", rows, timeout_s=0.001)
