@@ -150,6 +150,20 @@ class RuntimeOptions(_Strict):
     warmup: bool = True
 
 
+class DynamicBatching(_Strict):
+    """How a worker batches concurrent online requests for this model (as Triton's
+    ``dynamic_batching``): it gathers waiting requests until ``max_batch_size`` rows or
+    ``max_queue_delay_ms`` after taking the first, then runs them as one forward pass.
+
+    Attributes:
+        max_batch_size: most rows in one gathered forward pass.
+        max_queue_delay_ms: longest the first request waits for others, milliseconds.
+    """
+
+    max_batch_size: BatchSize = 64
+    max_queue_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+
+
 _TORCH_ONLY = ("inference_mode", "precision", "pin_memory")
 _TF_ONLY = ("jit_compile",)
 
@@ -169,6 +183,7 @@ class ModelManifest(_Strict):
         trusted_types: scikit-learn only: the exact types skops may instantiate when
             loading; anything else in the file makes loading fail (no bare pickle).
         runtime: inference fast paths, see :class:`RuntimeOptions`.
+        dynamic_batching: batching of online requests, see :class:`DynamicBatching`.
         description: free text.
     """
 
@@ -182,6 +197,7 @@ class ModelManifest(_Strict):
     default_batch_size: BatchSize | None = None
     trusted_types: list[str] = []
     runtime: RuntimeOptions = RuntimeOptions()
+    dynamic_batching: DynamicBatching = DynamicBatching()
     description: str = ""
 
     @model_validator(mode="after")
@@ -223,6 +239,25 @@ class ModelManifest(_Strict):
         path = directory / MANIFEST_FILE
         path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
         return path
+
+
+_CACHE: dict[Path, tuple[tuple[int, int], ModelManifest]] = {}
+
+
+def _read_cached(path: Path) -> ModelManifest:
+    """:meth:`ModelManifest.read`, skipped while the file's mtime and size are unchanged
+    (parsing and validating the YAML costs ~10 ms, on every online request otherwise)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ModelManifest.read(path)  # raises the usual "not found"
+    key = (st.st_mtime_ns, st.st_size)
+    hit = _CACHE.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    manifest = ModelManifest.read(path)
+    _CACHE[path] = (key, manifest)
+    return manifest
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
@@ -293,7 +328,7 @@ class ModelRepository:
                 f"model {name!r} has no version {version} in {self.root} (versions: {versions})"
             )
         path = self.version_dir(name, version) / MANIFEST_FILE
-        manifest = ModelManifest.read(path)
+        manifest = _read_cached(path)
         if manifest.name != name or manifest.version != int(version):
             raise ManifestError(
                 f"{path}: manifest says {manifest.name}/{manifest.version}, "

@@ -62,6 +62,8 @@ class ScoreShard(_Message):
         batch_size: rows per forward pass.
         columns: dataset columns the model reads.
         source: where the rows are.
+        online: an online request: the worker gathers other waiting online requests into
+            the same forward pass (dynamic batching) and announces the answer.
     """
 
     job_id: str
@@ -71,3 +73,4 @@ class ScoreShard(_Message):
     batch_size: PositiveInt
     columns: list[str]
     source: DatasetRef | InlineRows = Field(discriminator="kind")
+    online: bool = False

@@ -11,9 +11,11 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,8 @@ class Job:
         return self.client.store.job(self.id)
 
     def wait(self, timeout_s: float | None = None, progress: bool = False, *,
-             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S) -> JobStatus:
+             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S,
+             sleep: Callable[[float], None] = time.sleep) -> JobStatus:
         """Block until the job is finished (any terminal state).
 
         Polls the store with backoff (x1.5 per poll) from ``poll_start_s`` to ``poll_max_s``.
@@ -69,6 +72,7 @@ class Job:
             timeout_s: give up after this many seconds (``None``: wait forever).
             progress: show a progress bar of rows done on the terminal.
             poll_start_s / poll_max_s: first and longest pause between polls, seconds.
+            sleep: how to pause; an early return just polls sooner.
 
         Returns:
             The final status.
@@ -99,7 +103,7 @@ class Job:
                         f"job {self.id} still {status.state.value} after {timeout_s} s "
                         f"({status.rows_done}/{status.n_rows} rows); are workers running? (`mlf worker`)"
                     )
-                time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+                sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, poll_max_s)
         finally:
             if bar:
@@ -154,9 +158,13 @@ class Client:
         self.store = ResultStore(self.settings.effective_database_url)
         self.repository = ModelRepository(self.settings.models_dir)
         self.app = create_app(self.settings)
+        self._notifier: DoneNotifier | None = None
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Release broker and database connections."""
+        if self._notifier is not None:
+            self._notifier.close()
         self.store.close()
         self.app.close()
 
@@ -233,6 +241,7 @@ class Client:
         batch_size: int | None = None,
         columns: Sequence[str] | None = None,
         queue: str | None = None,
+        online: bool = False,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
 
@@ -243,6 +252,7 @@ class Client:
                 the worker, naming the row and field; they do not fail the job.
             model, version, batch_size, columns: as :meth:`score_dataset`.
             queue: Celery queue of the shards; default the bulk queue.
+            online: mark the shards as online requests (dynamic batching on the worker).
 
         Returns:
             The new :class:`Job`; its rows are numbered from 0 in the order given.
@@ -262,7 +272,7 @@ class Client:
         sources = (InlineRows(row_start=a, row_end=b, data_b64=encode_table(selected.slice(a, b - a)))
                    for a, b in ranges)
         return self._submit(manifest, f"<{table.num_rows} inline rows>", table.num_rows, ranges, use_columns,
-                            sources, batch, queue)
+                            sources, batch, queue, online)
 
     def submit(self, model: str, inputs: RowsLike, version: int | None = None,
                batch_size: int | None = None) -> Job:
@@ -271,7 +281,7 @@ class Client:
 
         Args and errors: as :meth:`score_rows`.
         """
-        return self.score_rows(inputs, model, version, batch_size, queue=self.settings.online_queue)
+        return self.score_rows(inputs, model, version, batch_size, queue=self.settings.online_queue, online=True)
 
     def predict(self, model: str, inputs: RowsLike, version: int | None = None,
                 timeout_s: float = 30.0) -> pd.DataFrame:
@@ -286,17 +296,24 @@ class Client:
 
         Returns:
             One row per input row, in order, as :meth:`Job.results` (outputs, or ``error``
-            and ``error_field`` for rows that failed).
+            and ``error_field`` for rows that failed); ``frame.attrs["job_id"]`` names the job.
 
         Raises:
             JobTimeoutError: no answer within ``timeout_s`` (the request is cancelled).
             DatasetSchemaError, DatasetError, ModelNotFoundError: as :meth:`score_rows`.
         """
-        return self.answer(self.submit(model, inputs, version), timeout_s).results()
+        job = self.answer(self.submit(model, inputs, version), timeout_s)
+        frame = job.results()
+        frame.attrs["job_id"] = job.id
+        return frame
 
     def answer(self, job: Job, timeout_s: float) -> Job:
-        """Wait for an online request (see :meth:`submit`), polling the store from 5 ms with
-        backoff up to 100 ms; cancel it if no answer comes within ``timeout_s``.
+        """Wait for an online request (see :meth:`submit`); cancel it if no answer comes
+        within ``timeout_s``.
+
+        With a Redis broker the worker's announcement wakes the wait at once; polls of the
+        store (from 5 ms, backing off to 100 ms) are the fallback, and the only way with
+        the embedded broker.
 
         Returns:
             ``job``, now finished.
@@ -304,12 +321,33 @@ class Client:
         Raises:
             JobTimeoutError: no answer in time (the job is cancelled).
         """
+        notifier = self._done_notifier()
+        wake = notifier.register(job.id) if notifier else None
+
+        def sleep(seconds: float) -> None:
+            if wake is None:
+                time.sleep(seconds)
+            elif wake.wait(seconds):
+                wake.clear()
+
         try:
-            job.wait(timeout_s, poll_start_s=ONLINE_POLL_START_S, poll_max_s=ONLINE_POLL_MAX_S)
+            job.wait(timeout_s, poll_start_s=ONLINE_POLL_START_S, poll_max_s=ONLINE_POLL_MAX_S, sleep=sleep)
         except JobTimeoutError:
             job.cancel()
             raise
+        finally:
+            if notifier:
+                notifier.unregister(job.id)
         return job
+
+    def _done_notifier(self) -> DoneNotifier | None:
+        url = self.settings.broker_url
+        if not url or not url.startswith(("redis://", "rediss://")):
+            return None
+        with self._lock:
+            if self._notifier is None:
+                self._notifier = DoneNotifier(url, f"mlf.done.{self.settings.online_queue}")
+            return self._notifier
 
     def _check(self, model: str, version: int | None, batch_size: int | None) -> tuple[ModelManifest, int]:
         if batch_size is not None and not 0 < batch_size <= MAX_INT32:
@@ -327,6 +365,7 @@ class Client:
         sources: Iterable[DatasetRef | InlineRows],
         batch: int,
         queue: str | None = None,
+        online: bool = False,
     ) -> Job:
         """Record the job, then send one shard message per source; cancel the job if sending fails."""
         job_id = self.store.create_job(
@@ -338,13 +377,59 @@ class Client:
                 for index, source in enumerate(sources):
                     body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name,
                                       version=manifest.version, batch_size=batch,
-                                      columns=columns, source=source)
+                                      columns=columns, source=source, online=online)
                     self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
                                        queue=queue or self.settings.bulk_queue, producer=producer)
         except BaseException:
             self.store.cancel(job_id)
             raise
         return Job(self, job_id)
+
+
+class DoneNotifier:
+    """Listens on the Redis channel where workers announce finished online requests and
+    wakes the callers waiting for them (one subscriber thread per client).
+
+    Args:
+        url: Redis URL (the broker's).
+        channel: the announcement channel (``mlf.done.<online_queue>``).
+    """
+
+    def __init__(self, url: str, channel: str) -> None:
+        import redis
+
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(**{channel: self._on_message})
+        self._thread = self._pubsub.run_in_thread(sleep_time=0.2, daemon=True)
+
+    def _on_message(self, message: dict) -> None:
+        try:
+            job_ids = json.loads(message["data"])
+        except (ValueError, TypeError):
+            return
+        with self._lock:
+            for job_id in job_ids:
+                event = self._events.get(job_id)
+                if event is not None:
+                    event.set()
+
+    def register(self, job_id: str) -> threading.Event:
+        """An event set when ``job_id`` is announced."""
+        with self._lock:
+            return self._events.setdefault(job_id, threading.Event())
+
+    def unregister(self, job_id: str) -> None:
+        """Stop tracking ``job_id``."""
+        with self._lock:
+            self._events.pop(job_id, None)
+
+    def close(self) -> None:
+        """Stop the subscriber thread (it notices within 0.2 s), then close its connection."""
+        self._thread.stop()
+        self._thread.join(timeout=5)
+        self._pubsub.close()
 
 
 RowsLike = pd.DataFrame | pa.Table | np.ndarray | Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]]
@@ -366,7 +451,10 @@ def rows_to_table(rows: RowsLike, input_columns: Sequence[str]) -> pa.Table:
     elif isinstance(rows, pd.DataFrame):
         if rows.columns.duplicated().any():
             raise DatasetSchemaError(f"duplicate column names: {sorted(set(rows.columns[rows.columns.duplicated()]))}")
-        table = _columns_to_table({str(c): rows[c].tolist() for c in rows.columns})
+        try:
+            table = pa.Table.from_pandas(rows, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in a column
+            table = _columns_to_table({str(c): rows[c].tolist() for c in rows.columns})
     elif isinstance(rows, np.ndarray) or (isinstance(rows, Sequence) and rows and not isinstance(rows[0], Mapping)):
         if not isinstance(rows, np.ndarray):
             for i, row in enumerate(rows):

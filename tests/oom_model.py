@@ -34,3 +34,22 @@ def expected_splits(rows: int, limit: int) -> int:
         return 0
     half = rows // 2
     return 1 + expected_splits(half, limit) + expected_splits(rows - half, limit)
+
+
+def fails_on_negative(in_features: int, classes: int):
+    """``(N, in_features) -> (N, classes)`` logits; raises when any input is negative, as
+    a model with a domain check does. Scripted, so the check survives export."""
+    import torch
+
+    class FailsOnNegative(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(in_features, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool((x < 0).any()):
+                raise RuntimeError("negative input")
+            return self.linear(x)
+
+    torch.manual_seed(0)
+    return FailsOnNegative()

@@ -58,6 +58,7 @@ def _publish(
     description: str,
     sample: np.ndarray | None,
     runtime: SpecLike | None = None,
+    dynamic_batching: SpecLike | None = None,
 ) -> ModelManifest:
     repo = ModelRepository(Path(models_dir))
     version = version or max(repo.versions(name), default=0) + 1
@@ -71,6 +72,8 @@ def _publish(
         fields["preprocessing"] = _dump(preprocessing)
     if runtime is not None:
         fields["runtime"] = _dump(runtime)
+    if dynamic_batching is not None:
+        fields["dynamic_batching"] = _dump(dynamic_batching)
     try:
         manifest = ModelManifest.model_validate(fields)
     except ValidationError as exc:
@@ -158,6 +161,7 @@ def export_torch(
     sample: np.ndarray | None = None,
     method: str = "export",
     runtime: SpecLike | None = None,
+    dynamic_batching: SpecLike | None = None,
 ) -> ModelManifest:
     """Export a ``torch.nn.Module`` and publish it.
 
@@ -168,6 +172,7 @@ def export_torch(
             cannot capture, or ``script`` (``torch.jit.script``, ``.pt``) for models whose
             control flow depends on the input.
         runtime: the manifest's ``runtime`` options (precision, pinned memory, ...).
+        dynamic_batching: the manifest's ``dynamic_batching`` options for online requests.
         Other arguments: as :func:`export_sklearn`.
 
     Raises:
@@ -199,7 +204,7 @@ def export_torch(
         models_dir, write, name=name, framework="torch", artifact=artifact, inputs=inputs,
         outputs=outputs, version=version, preprocessing=preprocessing,
         default_batch_size=default_batch_size, trusted_types=None, description=description,
-        sample=sample, runtime=runtime,
+        sample=sample, runtime=runtime, dynamic_batching=dynamic_batching,
     )
 
 
@@ -216,14 +221,16 @@ def export_keras(
     description: str = "",
     sample: np.ndarray | None = None,
     runtime: SpecLike | None = None,
+    dynamic_batching: SpecLike | None = None,
 ) -> ModelManifest:
     """Save a Keras model as ``model.keras`` and publish it. Arguments as :func:`export_sklearn`;
-    ``runtime``: the manifest's ``runtime`` options (``jit_compile``, ``warmup``)."""
+    ``runtime``: the manifest's ``runtime`` options (``jit_compile``, ``warmup``);
+    ``dynamic_batching``: its options for online requests."""
     return _publish(
         models_dir, lambda path: model.save(path), name=name, framework="tensorflow",
         artifact="model.keras", inputs=inputs, outputs=outputs, version=version,
         preprocessing=preprocessing, default_batch_size=default_batch_size, trusted_types=None,
-        description=description, sample=sample, runtime=runtime,
+        description=description, sample=sample, runtime=runtime, dynamic_batching=dynamic_batching,
     )
 
 
@@ -244,7 +251,7 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
         raise FileNotFoundError(f"artifact not found: {src}")
     fields = dict(manifest)
     known = {"name", "version", "framework", "artifact", "inputs", "outputs", "preprocessing",
-             "default_batch_size", "trusted_types", "runtime", "description"}
+             "default_batch_size", "trusted_types", "runtime", "dynamic_batching", "description"}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ManifestError(f"unknown manifest key(s): {unknown} (known: {sorted(known)})")
@@ -264,5 +271,5 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
         outputs=fields["outputs"], version=fields.get("version"),
         preprocessing=fields.get("preprocessing"), default_batch_size=fields.get("default_batch_size"),
         trusted_types=fields.get("trusted_types"), description=fields.get("description", ""),
-        sample=None, runtime=fields.get("runtime"),
+        sample=None, runtime=fields.get("runtime"), dynamic_batching=fields.get("dynamic_batching"),
     )

@@ -23,6 +23,7 @@ from ml_framework.settings import get_settings
 from ml_framework.store import ResultStore, RowError, ShardClaim, WorkerInfo
 from worker.conversion import to_inputs
 from worker.devices import discover
+from worker.online import score_online
 from worker.registry import ModelRegistry
 from worker.runtimes import Runtime
 from worker.runtimes.base import to_record
@@ -132,7 +133,13 @@ class Heartbeat:
 heartbeat: Heartbeat | None = None
 
 
-def _load_table(msg: ScoreShard) -> pa.Table:
+def load_table(msg: ScoreShard) -> pa.Table:
+    """The shard's rows: read from the data directory (by reference) or decoded (inline).
+
+    Raises:
+        DatasetError: the path leaves the data directory, the file is missing, or an
+            inline shard holds the wrong number of rows.
+    """
     src = msg.source
     if isinstance(src, DatasetRef):
         root = get_settings().data_dir.resolve()
@@ -178,20 +185,44 @@ def score_table(runtime: Runtime, table: pa.Table, columns: list[str], row_start
     manifest = runtime.manifest
     x, rows, errors = to_inputs(table, columns, manifest.inputs, manifest.preprocessing, row_start)
     run = runtime.run(x, batch_size)
+    return assemble(runtime, rows.tolist(), run.outputs, run.errors, errors, run.oom_splits)
+
+
+def assemble(runtime: Runtime, rows: list[int], raw: list, failures: list[str | None],
+             errors: list[RowError], oom_splits: int = 0) -> ShardOutcome:
+    """Turn per-row raw outputs into result records, and failures into row errors.
+
+    Args:
+        rows: dataset row numbers of the converted rows, in the order of ``raw``.
+        raw / failures: per converted row, its raw output or ``None``, and ``None`` or
+            the failure (from :meth:`Runtime.run`).
+        errors: row errors of conversion, for rows not in ``rows``; extended in place.
+
+    Returns:
+        A :class:`ShardOutcome` with errors sorted by row.
+    """
     outputs: list[tuple[int, dict]] = []
-    for row, y, failure in zip(rows.tolist(), run.outputs, run.errors, strict=True):
+    for row, y, failure in zip(rows, raw, failures, strict=True):
         if failure is None:
             try:
-                outputs.append((row, to_record(y, manifest.outputs)))
+                outputs.append((row, to_record(y, runtime.manifest.outputs)))
                 continue
             except Exception as exc:  # noqa: BLE001 - contract violation on this row
                 failure = str(exc)
         errors.append(RowError(row, f"row {row}: {failure}"))
     errors.sort(key=lambda e: e.row_index)
-    return ShardOutcome(outputs, errors, run.oom_splits)
+    return ShardOutcome(outputs, errors, oom_splits)
 
 
-def _every_row_failed(msg: ScoreShard, reason: str) -> list[RowError]:
+def count_rows(rows: int, oom_splits: int = 0) -> None:
+    """Add a recorded shard's rows to this process's heartbeat counters."""
+    if heartbeat is not None:
+        heartbeat.shards_done += 1
+        heartbeat.rows_done += rows
+        heartbeat.oom_splits += oom_splits
+
+
+def every_row_failed(msg: ScoreShard, reason: str) -> list[RowError]:
     """One row error with ``reason`` for each row of the shard."""
     return [RowError(r, f"row {r}: {reason}") for r in range(msg.source.row_start, msg.source.row_end)]
 
@@ -209,8 +240,10 @@ def score_shard(task, **body: object) -> str:
     except ValidationError as exc:
         log.error("rejecting malformed %s message: %s", SCORE_SHARD_TASK, exc)
         return "REJECTED"
-    store = get_store()
     hostname = task.request.hostname or "worker"
+    if msg.online:
+        return score_online(task.app, msg, hostname)
+    store = get_store()
     claim = store.claim_shard(msg.job_id, msg.shard_index, hostname)
     if claim is not ShardClaim.RUN:
         log.info("job %s shard %d: %s, skipped", msg.job_id, msg.shard_index, claim.value)
@@ -219,7 +252,7 @@ def score_shard(task, **body: object) -> str:
     shard_error = None
     try:
         runtime = get_registry().get(msg.model, msg.version)
-        table = _load_table(msg)
+        table = load_table(msg)
         outcome = score_table(runtime, table, msg.columns, msg.source.row_start, msg.batch_size)
     except Exception as exc:
         if isinstance(exc, MLFrameworkError):
@@ -227,7 +260,7 @@ def score_shard(task, **body: object) -> str:
         else:
             log.exception("job %s shard %d failed", msg.job_id, msg.shard_index)
             shard_error = f"{type(exc).__name__}: {exc}"
-        outcome = ShardOutcome([], _every_row_failed(msg, f"shard failed: {shard_error}"))
+        outcome = ShardOutcome([], every_row_failed(msg, f"shard failed: {shard_error}"))
     outputs, errors = outcome.outputs, outcome.errors
     try:
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error,
@@ -237,16 +270,13 @@ def score_shard(task, **body: object) -> str:
     except Exception as exc:
         log.exception("job %s shard %d: the results store refused the shard's rows", msg.job_id, msg.shard_index)
         shard_error = f"results store refused the shard's rows: {type(exc).__name__}: {exc}"[:2000]
-        outputs, errors = [], _every_row_failed(msg, shard_error)
+        outputs, errors = [], every_row_failed(msg, shard_error)
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
     if not recorded:
         log.info("job %s shard %d: already recorded by another delivery; nothing written",
                  msg.job_id, msg.shard_index)
         return ShardClaim.ALREADY_DONE.value
-    if heartbeat is not None:
-        heartbeat.shards_done += 1
-        heartbeat.rows_done += len(outputs) + len(errors)
-        heartbeat.oom_splits += outcome.oom_splits
+    count_rows(len(outputs) + len(errors), outcome.oom_splits)
     elapsed = time.perf_counter() - started
     log.info("job %s shard %d model %s/%d: %d rows ok, %d failed%s in %.2f s (%.0f rows/s)",
              msg.job_id, msg.shard_index, msg.model, msg.version, len(outputs), len(errors),

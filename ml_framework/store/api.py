@@ -408,6 +408,7 @@ class ResultStore:
         *,
         shard_error: str | None = None,
         oom_splits: int = 0,
+        batch_rows: int | None = None,
     ) -> bool:
         """Record a shard's outputs and row errors in one transaction.
 
@@ -418,6 +419,8 @@ class ResultStore:
                 and every row has an error); the shard ends FAILED instead of DONE.
             oom_splits: batches of this shard split after an out-of-memory error; added
                 to the job's count.
+            batch_rows: rows of the gathered forward pass that scored this shard (online
+                requests batched together); ``None`` for bulk shards.
 
         Returns:
             True if this call recorded the shard; False if it was already recorded (a
@@ -431,7 +434,8 @@ class ResultStore:
                 .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
                        ShardRow.state.in_(_OPEN_SHARD))
                 .values(state=state.value, finished_at=now, rows_ok=len(outputs),
-                        rows_failed=len(errors), error=shard_error, oom_splits=oom_splits)
+                        rows_failed=len(errors), error=shard_error, oom_splits=oom_splits,
+                        batch_rows=batch_rows)
             ).rowcount
             if not flipped:
                 return False

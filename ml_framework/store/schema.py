@@ -83,6 +83,7 @@ class ShardRow(Base):
     rows_ok: Mapped[int] = mapped_column(Integer, default=0)
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     oom_splits: Mapped[int] = mapped_column(Integer, default=0)
+    batch_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 

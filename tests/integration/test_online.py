@@ -73,3 +73,56 @@ def test_predict_over_http(backend, trained, digits):
         assert slow.status_code == 504 and slow.json()["error"]["type"] == "JobTimeoutError"
     with pytest.raises(JobTimeoutError):
         backend.client.predict("digits-sklearn", rows, timeout_s=0.001)
+
+
+def test_concurrent_requests_are_batched_and_all_answered(backend, trained, digits):
+    """200 concurrent single-row requests: every answer is right, and workers formed
+    batches of more than one request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    frame = digits.frame.iloc[:200]
+    want = expected_labels(trained, "sklearn", frame)
+
+    def one(i: int):
+        answer = backend.client.predict("digits-sklearn", frame[PIXELS].iloc[i:i + 1], timeout_s=120)
+        return answer
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        answers = list(pool.map(one, range(200)))
+    elapsed = time.monotonic() - started
+    assert [a["prediction"].iloc[0] for a in answers] == want
+    job_ids = [backend.client.store.resolve_job_id(a.attrs["job_id"]) for a in answers]
+    batch_rows = [backend.client.store.shards(j)[0]["batch_rows"] for j in job_ids]
+    print(f"200 requests in {elapsed:.1f} s; batch sizes: max {max(batch_rows)}, "
+          f"mean {np.mean(batch_rows):.1f}")
+    assert max(batch_rows) > 1
+
+
+def test_a_failing_request_fails_alone_and_the_next_ones_succeed(backend, trained, digits):
+    """In one gathered batch, requests whose rows make the model raise get that error;
+    the others, and requests after them, get their outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ml_framework.manifest import ModelRepository
+    from tests.oom_model import fails_on_negative
+    from worker.export import export_torch
+
+    models_dir = trained[0]
+    if not ModelRepository(models_dir).versions("digits-strict"):
+        export_torch(fails_on_negative(64, 10), models_dir, "digits-strict", method="script",
+                     inputs={"columns": PIXELS}, runtime={"warmup": False},
+                     dynamic_batching={"max_batch_size": 64, "max_queue_delay_ms": 50},
+                     outputs={"kind": "classification", "labels": list(range(10)), "activation": "softmax"})
+    rows = digits.frame[PIXELS].iloc[:16].copy()
+    rows.iloc[::4, 0] = -1.0  # requests 0, 4, 8, 12 make the model raise
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda i: backend.client.predict("digits-strict", rows.iloc[i:i + 1], timeout_s=120),
+                                range(16)))
+    for i, a in enumerate(answers):
+        if i % 4 == 0:
+            assert "negative input" in a["error"].iloc[0], a
+        else:
+            assert a["error"].iloc[0] is None and a["prediction"].iloc[0] in range(10)
+    after = backend.client.predict("digits-strict", digits.frame[PIXELS].iloc[20:23], timeout_s=120)
+    assert after["error"].isna().all() and len(after) == 3

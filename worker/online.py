@@ -1,0 +1,193 @@
+"""Online requests on the worker: dynamic batching and answer notification.
+
+An online request is a one-shard job on the online queue. When a worker takes one, it
+gathers the other online requests waiting on that queue (taken straight from the broker,
+so Celery's prefetch of one message does not cap the batch) until the first request's
+model says stop: ``dynamic_batching.max_batch_size`` rows, or
+``dynamic_batching.max_queue_delay_ms`` after the first (Triton's dynamic batcher works
+the same way). Requests are grouped by model version; each group's rows go through one
+forward pass (split in halves only if it fails, to isolate bad rows); outputs are split
+back per request and each request's results are written to the results store like any
+shard's. The gathered messages are acknowledged once their results are stored: a worker
+that dies holding them leaves them to be redelivered.
+
+Finished requests are announced on the Redis channel ``mlf.done.<online_queue>`` (a JSON
+list of job ids), which :class:`producer.client.Client` listens to, so a waiting caller
+wakes at once instead of polling. Without Redis (embedded broker) callers poll.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+import numpy as np
+from celery import Celery
+from kombu import Queue
+from kombu.message import Message
+from pydantic import ValidationError
+
+from ml_framework.errors import MLFrameworkError
+from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
+from ml_framework.settings import get_settings
+from ml_framework.store import ShardClaim
+from worker.conversion import to_inputs
+
+log = logging.getLogger(__name__)
+
+GATHER_POLL_S = 0.0005
+
+
+def done_channel(online_queue: str) -> str:
+    """The pub/sub channel on which workers announce finished online requests."""
+    return f"mlf.done.{online_queue}"
+
+
+@lru_cache(maxsize=1)
+def _redis():
+    import redis
+
+    return redis.Redis.from_url(get_settings().broker_url)
+
+
+def announce(job_ids: list[str]) -> None:
+    """Publish finished online job ids (Redis brokers only; a lost announcement only
+    makes the caller notice on its next poll)."""
+    settings = get_settings()
+    if not job_ids or settings.embedded_broker or not settings.broker_url.startswith(("redis://", "rediss://")):
+        return
+    try:
+        _redis().publish(done_channel(settings.online_queue), json.dumps(job_ids))
+    except Exception as exc:  # noqa: BLE001 - callers fall back to polling
+        log.warning("could not announce finished online requests: %s", exc)
+
+
+@contextmanager
+def gathered(app: Celery, first: ScoreShard, rows: int, max_rows: int, max_delay_s: float
+             ) -> Iterator[list[tuple[ScoreShard, Message]]]:
+    """Take waiting online requests from the broker until ``max_rows`` rows (counting the
+    first request's ``rows``) or ``max_delay_s`` seconds.
+
+    Yields:
+        ``(request, message)`` pairs. Messages are acknowledged when the block exits
+        normally; on an exception they are requeued, so another attempt comes soon.
+        Malformed messages are acknowledged (dropped) with an error log.
+    """
+    settings = get_settings()
+    taken: list[tuple[ScoreShard, Message]] = []
+    with app.pool.acquire(block=True) as conn:  # pooled: no new broker connection per request
+        queue = Queue(settings.online_queue, routing_key=settings.online_queue).bind(conn.default_channel)
+        deadline = time.monotonic() + max_delay_s
+        while rows < max_rows:
+            message = queue.get(no_ack=False, accept=["json", "msgpack"])
+            if message is None:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(GATHER_POLL_S)
+                continue
+            request = _parse(message)
+            if request is None:
+                message.ack()
+                continue
+            taken.append((request, message))
+            rows += request.source.row_end - request.source.row_start
+        try:
+            yield taken
+        except BaseException:
+            for _, message in taken:
+                message.requeue()
+            raise
+        for _, message in taken:
+            message.ack()
+
+
+def _parse(message: Message) -> ScoreShard | None:
+    task = (message.headers or {}).get("task")
+    try:
+        _args, kwargs, _embed = message.decode()
+        if task != SCORE_SHARD_TASK:
+            raise ValueError(f"task {task!r} on the online queue")
+        return ScoreShard.model_validate(kwargs)
+    except (ValueError, TypeError, ValidationError) as exc:
+        log.error("dropping malformed online request %s: %s", message.delivery_tag, exc)
+        return None
+
+
+def score_online(app: Celery, first: ScoreShard, hostname: str) -> str:
+    """Score ``first`` together with the online requests waiting behind it.
+
+    Returns:
+        ``DONE`` (results of every claimed request recorded), or what
+        :meth:`ResultStore.claim_shard` said of ``first`` when it alone was not run.
+    """
+    from worker import tasks
+
+    try:
+        batching = tasks.get_registry().repository.resolve(first.model, first.version).dynamic_batching
+        max_rows, delay_s = batching.max_batch_size, batching.max_queue_delay_ms / 1000
+    except MLFrameworkError:
+        max_rows, delay_s = 1, 0.0  # unknown model: fail this request alone, below
+    first_rows = first.source.row_end - first.source.row_start
+    with gathered(app, first, first_rows, max_rows, delay_s) as others:
+        groups: dict[tuple[str, int], list[ScoreShard]] = defaultdict(list)
+        for request in [first, *(r for r, _ in others)]:
+            groups[(request.model, request.version)].append(request)
+        done: list[str] = []
+        for requests in groups.values():
+            done += _score_group(requests, hostname, max_rows)
+        announce(done)
+    return "DONE"
+
+
+def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> list[str]:
+    """One forward pass (in batches of ``max_rows``) over every claimed request of one model
+    version; each request's rows recorded as its shard. Returns the recorded job ids."""
+    from worker import tasks
+
+    store = tasks.get_store()
+    claimed = [r for r in requests if store.claim_shard(r.job_id, r.shard_index, hostname) is ShardClaim.RUN]
+    recorded: list[str] = []
+
+    def fail(request: ScoreShard, reason: str) -> None:
+        errors = tasks.every_row_failed(request, reason)
+        if store.complete_shard(request.job_id, request.shard_index, [], errors, shard_error=reason):
+            recorded.append(request.job_id)
+
+    try:
+        runtime = tasks.get_registry().get(claimed[0].model, claimed[0].version) if claimed else None
+    except MLFrameworkError as exc:
+        for request in claimed:
+            fail(request, f"shard failed: {exc}")
+        return recorded
+    parts = []
+    for request in claimed:
+        try:
+            table = tasks.load_table(request)
+            x, rows, errors = to_inputs(table, request.columns, runtime.manifest.inputs,
+                                        runtime.manifest.preprocessing, request.source.row_start)
+        except MLFrameworkError as exc:
+            fail(request, f"shard failed: {exc}")
+            continue
+        parts.append((request, x, rows, errors))
+    if not parts:
+        return recorded
+    x_all = np.concatenate([x for _, x, _, _ in parts])
+    run = runtime.run(x_all, max(max_rows, 1))
+    offset = 0
+    for i, (request, x, rows, errors) in enumerate(parts):
+        k = len(x)
+        outcome = tasks.assemble(runtime, rows.tolist(), run.outputs[offset:offset + k], run.errors[offset:offset + k],
+                                 errors, run.oom_splits if i == 0 else 0)
+        offset += k
+        if store.complete_shard(request.job_id, request.shard_index, outcome.outputs, outcome.errors,
+                                oom_splits=outcome.oom_splits, batch_rows=len(x_all)):
+            recorded.append(request.job_id)
+            tasks.count_rows(len(outcome.outputs) + len(outcome.errors), outcome.oom_splits)
+    log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), len(x_all),
+             runtime.manifest.name, runtime.manifest.version)
+    return recorded
