@@ -38,7 +38,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ml_framework.errors import (
@@ -74,24 +74,28 @@ class ApiError(BaseModel):
     error: Detail
 
 
-class JobRequest(BaseModel):
-    """A scoring job: exactly one of ``dataset`` and ``rows``."""
-
+class _JobFields(BaseModel):
     model_config = {"extra": "forbid"}
 
     model: str = Field(description="Model name in the repository.", min_length=1, max_length=128)
     version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
     batch_size: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Rows per forward pass.")
     columns: list[str] | None = Field(default=None, description="Dataset columns mapped onto the model inputs, in order.")
-    dataset: str | None = Field(default=None, description="CSV or Parquet path relative to the data directory.")
-    rows: list[dict[str, Scalar]] | None = Field(
-        default=None, description="Inline rows, one object of column -> value per row.", min_length=1)
 
-    @model_validator(mode="after")
-    def _one_source(self) -> JobRequest:
-        if (self.dataset is None) == (self.rows is None):
-            raise ValueError("give exactly one of 'dataset' (a file under the data directory) and 'rows'")
-        return self
+
+class DatasetJobRequest(_JobFields):
+    """A job over a CSV or Parquet file under the data directory (read by reference)."""
+
+    dataset: str = Field(description="Path relative to the data directory.", min_length=1)
+
+
+class RowsJobRequest(_JobFields):
+    """A job over rows sent in the request."""
+
+    rows: list[dict[str, Scalar]] = Field(description="One object of column -> value per row.", min_length=1)
+
+
+JobRequest = DatasetJobRequest | RowsJobRequest
 
 
 class PredictRequest(BaseModel):
@@ -167,8 +171,8 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}})
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message}}, headers=headers)
 
 
 _STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
@@ -202,8 +206,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api = FastAPI(
         title="ml-framework", version="0.1.0", lifespan=lifespan,
         description="Batch inference jobs on Celery workers: submit, poll, fetch results.",
-        responses={400: {"model": ApiError}, 401: {"model": ApiError}, 413: {"model": ApiError},
-                   422: {"model": ApiError}, 503: {"model": ApiError}},
+        responses={code: {"model": ApiError} for code in (400, 401, 404, 409, 413, 422, 503)},
     )
 
     @api.middleware("http")
@@ -242,12 +245,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, "HTTPError", str(exc.detail))
+        return _error(exc.status_code, "HTTPError", str(exc.detail), getattr(exc, "headers", None))  # e.g. Allow on 405
 
     @api.post("/v1/jobs", status_code=202, response_model=JobOut, tags=["jobs"])
     def submit_job(body: JobRequest, c: ClientDep, request: Request) -> JobOut:
         """Submit a scoring job over a dataset file under the data directory, or inline rows."""
-        if body.dataset is not None:
+        if isinstance(body, DatasetJobRequest):
             root = c.settings.data_dir.resolve()
             path = (root / body.dataset).resolve()
             if not path.is_relative_to(root):
