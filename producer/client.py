@@ -37,6 +37,8 @@ POLL_START_S = 0.1
 POLL_MAX_S = 2.0
 ONLINE_POLL_START_S = 0.005
 ONLINE_POLL_MAX_S = 0.1
+NOTIFIED_POLL_START_S = 0.2  # with Redis announcements, polls are only the fallback
+NOTIFIED_POLL_MAX_S = 1.0
 NO_WORKER_WARNING_S = 5.0
 
 log = logging.getLogger(__name__)
@@ -242,6 +244,7 @@ class Client:
         columns: Sequence[str] | None = None,
         queue: str | None = None,
         online: bool = False,
+        on_created: Callable[[str], object] | None = None,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
 
@@ -253,6 +256,8 @@ class Client:
             model, version, batch_size, columns: as :meth:`score_dataset`.
             queue: Celery queue of the shards; default the bulk queue.
             online: mark the shards as online requests (dynamic batching on the worker).
+            on_created: called with the job id once the job is recorded, before its
+                shards are sent (to subscribe to its completion without a race).
 
         Returns:
             The new :class:`Job`; its rows are numbered from 0 in the order given.
@@ -272,7 +277,7 @@ class Client:
         sources = (InlineRows(row_start=a, row_end=b, data_b64=encode_table(selected.slice(a, b - a)))
                    for a, b in ranges)
         return self._submit(manifest, f"<{table.num_rows} inline rows>", table.num_rows, ranges, use_columns,
-                            sources, batch, queue, online)
+                            sources, batch, queue, online, on_created)
 
     def submit(self, model: str, inputs: RowsLike, version: int | None = None,
                batch_size: int | None = None) -> Job:
@@ -281,7 +286,9 @@ class Client:
 
         Args and errors: as :meth:`score_rows`.
         """
-        return self.score_rows(inputs, model, version, batch_size, queue=self.settings.online_queue, online=True)
+        notifier = self._done_notifier()
+        return self.score_rows(inputs, model, version, batch_size, queue=self.settings.online_queue, online=True,
+                               on_created=notifier.register if notifier else None)
 
     def predict(self, model: str, inputs: RowsLike, version: int | None = None,
                 timeout_s: float = 30.0) -> pd.DataFrame:
@@ -311,9 +318,10 @@ class Client:
         """Wait for an online request (see :meth:`submit`); cancel it if no answer comes
         within ``timeout_s``.
 
-        With a Redis broker the worker's announcement wakes the wait at once; polls of the
-        store (from 5 ms, backing off to 100 ms) are the fallback, and the only way with
-        the embedded broker.
+        With a Redis broker the worker's announcement wakes the wait at once (the request
+        is subscribed to before it is sent), and the store is polled only as a fallback,
+        every 0.2 s to 1 s. With the embedded broker the store is polled from 5 ms,
+        backing off to 100 ms.
 
         Returns:
             ``job``, now finished.
@@ -325,13 +333,14 @@ class Client:
         wake = notifier.register(job.id) if notifier else None
 
         def sleep(seconds: float) -> None:
-            if wake is None:
-                time.sleep(seconds)
-            elif wake.wait(seconds):
+            if wake.wait(seconds):
                 wake.clear()
 
         try:
-            job.wait(timeout_s, poll_start_s=ONLINE_POLL_START_S, poll_max_s=ONLINE_POLL_MAX_S, sleep=sleep)
+            if wake is None:
+                job.wait(timeout_s, poll_start_s=ONLINE_POLL_START_S, poll_max_s=ONLINE_POLL_MAX_S)
+            else:
+                job.wait(timeout_s, poll_start_s=NOTIFIED_POLL_START_S, poll_max_s=NOTIFIED_POLL_MAX_S, sleep=sleep)
         except JobTimeoutError:
             job.cancel()
             raise
@@ -366,12 +375,15 @@ class Client:
         batch: int,
         queue: str | None = None,
         online: bool = False,
+        on_created: Callable[[str], object] | None = None,
     ) -> Job:
         """Record the job, then send one shard message per source; cancel the job if sending fails."""
         job_id = self.store.create_job(
             model=manifest.name, model_version=manifest.version, dataset=dataset,
             n_rows=n_rows, shard_ranges=ranges, batch_size=batch,
         )
+        if on_created is not None:
+            on_created(job_id)
         try:
             with self.app.producer_or_acquire() as producer:
                 for index, source in enumerate(sources):

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from ml_framework.errors import MLFrameworkError
 from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
 from ml_framework.settings import get_settings
-from ml_framework.store import ShardClaim
+from ml_framework.store import ShardOutcomeRecord
 from worker.conversion import to_inputs
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,7 @@ def score_online(app: Celery, first: ScoreShard, hostname: str) -> str:
     """Score ``first`` together with the online requests waiting behind it.
 
     Returns:
-        ``DONE`` (results of every claimed request recorded), or what
-        :meth:`ResultStore.claim_shard` said of ``first`` when it alone was not run.
+        ``DONE``: every request's rows are recorded (or it was cancelled).
     """
     from worker import tasks
 
@@ -145,27 +144,25 @@ def score_online(app: Celery, first: ScoreShard, hostname: str) -> str:
 
 
 def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> list[str]:
-    """One forward pass (in batches of ``max_rows``) over every claimed request of one model
-    version; each request's rows recorded as its shard. Returns the recorded job ids."""
+    """One forward pass (in batches of ``max_rows``) over the requests of one model
+    version, then every request's rows recorded in one transaction. Returns the job ids
+    recorded (a cancelled request is not)."""
     from worker import tasks
 
-    store = tasks.get_store()
-    claimed = [r for r in requests if store.claim_shard(r.job_id, r.shard_index, hostname) is ShardClaim.RUN]
-    recorded: list[str] = []
+    records: list[ShardOutcomeRecord] = []
 
     def fail(request: ScoreShard, reason: str) -> None:
-        errors = tasks.every_row_failed(request, reason)
-        if store.complete_shard(request.job_id, request.shard_index, [], errors, shard_error=reason):
-            recorded.append(request.job_id)
+        records.append(ShardOutcomeRecord(request.job_id, request.shard_index, [],
+                                          tasks.every_row_failed(request, reason), shard_error=reason))
 
     try:
-        runtime = tasks.get_registry().get(claimed[0].model, claimed[0].version) if claimed else None
+        runtime = tasks.get_registry().get(requests[0].model, requests[0].version)
     except MLFrameworkError as exc:
-        for request in claimed:
+        runtime = None
+        for request in requests:
             fail(request, f"shard failed: {exc}")
-        return recorded
     parts = []
-    for request in claimed:
+    for request in requests if runtime is not None else []:
         try:
             table = tasks.load_table(request)
             x, rows, errors = to_inputs(table, request.columns, runtime.manifest.inputs,
@@ -174,20 +171,22 @@ def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> li
             fail(request, f"shard failed: {exc}")
             continue
         parts.append((request, x, rows, errors))
-    if not parts:
-        return recorded
-    x_all = np.concatenate([x for _, x, _, _ in parts])
-    run = runtime.run(x_all, max(max_rows, 1))
-    offset = 0
-    for i, (request, x, rows, errors) in enumerate(parts):
-        k = len(x)
-        outcome = tasks.assemble(runtime, rows.tolist(), run.outputs[offset:offset + k], run.errors[offset:offset + k],
-                                 errors, run.oom_splits if i == 0 else 0)
-        offset += k
-        if store.complete_shard(request.job_id, request.shard_index, outcome.outputs, outcome.errors,
-                                oom_splits=outcome.oom_splits, batch_rows=len(x_all)):
-            recorded.append(request.job_id)
-            tasks.count_rows(len(outcome.outputs) + len(outcome.errors), outcome.oom_splits)
-    log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), len(x_all),
-             runtime.manifest.name, runtime.manifest.version)
-    return recorded
+    batch_rows = sum(len(x) for _, x, _, _ in parts)
+    if parts:
+        x_all = np.concatenate([x for _, x, _, _ in parts])
+        run = runtime.run(x_all, max(max_rows, 1))
+        offset = 0
+        for i, (request, x, rows, errors) in enumerate(parts):
+            k = len(x)
+            outcome = tasks.assemble(runtime, rows.tolist(), run.outputs[offset:offset + k],
+                                     run.errors[offset:offset + k], errors, run.oom_splits if i == 0 else 0)
+            offset += k
+            records.append(ShardOutcomeRecord(request.job_id, request.shard_index, outcome.outputs, outcome.errors,
+                                              oom_splits=outcome.oom_splits, batch_rows=batch_rows))
+        log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), batch_rows,
+                 runtime.manifest.name, runtime.manifest.version)
+    recorded = tasks.get_store().record_online(records, hostname)
+    for record, ok in zip(records, recorded, strict=True):
+        if ok:
+            tasks.count_rows(len(record.outputs) + len(record.errors), record.oom_splits)
+    return [r.job_id for r, ok in zip(records, recorded, strict=True) if ok]

@@ -426,53 +426,23 @@ class ResultStore:
             True if this call recorded the shard; False if it was already recorded (a
             redelivery) and nothing was written.
         """
-        state = ShardState.FAILED if shard_error else ShardState.DONE
+        with self.engine.begin() as conn:
+            return _record(conn, ShardOutcomeRecord(job_id, shard_index, list(outputs), list(errors), shard_error,
+                                                    oom_splits, batch_rows), _now())
+
+    def record_online(self, records: Sequence[ShardOutcomeRecord], worker: str) -> list[bool]:
+        """Record several online requests' shards in one transaction, without a separate
+        claim: each shard goes from PENDING (or RUNNING) straight to DONE / FAILED, and is
+        stamped with ``worker`` and a start time. A dynamic batch of N requests costs one
+        transaction instead of 2N.
+
+        Returns:
+            Per record, True if this call recorded it (False: already recorded, or the
+            job was cancelled).
+        """
         now = _now()
         with self.engine.begin() as conn:
-            flipped = conn.execute(
-                update(ShardRow)
-                .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
-                       ShardRow.state.in_(_OPEN_SHARD))
-                .values(state=state.value, finished_at=now, rows_ok=len(outputs),
-                        rows_failed=len(errors), error=shard_error, oom_splits=oom_splits,
-                        batch_rows=batch_rows)
-            ).rowcount
-            if not flipped:
-                return False
-            if outputs:
-                conn.execute(insert(ResultRow), [
-                    {"job_id": job_id, "row_index": r, "shard_index": shard_index,
-                     "output": json.dumps(o, separators=(",", ":"))}
-                    for r, o in outputs
-                ])
-            if errors:
-                conn.execute(insert(RowErrorRow), [
-                    {"job_id": job_id, "row_index": e.row_index, "shard_index": shard_index,
-                     "field": e.field, "message": e.message}
-                    for e in errors
-                ])
-            conn.execute(
-                update(JobRow).where(JobRow.id == job_id).values(
-                    shards_done=JobRow.shards_done + 1,
-                    rows_ok=JobRow.rows_ok + len(outputs),
-                    rows_failed=JobRow.rows_failed + len(errors),
-                    oom_splits=JobRow.oom_splits + oom_splits,
-                )
-            )
-            conn.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.state.in_(_OPEN_JOB),
-                       JobRow.shards_done >= JobRow.n_shards)
-                .values(
-                    state=case(
-                        (JobRow.rows_ok == 0, JobState.FAILED.value),
-                        (JobRow.rows_failed > 0, JobState.PARTIAL.value),
-                        else_=JobState.SUCCEEDED.value,
-                    ),
-                    finished_at=now,
-                )
-            )
-        return True
+            return [_record(conn, r, now, worker) for r in records]
 
     def shards(self, job_id: str) -> list[dict]:
         """Every shard of a job as a dict of its columns, by shard index."""
@@ -496,3 +466,65 @@ class ResultStore:
         """Forget a worker process's heartbeat (on clean shutdown)."""
         with self.engine.begin() as conn:
             conn.execute(delete(WorkerRow).where(WorkerRow.hostname == hostname))
+
+
+@dataclass
+class ShardOutcomeRecord:
+    """What :meth:`ResultStore.record_online` writes for one shard (see
+    :meth:`ResultStore.complete_shard` for the fields)."""
+
+    job_id: str
+    shard_index: int
+    outputs: list[tuple[int, dict]]
+    errors: list[RowError]
+    shard_error: str | None = None
+    oom_splits: int = 0
+    batch_rows: int | None = None
+
+
+def _record(conn, r: ShardOutcomeRecord, now: datetime, worker: str | None = None) -> bool:
+    """Flip the shard to DONE / FAILED if still open, then insert its rows and update its
+    job, on ``conn`` (inside the caller's transaction). False if the shard was not open."""
+    state = ShardState.FAILED if r.shard_error else ShardState.DONE
+    values = {"state": state.value, "finished_at": now, "rows_ok": len(r.outputs), "rows_failed": len(r.errors),
+              "error": r.shard_error, "oom_splits": r.oom_splits, "batch_rows": r.batch_rows}
+    if worker is not None:  # recorded without a claim: stamp what the claim would have
+        values.update(worker=worker, started_at=func.coalesce(ShardRow.started_at, now),
+                      attempts=ShardRow.attempts + 1, deliveries=ShardRow.deliveries + 1)
+    flipped = conn.execute(
+        update(ShardRow)
+        .where(ShardRow.job_id == r.job_id, ShardRow.shard_index == r.shard_index, ShardRow.state.in_(_OPEN_SHARD))
+        .values(**values)
+    ).rowcount
+    if not flipped:
+        return False
+    if r.outputs:
+        conn.execute(insert(ResultRow), [
+            {"job_id": r.job_id, "row_index": i, "shard_index": r.shard_index,
+             "output": json.dumps(o, separators=(",", ":"))}
+            for i, o in r.outputs
+        ])
+    if r.errors:
+        conn.execute(insert(RowErrorRow), [
+            {"job_id": r.job_id, "row_index": e.row_index, "shard_index": r.shard_index,
+             "field": e.field, "message": e.message}
+            for e in r.errors
+        ])
+    job_values = {"shards_done": JobRow.shards_done + 1, "rows_ok": JobRow.rows_ok + len(r.outputs),
+                  "rows_failed": JobRow.rows_failed + len(r.errors), "oom_splits": JobRow.oom_splits + r.oom_splits}
+    if worker is not None:
+        job_values["started_at"] = func.coalesce(JobRow.started_at, now)
+    conn.execute(update(JobRow).where(JobRow.id == r.job_id).values(**job_values))
+    conn.execute(
+        update(JobRow)
+        .where(JobRow.id == r.job_id, JobRow.state.in_(_OPEN_JOB), JobRow.shards_done >= JobRow.n_shards)
+        .values(
+            state=case(
+                (JobRow.rows_ok == 0, JobState.FAILED.value),
+                (JobRow.rows_failed > 0, JobState.PARTIAL.value),
+                else_=JobState.SUCCEEDED.value,
+            ),
+            finished_at=now,
+        )
+    )
+    return True
