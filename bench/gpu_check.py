@@ -18,7 +18,7 @@ ratio, where our time goes (convert / forward / records), and NVML readings samp
 Usage (on a GPU host, from the repository root; under 10 minutes on one H200)::
 
     .venv/bin/python bench/gpu_check.py       # 20,000 images, batch 512
-    .venv/bin/python bench/gpu_check.py --allow-cpu --rows 256 --batch-size 64   # smoke run, no GPU
+    .venv/bin/python bench/gpu_check.py --allow-cpu --rows 16 --batch-size 8 --shard-rows 16  # smoke, no GPU
 
 Exit status 2 when no GPU is visible and ``--allow-cpu`` is not given.
 """

@@ -114,6 +114,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_preload(self) -> Settings:
+        if len(self.worker_preload_models) > self.worker_max_cached_models:
+            raise ValueError(
+                f"worker_preload_models names {len(self.worker_preload_models)} models but "
+                f"worker_max_cached_models ({self.worker_max_cached_models}) keeps fewer loaded"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_queues(self) -> Settings:
         if self.online_queue == self.bulk_queue:
             raise ValueError(f"online_queue and bulk_queue must differ (both {self.bulk_queue!r}): "

@@ -32,6 +32,9 @@ def worker(
 
     settings = get_settings()
     repository = ModelRepository(settings.models_dir)
+    if preload is not None and len(preload) > settings.worker_max_cached_models:
+        raise fail(f"--preload names {len(preload)} models but worker_max_cached_models "
+                   f"({settings.worker_max_cached_models}) keeps fewer loaded")
     for ref in preload if preload is not None else settings.worker_preload_models:
         try:
             repository.resolve(*parse_model_ref(ref))

@@ -57,36 +57,40 @@ def validate_runtime(runtime: Runtime, sample: np.ndarray | None = None) -> None
         raise ManifestError(f"{runtime.manifest.name}: output spec does not fit the model: {exc}") from exc
 
 
-def warm_up(runtime: Runtime, batch_size: int) -> None:
+def warm_up(runtime: Runtime, batch_size: int) -> str | None:
     """Run ``batch_size`` rows of zeros through a freshly loaded model, so that lazy
     initialisation (cuDNN autotuning, XLA compilation, allocator growth) happens before
-    the first real batch, and check the outputs against the manifest.
+    the first real batch.
 
     The batch goes through :meth:`Runtime.run`, so a warm-up batch too big for the device
-    is split like any other.
+    is split like any other. Zeros are not real data: a model may rightly fail on them
+    (``log(x)``, a domain check), so a failure never stops the model from serving.
 
-    Raises:
-        ManifestError: no row of the batch succeeded (the input spec does not fit the
-            model), or the output does not fit the output spec.
+    Returns:
+        ``None``, or what went wrong (no row succeeded, or the output does not fit the
+        output spec), for the caller to log.
     """
     manifest = runtime.manifest
     x = np.zeros((batch_size, *manifest.inputs.row_shape), dtype=manifest.inputs.dtype)
     run = runtime.run(x, batch_size)
     ok = [y for y in run.outputs if y is not None]
     if not ok:
-        raise ManifestError(
-            f"{manifest.name}: a warm-up batch shaped {x.shape} {x.dtype} (the manifest's input spec) "
-            f"fails in the model: {next(e for e in run.errors if e)}"
-        )
+        return (f"a warm-up batch of zeros shaped {x.shape} {x.dtype} (the manifest's input spec) "
+                f"fails in the model: {next(e for e in run.errors if e)}")
     try:
         to_record(ok[0], manifest.outputs)
-    except Exception as exc:
-        raise ManifestError(f"{manifest.name}: output spec does not fit the model: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - reported, not raised (see above)
+        return f"the warm-up output does not fit the output spec: {exc}"
+    return None
 
 
 class ModelRegistry:
     """Per-process cache of loaded runtimes, keyed by ``(name, version)``, least recently
     used first out.
+
+    A new model is loaded (and warmed up) before the least recently used one is unloaded,
+    so a model that fails to load never costs a healthy one its place; while a load runs,
+    ``max_models + 1`` models are in memory.
 
     Args:
         models_dir: root of the model repository.
@@ -105,6 +109,7 @@ class ModelRegistry:
         self.warmup_batch_size = warmup_batch_size
         self.load_seconds: dict[tuple[str, int], float] = {}
         self._cache: OrderedDict[tuple[str, int], Runtime] = OrderedDict()
+        self._names: tuple[str, ...] = ()  # snapshot for readers that must not wait on a load
         self._lock = threading.Lock()
 
     def get(self, name: str, version: int | None = None) -> Runtime:
@@ -120,29 +125,30 @@ class ModelRegistry:
             runtime = self._cache.get(key)
             if runtime is not None:
                 self._cache.move_to_end(key)
+                self._names = tuple(f"{n}/{v}" for n, v in self._cache)
                 return runtime
+            started = time.perf_counter()
+            runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads)
+            problem = warm_up(runtime, min(manifest.default_batch_size or self.warmup_batch_size, 1024)) \
+                if manifest.runtime.warmup else None
+            if problem:
+                log.warning("model %s/%s: %s; it stays loaded, and rows it fails on get row errors",
+                            key[0], key[1], problem)
+            self.load_seconds[key] = elapsed = time.perf_counter() - started
+            log.info("loaded model %s/%s (%s)%s in %.2f s", key[0], key[1], manifest.framework,
+                     " and warmed it up" if manifest.runtime.warmup else "", elapsed)
             while len(self._cache) >= self.max_models:
                 old_key, old = self._cache.popitem(last=False)
                 old.unload()
                 log.info("unloaded model %s/%s (max %d cached models)", *old_key, self.max_models)
-            started = time.perf_counter()
-            runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads)
-            if manifest.runtime.warmup:
-                try:
-                    warm_up(runtime, min(manifest.default_batch_size or self.warmup_batch_size, 1024))
-                except ManifestError:
-                    runtime.unload()
-                    raise
-            self.load_seconds[key] = elapsed = time.perf_counter() - started
-            log.info("loaded model %s/%s (%s)%s in %.2f s", key[0], key[1], manifest.framework,
-                     " and warmed it up" if manifest.runtime.warmup else "", elapsed)
             self._cache[key] = runtime
+            self._names = tuple(f"{n}/{v}" for n, v in self._cache)
             return runtime
 
     def loaded(self) -> list[str]:
-        """``name/version`` of each cached model, least recently used first."""
-        with self._lock:
-            return [f"{n}/{v}" for n, v in self._cache]
+        """``name/version`` of each cached model, least recently used first. Never waits
+        for a load in progress (the heartbeat thread calls it)."""
+        return list(self._names)
 
     def preload(self, refs: list[str]) -> list[str]:
         """Load (and warm up) each of ``refs`` (``name`` or ``name:version``).
@@ -152,7 +158,14 @@ class ModelRegistry:
 
         Returns:
             One line per model that failed.
+
+        Raises:
+            ValueError: more refs than ``max_models``: the first ones would be unloaded
+                again before the worker starts.
         """
+        if len(refs) > self.max_models:
+            raise ValueError(f"{len(refs)} models to preload but at most {self.max_models} stay loaded "
+                             "(worker_max_cached_models)")
         failures = []
         for ref in refs:
             try:

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from ml_framework.errors import ManifestError
+from ml_framework.errors import ModelLoadError
 from ml_framework.manifest import InputSpec, ModelManifest, OutputSpec
 from tests.oom_model import oom_above
 from worker.registry import ModelRegistry
@@ -111,21 +111,116 @@ def test_preload_loads_good_models_and_reports_bad_ones(iris_models, caplog):
     assert "preloading model nope failed" in caplog.text
 
 
-def test_warm_up_catches_an_input_spec_the_model_cannot_take(iris_models):
-    """A manifest edited to the wrong input width fails at load (warm-up), not mid-job."""
-    import yaml
+def test_a_warm_up_failure_is_reported_and_the_model_still_serves(tmp_path, caplog):
+    """A model that is right on real data but not on zeros (log(x)) is loaded anyway: the
+    warm-up problem is logged, real rows score, and only rows it fails on get errors
+    (regression: the warm-up made such a model unloadable)."""
+    import torch
+
+    from worker.export import export_torch
+
+    class Log(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(x).sum(dim=1, keepdim=True)
+
+    export_torch(Log(), tmp_path, "logm", inputs={"columns": ["a", "b"]}, outputs={"kind": "regression"},
+                 sample=np.ones((2, 2), np.float32))
+    with caplog.at_level(logging.WARNING):
+        rt = ModelRegistry(tmp_path, threads=1).get("logm")
+    assert "the warm-up output does not fit the output spec: model returned a non-finite output" in caplog.text
+    import pyarrow as pa
+
+    from worker.tasks import score_table
+    outcome = score_table(rt, pa.table({"a": [2.0, 0.0], "b": [1.0, 1.0]}), ["a", "b"], 0, 8)
+    assert [r for r, _ in outcome.outputs] == [0] and outcome.outputs[0][1]["prediction"] == pytest.approx(np.log(2))
+    assert [e.row_index for e in outcome.errors] == [1] and "non-finite" in outcome.errors[0].message
+
+
+def test_a_failed_load_does_not_evict_a_healthy_model(iris_models, tmp_path):
+    """With room for one model, failing to load another leaves the cached one in place
+    (regression: it was unloaded first, then reloaded after every failure)."""
+    import shutil
 
     models_dir, _ = iris_models
-    path = models_dir / "iris" / "3" / "manifest.yaml"
-    original = path.read_text()
-    data = yaml.safe_load(original)
-    data["inputs"]["columns"] = ["a", "b", "c"]
-    try:
-        path.write_text(yaml.safe_dump(data))
-        with pytest.raises(ManifestError, match=r"warm-up batch shaped \(32, 3\) float32"):
-            ModelRegistry(models_dir).get("iris", 3)
-    finally:
-        path.write_text(original)
+    repo = tmp_path / "models"
+    shutil.copytree(models_dir / "iris" / "1", repo / "iris" / "1")
+    shutil.copytree(models_dir / "iris" / "1", repo / "broken" / "1")
+    manifest = repo / "broken" / "1" / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("name: iris", "name: broken"))
+    (repo / "broken" / "1" / "model.skops").write_bytes(b"not a skops file")
+    reg = ModelRegistry(repo, max_models=1)
+    good = reg.get("iris")
+    for _ in range(2):
+        with pytest.raises(ModelLoadError):
+            reg.get("broken")
+    assert reg.loaded() == ["iris/1"] and reg.get("iris") is good and good.model is not None
+
+
+def test_loaded_models_can_be_read_while_a_load_runs(iris_models, monkeypatch):
+    """The heartbeat's view of loaded models never waits for a load in progress
+    (regression: heartbeats stopped for the whole load and warm-up)."""
+    import threading
+    import time
+
+    import worker.registry as registry
+
+    models_dir, _ = iris_models
+    reg = ModelRegistry(models_dir, max_models=4)
+    reg.get("iris", 1)
+    original = registry.load_runtime
+
+    def slow(*args, **kwargs):
+        time.sleep(2)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "load_runtime", slow)
+    loading = threading.Thread(target=reg.get, args=("iris", 2))
+    loading.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert reg.loaded() == ["iris/1"]
+    assert time.monotonic() - started < 0.5
+    loading.join()
+    assert reg.loaded() == ["iris/1", "iris/2"]
+
+
+def test_preloading_more_models_than_the_cache_keeps_is_refused(iris_models, tmp_path):
+    from ml_framework.errors import SettingsError
+    from ml_framework.settings import load_settings
+
+    models_dir, _ = iris_models
+    with pytest.raises(ValueError, match="3 models to preload but at most 2 stay loaded"):
+        ModelRegistry(models_dir, max_models=2).preload(["iris:1", "iris:2", "iris:3"])
+    with pytest.raises(SettingsError, match=r"worker_preload_models names 2 models but worker_max_cached_models \(1\)"):
+        load_settings(None, worker_preload_models=["a", "b"],
+                      worker_max_cached_models=1)
+
+
+def test_a_failed_batch_is_freed_before_its_halves_run():
+    """When a batch fails, its activations are released before the halves are tried
+    (regression: the retry ran inside the except block, whose traceback kept them alive:
+    PyTorch's documented out-of-memory recovery pitfall)."""
+    import weakref
+
+    class Activations(TightMemoryModel):
+        def load(self) -> None:
+            super().load()
+            self.failed: list[weakref.ref] = []
+            self.alive_at_start: list[int] = []
+
+        def predict_batch(self, x: np.ndarray) -> np.ndarray:
+            self.alive_at_start.append(sum(r() is not None for r in self.failed))
+            activation = np.ones((len(x), 1000))  # grows with the batch, as a forward pass's
+            if len(x) > self.limit:
+                self.failed.append(weakref.ref(activation))
+                raise MemoryError(f"cannot allocate activations for {len(x)} rows")
+            return np.stack([x[:, 0], 1 - x[:, 0]], axis=1)
+
+    rt = Activations(_manifest(), ".")
+    rt.load()
+    run = rt.run(np.zeros((8, 1), np.float32), 8)
+    assert run.errors == [None] * 8 and run.oom_splits == 3
+    assert rt.alive_at_start == [0] * 7  # 8 -> 4+4 -> 2+2+2+2: no failed batch alive at any start
 
 
 def test_torchscript_out_of_memory_is_recognised_and_split(tmp_path):

@@ -121,6 +121,7 @@ class Runtime(ABC):
         return result
 
     def _run_span(self, x: np.ndarray, a: int, b: int, result: BatchRun, top: bool = False) -> None:
+        failure = None
         try:
             y = np.asarray(self.predict_batch(x[a:b]))
             if y.ndim == 0 or y.shape[0] != b - a:
@@ -128,27 +129,29 @@ class Runtime(ABC):
                     f"model returned {y.shape[0] if y.ndim else 'a scalar'} outputs for {b - a} inputs"
                 )
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated per row
-            oom = self.is_out_of_memory(exc)
-            if oom:
-                self.release_memory()
-            if b - a == 1:
-                reason = "out of memory even for a single row" if oom else "model failed on this row"
-                result.errors[a] = f"{reason}: {type(exc).__name__}: {_first_line(exc)}"
-                return
-            if oom:
-                result.oom_splits += 1
-                log.warning("batch of %d rows ran out of memory (%s); cache emptied, retrying in halves",
-                            b - a, _first_line(exc))
-            elif top:  # one line per failing batch, not per split
-                log.warning("batch of %d rows failed (%s); retrying in halves to isolate the bad rows",
-                            b - a, _first_line(exc))
-            mid = (a + b) // 2
-            self._run_span(x, a, mid, result)
-            self._run_span(x, mid, b, result)
+            failure = (f"{type(exc).__name__}: {_first_line(exc)}", self.is_out_of_memory(exc))
+        # Retry only after leaving the except block: until then the exception's traceback
+        # keeps the failed forward pass's frames, and so its activations, alive.
+        if failure is None:
+            result.batches += 1
+            for i in range(b - a):
+                result.outputs[a + i] = y[i]
             return
-        result.batches += 1
-        for i in range(b - a):
-            result.outputs[a + i] = y[i]
+        message, oom = failure
+        if oom:
+            self.release_memory()
+        if b - a == 1:
+            reason = "out of memory even for a single row" if oom else "model failed on this row"
+            result.errors[a] = f"{reason}: {message}"
+            return
+        if oom:
+            result.oom_splits += 1
+            log.warning("batch of %d rows ran out of memory (%s); cache emptied, retrying in halves", b - a, message)
+        elif top:  # one line per failing batch, not per split
+            log.warning("batch of %d rows failed (%s); retrying in halves to isolate the bad rows", b - a, message)
+        mid = (a + b) // 2
+        self._run_span(x, a, mid, result)
+        self._run_span(x, mid, b, result)
 
 
 def _first_line(exc: BaseException) -> str:
