@@ -4,17 +4,15 @@ Served by the HTTP API at ``/metrics``. Each scrape runs two small queries (jobs
 worker heartbeats); nothing is kept in the API process, so every API process (Uvicorn
 worker) answers the same.
 
-=====================================  =======  ==========================================
-metric                                 type     meaning
-=====================================  =======  ==========================================
-``mlf_jobs{state}``                    gauge    jobs in each state
-``mlf_workers_live``                   gauge    worker processes with a heartbeat < 30 s old
-``mlf_worker_rows_per_second{worker}`` gauge    rows/s of each worker over the last minute
-``mlf_worker_rows_total{worker}``      counter  rows recorded by each worker since its start
-``mlf_worker_oom_splits_total{worker}`` counter out-of-memory batch splits since start
-``mlf_gpu_memory_used_bytes{worker,device}``  gauge  device memory in use (NVML)
-``mlf_gpu_utilization_ratio{worker,device}``  gauge  GPU utilisation, 0 to 1 (NVML)
-=====================================  =======  ==========================================
+Metrics (labels in braces):
+
+- ``mlf_jobs{state}`` (gauge): jobs in each state.
+- ``mlf_workers_live`` (gauge): worker processes with a heartbeat younger than 30 s.
+- ``mlf_worker_rows_per_second{worker}`` (gauge): rows/s of each worker over the last minute.
+- ``mlf_worker_rows_total{worker}`` (counter): rows recorded by each worker since it started.
+- ``mlf_worker_oom_splits_total{worker}`` (counter): out-of-memory batch splits since start.
+- ``mlf_gpu_memory_used_bytes{worker,device}`` (gauge): device memory in use, from NVML.
+- ``mlf_gpu_utilization_ratio{worker,device}`` (gauge): GPU utilisation, 0 to 1, from NVML.
 """
 
 from __future__ import annotations

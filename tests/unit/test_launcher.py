@@ -29,7 +29,7 @@ def test_embedded_broker_disables_broadcast_features():
     assert "--without-mingle" in embedded
     redis = plan_children(load_settings(broker_url="redis://127.0.0.1:6379/0"), processes=1)[0].argv
     assert "--without-mingle" not in redis
-    assert redis[redis.index("-Q") + 1] == "mlf.bulk"
+    assert redis[redis.index("-Q") + 1] == "mlf.online,mlf.bulk"  # online requests first
 
 
 SUPERVISE = """
