@@ -103,7 +103,8 @@ class Job:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeoutError(
                         f"job {self.id} still {status.state.value} after {timeout_s} s "
-                        f"({status.rows_done}/{status.n_rows} rows); are workers running? (`mlf worker`)"
+                        f"({status.rows_done}/{status.n_rows} rows); are workers running (`mlf workers`)? A worker "
+                        "loads a model on its first shard for it, which takes seconds (`mlf worker --preload`)."
                     )
                 sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, poll_max_s)
