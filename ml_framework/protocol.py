@@ -74,3 +74,14 @@ class ScoreShard(_Message):
     columns: list[str]
     source: DatasetRef | InlineRows = Field(discriminator="kind")
     online: bool = False
+
+    @property
+    def n_rows(self) -> int:
+        """Rows in this shard."""
+        return self.source.row_end - self.source.row_start
+
+
+def done_channel(online_queue: str) -> str:
+    """The Redis pub/sub channel on which workers announce finished online requests
+    (a JSON list of job ids) and clients listen."""
+    return f"mlf.done.{online_queue}"

@@ -156,6 +156,11 @@ class Settings(BaseSettings):
         return not self.broker_url
 
     @property
+    def broker_is_redis(self) -> bool:
+        """True when the broker is Redis (which also carries online-request announcements)."""
+        return bool(self.broker_url) and self.broker_url.startswith(("redis://", "rediss://"))
+
+    @property
     def effective_broker_url(self) -> str:
         """The broker URL to connect to, the embedded SQLite transport if none is set."""
         if self.broker_url:

@@ -248,7 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(exc.status_code, "HTTPError", str(exc.detail), getattr(exc, "headers", None))  # e.g. Allow on 405
 
     @api.post("/v1/jobs", status_code=202, response_model=JobOut, tags=["jobs"])
-    def submit_job(body: JobRequest, c: ClientDep, request: Request) -> JobOut:
+    def submit_job(body: JobRequest, c: ClientDep) -> JobOut:
         """Submit a scoring job over a dataset file under the data directory, or inline rows."""
         if isinstance(body, DatasetJobRequest):
             root = c.settings.data_dir.resolve()

@@ -27,7 +27,7 @@ from ml_framework.celery_app import create_app
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
 from ml_framework.errors import DatasetError, DatasetSchemaError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
-from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, InlineRows, ScoreShard
+from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, InlineRows, ScoreShard, done_channel
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, ResultStore, WorkerInfo
 from producer.datasets import inspect, plan_sources, resolve_columns
@@ -295,8 +295,8 @@ class Client:
                 timeout_s: float = 30.0) -> pd.DataFrame:
         """Score a few rows and return their results, blocking at most ``timeout_s``.
 
-        The request goes on the online queue (see :meth:`submit`); its results are read
-        from the results store, polled from 5 ms with backoff up to 100 ms.
+        The request goes on the online queue (see :meth:`submit`); the wait is
+        :meth:`answer`'s, and the results are then read from the results store.
 
         Args:
             model, inputs, version: as :meth:`score_rows`.
@@ -351,12 +351,11 @@ class Client:
         return job
 
     def _done_notifier(self) -> DoneNotifier | None:
-        url = self.settings.broker_url
-        if not url or not url.startswith(("redis://", "rediss://")):
+        if not self.settings.broker_is_redis:
             return None
         with self._lock:
             if self._notifier is None:
-                self._notifier = DoneNotifier(url, f"mlf.done.{self.settings.online_queue}")
+                self._notifier = DoneNotifier(self.settings.broker_url, done_channel(self.settings.online_queue))
             return self._notifier
 
     def _check(self, model: str, version: int | None, batch_size: int | None) -> tuple[ModelManifest, int]:

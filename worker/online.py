@@ -33,7 +33,7 @@ from kombu.message import Message
 from pydantic import ValidationError
 
 from ml_framework.errors import MLFrameworkError
-from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard
+from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard, done_channel
 from ml_framework.settings import get_settings
 from ml_framework.store import ShardOutcomeRecord
 from worker.conversion import to_inputs
@@ -41,11 +41,6 @@ from worker.conversion import to_inputs
 log = logging.getLogger(__name__)
 
 GATHER_POLL_S = 0.0005
-
-
-def done_channel(online_queue: str) -> str:
-    """The pub/sub channel on which workers announce finished online requests."""
-    return f"mlf.done.{online_queue}"
 
 
 @lru_cache(maxsize=1)
@@ -59,7 +54,7 @@ def announce(job_ids: list[str]) -> None:
     """Publish finished online job ids (Redis brokers only; a lost announcement only
     makes the caller notice on its next poll)."""
     settings = get_settings()
-    if not job_ids or settings.embedded_broker or not settings.broker_url.startswith(("redis://", "rediss://")):
+    if not job_ids or not settings.broker_is_redis:
         return
     try:
         _redis().publish(done_channel(settings.online_queue), json.dumps(job_ids))
@@ -68,8 +63,7 @@ def announce(job_ids: list[str]) -> None:
 
 
 @contextmanager
-def gathered(app: Celery, first: ScoreShard, rows: int, max_rows: int, max_delay_s: float
-             ) -> Iterator[list[tuple[ScoreShard, Message]]]:
+def gathered(app: Celery, rows: int, max_rows: int, max_delay_s: float) -> Iterator[list[tuple[ScoreShard, Message]]]:
     """Take waiting online requests from the broker until ``max_rows`` rows (counting the
     first request's ``rows``) or ``max_delay_s`` seconds.
 
@@ -95,7 +89,7 @@ def gathered(app: Celery, first: ScoreShard, rows: int, max_rows: int, max_delay
                 message.ack()
                 continue
             taken.append((request, message))
-            rows += request.source.row_end - request.source.row_start
+            rows += request.n_rows
         try:
             yield taken
         except BaseException:
@@ -131,8 +125,7 @@ def score_online(app: Celery, first: ScoreShard, hostname: str) -> str:
         max_rows, delay_s = batching.max_batch_size, batching.max_queue_delay_ms / 1000
     except MLFrameworkError:
         max_rows, delay_s = 1, 0.0  # unknown model: fail this request alone, below
-    first_rows = first.source.row_end - first.source.row_start
-    with gathered(app, first, first_rows, max_rows, delay_s) as others:
+    with gathered(app, first.n_rows, max_rows, delay_s) as others:
         groups: dict[tuple[str, int], list[ScoreShard]] = defaultdict(list)
         for request in [first, *(r for r, _ in others)]:
             groups[(request.model, request.version)].append(request)
@@ -158,11 +151,11 @@ def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> li
     try:
         runtime = tasks.get_registry().get(requests[0].model, requests[0].version)
     except MLFrameworkError as exc:
-        runtime = None
         for request in requests:
             fail(request, f"shard failed: {exc}")
+        return _record(records, hostname)
     parts = []
-    for request in requests if runtime is not None else []:
+    for request in requests:
         try:
             table = tasks.load_table(request)
             x, rows, errors = to_inputs(table, request.columns, runtime.manifest.inputs,
@@ -171,7 +164,6 @@ def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> li
             fail(request, f"shard failed: {exc}")
             continue
         parts.append((request, x, rows, errors))
-    batch_rows = sum(len(x) for _, x, _, _ in parts)
     if parts:
         x_all = np.concatenate([x for _, x, _, _ in parts])
         run = runtime.run(x_all, max(max_rows, 1))
@@ -182,11 +174,19 @@ def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> li
                                      run.errors[offset:offset + k], errors, run.oom_splits if i == 0 else 0)
             offset += k
             records.append(ShardOutcomeRecord(request.job_id, request.shard_index, outcome.outputs, outcome.errors,
-                                              oom_splits=outcome.oom_splits, batch_rows=batch_rows))
-        log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), batch_rows,
+                                              oom_splits=outcome.oom_splits, batch_rows=len(x_all)))
+        log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), len(x_all),
                  runtime.manifest.name, runtime.manifest.version)
+    return _record(records, hostname)
+
+
+def _record(records: list[ShardOutcomeRecord], hostname: str) -> list[str]:
+    """Write ``records`` in one transaction, count them in the heartbeat, and return the
+    job ids recorded (a cancelled request is not)."""
+    from worker import tasks
+
     recorded = tasks.get_store().record_online(records, hostname)
-    for record, ok in zip(records, recorded, strict=True):
-        if ok:
-            tasks.count_rows(len(record.outputs) + len(record.errors), record.oom_splits)
-    return [r.job_id for r, ok in zip(records, recorded, strict=True) if ok]
+    done = [r for r, ok in zip(records, recorded, strict=True) if ok]
+    for record in done:
+        tasks.count_rows(len(record.outputs) + len(record.errors), record.oom_splits)
+    return [r.job_id for r in done]

@@ -65,8 +65,8 @@ class Heartbeat:
     """Writes this process's heartbeat and telemetry to the results store every
     :data:`HEARTBEAT_INTERVAL_S` seconds, from a daemon thread.
 
-    The task code adds to :attr:`shards_done`, :attr:`rows_done` and :attr:`oom_splits`;
-    rows/s is computed over the last :data:`RATE_WINDOW_S` seconds of beats. The GPU is
+    The task code adds to ``info.shards_done``, ``info.rows_done`` and ``info.oom_splits``
+    (see :func:`count_rows`); rows/s is computed over the last :data:`RATE_WINDOW_S` seconds of beats. The GPU is
     the first one ``CUDA_VISIBLE_DEVICES`` shows this process (the launcher pins each
     process to one); its memory, utilisation, temperature and power come from NVML.
     """
@@ -74,9 +74,6 @@ class Heartbeat:
     def __init__(self, hostname: str) -> None:
         self.info = WorkerInfo(hostname=hostname, pid=os.getpid(), started_at=datetime.now(UTC),
                                threads=get_settings().worker_threads)
-        self.shards_done = 0
-        self.rows_done = 0
-        self.oom_splits = 0
         self._samples: deque[tuple[float, int]] = deque()
         self._gpu = bool(discover().gpus)  # no NVML or no GPU: never ask again
         self._stop = threading.Event()
@@ -93,13 +90,12 @@ class Heartbeat:
 
     def sample(self) -> WorkerInfo:
         """Refresh and return the telemetry the next beat writes."""
-        now, rows = time.monotonic(), self.rows_done
+        info = self.info
+        now, rows = time.monotonic(), info.rows_done
         self._samples.append((now, rows))
         while len(self._samples) > 1 and now - self._samples[0][0] > RATE_WINDOW_S:
             self._samples.popleft()
         t0, rows0 = self._samples[0]
-        info = self.info
-        info.shards_done, info.rows_done, info.oom_splits = self.shards_done, rows, self.oom_splits
         info.rows_per_s = (rows - rows0) / (now - t0) if now > t0 else 0.0
         info.models = get_registry().loaded()
         info.rss_bytes = _rss_bytes()
@@ -150,8 +146,8 @@ def load_table(msg: ScoreShard) -> pa.Table:
             raise DatasetError(f"dataset {path} not found on worker (data_dir={root})")
         return read_rows(path, src.format, src.row_start, src.row_end, msg.columns)
     table = decode_table(src.data_b64)
-    if table.num_rows != src.row_end - src.row_start:
-        raise DatasetError(f"inline shard holds {table.num_rows} rows, expected {src.row_end - src.row_start}")
+    if table.num_rows != msg.n_rows:
+        raise DatasetError(f"inline shard holds {table.num_rows} rows, expected {msg.n_rows}")
     return table
 
 
@@ -217,9 +213,9 @@ def assemble(runtime: Runtime, rows: list[int], raw: list, failures: list[str | 
 def count_rows(rows: int, oom_splits: int = 0) -> None:
     """Add a recorded shard's rows to this process's heartbeat counters."""
     if heartbeat is not None:
-        heartbeat.shards_done += 1
-        heartbeat.rows_done += rows
-        heartbeat.oom_splits += oom_splits
+        heartbeat.info.shards_done += 1
+        heartbeat.info.rows_done += rows
+        heartbeat.info.oom_splits += oom_splits
 
 
 def every_row_failed(msg: ScoreShard, reason: str) -> list[RowError]:

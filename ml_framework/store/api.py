@@ -272,15 +272,7 @@ class ResultStore:
         Raises:
             JobNotFoundError: no such job.
         """
-        self.job(job_id)
-        with self._read() as conn:
-            outs = conn.execute(
-                select(ResultRow.row_index, ResultRow.output).where(ResultRow.job_id == job_id)
-            ).all()
-            errs = conn.execute(
-                select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message)
-                .where(RowErrorRow.job_id == job_id)
-            ).all()
+        outs, errs = self._recorded_rows(job_id)
         ok = pd.DataFrame.from_records(
             [json.loads(o) for _, o in outs], index=pd.Index([r for r, _ in outs], name="row")
         )
@@ -295,6 +287,19 @@ class ResultStore:
             frame[col] = frame[col].astype(object).where(frame[col].notna(), None)
         return frame.sort_index()
 
+    def _recorded_rows(self, job_id: str, lo: int = 0, hi: int | None = None) -> tuple[list, list]:
+        """``(row_index, output_json)`` and ``(row_index, field, message)`` rows of a job
+        among input rows ``[lo, hi)`` (all when ``hi`` is ``None``). Raises ``JobNotFoundError``."""
+        self.job(job_id)
+        outs = select(ResultRow.row_index, ResultRow.output).where(ResultRow.job_id == job_id,
+                                                                   ResultRow.row_index >= lo)
+        errs = select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message).where(
+            RowErrorRow.job_id == job_id, RowErrorRow.row_index >= lo)
+        if hi is not None:
+            outs, errs = outs.where(ResultRow.row_index < hi), errs.where(RowErrorRow.row_index < hi)
+        with self._read() as conn:
+            return conn.execute(outs).all(), conn.execute(errs).all()
+
     def results_page(self, job_id: str, offset: int, limit: int) -> list[dict]:
         """The recorded rows of a job among input rows ``[offset, offset + limit)``.
 
@@ -307,17 +312,7 @@ class ResultStore:
         Raises:
             JobNotFoundError: no such job.
         """
-        self.job(job_id)
-        lo, hi = offset, offset + limit
-        with self._read() as conn:
-            outs = conn.execute(
-                select(ResultRow.row_index, ResultRow.output)
-                .where(ResultRow.job_id == job_id, ResultRow.row_index >= lo, ResultRow.row_index < hi)
-            ).all()
-            errs = conn.execute(
-                select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message)
-                .where(RowErrorRow.job_id == job_id, RowErrorRow.row_index >= lo, RowErrorRow.row_index < hi)
-            ).all()
+        outs, errs = self._recorded_rows(job_id, offset, offset + limit)
         rows = [{"row": r, **json.loads(o)} for r, o in outs]
         rows += [{"row": r, "error": m, "error_field": f} for r, f, m in errs]
         return sorted(rows, key=lambda d: d["row"])

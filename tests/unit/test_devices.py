@@ -146,7 +146,7 @@ def test_heartbeat_reports_the_pinned_gpu_by_uuid(monkeypatch):
             first.device_temperature_c, first.device_power_w) == (
         "GPU-0002-aaaa-bbbb", "NVIDIA H200", 3 * 2**30, 20, 42, 250.0)
     assert first.rows_per_s == 0.0 and first.rss_bytes > 0
-    beat.rows_done += 500
+    beat.info.rows_done += 500
     beat._samples[0] = (beat._samples[0][0] - 2.0, 0)  # the previous beat was 2 s ago
     assert 200 < beat.sample().rows_per_s <= 250
 
