@@ -6,7 +6,8 @@ worker processes each:
 (a) plain Celery, one task per request, answers through Celery's Redis result backend
     (``bench/naive_celery.py``, prefork pool, concurrency 2);
 (b) ours: ``Client.predict`` against ``mlf worker --cpu-processes 2`` (Redis broker,
-    PostgreSQL results store), dynamic batching on the workers;
+    PostgreSQL results store), dynamic batching on the workers; the callers are threads
+    of one process, as in (a), and then asyncio tasks awaiting ``Client.apredict``;
 
 at 1, 16 and 128 concurrent callers (threads), and prints the model's own compute time
 for one row, measured in this process, to show the latency we add on top of it.
@@ -60,6 +61,33 @@ def run_load(call, rows: np.ndarray, concurrency: int, n: int) -> tuple[float, l
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(one, range(n)))
     return n / (time.perf_counter() - started), latencies
+
+
+def run_async_load(call, rows: np.ndarray, concurrency: int, n: int) -> tuple[float, list[float]]:
+    """As :func:`run_load`, with ``concurrency`` asyncio tasks awaiting ``call(row)`` on one
+    event loop instead of threads."""
+    import asyncio
+
+    latencies: list[float] = []
+
+    async def one(i: int) -> None:
+        started = time.perf_counter()
+        await call(rows[i % len(rows)])
+        latencies.append(time.perf_counter() - started)
+
+    async def caller(ids: range) -> None:
+        for i in ids:
+            await one(i)
+
+    async def main() -> float:
+        for i in range(min(concurrency, 8)):
+            await one(i)
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(range(k, n, concurrency)) for k in range(concurrency)))
+        return n / (time.perf_counter() - started)
+
+    return asyncio.run(main()), latencies
 
 
 def wait_ready(check, what: str, timeout_s: float = 120) -> None:
@@ -149,6 +177,9 @@ def main() -> int:
             rps, lat = run_load(lambda row: client.predict(manifest.name, row.reshape(1, -1), timeout_s=60),
                                 frame.to_numpy(np.float64), concurrency, n)
             results.append(("ours (dynamic batching)", concurrency, rps, lat))
+            rps, lat = run_async_load(lambda row: client.apredict(manifest.name, row.reshape(1, -1), timeout_s=60),
+                                      frame.to_numpy(np.float64), concurrency, n)
+            results.append(("ours, asyncio callers", concurrency, rps, lat))
         batch_rows = [r for (r,) in client.store.engine.connect().exec_driver_sql(
             "SELECT batch_rows FROM shards WHERE batch_rows IS NOT NULL")]
     finally:
@@ -162,8 +193,9 @@ def main() -> int:
         print(f"{system:<26}{concurrency:>8}{rps:>9.1f}{p50:>9.1f}{p99:>9.1f}{p50 - compute_ms:>15.1f}")
     by = {(s, c): rps for s, c, rps, _ in results}
     for concurrency, _ in levels:
-        ratio = by[("ours (dynamic batching)", concurrency)] / by[("plain Celery", concurrency)]
-        print(f"ours / plain Celery at {concurrency} callers: {ratio:.2f}x")
+        for ours in ("ours (dynamic batching)", "ours, asyncio callers"):
+            ratio = by[(ours, concurrency)] / by[("plain Celery", concurrency)]
+            print(f"{ours} / plain Celery at {concurrency} callers: {ratio:.2f}x")
     print(f"dynamic batches: mean {np.mean(batch_rows):.1f} rows, max {max(batch_rows)}")
     return 0
 

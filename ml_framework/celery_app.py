@@ -14,6 +14,27 @@ from ml_framework.settings import Settings, get_settings
 APP_NAME = "ml_framework"
 
 
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+"""Bulk-job priorities: 0 (default) to 9 (most urgent), as AMQP message priorities."""
+
+
+def message_priority(settings: Settings, priority: int) -> int:
+    """The broker message priority of a bulk job's shards for job ``priority`` (0-9,
+    higher more urgent).
+
+    RabbitMQ (with ``x-max-priority``, set through ``task_queue_max_priority``) takes
+    higher numbers first; kombu's Redis transport takes *lower* numbers first and groups
+    them into the levels of its ``priority_steps`` (default 0, 3, 6, 9: four levels), so
+    the number is reversed there (Celery docs, "Redis Message Priorities"). Every shard is
+    sent with an explicit priority: on Redis a message without one would land in the most
+    urgent level. The embedded SQLite transport has no priorities; it takes shards in
+    the order they were sent.
+    """
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be from {MIN_PRIORITY} to {MAX_PRIORITY}, got {priority}")
+    return MAX_PRIORITY - priority if settings.broker_is_redis else priority
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """Build the Celery app from settings.
 
@@ -59,6 +80,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         result_backend=None,
         task_default_queue=settings.bulk_queue,
         task_routes={"mlf.score_shard": {"queue": settings.bulk_queue}},
+        task_queue_max_priority=MAX_PRIORITY,  # RabbitMQ: declare queues with x-max-priority
         task_time_limit=settings.task_time_limit_s,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,

@@ -77,7 +77,16 @@ class JobNotFoundError(JobError):
 
 
 class JobTimeoutError(JobError):
-    """Raised when ``Job.wait`` reaches its timeout before the job finished."""
+    """Raised when ``Job.wait`` or an online request reaches its timeout before the job
+    finished.
+
+    Attributes:
+        job_id: the job that timed out, when known.
+    """
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class StoreError(MLFrameworkError):

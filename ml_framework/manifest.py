@@ -158,10 +158,15 @@ class DynamicBatching(_Strict):
     Attributes:
         max_batch_size: most rows in one gathered forward pass.
         max_queue_delay_ms: longest the first request waits for others, milliseconds.
+            Default 0, as Triton's ``max_queue_delay_microseconds``: take only what is
+            already queued. Under load, requests queue while the previous batch runs, so
+            batches form without anyone waiting; a delay only adds latency when load is
+            light. Raise it when a bigger batch is worth that wait (an expensive model on
+            a GPU that scales well with batch size).
     """
 
     max_batch_size: BatchSize = 64
-    max_queue_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0, le=10_000)
 
 
 _TORCH_ONLY = ("inference_mode", "precision", "pin_memory")

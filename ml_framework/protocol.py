@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 SCORE_SHARD_TASK = "mlf.score_shard"
 """Celery task name of the bulk-scoring task (one shard per message)."""
+SCORE_ONLINE_TASK = "mlf.score_online"
+"""Celery task name of online requests sent together (several shards per message)."""
 
 DatasetFormat = Literal["csv", "parquet"]
 
@@ -79,6 +81,32 @@ class ScoreShard(_Message):
     def n_rows(self) -> int:
         """Rows in this shard."""
         return self.source.row_end - self.source.row_start
+
+    def summary(self) -> str:
+        """One line naming the shard, for the task's ``kwargsrepr`` (what Flower and
+        ``celery inspect`` show instead of the whole body, whose inline rows can be
+        megabytes), e.g. ``job=3f2a... shard=4 model=digits/1 rows=4096-5120 online``."""
+        return (f"job={self.job_id} shard={self.shard_index} model={self.model}/{self.version} "
+                f"rows={self.source.row_start}-{self.source.row_end}{' online' if self.online else ''}")
+
+
+class OnlineBatch(_Message):
+    """Body of one ``mlf.score_online`` task: online requests that one client sent
+    together, in one message, so that a group costs one broker round trip to send and one
+    task dispatch on the worker. The worker scores them (and any other online requests it
+    gathers) as one dynamic batch; each request is recorded and answered on its own.
+
+    Attributes:
+        requests: one :class:`ScoreShard` (with ``online`` set) per request shard.
+    """
+
+    requests: list[ScoreShard] = Field(min_length=1)
+
+    def summary(self) -> str:
+        """One line for the task's ``kwargsrepr``: the count and the first requests."""
+        head = "; ".join(r.summary() for r in self.requests[:3])
+        more = f"; +{len(self.requests) - 3} more" if len(self.requests) > 3 else ""
+        return f"{len(self.requests)} online request shard(s): {head}{more}"
 
 
 def done_channel(online_queue: str) -> str:

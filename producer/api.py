@@ -28,6 +28,7 @@ response otherwise is written as ``null``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 from collections.abc import AsyncIterator
@@ -41,6 +42,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
 from ml_framework.errors import (
     DatasetError,
     DatasetNotFoundError,
@@ -81,6 +83,8 @@ class _JobFields(BaseModel):
     version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
     batch_size: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Rows per forward pass.")
     columns: list[str] | None = Field(default=None, description="Dataset columns mapped onto the model inputs, in order.")
+    priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                          description="0 (default) to 9 (most urgent): shards of higher-priority jobs are taken first.")
 
 
 class DatasetJobRequest(_JobFields):
@@ -255,9 +259,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             path = (root / body.dataset).resolve()
             if not path.is_relative_to(root):
                 raise DatasetError(f"dataset {body.dataset!r} is outside the data directory")
-            job = c.score_dataset(path, body.model, body.version, body.batch_size, body.columns)
+            job = c.score_dataset(path, body.model, body.version, body.batch_size, body.columns, body.priority)
         else:
-            job = c.score_rows(body.rows, body.model, body.version, body.batch_size, body.columns)
+            job = c.score_rows(body.rows, body.model, body.version, body.batch_size, body.columns,
+                               priority=body.priority)
         return JobOut.of(job.status())
 
     @api.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses={404: {"model": ApiError}})
@@ -298,12 +303,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @api.post("/v1/models/{name}/predict", response_model=PredictResponse, tags=["models"],
               responses={404: {"model": ApiError}, 504: {"model": ApiError}})
-    def predict(name: str, body: PredictRequest, c: ClientDep) -> PredictResponse:
+    async def predict(name: str, body: PredictRequest, c: ClientDep) -> PredictResponse:
         """Score a few rows now: the request goes on the online queue, which workers drain
-        before their next bulk shard; 504 when no answer comes within ``timeout_s``."""
-        job = c.answer(c.submit(name, body.rows, body.version), body.timeout_s)
-        rows = c.store.results_page(job.id, 0, len(body.rows))
-        return PredictResponse(job_id=job.id, model=name, rows=_finite(rows))
+        before their next bulk shard; 504 when no answer comes within ``timeout_s``.
+        Waiting holds no thread, so one API process keeps many requests in flight."""
+        answer = await c.apredict(name, body.rows, body.version, timeout_s=body.timeout_s)
+        job_id = answer.attrs["job_id"]
+        rows = await asyncio.to_thread(c.store.results_page, job_id, 0, len(body.rows))
+        return PredictResponse(job_id=job_id, model=name, rows=_finite(rows))
 
     @api.get("/health", tags=["operations"])
     def health() -> dict[str, str]:

@@ -29,6 +29,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
 from ml_framework.errors import JobTimeoutError, MLFrameworkError
 from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
@@ -85,6 +86,8 @@ def score(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results here (.parquet / .csv); implies --wait.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job, with a progress bar.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
+    priority: Annotated[int, typer.Option(min=MIN_PRIORITY, max=MAX_PRIORITY,
+                                          help="0 (default) to 9 (most urgent): shards of higher-priority jobs go first.")] = 0,
 ) -> None:
     """Submit a bulk-scoring job; prints the job id (and waits with --wait / -o)."""
     if output is not None:
@@ -95,7 +98,7 @@ def score(
     try:
         with client() as c:
             job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
-                                  columns=columns.split(",") if columns else None)
+                                  columns=columns.split(",") if columns else None, priority=priority)
             if not (wait or output):
                 print(job.id)
                 return

@@ -11,11 +11,12 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ml_framework.celery_app import create_app
+from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY, create_app, message_priority
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
 from ml_framework.errors import DatasetError, DatasetSchemaError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
-from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, InlineRows, ScoreShard, done_channel
+from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, InlineRows, ScoreShard
 from ml_framework.settings import Settings, get_settings
-from ml_framework.store import JobState, JobStatus, ResultStore, WorkerInfo
+from ml_framework.store import JobState, JobStatus, NewJob, ResultStore, WorkerInfo
 from producer.datasets import inspect, plan_sources, resolve_columns
+from producer.online import OnlineDispatcher, OnlineRequest
 from producer.results import write_results
 
 POLL_START_S = 0.1
 POLL_MAX_S = 2.0
-ONLINE_POLL_START_S = 0.005
-ONLINE_POLL_MAX_S = 0.1
-NOTIFIED_POLL_START_S = 0.2  # with Redis announcements, polls are only the fallback
-NOTIFIED_POLL_MAX_S = 1.0
 NO_WORKER_WARNING_S = 5.0
 
 log = logging.getLogger(__name__)
@@ -54,6 +52,7 @@ class Job:
     def __init__(self, client: Client, job_id: str) -> None:
         self.client = client
         self.id = job_id
+        self._answer: Future | None = None  # set for online requests sent by this client
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -161,13 +160,13 @@ class Client:
         self.store = ResultStore(self.settings.effective_database_url)
         self.repository = ModelRepository(self.settings.models_dir)
         self.app = create_app(self.settings)
-        self._notifier: DoneNotifier | None = None
+        self._dispatcher: OnlineDispatcher | None = None
         self._lock = threading.Lock()
 
     def close(self) -> None:
         """Release broker and database connections."""
-        if self._notifier is not None:
-            self._notifier.close()
+        if self._dispatcher is not None:
+            self._dispatcher.close()
         self.store.close()
         self.app.close()
 
@@ -206,6 +205,7 @@ class Client:
         version: int | None = None,
         batch_size: int | None = None,
         columns: Sequence[str] | None = None,
+        priority: int = 0,
     ) -> Job:
         """Submit a bulk-scoring job over a CSV or Parquet file.
 
@@ -219,22 +219,27 @@ class Client:
             batch_size: rows per forward pass; default the manifest's, then settings'.
             columns: dataset columns to feed, mapped onto the manifest's input columns
                 in order; default the manifest's column names.
+            priority: 0 (default) to 9 (most urgent): workers take the shards of a
+                higher-priority bulk job before those of lower ones already queued (online
+                requests still come first). See :func:`~ml_framework.celery_app.message_priority`.
 
         Returns:
             The new :class:`Job` (state PENDING).
 
         Raises:
-            ValueError: ``batch_size`` out of range.
+            ValueError: ``batch_size`` or ``priority`` out of range.
             ModelNotFoundError: unknown model or version.
             DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
                 the file is missing, unreadable, lacks columns or has no rows.
         """
+        _check_priority(priority)
         manifest, batch = self._check(model, version, batch_size)
         info = inspect(Path(path))
         use_columns = resolve_columns(info, manifest, columns)
         ranges = shard_ranges(info.n_rows, self.settings.shard_size)
         sources = plan_sources(info, ranges, use_columns, self.settings.data_dir)
-        return self._submit(manifest, str(info.path), info.n_rows, ranges, use_columns, sources, batch)
+        return self._submit(manifest, str(info.path), info.n_rows, ranges, use_columns, sources, batch,
+                            priority=priority)
 
     def score_rows(
         self,
@@ -245,7 +250,7 @@ class Client:
         columns: Sequence[str] | None = None,
         queue: str | None = None,
         online: bool = False,
-        on_created: Callable[[str], object] | None = None,
+        priority: int = 0,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
 
@@ -254,11 +259,10 @@ class Client:
                 row), or a 2-D array / list of lists whose columns are the manifest's
                 input columns in order. Values that are not numbers become row errors on
                 the worker, naming the row and field; they do not fail the job.
-            model, version, batch_size, columns: as :meth:`score_dataset`.
+            model, version, batch_size, columns, priority: as :meth:`score_dataset`.
             queue: Celery queue of the shards; default the bulk queue.
-            online: mark the shards as online requests (dynamic batching on the worker).
-            on_created: called with the job id once the job is recorded, before its
-                shards are sent (to subscribe to its completion without a race).
+            online: mark the shards as online requests (dynamic batching on the worker);
+                :meth:`submit` sends online requests in groups, which is faster.
 
         Returns:
             The new :class:`Job`; its rows are numbered from 0 in the order given.
@@ -268,6 +272,14 @@ class Client:
             DatasetError: no rows.
             ModelNotFoundError, ValueError: as :meth:`score_dataset`.
         """
+        _check_priority(priority)
+        manifest, batch, use_columns, ranges, sources = self._plan_rows(rows, model, version, batch_size, columns)
+        return self._submit(manifest, f"<{ranges[-1][1]} inline rows>", ranges[-1][1], ranges, use_columns,
+                            sources, batch, queue, online, priority)
+
+    def _plan_rows(self, rows: RowsLike, model: str, version: int | None, batch_size: int | None,
+                   columns: Sequence[str] | None) -> tuple[ModelManifest, int, list[str], list, list[InlineRows]]:
+        """Check ``rows`` against the model and cut them into inline shards (see :meth:`score_rows`)."""
         manifest, batch = self._check(model, version, batch_size)
         table = rows_to_table(rows, manifest.inputs.columns)
         info = DatasetInfo(path=Path("<inline rows>"), format="inline", columns=table.column_names,
@@ -275,28 +287,34 @@ class Client:
         use_columns = resolve_columns(info, manifest, columns)
         ranges = shard_ranges(table.num_rows, self.settings.shard_size)
         selected = table.select(use_columns)
-        sources = (InlineRows(row_start=a, row_end=b, data_b64=encode_table(selected.slice(a, b - a)))
-                   for a, b in ranges)
-        return self._submit(manifest, f"<{table.num_rows} inline rows>", table.num_rows, ranges, use_columns,
-                            sources, batch, queue, online, on_created)
+        sources = [InlineRows(row_start=a, row_end=b, data_b64=encode_table(selected.slice(a, b - a)))
+                   for a, b in ranges]
+        return manifest, batch, use_columns, ranges, sources
 
     def submit(self, model: str, inputs: RowsLike, version: int | None = None,
                batch_size: int | None = None) -> Job:
         """Submit an online request: a few rows, on the online queue, which every worker
-        drains before taking its next bulk shard. Non-blocking form of :meth:`predict`.
+        drains before taking its next bulk shard. Non-blocking form of :meth:`predict`:
+        returns once the job is recorded and sent; :meth:`answer` waits for it.
 
-        Args and errors: as :meth:`score_rows`.
+        Args and errors: as :meth:`score_rows`; also whatever recording or sending raised.
         """
-        notifier = self._done_notifier()
-        return self.score_rows(inputs, model, version, batch_size, queue=self.settings.online_queue, online=True,
-                               on_created=notifier.register if notifier else None)
+        request = self._send_online(model, inputs, version, batch_size)
+        request.sent.wait()
+        if request.send_error is not None:
+            raise request.send_error
+        job = Job(self, request.job.job_id)
+        job._answer = request.answer
+        return job
 
     def predict(self, model: str, inputs: RowsLike, version: int | None = None,
                 timeout_s: float = 30.0) -> pd.DataFrame:
         """Score a few rows and return their results, blocking at most ``timeout_s``.
 
-        The request goes on the online queue (see :meth:`submit`); the wait is
-        :meth:`answer`'s, and the results are then read from the results store.
+        The request goes on the online queue (see :meth:`submit`). Requests made at the
+        same time from many threads are recorded and sent in groups; the worker's
+        announcement (Redis) wakes the wait, and the answer is read from the results
+        store (see :mod:`producer.online`).
 
         Args:
             model, inputs, version: as :meth:`score_rows`.
@@ -310,19 +328,54 @@ class Client:
             JobTimeoutError: no answer within ``timeout_s`` (the request is cancelled).
             DatasetSchemaError, DatasetError, ModelNotFoundError: as :meth:`score_rows`.
         """
-        job = self.answer(self.submit(model, inputs, version), timeout_s)
-        frame = job.results()
-        frame.attrs["job_id"] = job.id
-        return frame
+        request = self._send_online(model, inputs, version)
+        return self._online().result(request.job.job_id, request.answer, timeout_s)
+
+    def predict_many(self, model: str, inputs: Sequence[RowsLike], version: int | None = None,
+                     timeout_s: float = 30.0) -> list[pd.DataFrame]:
+        """Score many small requests at once (each as :meth:`predict`): all are sent
+        before any is waited for, so workers batch them together.
+
+        Args:
+            inputs: one ``RowsLike`` per request.
+            timeout_s: seconds to wait at most for all of them together.
+
+        Returns:
+            One answer per request, in order (see :meth:`predict`).
+
+        Raises:
+            JobTimeoutError: some request got no answer in time (those are cancelled).
+            DatasetSchemaError, DatasetError, ModelNotFoundError: a request is invalid
+                (raised before anything is sent).
+        """
+        plans = [self._plan_online(model, rows, version) for rows in inputs]
+        online = self._online()
+        requests = [online.send(plan) for plan in plans]
+        deadline = time.monotonic() + timeout_s
+        return [online.result(r.job.job_id, r.answer, max(0.0, deadline - time.monotonic())) for r in requests]
+
+    async def apredict(self, model: str, inputs: RowsLike, version: int | None = None,
+                       timeout_s: float = 30.0) -> pd.DataFrame:
+        """:meth:`predict` for asyncio: awaits the answer without holding a thread, so one
+        event loop can keep thousands of requests in flight.
+
+        Args, returns and errors: as :meth:`predict`.
+        """
+        import asyncio
+
+        request = self._send_online(model, inputs, version)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(request.answer)), timeout_s)
+        except TimeoutError:
+            return await asyncio.to_thread(self._online().expire, request.job.job_id, request.answer, timeout_s)
 
     def answer(self, job: Job, timeout_s: float) -> Job:
         """Wait for an online request (see :meth:`submit`); cancel it if no answer comes
         within ``timeout_s``.
 
-        With a Redis broker the worker's announcement wakes the wait at once (the request
-        is subscribed to before it is sent), and the store is polled only as a fallback,
-        every 0.2 s to 1 s. With the embedded broker the store is polled from 5 ms,
-        backing off to 100 ms.
+        With a Redis broker the worker's announcement wakes the wait at once, and the
+        store is polled only as a fallback, every 0.2 s backing off to 1 s. With the
+        embedded broker the store is polled from 5 ms, backing off to 100 ms.
 
         Returns:
             ``job``, now finished.
@@ -330,33 +383,27 @@ class Client:
         Raises:
             JobTimeoutError: no answer in time (the job is cancelled).
         """
-        notifier = self._done_notifier()
-        wake = notifier.register(job.id) if notifier else None
-
-        def sleep(seconds: float) -> None:
-            if wake.wait(seconds):
-                wake.clear()
-
-        try:
-            if wake is None:
-                job.wait(timeout_s, poll_start_s=ONLINE_POLL_START_S, poll_max_s=ONLINE_POLL_MAX_S)
-            else:
-                job.wait(timeout_s, poll_start_s=NOTIFIED_POLL_START_S, poll_max_s=NOTIFIED_POLL_MAX_S, sleep=sleep)
-        except JobTimeoutError:
-            job.cancel()
-            raise
-        finally:
-            if notifier:
-                notifier.unregister(job.id)
+        online = self._online()
+        answer = job._answer or online.watch(job.id)
+        online.result(job.id, answer, timeout_s)
         return job
 
-    def _done_notifier(self) -> DoneNotifier | None:
-        if not self.settings.broker_is_redis:
-            return None
+    def _plan_online(self, model: str, inputs: RowsLike, version: int | None,
+                     batch_size: int | None = None) -> OnlineRequest:
+        manifest, batch, use_columns, ranges, sources = self._plan_rows(inputs, model, version, batch_size, None)
+        job = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, f"<{ranges[-1][1]} inline rows>",
+                     ranges[-1][1], ranges, batch)
+        return OnlineRequest(job, use_columns, sources)
+
+    def _send_online(self, model: str, inputs: RowsLike, version: int | None,
+                     batch_size: int | None = None) -> OnlineRequest:
+        return self._online().send(self._plan_online(model, inputs, version, batch_size))
+
+    def _online(self) -> OnlineDispatcher:
         with self._lock:
-            if self._notifier is None:
-                self._notifier = DoneNotifier(self.settings.broker_url, done_channel(self.settings.online_queue))
-            return self._notifier
+            if self._dispatcher is None:
+                self._dispatcher = OnlineDispatcher(self.settings, self.store, self.app)
+            return self._dispatcher
 
     def _check(self, model: str, version: int | None, batch_size: int | None) -> tuple[ModelManifest, int]:
         if batch_size is not None and not 0 < batch_size <= MAX_INT32:
@@ -375,73 +422,27 @@ class Client:
         batch: int,
         queue: str | None = None,
         online: bool = False,
-        on_created: Callable[[str], object] | None = None,
+        priority: int = 0,
     ) -> Job:
         """Record the job, then send one shard message per source; cancel the job if sending fails."""
         job_id = self.store.create_job(
             model=manifest.name, model_version=manifest.version, dataset=dataset,
             n_rows=n_rows, shard_ranges=ranges, batch_size=batch,
         )
-        if on_created is not None:
-            on_created(job_id)
         try:
+            broker_priority = message_priority(self.settings, priority)
             with self.app.producer_or_acquire() as producer:
                 for index, source in enumerate(sources):
                     body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name,
                                       version=manifest.version, batch_size=batch,
                                       columns=columns, source=source, online=online)
-                    self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
-                                       queue=queue or self.settings.bulk_queue, producer=producer)
+                    self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"), argsrepr="()",
+                                       kwargsrepr=body.summary(), queue=queue or self.settings.bulk_queue,
+                                       priority=broker_priority, producer=producer)
         except BaseException:
             self.store.cancel(job_id)
             raise
         return Job(self, job_id)
-
-
-class DoneNotifier:
-    """Listens on the Redis channel where workers announce finished online requests and
-    wakes the callers waiting for them (one subscriber thread per client).
-
-    Args:
-        url: Redis URL (the broker's).
-        channel: the announcement channel (``mlf.done.<online_queue>``).
-    """
-
-    def __init__(self, url: str, channel: str) -> None:
-        import redis
-
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(**{channel: self._on_message})
-        self._thread = self._pubsub.run_in_thread(sleep_time=0.2, daemon=True)
-
-    def _on_message(self, message: dict) -> None:
-        try:
-            job_ids = json.loads(message["data"])
-        except (ValueError, TypeError):
-            return
-        with self._lock:
-            for job_id in job_ids:
-                event = self._events.get(job_id)
-                if event is not None:
-                    event.set()
-
-    def register(self, job_id: str) -> threading.Event:
-        """An event set when ``job_id`` is announced."""
-        with self._lock:
-            return self._events.setdefault(job_id, threading.Event())
-
-    def unregister(self, job_id: str) -> None:
-        """Stop tracking ``job_id``."""
-        with self._lock:
-            self._events.pop(job_id, None)
-
-    def close(self) -> None:
-        """Stop the subscriber thread (it notices within 0.2 s), then close its connection."""
-        self._thread.stop()
-        self._thread.join(timeout=5)
-        self._pubsub.close()
 
 
 RowsLike = pd.DataFrame | pa.Table | np.ndarray | Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]]
@@ -467,6 +468,12 @@ def rows_to_table(rows: RowsLike, input_columns: Sequence[str]) -> pa.Table:
             table = pa.Table.from_pandas(rows, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in a column
             table = _columns_to_table({str(c): rows[c].tolist() for c in rows.columns})
+    elif (isinstance(rows, np.ndarray) and rows.dtype.kind in "biuf" and rows.ndim in (1, 2)
+          and (rows.shape[-1] if rows.ndim == 2 else (len(rows) if len(input_columns) > 1 else 1)) == len(input_columns)):
+        # numeric: one Arrow buffer, column-major, sliced per column (no Python objects)
+        array = rows.reshape(-1, len(input_columns))
+        flat, n = pa.array(np.ascontiguousarray(array.T).ravel()), len(array)
+        table = pa.Table.from_arrays([flat.slice(i * n, n) for i in range(array.shape[1])], names=list(input_columns))
     elif isinstance(rows, np.ndarray) or (isinstance(rows, Sequence) and rows and not isinstance(rows[0], Mapping)):
         if not isinstance(rows, np.ndarray):
             for i, row in enumerate(rows):
@@ -491,6 +498,12 @@ def rows_to_table(rows: RowsLike, input_columns: Sequence[str]) -> pa.Table:
     if table.num_rows == 0:
         raise DatasetError("no rows to score")
     return table
+
+
+def _check_priority(priority: int) -> None:
+    if not (isinstance(priority, int) and MIN_PRIORITY <= priority <= MAX_PRIORITY):
+        raise ValueError(f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} "
+                         f"({MAX_PRIORITY} most urgent), got {priority!r}")
 
 
 def _columns_to_table(columns: Mapping[str, list[Any]]) -> pa.Table:

@@ -33,7 +33,13 @@ from kombu.message import Message
 from pydantic import ValidationError
 
 from ml_framework.errors import MLFrameworkError
-from ml_framework.protocol import SCORE_SHARD_TASK, ScoreShard, done_channel
+from ml_framework.protocol import (
+    SCORE_ONLINE_TASK,
+    SCORE_SHARD_TASK,
+    OnlineBatch,
+    ScoreShard,
+    done_channel,
+)
 from ml_framework.settings import get_settings
 from ml_framework.store import ShardOutcomeRecord
 from worker.conversion import to_inputs
@@ -63,17 +69,18 @@ def announce(job_ids: list[str]) -> None:
 
 
 @contextmanager
-def gathered(app: Celery, rows: int, max_rows: int, max_delay_s: float) -> Iterator[list[tuple[ScoreShard, Message]]]:
+def gathered(app: Celery, rows: int, max_rows: int,
+             max_delay_s: float) -> Iterator[list[tuple[list[ScoreShard], Message]]]:
     """Take waiting online requests from the broker until ``max_rows`` rows (counting the
     first request's ``rows``) or ``max_delay_s`` seconds.
 
     Yields:
-        ``(request, message)`` pairs. Messages are acknowledged when the block exits
+        ``(requests, message)`` pairs (a ``mlf.score_online`` message carries several). Messages are acknowledged when the block exits
         normally; on an exception they are requeued, so another attempt comes soon.
         Malformed messages are acknowledged (dropped) with an error log.
     """
     settings = get_settings()
-    taken: list[tuple[ScoreShard, Message]] = []
+    taken: list[tuple[list[ScoreShard], Message]] = []
     with app.pool.acquire(block=True) as conn:  # pooled: no new broker connection per request
         queue = Queue(settings.online_queue, routing_key=settings.online_queue).bind(conn.default_channel)
         deadline = time.monotonic() + max_delay_s
@@ -84,12 +91,12 @@ def gathered(app: Celery, rows: int, max_rows: int, max_delay_s: float) -> Itera
                     break
                 time.sleep(GATHER_POLL_S)
                 continue
-            request = _parse(message)
-            if request is None:
+            requests = _parse(message)
+            if not requests:
                 message.ack()
                 continue
-            taken.append((request, message))
-            rows += request.n_rows
+            taken.append((requests, message))
+            rows += sum(r.n_rows for r in requests)
         try:
             yield taken
         except BaseException:
@@ -100,20 +107,23 @@ def gathered(app: Celery, rows: int, max_rows: int, max_delay_s: float) -> Itera
             message.ack()
 
 
-def _parse(message: Message) -> ScoreShard | None:
+def _parse(message: Message) -> list[ScoreShard]:
     task = (message.headers or {}).get("task")
     try:
         _args, kwargs, _embed = message.decode()
-        if task != SCORE_SHARD_TASK:
-            raise ValueError(f"task {task!r} on the online queue")
-        return ScoreShard.model_validate(kwargs)
+        if task == SCORE_ONLINE_TASK:
+            return OnlineBatch.model_validate(kwargs).requests
+        if task == SCORE_SHARD_TASK:
+            return [ScoreShard.model_validate(kwargs)]
+        raise ValueError(f"task {task!r} on the online queue")
     except (ValueError, TypeError, ValidationError) as exc:
         log.error("dropping malformed online request %s: %s", message.delivery_tag, exc)
-        return None
+        return []
 
 
-def score_online(app: Celery, first: ScoreShard, hostname: str) -> str:
-    """Score ``first`` together with the online requests waiting behind it.
+def score_online(app: Celery, first: list[ScoreShard], hostname: str) -> str:
+    """Score the requests of ``first`` (one message) together with the online requests
+    waiting behind them.
 
     Returns:
         ``DONE``: every request's rows are recorded (or it was cancelled).
@@ -121,13 +131,13 @@ def score_online(app: Celery, first: ScoreShard, hostname: str) -> str:
     from worker import tasks
 
     try:
-        batching = tasks.get_registry().repository.resolve(first.model, first.version).dynamic_batching
+        batching = tasks.get_registry().repository.resolve(first[0].model, first[0].version).dynamic_batching
         max_rows, delay_s = batching.max_batch_size, batching.max_queue_delay_ms / 1000
     except MLFrameworkError:
         max_rows, delay_s = 1, 0.0  # unknown model: fail this request alone, below
-    with gathered(app, first.n_rows, max_rows, delay_s) as others:
+    with gathered(app, sum(r.n_rows for r in first), max_rows, delay_s) as others:
         groups: dict[tuple[str, int], list[ScoreShard]] = defaultdict(list)
-        for request in [first, *(r for r, _ in others)]:
+        for request in [*first, *(r for requests, _ in others for r in requests)]:
             groups[(request.model, request.version)].append(request)
         done: list[str] = []
         for requests in groups.values():

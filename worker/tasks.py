@@ -18,7 +18,13 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ml_framework.datasets import decode_table, read_rows
 from ml_framework.errors import DatasetError, MLFrameworkError, StoreUnavailableError
-from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, ScoreShard
+from ml_framework.protocol import (
+    SCORE_ONLINE_TASK,
+    SCORE_SHARD_TASK,
+    DatasetRef,
+    OnlineBatch,
+    ScoreShard,
+)
 from ml_framework.settings import get_settings
 from ml_framework.store import ResultStore, RowError, ShardClaim, WorkerInfo
 from worker.conversion import to_inputs
@@ -238,7 +244,7 @@ def score_shard(task, **body: object) -> str:
         return "REJECTED"
     hostname = task.request.hostname or "worker"
     if msg.online:
-        return score_online(task.app, msg, hostname)
+        return score_online(task.app, [msg], hostname)
     store = get_store()
     claim = store.claim_shard(msg.job_id, msg.shard_index, hostname)
     if claim is not ShardClaim.RUN:
@@ -281,6 +287,21 @@ def score_shard(task, **body: object) -> str:
     return "FAILED" if shard_error else "DONE"
 
 
+def score_online_batch(task, **body: object) -> str:
+    """Score the online requests of one ``mlf.score_online`` message, with the others
+    waiting on the online queue, as one dynamic batch (see :mod:`worker.online`).
+
+    Returns:
+        ``DONE``, or ``REJECTED`` (malformed message).
+    """
+    try:
+        batch = OnlineBatch.model_validate(body)
+    except ValidationError as exc:
+        log.error("rejecting malformed %s message: %s", SCORE_ONLINE_TASK, exc)
+        return "REJECTED"
+    return score_online(task.app, batch.requests, task.request.hostname or "worker")
+
+
 def register(app: Celery) -> None:
     """Register the worker's tasks on ``app``.
 
@@ -292,3 +313,7 @@ def register(app: Celery) -> None:
         name=SCORE_SHARD_TASK, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
         retry_backoff=True, retry_backoff_max=STORE_RETRY_BACKOFF_MAX_S, max_retries=None,
     )(score_shard)
+    app.task(
+        name=SCORE_ONLINE_TASK, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
+        retry_backoff=True, retry_backoff_max=STORE_RETRY_BACKOFF_MAX_S, max_retries=None,
+    )(score_online_batch)

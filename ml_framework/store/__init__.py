@@ -2,12 +2,14 @@
 
 from ml_framework.store.api import (
     JobStatus,
+    NewJob,
     ResultStore,
     RowError,
     ShardClaim,
     ShardOutcomeRecord,
     WorkerInfo,
+    results_frame,
 )
 from ml_framework.store.schema import JobState, ShardState
 
-__all__ = ["JobState", "JobStatus", "ResultStore", "RowError", "ShardClaim", "ShardOutcomeRecord", "ShardState", "WorkerInfo"]
+__all__ = ["JobState", "JobStatus", "NewJob", "ResultStore", "RowError", "ShardClaim", "ShardOutcomeRecord", "ShardState", "WorkerInfo", "results_frame"]

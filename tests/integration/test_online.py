@@ -126,3 +126,63 @@ def test_a_failing_request_fails_alone_and_the_next_ones_succeed(backend, traine
             assert a["error"].iloc[0] is None and a["prediction"].iloc[0] in range(10)
     after = backend.client.predict("digits-strict", digits.frame[PIXELS].iloc[20:23], timeout_s=120)
     assert after["error"].isna().all() and len(after) == 3
+
+
+def test_predict_many_and_apredict_answer_every_request_in_order(backend, trained, digits):
+    """predict_many sends 60 requests as one group; 60 asyncio tasks await apredict on
+    one event loop. Every answer is the model's own, in the order asked."""
+    import asyncio
+
+    frame = digits.frame.iloc[300:360]
+    want = expected_labels(trained, "sklearn", frame)
+    requests = [frame[PIXELS].iloc[i:i + 1] for i in range(60)]
+    many = backend.client.predict_many("digits-sklearn", requests, timeout_s=120)
+    assert [a["prediction"].iloc[0] for a in many] == want
+    assert len({a.attrs["job_id"] for a in many}) == 60
+
+    async def all_of_them():
+        return await asyncio.gather(*(backend.client.apredict("digits-sklearn", r.to_numpy(), timeout_s=120)
+                                      for r in requests))
+
+    answers = asyncio.run(all_of_them())
+    assert [a["prediction"].iloc[0] for a in answers] == want
+    batch_rows = [backend.client.store.shards(a.attrs["job_id"])[0]["batch_rows"] for a in answers]
+    assert max(batch_rows) > 1, "60 requests sent together were never batched"
+
+
+def test_a_request_nobody_serves_times_out_and_is_cancelled(backend, trained, digits):
+    """With no worker on the client's online queue, predict raises JobTimeoutError after
+    timeout_s and the request's job ends CANCELLED, so no worker runs it later."""
+    from tests.conftest import queues
+
+    settings = load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+    with Client(settings) as lonely:
+        started = time.monotonic()
+        with pytest.raises(JobTimeoutError, match="no answer within 1.5 s") as raised:
+            lonely.predict("digits-sklearn", digits.frame[PIXELS].iloc[:1], timeout_s=1.5)
+        assert 1.5 <= time.monotonic() - started < 10
+        assert lonely.store.job(raised.value.job_id).state.value == "CANCELLED"
+
+
+def test_announcements_resume_after_redis_drops_the_subscriber(backend, trained, digits):
+    """Redis kills the client's pub/sub connection (as on a Redis restart); the client
+    subscribes again by itself, and answers keep coming. (Before, the subscriber thread
+    died silently and every later answer waited for the slow fallback poll.)"""
+    if backend.name != "redis-postgres":
+        pytest.skip("announcements exist only with a Redis broker")
+    import redis
+
+    from ml_framework.protocol import done_channel
+
+    client = backend.client
+    client.predict("digits-sklearn", digits.frame[PIXELS].iloc[:1], timeout_s=120)  # subscribed by now
+    r = redis.Redis.from_url(client.settings.broker_url)
+    channel = done_channel(client.settings.online_queue)
+    assert dict(r.pubsub_numsub(channel))[channel.encode()] == 1
+    assert r.client_kill_filter(_type="pubsub") >= 1
+    deadline = time.monotonic() + 10
+    while dict(r.pubsub_numsub(channel))[channel.encode()] != 1:
+        assert time.monotonic() < deadline, "the client never subscribed again"
+        time.sleep(0.05)
+    answer = client.predict("digits-sklearn", digits.frame[PIXELS].iloc[5:6], timeout_s=120)
+    assert answer["prediction"].iloc[0] == expected_labels(trained, "sklearn", digits.frame.iloc[5:6])[0]

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
+import uuid
 
 import pytest
 
-from ml_framework.store import JobState, ResultStore, RowError, ShardClaim
+from ml_framework.store import (
+    JobState,
+    NewJob,
+    ResultStore,
+    RowError,
+    ShardClaim,
+    ShardOutcomeRecord,
+    results_frame,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -246,3 +256,62 @@ def test_store_created_by_the_first_release_upgrades_in_place(backend, request, 
         assert store.workers()[0].models == ["m/1"]
     finally:
         store.close()
+
+
+def online_jobs(store: ResultStore, n: int, rows: int = 1) -> list[str]:
+    """``n`` one-shard jobs of ``rows`` rows, recorded together as online requests are."""
+    jobs = [NewJob(uuid.uuid4().hex, "m", 1, "<inline>", rows, [(0, rows)], 64) for _ in range(n)]
+    store.create_jobs(jobs)
+    return [j.job_id for j in jobs]
+
+
+def test_online_batch_is_recorded_once_with_per_job_states(store):
+    """One record_online call: a request that succeeded, one with a bad row, one whose
+    shard failed, one cancelled before the batch landed, and the same shard twice."""
+    ok, partial, failed, cancelled = online_jobs(store, 4, rows=2)
+    store.cancel(cancelled)
+    records = [
+        ShardOutcomeRecord(ok, 0, [(0, {"p": 1}), (1, {"p": 2})], [], batch_rows=8),
+        ShardOutcomeRecord(partial, 0, [(0, {"p": 3})], [RowError(1, "row 1: bad", "x")], batch_rows=8),
+        ShardOutcomeRecord(failed, 0, [], [RowError(0, "boom"), RowError(1, "boom")], shard_error="boom", batch_rows=8),
+        ShardOutcomeRecord(cancelled, 0, [(0, {"p": 4}), (1, {"p": 5})], [], batch_rows=8),
+        ShardOutcomeRecord(ok, 0, [(0, {"p": 1}), (1, {"p": 2})], [], batch_rows=8),  # a duplicate delivery
+    ]
+    assert store.record_online(records, "w1") == [True, True, True, False, False]
+    states = {j: store.job(j) for j in (ok, partial, failed, cancelled)}
+    assert [(s.state, s.rows_ok, s.rows_failed, s.shards_done) for s in states.values()] == [
+        (JobState.SUCCEEDED, 2, 0, 1), (JobState.PARTIAL, 1, 1, 1), (JobState.FAILED, 0, 2, 1),
+        (JobState.CANCELLED, 0, 0, 0)]
+    assert all(states[j].started_at is not None and states[j].finished_at is not None for j in (ok, partial, failed))
+    shard = store.shards(failed)[0]
+    assert (shard["state"], shard["worker"], shard["error"], shard["batch_rows"], shard["attempts"]) == (
+        "FAILED", "w1", "boom", 8, 1)
+    assert store.results(ok)["p"].tolist() == [1, 2]
+    assert len(store.results(cancelled)) == 0
+    # a redelivery of the whole batch writes nothing
+    assert store.record_online(records[:3], "w2") == [False, False, False]
+    assert store.job(ok).rows_ok == 2 and store.shards(ok)[0]["worker"] == "w1"
+
+
+def test_finished_returns_ended_jobs_with_their_rows_only(store):
+    """finished(): terminal jobs with their rows, in one query; running and unknown ones absent."""
+    done, running = online_jobs(store, 2, rows=2)
+    store.record_online([ShardOutcomeRecord(done, 0, [(1, {"p": 7})], [RowError(0, "row 0: bad", "x")])], "w")
+    found = store.finished([done, running, "0" * 32])
+    assert list(found) == [done]
+    state, outputs, errors = found[done]
+    assert state is JobState.PARTIAL
+    assert outputs == [(1, '{"p":7}')] and errors == [(0, "x", "row 0: bad")]
+    frame = results_frame(outputs, errors)
+    assert frame.index.tolist() == [0, 1]
+    assert frame["error"].tolist() == ["row 0: bad", None] and frame["error_field"].tolist() == ["x", None]
+    assert frame.loc[1, "p"] == 7
+
+
+def test_a_big_online_batch_spans_several_in_lists(store):
+    """More requests than one IN (...) list holds are all recorded (chunked statements)."""
+    jobs = online_jobs(store, 1200)
+    assert all(store.record_online([ShardOutcomeRecord(j, 0, [(0, {"p": i})], []) for i, j in enumerate(jobs)], "w"))
+    found = store.finished(jobs)
+    assert len(found) == 1200 and {s for s, _, _ in found.values()} == {JobState.SUCCEEDED}
+    assert [json.loads(found[j][1][0][1])["p"] for j in jobs] == list(range(1200))
