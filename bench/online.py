@@ -90,6 +90,72 @@ def run_async_load(call, rows: np.ndarray, concurrency: int, n: int) -> tuple[fl
     return asyncio.run(main()), latencies
 
 
+def timeline(client, model: str, rows: np.ndarray, n: int = 150) -> dict[str, float]:
+    """Median milliseconds of each stage of one request at a time, from timestamps taken
+    around the client's own calls: planning (checking and encoding the rows), recording
+    the job, sending the message, the worker's part (from sent to the answer being read:
+    broker, scoring, recording, announcement), reading the answer, and the rest (building
+    the DataFrame, waking the caller)."""
+    marks: dict[str, float] = {}
+
+    def wrap(obj, name: str, before: str | None, after: str) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            if before:
+                marks[before] = time.perf_counter()
+            result = inner(*args, **kwargs)
+            marks[after] = time.perf_counter()
+            return result
+
+        setattr(obj, name, timed)
+
+    wrap(client.store, "create_jobs", "create0", "create1")
+    wrap(client.app, "send_task", None, "sent")
+    wrap(client.store, "finished", "wake", "read")
+    stages = []
+    for i in range(n):
+        marks.clear()
+        started = time.perf_counter()
+        client.predict(model, rows[i % len(rows)].reshape(1, -1), timeout_s=60)
+        done = time.perf_counter()
+        stages.append([marks["create0"] - started, marks["create1"] - marks["create0"],
+                       marks["sent"] - marks["create1"], marks["wake"] - marks["sent"],
+                       marks["read"] - marks["wake"], done - marks["read"], done - started])
+    names = ["plan", "record job", "send", "worker", "read answer", "frame + wake", "total"]
+    return dict(zip(names, (1000 * np.median(np.array(stages[20:]), axis=0)).tolist(), strict=True))
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU seconds used so far by each group of processes."""
+    import psutil
+
+    used = {}
+    for name, group in pids.items():
+        total = 0.0
+        for pid in group:
+            try:
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        used[name] = total
+    return used
+
+
+def service_pids() -> dict[str, list[int]]:
+    """PostgreSQL and Redis server processes on this machine."""
+    import psutil
+
+    pids: dict[str, list[int]] = {"postgres": [], "redis": []}
+    for proc in psutil.process_iter(["name", "username"]):
+        if proc.info["username"] == "postgres":
+            pids["postgres"].append(proc.pid)
+        elif "redis-server" in (proc.info["name"] or ""):
+            pids["redis"].append(proc.pid)
+    return pids
+
+
 def wait_ready(check, what: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -142,6 +208,7 @@ def main() -> int:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
     results = []
+    cpu_per_request: dict[int, dict[str, float]] = {}
 
     # (a) plain Celery, one task per request
     naive_env = {**env, "MLF_BENCH_REDIS": REDIS_NAIVE, "MLF_BENCH_MODEL": str(model_path),
@@ -173,13 +240,19 @@ def main() -> int:
     try:
         wait_ready(lambda: len(client.workers()) == 2 and all(w.models for w in client.workers()), "mlf worker")
         frame = data.frame[PIXELS]
+        pids = {"producer": [os.getpid()], **{w.hostname.split("@")[0]: [w.pid] for w in client.workers()},
+                **service_pids()}
         for concurrency, n in levels:
             rps, lat = run_load(lambda row: client.predict(manifest.name, row.reshape(1, -1), timeout_s=60),
                                 frame.to_numpy(np.float64), concurrency, n)
             results.append(("ours (dynamic batching)", concurrency, rps, lat))
+            before = cpu_seconds(pids)
             rps, lat = run_async_load(lambda row: client.apredict(manifest.name, row.reshape(1, -1), timeout_s=60),
                                       frame.to_numpy(np.float64), concurrency, n)
+            after = cpu_seconds(pids)
             results.append(("ours, asyncio callers", concurrency, rps, lat))
+            cpu_per_request[concurrency] = {k: 1000 * (after[k] - before[k]) / n for k in pids}
+        stages = timeline(client, manifest.name, frame.to_numpy(np.float64), 60 if args.quick else 150)
         batch_rows = [r for (r,) in client.store.engine.connect().exec_driver_sql(
             "SELECT batch_rows FROM shards WHERE batch_rows IS NOT NULL")]
     finally:
@@ -197,6 +270,12 @@ def main() -> int:
             ratio = by[(ours, concurrency)] / by[("plain Celery", concurrency)]
             print(f"{ours} / plain Celery at {concurrency} callers: {ratio:.2f}x")
     print(f"dynamic batches: mean {np.mean(batch_rows):.1f} rows, max {max(batch_rows)}")
+    print("\none request at a time, median ms per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    print("\nCPU ms per request, ours with asyncio callers (where the time goes; 2 cores = 2,000 ms/s):")
+    for concurrency, used in cpu_per_request.items():
+        total = sum(used.values())
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in used.items())
+        print(f"  {concurrency:>3} callers: {parts}; total {total:.2f} -> at most {2000 / total:.0f} req/s on 2 cores")
     return 0
 
 

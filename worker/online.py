@@ -176,7 +176,8 @@ def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> li
         parts.append((request, x, rows, errors))
     if parts:
         x_all = np.concatenate([x for _, x, _, _ in parts])
-        run = runtime.run(x_all, max(max_rows, 1))
+        pass_rows = min(len(x_all), max(max_rows, 1))  # the forward passes' size
+        run = runtime.run(x_all, pass_rows)
         offset = 0
         for i, (request, x, rows, errors) in enumerate(parts):
             k = len(x)
@@ -184,7 +185,7 @@ def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> li
                                      run.errors[offset:offset + k], errors, run.oom_splits if i == 0 else 0)
             offset += k
             records.append(ShardOutcomeRecord(request.job_id, request.shard_index, outcome.outputs, outcome.errors,
-                                              oom_splits=outcome.oom_splits, batch_rows=len(x_all)))
+                                              oom_splits=outcome.oom_splits, batch_rows=pass_rows))
         log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), len(x_all),
                  runtime.manifest.name, runtime.manifest.version)
     return _record(records, hostname)
