@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Task events for Flower (the embedded SQLite transport has no fanout to carry them).
+        worker_send_task_events=not settings.embedded_broker,
         enable_utc=True,
     )
     return app

@@ -66,6 +66,8 @@ class ScoreShard(_Message):
         source: where the rows are.
         online: an online request: the worker gathers other waiting online requests into
             the same forward pass (dynamic batching) and announces the answer.
+        enqueued_at: when the producer sent it, Unix time in seconds (for the workers'
+            queue-wait metric; ``None`` from older producers).
     """
 
     job_id: str
@@ -76,6 +78,7 @@ class ScoreShard(_Message):
     columns: list[str]
     source: DatasetRef | InlineRows = Field(discriminator="kind")
     online: bool = False
+    enqueued_at: float | None = None
 
     @property
     def n_rows(self) -> int:

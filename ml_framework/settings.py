@@ -75,6 +75,20 @@ class Settings(BaseSettings):
         api_keys: keys the HTTP API accepts (``X-API-Key: <key>`` or ``Authorization:
             Bearer <key>``); empty: no authentication. In the environment, comma-separated.
         api_max_request_bytes: largest request body the HTTP API reads, bytes.
+        log_dir: directory of the rotating log file ``ml_framework.log``; default
+            ``<var_dir>/logs`` (``/app/logs`` in the production image).
+        log_to_file: write that file besides stdout.
+        log_format: ``text`` (``%(asctime)s - %(name)s - %(levelname)s - %(message)s``,
+            the task context appended) or ``json`` (one JSON object per line).
+        log_max_bytes / log_backup_count: the log file rotates at this size, keeping this
+            many old files (``ml_framework.log.1`` ...).
+        worker_metrics_port: port on which ``mlf worker`` serves the Prometheus metrics of
+            all its processes (``/metrics``); 0 turns it off.
+        worker_metrics_host: address it binds (``0.0.0.0`` in containers, so that
+            Prometheus can reach it).
+        flower_basic_auth: ``user:password`` pairs Flower accepts (``mlf flower``); in the
+            environment, comma-separated. ``mlf flower`` refuses to start without one
+            unless told ``--no-auth``.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -98,12 +112,29 @@ class Settings(BaseSettings):
     worker_max_cached_models: PositiveInt = Field(default=4, le=1000)
     api_keys: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
     api_max_request_bytes: PositiveInt = 16 * 2**20
+    log_dir: Path | None = None
+    log_to_file: bool = True
+    log_format: Literal["text", "json"] = "text"
+    log_max_bytes: PositiveInt = 10 * 2**20
+    log_backup_count: int = Field(default=5, ge=0, le=1000)
+    worker_metrics_port: int = Field(default=9191, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    flower_basic_auth: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
 
-    @field_validator("worker_preload_models", "api_keys", mode="before")
+    @field_validator("worker_preload_models", "api_keys", "flower_basic_auth", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _check_basic_auth(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            user, sep, password = entry.partition(":")
+            if not (user and sep and password):
+                raise ValueError("flower_basic_auth: give user:password pairs, comma-separated")
         return value
 
     @field_validator("worker_preload_models")
@@ -166,6 +197,11 @@ class Settings(BaseSettings):
         if self.broker_url:
             return self.broker_url
         return f"mlfsqla+sqlite:///{(self.var_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def effective_log_dir(self) -> Path:
+        """Where ``ml_framework.log`` goes: ``log_dir``, else ``<var_dir>/logs``."""
+        return self.log_dir or self.var_dir / "logs"
 
     @property
     def effective_database_url(self) -> str:

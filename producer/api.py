@@ -53,6 +53,7 @@ from ml_framework.errors import (
     ModelNotFoundError,
     StoreUnavailableError,
 )
+from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobStatus
@@ -201,7 +202,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.client = Client(settings or get_settings())
+        cfg = settings or get_settings()
+        configure_logging(cfg.logging_level, cfg)
+        app.state.client = Client(cfg)
         try:
             yield
         finally:

@@ -173,23 +173,28 @@ def _gib(n: int | None) -> str:
 def workers(
     all_: Annotated[bool, typer.Option("--all", help="Include workers whose heartbeat is older than 30 s.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines, one per worker process.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every --interval seconds until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.5, help="Seconds between refreshes with --watch.")] = 2.0,
 ) -> None:
     """List live worker processes: device, loaded models, throughput, memory."""
-    from datetime import UTC, datetime
-
-    try:
-        with client() as c:
-            infos = c.workers(None if all_ else 30.0)
-    except MLFrameworkError as exc:
-        raise fail(str(exc)) from None
     if as_json:
+        try:
+            with client() as c:
+                infos = c.workers(None if all_ else 30.0)
+        except MLFrameworkError as exc:
+            raise fail(str(exc)) from None
         for info in infos:
             print(json.dumps(info.__dict__, default=str))
         return
+    _show(lambda c: _workers_table(c.workers(None if all_ else 30.0), all_), watch, interval)
+
+
+def _workers_table(infos, all_: bool):
+    from datetime import UTC, datetime
+
     if not infos:
-        out.print("no worker heartbeat recorded (start workers with `mlf worker`)" if all_
-                  else "no worker heartbeat in the last 30 s (start workers with `mlf worker`)")
-        return
+        return ("no worker heartbeat recorded (start workers with `mlf worker`)" if all_
+                else "no worker heartbeat in the last 30 s (start workers with `mlf worker`)")
     now = datetime.now(UTC)
     table = Table("worker", "pid", "device", "models", "shards", "rows", "rows/s", "OOM splits",
                   "RSS GiB", "device mem GiB", "util %", "seen")
@@ -201,7 +206,90 @@ def workers(
         seen = f"{(now - w.last_seen_at).total_seconds():.0f} s ago" if w.last_seen_at else "-"
         table.add_row(w.hostname, str(w.pid), device, ", ".join(w.models) or "-", str(w.shards_done),
                       str(w.rows_done), f"{w.rows_per_s:.0f}", str(w.oom_splits), _gib(w.rss_bytes), mem, util, seen)
-    out.print(table)
+    return table
+
+
+@app.command()
+def queues(
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every --interval seconds until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.5, help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Messages waiting on the online and bulk queues, jobs by state, oldest pending job."""
+    from producer.metrics import queue_depths
+
+    def table(c) -> Table:
+        t = Table("queue", "waiting", title="queues")
+        try:
+            for queue, n in queue_depths(c).items():
+                t.add_row(queue, str(n))
+        except Exception as exc:  # noqa: BLE001 - shown, the watch goes on
+            t.add_row("(broker unreachable)", f"{type(exc).__name__}: {exc}"[:80])
+        counts = c.store.job_counts()
+        age = c.store.oldest_pending_age_s()
+        t.caption = (", ".join(f"{state} {n}" for state, n in counts.items() if n) or "no jobs") + (
+            f"; oldest PENDING job {age:.0f} s old" if age is not None else "")
+        return t
+
+    _show(table, watch, interval)
+
+
+def _show(render, watch: bool, interval: float) -> None:
+    """Print ``render(client)`` once, or refresh it in place with rich's Live until Ctrl-C."""
+    import time
+
+    from rich.live import Live
+
+    try:
+        with client() as c:
+            if not watch:
+                out.print(render(c))
+                return
+            with Live(render(c), console=out, auto_refresh=False) as live:
+                try:
+                    while True:
+                        time.sleep(interval)
+                        live.update(render(c), refresh=True)
+                except KeyboardInterrupt:
+                    pass
+    except MLFrameworkError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of Flower's web UI and API.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 in a container).")] = "127.0.0.1",
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Run without basic auth (local use only).")] = False,
+    db: Annotated[Path | None, typer.Option(help="Flower's state file (default <var_dir>/flower.db).")] = None,
+) -> None:
+    """Run Flower, the Celery monitor, on our app: workers, shard tasks (job, shard, model
+    and rows in their arguments), and Prometheus metrics at /metrics.
+
+    Basic auth comes from ML_FRAMEWORK_FLOWER_BASIC_AUTH (user:password, comma-separated);
+    without it Flower does not start unless --no-auth. The state (tasks seen) is kept in
+    --db across restarts. Needs a broker with events (Redis or RabbitMQ).
+    """
+    import os
+
+    from ml_framework.settings import get_settings
+
+    settings = get_settings()
+    if settings.embedded_broker:
+        raise fail("Flower needs a broker that carries Celery events (Redis or RabbitMQ); the embedded SQLite "
+                   "broker does not: set ML_FRAMEWORK_BROKER_URL")
+    if not settings.flower_basic_auth and not no_auth:
+        raise fail("set ML_FRAMEWORK_FLOWER_BASIC_AUTH=user:password to protect Flower (or pass --no-auth "
+                   "for local use)")
+    db = db or settings.var_dir / "flower.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    if settings.flower_basic_auth and not no_auth:
+        env["FLOWER_BASIC_AUTH"] = ",".join(settings.flower_basic_auth)  # not on the command line, where ps shows it
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}",
+            "--persistent=True", f"--db={db}", "--state_save_interval=60000", "--purge_offline_workers=600"]
+    err.print(f"Flower on http://{address}:{port} ({'basic auth' if 'FLOWER_BASIC_AUTH' in env else 'NO auth'}; "
+              f"state in {db})", highlight=False)
+    os.execve(sys.executable, argv, env)
 
 
 @models_app.callback()
@@ -242,7 +330,7 @@ def main() -> None:
     from ml_framework.settings import get_settings
 
     try:
-        configure_logging(get_settings().logging_level)
+        configure_logging(get_settings().logging_level, get_settings(), to_file=False)  # long-running commands add the file
     except MLFrameworkError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise SystemExit(EXIT_ERROR) from None

@@ -352,7 +352,15 @@ class Client:
         online = self._online()
         requests = [online.send(plan) for plan in plans]
         deadline = time.monotonic() + timeout_s
-        return [online.result(r.job.job_id, r.answer, max(0.0, deadline - time.monotonic())) for r in requests]
+        answers = []
+        try:
+            for r in requests:
+                answers.append(online.result(r.job.job_id, r.answer, max(0.0, deadline - time.monotonic())))
+        except BaseException:
+            for r in requests[len(answers) + 1:]:  # the one that raised is dealt with already
+                online.abandon(r.job.job_id, r.answer)
+            raise
+        return answers
 
     async def apredict(self, model: str, inputs: RowsLike, version: int | None = None,
                        timeout_s: float = 30.0) -> pd.DataFrame:
@@ -364,10 +372,14 @@ class Client:
         import asyncio
 
         request = self._send_online(model, inputs, version)
+        online = self._online()
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(request.answer)), timeout_s)
         except TimeoutError:
-            return await asyncio.to_thread(self._online().expire, request.job.job_id, request.answer, timeout_s)
+            return await asyncio.to_thread(online.expire, request.job.job_id, request.answer, timeout_s)
+        except asyncio.CancelledError:  # the caller went away: cancel the job, off the event loop
+            threading.Thread(target=online.abandon, args=(request.job.job_id, request.answer), daemon=True).start()
+            raise
 
     def answer(self, job: Job, timeout_s: float) -> Job:
         """Wait for an online request (see :meth:`submit`); cancel it if no answer comes
@@ -435,7 +447,7 @@ class Client:
                 for index, source in enumerate(sources):
                     body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name,
                                       version=manifest.version, batch_size=batch,
-                                      columns=columns, source=source, online=online)
+                                      columns=columns, source=source, online=online, enqueued_at=time.time())
                     self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"), argsrepr="()",
                                        kwargsrepr=body.summary(), queue=queue or self.settings.bulk_queue,
                                        priority=broker_priority, producer=producer)
@@ -468,8 +480,7 @@ def rows_to_table(rows: RowsLike, input_columns: Sequence[str]) -> pa.Table:
             table = pa.Table.from_pandas(rows, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in a column
             table = _columns_to_table({str(c): rows[c].tolist() for c in rows.columns})
-    elif (isinstance(rows, np.ndarray) and rows.dtype.kind in "biuf" and rows.ndim in (1, 2)
-          and (rows.shape[-1] if rows.ndim == 2 else (len(rows) if len(input_columns) > 1 else 1)) == len(input_columns)):
+    elif _plain_numeric(rows, len(input_columns)):
         # numeric: one Arrow buffer, column-major, sliced per column (no Python objects)
         array = rows.reshape(-1, len(input_columns))
         flat, n = pa.array(np.ascontiguousarray(array.T).ravel()), len(array)
@@ -498,6 +509,14 @@ def rows_to_table(rows: RowsLike, input_columns: Sequence[str]) -> pa.Table:
     if table.num_rows == 0:
         raise DatasetError("no rows to score")
     return table
+
+
+def _plain_numeric(rows: object, width: int) -> bool:
+    """A native-endian numeric array of shape ``(n, width)`` (or ``(n,)`` when ``width`` is
+    1): the fast path of :func:`rows_to_table`."""
+    if not (isinstance(rows, np.ndarray) and rows.dtype.kind in "biuf" and rows.dtype.isnative):
+        return False
+    return (rows.ndim == 2 and rows.shape[1] == width) or (rows.ndim == 1 and width == 1)
 
 
 def _check_priority(priority: int) -> None:

@@ -13,10 +13,19 @@ Metrics (labels in braces):
 - ``mlf_worker_oom_splits_total{worker}`` (counter): out-of-memory batch splits since start.
 - ``mlf_gpu_memory_used_bytes{worker,device}`` (gauge): device memory in use, from NVML.
 - ``mlf_gpu_utilization_ratio{worker,device}`` (gauge): GPU utilisation, 0 to 1, from NVML.
+- ``mlf_queue_depth{queue}`` (gauge): messages waiting on each queue (online, bulk), read
+  from the broker (Flower does not show this); bulk shards of all priorities together.
+- ``mlf_broker_up`` (gauge): 1 when the broker answered this scrape, else 0.
+- ``mlf_oldest_pending_job_age_seconds`` (gauge): age of the oldest job still PENDING
+  (0 when none): a queue that is not moving shows here first.
+
+The workers' own metrics (rows scored, batch sizes and latencies, queue wait, model load
+time, failures) are served by ``mlf worker`` itself; see :mod:`worker.metrics`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -27,6 +36,7 @@ if TYPE_CHECKING:
     from producer.client import Client
 
 LIVE_S = 30.0
+log = logging.getLogger(__name__)
 
 
 class StoreCollector:
@@ -61,6 +71,39 @@ class StoreCollector:
             if w.device_uuid and w.device_utilization_pct is not None:
                 util.add_metric([w.hostname, w.device_uuid], w.device_utilization_pct / 100.0)
         yield from (rate, rows, ooms, mem, util)
+        age = self.client.store.oldest_pending_age_s()
+        yield GaugeMetricFamily("mlf_oldest_pending_job_age_seconds", "Age of the oldest PENDING job, seconds.",
+                                value=age or 0.0)
+        depth = GaugeMetricFamily("mlf_queue_depth", "Messages waiting on each queue.", labels=["queue"])
+        try:
+            for queue, n in queue_depths(self.client).items():
+                depth.add_metric([queue], n)
+            up = 1
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail with the broker
+            log.warning("cannot read queue depths from the broker: %s", exc)
+            up = 0
+        yield depth
+        yield GaugeMetricFamily("mlf_broker_up", "1 when the broker answered this scrape.", value=up)
+
+
+def queue_depths(client: Client) -> dict[str, int]:
+    """Messages waiting on the online and bulk queues, by queue name, read from the broker
+    (every priority level of a Redis queue counted; a queue never declared counts 0).
+
+    Raises:
+        kombu / redis connection errors when the broker cannot be reached.
+    """
+    from kombu.exceptions import ChannelError
+
+    depths = {}
+    with client.app.connection_for_read() as conn:
+        channel = conn.default_channel
+        for queue in (client.settings.online_queue, client.settings.bulk_queue):
+            try:
+                depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+            except ChannelError:  # not declared yet: nothing ever sent there
+                depths[queue] = 0
+    return depths
 
 
 def render(client: Client) -> tuple[bytes, str]:

@@ -96,6 +96,7 @@ class OnlineDispatcher:
         self._outbox: queue.SimpleQueue[OnlineRequest | None] = queue.SimpleQueue()
         self._waiting: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._subscribed = threading.Event()
@@ -114,9 +115,10 @@ class OnlineDispatcher:
     def send(self, request: OnlineRequest) -> OnlineRequest:
         """Queue ``request`` for the sender; returns it (wait on ``request.sent`` for the
         job to be recorded, on ``request.answer`` for its results)."""
-        if self._closed.is_set():
-            raise RuntimeError("the client is closed")
-        self._outbox.put(request)
+        with self._send_lock:  # so that nothing is queued behind close()'s sentinel
+            if self._closed.is_set():
+                raise RuntimeError("the client is closed")
+            self._outbox.put(request)
         return request
 
     def watch(self, job_id: str) -> Future:
@@ -159,6 +161,9 @@ class OnlineDispatcher:
             state = self.store.cancel(job_id).state
         except JobNotFoundError:
             state = JobState.CANCELLED  # never recorded: the sender drops it
+        except Exception as exc:  # noqa: BLE001 - the caller is owed a timeout, not a store error
+            log.warning("could not cancel timed-out online request %s: %s", job_id, exc)
+            state = JobState.CANCELLED
         if state is not JobState.CANCELLED:
             found = self.store.finished([job_id]).get(job_id)
             if found is not None:
@@ -169,10 +174,17 @@ class OnlineDispatcher:
             "seconds (`mlf worker --preload MODEL` avoids that).", job_id=job_id,
         )
 
+    def abandon(self, job_id: str, answer: Future) -> None:
+        """Stop waiting for ``answer`` (its caller went away: an asyncio task cancelled,
+        a client disconnected) and cancel its job, unless it has finished."""
+        with contextlib.suppress(JobTimeoutError):  # the expected outcome: cancelled
+            self.expire(job_id, answer, 0)
+
     def close(self) -> None:
         """Stop the threads (within 0.2 s) and fail the answers still waiting."""
-        self._closed.set()
-        self._outbox.put(None)
+        with self._send_lock:
+            self._closed.set()
+            self._outbox.put(None)
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout=5)
@@ -186,6 +198,7 @@ class OnlineDispatcher:
         while True:
             first = self._outbox.get()
             if first is None:
+                self._fail_unsent()
                 return
             group = [first]
             while len(group) < MAX_GROUP:
@@ -201,6 +214,18 @@ class OnlineDispatcher:
                 self._subscribed.wait(SUBSCRIBE_WAIT_S)
             self._send_group([r for r in group if not r.answer.cancelled()])
             for request in group:
+                request.sent.set()
+
+    def _fail_unsent(self) -> None:
+        """After close: fail whatever is still queued (nothing is queued after the sentinel)."""
+        while True:
+            try:
+                request = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if request is not None:
+                request.send_error = RuntimeError("the client was closed before the request was sent")
+                _complete(request.answer, error=request.send_error)
                 request.sent.set()
 
     def _send_group(self, group: list[OnlineRequest]) -> None:
@@ -221,10 +246,11 @@ class OnlineDispatcher:
         try:
             with self.app.producer_or_acquire() as producer:
                 for part in _messages(unsent):
+                    sent_at = time.time()
                     batch = OnlineBatch(requests=[
                         ScoreShard(job_id=r.job.job_id, shard_index=index, model=r.job.model,
                                    version=r.job.model_version, batch_size=r.job.batch_size, columns=r.columns,
-                                   source=source, online=True)
+                                   source=source, online=True, enqueued_at=sent_at)
                         for r in part for index, source in enumerate(r.shards)])
                     self.app.send_task(SCORE_ONLINE_TASK, kwargs=batch.model_dump(mode="json"), argsrepr="()",
                                        kwargsrepr=batch.summary(), queue=self.settings.online_queue,
@@ -240,6 +266,7 @@ class OnlineDispatcher:
         for request in group:
             if request.answer.cancelled():
                 self._cancel_quietly([request.job.job_id])
+        self._wake.set()  # the receiver schedules its first poll of these requests
 
     def _cancel_quietly(self, job_ids: list[str]) -> None:
         for job_id in job_ids:

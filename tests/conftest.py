@@ -31,6 +31,29 @@ def queues(prefix: str) -> dict[str, str]:
     return {"bulk_queue": f"{prefix}{tag}", "online_queue": f"{prefix}{tag}.online"}
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's choice)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout_s: float = 60.0, **kwargs: Any):
+    """GET ``url`` until it answers (any status); returns the response."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return httpx.get(url, timeout=5, **kwargs)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def service_unavailable(what: str, exc: Exception) -> None:
     """Skip on a laptop without ``what``; fail under CI, where every service must be up."""
     message = f"{what} unreachable: {exc}"
@@ -162,6 +185,7 @@ def backend(request, trained, data_dir, tmp_path_factory):
         "models_dir": trained[0], "data_dir": data_dir, "var_dir": var_dir,
         "shard_size": SHARD_SIZE, **queues("mlf.test."),
         "broker_polling_interval_s": 0.1,
+        "worker_metrics_port": free_port(),
     }
     if request.param == "redis-postgres":
         check_redis()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, setup_logging, worker_ready, worker_shutdown
 
 from ml_framework.celery_app import create_app
 from ml_framework.logging import configure_logging
@@ -12,12 +12,18 @@ from ml_framework.settings import get_settings
 from worker import tasks
 
 settings = get_settings()
-configure_logging(settings.logging_level)
+configure_logging(settings.logging_level, settings)
 app = create_app(settings)
 log = logging.getLogger(__name__)
 tasks.register(app)
 
 _hostname: list[str] = []
+
+
+@setup_logging.connect
+def _keep_our_logging(**_: object) -> None:
+    """Connected, so Celery installs no handlers of its own: its records reach ours
+    (see :mod:`ml_framework.logging`)."""
 
 
 @celeryd_after_setup.connect

@@ -25,12 +25,14 @@ def worker(
     from kombu.utils.url import maybe_sanitize_url
 
     from ml_framework.errors import MLFrameworkError
+    from ml_framework.logging import configure_logging
     from ml_framework.manifest import ModelRepository, parse_model_ref
     from ml_framework.settings import get_settings
     from worker.devices import discover, select_visible
     from worker.launcher import Supervisor, plan_children
 
     settings = get_settings()
+    configure_logging(settings.logging_level, settings)  # the launcher's restarts go to the log file too
     repository = ModelRepository(settings.models_dir)
     if preload is not None and len(preload) > settings.worker_max_cached_models:
         raise fail(f"--preload names {len(preload)} models but worker_max_cached_models "
@@ -60,7 +62,8 @@ def worker(
     typer.echo(f"starting {len(children)} worker process(es) on queue {settings.bulk_queue} "
                f"(broker: {'embedded SQLite' if settings.embedded_broker else maybe_sanitize_url(settings.broker_url)})",
                err=True)
-    raise typer.Exit(Supervisor(children, grace_s=grace).run())
+    address = (settings.worker_metrics_host, settings.worker_metrics_port) if settings.worker_metrics_port else None
+    raise typer.Exit(Supervisor(children, grace_s=grace, metrics_address=address).run())
 
 
 def fail(message: str) -> typer.Exit:

@@ -18,9 +18,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ml_framework.settings import Settings
+from worker import metrics
 from worker.devices import GpuDevice
+from worker.metrics import DEVICE_ENV, MULTIPROC_ENV
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +86,11 @@ def plan_children(
     if settings.embedded_broker:
         # The SQLite transport has no broadcast: no mingle / gossip / broker heartbeats.
         argv_base += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-    placements = [(f"gpu{g.index}" + (f"-{k}" if processes_per_device > 1 else ""), g.uuid)
+    placements = [(f"gpu{g.index}" + (f"-{k}" if processes_per_device > 1 else ""), g.uuid, f"gpu{g.index}")
                   for g in gpus for k in range(processes_per_device)]
-    placements += [(f"cpu{i}", "") for i in range(processes)]
+    placements += [(f"cpu{i}", "", "cpu") for i in range(processes)]
     children = []
-    for prefix, device in placements:
+    for prefix, device, label in placements:
         env = dict(os.environ)
         env.update({
             "ML_FRAMEWORK_WORKER_THREADS": str(threads),
@@ -100,6 +103,7 @@ def plan_children(
             "TF_FORCE_GPU_ALLOW_GROWTH": env.get("TF_FORCE_GPU_ALLOW_GROWTH", "true"),
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "CUDA_VISIBLE_DEVICES": device,
+            DEVICE_ENV: label,
         })
         if preload is not None:
             env["ML_FRAMEWORK_WORKER_PRELOAD_MODELS"] = ",".join(preload)
@@ -137,15 +141,20 @@ class Supervisor:
         grace_s: seconds a child may take to finish its shard after SIGTERM.
     """
 
-    def __init__(self, children: list[ChildSpec], grace_s: float = 60.0) -> None:
+    def __init__(self, children: list[ChildSpec], grace_s: float = 60.0,
+                 metrics_address: tuple[str, int] | None = None) -> None:
         self.children = children
         self.grace_s = grace_s
+        self.metrics_address = metrics_address
+        self.metrics_dir: Path | None = None
+        self._metrics_server = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
         self._stopping = False
 
     def _start(self, child: ChildSpec) -> None:
-        self.procs[child.name] = subprocess.Popen(child.argv, env=child.env, preexec_fn=_die_with_parent)
+        env = child.env if self.metrics_dir is None else {**child.env, MULTIPROC_ENV: str(self.metrics_dir)}
+        self.procs[child.name] = subprocess.Popen(child.argv, env=env, preexec_fn=_die_with_parent)
         log.info("started worker %s (pid %d)", child.name, self.procs[child.name].pid)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -156,6 +165,8 @@ class Supervisor:
         """Start every child and supervise until a signal; return the exit status."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.metrics_address is not None:
+            self._serve_metrics(*self.metrics_address)
         for child in self.children:
             self._start(child)
         next_start: dict[str, float] = {}
@@ -173,6 +184,8 @@ class Supervisor:
                     self.restarts[child.name] = n + 1
                     log.warning("worker %s exited with %s; restarting in %.0f s", child.name,
                                 proc.returncode, delay)
+                    if self.metrics_dir is not None:
+                        metrics.process_dead(self.metrics_dir, proc.pid)
                     next_start[child.name] = now + delay
             time.sleep(0.2)
         return self.shutdown()
@@ -191,4 +204,19 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         log.info("all workers stopped")
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self.metrics_dir is not None:
+            metrics.cleanup(self.metrics_dir)
         return 0
+
+    def _serve_metrics(self, host: str, port: int) -> None:
+        """Serve every child's Prometheus metrics, summed, on ``host:port`` (see
+        :mod:`worker.metrics`). A taken port is logged, and the workers run without."""
+        self.metrics_dir = metrics.make_multiproc_dir()
+        try:
+            self._metrics_server = metrics.serve(self.metrics_dir, host, port)
+        except OSError as exc:
+            log.error("cannot serve worker metrics on %s:%d (%s); running without them", host, port, exc)
+            return
+        log.info("worker metrics on http://%s:%d/metrics", host, port)

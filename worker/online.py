@@ -33,6 +33,7 @@ from kombu.message import Message
 from pydantic import ValidationError
 
 from ml_framework.errors import MLFrameworkError
+from ml_framework.logging import task_context
 from ml_framework.protocol import (
     SCORE_ONLINE_TASK,
     SCORE_SHARD_TASK,
@@ -42,6 +43,7 @@ from ml_framework.protocol import (
 )
 from ml_framework.settings import get_settings
 from ml_framework.store import ShardOutcomeRecord
+from worker import metrics
 from worker.conversion import to_inputs
 
 log = logging.getLogger(__name__)
@@ -140,30 +142,36 @@ def score_online(app: Celery, first: list[ScoreShard], hostname: str) -> str:
         for request in [*first, *(r for requests, _ in others for r in requests)]:
             groups[(request.model, request.version)].append(request)
         done: list[str] = []
-        for requests in groups.values():
-            done += _score_group(requests, hostname, max_rows)
+        for (model, version), requests in groups.items():
+            with task_context(model=f"{model}/{version}", device=metrics.DEVICE):
+                done += _score_group(requests, hostname)
         announce(done)
     return "DONE"
 
 
-def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> list[str]:
-    """One forward pass (in batches of ``max_rows``) over the requests of one model
+def _score_group(requests: list[ScoreShard], hostname: str) -> list[str]:
+    """One forward pass (in batches of the model's ``max_batch_size``) over the requests of one model
     version, then every request's rows recorded in one transaction. Returns the job ids
     recorded (a cancelled request is not)."""
     from worker import tasks
 
     records: list[ShardOutcomeRecord] = []
 
-    def fail(request: ScoreShard, reason: str) -> None:
+    model, version = requests[0].model, requests[0].version
+    for request in requests:
+        tasks.queue_wait(request)
+
+    def fail(request: ScoreShard, reason: str, exc: BaseException) -> None:
         records.append(ShardOutcomeRecord(request.job_id, request.shard_index, [],
                                           tasks.every_row_failed(request, reason), shard_error=reason))
+        tasks.shard_failed(model, version, exc)
 
     try:
-        runtime = tasks.get_registry().get(requests[0].model, requests[0].version)
+        runtime = tasks.get_registry().get(model, version)
     except MLFrameworkError as exc:
         for request in requests:
-            fail(request, f"shard failed: {exc}")
-        return _record(records, hostname)
+            fail(request, f"shard failed: {exc}", exc)
+        return _record(records, hostname, model, version)
     parts = []
     for request in requests:
         try:
@@ -171,12 +179,13 @@ def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> li
             x, rows, errors = to_inputs(table, request.columns, runtime.manifest.inputs,
                                         runtime.manifest.preprocessing, request.source.row_start)
         except MLFrameworkError as exc:
-            fail(request, f"shard failed: {exc}")
+            fail(request, f"shard failed: {exc}", exc)
             continue
         parts.append((request, x, rows, errors))
     if parts:
         x_all = np.concatenate([x for _, x, _, _ in parts])
-        pass_rows = min(len(x_all), max(max_rows, 1))  # the forward passes' size
+        # the forward passes' size: this model's limit, whichever model the gathering started with
+        pass_rows = min(len(x_all), runtime.manifest.dynamic_batching.max_batch_size)
         run = runtime.run(x_all, pass_rows)
         offset = 0
         for i, (request, x, rows, errors) in enumerate(parts):
@@ -188,10 +197,10 @@ def _score_group(requests: list[ScoreShard], hostname: str, max_rows: int) -> li
                                               oom_splits=outcome.oom_splits, batch_rows=pass_rows))
         log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), len(x_all),
                  runtime.manifest.name, runtime.manifest.version)
-    return _record(records, hostname)
+    return _record(records, hostname, model, version)
 
 
-def _record(records: list[ShardOutcomeRecord], hostname: str) -> list[str]:
+def _record(records: list[ShardOutcomeRecord], hostname: str, model: str, version: int) -> list[str]:
     """Write ``records`` in one transaction, count them in the heartbeat, and return the
     job ids recorded (a cancelled request is not)."""
     from worker import tasks
@@ -199,5 +208,5 @@ def _record(records: list[ShardOutcomeRecord], hostname: str) -> list[str]:
     recorded = tasks.get_store().record_online(records, hostname)
     done = [r for r, ok in zip(records, recorded, strict=True) if ok]
     for record in done:
-        tasks.count_rows(len(record.outputs) + len(record.errors), record.oom_splits)
+        tasks.count_rows(model, version, len(record.outputs), len(record.errors), record.oom_splits)
     return [r.job_id for r in done]

@@ -12,6 +12,7 @@ import numpy as np
 
 from ml_framework.errors import ManifestError, MLFrameworkError
 from ml_framework.manifest import ModelManifest, ModelRepository, parse_model_ref
+from worker import metrics
 from worker.runtimes import Runtime, runtime_class
 from worker.runtimes.base import to_record
 
@@ -135,6 +136,7 @@ class ModelRegistry:
                 log.warning("model %s/%s: %s; it stays loaded, and rows it fails on get row errors",
                             key[0], key[1], problem)
             self.load_seconds[key] = elapsed = time.perf_counter() - started
+            metrics.MODEL_LOAD.labels(**metrics.model_labels(*key)).observe(elapsed)
             log.info("loaded model %s/%s (%s)%s in %.2f s", key[0], key[1], manifest.framework,
                      " and warmed it up" if manifest.runtime.warmup else "", elapsed)
             while len(self._cache) >= self.max_models:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ml_framework.datasets import decode_table, read_rows
 from ml_framework.errors import DatasetError, MLFrameworkError, StoreUnavailableError
+from ml_framework.logging import task_context
 from ml_framework.protocol import (
     SCORE_ONLINE_TASK,
     SCORE_SHARD_TASK,
@@ -27,6 +28,7 @@ from ml_framework.protocol import (
 )
 from ml_framework.settings import get_settings
 from ml_framework.store import ResultStore, RowError, ShardClaim, WorkerInfo
+from worker import metrics
 from worker.conversion import to_inputs
 from worker.devices import discover
 from worker.online import score_online
@@ -113,6 +115,12 @@ class Heartbeat:
                 info.device_memory_used_bytes, info.device_memory_total_bytes = g.memory_used_bytes, g.memory_total_bytes
                 info.device_utilization_pct, info.device_temperature_c, info.device_power_w = (
                     g.utilization_pct, g.temperature_c, g.power_w)
+                if g.memory_used_bytes is not None:
+                    metrics.GPU_MEMORY_USED.labels(device=metrics.DEVICE).set(g.memory_used_bytes)
+                if g.memory_total_bytes is not None:
+                    metrics.GPU_MEMORY_TOTAL.labels(device=metrics.DEVICE).set(g.memory_total_bytes)
+                if g.utilization_pct is not None:
+                    metrics.GPU_UTILIZATION.labels(device=metrics.DEVICE).set(g.utilization_pct / 100.0)
         return info
 
     def _loop(self) -> None:
@@ -216,12 +224,28 @@ def assemble(runtime: Runtime, rows: list[int], raw: list, failures: list[str | 
     return ShardOutcome(outputs, errors, oom_splits)
 
 
-def count_rows(rows: int, oom_splits: int = 0) -> None:
-    """Add a recorded shard's rows to this process's heartbeat counters."""
+def count_rows(model: str, version: int, ok: int, failed: int, oom_splits: int = 0) -> None:
+    """Add a recorded shard's rows to this process's heartbeat counters and metrics."""
+    labels = metrics.model_labels(model, version)
+    metrics.ROWS_SCORED.labels(**labels).inc(ok)
+    metrics.ROW_ERRORS.labels(**labels).inc(failed)
     if heartbeat is not None:
         heartbeat.info.shards_done += 1
-        heartbeat.info.rows_done += rows
+        heartbeat.info.rows_done += ok + failed
         heartbeat.info.oom_splits += oom_splits
+
+
+def shard_failed(model: str, version: int, exc: BaseException | str) -> None:
+    """Count a shard that failed as a whole, by the error's class (``reason`` label)."""
+    reason = exc if isinstance(exc, str) else type(exc).__name__
+    metrics.SHARD_FAILURES.labels(model=model, version=str(version), reason=reason).inc()
+
+
+def queue_wait(msg: ScoreShard) -> None:
+    """Observe how long ``msg`` waited between the producer's send and now."""
+    if msg.enqueued_at is not None:
+        metrics.QUEUE_WAIT.labels(queue="online" if msg.online else "bulk").observe(
+            max(0.0, time.time() - msg.enqueued_at))
 
 
 def every_row_failed(msg: ScoreShard, reason: str) -> list[RowError]:
@@ -245,18 +269,27 @@ def score_shard(task, **body: object) -> str:
     hostname = task.request.hostname or "worker"
     if msg.online:
         return score_online(task.app, [msg], hostname)
+    with task_context(job_id=msg.job_id, shard=msg.shard_index, model=f"{msg.model}/{msg.version}",
+                      device=metrics.DEVICE):
+        return _score_bulk_shard(msg, hostname)
+
+
+def _score_bulk_shard(msg: ScoreShard, hostname: str) -> str:
     store = get_store()
     claim = store.claim_shard(msg.job_id, msg.shard_index, hostname)
     if claim is not ShardClaim.RUN:
         log.info("job %s shard %d: %s, skipped", msg.job_id, msg.shard_index, claim.value)
         return claim.value
+    queue_wait(msg)
     started = time.perf_counter()
     shard_error = None
+    failure: BaseException | str | None = None
     try:
         runtime = get_registry().get(msg.model, msg.version)
         table = load_table(msg)
         outcome = score_table(runtime, table, msg.columns, msg.source.row_start, msg.batch_size)
     except Exception as exc:
+        failure = exc
         if isinstance(exc, MLFrameworkError):
             shard_error = str(exc)
         else:
@@ -272,13 +305,16 @@ def score_shard(task, **body: object) -> str:
     except Exception as exc:
         log.exception("job %s shard %d: the results store refused the shard's rows", msg.job_id, msg.shard_index)
         shard_error = f"results store refused the shard's rows: {type(exc).__name__}: {exc}"[:2000]
+        failure = "StoreRefused"
         outputs, errors = [], every_row_failed(msg, shard_error)
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
     if not recorded:
         log.info("job %s shard %d: already recorded by another delivery; nothing written",
                  msg.job_id, msg.shard_index)
         return ShardClaim.ALREADY_DONE.value
-    count_rows(len(outputs) + len(errors), outcome.oom_splits)
+    count_rows(msg.model, msg.version, len(outputs), len(errors), outcome.oom_splits)
+    if failure is not None:
+        shard_failed(msg.model, msg.version, failure)
     elapsed = time.perf_counter() - started
     log.info("job %s shard %d model %s/%d: %d rows ok, %d failed%s in %.2f s (%.0f rows/s)",
              msg.job_id, msg.shard_index, msg.model, msg.version, len(outputs), len(errors),

@@ -322,17 +322,21 @@ class ResultStore:
             JobNotFoundError: no such job.
         """
         self.job(job_id)
+        # Rows are locked in the order every writer uses, shards before their job (claims
+        # and recordings flip a shard, then update its job): the other order deadlocks on
+        # PostgreSQL against a worker recording the same job (found with online requests
+        # timing out while answered).
+        open_job = select(JobRow.id).where(JobRow.id == job_id, JobRow.state.in_(_OPEN_JOB)).exists()
         with self.engine.begin() as conn:
-            done = conn.execute(
+            conn.execute(
+                update(ShardRow)
+                .where(ShardRow.job_id == job_id, ShardRow.state == ShardState.PENDING.value, open_job)
+                .values(state=ShardState.CANCELLED.value)
+            )
+            conn.execute(
                 update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(_OPEN_JOB))
                 .values(state=JobState.CANCELLED.value, finished_at=_now())
-            ).rowcount
-            if done:
-                conn.execute(
-                    update(ShardRow)
-                    .where(ShardRow.job_id == job_id, ShardRow.state == ShardState.PENDING.value)
-                    .values(state=ShardState.CANCELLED.value)
-                )
+            )
         return self.job(job_id)
 
     def results(self, job_id: str) -> pd.DataFrame:
@@ -409,6 +413,13 @@ class ResultStore:
         counts = {state.value: 0 for state in JobState}
         counts.update({state: n for state, n in rows})
         return counts
+
+    def oldest_pending_age_s(self) -> float | None:
+        """Seconds since the oldest PENDING job was created; ``None`` when none is."""
+        with self._read() as conn:
+            oldest = conn.execute(select(func.min(JobRow.created_at)).where(
+                JobRow.state == JobState.PENDING.value)).scalar()
+        return None if oldest is None else max(0.0, (_now() - _aware(oldest)).total_seconds())
 
     def ping(self) -> None:
         """Run ``SELECT 1``. Raises ``StoreUnavailableError`` when the database is unreachable."""
@@ -531,21 +542,23 @@ class ResultStore:
         keys = [(r.job_id, r.shard_index) for r in records]
         by_values: dict[tuple, list[str]] = defaultdict(list)
         for r in records:  # a batch of single-row requests that all succeeded is one group
-            state = ShardState.FAILED if r.shard_error else ShardState.DONE
-            by_values[(r.shard_index, state.value, len(r.outputs), len(r.errors), r.shard_error, r.oom_splits,
-                       r.batch_rows)].append(r.job_id)
+            by_values[_online_values(r)].append(r.job_id)
         with self.engine.begin() as conn:
-            flipped: set[tuple[str, int]] = set()
-            for (shard_index, state, ok, failed, error, oom, batch_rows), group in by_values.items():
+            flipped: dict[tuple[str, int], tuple] = {}  # shard -> the values that flipped it
+            for values, group in by_values.items():
+                shard_index, state, ok, failed, error, oom, batch_rows = values
                 for lo in range(0, len(group), _IN_CHUNK):
-                    flipped.update((job_id, shard_index) for (job_id,) in conn.execute(_FLIP_ONLINE_SHARDS, {
-                        "state": state, "now": now, "worker": worker, "ok": ok, "failed": failed, "error": error,
-                        "oom": oom, "batch_rows": batch_rows, "shard_index": shard_index,
-                        "job_ids": group[lo:lo + _IN_CHUNK]}))
+                    for (job_id,) in conn.execute(_FLIP_ONLINE_SHARDS, {
+                            "state": state, "now": now, "worker": worker, "ok": ok, "failed": failed, "error": error,
+                            "oom": oom, "batch_rows": batch_rows, "shard_index": shard_index,
+                            "job_ids": group[lo:lo + _IN_CHUNK]}):
+                        flipped[(job_id, shard_index)] = values
             ours: dict[tuple[str, int], ShardOutcomeRecord] = {}
             for key, r in zip(keys, records, strict=True):
-                if key in flipped:
-                    ours.setdefault(key, r)  # the same shard twice in one batch is recorded once
+                # the same shard twice in one batch is recorded once, from the record
+                # whose values flipped it
+                if key in flipped and key not in ours and _online_values(r) == flipped[key]:
+                    ours[key] = r
             _insert_rows(conn, list(ours.values()))
             per_job: dict[str, list[int]] = {}
             for r in ours.values():
@@ -557,12 +570,8 @@ class ResultStore:
                 by_counts[tuple(counts)].append(job_id)
             for (shards, ok, failed, oom), job_ids in by_counts.items():
                 _bump_jobs(conn, job_ids, shards, ok, failed, oom, now, started=True)
-        recorded = set()
-        result = []
-        for key in keys:
-            result.append(key in ours and key not in recorded)
-            recorded.add(key)
-        return result
+        chosen = {id(r) for r in ours.values()}
+        return [id(r) in chosen for r in records]
 
     def shards(self, job_id: str) -> list[dict]:
         """Every shard of a job as a dict of its columns, by shard index."""
@@ -623,6 +632,12 @@ def _record(conn, r: ShardOutcomeRecord, now: datetime, worker: str | None = Non
     return True
 
 
+def _online_values(r: ShardOutcomeRecord) -> tuple:
+    """What :meth:`ResultStore.record_online` writes into the shard row of ``r``."""
+    state = ShardState.FAILED if r.shard_error else ShardState.DONE
+    return (r.shard_index, state.value, len(r.outputs), len(r.errors), r.shard_error, r.oom_splits, r.batch_rows)
+
+
 def _insert_rows(conn, records: Sequence[ShardOutcomeRecord]) -> None:
     """Insert the outputs and row errors of ``records`` (one multi-row INSERT each)."""
     outputs = [{"job_id": r.job_id, "row_index": i, "shard_index": r.shard_index,
@@ -664,7 +679,7 @@ def results_frame(outputs: Sequence[tuple[int, str]], errors: Sequence[tuple[int
     keys = list(dict.fromkeys(k for rec in records for k in rec))
     n_ok, n_failed = len(outputs), len(errors)
     columns: dict[str, list] = {k: [rec.get(k) for rec in records] + [None] * n_failed for k in keys}
-    index = pd.Index([r for r, _ in outputs] + [r for r, _, _ in errors], name="row")
+    index = pd.Index([r for r, _ in outputs] + [r for r, _, _ in errors], dtype="int64", name="row")
     # object dtype, None where absent (pandas would infer a string dtype with NaN)
     columns["error"] = pd.Series([None] * n_ok + [m for _, _, m in errors], index=index, dtype=object)
     columns["error_field"] = pd.Series([None] * n_ok + [f for _, f, _ in errors], index=index, dtype=object)

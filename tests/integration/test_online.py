@@ -186,3 +186,74 @@ def test_announcements_resume_after_redis_drops_the_subscriber(backend, trained,
         time.sleep(0.05)
     answer = client.predict("digits-sklearn", digits.frame[PIXELS].iloc[5:6], timeout_s=120)
     assert answer["prediction"].iloc[0] == expected_labels(trained, "sklearn", digits.frame.iloc[5:6])[0]
+
+
+def test_every_unanswered_request_of_predict_many_is_cancelled(backend, trained, digits):
+    """predict_many with no worker on the queue: JobTimeoutError, and all three requests
+    are cancelled and forgotten, not only the first (before, the others stayed PENDING and
+    polled)."""
+    from tests.conftest import queues
+
+    settings = load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+    with Client(settings) as lonely:
+        before = lonely.store.job_counts()
+        with pytest.raises(JobTimeoutError):
+            lonely.predict_many("digits-sklearn", [digits.frame[PIXELS].iloc[i:i + 1] for i in range(3)],
+                                timeout_s=1.0)
+        after = lonely.store.job_counts()
+        assert after["CANCELLED"] - before["CANCELLED"] == 3 and after["PENDING"] == before["PENDING"]
+        assert not lonely._online()._waiting
+
+
+def test_an_apredict_cancelled_by_its_caller_cancels_its_job(backend, trained, digits):
+    """An asyncio task awaiting apredict is cancelled (a client disconnected): the job is
+    cancelled too and no longer waited for."""
+    import asyncio
+
+    from tests.conftest import queues
+
+    settings = load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+    with Client(settings) as lonely:
+        before = lonely.store.job_counts()
+
+        async def go():
+            task = asyncio.create_task(lonely.apredict("digits-sklearn", digits.frame[PIXELS].iloc[:1], timeout_s=60))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(go())
+        deadline = time.monotonic() + 10
+        while lonely.store.job_counts()["CANCELLED"] == before["CANCELLED"]:
+            assert time.monotonic() < deadline, "the abandoned request's job was not cancelled"
+            time.sleep(0.1)
+        assert lonely.store.job_counts()["PENDING"] == before["PENDING"]
+        assert not lonely._online()._waiting
+
+
+def test_each_model_in_a_group_keeps_its_own_batch_limit(backend, trained, digits):
+    """One message carrying requests for two models: each model's forward passes respect
+    its own dynamic_batching.max_batch_size (before, the first request's model set it for
+    all)."""
+    import shutil
+
+    import yaml
+
+    models_dir = trained[0]
+    target = models_dir / "digits-small-batches" / "1"
+    if not target.exists():  # the sklearn model again, under another name, with a limit of 4 rows
+        shutil.copytree(models_dir / "digits-sklearn" / "1", target)
+        manifest = yaml.safe_load((target / "manifest.yaml").read_text())
+        manifest.update(name="digits-small-batches", dynamic_batching={"max_batch_size": 4})
+        (target / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    rows = [digits.frame[PIXELS].iloc[i:i + 1] for i in range(13)]
+    client = backend.client
+    online = client._online()
+    plans = [client._plan_online("digits-sklearn", rows[0], None)]
+    plans += [client._plan_online("digits-small-batches", r, None) for r in rows[1:]]
+    requests = [online.send(p) for p in plans]  # queued together: recorded and sent as one group
+    answers = [online.result(r.job.job_id, r.answer, 120) for r in requests]
+    assert all(a["error"].isna().all() for a in answers)
+    small = [client.store.shards(r.job.job_id)[0]["batch_rows"] for r in requests[1:]]
+    assert max(small) <= 4, small

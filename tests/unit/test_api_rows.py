@@ -36,3 +36,26 @@ def test_bad_row_shapes_name_the_row():
 def test_json_rule_turns_nan_and_infinity_into_null():
     assert _finite({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "x"}) == {
         "a": [1.0, None], "b": {"c": None}, "d": "x"}
+
+
+def test_numeric_arrays_of_any_byte_order_and_dtype_become_the_same_table():
+    """The NumPy fast path gives what the general path gives; a big-endian array (from a
+    file written on another machine) is converted instead of failing in Arrow."""
+    native = np.arange(6, dtype="<f8").reshape(2, 3)
+    want = {"a": [0.0, 3.0], "b": [1.0, 4.0], "c": [2.0, 5.0]}
+    assert rows_to_table(native, ["a", "b", "c"]).to_pydict() == want
+    assert rows_to_table(native.astype(">f8"), ["a", "b", "c"]).to_pydict() == want
+    assert rows_to_table(np.asfortranarray(native), ["a", "b", "c"]).to_pydict() == want
+    assert rows_to_table(native.astype(np.int16), ["a", "b", "c"]).to_pydict() == {
+        k: [int(v) for v in vals] for k, vals in want.items()}
+    assert rows_to_table(np.array([[True, False, True]]), ["a", "b", "c"]).to_pydict() == {
+        "a": [True], "b": [False], "c": [True]}
+
+
+def test_a_flat_array_is_one_column_not_one_row():
+    """As a flat list is: a 1-D array of three values for three input columns is refused,
+    whatever its dtype."""
+    with pytest.raises(DatasetSchemaError, match=r"expected \(rows, 3\)"):
+        rows_to_table(np.array([1.0, 2.0, 3.0]), ["a", "b", "c"])
+    with pytest.raises(DatasetSchemaError, match=r"expected \(rows, 3\)"):
+        rows_to_table(np.array([1.0, 2.0, 3.0], dtype=">f8"), ["a", "b", "c"])

@@ -146,6 +146,11 @@ def test_heartbeat_reports_the_pinned_gpu_by_uuid(monkeypatch):
             first.device_temperature_c, first.device_power_w) == (
         "GPU-0002-aaaa-bbbb", "NVIDIA H200", 3 * 2**30, 20, 42, 250.0)
     assert first.rows_per_s == 0.0 and first.rss_bytes > 0
+    from prometheus_client import REGISTRY
+
+    from worker import metrics
+    assert REGISTRY.get_sample_value("mlf_gpu_memory_used_bytes", {"device": metrics.DEVICE}) == 3 * 2**30
+    assert REGISTRY.get_sample_value("mlf_gpu_utilization_ratio", {"device": metrics.DEVICE}) == 0.2
     beat.info.rows_done += 500
     beat._samples[0] = (beat._samples[0][0] - 2.0, 0)  # the previous beat was 2 s ago
     assert 200 < beat.sample().rows_per_s <= 250

@@ -315,3 +315,56 @@ def test_a_big_online_batch_spans_several_in_lists(store):
     found = store.finished(jobs)
     assert len(found) == 1200 and {s for s, _, _ in found.values()} == {JobState.SUCCEEDED}
     assert [json.loads(found[j][1][0][1])["p"] for j in jobs] == list(range(1200))
+
+
+def test_cancel_while_a_worker_records_the_same_job_does_not_deadlock(store, monkeypatch):
+    """A caller's timeout cancels the job while a worker's recording of it is mid-way
+    (shard flipped, job not yet updated). Both lock the shard before the job, so one
+    waits for the other; before, cancel took the job first and PostgreSQL aborted one of
+    them with a deadlock."""
+    import time
+
+    import ml_framework.store.api as api
+
+    (job,) = online_jobs(store, 1)
+    insert_rows = api._insert_rows
+
+    def slow_insert(conn, records):  # hold the shard's lock a while, as a big batch does
+        time.sleep(0.5)
+        insert_rows(conn, records)
+
+    monkeypatch.setattr(api, "_insert_rows", slow_insert)
+    outcome: dict[str, object] = {}
+
+    def record():
+        try:
+            outcome["record"] = store.record_online([ShardOutcomeRecord(job, 0, [(0, {"p": 1})], [])], "w")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["record"] = exc
+
+    worker = threading.Thread(target=record)
+    worker.start()
+    time.sleep(0.2)
+    try:
+        outcome["cancel"] = store.cancel(job).state
+    except Exception as exc:  # noqa: BLE001 - reported below
+        outcome["cancel"] = exc
+    worker.join()
+    assert outcome == {"record": [True], "cancel": JobState.SUCCEEDED}, outcome  # the recording won; cancel saw it
+
+
+def test_a_shard_twice_in_one_batch_is_recorded_from_one_record(store):
+    """Duplicated deliveries that differ (say in oom_splits) in one batch: the shard row,
+    the job's counters and the rows all come from the same record."""
+    first, second = online_jobs(store, 2)
+    records = [
+        ShardOutcomeRecord(second, 0, [(0, {"p": 9})], [], oom_splits=1),
+        ShardOutcomeRecord(first, 0, [(0, {"p": 1})], [], oom_splits=0),
+        ShardOutcomeRecord(first, 0, [(0, {"p": 2})], [], oom_splits=1),  # same values as the first group
+    ]
+    recorded = store.record_online(records, "w")
+    assert recorded.count(True) == 2 and recorded[0]
+    shard, status = store.shards(first)[0], store.job(first)
+    winner = records[1] if recorded[1] else records[2]
+    assert shard["oom_splits"] == status.oom_splits == winner.oom_splits
+    assert store.results(first)["p"].tolist() == [winner.outputs[0][1]["p"]]

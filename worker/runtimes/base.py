@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ml_framework.manifest import ModelManifest, OutputSpec
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,7 @@ class Runtime(ABC):
 
     def _run_span(self, x: np.ndarray, a: int, b: int, result: BatchRun, top: bool = False) -> None:
         failure = None
+        started = time.perf_counter()
         try:
             y = np.asarray(self.predict_batch(x[a:b]))
             if y.ndim == 0 or y.shape[0] != b - a:
@@ -133,6 +136,10 @@ class Runtime(ABC):
         # Retry only after leaving the except block: until then the exception's traceback
         # keeps the failed forward pass's frames, and so its activations, alive.
         if failure is None:
+            labels = metrics.model_labels(self.manifest.name, self.manifest.version)
+            metrics.BATCHES.labels(**labels).inc()
+            metrics.BATCH_SIZE.labels(**labels).observe(b - a)
+            metrics.BATCH_LATENCY.labels(**labels).observe(time.perf_counter() - started)
             result.batches += 1
             for i in range(b - a):
                 result.outputs[a + i] = y[i]
@@ -146,6 +153,7 @@ class Runtime(ABC):
             return
         if oom:
             result.oom_splits += 1
+            metrics.OOM_SPLITS.labels(**metrics.model_labels(self.manifest.name, self.manifest.version)).inc()
             log.warning("batch of %d rows ran out of memory (%s); cache emptied, retrying in halves", b - a, message)
         elif top:  # one line per failing batch, not per split
             log.warning("batch of %d rows failed (%s); retrying in halves to isolate the bad rows", b - a, message)
