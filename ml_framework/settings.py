@@ -89,6 +89,13 @@ class Settings(BaseSettings):
         flower_basic_auth: ``user:password`` pairs Flower accepts (``mlf flower``); in the
             environment, comma-separated. ``mlf flower`` refuses to start without one
             unless told ``--no-auth``.
+        redis_url: the deployment's Redis (``ML_FRAMEWORK_REDIS_URL``, as the production
+            guide names it): the broker when ``broker_url`` is unset, and the results cache.
+        cache_backend: ``none``, or ``redis``: the HTTP API keeps the results of finished
+            jobs (SUCCEEDED, PARTIAL, FAILED: they never change) in Redis, rendered, for
+            ``cache_ttl_s`` seconds, so clients polling or downloading them again do not
+            read the results database again. Needs ``redis_url`` or a Redis ``broker_url``.
+        cache_ttl_s: expiry of each cached result, seconds.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -120,6 +127,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9191, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
     flower_basic_auth: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
+    redis_url: str | None = Field(default=None, repr=False)
+    cache_backend: Literal["none", "redis"] = "none"
+    cache_ttl_s: PositiveInt = 3600
 
     @field_validator("worker_preload_models", "api_keys", "flower_basic_auth", mode="before")
     @classmethod
@@ -143,6 +153,24 @@ class Settings(BaseSettings):
         for entry in value:
             parse_model_ref(entry)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_from_redis_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("broker_url") and data.get("redis_url"):
+            return {**data, "broker_url": data["redis_url"]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> Settings:
+        if self.cache_backend == "redis" and not self.cache_url:
+            raise ValueError("cache_backend: redis needs redis_url (or a redis:// broker_url)")
+        return self
+
+    @property
+    def cache_url(self) -> str | None:
+        """The Redis of the results cache: ``redis_url``, else a Redis ``broker_url``."""
+        return self.redis_url or (self.broker_url if self.broker_is_redis else None)
 
     @model_validator(mode="after")
     def _check_preload(self) -> Settings:

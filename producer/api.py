@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobStatus
+from producer.cache import ResultsCache
 from producer.client import Client
 from producer.results import encode_results
 
@@ -205,9 +207,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cfg = settings or get_settings()
         configure_logging(cfg.logging_level, cfg)
         app.state.client = Client(cfg)
+        app.state.cache = ResultsCache(cfg)
         try:
             yield
         finally:
+            app.state.cache.close()
             app.state.client.close()
 
     api = FastAPI(
@@ -282,7 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              responses={404: {"model": ApiError},
                         200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
     def job_results(
-        job_id: str, c: ClientDep,
+        job_id: str, c: ClientDep, request: Request,
         offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE_ROWS)] = 1000,
         format: Annotated[Literal["json", "csv", "parquet"], Query()] = "json",
@@ -290,11 +294,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Results in input-row order: a JSON page, or the whole result as CSV / Parquet."""
         job = c.get_job(job_id)
         status = job.status()
+        cache: ResultsCache = request.app.state.cache
         if format != "json":
             media = "text/csv" if format == "csv" else "application/vnd.apache.parquet"
-            return Response(encode_results(job.results(), format), media_type=media,
+            body = cache.get_or_render(cache.key(job.id, format), status.state,
+                                       lambda: encode_results(job.results(), format))
+            return Response(body, media_type=media,
                             headers={"Content-Disposition": f'attachment; filename="{job.id}.{format}"'})
-        rows = c.store.results_page(job.id, offset, limit)
+        rows = json.loads(cache.get_or_render(
+            cache.key(job.id, "json", offset, limit), status.state,
+            lambda: json.dumps(c.store.results_page(job.id, offset, limit)).encode()))
         end = offset + limit
         return ResultsPage(job_id=job.id, state=status.state.value, n_rows=status.n_rows, offset=offset,
                            limit=limit, next_offset=end if end < status.n_rows else None, rows=_finite(rows))

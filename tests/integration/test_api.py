@@ -110,3 +110,32 @@ def test_api_keys_and_request_size_limit(backend):
         big = {"model": "digits-torch", "rows": [{"pixel_0": 1.0}] * 500}
         r = http.post("/v1/jobs", json=big, headers={"X-API-Key": "k-123"})
         assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLarge"
+
+
+def test_results_of_a_finished_job_are_served_from_the_redis_cache(backend, digits):
+    """With cache_backend: redis, the rendered results of a finished job are kept in Redis
+    with an expiry and served from there: they still come back after their rows are gone
+    from the results database (which only the cache can explain)."""
+    if backend.name != "redis-postgres":
+        pytest.skip("the results cache lives in Redis")
+    import redis
+    from sqlalchemy import text
+
+    values = {**backend.values, "cache_backend": "redis", "cache_ttl_s": 120}
+    with TestClient(create_app(load_settings(**values))) as http:
+        rows = digits.frame[PIXELS].iloc[:30].to_dict("records")
+        job_id = http.post("/v1/jobs", json={"model": "digits-sklearn", "rows": rows}).json()["job_id"]
+        assert wait_done(http, job_id)["state"] == "SUCCEEDED"
+        page = http.get(f"/v1/jobs/{job_id}/results", params={"limit": 10}).json()
+        csv = http.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).content
+        r = redis.Redis.from_url(backend.values["broker_url"])
+        keys = sorted(k.decode() for k in r.keys(f"mlf:results:{job_id}:*"))
+        assert keys == [f"mlf:results:{job_id}:csv", f"mlf:results:{job_id}:json:0:10"]
+        assert all(0 < r.ttl(k) <= 120 for k in keys)
+        with backend.client.store.engine.begin() as conn:
+            conn.execute(text("DELETE FROM results WHERE job_id = :j"), {"j": job_id})
+        assert http.get(f"/v1/jobs/{job_id}/results", params={"limit": 10}).json() == page
+        assert http.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).content == csv
+        uncached = http.get(f"/v1/jobs/{job_id}/results", params={"limit": 5}).json()
+        assert uncached["rows"] == []  # a page not cached yet reads the (now empty) store
+        r.delete(*keys)

@@ -79,3 +79,70 @@ def test_production_config_documents_every_setting_and_env_overrides_it(monkeypa
     monkeypatch.setenv("ML_FRAMEWORK_BROKER_URL", "redis://:secret@redis:6379/0")
     settings = load_settings()
     assert settings.log_format == "text" and settings.broker_is_redis
+
+
+COMPOSE = REPO / "docker-compose.prod.yml"
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def check_jsonschema(*args: str) -> subprocess.CompletedProcess:
+    binary = Path(__import__("sys").executable).with_name("check-jsonschema")
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, check=False)
+
+
+def test_compose_file_is_valid_against_the_compose_specification():
+    run = check_jsonschema("--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_compose_services_health_checks_and_resources_are_as_the_guide_says():
+    services = compose()["services"]
+    assert set(services) == {"ml-api", "worker", "redis", "postgres", "flower", "prometheus"}
+    api = services["ml-api"]
+    assert api["ports"] == ["8000:8000"] and "/health" in " ".join(api["healthcheck"]["test"])
+    assert {k: api["healthcheck"][k] for k in ("interval", "timeout", "retries", "start_period")} == {
+        "interval": "30s", "timeout": "10s", "retries": 3, "start_period": "40s"}
+    for name in ("ml-api", "worker"):
+        resources = services[name]["deploy"]["resources"]
+        assert resources["limits"] == {"cpus": "4.0", "memory": "8G"}
+        assert {k: resources["reservations"][k] for k in ("cpus", "memory")} == {"cpus": "2.0", "memory": "4G"}
+    assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "container_name" not in services["worker"] and "ports" not in services["worker"]  # --scale works
+    assert services["redis"]["image"] == "redis:7-alpine" and "--requirepass" in services["redis"]["command"]
+    assert "healthcheck" in services["postgres"] and services["postgres"]["volumes"]
+    assert services["prometheus"]["volumes"][0] == "./configs/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+    assert "ML_FRAMEWORK_FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    for name in ("ml-api", "worker", "flower"):
+        assert services[name]["read_only"] is True and services[name]["tmpfs"] == ["/tmp"]
+        volumes = services[name]["volumes"]
+        assert {"./models:/app/models:ro", "./data:/app/data:ro", "./logs:/app/logs"} <= set(volumes)
+        env = services[name]["environment"]
+        for var in ("ML_FRAMEWORK_LOGGING_LEVEL", "ML_FRAMEWORK_MODELS_DIR", "ML_FRAMEWORK_DATA_DIR",
+                    "ML_FRAMEWORK_REDIS_URL", "ML_FRAMEWORK_CACHE_BACKEND", "PYTORCH_CUDA_ALLOC_CONF",
+                    "TF_FORCE_GPU_ALLOW_GROWTH"):
+            assert var in env, (name, var)
+
+
+def test_everything_the_compose_file_mounts_exists_and_every_variable_is_a_setting():
+    for service in compose()["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), source
+        for var in service.get("environment", {}):
+            if var.startswith("ML_FRAMEWORK_") and var != "ML_FRAMEWORK_CONFIG":
+                assert var[len("ML_FRAMEWORK_"):].lower() in Settings.model_fields, var
+
+
+def test_secrets_stay_out_of_the_repository():
+    assert ".env.prod" in (REPO / ".gitignore").read_text().split()
+    text = COMPOSE.read_text()
+    for secret in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"):
+        assert f"${{{secret}:?" in text  # required from the env file, no default
+    example = yaml.safe_load("\n".join(
+        f"{k}: x" for k in (line.split("=")[0] for line in (REPO / ".env.prod.example").read_text().splitlines()
+                            if line and not line.startswith("#"))))
+    assert {"REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"} <= set(example)
