@@ -146,3 +146,25 @@ def test_secrets_stay_out_of_the_repository():
         f"{k}: x" for k in (line.split("=")[0] for line in (REPO / ".env.prod.example").read_text().splitlines()
                             if line and not line.startswith("#"))))
     assert {"REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"} <= set(example)
+
+
+def test_the_production_dependency_set_resolves_against_the_registry(tmp_path):
+    """What Dockerfile.prod installs ('.[prod]' under constraints/prod.txt) resolves, with
+    GPU builds of PyTorch and TensorFlow and nothing for notebooks or plotting. Needs the
+    package registry (about a minute; metadata only, nothing is downloaded whole)."""
+    import sys
+
+    report = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                          "--disable-pip-version-check", "--report", str(report), "-c", "constraints/prod.txt",
+                          ".[prod]"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    installed = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    lock = dict(line.split("==") for line in (REPO / "constraints" / "prod.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert {k: v for k, v in installed.items() if k != "ml-framework"} == lock  # the lock is complete and current
+    assert "tensorflow" in installed and "tensorflow-cpu" not in installed  # the GPU build
+    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    assert major_minor(installed["torch"]) >= (2, 8) and major_minor(installed["tensorflow"]) >= (2, 18)
+    assert major_minor(installed["scikit-learn"]) >= (1, 5) and {"numpy", "pandas"} <= set(installed)
+    assert not [n for n in installed if n.startswith(("jupyter", "notebook", "ipykernel", "matplotlib", "seaborn"))]
