@@ -13,7 +13,8 @@ at 1, 16 and 128 concurrent callers (threads), and prints the model's own comput
 for one row, measured in this process, to show the latency we add on top of it.
 
 Needs Redis on 127.0.0.1:6379 (db 6 for the baseline, db 7 for ours) and PostgreSQL on
-127.0.0.1:5432 (user postgres, trust auth). Usage, from the repository root::
+127.0.0.1:5432 (user postgres, trust auth). It WIPES them: FLUSHDB of Redis db 6 and 7,
+and DROP DATABASE mlf_bench_online. Usage, from the repository root::
 
     .venv/bin/python bench/online.py            # ~3 minutes on 2 cores
     .venv/bin/python bench/online.py --quick    # fewer requests

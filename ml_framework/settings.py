@@ -306,7 +306,9 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         for err in exc.errors():
             if err["loc"]:
                 key = str(err["loc"][0])
-                lines.append(f"{source(key)}: {key}: {err['msg']} (got {err.get('input')!r})")
+                field = Settings.model_fields.get(key)
+                shown = "<hidden>" if field is not None and not field.repr else repr(err.get("input"))  # secrets
+                lines.append(f"{source(key)}: {key}: {err['msg']} (got {shown})")
             else:  # a rule across keys: name where each key involved came from
                 involved = [k for k in fields if k in err["msg"]]
                 where = "; ".join(f"{k} from {source(k)}" for k in involved) or str(path or "settings")

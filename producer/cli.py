@@ -217,12 +217,15 @@ def queues(
     """Messages waiting on the online and bulk queues, jobs by state, oldest pending job."""
     from producer.metrics import queue_depths
 
+    unreachable: list[str] = []
+
     def table(c) -> Table:
         t = Table("queue", "waiting", title="queues")
         try:
             for queue, n in queue_depths(c).items():
                 t.add_row(queue, str(n))
         except Exception as exc:  # noqa: BLE001 - shown, the watch goes on
+            unreachable.append(f"{type(exc).__name__}: {exc}")
             t.add_row("(broker unreachable)", f"{type(exc).__name__}: {exc}"[:80])
         counts = c.store.job_counts()
         age = c.store.oldest_pending_age_s()
@@ -231,6 +234,8 @@ def queues(
         return t
 
     _show(table, watch, interval)
+    if unreachable and not watch:
+        raise fail(f"cannot read the queues from the broker: {unreachable[-1]}")
 
 
 def _show(render, watch: bool, interval: float) -> None:
@@ -282,7 +287,9 @@ def flower(
                    "for local use)")
     db = db or settings.var_dir / "flower.db"
     db.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    # Flower's own FLOWER_* options pass through, except those that would change its
+    # authentication behind our back.
+    env = {k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API")}
     if settings.flower_basic_auth and not no_auth:
         env["FLOWER_BASIC_AUTH"] = ",".join(settings.flower_basic_auth)  # not on the command line, where ps shows it
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}",

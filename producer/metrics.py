@@ -11,8 +11,9 @@ Metrics (labels in braces):
 - ``mlf_worker_rows_per_second{worker}`` (gauge): rows/s of each worker over the last minute.
 - ``mlf_worker_rows_total{worker}`` (counter): rows recorded by each worker since it started.
 - ``mlf_worker_oom_splits_total{worker}`` (counter): out-of-memory batch splits since start.
-- ``mlf_gpu_memory_used_bytes{worker,device}`` (gauge): device memory in use, from NVML.
-- ``mlf_gpu_utilization_ratio{worker,device}`` (gauge): GPU utilisation, 0 to 1, from NVML.
+- ``mlf_worker_gpu_memory_used_bytes{worker,device}`` (gauge): device memory in use, from
+  NVML, as the worker's heartbeat reported it (``device`` is the GPU's UUID).
+- ``mlf_worker_gpu_utilization_ratio{worker,device}`` (gauge): GPU utilisation, 0 to 1.
 - ``mlf_queue_depth{queue}`` (gauge): messages waiting on each queue (online, bulk), read
   from the broker (Flower does not show this); bulk shards of all priorities together.
 - ``mlf_broker_up`` (gauge): 1 when the broker answered this scrape, else 0.
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from producer.client import Client
 
 LIVE_S = 30.0
+BROKER_TIMEOUT_S = 3.0
+"""Longest a scrape waits for the broker's queue depths, per operation, seconds."""
 log = logging.getLogger(__name__)
 
 
@@ -58,9 +61,9 @@ class StoreCollector:
         rows = CounterMetricFamily("mlf_worker_rows", "Rows recorded since the worker started.", labels=["worker"])
         ooms = CounterMetricFamily("mlf_worker_oom_splits", "Out-of-memory batch splits since start.",
                                    labels=["worker"])
-        mem = GaugeMetricFamily("mlf_gpu_memory_used_bytes", "Device memory in use (NVML).",
+        mem = GaugeMetricFamily("mlf_worker_gpu_memory_used_bytes", "Device memory in use (NVML, heartbeat).",
                                 labels=["worker", "device"])
-        util = GaugeMetricFamily("mlf_gpu_utilization_ratio", "GPU utilisation, 0 to 1 (NVML).",
+        util = GaugeMetricFamily("mlf_worker_gpu_utilization_ratio", "GPU utilisation, 0 to 1 (NVML, heartbeat).",
                                  labels=["worker", "device"])
         for w in workers:
             rate.add_metric([w.hostname], w.rows_per_s)
@@ -95,14 +98,20 @@ def queue_depths(client: Client) -> dict[str, int]:
     """
     from kombu.exceptions import ChannelError
 
+    options = dict(client.app.conf.broker_transport_options or {})
+    if client.settings.broker_is_redis:
+        options.update(socket_timeout=BROKER_TIMEOUT_S, socket_connect_timeout=BROKER_TIMEOUT_S)
     depths = {}
-    with client.app.connection_for_read() as conn:
-        channel = conn.default_channel
+    # Bounded: a broker that accepts connections but never answers must not hang a scrape
+    # (kombu's defaults have no read timeout) nor retry for long when it refuses them.
+    with client.app.connection_for_read(connect_timeout=BROKER_TIMEOUT_S, transport_options=options) as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5)
         for queue in (client.settings.online_queue, client.settings.bulk_queue):
-            try:
-                depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
-            except ChannelError:  # not declared yet: nothing ever sent there
-                depths[queue] = 0
+            with conn.channel() as channel:  # RabbitMQ closes a channel on a failed passive declare
+                try:
+                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                except ChannelError:  # not declared yet: nothing ever sent there
+                    depths[queue] = 0
     return depths
 
 

@@ -59,7 +59,7 @@ def worker(
                              preload=preload)
     if not children:
         raise fail("nothing to start: no GPU selected and --cpu-processes 0")
-    typer.echo(f"starting {len(children)} worker process(es) on queue {settings.bulk_queue} "
+    typer.echo(f"starting {len(children)} worker process(es) on queues {settings.online_queue}, {settings.bulk_queue} "
                f"(broker: {'embedded SQLite' if settings.embedded_broker else maybe_sanitize_url(settings.broker_url)})",
                err=True)
     address = (settings.worker_metrics_host, settings.worker_metrics_port) if settings.worker_metrics_port else None

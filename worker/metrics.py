@@ -78,8 +78,29 @@ def model_labels(name: str, version: int) -> dict[str, str]:
 
 
 def make_multiproc_dir() -> Path:
-    """A fresh, empty directory for the processes' metric files (removed by :func:`cleanup`)."""
-    return Path(tempfile.mkdtemp(prefix="mlf-metrics-"))
+    """A fresh, empty directory for the processes' metric files (removed by :func:`cleanup`).
+
+    Its name carries the launcher's pid; directories left by launchers that died without
+    cleaning up (SIGKILL) are removed first."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob("mlf-metrics-*-*"):
+        try:
+            owner = int(stale.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if owner != os.getpid() and not _alive(owner):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"mlf-metrics-{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def serve(path: Path, host: str, port: int):

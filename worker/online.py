@@ -45,6 +45,7 @@ from ml_framework.settings import get_settings
 from ml_framework.store import ShardOutcomeRecord
 from worker import metrics
 from worker.conversion import to_inputs
+from worker.runtimes.base import BatchRun
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def _score_group(requests: list[ScoreShard], hostname: str) -> list[str]:
     from worker import tasks
 
     records: list[ShardOutcomeRecord] = []
+    failures: dict[int, str] = {}  # id(record) -> the error's class, counted once recorded
 
     model, version = requests[0].model, requests[0].version
     for request in requests:
@@ -164,14 +166,14 @@ def _score_group(requests: list[ScoreShard], hostname: str) -> list[str]:
     def fail(request: ScoreShard, reason: str, exc: BaseException) -> None:
         records.append(ShardOutcomeRecord(request.job_id, request.shard_index, [],
                                           tasks.every_row_failed(request, reason), shard_error=reason))
-        tasks.shard_failed(model, version, exc)
+        failures[id(records[-1])] = type(exc).__name__
 
     try:
         runtime = tasks.get_registry().get(model, version)
     except MLFrameworkError as exc:
         for request in requests:
             fail(request, f"shard failed: {exc}", exc)
-        return _record(records, hostname, model, version)
+        return _record(records, hostname, model, version, failures)
     parts = []
     for request in requests:
         try:
@@ -186,7 +188,8 @@ def _score_group(requests: list[ScoreShard], hostname: str) -> list[str]:
         x_all = np.concatenate([x for _, x, _, _ in parts])
         # the forward passes' size: this model's limit, whichever model the gathering started with
         pass_rows = min(len(x_all), runtime.manifest.dynamic_batching.max_batch_size)
-        run = runtime.run(x_all, pass_rows)
+        # no row converted (every one is a row error): nothing to run
+        run = runtime.run(x_all, pass_rows) if len(x_all) else BatchRun([], [])
         offset = 0
         for i, (request, x, rows, errors) in enumerate(parts):
             k = len(x)
@@ -194,14 +197,16 @@ def _score_group(requests: list[ScoreShard], hostname: str) -> list[str]:
                                      run.errors[offset:offset + k], errors, run.oom_splits if i == 0 else 0)
             offset += k
             records.append(ShardOutcomeRecord(request.job_id, request.shard_index, outcome.outputs, outcome.errors,
-                                              oom_splits=outcome.oom_splits, batch_rows=pass_rows))
+                                              oom_splits=outcome.oom_splits, batch_rows=pass_rows or None))
         log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), len(x_all),
                  runtime.manifest.name, runtime.manifest.version)
-    return _record(records, hostname, model, version)
+    return _record(records, hostname, model, version, failures)
 
 
-def _record(records: list[ShardOutcomeRecord], hostname: str, model: str, version: int) -> list[str]:
-    """Write ``records`` in one transaction, count them in the heartbeat, and return the
+def _record(records: list[ShardOutcomeRecord], hostname: str, model: str, version: int,
+            failures: dict[int, str]) -> list[str]:
+    """Write ``records`` in one transaction, count them in the heartbeat and the metrics
+    (``failures``: the error class of each record that failed as a whole), and return the
     job ids recorded (a cancelled request is not)."""
     from worker import tasks
 
@@ -209,4 +214,6 @@ def _record(records: list[ShardOutcomeRecord], hostname: str, model: str, versio
     done = [r for r, ok in zip(records, recorded, strict=True) if ok]
     for record in done:
         tasks.count_rows(model, version, len(record.outputs), len(record.errors), record.oom_splits)
+        if id(record) in failures:
+            tasks.shard_failed(model, version, failures[id(record)])
     return [r.job_id for r in done]

@@ -257,3 +257,14 @@ def test_each_model_in_a_group_keeps_its_own_batch_limit(backend, trained, digit
     assert all(a["error"].isna().all() for a in answers)
     small = [client.store.shards(r.job.job_id)[0]["batch_rows"] for r in requests[1:]]
     assert max(small) <= 4, small
+
+
+def test_a_request_whose_rows_all_fail_conversion_gets_row_errors(backend, trained, digits):
+    """No row of the request converts (a text cell): it is answered with a row error naming
+    the field, instead of crashing the worker's batch (before, an empty forward pass of
+    size 0 raised and the caller timed out)."""
+    answer = backend.client.predict("digits-sklearn", [[1.0, "x"] + [0.0] * 62], timeout_s=60)
+    assert answer.index.tolist() == [0]
+    assert answer["error_field"].iloc[0] == "pixel_1" and "x" in answer["error"].iloc[0]
+    after = backend.client.predict("digits-sklearn", digits.frame[PIXELS].iloc[:2], timeout_s=60)
+    assert after["error"].isna().all()

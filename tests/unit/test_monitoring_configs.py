@@ -17,7 +17,7 @@ from worker import metrics as worker_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 API_METRICS = {"mlf_jobs", "mlf_workers_live", "mlf_worker_rows_per_second", "mlf_worker_rows_total",
-               "mlf_worker_oom_splits_total", "mlf_gpu_memory_used_bytes", "mlf_gpu_utilization_ratio",
+               "mlf_worker_oom_splits_total", "mlf_worker_gpu_memory_used_bytes", "mlf_worker_gpu_utilization_ratio",
                "mlf_queue_depth", "mlf_broker_up", "mlf_oldest_pending_job_age_seconds"}
 
 
@@ -72,3 +72,47 @@ def test_mlf_flower_refuses_the_embedded_broker_and_missing_auth(tmp_path):
     run = run_mlf(tmp_path, "flower", ML_FRAMEWORK_BROKER_URL="redis://127.0.0.1:6379/15",
                   ML_FRAMEWORK_FLOWER_BASIC_AUTH="no-colon")
     assert run.returncode == 1 and "user:password" in run.stderr
+
+
+def test_a_broker_that_never_answers_does_not_hang_a_scrape_or_mlf_queues(tmp_path):
+    """A "broker" that accepts connections and never replies: the API's /metrics still
+    answers within seconds, with broker_up 0 and the store's metrics; `mlf queues` exits 1
+    naming the problem. (Before, both waited for ever.)"""
+    import socket
+    import threading
+    import time
+
+    from ml_framework.settings import load_settings
+    from producer.client import Client
+    from producer.metrics import render
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(50)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+    url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    with Client(load_settings(var_dir=tmp_path / "var", broker_url=url)) as client:
+        started = time.monotonic()
+        text = render(client)[0].decode()
+        assert time.monotonic() - started < 20
+    assert "mlf_broker_up 0.0" in text and 'mlf_jobs{state="PENDING"} 0.0' in text
+    started = time.monotonic()
+    run = run_mlf(tmp_path, "queues", ML_FRAMEWORK_BROKER_URL=url)
+    assert run.returncode == 1 and "cannot read the queues from the broker" in run.stderr
+    assert time.monotonic() - started < 40
+    server.close()
+
+
+def test_metric_files_left_by_a_killed_launcher_are_removed():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(__import__("tempfile").gettempdir()) / f"mlf-metrics-{dead.pid}-test"
+    stale.mkdir(exist_ok=True)
+    (stale / "counter_1.db").write_bytes(b"x")
+    fresh = worker_metrics.make_multiproc_dir()
+    try:
+        assert not stale.exists() and fresh.is_dir()
+        assert fresh.name.startswith(f"mlf-metrics-{os.getpid()}-")
+    finally:
+        worker_metrics.cleanup(fresh)

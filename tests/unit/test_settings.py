@@ -114,3 +114,21 @@ def test_preload_models_from_env_list_and_yaml(tmp_path, monkeypatch):
     monkeypatch.setenv("ML_FRAMEWORK_WORKER_PRELOAD_MODELS", "iris:0")
     with pytest.raises(SettingsError, match=r"ML_FRAMEWORK_WORKER_PRELOAD_MODELS: worker_preload_models: .*'iris:0'"):
         load_settings()
+
+
+def test_a_bad_secret_is_named_but_never_printed(monkeypatch):
+    """A malformed ML_FRAMEWORK_FLOWER_BASIC_AUTH is reported by name without its value
+    (every process reads the settings, so the message lands in every log)."""
+    monkeypatch.setenv("ML_FRAMEWORK_FLOWER_BASIC_AUTH", "admin:TopSecret,oops")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert "flower_basic_auth" in str(raised.value) and "<hidden>" in str(raised.value)
+    assert "TopSecret" not in str(raised.value)
+
+
+def test_redis_url_is_the_broker_and_the_cache():
+    s = load_settings(redis_url="redis://:pw@redis:6379/0", cache_backend="redis")
+    assert (s.broker_url, s.broker_is_redis, s.cache_url) == ("redis://:pw@redis:6379/0", True, "redis://:pw@redis:6379/0")
+    assert load_settings(redis_url="redis://r:6379/0", broker_url="amqp://guest@rabbit//").broker_url.startswith("amqp")
+    with pytest.raises(SettingsError, match="cache_backend: redis needs redis_url"):
+        load_settings(cache_backend="redis")
