@@ -139,6 +139,7 @@ class JobOut(BaseModel):
     shards_done: int
     batch_size: int
     oom_splits: int
+    priority: int = Field(description="0 to 9 (9 most urgent), as submitted.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -150,7 +151,7 @@ class JobOut(BaseModel):
                    state=st.state.value, n_rows=st.n_rows, rows_ok=st.rows_ok, rows_failed=st.rows_failed,
                    progress=st.rows_done / st.n_rows if st.n_rows else 1.0, n_shards=st.n_shards,
                    shards_done=st.shards_done, batch_size=st.batch_size, oom_splits=st.oom_splits,
-                   created_at=st.created_at, started_at=st.started_at, finished_at=st.finished_at)
+                   priority=st.priority, created_at=st.created_at, started_at=st.started_at, finished_at=st.finished_at)
 
 
 class ResultsPage(BaseModel):

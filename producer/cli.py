@@ -69,7 +69,8 @@ def print_status(status: JobStatus) -> None:
     out.print(f"  dataset  {status.dataset}")
     out.print(f"  rows     {status.rows_done}/{status.n_rows} ({pct:.1f}%): {status.rows_ok} ok, "
               f"{status.rows_failed} failed")
-    out.print(f"  shards   {status.shards_done}/{status.n_shards}")
+    out.print(f"  shards   {status.shards_done}/{status.n_shards}" + (f"  (priority {status.priority})"
+                                                                        if status.priority else ""))
     if status.oom_splits:
         out.print(f"  memory   {status.oom_splits} batch(es) ran out of memory and were retried in halves")
     if status.elapsed_s:

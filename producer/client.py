@@ -439,7 +439,7 @@ class Client:
         """Record the job, then send one shard message per source; cancel the job if sending fails."""
         job_id = self.store.create_job(
             model=manifest.name, model_version=manifest.version, dataset=dataset,
-            n_rows=n_rows, shard_ranges=ranges, batch_size=batch,
+            n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority,
         )
         try:
             broker_priority = message_priority(self.settings, priority)

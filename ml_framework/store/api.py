@@ -59,6 +59,7 @@ class NewJob:
     n_rows: int
     shard_ranges: list[tuple[int, int]]
     batch_size: int
+    priority: int = 0
 
 
 def _now() -> datetime:
@@ -95,8 +96,8 @@ class RowError:
 _TS = DateTime(timezone=True)
 _INSERT_JOB = text(
     "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, rows_ok, "
-    "rows_failed, batch_size, oom_splits, created_at) VALUES (:id, :model, :model_version, :dataset, 'PENDING', "
-    ":n_rows, :n_shards, 0, 0, 0, :batch_size, 0, :now)"
+    "rows_failed, batch_size, oom_splits, priority, created_at) VALUES (:id, :model, :model_version, :dataset, "
+    "'PENDING', :n_rows, :n_shards, 0, 0, 0, :batch_size, 0, :priority, :now)"
 ).bindparams(bindparam("now", type_=_TS))
 _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
@@ -140,6 +141,7 @@ class JobStatus:
         rows_ok / rows_failed: rows recorded so far with an output / with a row error.
         shards_done: shards whose rows are all recorded (DONE or FAILED).
         oom_splits: batches that ran out of memory and were retried in halves.
+        priority: 0 to 9 (9 most urgent), as submitted.
     """
 
     job_id: str
@@ -157,6 +159,7 @@ class JobStatus:
     started_at: datetime | None
     finished_at: datetime | None
     oom_splits: int = 0
+    priority: int = 0
 
     @property
     def rows_done(self) -> int:
@@ -257,9 +260,11 @@ class ResultStore:
         n_rows: int,
         shard_ranges: Sequence[tuple[int, int]],
         batch_size: int,
+        priority: int = 0,
     ) -> str:
         """Record a PENDING job and its PENDING shards; return the new job id (32 hex chars)."""
-        job = NewJob(uuid.uuid4().hex, model, model_version, dataset, n_rows, list(shard_ranges), batch_size)
+        job = NewJob(uuid.uuid4().hex, model, model_version, dataset, n_rows, list(shard_ranges), batch_size,
+                     priority)
         self.create_jobs([job])
         return job.job_id
 
@@ -272,6 +277,7 @@ class ResultStore:
             conn.execute(_INSERT_JOB, [{
                 "id": j.job_id, "model": j.model, "model_version": j.model_version, "dataset": j.dataset,
                 "n_rows": j.n_rows, "n_shards": len(j.shard_ranges), "batch_size": j.batch_size, "now": now,
+                "priority": j.priority,
             } for j in jobs])
             shards = [{"job_id": j.job_id, "shard_index": i, "row_start": a, "row_end": b}
                       for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
@@ -294,7 +300,7 @@ class ResultStore:
             shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
             batch_size=row.batch_size, created_at=_aware(row.created_at),
             started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
-            oom_splits=row.oom_splits,
+            oom_splits=row.oom_splits, priority=row.priority,
         )
 
     def resolve_job_id(self, id_or_prefix: str) -> str:

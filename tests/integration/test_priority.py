@@ -41,6 +41,7 @@ def test_urgent_bulk_job_overtakes_a_queued_one(trained, data_dir, tmp_path):
     n = {job.id: job.status().n_shards for job in (routine, urgent, middle)}
     assert jobs == [urgent.id] * n[urgent.id] + [middle.id] * n[middle.id] + [routine.id] * n[routine.id]
     assert [i for j, i in order if j == routine.id] == list(range(n[routine.id]))  # FIFO within a level
+    assert (routine.status().priority, urgent.status().priority, middle.status().priority) == (0, 9, 5)
 
 
 def _rows(data_dir):
