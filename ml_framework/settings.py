@@ -96,6 +96,9 @@ class Settings(BaseSettings):
             ``cache_ttl_s`` seconds, so clients polling or downloading them again do not
             read the results database again. Needs ``redis_url`` or a Redis ``broker_url``.
         cache_ttl_s: expiry of each cached result, seconds.
+        max_shard_attempts: a bulk shard started this many times without being recorded
+            (each time its worker process died) is failed, every row with "worker lost",
+            instead of being run again: one poison shard cannot requeue for ever.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -130,6 +133,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, repr=False)
     cache_backend: Literal["none", "redis"] = "none"
     cache_ttl_s: PositiveInt = 3600
+    max_shard_attempts: PositiveInt = Field(default=3, le=1000)
 
     @field_validator("worker_preload_models", "api_keys", "flower_basic_auth", mode="before")
     @classmethod

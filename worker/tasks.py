@@ -276,7 +276,12 @@ def score_shard(task, **body: object) -> str:
 
 def _score_bulk_shard(msg: ScoreShard, hostname: str) -> str:
     store = get_store()
-    claim = store.claim_shard(msg.job_id, msg.shard_index, hostname)
+    claim = store.claim_shard(msg.job_id, msg.shard_index, hostname, get_settings().max_shard_attempts)
+    if claim is ShardClaim.GAVE_UP:
+        log.error("job %s shard %d: started %d times and its worker died each time; failed as 'worker lost'",
+                  msg.job_id, msg.shard_index, get_settings().max_shard_attempts)
+        shard_failed(msg.model, msg.version, "WorkerLost")
+        return claim.value
     if claim is not ShardClaim.RUN:
         log.info("job %s shard %d: %s, skipped", msg.job_id, msg.shard_index, claim.value)
         return claim.value

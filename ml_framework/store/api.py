@@ -222,6 +222,9 @@ class ShardClaim(str, enum.Enum):
     ALREADY_DONE = "ALREADY_DONE"
     CANCELLED = "CANCELLED"
     UNKNOWN_JOB = "UNKNOWN_JOB"
+    GAVE_UP = "GAVE_UP"
+    """The shard was started ``max_attempts`` times and never recorded (each time its
+    worker died: a poison shard); it is now FAILED, every row with a "worker lost" error."""
 
 
 class ResultStore:
@@ -459,10 +462,16 @@ class ResultStore:
         return out
 
     # ------------------------------------------------------------------- worker side
-    def claim_shard(self, job_id: str, shard_index: int, worker: str) -> ShardClaim:
+    def claim_shard(self, job_id: str, shard_index: int, worker: str, max_attempts: int | None = None) -> ShardClaim:
         """Mark a shard RUNNING (counting the attempt) unless it is finished or cancelled.
 
         Every call counts one delivery of the shard's message, whatever the outcome.
+
+        Args:
+            max_attempts: a shard already started this many times without being recorded
+                (its workers died: SIGKILL, out of memory, a crash in native code) is not
+                run again: it is recorded FAILED, every row with a "worker lost" error,
+                and :attr:`ShardClaim.GAVE_UP` is returned. ``None``: no bound.
         """
         now = _now()
         with self.engine.begin() as conn:
@@ -481,6 +490,17 @@ class ResultStore:
                     .values(state=ShardState.CANCELLED.value)
                 )
                 return ShardClaim.CANCELLED
+            if max_attempts is not None:
+                shard = conn.execute(
+                    select(ShardRow.state, ShardRow.attempts, ShardRow.row_start, ShardRow.row_end)
+                    .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index)
+                ).one_or_none()
+                if shard is not None and shard.state in _OPEN_SHARD and shard.attempts >= max_attempts:
+                    reason = (f"worker lost: the shard was started {shard.attempts} times and its worker died "
+                              f"each time before recording it (max_attempts {max_attempts})")
+                    errors = [RowError(i, f"row {i}: {reason}") for i in range(shard.row_start, shard.row_end)]
+                    _record(conn, ShardOutcomeRecord(job_id, shard_index, [], errors, shard_error=reason), now)
+                    return ShardClaim.GAVE_UP
             claimed = conn.execute(
                 update(ShardRow)
                 .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,

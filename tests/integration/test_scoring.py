@@ -216,3 +216,32 @@ def test_out_of_memory_batches_are_split_and_the_job_succeeds(backend, trained, 
     assert status.oom_splits == expected > 0
     run = mlf(backend, "status", job.id)
     assert f"{expected} batch(es) ran out of memory and were retried in halves" in run.stdout
+
+
+def test_a_shard_whose_worker_died_max_attempts_times_is_failed_not_rerun(backend, trained):
+    """A shard already started max_shard_attempts (3) times whose workers all died
+    (RUNNING, attempts 3, as a poison shard leaves it) is redelivered: the worker fails it
+    with "worker lost" on every row instead of running it a fourth time, and the job ends
+    PARTIAL with the other shard's rows."""
+    from sqlalchemy import text
+
+    manifest = trained[1]["sklearn"][1]
+    client = backend.client
+    ranges = [(0, 500), (500, 1000)]
+    job_id = client.store.create_job(model=manifest.name, model_version=manifest.version,
+                                     dataset="digits.csv", n_rows=1000, shard_ranges=ranges, batch_size=128)
+    with client.store.engine.begin() as conn:  # three starts that never finished
+        conn.execute(text("UPDATE shards SET state = 'RUNNING', attempts = 3, deliveries = 3 "
+                          "WHERE job_id = :j AND shard_index = 0"), {"j": job_id})
+    for index, (a, b) in enumerate(ranges):
+        body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name, version=manifest.version,
+                          batch_size=128, columns=PIXELS,
+                          source=DatasetRef(path="digits.csv", format="csv", row_start=a, row_end=b))
+        client.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"), queue=backend.values["bulk_queue"])
+    status = client.get_job(job_id).wait(timeout_s=TIMEOUT_S)
+    assert (status.state, status.rows_ok, status.rows_failed) == (JobState.PARTIAL, 500, 500)
+    shard0, shard1 = client.store.shards(job_id)
+    assert (shard0["state"], shard0["attempts"], shard0["deliveries"]) == ("FAILED", 3, 4)
+    assert "worker lost" in shard0["error"] and shard1["state"] == "DONE"
+    results = client.get_job(job_id).results()
+    assert results.loc[0:499, "error"].str.contains("worker lost").all() and results.loc[500:, "error"].isna().all()

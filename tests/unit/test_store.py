@@ -368,3 +368,26 @@ def test_a_shard_twice_in_one_batch_is_recorded_from_one_record(store):
     winner = records[1] if recorded[1] else records[2]
     assert shard["oom_splits"] == status.oom_splits == winner.oom_splits
     assert store.results(first)["p"].tolist() == [winner.outputs[0][1]["p"]]
+
+
+def test_a_shard_started_max_attempts_times_is_given_up(store):
+    """Three claims whose workers never recorded the shard: the fourth gives up, failing
+    every row of the shard with "worker lost"; the other shard is unaffected."""
+    job = new_job(store)
+    for _ in range(3):
+        assert store.claim_shard(job, 0, "w", max_attempts=3) is ShardClaim.RUN
+    assert store.claim_shard(job, 0, "w", max_attempts=3) is ShardClaim.GAVE_UP
+    assert store.claim_shard(job, 0, "w", max_attempts=3) is ShardClaim.ALREADY_DONE
+    assert store.claim_shard(job, 1, "w", max_attempts=3) is ShardClaim.RUN
+    assert store.complete_shard(job, 1, [(2, {"p": 1}), (3, {"p": 2})], [])
+    status, shard = store.job(job), store.shards(job)[0]
+    assert (status.state, status.rows_ok, status.rows_failed) == (JobState.PARTIAL, 2, 2)
+    assert (shard["state"], shard["attempts"], shard["deliveries"]) == ("FAILED", 3, 5)
+    errors = store.results(job).loc[[0, 1], "error"].tolist()
+    assert all(e.startswith(f"row {i}: worker lost: the shard was started 3 times") for i, e in enumerate(errors))
+
+
+def test_without_a_bound_a_shard_is_claimed_again(store):
+    job = new_job(store)
+    for _ in range(5):
+        assert store.claim_shard(job, 0, "w") is ShardClaim.RUN
