@@ -69,10 +69,16 @@ def test_predict_over_http(backend, trained, digits):
         assert [g.get("prediction") for g in got] == [want[0], want[1], None, want[3]]
         assert got[2] == {"row": 2, "error": "row 2, field 'pixel_9': missing value", "error_field": "pixel_9"}
         assert http.post("/v1/models/nope/predict", json={"rows": rows}).status_code == 404
-        slow = http.post("/v1/models/digits-sklearn/predict", json={"rows": rows, "timeout_s": 0.001})
+    # The timeout, where no worker serves the online queue: an answer that lands while the
+    # request is being cancelled is returned instead of a 504, so a live worker would race it.
+    from tests.conftest import queues
+
+    unserved = load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+    with TestClient(create_app(unserved)) as http:
+        slow = http.post("/v1/models/digits-sklearn/predict", json={"rows": rows, "timeout_s": 0.5})
         assert slow.status_code == 504 and slow.json()["error"]["type"] == "JobTimeoutError"
-    with pytest.raises(JobTimeoutError):
-        backend.client.predict("digits-sklearn", rows, timeout_s=0.001)
+    with Client(unserved) as lonely, pytest.raises(JobTimeoutError):
+        lonely.predict("digits-sklearn", rows, timeout_s=0.5)
 
 
 def test_concurrent_requests_are_batched_and_all_answered(backend, trained, digits):
