@@ -18,6 +18,14 @@ MIN_PRIORITY, MAX_PRIORITY = 0, 9
 """Bulk-job priorities: 0 (default) to 9 (most urgent), as AMQP message priorities."""
 
 
+def check_priority(priority: int) -> int:
+    """``priority`` if it is a bulk-job priority, else ``ValueError`` naming the range."""
+    if not (isinstance(priority, int) and MIN_PRIORITY <= priority <= MAX_PRIORITY):
+        raise ValueError(f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} "
+                         f"({MAX_PRIORITY} most urgent), got {priority!r}")
+    return priority
+
+
 def message_priority(settings: Settings, priority: int) -> int:
     """The broker message priority of a bulk job's shards for job ``priority`` (0-9,
     higher more urgent).
@@ -30,8 +38,7 @@ def message_priority(settings: Settings, priority: int) -> int:
     urgent level. The embedded SQLite transport has no priorities; it takes shards in
     the order they were sent.
     """
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise ValueError(f"priority must be from {MIN_PRIORITY} to {MAX_PRIORITY}, got {priority}")
+    check_priority(priority)
     return MAX_PRIORITY - priority if settings.broker_is_redis else priority
 
 

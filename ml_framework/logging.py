@@ -143,8 +143,6 @@ def configure_logging(level: str = "INFO", settings: Settings | None = None, *, 
     for name in OUR_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level_no)
-        for handler in [h for h in logger.handlers if getattr(h, _HANDLER_TAG, False)]:
-            logger.removeHandler(handler)  # from an older set-up that attached here
         logger.propagate = True
     logging.getLogger("celery").setLevel(logging.DEBUG if level_no == logging.DEBUG else logging.WARNING)
     if problem:

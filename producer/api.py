@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -302,9 +301,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        lambda: encode_results(job.results(), format))
             return Response(body, media_type=media,
                             headers={"Content-Disposition": f'attachment; filename="{job.id}.{format}"'})
-        rows = json.loads(cache.get_or_render(
-            cache.key(job.id, "json", offset, limit), status.state,
-            lambda: json.dumps(c.store.results_page(job.id, offset, limit)).encode()))
+        rows = cache.get_or_compute_json(cache.key(job.id, "json", offset, limit), status.state,
+                                         lambda: c.store.results_page(job.id, offset, limit))
         end = offset + limit
         return ResultsPage(job_id=job.id, state=status.state.value, n_rows=status.n_rows, offset=offset,
                            limit=limit, next_offset=end if end < status.n_rows else None, rows=_finite(rows))

@@ -10,8 +10,10 @@ as without a cache.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from ml_framework.settings import Settings
 from ml_framework.store import JobState
@@ -42,10 +44,22 @@ class ResultsCache:
         """The cache key of one rendering of a job's results, e.g. ``mlf:results:<id>:csv``."""
         return KEY_PREFIX + ":".join([job_id, *map(str, parts)])
 
+    def caches(self, state: JobState) -> bool:
+        """Whether results of a job in ``state`` are cached (a cache is configured and the
+        job is finished for good, see :data:`IMMUTABLE`)."""
+        return self._redis is not None and state in IMMUTABLE
+
+    def get_or_compute_json(self, key: str, state: JobState, compute: Callable[[], Any]) -> Any:
+        """:meth:`get_or_render` for a JSON-serialisable value; without caching,
+        ``compute()`` is returned as it is, with no encoding round trip."""
+        if not self.caches(state):
+            return compute()
+        return json.loads(self.get_or_render(key, state, lambda: json.dumps(compute()).encode()))
+
     def get_or_render(self, key: str, state: JobState, render: Callable[[], bytes]) -> bytes:
         """The cached bytes of ``key``, or ``render()`` (then cached when the job is
         finished for good, see :data:`IMMUTABLE`)."""
-        if self._redis is None or state not in IMMUTABLE:
+        if not self.caches(state):
             return render()
         try:
             cached = self._redis.get(key)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY, create_app, message_priority
+from ml_framework.celery_app import check_priority, create_app, message_priority
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
 from ml_framework.errors import DatasetError, DatasetSchemaError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
@@ -62,8 +62,7 @@ class Job:
         return self.client.store.job(self.id)
 
     def wait(self, timeout_s: float | None = None, progress: bool = False, *,
-             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S,
-             sleep: Callable[[float], None] = time.sleep) -> JobStatus:
+             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S) -> JobStatus:
         """Block until the job is finished (any terminal state).
 
         Polls the store with backoff (x1.5 per poll) from ``poll_start_s`` to ``poll_max_s``.
@@ -73,7 +72,6 @@ class Job:
             timeout_s: give up after this many seconds (``None``: wait forever).
             progress: show a progress bar of rows done on the terminal.
             poll_start_s / poll_max_s: first and longest pause between polls, seconds.
-            sleep: how to pause; an early return just polls sooner.
 
         Returns:
             The final status.
@@ -105,7 +103,7 @@ class Job:
                         f"({status.rows_done}/{status.n_rows} rows); are workers running (`mlf workers`)? A worker "
                         "loads a model on its first shard for it, which takes seconds (`mlf worker --preload`)."
                     )
-                sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+                time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, poll_max_s)
         finally:
             if bar:
@@ -232,7 +230,7 @@ class Client:
             DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
                 the file is missing, unreadable, lacks columns or has no rows.
         """
-        _check_priority(priority)
+        check_priority(priority)
         manifest, batch = self._check(model, version, batch_size)
         info = inspect(Path(path))
         use_columns = resolve_columns(info, manifest, columns)
@@ -248,8 +246,6 @@ class Client:
         version: int | None = None,
         batch_size: int | None = None,
         columns: Sequence[str] | None = None,
-        queue: str | None = None,
-        online: bool = False,
         priority: int = 0,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
@@ -260,9 +256,6 @@ class Client:
                 input columns in order. Values that are not numbers become row errors on
                 the worker, naming the row and field; they do not fail the job.
             model, version, batch_size, columns, priority: as :meth:`score_dataset`.
-            queue: Celery queue of the shards; default the bulk queue.
-            online: mark the shards as online requests (dynamic batching on the worker);
-                :meth:`submit` sends online requests in groups, which is faster.
 
         Returns:
             The new :class:`Job`; its rows are numbered from 0 in the order given.
@@ -272,10 +265,10 @@ class Client:
             DatasetError: no rows.
             ModelNotFoundError, ValueError: as :meth:`score_dataset`.
         """
-        _check_priority(priority)
+        check_priority(priority)
         manifest, batch, use_columns, ranges, sources = self._plan_rows(rows, model, version, batch_size, columns)
         return self._submit(manifest, f"<{ranges[-1][1]} inline rows>", ranges[-1][1], ranges, use_columns,
-                            sources, batch, queue, online, priority)
+                            sources, batch, priority)
 
     def _plan_rows(self, rows: RowsLike, model: str, version: int | None, batch_size: int | None,
                    columns: Sequence[str] | None) -> tuple[ModelManifest, int, list[str], list, list[InlineRows]]:
@@ -432,8 +425,6 @@ class Client:
         columns: list[str],
         sources: Iterable[DatasetRef | InlineRows],
         batch: int,
-        queue: str | None = None,
-        online: bool = False,
         priority: int = 0,
     ) -> Job:
         """Record the job, then send one shard message per source; cancel the job if sending fails."""
@@ -447,9 +438,9 @@ class Client:
                 for index, source in enumerate(sources):
                     body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name,
                                       version=manifest.version, batch_size=batch,
-                                      columns=columns, source=source, online=online, enqueued_at=time.time())
+                                      columns=columns, source=source, enqueued_at=time.time())
                     self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"), argsrepr="()",
-                                       kwargsrepr=body.summary(), queue=queue or self.settings.bulk_queue,
+                                       kwargsrepr=body.summary(), queue=self.settings.bulk_queue,
                                        priority=broker_priority, producer=producer)
         except BaseException:
             self.store.cancel(job_id)
@@ -517,12 +508,6 @@ def _plain_numeric(rows: object, width: int) -> bool:
     if not (isinstance(rows, np.ndarray) and rows.dtype.kind in "biuf" and rows.dtype.isnative):
         return False
     return (rows.ndim == 2 and rows.shape[1] == width) or (rows.ndim == 1 and width == 1)
-
-
-def _check_priority(priority: int) -> None:
-    if not (isinstance(priority, int) and MIN_PRIORITY <= priority <= MAX_PRIORITY):
-        raise ValueError(f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} "
-                         f"({MAX_PRIORITY} most urgent), got {priority!r}")
 
 
 def _columns_to_table(columns: Mapping[str, list[Any]]) -> pa.Table:

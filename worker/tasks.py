@@ -350,11 +350,8 @@ def register(app: Celery) -> None:
     for as long as the outage lasts: giving up would drop the message and leave its shard
     PENDING for ever. The message stays unacknowledged until its retry is published.
     """
-    app.task(
-        name=SCORE_SHARD_TASK, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
-        retry_backoff=True, retry_backoff_max=STORE_RETRY_BACKOFF_MAX_S, max_retries=None,
-    )(score_shard)
-    app.task(
-        name=SCORE_ONLINE_TASK, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
-        retry_backoff=True, retry_backoff_max=STORE_RETRY_BACKOFF_MAX_S, max_retries=None,
-    )(score_online_batch)
+    for name, body in ((SCORE_SHARD_TASK, score_shard), (SCORE_ONLINE_TASK, score_online_batch)):
+        app.task(
+            name=name, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
+            retry_backoff=True, retry_backoff_max=STORE_RETRY_BACKOFF_MAX_S, max_retries=None,
+        )(body)

@@ -12,7 +12,7 @@ import enum
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -374,9 +374,8 @@ class ResultStore:
         outputs: dict[str, list] = defaultdict(list)
         errors: dict[str, list] = defaultdict(list)
         with self._read() as conn:
-            for lo in range(0, len(job_ids), _IN_CHUNK):
-                for job_id, state, row, output, field_, message in conn.execute(
-                        _FINISHED, {"job_ids": list(job_ids[lo:lo + _IN_CHUNK])}):
+            for chunk in _chunks(list(job_ids)):
+                for job_id, state, row, output, field_, message in conn.execute(_FINISHED, {"job_ids": chunk}):
                     if state is not None:
                         states[job_id] = JobState(state)
                     elif output is not None:
@@ -573,11 +572,10 @@ class ResultStore:
             flipped: dict[tuple[str, int], tuple] = {}  # shard -> the values that flipped it
             for values, group in by_values.items():
                 shard_index, state, ok, failed, error, oom, batch_rows = values
-                for lo in range(0, len(group), _IN_CHUNK):
+                for chunk in _chunks(group):
                     for (job_id,) in conn.execute(_FLIP_ONLINE_SHARDS, {
                             "state": state, "now": now, "worker": worker, "ok": ok, "failed": failed, "error": error,
-                            "oom": oom, "batch_rows": batch_rows, "shard_index": shard_index,
-                            "job_ids": group[lo:lo + _IN_CHUNK]}):
+                            "oom": oom, "batch_rows": batch_rows, "shard_index": shard_index, "job_ids": chunk}):
                         flipped[(job_id, shard_index)] = values
             ours: dict[tuple[str, int], ShardOutcomeRecord] = {}
             for key, r in zip(keys, records, strict=True):
@@ -637,15 +635,12 @@ class ShardOutcomeRecord:
     batch_rows: int | None = None
 
 
-def _record(conn, r: ShardOutcomeRecord, now: datetime, worker: str | None = None) -> bool:
-    """Flip the shard to DONE / FAILED if still open, then insert its rows and update its
-    job, on ``conn`` (inside the caller's transaction). False if the shard was not open."""
+def _record(conn, r: ShardOutcomeRecord, now: datetime) -> bool:
+    """Flip a claimed shard to DONE / FAILED if still open, then insert its rows and update
+    its job, on ``conn`` (inside the caller's transaction). False if the shard was not open."""
     state = ShardState.FAILED if r.shard_error else ShardState.DONE
     values = {"state": state.value, "finished_at": now, "rows_ok": len(r.outputs), "rows_failed": len(r.errors),
               "error": r.shard_error, "oom_splits": r.oom_splits, "batch_rows": r.batch_rows}
-    if worker is not None:  # recorded without a claim: stamp what the claim would have
-        values.update(worker=worker, started_at=func.coalesce(ShardRow.started_at, now),
-                      attempts=ShardRow.attempts + 1, deliveries=ShardRow.deliveries + 1)
     flipped = conn.execute(
         update(ShardRow)
         .where(ShardRow.job_id == r.job_id, ShardRow.shard_index == r.shard_index, ShardRow.state.in_(_OPEN_SHARD))
@@ -654,8 +649,14 @@ def _record(conn, r: ShardOutcomeRecord, now: datetime, worker: str | None = Non
     if not flipped:
         return False
     _insert_rows(conn, [r])
-    _bump_jobs(conn, [r.job_id], 1, len(r.outputs), len(r.errors), r.oom_splits, now, started=worker is not None)
+    _bump_jobs(conn, [r.job_id], 1, len(r.outputs), len(r.errors), r.oom_splits, now)
     return True
+
+
+def _chunks(items: list) -> Iterator[list]:
+    """``items`` in slices of :data:`_IN_CHUNK`, one ``IN (...)`` list each."""
+    for lo in range(0, len(items), _IN_CHUNK):
+        yield items[lo:lo + _IN_CHUNK]
 
 
 def _online_values(r: ShardOutcomeRecord) -> tuple:
@@ -685,9 +686,9 @@ def _bump_jobs(conn, job_ids: list[str], shards: int, ok: int, failed: int, oom_
     some failed, else SUCCEEDED), in one UPDATE: SET expressions read the row as it was
     before the update (SQL standard; PostgreSQL and SQLite both), so the new counts are
     written out in full. ``started`` also stamps ``started_at`` if unset."""
-    for lo in range(0, len(job_ids), _IN_CHUNK):
+    for chunk in _chunks(job_ids):
         conn.execute(_BUMP_JOBS, {"shards": shards, "ok": ok, "failed": failed, "oom": oom_splits, "now": now,
-                                  "started": started, "job_ids": job_ids[lo:lo + _IN_CHUNK]})
+                                  "started": started, "job_ids": chunk})
 
 
 def results_frame(outputs: Sequence[tuple[int, str]], errors: Sequence[tuple[int, str | None, str]]) -> pd.DataFrame:

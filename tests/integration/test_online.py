@@ -20,6 +20,13 @@ from tests.integration.test_scoring import own_probabilities
 pytestmark = pytest.mark.integration
 
 
+def unserved_settings(backend):
+    """The backend's settings with online and bulk queues that no worker consumes."""
+    from tests.conftest import queues
+
+    return load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+
+
 def expected_labels(trained, framework: str, frame: pd.DataFrame) -> list[int]:
     model, manifest = trained[1][framework]
     x = frame[PIXELS].to_numpy(np.float32) * SCALE
@@ -71,9 +78,7 @@ def test_predict_over_http(backend, trained, digits):
         assert http.post("/v1/models/nope/predict", json={"rows": rows}).status_code == 404
     # The timeout, where no worker serves the online queue: an answer that lands while the
     # request is being cancelled is returned instead of a 504, so a live worker would race it.
-    from tests.conftest import queues
-
-    unserved = load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+    unserved = unserved_settings(backend)
     with TestClient(create_app(unserved)) as http:
         slow = http.post("/v1/models/digits-sklearn/predict", json={"rows": rows, "timeout_s": 0.5})
         assert slow.status_code == 504 and slow.json()["error"]["type"] == "JobTimeoutError"
@@ -159,9 +164,7 @@ def test_predict_many_and_apredict_answer_every_request_in_order(backend, traine
 def test_a_request_nobody_serves_times_out_and_is_cancelled(backend, trained, digits):
     """With no worker on the client's online queue, predict raises JobTimeoutError after
     timeout_s and the request's job ends CANCELLED, so no worker runs it later."""
-    from tests.conftest import queues
-
-    settings = load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+    settings = unserved_settings(backend)
     with Client(settings) as lonely:
         started = time.monotonic()
         with pytest.raises(JobTimeoutError, match="no answer within 1.5 s") as raised:
@@ -198,9 +201,7 @@ def test_every_unanswered_request_of_predict_many_is_cancelled(backend, trained,
     """predict_many with no worker on the queue: JobTimeoutError, and all three requests
     are cancelled and forgotten, not only the first (before, the others stayed PENDING and
     polled)."""
-    from tests.conftest import queues
-
-    settings = load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+    settings = unserved_settings(backend)
     with Client(settings) as lonely:
         before = lonely.store.job_counts()
         with pytest.raises(JobTimeoutError):
@@ -216,9 +217,7 @@ def test_an_apredict_cancelled_by_its_caller_cancels_its_job(backend, trained, d
     cancelled too and no longer waited for."""
     import asyncio
 
-    from tests.conftest import queues
-
-    settings = load_settings(**{**backend.values, **queues("mlf.test.nobody.")})
+    settings = unserved_settings(backend)
     with Client(settings) as lonely:
         before = lonely.store.job_counts()
 
