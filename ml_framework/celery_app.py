@@ -14,6 +14,9 @@ from ml_framework.settings import Settings, get_settings
 APP_NAME = "ml_framework"
 
 
+BROKER_TIMEOUT_S = 3.0
+"""Bound of a broker query made for monitoring or reconciliation, seconds."""
+
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
 """Bulk-job priorities: 0 (default) to 9 (most urgent), as AMQP message priorities."""
 
@@ -98,4 +101,41 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_send_task_events=not settings.embedded_broker,
         enable_utc=True,
     )
+    if settings.broker_queue_type == "quorum":
+        # Quorum queues take no x-max-priority (RabbitMQ 3.x) and no global QoS; Celery
+        # then turns global QoS off and delays countdown retries natively.
+        app.conf.update(task_default_queue_type="quorum", task_create_missing_queue_type="quorum",
+                        worker_detect_quorum_queues=True, task_queue_max_priority=None)
     return app
+
+
+def queue_depths(app: Celery, settings: Settings) -> dict[str, int]:
+    """Messages waiting on the online and bulk queues, by queue name, read from the broker
+    (every priority level of a Redis queue counted; a queue never declared counts 0).
+    Bounded by :data:`BROKER_TIMEOUT_S`: a broker that accepts connections but never
+    answers must not hang the caller (kombu's defaults have no read timeout).
+
+    With Redis, the key ``"unacked"`` also gives the number of messages delivered and not
+    yet acknowledged (kombu's ack emulation; every queue of the database together).
+
+    Raises:
+        kombu / redis connection errors when the broker cannot be reached.
+    """
+    from kombu.exceptions import ChannelError
+
+    options = dict(app.conf.broker_transport_options or {})
+    if settings.broker_is_redis:
+        options.update(socket_timeout=BROKER_TIMEOUT_S, socket_connect_timeout=BROKER_TIMEOUT_S)
+    depths = {}
+    with app.connection_for_read(connect_timeout=BROKER_TIMEOUT_S, transport_options=options) as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5)
+        for queue in (settings.online_queue, settings.bulk_queue):
+            with conn.channel() as channel:  # RabbitMQ closes a channel on a failed passive declare
+                try:
+                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                except ChannelError:  # not declared yet: nothing ever sent there
+                    depths[queue] = 0
+        if settings.broker_is_redis:
+            with conn.channel() as channel:
+                depths["unacked"] = channel.client.hlen(channel.unacked_key)
+    return depths

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import zipfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -246,6 +247,77 @@ class ModelManifest(_Strict):
         return path
 
 
+_FORMATS: dict[str, str] = {
+    "sklearn": "a scikit-learn skops file",
+    "torch": "a PyTorch archive (torch.export .pt2 or TorchScript .pt)",
+    "tensorflow": "a Keras / TensorFlow model",
+}
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # legacy Keras .h5 files
+
+
+def artifact_format(path: Path) -> str | None:
+    """Which framework wrote the artifact at ``path``, from its layout alone (no ML
+    framework is imported, nothing is unpickled).
+
+    Recognised: skops files (a zip with ``schema.json`` at its root), PyTorch archives
+    (``torch.export`` and TorchScript zips: one top-level folder holding ``data.pkl``,
+    ``archive_format`` or ``version``), Keras v3 ``.keras`` zips (``config.json`` and
+    ``metadata.json`` at the root), HDF5 ``.h5`` files and SavedModel directories
+    (``saved_model.pb``).
+
+    Returns:
+        ``sklearn``, ``torch`` or ``tensorflow``; ``None`` when the file is none of these
+        (or cannot be read): the runtime's own loader then decides.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "tensorflow" if (path / "saved_model.pb").is_file() else None
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+        if head == _HDF5_SIGNATURE:
+            return "tensorflow"
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if "schema.json" in names:
+        return "sklearn"
+    if {"config.json", "metadata.json"} <= names:
+        return "tensorflow"
+    if any(n.count("/") == 1 and n.split("/")[1] in {"data.pkl", "archive_format", "version"} for n in names):
+        return "torch"
+    return None
+
+
+def check_artifact(manifest: ModelManifest, directory: Path) -> None:
+    """Check that ``directory`` holds the manifest's artifact and that the artifact is of
+    the manifest's framework (see :func:`artifact_format`). Cheap: no model is loaded.
+
+    Raises:
+        ManifestError: the artifact is missing, or it is another framework's file; the
+            message names the manifest file and the field to fix (``artifact`` or
+            ``framework``).
+    """
+    directory = Path(directory)
+    where = directory / MANIFEST_FILE
+    path = directory / manifest.artifact
+    if not path.exists():
+        present = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST_FILE) if directory.is_dir() else []
+        raise ManifestError(
+            f"{where}: artifact: {manifest.artifact!r} not found in {directory} "
+            f"(files there: {', '.join(present) or 'none'}); publish the model again, or fix artifact"
+        )
+    found = artifact_format(path)
+    if found is not None and found != manifest.framework:
+        raise ManifestError(
+            f"{where}: framework: says {manifest.framework!r} but the artifact {manifest.artifact!r} is "
+            f"{_FORMATS[found]}; set framework: {found}, or point artifact at the {manifest.framework} file"
+        )
+
+
 _CACHE: dict[Path, tuple[tuple[int, int], ModelManifest]] = {}
 
 
@@ -340,6 +412,14 @@ class ModelRepository:
                 f"directory says {name}/{version}"
             )
         return manifest
+
+    def check_artifact(self, manifest: ModelManifest) -> None:
+        """:func:`check_artifact` for a manifest of this repository (e.g. at submit time).
+
+        Raises:
+            ManifestError: the artifact is missing or of another framework.
+        """
+        check_artifact(manifest, self.version_dir(manifest.name, manifest.version))
 
     def list(self) -> list[ModelManifest]:
         """Every valid manifest in the repository (invalid ones are skipped)."""

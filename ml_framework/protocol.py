@@ -7,14 +7,23 @@ datasets the workers cannot read.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 SCORE_SHARD_TASK = "mlf.score_shard"
 """Celery task name of the bulk-scoring task (one shard per message)."""
 SCORE_ONLINE_TASK = "mlf.score_online"
 """Celery task name of online requests sent together (several shards per message)."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+"""Default of the ``max_message_bytes`` setting: the largest task body (JSON, bytes) a
+producer sends, 64 MiB. Brokers cap a message well above it: Redis at 512 MB per string
+value (``proto-max-bulk-len``; kombu stores the message base64-encoded, 4/3 of the body,
+with its headers), RabbitMQ at 128 MiB by default (``max_message_size``, since 3.8).
+Shards bigger than this are also slow to send, hold worker memory and make a redelivery
+expensive; a smaller ``shard_size`` or a dataset under the data directory (sent by
+reference) avoids them."""
 
 DatasetFormat = Literal["csv", "parquet"]
 
@@ -23,7 +32,18 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DatasetRef(_Message):
+class _Rows(_Message):
+    row_start: NonNegativeInt
+    row_end: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _check_range(self) -> _Rows:
+        if self.row_end < self.row_start:
+            raise ValueError(f"row_end {self.row_end} is before row_start {self.row_start}")
+        return self
+
+
+class DatasetRef(_Rows):
     """Rows ``[row_start, row_end)`` of a dataset file under the workers' data directory.
 
     Attributes:
@@ -36,11 +56,9 @@ class DatasetRef(_Message):
     kind: Literal["ref"] = "ref"
     path: str
     format: DatasetFormat
-    row_start: NonNegativeInt
-    row_end: NonNegativeInt
 
 
-class InlineRows(_Message):
+class InlineRows(_Rows):
     """Rows ``[row_start, row_end)`` carried in the message as an Arrow IPC stream.
 
     Attributes:
@@ -49,8 +67,6 @@ class InlineRows(_Message):
     """
 
     kind: Literal["inline"] = "inline"
-    row_start: NonNegativeInt
-    row_end: NonNegativeInt
     data_b64: str
 
 
@@ -67,7 +83,8 @@ class ScoreShard(_Message):
         online: an online request: the worker gathers other waiting online requests into
             the same forward pass (dynamic batching) and announces the answer.
         enqueued_at: when the producer sent it, Unix time in seconds (for the workers'
-            queue-wait metric; ``None`` from older producers).
+            queue-wait metric; ``None`` from older producers); finite, as JSON has no
+            NaN or infinity.
     """
 
     job_id: str
@@ -78,12 +95,20 @@ class ScoreShard(_Message):
     columns: list[str]
     source: DatasetRef | InlineRows = Field(discriminator="kind")
     online: bool = False
-    enqueued_at: float | None = None
+    enqueued_at: Annotated[float, Field(allow_inf_nan=False)] | None = None
 
     @property
     def n_rows(self) -> int:
         """Rows in this shard."""
         return self.source.row_end - self.source.row_start
+
+    def message_bytes(self) -> int:
+        """Size of this body as JSON, bytes (what the producer puts on the broker, before
+        the transport's own envelope). The inline rows are measured, not copied."""
+        if isinstance(self.source, InlineRows):
+            empty = self.model_copy(update={"source": self.source.model_copy(update={"data_b64": ""})})
+            return len(empty.model_dump_json().encode()) + len(self.source.data_b64)  # base64: ASCII, unescaped
+        return len(self.model_dump_json().encode())
 
     def summary(self) -> str:
         """One line naming the shard, for the task's ``kwargsrepr`` (what Flower and

@@ -60,12 +60,18 @@ class Settings(BaseSettings):
         online_queue: Celery queue of online requests (``Client.submit`` / ``predict``,
             ``POST /v1/models/{name}/predict``); every worker takes from it before taking
             its next bulk shard.
-        task_time_limit_s: hard limit of one shard task, seconds, given to Celery. The solo
-            pool that ``mlf worker`` runs does not enforce Celery's hard limits, so today this
-            only bounds ``broker_visibility_timeout_s``; enforcing it from the launcher is
-            part of the fault-tolerance work.
+        task_time_limit_s: hard limit of one shard or online batch, seconds. Celery's solo
+            pool does not enforce time limits, so ``mlf worker`` does: it SIGKILLs a
+            process whose task runs longer, even inside native code that holds the GIL,
+            and starts a new one (see :mod:`worker.watchdog`). Also the length of a
+            running shard's lease (plus a margin).
+        on_time_limit: what becomes of a bulk shard killed by the hard time limit:
+            ``fail`` (default) records it FAILED at once, every row with "hard time limit
+            exceeded"; ``retry`` lets the broker redeliver it, up to ``max_shard_attempts``
+            starts in all.
         broker_visibility_timeout_s: seconds before Redis redelivers an unacknowledged
-            shard; must exceed ``task_time_limit_s`` or long shards would run twice.
+            shard; must exceed ``task_time_limit_s`` (refused otherwise), so that a shard
+            still running is never handed to a second worker.
         broker_polling_interval_s: how often the embedded transport polls, seconds.
         worker_preload_models: models each worker process loads (and warms up) at start,
             before taking its first shard: ``name`` (latest version) or ``name:version``.
@@ -99,6 +105,16 @@ class Settings(BaseSettings):
         max_shard_attempts: a bulk shard started this many times without being recorded
             (each time its worker process died) is failed, every row with "worker lost",
             instead of being run again: one poison shard cannot requeue for ever.
+        broker_queue_type: RabbitMQ only: ``classic`` queues (default; with message
+            priorities) or ``quorum`` queues, replicated over the cluster's nodes (no
+            message priorities on RabbitMQ 3.x). See docs/operations.md.
+        reconcile_interval_s: with Redis, how often ``mlf worker`` looks for open shards
+            whose messages the broker lost (kombu's Redis transport can lose a message
+            taken at the moment a connection dies) and sends them again; 0: never.
+        max_message_bytes: the largest message a producer sends, bytes (an inline shard
+            or a group of online requests); larger ones are refused before anything is
+            recorded. Default 64 MiB, half of RabbitMQ's default ``max_message_size``
+            (128 MiB) and far below Redis's 512 MB string limit.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -116,6 +132,7 @@ class Settings(BaseSettings):
     bulk_queue: str = Field(default="mlf.bulk", min_length=1)
     online_queue: str = Field(default="mlf.online", min_length=1)
     task_time_limit_s: PositiveInt = 3600
+    on_time_limit: Literal["fail", "retry"] = "fail"
     broker_visibility_timeout_s: PositiveInt = 7200
     broker_polling_interval_s: float = Field(default=0.2, gt=0, le=10)
     worker_preload_models: Annotated[list[str], NoDecode] = []
@@ -134,6 +151,9 @@ class Settings(BaseSettings):
     cache_backend: Literal["none", "redis"] = "none"
     cache_ttl_s: PositiveInt = 3600
     max_shard_attempts: PositiveInt = Field(default=3, le=1000)
+    broker_queue_type: Literal["classic", "quorum"] = "classic"
+    reconcile_interval_s: float = Field(default=60.0, ge=0)
+    max_message_bytes: PositiveInt = 64 * 2**20
 
     @field_validator("worker_preload_models", "api_keys", "flower_basic_auth", mode="before")
     @classmethod

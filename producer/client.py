@@ -11,6 +11,8 @@ Example::
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import threading
 import time
@@ -28,7 +30,13 @@ from ml_framework.celery_app import check_priority, create_app, message_priority
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
 from ml_framework.errors import DatasetError, DatasetSchemaError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
-from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, InlineRows, ScoreShard
+from ml_framework.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    SCORE_SHARD_TASK,
+    DatasetRef,
+    InlineRows,
+    ScoreShard,
+)
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, NewJob, ResultStore, WorkerInfo
 from producer.datasets import inspect, plan_sources, resolve_columns
@@ -38,6 +46,8 @@ from producer.results import write_results
 POLL_START_S = 0.1
 POLL_MAX_S = 2.0
 NO_WORKER_WARNING_S = 5.0
+MESSAGES_PER_WRITE = 1000
+"""Sent shard messages kept in the store per write (see ``ResultStore.set_shard_messages``)."""
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +408,27 @@ class Client:
         manifest, batch, use_columns, ranges, sources = self._plan_rows(inputs, model, version, batch_size, None)
         job = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, f"<{ranges[-1][1]} inline rows>",
                      ranges[-1][1], ranges, batch)
+        size = sum(ScoreShard(job_id=job.job_id, shard_index=i, model=manifest.name, version=manifest.version,
+                              batch_size=batch, columns=use_columns, source=source, online=True,
+                              enqueued_at=time.time()).message_bytes()
+                   for i, source in enumerate(sources))
+        self._check_message_bytes(size, f"online request {job.job_id} ({ranges[-1][1]} rows)",
+                                  "send fewer rows per request, or score them as a bulk job (score_dataset) "
+                                  "from a file under the data directory", "Nothing was recorded or sent.")
         return OnlineRequest(job, use_columns, sources)
+
+    def _check_message_bytes(self, size: int, what: str, advice: str, outcome: str) -> None:
+        """Refuse a message of ``size`` bytes over the ``max_message_bytes`` setting.
+
+        Raises:
+            DatasetError: naming ``what``, both sizes, ``advice`` and ``outcome``.
+        """
+        limit = getattr(self.settings, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        if size > limit:
+            raise DatasetError(
+                f"{what} is too large to send: its message would be {size / 2**20:.1f} MiB ({size} bytes), "
+                f"over the max_message_bytes limit of {limit / 2**20:.1f} MiB ({limit} bytes); {advice}. {outcome}"
+            )
 
     def _send_online(self, model: str, inputs: RowsLike, version: int | None,
                      batch_size: int | None = None) -> OnlineRequest:
@@ -427,21 +457,53 @@ class Client:
         batch: int,
         priority: int = 0,
     ) -> Job:
-        """Record the job, then send one shard message per source; cancel the job if sending fails."""
+        """Record the job, then send one shard message per source; cancel the job if sending fails.
+
+        Every shard message is checked against ``max_message_bytes`` (only inline shards
+        come near it): ``sources`` given as a sequence are all checked before the job is
+        recorded; from an iterator (a file read once, shard by shard) the first is, and a
+        later shard over the limit cancels the job as it is reached.
+
+        Raises:
+            DatasetError: a shard message over ``max_message_bytes``.
+        """
+        advice = (f"use a smaller shard_size (now {self.settings.shard_size} rows), or put the file under the "
+                  f"data directory ({self.settings.data_dir}) so that workers read it by reference")
+
+        def shard(job_id: str, index: int, source: DatasetRef | InlineRows) -> ScoreShard:
+            return ScoreShard(job_id=job_id, shard_index=index, model=manifest.name, version=manifest.version,
+                              batch_size=batch, columns=columns, source=source, enqueued_at=time.time())
+
+        def check(body: ScoreShard, job: str, outcome: str) -> None:
+            self._check_message_bytes(body.message_bytes(), f"{job}shard {body.shard_index} (rows "
+                                      f"{body.source.row_start}-{body.source.row_end} of {dataset})", advice, outcome)
+
+        checked = list(sources) if isinstance(sources, Sequence) else list(itertools.islice(sources, 1))
+        for index, source in enumerate(checked):
+            check(shard(uuid.uuid4().hex, index, source), "", "Nothing was recorded or sent.")
+        sources = itertools.chain(checked, sources if not isinstance(sources, Sequence) else ())
         job_id = self.store.create_job(
             model=manifest.name, model_version=manifest.version, dataset=dataset,
             n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority,
         )
         try:
             broker_priority = message_priority(self.settings, priority)
+            sent: list[tuple[int, str]] = []  # kept in the store, to send again should the broker lose one
             with self.app.producer_or_acquire() as producer:
                 for index, source in enumerate(sources):
-                    body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name,
-                                      version=manifest.version, batch_size=batch,
-                                      columns=columns, source=source, enqueued_at=time.time())
-                    self.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"), argsrepr="()",
+                    body = shard(job_id, index, source)
+                    if index >= len(checked):
+                        check(body, f"job {job_id} ", "The job was cancelled; no further shard is sent.")
+                    kwargs = body.model_dump(mode="json")
+                    self.app.send_task(SCORE_SHARD_TASK, kwargs=kwargs, argsrepr="()",
                                        kwargsrepr=body.summary(), queue=self.settings.bulk_queue,
                                        priority=broker_priority, producer=producer)
+                    sent.append((index, json.dumps({"queue": self.settings.bulk_queue, "kwargs": kwargs},
+                                                   separators=(",", ":"))))
+                    if len(sent) >= MESSAGES_PER_WRITE:
+                        self.store.set_shard_messages(job_id, sent)
+                        sent = []
+            self.store.set_shard_messages(job_id, sent)
         except BaseException:
             self.store.cancel(job_id)
             raise

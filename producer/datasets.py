@@ -33,7 +33,7 @@ def resolve_columns(info: DatasetInfo, manifest: ModelManifest, columns: Sequenc
         )
     info.require_columns(wanted)
     if info.n_rows == 0:
-        raise DatasetError(f"{info.path}: no data rows")
+        raise DatasetError(f"{info.path}: no data rows (a header or schema only): nothing to score")
     return wanted
 
 
@@ -46,8 +46,17 @@ def _under(path: Path, root: Path) -> Path | None:
 def plan_sources(
     info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: Sequence[str], data_dir: Path
 ) -> Iterator[DatasetRef | InlineRows]:
-    """One shard source per row range: a reference if the file lies under ``data_dir``
-    (workers mount it), else the rows inlined, reading the file once."""
+    """One shard source per row range: a reference if the file (or directory of Parquet
+    parts) lies under ``data_dir`` (workers mount it), else the rows inlined, reading the
+    dataset once.
+
+    The path is resolved first, so a symlink under ``data_dir`` whose target lies outside
+    is inlined, never sent by reference (workers refuse paths that leave the data
+    directory).
+
+    Raises:
+        DatasetFormatError: while inlining, the file cannot be read (naming it).
+    """
     relative = _under(info.path, data_dir)
     if relative is not None:
         for a, b in ranges:

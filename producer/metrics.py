@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from producer.client import Client
 
 LIVE_S = 30.0
-BROKER_TIMEOUT_S = 3.0
 """Longest a scrape waits for the broker's queue depths, per operation, seconds."""
 log = logging.getLogger(__name__)
 
@@ -90,29 +89,12 @@ class StoreCollector:
 
 
 def queue_depths(client: Client) -> dict[str, int]:
-    """Messages waiting on the online and bulk queues, by queue name, read from the broker
-    (every priority level of a Redis queue counted; a queue never declared counts 0).
+    """Messages waiting on the online and bulk queues, by queue name (see
+    :func:`ml_framework.celery_app.queue_depths`)."""
+    from ml_framework.celery_app import queue_depths as depths
 
-    Raises:
-        kombu / redis connection errors when the broker cannot be reached.
-    """
-    from kombu.exceptions import ChannelError
-
-    options = dict(client.app.conf.broker_transport_options or {})
-    if client.settings.broker_is_redis:
-        options.update(socket_timeout=BROKER_TIMEOUT_S, socket_connect_timeout=BROKER_TIMEOUT_S)
-    depths = {}
-    # Bounded: a broker that accepts connections but never answers must not hang a scrape
-    # (kombu's defaults have no read timeout) nor retry for long when it refuses them.
-    with client.app.connection_for_read(connect_timeout=BROKER_TIMEOUT_S, transport_options=options) as conn:
-        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5)
-        for queue in (client.settings.online_queue, client.settings.bulk_queue):
-            with conn.channel() as channel:  # RabbitMQ closes a channel on a failed passive declare
-                try:
-                    depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
-                except ChannelError:  # not declared yet: nothing ever sent there
-                    depths[queue] = 0
-    return depths
+    found = depths(client.app, client.settings)
+    return {q: found[q] for q in (client.settings.online_queue, client.settings.bulk_queue)}
 
 
 def render(client: Client) -> tuple[bytes, str]:

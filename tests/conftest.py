@@ -149,6 +149,7 @@ class Backend:
     values: dict[str, Any]
     client: Any
     worker_log: Path
+    proc: subprocess.Popen | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -174,23 +175,60 @@ def stop_workers(proc: subprocess.Popen) -> None:
     terminate(proc, grace_s=60)
 
 
-@pytest.fixture(scope="session", params=["embedded", "redis-postgres"])
-def backend(request, trained, data_dir, tmp_path_factory):
-    """Real worker processes on one backend, and a Client configured like them."""
+RABBITMQ_URL = os.environ.get("MLF_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def check_rabbitmq() -> None:
+    from kombu import Connection
+
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001
+        service_unavailable("RabbitMQ", exc)
+
+
+@pytest.fixture(scope="session")
+def _backends() -> Any:
+    """Running backends by kind, started on first use and stopped at the end of the
+    session, so that fixtures over different sets of kinds share them."""
+    started: dict[str, Backend] = {}
+    cleanups: list = []
+    yield started, cleanups
+    for b in started.values():
+        stop_workers(b.proc)
+        b.client.close()
+    for cleanup in cleanups:
+        cleanup()
+
+
+def shared_backend(request) -> Backend:
+    """The running backend of kind ``request.param`` (``embedded``, ``redis-postgres`` or
+    ``rabbitmq-postgres``), started if it is not yet."""
     from ml_framework.settings import load_settings
     from producer.client import Client
 
-    var_dir = tmp_path_factory.mktemp(f"var-{request.param}")
+    kind = request.param
+    started, cleanups = request.getfixturevalue("_backends")
+    if kind in started:
+        return started[kind]
+    var_dir = request.getfixturevalue("tmp_path_factory").mktemp(f"var-{kind}")
     values: dict[str, Any] = {
-        "models_dir": trained[0], "data_dir": data_dir, "var_dir": var_dir,
-        "shard_size": SHARD_SIZE, **queues("mlf.test."),
+        "models_dir": request.getfixturevalue("trained")[0], "data_dir": request.getfixturevalue("data_dir"),
+        "var_dir": var_dir, "shard_size": SHARD_SIZE, **queues("mlf.test."),
         "broker_polling_interval_s": 0.1,
         "worker_metrics_port": free_port(),
     }
-    if request.param == "redis-postgres":
+    if kind == "redis-postgres":
         check_redis()
         values["broker_url"] = REDIS_URL
         values["database_url"] = request.getfixturevalue("pg_database")
+    elif kind == "rabbitmq-postgres":
+        check_rabbitmq()
+        values["broker_url"] = RABBITMQ_URL
+        database = new_pg_database()  # its own: the other workers' heartbeats live in pg_database
+        values["database_url"] = next(database)
+        cleanups.append(lambda: next(database, None))
     client = Client(load_settings(**values))
     log_path = var_dir / "workers.log"
     proc = start_workers(values, log_path)
@@ -200,6 +238,11 @@ def backend(request, trained, data_dir, tmp_path_factory):
             stop_workers(proc)
             pytest.fail(f"workers did not start; log:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.3)
-    yield Backend(request.param, values, client, log_path)
-    stop_workers(proc)
-    client.close()
+    started[kind] = Backend(kind, values, client, log_path, proc)
+    return started[kind]
+
+
+@pytest.fixture(scope="session", params=["embedded", "redis-postgres"])
+def backend(request) -> Backend:
+    """Real worker processes on one backend, and a Client configured like them."""
+    return shared_backend(request)

@@ -63,7 +63,18 @@ def worker(
                f"(broker: {'embedded SQLite' if settings.embedded_broker else maybe_sanitize_url(settings.broker_url)})",
                err=True)
     address = (settings.worker_metrics_host, settings.worker_metrics_port) if settings.worker_metrics_port else None
-    raise typer.Exit(Supervisor(children, grace_s=grace, metrics_address=address).run())
+    reconcile = None
+    if settings.broker_is_redis and settings.reconcile_interval_s:
+        from ml_framework.celery_app import create_app
+        from ml_framework.store import ResultStore
+        from worker.reconcile import resend_lost_shards
+
+        app, store = create_app(settings), ResultStore(settings.effective_database_url, migrate=False)
+        reconcile = lambda: resend_lost_shards(app, settings, store)  # noqa: E731
+    supervisor = Supervisor(children, grace_s=grace, metrics_address=address, time_limit_s=settings.task_time_limit_s,
+                            store_url=settings.effective_database_url, on_time_limit=settings.on_time_limit,
+                            reconcile=reconcile, reconcile_interval_s=settings.reconcile_interval_s)
+    raise typer.Exit(supervisor.run())
 
 
 def fail(message: str) -> typer.Exit:

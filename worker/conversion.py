@@ -8,11 +8,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from ml_framework.manifest import InputSpec, Preprocessing
 from ml_framework.store import RowError
 
 _MAX_VALUE_CHARS = 40
+# Text that stands for a missing value, not a typo: the CSV reader's null spellings (so a
+# Parquet or inline string column reads as a CSV file does) and whatever float() takes for NaN.
+_NULL_TEXT = frozenset(pa_csv.ConvertOptions().null_values)
+_NAN_TEXT = frozenset({"nan", "+nan", "-nan"})
 
 
 def _show(value: object) -> str:
@@ -53,6 +58,15 @@ def _column(arr: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray, str | None]:
     return arr.to_pandas(), invalid, None
 
 
+def _null_text(raw: pd.Series, col: np.ndarray) -> np.ndarray:
+    """Mask of the text cells of ``raw`` that spell a missing value (``NaN``, ``NA``, ``null``, ...)."""
+    mask = np.zeros(len(col), dtype=bool)
+    for i in np.flatnonzero(np.isnan(col) & raw.notna().to_numpy()):  # only cells that are not numbers
+        value = raw.iloc[i]
+        mask[i] = isinstance(value, str) and (value in _NULL_TEXT or value.strip().lower() in _NAN_TEXT)
+    return mask
+
+
 def _numeric_column(arr: pa.ChunkedArray) -> np.ndarray | None:
     """A numeric column as float64 (nulls as NaN), without pandas; ``None`` for other types."""
     kind = arr.type
@@ -83,6 +97,9 @@ def to_inputs(
         ``(x, rows, errors)``: ``x`` of shape ``(n_ok, *spec.row_shape)`` and dtype
         ``spec.dtype``; ``rows`` (n_ok,) int64 dataset row numbers of ``x``'s rows;
         ``errors``: one :class:`RowError` per rejected row, naming the first bad field.
+        Empty cells and text spelling a missing value (``NaN``, ``NA``, ``null``: the
+        CSV reader's null spellings) are missing values: rejected unless
+        ``spec.allow_missing`` (then NaN); infinities and other text are always rejected.
     """
     n = table.num_rows
     values = np.empty((n, len(columns)), dtype=np.float64, order="F")  # filled column by column
@@ -107,9 +124,10 @@ def to_inputs(
         numeric[invalid] = 0.0  # already failed above; keep it out of the checks below
         col = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
         finite = np.isfinite(col)
+        null_text = _null_text(raw, col)
         if spec.allow_missing:
             problem = ~finite & raw.notna().to_numpy() & ~np.isnan(col)  # infinities
-            unparsable = raw.notna().to_numpy() & np.isnan(col)
+            unparsable = raw.notna().to_numpy() & np.isnan(col) & ~null_text
             problem |= unparsable
         else:
             problem = ~finite
@@ -119,6 +137,8 @@ def to_inputs(
             original = raw.iloc[i]
             if original is None or (isinstance(original, float) and np.isnan(original)) or original is pd.NA:
                 msg = f"row {row_start + i}, field {name!r}: missing value"
+            elif null_text[i]:
+                msg = f"row {row_start + i}, field {name!r}: missing value ({_show(original)})"
             elif np.isnan(col[i]):
                 msg = f"row {row_start + i}, field {name!r}: {_show(original)} is not a number"
             else:

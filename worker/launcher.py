@@ -5,7 +5,9 @@ after a framework is initialised, one task at a time, its own framework thread c
 The parent imports no ML framework. SIGTERM / SIGINT to the parent is forwarded to the
 children as SIGTERM, Celery's warm shutdown (finish the running shard, take no new one);
 children still alive after ``grace_s`` are killed, and their unacknowledged shards are
-redelivered by the broker. A child that dies on its own is restarted with backoff.
+redelivered by the broker. A child that dies on its own is restarted with backoff, and
+the leases of the shards it held are released so that their redelivery runs at once.
+The parent also enforces the hard time limit of a task (:mod:`worker.watchdog`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ml_framework.settings import Settings
-from worker import metrics
+from worker import metrics, watchdog
 from worker.devices import GpuDevice
 from worker.metrics import DEVICE_ENV, MULTIPROC_ENV
 
@@ -139,21 +142,47 @@ class Supervisor:
     Args:
         children: what to run.
         grace_s: seconds a child may take to finish its shard after SIGTERM.
+        metrics_address: ``(host, port)`` to serve the children's metrics on, or ``None``.
+        time_limit_s: a child whose task runs longer than this, seconds, is SIGKILLed and
+            replaced (``None``: no limit).
+        store_url: the results store, to release a dead child's shard leases and to
+            record a shard killed by the time limit (``None``: neither).
+        on_time_limit: ``fail`` records such a shard FAILED; ``retry`` leaves it to the
+            broker's redelivery (see ``Settings.on_time_limit``).
+        reconcile: called every ``reconcile_interval_s`` seconds to send again the shards
+            whose messages the broker lost (see :mod:`worker.reconcile`); ``None``: never.
     """
 
     def __init__(self, children: list[ChildSpec], grace_s: float = 60.0,
-                 metrics_address: tuple[str, int] | None = None) -> None:
+                 metrics_address: tuple[str, int] | None = None, *, time_limit_s: float | None = None,
+                 store_url: str | None = None, on_time_limit: str = "fail",
+                 reconcile: Callable[[], int] | None = None, reconcile_interval_s: float = 60.0) -> None:
         self.children = children
         self.grace_s = grace_s
         self.metrics_address = metrics_address
         self.metrics_dir: Path | None = None
         self._metrics_server = None
+        self.time_limit_s = time_limit_s
+        self.store_url = store_url
+        self.on_time_limit = on_time_limit
+        self._store = None
+        self.task_dir = Path(tempfile.mkdtemp(prefix=f"mlf-tasks-{os.getpid()}-"))
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
+        self.time_limit_kills = 0
+        self.reconcile = reconcile
+        self.reconcile_interval_s = reconcile_interval_s
+        self._next_reconcile = time.monotonic() + reconcile_interval_s
         self._stopping = False
 
+    def _task_file(self, child: ChildSpec) -> Path:
+        return self.task_dir / child.name
+
     def _start(self, child: ChildSpec) -> None:
-        env = child.env if self.metrics_dir is None else {**child.env, MULTIPROC_ENV: str(self.metrics_dir)}
+        env = {**child.env, watchdog.TASK_FILE_ENV: str(self._task_file(child))}
+        if self.metrics_dir is not None:
+            env[MULTIPROC_ENV] = str(self.metrics_dir)
+        self._task_file(child).unlink(missing_ok=True)
         self.procs[child.name] = subprocess.Popen(child.argv, env=env, preexec_fn=_die_with_parent)
         log.info("started worker %s (pid %d)", child.name, self.procs[child.name].pid)
 
@@ -178,7 +207,11 @@ class Supervisor:
                     if now >= next_start[child.name]:
                         del next_start[child.name]
                         self._start(child)
-                elif proc is not None and proc.poll() is not None:
+                    continue
+                if proc is not None and proc.poll() is None and self.time_limit_s is not None:
+                    self._enforce_time_limit(child, proc)
+                if proc is not None and proc.poll() is not None:
+                    self._release_leases(child, proc.pid)
                     n = self.restarts.get(child.name, 0)
                     delay = RESTART_BACKOFF_S[min(n, len(RESTART_BACKOFF_S) - 1)]
                     self.restarts[child.name] = n + 1
@@ -187,8 +220,51 @@ class Supervisor:
                     if self.metrics_dir is not None:
                         metrics.process_dead(self.metrics_dir, proc.pid)
                     next_start[child.name] = now + delay
+            if self.reconcile is not None and now >= self._next_reconcile:
+                self._next_reconcile = now + self.reconcile_interval_s
+                try:
+                    self.reconcile()
+                except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
+                    log.warning("could not look for shards the broker lost: %s", exc)
             time.sleep(0.2)
         return self.shutdown()
+
+    def _enforce_time_limit(self, child: ChildSpec, proc: subprocess.Popen) -> None:
+        """SIGKILL ``proc`` if its task has run past the hard time limit; with
+        ``on_time_limit="fail"``, record the shard FAILED."""
+        task = watchdog.read(self._task_file(child))
+        if task is None or task.pid != proc.pid or time.time() - task.started <= self.time_limit_s:
+            return
+        what = "online requests" if task.job_id is None else f"job {task.job_id} shard {task.shard_index}"
+        log.error("worker %s (pid %d): %s ran past the hard time limit of %.0f s; killing the process",
+                  child.name, proc.pid, what, self.time_limit_s)
+        proc.kill()
+        proc.wait()
+        self.time_limit_kills += 1
+        if task.job_id is not None and task.shard_index is not None and self.on_time_limit == "fail":
+            reason = (f"hard time limit exceeded: the shard ran longer than task_time_limit_s "
+                      f"({self.time_limit_s:.0f} s) and its worker process was killed")
+            self._with_store(lambda store: store.fail_running_shard(task.job_id, task.shard_index, task.owner,
+                                                                    reason), "record the shard as failed")
+
+    def _release_leases(self, child: ChildSpec, pid: int) -> None:
+        """Release the shard leases of ``child``'s dead process ``pid`` and forget its task."""
+        self._task_file(child).unlink(missing_ok=True)
+        self._with_store(lambda store: store.release_leases(f"{child.name}:{pid}"), "release its shard leases")
+
+    def _with_store(self, action, what: str) -> None:
+        """Run ``action(store)``; an unreachable store is logged (the broker's redelivery
+        and the leases' heartbeat check still recover the shard, only later)."""
+        if self.store_url is None:
+            return
+        try:
+            if self._store is None:
+                from ml_framework.store import ResultStore
+
+                self._store = ResultStore(self.store_url, migrate=False)
+            action(self._store)
+        except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
+            log.warning("could not %s in the results store: %s", what, exc)
 
     def shutdown(self) -> int:
         """SIGTERM every child, wait ``grace_s``, then SIGKILL the rest."""
@@ -204,6 +280,11 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         log.info("all workers stopped")
+        for path in self.task_dir.glob("*"):
+            path.unlink(missing_ok=True)
+        self.task_dir.rmdir()
+        if self._store is not None:
+            self._store.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         if self.metrics_dir is not None:

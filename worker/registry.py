@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -11,7 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from ml_framework.errors import ManifestError, MLFrameworkError
-from ml_framework.manifest import ModelManifest, ModelRepository, parse_model_ref
+from ml_framework.manifest import (
+    MANIFEST_FILE,
+    ModelManifest,
+    ModelRepository,
+    check_artifact,
+    parse_model_ref,
+)
 from worker import metrics
 from worker.runtimes import Runtime, runtime_class
 from worker.runtimes.base import to_record
@@ -20,10 +27,56 @@ log = logging.getLogger(__name__)
 
 
 def load_runtime(manifest: ModelManifest, directory: Path, threads: int | None = None) -> Runtime:
-    """Instantiate and load the runtime for ``manifest`` (framework imported lazily)."""
+    """Instantiate and load the runtime for ``manifest`` (framework imported lazily).
+
+    Raises:
+        ManifestError: the artifact is missing or another framework's file (checked
+            before any framework is imported), or the runtime refused the manifest.
+        ModelLoadError: the framework could not load the artifact.
+    """
+    check_artifact(manifest, directory)
     runtime = runtime_class(manifest.framework)(manifest, directory, threads)
     runtime.load()
     return runtime
+
+
+def _shape(dims: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("any" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def check_signature(runtime: Runtime) -> None:
+    """Compare the manifest with what the loaded artifact itself declares
+    (:attr:`Runtime.signature`): per-row input shape, input dtype, output width.
+
+    A mismatch would fail every row, so it is refused at load, before any row runs.
+    Artifacts that declare nothing (TorchScript, SavedModels) pass; the warm-up batch
+    still tries them.
+
+    Raises:
+        ManifestError: naming the manifest file, the field to fix, and both values.
+    """
+    sig, manifest = runtime.signature, runtime.manifest
+    spec = manifest.inputs
+    where = f"{runtime.directory / MANIFEST_FILE}"
+    model = f"the model {manifest.name}/{manifest.version} ({manifest.artifact})"
+    ours = (math.prod(spec.row_shape),) if runtime.flattens_input else spec.row_shape
+    theirs = sig.row_shape
+    if theirs is not None and (len(theirs) != len(ours) or any(t not in (None, o) for t, o in zip(theirs, ours, strict=True))):
+        field = "inputs.shape" if spec.shape else "inputs.columns"
+        raise ManifestError(
+            f"{where}: {field}: the manifest gives the model rows of shape {_shape(ours)} "
+            f"({len(spec.columns)} columns) but {model} takes rows of shape {_shape(theirs)}; "
+            f"fix {field} to match the model"
+        )
+    if sig.dtype is not None and sig.dtype != spec.dtype:
+        raise ManifestError(f"{where}: inputs.dtype: the manifest feeds {spec.dtype} but {model} takes {sig.dtype}")
+    width = manifest.outputs.width
+    if sig.output_width is not None and width is not None and sig.output_width != width:
+        field = "outputs.labels" if manifest.outputs.kind == "classification" else "outputs.size"
+        raise ManifestError(
+            f"{where}: {field}: {model} returns {sig.output_width} values per row but the manifest's "
+            f"{field} expects {width}"
+        )
 
 
 def validate_runtime(runtime: Runtime, sample: np.ndarray | None = None) -> None:
@@ -67,13 +120,22 @@ def warm_up(runtime: Runtime, batch_size: int) -> str | None:
     is split like any other. Zeros are not real data: a model may rightly fail on them
     (``log(x)``, a domain check), so a failure never stops the model from serving.
 
+    An output whose width does not fit the output spec is the model's doing, not the
+    zeros': that is raised.
+
     Returns:
         ``None``, or what went wrong (no row succeeded, or the output does not fit the
         output spec), for the caller to log.
+
+    Raises:
+        ManifestError: the model returns more or fewer values per row than the output
+            spec declares (naming the manifest file and field).
     """
     manifest = runtime.manifest
     x = np.zeros((batch_size, *manifest.inputs.row_shape), dtype=manifest.inputs.dtype)
     run = runtime.run(x, batch_size)
+    if run.contract_error:
+        raise ManifestError(f"{runtime.directory / MANIFEST_FILE}: {run.contract_error}")
     ok = [y for y in run.outputs if y is not None]
     if not ok:
         return (f"a warm-up batch of zeros shaped {x.shape} {x.dtype} (the manifest's input spec) "
@@ -117,6 +179,10 @@ class ModelRegistry:
         """The loaded runtime of ``name``/``version`` (latest when ``None``), loading and
         warming it up on first use.
 
+        A manifest that does not fit its artifact (missing file, other framework, input
+        shape or dtype, output width: :func:`check_signature`, :func:`warm_up`) is refused
+        here, so a shard for it fails as a whole with that error.
+
         Raises:
             ModelNotFoundError, ManifestError, ModelLoadError: see the repository and runtimes.
         """
@@ -130,8 +196,13 @@ class ModelRegistry:
                 return runtime
             started = time.perf_counter()
             runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads)
-            problem = warm_up(runtime, min(manifest.default_batch_size or self.warmup_batch_size, 1024)) \
-                if manifest.runtime.warmup else None
+            try:
+                check_signature(runtime)
+                problem = warm_up(runtime, min(manifest.default_batch_size or self.warmup_batch_size, 1024)) \
+                    if manifest.runtime.warmup else None
+            except BaseException:
+                runtime.unload()  # refused: free its memory now, the cache never held it
+                raise
             if problem:
                 log.warning("model %s/%s: %s; it stays loaded, and rows it fails on get row errors",
                             key[0], key[1], problem)

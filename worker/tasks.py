@@ -28,7 +28,7 @@ from ml_framework.protocol import (
 )
 from ml_framework.settings import get_settings
 from ml_framework.store import ResultStore, RowError, ShardClaim, WorkerInfo
-from worker import metrics
+from worker import metrics, watchdog
 from worker.conversion import to_inputs
 from worker.devices import discover
 from worker.online import score_online
@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 5.0
 RATE_WINDOW_S = 60.0
 STORE_RETRY_BACKOFF_MAX_S = 60
+LEASE_MARGIN_S = 30
+"""A shard's lease lasts ``task_time_limit_s`` plus this: the launcher kills a task at the
+limit, so a live holder never outlasts its lease."""
+BUSY_RECHECK_S = 20
+"""A delivery of a shard that another live process runs is sent back to the queue, to look
+again after this many seconds (the holder's heartbeat goes stale in as long)."""
 # Connection-level failures (server down, SQLite locked): worth retrying. Data errors
 # (a value the column refuses) are not: the shard is recorded as failed instead.
 TRANSIENT_STORE_ERRORS = (OperationalError, InterfaceError, StoreUnavailableError)
@@ -156,7 +162,7 @@ def load_table(msg: ScoreShard) -> pa.Table:
         path = (root / src.path).resolve()
         if not path.is_relative_to(root):
             raise DatasetError(f"dataset path {src.path!r} leaves the data directory {root}")
-        if not path.is_file():
+        if not (path.is_file() or path.is_dir()):
             raise DatasetError(f"dataset {path} not found on worker (data_dir={root})")
         return read_rows(path, src.format, src.row_start, src.row_end, msg.columns)
     table = decode_table(src.data_b64)
@@ -253,13 +259,18 @@ def every_row_failed(msg: ScoreShard, reason: str) -> list[RowError]:
     return [RowError(r, f"row {r}: {reason}") for r in range(msg.source.row_start, msg.source.row_end)]
 
 
-def score_shard(task, **body: object) -> str:
+def score_shard(task, /, **body: object) -> str:
     """Score one shard and record its outputs and row errors in one transaction.
 
     Returns:
         What happened: ``DONE``, ``FAILED`` (whole shard failed, every row has the
-        error), ``ALREADY_DONE`` (redelivery), ``CANCELLED``, ``UNKNOWN_JOB`` or ``REJECTED``
-        (malformed message).
+        error), ``ALREADY_DONE`` (redelivery), ``CANCELLED``, ``UNKNOWN_JOB``, ``GAVE_UP``
+        (a poison shard, see ``max_shard_attempts``) or ``REJECTED`` (malformed message).
+
+    Raises:
+        celery.exceptions.Retry: the shard is running in another live process (the
+            broker redelivered it): the message goes back to the queue for
+            :data:`BUSY_RECHECK_S` seconds.
     """
     try:
         msg = ScoreShard.model_validate(body)
@@ -268,23 +279,49 @@ def score_shard(task, **body: object) -> str:
         return "REJECTED"
     hostname = task.request.hostname or "worker"
     if msg.online:
-        return score_online(task.app, [msg], hostname)
+        return _score_online(task.app, [msg], hostname)
     with task_context(job_id=msg.job_id, shard=msg.shard_index, model=f"{msg.model}/{msg.version}",
                       device=metrics.DEVICE):
-        return _score_bulk_shard(msg, hostname)
+        outcome = _score_bulk_shard(msg, hostname)
+    if outcome is ShardClaim.BUSY:
+        raise task.retry(countdown=BUSY_RECHECK_S)
+    return outcome
 
 
-def _score_bulk_shard(msg: ScoreShard, hostname: str) -> str:
+def _score_online(app: Celery, requests: list[ScoreShard], hostname: str) -> str:
+    watchdog.begin(f"{hostname}:{os.getpid()}")
+    try:
+        return score_online(app, requests, hostname)
+    finally:
+        watchdog.end()
+
+
+def _score_bulk_shard(msg: ScoreShard, hostname: str) -> str | ShardClaim:
     store = get_store()
-    claim = store.claim_shard(msg.job_id, msg.shard_index, hostname, get_settings().max_shard_attempts)
+    settings = get_settings()
+    owner = f"{hostname}:{os.getpid()}"
+    claim = store.claim_shard(msg.job_id, msg.shard_index, hostname, settings.max_shard_attempts,
+                              owner=owner, lease_s=settings.task_time_limit_s + LEASE_MARGIN_S)
     if claim is ShardClaim.GAVE_UP:
         log.error("job %s shard %d: started %d times and its worker died each time; failed as 'worker lost'",
-                  msg.job_id, msg.shard_index, get_settings().max_shard_attempts)
+                  msg.job_id, msg.shard_index, settings.max_shard_attempts)
         shard_failed(msg.model, msg.version, "WorkerLost")
         return claim.value
+    if claim is ShardClaim.BUSY:
+        log.warning("job %s shard %d: redelivered while another live worker process runs it; "
+                    "checking again in %d s", msg.job_id, msg.shard_index, BUSY_RECHECK_S)
+        return claim
     if claim is not ShardClaim.RUN:
         log.info("job %s shard %d: %s, skipped", msg.job_id, msg.shard_index, claim.value)
         return claim.value
+    watchdog.begin(owner, msg.job_id, msg.shard_index)
+    try:
+        return _run_claimed_shard(store, msg, owner)
+    finally:
+        watchdog.end()
+
+
+def _run_claimed_shard(store: ResultStore, msg: ScoreShard, owner: str) -> str:
     queue_wait(msg)
     started = time.perf_counter()
     shard_error = None
@@ -304,7 +341,7 @@ def _score_bulk_shard(msg: ScoreShard, hostname: str) -> str:
     outputs, errors = outcome.outputs, outcome.errors
     try:
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error,
-                                        oom_splits=outcome.oom_splits)
+                                        oom_splits=outcome.oom_splits, owner=owner)
     except TRANSIENT_STORE_ERRORS:
         raise  # the store is unreachable: retried with backoff (see register)
     except Exception as exc:
@@ -312,10 +349,11 @@ def _score_bulk_shard(msg: ScoreShard, hostname: str) -> str:
         shard_error = f"results store refused the shard's rows: {type(exc).__name__}: {exc}"[:2000]
         failure = "StoreRefused"
         outputs, errors = [], every_row_failed(msg, shard_error)
-        recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error)
+        recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error,
+                                        owner=owner)
     if not recorded:
-        log.info("job %s shard %d: already recorded by another delivery; nothing written",
-                 msg.job_id, msg.shard_index)
+        log.info("job %s shard %d: already recorded by another delivery, or its lease passed to another "
+                 "process; nothing written", msg.job_id, msg.shard_index)
         return ShardClaim.ALREADY_DONE.value
     count_rows(msg.model, msg.version, len(outputs), len(errors), outcome.oom_splits)
     if failure is not None:
@@ -328,7 +366,7 @@ def _score_bulk_shard(msg: ScoreShard, hostname: str) -> str:
     return "FAILED" if shard_error else "DONE"
 
 
-def score_online_batch(task, **body: object) -> str:
+def score_online_batch(task, /, **body: object) -> str:
     """Score the online requests of one ``mlf.score_online`` message, with the others
     waiting on the online queue, as one dynamic batch (see :mod:`worker.online`).
 
@@ -340,7 +378,7 @@ def score_online_batch(task, **body: object) -> str:
     except ValidationError as exc:
         log.error("rejecting malformed %s message: %s", SCORE_ONLINE_TASK, exc)
         return "REJECTED"
-    return score_online(task.app, batch.requests, task.request.hostname or "worker")
+    return _score_online(task.app, batch.requests, task.request.hostname or "worker")
 
 
 def register(app: Celery) -> None:

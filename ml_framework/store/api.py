@@ -45,6 +45,9 @@ from ml_framework.store.schema import (
 
 _OPEN_SHARD = (ShardState.PENDING.value, ShardState.RUNNING.value)
 _OPEN_JOB = (JobState.PENDING.value, JobState.RUNNING.value)
+HOLDER_STALE_S = 20.0
+"""A shard's holder whose heartbeat (every 5 s) is older than this is presumed dead, and
+its lease void: four missed beats."""
 _IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's 32,766 bound parameters
 
 
@@ -103,6 +106,7 @@ _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
     "oom_splits) VALUES (:job_id, :shard_index, :row_start, :row_end, 'PENDING', 0, 0, 0, 0, 0)"
 )
+_SET_MESSAGE = text("UPDATE shards SET message = :message WHERE job_id = :job_id AND shard_index = :shard_index")
 _INSERT_RESULT = text(
     "INSERT INTO results (job_id, row_index, shard_index, output) VALUES (:job_id, :row_index, :shard_index, :output)")
 _INSERT_ROW_ERROR = text(
@@ -222,6 +226,9 @@ class ShardClaim(str, enum.Enum):
     ALREADY_DONE = "ALREADY_DONE"
     CANCELLED = "CANCELLED"
     UNKNOWN_JOB = "UNKNOWN_JOB"
+    BUSY = "BUSY"
+    """Another live worker process holds the shard's lease (the broker redelivered a
+    message whose first delivery is still running): do not run it; look again later."""
     GAVE_UP = "GAVE_UP"
     """The shard was started ``max_attempts`` times and never recorded (each time its
     worker died: a poison shard); it is now FAILED, every row with a "worker lost" error."""
@@ -286,6 +293,43 @@ class ResultStore:
                       for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
             if shards:
                 conn.execute(_INSERT_SHARD, shards)
+
+    def set_shard_messages(self, job_id: str, messages: Sequence[tuple[int, str]]) -> None:
+        """Keep the message (JSON text, ``{"queue", "kwargs"}``) of each ``(shard_index,
+        message)`` sent, so that a shard whose message the broker lost can be sent again
+        (:meth:`orphaned_shards`); cleared when the shard is recorded."""
+        if messages:
+            with self.engine.begin() as conn:
+                conn.execute(_SET_MESSAGE, [{"job_id": job_id, "shard_index": i, "message": m} for i, m in messages])
+
+    def orphaned_shards(self, min_age_s: float, limit: int = 1000) -> list[tuple[str, int, str, int]]:
+        """Open bulk shards that no worker holds: PENDING, or RUNNING with an ended lease
+        or a dead holder, of open jobs created more than ``min_age_s`` seconds ago, with a
+        kept message. Call it only when the broker holds no message for the bulk queue
+        (none waiting, none unacknowledged): then their messages were lost.
+
+        Returns:
+            Up to ``limit`` ``(job_id, shard_index, message, job priority)``.
+        """
+        now = _now()
+        with self._read() as conn:
+            rows = conn.execute(
+                select(ShardRow.job_id, ShardRow.shard_index, ShardRow.state, ShardRow.lease_owner,
+                       ShardRow.lease_expires_at, JobRow.priority)
+                .join(JobRow, JobRow.id == ShardRow.job_id)
+                .where(JobRow.state.in_(_OPEN_JOB), ShardRow.state.in_(_OPEN_SHARD), ShardRow.message.is_not(None),
+                       JobRow.created_at < now - timedelta(seconds=min_age_s))
+                .order_by(JobRow.created_at, ShardRow.shard_index).limit(limit)
+            ).all()
+            lost = [r for r in rows if r.state == ShardState.PENDING.value or r.lease_owner is None
+                    or r.lease_expires_at is None or _aware(r.lease_expires_at) <= now
+                    or not _holder_alive(conn, r.lease_owner, now)]
+            out = []
+            for r in lost:
+                message = conn.execute(select(ShardRow.message).where(
+                    ShardRow.job_id == r.job_id, ShardRow.shard_index == r.shard_index)).scalar_one()
+                out.append((r.job_id, r.shard_index, message, r.priority))
+        return out
 
     def job(self, job_id: str) -> JobStatus:
         """Current status of ``job_id``.
@@ -461,16 +505,26 @@ class ResultStore:
         return out
 
     # ------------------------------------------------------------------- worker side
-    def claim_shard(self, job_id: str, shard_index: int, worker: str, max_attempts: int | None = None) -> ShardClaim:
-        """Mark a shard RUNNING (counting the attempt) unless it is finished or cancelled.
+    def claim_shard(self, job_id: str, shard_index: int, worker: str, max_attempts: int | None = None, *,
+                    owner: str | None = None, lease_s: float | None = None) -> ShardClaim:
+        """Mark a shard RUNNING (counting the attempt) unless it is finished, cancelled, or
+        held by another live worker process.
 
         Every call counts one delivery of the shard's message, whatever the outcome.
 
         Args:
+            worker: the claiming worker's node name (shown in ``mlf status``).
             max_attempts: a shard already started this many times without being recorded
                 (its workers died: SIGKILL, out of memory, a crash in native code) is not
                 run again: it is recorded FAILED, every row with a "worker lost" error,
                 and :attr:`ShardClaim.GAVE_UP` is returned. ``None``: no bound.
+            owner: ``hostname:pid`` of the claiming process. With ``lease_s``, the claim
+                takes a lease on the shard for ``lease_s`` seconds: while it lasts and the
+                holder's heartbeat (same hostname and pid) is younger than
+                :data:`HOLDER_STALE_S`, other deliveries get :attr:`ShardClaim.BUSY`, and
+                only the holder may record the shard (:meth:`complete_shard`).
+            lease_s: the lease's length, seconds: the longest a shard may run (the hard
+                time limit) plus a margin.
         """
         now = _now()
         with self.engine.begin() as conn:
@@ -489,23 +543,30 @@ class ResultStore:
                     .values(state=ShardState.CANCELLED.value)
                 )
                 return ShardClaim.CANCELLED
-            if max_attempts is not None:
-                shard = conn.execute(
-                    select(ShardRow.state, ShardRow.attempts, ShardRow.row_start, ShardRow.row_end)
-                    .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index)
-                ).one_or_none()
-                if shard is not None and shard.state in _OPEN_SHARD and shard.attempts >= max_attempts:
-                    reason = (f"worker lost: the shard was started {shard.attempts} times and its worker died "
-                              f"each time before recording it (max_attempts {max_attempts})")
-                    errors = [RowError(i, f"row {i}: {reason}") for i in range(shard.row_start, shard.row_end)]
-                    _record(conn, ShardOutcomeRecord(job_id, shard_index, [], errors, shard_error=reason), now)
-                    return ShardClaim.GAVE_UP
+            shard = conn.execute(
+                select(ShardRow.state, ShardRow.attempts, ShardRow.row_start, ShardRow.row_end,
+                       ShardRow.lease_owner, ShardRow.lease_expires_at)
+                .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index)
+            ).one_or_none()
+            if shard is None or shard.state not in _OPEN_SHARD:
+                return ShardClaim.ALREADY_DONE
+            if (shard.state == ShardState.RUNNING.value and shard.lease_owner and shard.lease_owner != owner
+                    and shard.lease_expires_at is not None and _aware(shard.lease_expires_at) > now
+                    and _holder_alive(conn, shard.lease_owner, now)):
+                return ShardClaim.BUSY
+            if max_attempts is not None and shard.attempts >= max_attempts:
+                reason = (f"worker lost: the shard was started {shard.attempts} times and its worker died "
+                          f"each time before recording it (max_attempts {max_attempts})")
+                errors = [RowError(i, f"row {i}: {reason}") for i in range(shard.row_start, shard.row_end)]
+                _record(conn, ShardOutcomeRecord(job_id, shard_index, [], errors, shard_error=reason), now)
+                return ShardClaim.GAVE_UP
             claimed = conn.execute(
                 update(ShardRow)
                 .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
                        ShardRow.state.in_(_OPEN_SHARD))
                 .values(state=ShardState.RUNNING.value, attempts=ShardRow.attempts + 1,
-                        worker=worker, started_at=now)
+                        worker=worker, started_at=now, lease_owner=owner,
+                        lease_expires_at=None if lease_s is None else now + timedelta(seconds=lease_s))
             ).rowcount
             if not claimed:
                 return ShardClaim.ALREADY_DONE
@@ -514,6 +575,39 @@ class ResultStore:
                 .values(state=JobState.RUNNING.value, started_at=now)
             )
         return ShardClaim.RUN
+
+    def release_leases(self, owner: str) -> int:
+        """End every lease ``owner`` (``hostname:pid``) holds, so that the next delivery of
+        its shards runs them at once: called by the launcher when a worker process dies.
+
+        Returns:
+            The number of running shards released.
+        """
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(ShardRow)
+                .where(ShardRow.lease_owner == owner, ShardRow.state == ShardState.RUNNING.value)
+                .values(lease_expires_at=_now())
+            ).rowcount
+
+    def fail_running_shard(self, job_id: str, shard_index: int, owner: str, reason: str) -> bool:
+        """Record a shard that ``owner`` was running as FAILED, every row with ``reason``:
+        the launcher's answer to a shard that ran past the hard time limit.
+
+        Returns:
+            True if recorded; False if the shard was no longer open or held by ``owner``.
+        """
+        with self.engine.begin() as conn:
+            shard = conn.execute(
+                select(ShardRow.row_start, ShardRow.row_end)
+                .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
+                       ShardRow.state == ShardState.RUNNING.value, ShardRow.lease_owner == owner)
+            ).one_or_none()
+            if shard is None:
+                return False
+            errors = [RowError(i, f"row {i}: {reason}") for i in range(shard.row_start, shard.row_end)]
+            return _record(conn, ShardOutcomeRecord(job_id, shard_index, [], errors, shard_error=reason),
+                           _now(), owner=owner)
 
     def complete_shard(
         self,
@@ -525,6 +619,7 @@ class ResultStore:
         shard_error: str | None = None,
         oom_splits: int = 0,
         batch_rows: int | None = None,
+        owner: str | None = None,
     ) -> bool:
         """Record a shard's outputs and row errors in one transaction.
 
@@ -537,14 +632,17 @@ class ResultStore:
                 to the job's count.
             batch_rows: rows of the gathered forward pass that scored this shard (online
                 requests batched together); ``None`` for bulk shards.
+            owner: the ``hostname:pid`` that claimed the shard: the rows are written only
+                while the shard's lease is still this owner's (another process that took
+                the shard over after the lease ended records it instead).
 
         Returns:
             True if this call recorded the shard; False if it was already recorded (a
-            redelivery) and nothing was written.
+            redelivery) or its lease passed to another process, and nothing was written.
         """
         with self.engine.begin() as conn:
             return _record(conn, ShardOutcomeRecord(job_id, shard_index, list(outputs), list(errors), shard_error,
-                                                    oom_splits, batch_rows), _now())
+                                                    oom_splits, batch_rows), _now(), owner=owner)
 
     def record_online(self, records: Sequence[ShardOutcomeRecord], worker: str) -> list[bool]:
         """Record several online requests' shards in one transaction, without a separate
@@ -635,22 +733,33 @@ class ShardOutcomeRecord:
     batch_rows: int | None = None
 
 
-def _record(conn, r: ShardOutcomeRecord, now: datetime) -> bool:
-    """Flip a claimed shard to DONE / FAILED if still open, then insert its rows and update
-    its job, on ``conn`` (inside the caller's transaction). False if the shard was not open."""
+def _record(conn, r: ShardOutcomeRecord, now: datetime, owner: str | None = None) -> bool:
+    """Flip a claimed shard to DONE / FAILED if still open (and, with ``owner``, still
+    leased to it), then insert its rows and update its job, on ``conn`` (inside the
+    caller's transaction). False if the shard was not open or not ``owner``'s."""
     state = ShardState.FAILED if r.shard_error else ShardState.DONE
     values = {"state": state.value, "finished_at": now, "rows_ok": len(r.outputs), "rows_failed": len(r.errors),
-              "error": r.shard_error, "oom_splits": r.oom_splits, "batch_rows": r.batch_rows}
-    flipped = conn.execute(
-        update(ShardRow)
-        .where(ShardRow.job_id == r.job_id, ShardRow.shard_index == r.shard_index, ShardRow.state.in_(_OPEN_SHARD))
-        .values(**values)
-    ).rowcount
+              "error": r.shard_error, "oom_splits": r.oom_splits, "batch_rows": r.batch_rows,
+              "lease_expires_at": None, "message": None}
+    where = [ShardRow.job_id == r.job_id, ShardRow.shard_index == r.shard_index, ShardRow.state.in_(_OPEN_SHARD)]
+    if owner is not None:
+        where.append(ShardRow.lease_owner == owner)
+    flipped = conn.execute(update(ShardRow).where(*where).values(**values)).rowcount
     if not flipped:
         return False
     _insert_rows(conn, [r])
     _bump_jobs(conn, [r.job_id], 1, len(r.outputs), len(r.errors), r.oom_splits, now)
     return True
+
+
+def _holder_alive(conn, owner: str, now: datetime) -> bool:
+    """Whether the process ``owner`` (``hostname:pid``) has beaten within
+    :data:`HOLDER_STALE_S` seconds (a restarted process under the same node name has
+    another pid, so its predecessor counts as dead)."""
+    hostname, _, pid = owner.rpartition(":")
+    row = conn.execute(select(WorkerRow.pid, WorkerRow.last_seen_at).where(WorkerRow.hostname == hostname)).one_or_none()
+    return (row is not None and str(row.pid) == pid
+            and _aware(row.last_seen_at) >= now - timedelta(seconds=HOLDER_STALE_S))
 
 
 def _chunks(items: list) -> Iterator[list]:

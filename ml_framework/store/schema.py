@@ -86,6 +86,12 @@ class ShardRow(Base):
     oom_splits: Mapped[int] = mapped_column(Integer, default=0)
     batch_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """``hostname:pid`` of the worker process that holds the running shard; only it may
+    record the shard while the lease lasts."""
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The bulk shard's message body (JSON), to send again should the broker lose it."""
 
 
 class ResultRow(Base):

@@ -1,6 +1,8 @@
 """Bulk scoring end to end through a real broker, real worker processes and a real database.
 
-Every test runs on both backends (embedded SQLite and Redis + PostgreSQL).
+Every test runs on three backends: embedded SQLite, Redis + PostgreSQL, and RabbitMQ +
+PostgreSQL (operators who outgrow one Redis move to RabbitMQ; the same code must work
+there).
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, ScoreShard
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client
+from tests.conftest import shared_backend
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="session", params=["embedded", "redis-postgres", "rabbitmq-postgres"])
+def backend(request):
+    """This module's backends: the session's two, and RabbitMQ."""
+    return shared_backend(request)
 
 
 def own_probabilities(framework: str, model, x: np.ndarray) -> np.ndarray:

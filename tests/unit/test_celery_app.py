@@ -24,3 +24,18 @@ def test_visibility_timeout_reaches_both_transports(tmp_path):
     embedded = create_app(load_settings(var_dir=tmp_path, broker_visibility_timeout_s=9000))
     assert embedded.conf.broker_url.startswith("mlfsqla+sqlite:///")
     assert embedded.conf.broker_transport_options["visibility_timeout"] == 9000
+
+
+def test_quorum_queues_drop_priorities_and_global_qos():
+    """RabbitMQ quorum queues take no x-max-priority (RabbitMQ 3.x) and no global QoS: with
+    broker_queue_type quorum the queues Celery declares are quorum queues without them."""
+    settings = load_settings(broker_url="amqp://guest:guest@127.0.0.1:5672//", broker_queue_type="quorum")
+    app = create_app(settings)
+    assert app.conf.worker_detect_quorum_queues and app.conf.task_queue_max_priority is None
+    app.amqp.queues.select([settings.online_queue, settings.bulk_queue])  # as `-Q online,bulk` does
+    for queue in (settings.bulk_queue, settings.online_queue):
+        assert app.amqp.queues[queue].queue_arguments == {"x-queue-type": "quorum"}
+    classic = create_app(load_settings(broker_url="amqp://guest:guest@127.0.0.1:5672//"))
+    classic.amqp.queues.select([settings.online_queue, settings.bulk_queue])
+    for queue in (settings.bulk_queue, settings.online_queue):
+        assert classic.amqp.queues[queue].queue_arguments in (None, {"x-max-priority": 9})

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
@@ -391,3 +392,48 @@ def test_without_a_bound_a_shard_is_claimed_again(store):
     job = new_job(store)
     for _ in range(5):
         assert store.claim_shard(job, 0, "w") is ShardClaim.RUN
+
+
+def test_a_live_lease_turns_a_second_delivery_away_and_guards_the_write(store):
+    """Fault 3 at the store: while the holder (w1, pid 11) beats, another process's claim
+    gets BUSY; once the holder is gone (another pid beats under its name, or its lease is
+    released), the claim passes, and the old holder can no longer record the shard."""
+    from ml_framework.store import WorkerInfo
+
+    job = new_job(store, ranges=((0, 2),))
+    store.heartbeat(WorkerInfo(hostname="w1", pid=11, started_at=datetime.now(UTC)))
+    assert store.claim_shard(job, 0, "w1", owner="w1:11", lease_s=60) is ShardClaim.RUN
+    assert store.claim_shard(job, 0, "w2", owner="w2:22", lease_s=60) is ShardClaim.BUSY
+    store.heartbeat(WorkerInfo(hostname="w1", pid=12, started_at=datetime.now(UTC)))  # w1 restarted
+    assert store.claim_shard(job, 0, "w2", owner="w2:22", lease_s=60) is ShardClaim.RUN
+    assert not store.complete_shard(job, 0, [(0, {"y": 1}), (1, {"y": 2})], [], owner="w1:11")
+    assert store.shards(job)[0]["state"] == "RUNNING" and store.results(job).empty
+    assert store.complete_shard(job, 0, [(0, {"y": 3}), (1, {"y": 4})], [], owner="w2:22")
+    shard = store.shards(job)[0]
+    assert (shard["state"], shard["attempts"], shard["deliveries"], shard["lease_expires_at"]) == ("DONE", 2, 3, None)
+    assert store.job(job).state is JobState.SUCCEEDED
+
+
+def test_released_leases_and_the_time_limit_failure(store):
+    """The launcher's two calls: releasing a dead process's leases lets the next delivery
+    run the shard at once; failing a shard it killed at the time limit records every row
+    with the reason, only while that process still holds it."""
+    from ml_framework.store import WorkerInfo
+
+    job = new_job(store)
+    store.heartbeat(WorkerInfo(hostname="w1", pid=11, started_at=datetime.now(UTC)))
+    for shard in (0, 1):
+        assert store.claim_shard(job, shard, "w1", owner="w1:11", lease_s=60) is ShardClaim.RUN
+    assert store.release_leases("w1:11") == 2
+    assert store.claim_shard(job, 0, "w2", owner="w2:22", lease_s=60) is ShardClaim.RUN
+    assert not store.fail_running_shard(job, 0, "w1:11", "hard time limit exceeded")  # w2 holds it now
+    assert store.fail_running_shard(job, 1, "w1:11", "hard time limit exceeded")
+    assert store.shards(job)[1]["state"] == "FAILED"
+    assert store.complete_shard(job, 0, [(0, {"y": 1}), (1, {"y": 2})], [], owner="w2:22")
+    status = store.job(job)
+    assert (status.state, status.rows_ok, status.rows_failed) == (JobState.PARTIAL, 2, 2)
+    assert results_frame_errors(store, job) == ["row 2: hard time limit exceeded", "row 3: hard time limit exceeded"]
+
+
+def results_frame_errors(store: ResultStore, job: str) -> list[str]:
+    return store.results(job)["error"].dropna().tolist()

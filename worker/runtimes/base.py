@@ -37,12 +37,33 @@ class BatchRun:
         errors: per row, ``None`` or why it failed.
         batches: forward passes that succeeded.
         oom_splits: batches split in halves because the device (or host) ran out of memory.
+        contract_error: set when a batch broke the output spec in a way no split can
+            fix (values per row): the message, naming the model and the counts.
     """
 
     outputs: list[np.ndarray | None]
     errors: list[str | None]
     batches: int = 0
     oom_splits: int = 0
+    contract_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a loaded artifact itself declares about its input and output, where its
+    format records it (``torch.export`` programs, Keras models, scikit-learn's
+    ``n_features_in_``); ``None`` where it does not say.
+
+    Attributes:
+        row_shape: per-row input shape, batch dimension excluded; ``None`` entries are
+            dimensions of any size.
+        dtype: NumPy dtype name of the input.
+        output_width: values per output row.
+    """
+
+    row_shape: tuple[int | None, ...] | None = None
+    dtype: str | None = None
+    output_width: int | None = None
 
 
 class Runtime(ABC):
@@ -57,11 +78,19 @@ class Runtime(ABC):
     """
 
     framework: ClassVar[str]
+    flattens_input: ClassVar[bool] = False
+    """The runtime reshapes rows to ``(N, prod(row_shape))`` before the model sees them."""
 
     def __init__(self, manifest: ModelManifest, directory: Path, threads: int | None = None) -> None:
         self.manifest = manifest
         self.directory = Path(directory)
         self.threads = threads
+        self.signature = Signature()  # what the artifact declares; set by load where known
+
+    @property
+    def label(self) -> str:
+        """``name/version`` of the model, for messages."""
+        return f"{self.manifest.name}/{self.manifest.version}"
 
     @property
     def artifact_path(self) -> Path:
@@ -107,7 +136,9 @@ class Runtime(ABC):
         the rows that really fail get an error. When the error is out-of-memory, the
         framework's cache is emptied first and the split is counted; the next batch starts
         again at ``batch_size``, since an out-of-memory error is often transient (another
-        process's allocations, fragmentation).
+        process's allocations, fragmentation). A batch whose outputs have the wrong
+        number of values per row for the output spec fails as a whole, unsplit (the
+        model is at fault, not a row), and sets :attr:`BatchRun.contract_error`.
 
         Args:
             x: ``(N, *row_shape)`` input of the manifest's dtype.
@@ -129,12 +160,22 @@ class Runtime(ABC):
             y = np.asarray(self.predict_batch(x[a:b]))
             if y.ndim == 0 or y.shape[0] != b - a:
                 raise BatchContractError(
-                    f"model returned {y.shape[0] if y.ndim else 'a scalar'} outputs for {b - a} inputs"
+                    f"model {self.label} returned {y.shape[0] if y.ndim else 'a scalar'} outputs for {b - a} inputs"
                 )
         except Exception as exc:  # noqa: BLE001 - any model failure is isolated per row
             failure = (f"{type(exc).__name__}: {_first_line(exc)}", self.is_out_of_memory(exc))
         # Retry only after leaving the except block: until then the exception's traceback
         # keeps the failed forward pass's frames, and so its activations, alive.
+        if failure is None and (problem := self._width_problem(y)):
+            # The model, not the rows, breaks the spec: halving cannot help, so the whole
+            # batch fails together (as Ray Serve and pytriton fail a batch that breaks
+            # the batch contract).
+            if result.contract_error is None:
+                log.error("%s; every row of the batch fails", problem)
+            result.contract_error = problem
+            for i in range(a, b):
+                result.errors[i] = problem
+            return
         if failure is None:
             labels = metrics.model_labels(self.manifest.name, self.manifest.version)
             metrics.BATCHES.labels(**labels).inc()
@@ -162,6 +203,18 @@ class Runtime(ABC):
         self._run_span(x, mid, b, result)
 
 
+    def _width_problem(self, y: np.ndarray) -> str | None:
+        """Why ``(n, ...)`` outputs ``y`` do not have the values per row the output spec
+        declares, or ``None`` when they do (or the spec declares no width)."""
+        spec = self.manifest.outputs
+        width, got = spec.width, int(np.prod(y.shape[1:], dtype=np.int64))
+        if width is None or got == width:
+            return None
+        field = "outputs.labels" if spec.kind == "classification" else "outputs.size"
+        return (f"model {self.label} returned {got} values per row for a batch of {len(y)} rows, "
+                f"its manifest's {field} expects {width}")
+
+
 def _first_line(exc: BaseException) -> str:
     """The most telling line of an exception's message (TorchScript wraps the original
     error in a traceback whose last line is the error itself)."""
@@ -185,7 +238,8 @@ def to_record(raw: np.ndarray, spec: OutputSpec) -> dict[str, Any]:
     """
     vec = np.asarray(raw, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(vec)):
-        raise BatchContractError("model returned a non-finite output (NaN or infinity)")
+        what = " and ".join(w for w, bad in (("NaN", np.isnan(vec).any()), ("infinity", np.isinf(vec).any())) if bad)
+        raise BatchContractError(f"model returned a non-finite output ({what})")
     width = spec.width
     if width is not None and vec.size != width:
         raise BatchContractError(f"model returned {vec.size} values per row, manifest expects {width}")

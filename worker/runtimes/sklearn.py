@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ml_framework.errors import ManifestError, ModelLoadError
-from worker.runtimes.base import Runtime
+from ml_framework.manifest import MANIFEST_FILE
+from worker.runtimes.base import Runtime, Signature
 
 
 class SklearnRuntime(Runtime):
@@ -17,6 +18,7 @@ class SklearnRuntime(Runtime):
     """
 
     framework = "sklearn"
+    flattens_input = True
 
     def load(self) -> None:
         """Load the skops file, refusing any type not in the manifest's ``trusted_types``.
@@ -57,8 +59,12 @@ class SklearnRuntime(Runtime):
             classes = [c.item() if hasattr(c, "item") else c for c in self.model.classes_]
             if [str(c) for c in classes] != [str(c) for c in spec.labels]:
                 raise ManifestError(
-                    f"{path}: classifier classes {classes} differ from manifest labels {spec.labels}"
+                    f"{self.directory / MANIFEST_FILE}: outputs.labels: classifier classes {classes} "
+                    f"({len(classes)}) of {path.name} differ from manifest labels {spec.labels} ({len(spec.labels)})"
                 )
+        n_features = getattr(self.model, "n_features_in_", None)
+        self.signature = Signature(row_shape=(int(n_features),) if n_features is not None else None,
+                                   output_width=len(classes) if self._proba else None)
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
         """``(N, *row_shape)`` -> ``(N, K)`` probabilities or ``(N,)`` / ``(N, D)`` predictions."""

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from ml_framework.errors import ModelLoadError
-from worker.runtimes.base import Runtime
+from worker.runtimes.base import Runtime, Signature
 
 
 class TensorFlowRuntime(Runtime):
@@ -54,6 +54,7 @@ class TensorFlowRuntime(Runtime):
                 import keras
 
                 self.model = keras.models.load_model(path, compile=False, safe_mode=True)
+                self.signature = keras_signature(self.model)
                 if self.manifest.runtime.jit_compile:
                     model = self.model
                     self._fn = tf.function(lambda x: model(x, training=False), jit_compile=True)
@@ -84,3 +85,18 @@ class TensorFlowRuntime(Runtime):
         self._signature = None
         super().unload()
         gc.collect()
+
+
+def keras_signature(model) -> Signature:
+    """The per-row input shape and output width a Keras model with one input and one
+    output declares (``None`` dimensions are any size). The dtype is left out: Keras
+    casts inputs to its layers' dtype."""
+    try:
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            return Signature()
+        row_shape = tuple(None if d is None else int(d) for d in model.inputs[0].shape[1:])
+        out = model.outputs[0].shape[1:]
+    except (AttributeError, TypeError, ValueError):  # subclassed models may not know their shapes
+        return Signature()
+    width = int(np.prod(out, dtype=np.int64)) if all(d is not None for d in out) else None
+    return Signature(row_shape=row_shape, output_width=width)

@@ -8,7 +8,7 @@ import gc
 import numpy as np
 
 from ml_framework.errors import ModelLoadError
-from worker.runtimes.base import Runtime
+from worker.runtimes.base import Runtime, Signature
 
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -80,7 +80,9 @@ class TorchRuntime(Runtime):
         path = self.artifact_path
         try:
             if path.suffix == ".pt2":
-                self.model = torch.export.load(str(path)).module()
+                program = torch.export.load(str(path))
+                self.signature = program_signature(program)
+                self.model = program.module()
             else:
                 self.model = torch.jit.load(str(path), map_location=self.device)
                 self.model.eval()
@@ -121,3 +123,29 @@ class TorchRuntime(Runtime):
         """Drop the model and the staging buffer, then empty the CUDA cache."""
         self.staging.buffer = None
         super().unload()
+
+
+def program_signature(program) -> Signature:
+    """What a ``torch.export`` program records of its one tensor input and output: the
+    per-row shapes (a symbolic dimension, such as the exported dynamic batch, is any
+    size) and the input dtype. Programs with several inputs or outputs declare nothing."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    outputs = [s for s in program.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    if len(inputs) != 1:
+        return Signature()
+    nodes = {n.name: n for n in program.graph.nodes}
+    value = getattr(nodes.get(inputs[0]), "meta", {}).get("val")
+    if value is None or not hasattr(value, "shape") or len(value.shape) < 1:
+        return Signature()
+    row_shape = tuple(d if isinstance(d, int) else None for d in value.shape[1:])
+    dtype = str(value.dtype).removeprefix("torch.")
+    width = None
+    out_node = next((n for n in program.graph.nodes if n.op == "output"), None)
+    if len(outputs) == 1 and out_node is not None and len(out_node.args[0]) == 1:
+        out = getattr(out_node.args[0][0], "meta", {}).get("val")
+        dims = list(getattr(out, "shape", [])[1:]) if out is not None else None
+        if dims is not None and all(isinstance(d, int) for d in dims):
+            width = int(np.prod(dims, dtype=np.int64))
+    return Signature(row_shape=row_shape, dtype=dtype, output_width=width)

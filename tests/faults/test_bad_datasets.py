@@ -1,0 +1,531 @@
+"""Bad dataset files: each is refused at submit with an error naming the file (and the
+column or line), or fails only its own rows at score time with an error naming the row and
+field, while the other rows of the job score.
+
+Submit time goes through ``Client.score_dataset`` (embedded broker, no worker). Score time
+goes through the worker's path: the producer's shard plan, ``load_table`` and
+``score_table`` with a real scikit-learn model.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ml_framework.datasets import inspect, iter_shards, read_rows, shard_ranges
+from ml_framework.errors import DatasetError, DatasetFormatError, DatasetSchemaError
+from ml_framework.manifest import InputSpec, Preprocessing
+from ml_framework.protocol import DatasetRef, InlineRows, ScoreShard
+from ml_framework.settings import load_settings
+from producer.client import Client
+from producer.datasets import plan_sources, resolve_columns
+from worker import tasks
+from worker.conversion import to_inputs
+
+COLUMNS = ["a", "b"]
+SHARD_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """A model repository holding ``lr``: a logistic regression over columns a and b."""
+    from sklearn.linear_model import LogisticRegression
+
+    from worker.export import export_sklearn
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2))
+    models = tmp_path_factory.mktemp("models")
+    export_sklearn(LogisticRegression().fit(x, (x.sum(axis=1) > 0).astype(int)), models, "lr",
+                   inputs={"columns": COLUMNS})
+    return models
+
+
+@pytest.fixture(scope="module")
+def runtime(models_dir):
+    """The loaded ``lr`` model, as a worker process holds it."""
+    from worker.registry import ModelRegistry
+
+    return ModelRegistry(models_dir, threads=1, max_models=1, warmup_batch_size=4).get("lr")
+
+
+@pytest.fixture()
+def data_dir(tmp_path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture()
+def job_settings(tmp_path, models_dir, data_dir, monkeypatch):
+    """Settings of the client and of ``load_table`` (the worker reads them process-wide)."""
+    s = load_settings(models_dir=models_dir, data_dir=data_dir, var_dir=tmp_path / "var",
+                      shard_size=SHARD_SIZE, bulk_queue=f"mlf.faults.{uuid.uuid4().hex[:8]}")
+    monkeypatch.setattr(tasks, "get_settings", lambda: s)
+    return s
+
+
+@pytest.fixture()
+def client(job_settings) -> Iterator[Client]:
+    with Client(job_settings) as c:
+        yield c
+
+
+def refused(client: Client, path: Path, error: type[Exception], match: str) -> str:
+    """Submit ``path``; check it is refused with ``error`` naming the file and that no job was recorded."""
+    with pytest.raises(error, match=match) as caught:
+        client.score_dataset(path, model="lr")
+    assert str(path.name) in str(caught.value)
+    assert sum(client.store.job_counts().values()) == 0
+    return str(caught.value)
+
+
+def score(settings, runtime, path: Path) -> tuple[dict[int, dict], dict[int, tuple[str | None, str]]]:
+    """Plan ``path`` as ``score_dataset`` does and score every shard as a worker does.
+
+    Returns:
+        ``(outputs, errors)``: result record by row, and ``(field, message)`` by failed row;
+        together they cover every row exactly once.
+    """
+    info = inspect(path)
+    columns = resolve_columns(info, runtime.manifest, None)
+    ranges = shard_ranges(info.n_rows, settings.shard_size)
+    outputs: dict[int, dict] = {}
+    errors: dict[int, tuple[str | None, str]] = {}
+    for index, source in enumerate(plan_sources(info, ranges, columns, settings.data_dir)):
+        msg = ScoreShard(job_id="j", shard_index=index, model="lr", version=1, batch_size=3,
+                         columns=columns, source=source)
+        outcome = tasks.score_table(runtime, tasks.load_table(msg), columns, source.row_start, 3)
+        outputs.update(outcome.outputs)
+        errors.update({e.row_index: (e.field, e.message) for e in outcome.errors})
+    assert sorted([*outputs, *errors]) == list(range(info.n_rows))
+    return outputs, errors
+
+
+def write_csv(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+GOOD_ROWS = "".join(f"{i / 10},{-i / 20}\n" for i in range(10))
+
+
+# --- empty, header only, delimiter, encoding -------------------------------------------------
+
+
+def test_empty_file_is_refused_naming_it(client, data_dir):
+    """A 0-byte CSV (or blank lines only) is refused at submit: 'empty file'."""
+    refused(client, write_csv(data_dir / "empty.csv", b""), DatasetFormatError, "empty.csv: empty file")
+    refused(client, write_csv(data_dir / "blank.csv", b"\n\n"), DatasetFormatError, "blank.csv: empty file")
+
+
+@pytest.mark.parametrize("text", ["a,b\n", "a,b", "a,b\r\n\n"])
+def test_header_only_is_refused_as_no_rows(client, data_dir, text):
+    """A header without rows (with or without a line end) is refused at submit: 'no data rows'
+    (regression: a header without a line end failed with pyarrow's 'cannot infer number of columns')."""
+    refused(client, write_csv(data_dir / "header.csv", text), DatasetError, "header.csv: no data rows")
+
+
+@pytest.mark.parametrize(("sep", "name"), [(";", "semicolon"), ("\t", "tab"), ("|", "pipe")])
+def test_wrong_delimiter_names_missing_columns_and_the_delimiter(client, data_dir, sep, name):
+    """A CSV separated by something else than commas: missing columns named, delimiter hinted."""
+    path = write_csv(data_dir / "semi.csv", f"a{sep}b\n1{sep}2\n3{sep}4\n")
+    message = refused(client, path, DatasetSchemaError, r"missing column\(s\) 'a', 'b'")
+    assert f"{name}-separated" in message and "comma-separated" in message
+
+
+def test_utf8_byte_order_mark_is_skipped(job_settings, runtime, data_dir):
+    """A UTF-8 BOM before the header does not rename the first column: every row scores."""
+    path = write_csv(data_dir / "bom.csv", b"\xef\xbb\xbf" + f"a,b\n{GOOD_ROWS}".encode())
+    assert inspect(path).columns == COLUMNS
+    outputs, errors = score(job_settings, runtime, path)
+    assert len(outputs) == 10 and errors == {}
+
+
+def test_utf16_file_is_refused_naming_the_encoding(client, data_dir):
+    """A UTF-16 file (Excel's 'Unicode text') is refused at submit, saying to save it as UTF-8."""
+    path = write_csv(data_dir / "wide.csv", f"a,b\n{GOOD_ROWS}".encode("utf-16"))
+    refused(client, path, DatasetFormatError, "wide.csv: the file is UTF-16.*save it as UTF-8")
+
+
+def test_non_utf8_header_is_refused_naming_the_file(client, data_dir):
+    """A Latin-1 header is refused at submit naming the file and line 1
+    (regression: a raw UnicodeDecodeError)."""
+    path = write_csv(data_dir / "latin1.csv", b"a,b,caf\xe9\n1,2,3\n")
+    refused(client, path, DatasetFormatError, r"latin1.csv: the header \(line 1\) is not valid UTF-8")
+
+
+def test_non_utf8_cell_fails_only_its_row(job_settings, runtime, data_dir):
+    """A Latin-1 cell fails its row naming row and field; the other rows score."""
+    path = write_csv(data_dir / "cell.csv", b"a,b\n1,2\n3,\xe94\n5,6\n")
+    outputs, errors = score(job_settings, runtime, path)
+    assert sorted(outputs) == [0, 2]
+    assert errors[1][0] == "b" and "row 1, field 'b': not valid UTF-8" in errors[1][1]
+
+
+# --- columns ----------------------------------------------------------------------------------
+
+
+def test_missing_column_is_refused_naming_it(client, data_dir):
+    """A dataset without a column the model reads is refused at submit, naming the column."""
+    message = refused(client, write_csv(data_dir / "only_a.csv", "a,c\n1,2\n"), DatasetSchemaError,
+                      r"only_a.csv: missing column\(s\) 'b'")
+    assert "file has: a, c" in message
+
+
+def test_extra_columns_are_ignored(job_settings, runtime, data_dir):
+    """Columns the model does not read are neither read nor checked: text there harms no row."""
+    rows = "".join(f"note {i},{i / 10},{-i / 20},not a number\n" for i in range(10))
+    path = write_csv(data_dir / "extra.csv", f"note,a,b,junk\n{rows}")
+    info = inspect(path)
+    table = tasks.load_table(ScoreShard(job_id="j", shard_index=0, model="lr", version=1, batch_size=3,
+                                        columns=COLUMNS, source=DatasetRef(path="extra.csv", format="csv",
+                                                                           row_start=0, row_end=10)))
+    assert info.columns == ["note", "a", "b", "junk"] and table.column_names == COLUMNS
+    outputs, errors = score(job_settings, runtime, path)
+    assert len(outputs) == 10 and errors == {}
+
+
+def test_duplicate_column_names_are_refused(client, data_dir):
+    """A CSV header or a Parquet schema naming a column twice is refused at submit, naming it."""
+    refused(client, write_csv(data_dir / "dup.csv", "a,b,a\n1,2,3\n"), DatasetFormatError,
+            r"dup.csv: duplicate column name\(s\) \['a'\]")
+    path = data_dir / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array([1.0]), pa.array([2.0]), pa.array([3.0])],
+                                        names=["a", "b", "b"]), path)
+    refused(client, path, DatasetFormatError, r"dup.parquet: duplicate column name\(s\) \['b'\]")
+
+
+# --- cell values ------------------------------------------------------------------------------
+
+
+def test_non_numeric_values_fail_only_their_rows(job_settings, runtime, data_dir):
+    """Text in numeric columns fails those rows naming row and field; every other row scores."""
+    path = write_csv(data_dir / "text.csv", "a,b\n1,2\nabc,3\n4,5\n6,1.2.3\n7,8\n8,9\n")
+    outputs, errors = score(job_settings, runtime, path)
+    assert sorted(outputs) == [0, 2, 4, 5]
+    assert errors == {1: ("a", "row 1, field 'a': 'abc' is not a number"),
+                      3: ("b", "row 3, field 'b': '1.2.3' is not a number")}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_nan_and_infinity_fail_their_rows_naming_the_field(job_settings, runtime, data_dir, fmt):
+    """NaN, empty and infinite cells fail their rows (the manifest does not allow missing
+    values), each naming row and field; the other rows score."""
+    a = [1.0, float("nan"), 2.0, float("inf"), 3.0, None, float("-inf"), 4.0]
+    path = data_dir / f"nan.{fmt}"
+    frame = pd.DataFrame({"a": a, "b": [0.5] * len(a)})
+    if fmt == "csv":  # spelled as people write them
+        cells = ["1", "NaN", "2", "inf", "3", "", "-Infinity", "4"]
+        write_csv(path, "a,b\n" + "".join(f"{c},0.5\n" for c in cells))
+    else:
+        frame.to_parquet(path)
+    outputs, errors = score(job_settings, runtime, path)
+    assert sorted(outputs) == [0, 2, 4, 7]
+    assert {r: f for r, (f, _) in errors.items()} == {1: "a", 3: "a", 5: "a", 6: "a"}
+    assert "missing value" in errors[1][1] and "missing value" in errors[5][1]
+    assert "is not finite" in errors[3][1] and "is not finite" in errors[6][1]
+    assert all(m.startswith(f"row {r}, field 'a'") for r, (_, m) in errors.items())
+
+
+def test_nan_text_is_a_missing_value_where_the_manifest_allows_them():
+    """With allow_missing, text spelling a missing value ('NaN', 'NA', 'null', as the CSV
+    reader takes them) passes as NaN in a string column too (regression: it failed as 'not a
+    number'); infinity and other text still fail."""
+    table = pa.table({"a": ["1", "NaN", "nan", None, "NA", "null", "inf", "none"]})  # a Parquet string column
+    x, rows, errors = to_inputs(table, ["a"], InputSpec(columns=["a"], allow_missing=True), Preprocessing(), 0)
+    assert rows.tolist() == [0, 1, 2, 3, 4, 5] and np.isnan(x[1:, 0]).all()
+    assert [(e.row_index, e.field) for e in errors] == [(6, "a"), (7, "a")]
+    x, rows, errors = to_inputs(table, ["a"], InputSpec(columns=["a"]), Preprocessing(), 0)
+    assert errors[0].message == "row 1, field 'a': missing value ('NaN')"
+
+
+def test_type_change_far_into_a_csv_fails_only_that_row(job_settings, runtime, data_dir):
+    """A word at row 100,000 of a numeric CSV column fails that row alone, naming it: no type
+    is inferred from the first block."""
+    n = 100_001
+    lines = [f"{i % 7},{i % 5}" for i in range(n)]
+    lines[100_000] = "3,oops"
+    path = write_csv(data_dir / "late.csv", "a,b\n" + "\n".join(lines) + "\n")
+    info = inspect(path)
+    assert info.n_rows == n
+    table = read_rows(path, "csv", 99_990, n, COLUMNS)
+    _, rows, errors = to_inputs(table, COLUMNS, runtime.manifest.inputs, runtime.manifest.preprocessing, 99_990)
+    assert rows.tolist() == list(range(99_990, 100_000))
+    assert [(e.row_index, e.field, e.message) for e in errors] == [
+        (100_000, "b", "row 100000, field 'b': 'oops' is not a number")]
+
+
+def test_very_long_fields_are_read(job_settings, runtime, data_dir):
+    """A 10 MB cell (over the 4 MiB parse block) is read: in a column the model ignores every
+    row scores; in an input column only its row fails, with a short message
+    (regression: pyarrow's 'straddling object' refused the whole file)."""
+    big = "x" * (10 << 20)
+    path = write_csv(data_dir / "long.csv", f"a,b,note\n1,2,n\n3,4,{big}\n5,6,n\n")
+    outputs, errors = score(job_settings, runtime, path)
+    assert sorted(outputs) == [0, 1, 2] and errors == {}
+    path = write_csv(data_dir / "long_input.csv", f"a,b\n1,2\n3,{big}\n5,6\n")
+    outputs, errors = score(job_settings, runtime, path)
+    assert sorted(outputs) == [0, 2] and errors[1][0] == "b"
+    assert errors[1][1].startswith("row 1, field 'b': 'xxx") and len(errors[1][1]) < 200
+
+
+# --- Parquet ----------------------------------------------------------------------------------
+
+
+def parquet_bytes(table: pa.Table, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kwargs)
+    return buf.getvalue()
+
+
+def test_truncated_parquet_is_refused_naming_the_file(client, data_dir):
+    """A Parquet file cut short (no footer) is refused at submit, naming the file."""
+    raw = parquet_bytes(pa.table({"a": np.arange(100.0), "b": np.arange(100.0)}))
+    for cut in (0, 4, len(raw) // 2, len(raw) - 1):
+        path = data_dir / "cut.parquet"
+        path.write_bytes(raw[:cut])
+        refused(client, path, DatasetFormatError, "cut.parquet: cannot read as parquet")
+
+
+def test_corrupt_parquet_row_group_fails_only_its_shard(job_settings, data_dir):
+    """A row group whose pages are damaged (footer intact) fails the shard reading it, naming
+    the file; shards over the other row groups read fine."""
+    path = data_dir / "damaged.parquet"
+    pq.write_table(pa.table({"a": np.arange(12.0), "b": np.arange(12.0)}), path, row_group_size=SHARD_SIZE)
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + 16] = b"\xff" * 16
+    path.write_bytes(raw)
+    info = inspect(path)
+    for a, b in shard_ranges(info.n_rows, SHARD_SIZE):
+        msg = ScoreShard(job_id="j", shard_index=0, model="lr", version=1, batch_size=3, columns=COLUMNS,
+                         source=DatasetRef(path="damaged.parquet", format="parquet", row_start=a, row_end=b))
+        if a == SHARD_SIZE:
+            with pytest.raises(DatasetFormatError, match="damaged.parquet: cannot read rows 4-8"):
+                tasks.load_table(msg)
+        else:
+            assert tasks.load_table(msg).num_rows == b - a
+
+
+def test_zero_row_parquet_is_refused_as_no_rows(client, data_dir):
+    """A Parquet file with a schema but no rows is refused at submit: 'no data rows'."""
+    path = data_dir / "zero.parquet"
+    pq.write_table(pa.table({"a": pa.array([], pa.float64()), "b": pa.array([], pa.float64())}), path)
+    refused(client, path, DatasetError, "zero.parquet: no data rows")
+
+
+def test_directory_of_parquet_parts_is_one_dataset(job_settings, runtime, data_dir):
+    """A directory of Parquet parts (Spark-style, with _SUCCESS and hidden files) scores as one
+    dataset in part-name order; a column that is numbers in one part and text in another
+    fails only its bad cell; the shards go by reference, like a file's."""
+    parts = data_dir / "table.parquet"
+    (parts / "year=2024").mkdir(parents=True)
+    pq.write_table(pa.table({"a": [0.0, 1.0, 2.0], "b": [1, 2, 3]}), parts / "part-00000.parquet")
+    pq.write_table(pa.table({"b": ["4", "x", "6"], "a": [3.0, 4.0, 5.0]}), parts / "part-00001.parquet")
+    pq.write_table(pa.table({"a": [6.0], "b": [7.5]}), parts / "year=2024" / "part-00002.parquet")
+    (parts / "_SUCCESS").write_bytes(b"")
+    (parts / ".part-00000.parquet.crc").write_bytes(b"junk")
+    (parts / "_tmp.parquet").write_bytes(b"junk")
+    info = inspect(parts)
+    assert (info.format, info.n_rows, sorted(info.columns)) == ("parquet", 7, COLUMNS)
+    assert read_rows(parts, "parquet", 2, 7, ["a"]).column("a").to_pylist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+    sources = list(plan_sources(info, shard_ranges(7, SHARD_SIZE), COLUMNS, data_dir))
+    assert all(isinstance(s, DatasetRef) and s.path == "table.parquet" for s in sources)
+    outputs, errors = score(job_settings, runtime, parts)
+    assert sorted(outputs) == [0, 1, 2, 3, 5, 6]
+    assert errors == {4: ("b", "row 4, field 'b': 'x' is not a number")}
+
+
+def test_bad_directories_are_refused_naming_the_part(client, data_dir):
+    """A directory without parts, or whose parts disagree on columns, is refused at submit
+    naming the directory or the part."""
+    (data_dir / "nothing").mkdir()
+    refused(client, data_dir / "nothing", DatasetFormatError, "nothing: is a directory holding no Parquet parts")
+    parts = data_dir / "mixed"
+    parts.mkdir()
+    pq.write_table(pa.table({"a": [1.0], "b": [2.0]}), parts / "p0.parquet")
+    pq.write_table(pa.table({"a": [1.0], "c": [2.0]}), parts / "p1.parquet")
+    with pytest.raises(DatasetFormatError, match=r"p1.parquet: columns differ from those of p0.parquet: "
+                                                 r"missing \['b'\], extra \['c'\]"):
+        client.score_dataset(parts, model="lr")
+    (parts / "p1.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DatasetFormatError, match="p1.parquet: cannot read as parquet"):
+        client.score_dataset(parts, model="lr")
+
+
+# --- paths leaving the data directory ---------------------------------------------------------
+
+
+def ref(path: str) -> ScoreShard:
+    return ScoreShard(job_id="j", shard_index=0, model="lr", version=1, batch_size=3, columns=COLUMNS,
+                      source=DatasetRef(path=path, format="csv", row_start=0, row_end=1))
+
+
+def test_worker_refuses_paths_leaving_the_data_directory(job_settings, data_dir, tmp_path):
+    """A by-reference shard naming '../x', an absolute path, or a symlink whose target lies
+    outside the data directory is refused by the worker, never read."""
+    secret = write_csv(tmp_path / "secret.csv", "a,b\n1,2\n")
+    (data_dir / "sub").mkdir()
+    (data_dir / "link.csv").symlink_to(secret)
+    (data_dir / "sub" / "uplink").symlink_to(tmp_path)
+    for path in ("../secret.csv", "sub/../../secret.csv", str(secret), "link.csv", "sub/uplink/secret.csv"):
+        with pytest.raises(DatasetError, match="leaves the data directory"):
+            tasks.load_table(ref(path))
+
+
+def test_producer_inlines_datasets_outside_the_data_directory(job_settings, runtime, data_dir, tmp_path):
+    """A dataset reached by '../' or through a symlink leaving the data directory is inlined,
+    not sent by reference; one inside (even through a symlink) is a reference to the real file."""
+    outside = write_csv(tmp_path / "outside.csv", f"a,b\n{GOOD_ROWS}")
+    write_csv(data_dir / "inside.csv", f"a,b\n{GOOD_ROWS}")
+    (data_dir / "out_link.csv").symlink_to(outside)
+    (data_dir / "in_link.csv").symlink_to(data_dir / "inside.csv")
+    for path in (data_dir / ".." / "outside.csv", data_dir / "out_link.csv"):
+        sources = list(plan_sources(inspect(path), shard_ranges(10, SHARD_SIZE), COLUMNS, data_dir))
+        assert sources and all(isinstance(s, InlineRows) for s in sources)
+        outputs, errors = score(job_settings, runtime, path)
+        assert len(outputs) == 10 and errors == {}
+    sources = list(plan_sources(inspect(data_dir / "in_link.csv"), [(0, 10)], COLUMNS, data_dir))
+    assert [(type(s), s.path) for s in sources] == [(DatasetRef, "inside.csv")]
+
+
+def test_parquet_part_symlink_leaving_the_directory_is_refused(client, data_dir, tmp_path):
+    """A part of a Parquet directory that is a symlink to a file elsewhere is refused, naming it."""
+    pq.write_table(pa.table({"a": [1.0], "b": [2.0]}), tmp_path / "elsewhere.parquet")
+    parts = data_dir / "parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"a": [1.0], "b": [2.0]}), parts / "p0.parquet")
+    (parts / "p1.parquet").symlink_to(tmp_path / "elsewhere.parquet")
+    refused(client, parts, DatasetFormatError, "p1.parquet: Parquet part leads out of the dataset directory")
+
+
+# --- properties -------------------------------------------------------------------------------
+
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# No CR: pandas (lineterminator "\n") leaves a lone CR unquoted, and every CSV reader ends a line there.
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\x00\r"), max_size=12)
+
+
+@st.composite
+def frames(draw) -> pd.DataFrame:
+    """Frames of 1..60 rows: an ``id`` column, then numeric and text columns."""
+    n = draw(st.integers(1, 60))
+    frame = pd.DataFrame({"id": np.arange(n)})
+    for j in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["int", "float", "text"]))
+        if kind == "int":
+            values = draw(st.lists(st.integers(-(2**53), 2**53), min_size=n, max_size=n))
+        elif kind == "float":
+            values = draw(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=n, max_size=n))
+        else:
+            values = draw(st.lists(TEXT, min_size=n, max_size=n))
+        frame[f"{kind} {j}, \"q\""] = values
+    return frame
+
+
+NULL_TEXT = set(pa_csv.ConvertOptions().null_values)  # '', 'NA', 'null', 'NaN', ...
+
+
+def expected_cells(values: pd.Series) -> list[bytes | None]:
+    """What the CSV reader returns for a column pandas wrote: the cell text, ``None`` when
+    empty or spelling a missing value."""
+    if values.dtype.kind not in "iuf":
+        return [None if v in NULL_TEXT else v.encode() for v in values]
+    return [repr(float(v)).encode() if values.dtype.kind == "f" else str(v).encode() for v in values]
+
+
+@PROPERTY
+@given(frame=frames(), fmt=st.sampled_from(["csv", "parquet"]), data=st.data())
+def test_any_frame_reads_back_exactly(frame, fmt, data):
+    """For any frame written to CSV or Parquet, inspect gives its columns and row count,
+    read_rows any range gives exactly those rows, and shards cover every row once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"d.{fmt}"
+        if fmt == "csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_parquet(path, index=False, row_group_size=data.draw(st.integers(1, 20)))
+        info = inspect(path)
+        assert (info.columns, info.n_rows) == (list(frame.columns), len(frame))
+        a = data.draw(st.integers(0, len(frame)))
+        b = data.draw(st.integers(a, len(frame)))
+        table = read_rows(path, info.format, a, b, list(frame.columns))
+        for name in frame.columns:
+            got = table.column(name).to_pylist()
+            if fmt == "parquet":
+                assert got == frame[name].iloc[a:b].tolist()
+            elif frame[name].dtype.kind == "f":
+                assert [float(v) for v in got] == frame[name].iloc[a:b].tolist()
+            else:
+                assert got == expected_cells(frame[name].iloc[a:b])
+        ranges = shard_ranges(info.n_rows, data.draw(st.integers(1, 25)))
+        ids = [v for t in iter_shards(info, ranges, ["id"]) for v in t.column("id").to_pylist()]
+        assert [int(v) for v in ids] == list(range(len(frame)))
+
+
+@PROPERTY
+@given(n_rows=st.integers(0, 10_000), shard_size=st.integers(1, 3_000))
+def test_shard_ranges_cover_every_row_once(n_rows, shard_size):
+    """Shard ranges are contiguous, at most shard_size long, and cover 0..n_rows exactly."""
+    ranges = shard_ranges(n_rows, shard_size)
+    assert [r for a, b in ranges for r in range(a, b)] == list(range(n_rows))
+    assert all(0 < b - a <= shard_size for a, b in ranges)
+
+
+CSV_BYTES = st.one_of(
+    st.binary(max_size=200),
+    st.lists(st.sampled_from([b"a", b"b", b",", b";", b"\t", b'"', b"\n", b"\r", b"\xef\xbb\xbf", b"\xff\xfe",
+                              b"\xe9", b"\x00", b"1", b"-", b"."]), max_size=60).map(b"".join),
+)
+VALID_PARQUET = parquet_bytes(pa.table({"a": np.arange(50.0), "s": [str(i) for i in range(50)]}), row_group_size=10)
+
+
+def read_everything(path: Path) -> None:
+    info = inspect(path)
+    if info.columns and info.n_rows:
+        read_rows(path, info.format, 0, info.n_rows, info.columns)
+
+
+def check_only_dataset_errors(path: Path, raw: bytes) -> None:
+    path.write_bytes(raw)
+    try:
+        read_everything(path)
+    except DatasetError as exc:
+        assert str(path) in str(exc)
+
+
+@PROPERTY
+@given(raw=CSV_BYTES)
+def test_csv_garbage_raises_only_dataset_errors_naming_the_file(raw):
+    """Any bytes in a .csv file either read or raise a DatasetError naming the file
+    (regression: a non-UTF-8 header raised UnicodeDecodeError)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        check_only_dataset_errors(Path(tmp) / "g.csv", raw)
+
+
+@PROPERTY
+@given(edits=st.lists(st.tuples(st.integers(0, len(VALID_PARQUET) - 1), st.binary(min_size=1, max_size=8)),
+                      max_size=4),
+       cut=st.integers(0, len(VALID_PARQUET)), garbage=st.binary(max_size=100), kind=st.integers(0, 2))
+def test_parquet_garbage_raises_only_dataset_errors_naming_the_file(edits, cut, garbage, kind):
+    """Random bytes, a cut-short file, or a valid file with bytes overwritten either read or
+    raise a DatasetError naming the file."""
+    raw = bytearray(VALID_PARQUET)
+    for at, chunk in edits:
+        raw[at:at + len(chunk)] = chunk
+    raw = [garbage, VALID_PARQUET[:cut], bytes(raw[:len(VALID_PARQUET)])][kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        check_only_dataset_errors(Path(tmp) / "g.parquet", raw)
