@@ -47,7 +47,9 @@ POLL_START_S = 0.1
 POLL_MAX_S = 2.0
 NO_WORKER_WARNING_S = 5.0
 MESSAGES_PER_WRITE = 1000
-"""Sent shard messages kept in the store per write (see ``ResultStore.set_shard_messages``)."""
+MESSAGE_BYTES_PER_WRITE = 16 * 2**20
+"""Sent shard messages kept in the store per write (see ``ResultStore.set_shard_messages``):
+at most this many, or this many bytes, so that inline shards stream through the producer."""
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +491,7 @@ class Client:
         try:
             broker_priority = message_priority(self.settings, priority)
             sent: list[tuple[int, str]] = []  # kept in the store, to send again should the broker lose one
+            sent_bytes = 0
             with self.app.producer_or_acquire() as producer:
                 for index, source in enumerate(sources):
                     body = shard(job_id, index, source)
@@ -500,9 +503,10 @@ class Client:
                                        priority=broker_priority, producer=producer)
                     sent.append((index, json.dumps({"queue": self.settings.bulk_queue, "kwargs": kwargs},
                                                    separators=(",", ":"))))
-                    if len(sent) >= MESSAGES_PER_WRITE:
+                    sent_bytes += len(sent[-1][1])
+                    if len(sent) >= MESSAGES_PER_WRITE or sent_bytes >= MESSAGE_BYTES_PER_WRITE:
                         self.store.set_shard_messages(job_id, sent)
-                        sent = []
+                        sent, sent_bytes = [], 0
             self.store.set_shard_messages(job_id, sent)
         except BaseException:
             self.store.cancel(job_id)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -173,6 +175,11 @@ class Supervisor:
         self.reconcile = reconcile
         self.reconcile_interval_s = reconcile_interval_s
         self._next_reconcile = time.monotonic() + reconcile_interval_s
+        # Store and broker calls run in order on one daemon thread (a daemon: a call that
+        # hangs must not hold the launcher's exit either).
+        self._background: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._reconciling = threading.Event()
+        threading.Thread(target=self._run_background, name="mlf-supervisor-store", daemon=True).start()
         self._stopping = False
 
     def _task_file(self, child: ChildSpec) -> Path:
@@ -220,12 +227,10 @@ class Supervisor:
                     if self.metrics_dir is not None:
                         metrics.process_dead(self.metrics_dir, proc.pid)
                     next_start[child.name] = now + delay
-            if self.reconcile is not None and now >= self._next_reconcile:
+            if self.reconcile is not None and now >= self._next_reconcile and not self._reconciling.is_set():
                 self._next_reconcile = now + self.reconcile_interval_s
-                try:
-                    self.reconcile()
-                except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
-                    log.warning("could not look for shards the broker lost: %s", exc)
+                self._reconciling.set()
+                self._background.put(self._reconcile_once)
             time.sleep(0.2)
         return self.shutdown()
 
@@ -233,7 +238,7 @@ class Supervisor:
         """SIGKILL ``proc`` if its task has run past the hard time limit; with
         ``on_time_limit="fail"``, record the shard FAILED."""
         task = watchdog.read(self._task_file(child))
-        if task is None or task.pid != proc.pid or time.time() - task.started <= self.time_limit_s:
+        if task is None or task.pid != proc.pid or time.monotonic() - task.started <= self.time_limit_s:
             return
         what = "online requests" if task.job_id is None else f"job {task.job_id} shard {task.shard_index}"
         log.error("worker %s (pid %d): %s ran past the hard time limit of %.0f s; killing the process",
@@ -247,24 +252,42 @@ class Supervisor:
             self._with_store(lambda store: store.fail_running_shard(task.job_id, task.shard_index, task.owner,
                                                                     reason), "record the shard as failed")
 
+    def _run_background(self) -> None:
+        while True:
+            self._background.get()()
+
+    def _reconcile_once(self) -> None:
+        try:
+            self.reconcile()
+        except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
+            log.warning("could not look for shards the broker lost: %s", exc)
+        finally:
+            self._reconciling.clear()
+
     def _release_leases(self, child: ChildSpec, pid: int) -> None:
         """Release the shard leases of ``child``'s dead process ``pid`` and forget its task."""
         self._task_file(child).unlink(missing_ok=True)
         self._with_store(lambda store: store.release_leases(f"{child.name}:{pid}"), "release its shard leases")
 
     def _with_store(self, action, what: str) -> None:
-        """Run ``action(store)``; an unreachable store is logged (the broker's redelivery
-        and the leases' heartbeat check still recover the shard, only later)."""
+        """Run ``action(store)`` on the supervisor's background thread, in order: a store
+        that hangs must not stop the loop from killing and restarting processes. An
+        unreachable store is logged (the broker's redelivery and the leases' heartbeat
+        check still recover the shard, only later)."""
         if self.store_url is None:
             return
-        try:
-            if self._store is None:
-                from ml_framework.store import ResultStore
 
-                self._store = ResultStore(self.store_url, migrate=False)
-            action(self._store)
-        except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
-            log.warning("could not %s in the results store: %s", what, exc)
+        def run() -> None:
+            try:
+                if self._store is None:
+                    from ml_framework.store import ResultStore
+
+                    self._store = ResultStore(self.store_url, migrate=False)
+                action(self._store)
+            except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
+                log.warning("could not %s in the results store: %s", what, exc)
+
+        self._background.put(run)
 
     def shutdown(self) -> int:
         """SIGTERM every child, wait ``grace_s``, then SIGKILL the rest."""

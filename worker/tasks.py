@@ -133,6 +133,7 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 get_store().heartbeat(self.sample())
+                release_abandoned_leases()
             except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the worker
                 log.warning("heartbeat failed: %s", exc)
             self._stop.wait(HEARTBEAT_INTERVAL_S)
@@ -317,8 +318,30 @@ def _score_bulk_shard(msg: ScoreShard, hostname: str) -> str | ShardClaim:
     watchdog.begin(owner, msg.job_id, msg.shard_index)
     try:
         return _run_claimed_shard(store, msg, owner)
+    except BaseException:
+        # Not recorded (the store failed under it; the task is retried): give the lease
+        # up, or every other process would find the shard busy until the lease ends.
+        _abandoned.add((msg.job_id, msg.shard_index, owner))
+        release_abandoned_leases()
+        raise
     finally:
         watchdog.end()
+
+
+_abandoned: set[tuple[str, int, str]] = set()
+"""Leases of shards this process claimed but could not record, not yet given up (the
+store was down): the heartbeat thread retries."""
+
+
+def release_abandoned_leases() -> None:
+    """Give up the leases in :data:`_abandoned`; those the store cannot take now stay."""
+    for key in list(_abandoned):
+        try:
+            get_store().release_lease(*key)
+        except Exception as exc:  # noqa: BLE001 - the store is down: the next beat retries
+            log.debug("could not release lease %s yet: %s", key, exc)
+            return
+        _abandoned.discard(key)
 
 
 def _run_claimed_shard(store: ResultStore, msg: ScoreShard, owner: str) -> str:

@@ -9,7 +9,8 @@ imports no ML framework and never runs a model, reads the files and SIGKILLs a p
 whose task has run past the limit; it then starts a new one.
 
 The task file is JSON: ``{"pid", "owner", "job_id", "shard_index", "started"}``; ``started``
-is the Unix time, seconds; ``job_id`` / ``shard_index`` are ``null`` for a batch of online
+is ``time.monotonic()`` (one clock for every process of a Linux host, not moved by
+wall-clock steps), seconds; ``job_id`` / ``shard_index`` are ``null`` for a batch of online
 requests. It is written to a temporary name and renamed, so the launcher never reads half
 a file.
 """
@@ -34,7 +35,7 @@ def begin(owner: str, job_id: str | None = None, shard_index: int | None = None)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"pid": os.getpid(), "owner": owner, "job_id": job_id, "shard_index": shard_index,
-                   "started": time.time()}, f)
+                   "started": time.monotonic()}, f)
     os.replace(tmp, path)
 
 
@@ -53,7 +54,7 @@ class RunningTask:
         pid: the worker process.
         owner: ``hostname:pid``, the shard lease's owner.
         job_id / shard_index: the bulk shard, or ``None`` for online requests.
-        started: Unix time the task started, seconds.
+        started: ``time.monotonic()`` when the task started, seconds.
     """
 
     pid: int

@@ -106,7 +106,8 @@ _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
     "oom_splits) VALUES (:job_id, :shard_index, :row_start, :row_end, 'PENDING', 0, 0, 0, 0, 0)"
 )
-_SET_MESSAGE = text("UPDATE shards SET message = :message WHERE job_id = :job_id AND shard_index = :shard_index")
+_SET_MESSAGE = text("UPDATE shards SET message = :message WHERE job_id = :job_id AND shard_index = :shard_index "
+                    "AND state IN ('PENDING', 'RUNNING')")
 _INSERT_RESULT = text(
     "INSERT INTO results (job_id, row_index, shard_index, output) VALUES (:job_id, :row_index, :shard_index, :output)")
 _INSERT_ROW_ERROR = text(
@@ -384,7 +385,7 @@ class ResultStore:
             conn.execute(
                 update(ShardRow)
                 .where(ShardRow.job_id == job_id, ShardRow.state == ShardState.PENDING.value, open_job)
-                .values(state=ShardState.CANCELLED.value)
+                .values(state=ShardState.CANCELLED.value, message=None)
             )
             conn.execute(
                 update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(_OPEN_JOB))
@@ -535,24 +536,26 @@ class ResultStore:
             job_state = conn.execute(select(JobRow.state).where(JobRow.id == job_id)).scalar_one_or_none()
             if job_state is None:
                 return ShardClaim.UNKNOWN_JOB
-            if job_state == JobState.CANCELLED.value:
-                conn.execute(
-                    update(ShardRow)
-                    .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
-                           ShardRow.state.in_(_OPEN_SHARD))
-                    .values(state=ShardState.CANCELLED.value)
-                )
-                return ShardClaim.CANCELLED
             shard = conn.execute(
                 select(ShardRow.state, ShardRow.attempts, ShardRow.row_start, ShardRow.row_end,
                        ShardRow.lease_owner, ShardRow.lease_expires_at)
                 .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index)
             ).one_or_none()
+            held = (shard is not None and shard.state == ShardState.RUNNING.value and shard.lease_owner
+                    and shard.lease_owner != owner and shard.lease_expires_at is not None
+                    and _aware(shard.lease_expires_at) > now and _holder_alive(conn, shard.lease_owner, now))
+            if job_state == JobState.CANCELLED.value:
+                if not held:  # a shard its live holder still runs keeps its rows when recorded
+                    conn.execute(
+                        update(ShardRow)
+                        .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
+                               ShardRow.state.in_(_OPEN_SHARD))
+                        .values(state=ShardState.CANCELLED.value, message=None)
+                    )
+                return ShardClaim.CANCELLED
             if shard is None or shard.state not in _OPEN_SHARD:
                 return ShardClaim.ALREADY_DONE
-            if (shard.state == ShardState.RUNNING.value and shard.lease_owner and shard.lease_owner != owner
-                    and shard.lease_expires_at is not None and _aware(shard.lease_expires_at) > now
-                    and _holder_alive(conn, shard.lease_owner, now)):
+            if held:
                 return ShardClaim.BUSY
             if max_attempts is not None and shard.attempts >= max_attempts:
                 reason = (f"worker lost: the shard was started {shard.attempts} times and its worker died "
@@ -589,6 +592,21 @@ class ResultStore:
                 .where(ShardRow.lease_owner == owner, ShardRow.state == ShardState.RUNNING.value)
                 .values(lease_expires_at=_now())
             ).rowcount
+
+    def release_lease(self, job_id: str, shard_index: int, owner: str) -> bool:
+        """End ``owner``'s lease on one shard it could not record (the results store failed
+        under it; the task is retried), and uncount that start: the worker did not die.
+
+        Returns:
+            True if ``owner`` held the running shard.
+        """
+        with self.engine.begin() as conn:
+            return bool(conn.execute(
+                update(ShardRow)
+                .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
+                       ShardRow.lease_owner == owner, ShardRow.state == ShardState.RUNNING.value)
+                .values(lease_expires_at=_now(), attempts=ShardRow.attempts - 1)
+            ).rowcount)
 
     def fail_running_shard(self, job_id: str, shard_index: int, owner: str, reason: str) -> bool:
         """Record a shard that ``owner`` was running as FAILED, every row with ``reason``:

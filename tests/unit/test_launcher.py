@@ -95,3 +95,38 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
             os.kill(child, signal.SIGKILL)
             raise AssertionError("child outlived its killed supervisor")
         time.sleep(0.1)
+
+
+HUNG = """
+import os, sys, time
+from worker.launcher import ChildSpec, Supervisor
+log = sys.argv[1]
+# each start logs a line, marks a task begun now, and hangs in C holding the GIL
+code = (f"import ctypes, os; open({log!r}, 'a').write('start\\\\n'); from worker import watchdog; "
+        "watchdog.begin(f'hung@t:{os.getpid()}'); ctypes.PyDLL(None).sleep(600)")
+hang = lambda: time.sleep(600)  # a results store / broker that never answers
+sup = Supervisor([ChildSpec("hung@t", [sys.executable, "-c", code], dict(os.environ))], grace_s=2,
+                 time_limit_s=1, store_url="postgresql+psycopg://nobody@192.0.2.1/none",
+                 reconcile=hang, reconcile_interval_s=0.1)
+sys.exit(sup.run())
+"""
+
+
+def test_the_time_limit_kills_a_task_stuck_in_c_even_while_the_store_hangs(tmp_path):
+    """A task sleeping in C with the GIL held is killed at the 1 s limit and its process
+    started again, over and over, while the reconciler and the store calls (an address
+    that never answers) hang: they run off the supervisor's loop (regression: the loop
+    called them inline and stopped enforcing the limit)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "starts.log"
+    sup = subprocess.Popen([sys.executable, "-c", HUNG, str(log)])
+    deadline = time.monotonic() + 40
+    while not (log.exists() and log.read_text().count("start") >= 3):
+        assert time.monotonic() < deadline and sup.poll() is None, log.read_text() if log.exists() else "no start"
+        time.sleep(0.1)
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 0

@@ -437,3 +437,56 @@ def test_released_leases_and_the_time_limit_failure(store):
 
 def results_frame_errors(store: ResultStore, job: str) -> list[str]:
     return store.results(job)["error"].dropna().tolist()
+
+
+def test_a_lease_given_up_after_a_store_failure_frees_the_shard_at_once(store):
+    """A process whose write failed (the store went down) gives its lease up: another
+    process claims the shard at once instead of finding it busy until the lease ends, and
+    the failed start is not counted as a worker death (regression: BUSY for up to
+    task_time_limit_s + 30 s)."""
+    from ml_framework.store import WorkerInfo
+
+    job = new_job(store, ranges=((0, 2),))
+    store.heartbeat(WorkerInfo(hostname="w1", pid=11, started_at=datetime.now(UTC)))
+    assert store.claim_shard(job, 0, "w1", 3, owner="w1:11", lease_s=3600) is ShardClaim.RUN
+    assert store.claim_shard(job, 0, "w2", 3, owner="w2:22", lease_s=3600) is ShardClaim.BUSY
+    assert store.release_lease(job, 0, "w1:11")
+    assert store.claim_shard(job, 0, "w2", 3, owner="w2:22", lease_s=3600) is ShardClaim.RUN
+    assert store.shards(job)[0]["attempts"] == 1
+
+
+def test_cancel_keeps_the_rows_of_a_shard_its_live_holder_is_running(store):
+    """A job cancelled while a shard runs: a second delivery of that shard (a busy retry,
+    a redelivery) answers CANCELLED without closing the shard, so the holder's rows are
+    kept when it records them (regression: the shard was flipped to CANCELLED and its
+    rows thrown away)."""
+    from ml_framework.store import WorkerInfo
+
+    job = new_job(store)
+    store.heartbeat(WorkerInfo(hostname="w1", pid=11, started_at=datetime.now(UTC)))
+    assert store.claim_shard(job, 0, "w1", owner="w1:11", lease_s=60) is ShardClaim.RUN
+    store.cancel(job)
+    assert store.claim_shard(job, 0, "w2", owner="w2:22", lease_s=60) is ShardClaim.CANCELLED
+    assert store.claim_shard(job, 1, "w2", owner="w2:22", lease_s=60) is ShardClaim.CANCELLED
+    assert store.complete_shard(job, 0, [(0, {"y": 1}), (1, {"y": 2})], [], owner="w1:11")
+    assert [s["state"] for s in store.shards(job)] == ["DONE", "CANCELLED"]
+    assert store.job(job).state is JobState.CANCELLED and len(store.results(job)) == 2
+
+
+def test_kept_messages_are_dropped_with_their_shards(store):
+    """A shard's kept message is cleared when it is recorded or cancelled, and a message
+    written after the shard closed is not kept (it would only take room)."""
+    job = new_job(store, ranges=((0, 2), (2, 4), (4, 6)))
+    store.set_shard_messages(job, [(0, '{"queue": "q", "kwargs": {}}')])
+    assert store.claim_shard(job, 0, "w", owner="w:1", lease_s=60) is ShardClaim.RUN
+    assert store.complete_shard(job, 0, [(0, {"y": 1}), (1, {"y": 2})], [], owner="w:1")
+    store.set_shard_messages(job, [(0, "late"), (1, "kept"), (2, "kept")])
+    with store.engine.connect() as conn:
+        from sqlalchemy import text
+
+        assert conn.execute(text("SELECT message FROM shards WHERE job_id = :j ORDER BY shard_index"),
+                            {"j": job}).scalars().all() == [None, "kept", "kept"]
+    store.cancel(job)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM shards WHERE job_id = :j AND message IS NOT NULL"),
+                            {"j": job}).scalar_one() == 0
