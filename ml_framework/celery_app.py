@@ -103,8 +103,11 @@ def create_app(settings: Settings | None = None) -> Celery:
     )
     if settings.broker_queue_type == "quorum":
         # Quorum queues take no x-max-priority (RabbitMQ 3.x) and no global QoS; Celery
-        # then turns global QoS off and delays countdown retries natively.
+        # then turns global QoS off, and delays countdown retries in the broker (native
+        # delayed delivery), which needs topic exchanges: with direct ones a retrying
+        # worker would hold its process until the countdown ends.
         app.conf.update(task_default_queue_type="quorum", task_create_missing_queue_type="quorum",
+                        task_default_exchange_type="topic", task_create_missing_queue_exchange_type="topic",
                         worker_detect_quorum_queues=True, task_queue_max_priority=None)
     return app
 

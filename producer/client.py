@@ -469,8 +469,10 @@ class Client:
         Raises:
             DatasetError: a shard message over ``max_message_bytes``.
         """
-        advice = (f"use a smaller shard_size (now {self.settings.shard_size} rows), or put the file under the "
-                  f"data directory ({self.settings.data_dir}) so that workers read it by reference")
+        advice = f"use a smaller shard_size (now {self.settings.shard_size} rows)"
+        if not dataset.startswith("<"):  # a file, not rows given in memory
+            advice += (f", or put the file under the data directory ({self.settings.data_dir}) so that workers "
+                       "read it by reference")
 
         def shard(job_id: str, index: int, source: DatasetRef | InlineRows) -> ScoreShard:
             return ScoreShard(job_id=job_id, shard_index=index, model=manifest.name, version=manifest.version,

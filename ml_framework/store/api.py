@@ -359,7 +359,7 @@ class ResultStore:
         """
         prefix = id_or_prefix.strip().lower()
         if len(prefix) < 4 or not all(c in "0123456789abcdef" for c in prefix):
-            raise JobNotFoundError(f"no job {id_or_prefix!r}: give the job id (32 hex characters) or at least 4 of its first")
+            raise JobNotFoundError(f"no job {id_or_prefix!r}: give the job id (32 hex characters) or at least 4 of its first characters")
         with self._read() as conn:
             ids = conn.execute(select(JobRow.id).where(JobRow.id.startswith(prefix)).limit(5)).scalars().all()
         if not ids:
@@ -558,8 +558,9 @@ class ResultStore:
             if held:
                 return ShardClaim.BUSY
             if max_attempts is not None and shard.attempts >= max_attempts:
-                reason = (f"worker lost: the shard was started {shard.attempts} times and its worker died "
-                          f"each time before recording it (max_attempts {max_attempts})")
+                reason = (f"worker lost: the shard was started {shard.attempts} times and its worker process died "
+                          "each time before recording it (killed, out of memory, a crash in native code, or "
+                          f"the hard time limit); max_shard_attempts is {max_attempts}")
                 errors = [RowError(i, f"row {i}: {reason}") for i in range(shard.row_start, shard.row_end)]
                 _record(conn, ShardOutcomeRecord(job_id, shard_index, [], errors, shard_error=reason), now)
                 return ShardClaim.GAVE_UP

@@ -91,8 +91,10 @@ def test_cancelling_a_running_job_starts_no_new_shard_and_keeps_finished_ones(ma
     workers.start()
     job = workers.client.score_dataset(data_dir / "digits.csv", fault_models["slow"], batch_size=20)
     wait_until(lambda: job.status().shards_done >= 4, what="4 shards done")
-    cancelled_at = datetime.now(UTC)
     assert job.cancel().state is JobState.CANCELLED
+    # Claims committed after the cancel see it; one that read the job just before started
+    # (its started_at is stamped at the start of the claim) before this instant.
+    cancelled_at = datetime.now(UTC)
     wait_until(lambda: not running_shard(workers.client, job.id), 60, "running shards to finish")
     time.sleep(2)  # let any message still queued reach a worker
     shards = workers.client.store.shards(job.id)

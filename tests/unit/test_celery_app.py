@@ -35,6 +35,7 @@ def test_quorum_queues_drop_priorities_and_global_qos():
     app.amqp.queues.select([settings.online_queue, settings.bulk_queue])  # as `-Q online,bulk` does
     for queue in (settings.bulk_queue, settings.online_queue):
         assert app.amqp.queues[queue].queue_arguments == {"x-queue-type": "quorum"}
+        assert app.amqp.queues[queue].exchange.type == "topic"  # native delayed delivery needs it
     classic = create_app(load_settings(broker_url="amqp://guest:guest@127.0.0.1:5672//"))
     classic.amqp.queues.select([settings.online_queue, settings.bulk_queue])
     for queue in (settings.bulk_queue, settings.online_queue):
