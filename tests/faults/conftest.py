@@ -124,6 +124,23 @@ def fault_models(trained, digits) -> dict[str, str]:
     return {kind: name for kind, (name, _, _) in names.items()}
 
 
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """A model repository holding ``lr``: a logistic regression over columns ``a`` and
+    ``b`` (float64), for the bad-input tests that need a model but no worker."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from worker.export import export_sklearn
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2))
+    models = tmp_path_factory.mktemp("models")
+    export_sklearn(LogisticRegression().fit(x, (x.sum(axis=1) > 0).astype(int)), models, "lr",
+                   inputs={"columns": ["a", "b"]})
+    return models
+
+
 def marked_csv(data_dir: Path, digits, name: str, marked_rows: list[int], copies: int = 1) -> Path:
     """``copies`` x the digits as a CSV under ``data_dir`` whose ``marked_rows`` carry the
     fault marker in ``pixel_0``."""

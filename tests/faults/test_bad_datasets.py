@@ -39,21 +39,6 @@ SHARD_SIZE = 4
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    """A model repository holding ``lr``: a logistic regression over columns a and b."""
-    from sklearn.linear_model import LogisticRegression
-
-    from worker.export import export_sklearn
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 2))
-    models = tmp_path_factory.mktemp("models")
-    export_sklearn(LogisticRegression().fit(x, (x.sum(axis=1) > 0).astype(int)), models, "lr",
-                   inputs={"columns": COLUMNS})
-    return models
-
-
-@pytest.fixture(scope="module")
 def runtime(models_dir):
     """The loaded ``lr`` model, as a worker process holds it."""
     from worker.registry import ModelRegistry
