@@ -12,12 +12,9 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from celery import Celery
+from bench.naive_celery import plain_app
 
-REDIS = os.environ.get("MLF_BENCH_REDIS", "redis://127.0.0.1:6379/9")
-app = Celery("naive_bulk", broker=REDIS, backend=REDIS)
-app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                worker_prefetch_multiplier=1, task_default_queue="naive.bulk", result_expires=600)
+app = plain_app("naive_bulk", "redis://127.0.0.1:6379/9", "naive.bulk")
 
 
 @lru_cache(maxsize=1)

@@ -13,10 +13,19 @@ from functools import lru_cache
 
 from celery import Celery
 
-REDIS = os.environ.get("MLF_BENCH_REDIS", "redis://127.0.0.1:6379/6")
-app = Celery("naive", broker=REDIS, backend=REDIS)
-app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                worker_prefetch_multiplier=1, task_default_queue="naive.predict", result_expires=600)
+
+def plain_app(name: str, default_redis: str, queue: str) -> Celery:
+    """A Celery app as users set one up by hand: Redis broker and result backend
+    (``MLF_BENCH_REDIS``, else ``default_redis``), JSON, one message prefetched, results
+    kept 10 minutes."""
+    redis = os.environ.get("MLF_BENCH_REDIS", default_redis)
+    app = Celery(name, broker=redis, backend=redis)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    worker_prefetch_multiplier=1, task_default_queue=queue, result_expires=600)
+    return app
+
+
+app = plain_app("naive", "redis://127.0.0.1:6379/6", "naive.predict")
 
 
 @lru_cache(maxsize=1)

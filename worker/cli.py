@@ -66,11 +66,10 @@ def worker(
     reconcile = None
     if settings.broker_is_redis and settings.reconcile_interval_s:
         from ml_framework.celery_app import create_app
-        from ml_framework.store import ResultStore
         from worker.reconcile import resend_lost_shards
 
-        app, store = create_app(settings), ResultStore(settings.effective_database_url, migrate=False)
-        reconcile = lambda: resend_lost_shards(app, settings, store)  # noqa: E731
+        app = create_app(settings)
+        reconcile = lambda store: resend_lost_shards(app, settings, store)  # noqa: E731
     supervisor = Supervisor(children, grace_s=grace, metrics_address=address, time_limit_s=settings.task_time_limit_s,
                             store_url=settings.effective_database_url, on_time_limit=settings.on_time_limit,
                             reconcile=reconcile, reconcile_interval_s=settings.reconcile_interval_s)

@@ -24,9 +24,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ml_framework.settings import Settings
 from worker import metrics, watchdog
+
+if TYPE_CHECKING:
+    from ml_framework.store import ResultStore
 from worker.devices import GpuDevice
 from worker.metrics import DEVICE_ENV, MULTIPROC_ENV
 
@@ -151,14 +155,16 @@ class Supervisor:
             record a shard killed by the time limit (``None``: neither).
         on_time_limit: ``fail`` records such a shard FAILED; ``retry`` leaves it to the
             broker's redelivery (see ``Settings.on_time_limit``).
-        reconcile: called every ``reconcile_interval_s`` seconds to send again the shards
-            whose messages the broker lost (see :mod:`worker.reconcile`); ``None``: never.
+        reconcile: called with the results store every ``reconcile_interval_s`` seconds
+            to send again the shards whose messages the broker lost (see
+            :mod:`worker.reconcile`); ``None`` (or no ``store_url``): never.
     """
 
     def __init__(self, children: list[ChildSpec], grace_s: float = 60.0,
                  metrics_address: tuple[str, int] | None = None, *, time_limit_s: float | None = None,
                  store_url: str | None = None, on_time_limit: str = "fail",
-                 reconcile: Callable[[], int] | None = None, reconcile_interval_s: float = 60.0) -> None:
+                 reconcile: Callable[[ResultStore], int] | None = None,
+                 reconcile_interval_s: float = 60.0) -> None:
         self.children = children
         self.grace_s = grace_s
         self.metrics_address = metrics_address
@@ -227,10 +233,11 @@ class Supervisor:
                     if self.metrics_dir is not None:
                         metrics.process_dead(self.metrics_dir, proc.pid)
                     next_start[child.name] = now + delay
-            if self.reconcile is not None and now >= self._next_reconcile and not self._reconciling.is_set():
+            if (self.reconcile is not None and self.store_url is not None and now >= self._next_reconcile
+                    and not self._reconciling.is_set()):
                 self._next_reconcile = now + self.reconcile_interval_s
-                self._reconciling.set()
-                self._background.put(self._reconcile_once)
+                self._reconciling.set()  # one pass at a time, however long the store or broker takes
+                self._with_store(self._reconcile_once, "look for shards the broker lost")
             time.sleep(0.2)
         return self.shutdown()
 
@@ -256,20 +263,17 @@ class Supervisor:
         while True:
             self._background.get()()
 
-    def _reconcile_once(self) -> None:
+    def _reconcile_once(self, store: ResultStore) -> None:
         try:
-            self.reconcile()
-        except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
-            log.warning("could not look for shards the broker lost: %s", exc)
+            self.reconcile(store)
         finally:
             self._reconciling.clear()
 
     def _release_leases(self, child: ChildSpec, pid: int) -> None:
-        """Release the shard leases of ``child``'s dead process ``pid`` and forget its task."""
-        self._task_file(child).unlink(missing_ok=True)
+        """Release the shard leases of ``child``'s dead process ``pid``."""
         self._with_store(lambda store: store.release_leases(f"{child.name}:{pid}"), "release its shard leases")
 
-    def _with_store(self, action, what: str) -> None:
+    def _with_store(self, action: Callable[[ResultStore], object], what: str) -> None:
         """Run ``action(store)`` on the supervisor's background thread, in order: a store
         that hangs must not stop the loop from killing and restarting processes. An
         unreachable store is logged (the broker's redelivery and the leases' heartbeat

@@ -561,8 +561,7 @@ class ResultStore:
                 reason = (f"worker lost: the shard was started {shard.attempts} times and its worker process died "
                           "each time before recording it (killed, out of memory, a crash in native code, or "
                           f"the hard time limit); max_shard_attempts is {max_attempts}")
-                errors = [RowError(i, f"row {i}: {reason}") for i in range(shard.row_start, shard.row_end)]
-                _record(conn, ShardOutcomeRecord(job_id, shard_index, [], errors, shard_error=reason), now)
+                _record_failed(conn, job_id, shard_index, range(shard.row_start, shard.row_end), reason, now)
                 return ShardClaim.GAVE_UP
             claimed = conn.execute(
                 update(ShardRow)
@@ -624,9 +623,8 @@ class ResultStore:
             ).one_or_none()
             if shard is None:
                 return False
-            errors = [RowError(i, f"row {i}: {reason}") for i in range(shard.row_start, shard.row_end)]
-            return _record(conn, ShardOutcomeRecord(job_id, shard_index, [], errors, shard_error=reason),
-                           _now(), owner=owner)
+            return _record_failed(conn, job_id, shard_index, range(shard.row_start, shard.row_end), reason, _now(),
+                                  owner=owner)
 
     def complete_shard(
         self,
@@ -769,6 +767,13 @@ def _record(conn, r: ShardOutcomeRecord, now: datetime, owner: str | None = None
     _insert_rows(conn, [r])
     _bump_jobs(conn, [r.job_id], 1, len(r.outputs), len(r.errors), r.oom_splits, now)
     return True
+
+
+def _record_failed(conn, job_id: str, shard_index: int, rows: range, reason: str, now: datetime,
+                   owner: str | None = None) -> bool:
+    """:func:`_record` a shard that failed as a whole: every row of ``rows`` gets ``reason``."""
+    errors = [RowError(i, f"row {i}: {reason}") for i in rows]
+    return _record(conn, ShardOutcomeRecord(job_id, shard_index, [], errors, shard_error=reason), now, owner=owner)
 
 
 def _holder_alive(conn, owner: str, now: datetime) -> bool:

@@ -24,7 +24,9 @@ import pytest
 from sqlalchemy import text
 
 from tests.conftest import (
+    RABBITMQ_URL,
     REDIS_URL,
+    check_rabbitmq,
     check_redis,
     free_port,
     queues,
@@ -33,7 +35,6 @@ from tests.conftest import (
     stop_workers,
 )
 
-RABBITMQ_URL = os.environ.get("MLF_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 WAIT_S = 240
 
 
@@ -191,13 +192,7 @@ def broker_url(kind: str) -> str:
     if kind == "redis":
         check_redis()
         return REDIS_URL
-    from kombu import Connection
-
-    try:
-        with Connection(RABBITMQ_URL, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001
-        service_unavailable("RabbitMQ", exc)
+    check_rabbitmq()
     return RABBITMQ_URL
 
 

@@ -104,7 +104,7 @@ log = sys.argv[1]
 # each start logs a line, marks a task begun now, and hangs in C holding the GIL
 code = (f"import ctypes, os; open({log!r}, 'a').write('start\\\\n'); from worker import watchdog; "
         "watchdog.begin(f'hung@t:{os.getpid()}'); ctypes.PyDLL(None).sleep(600)")
-hang = lambda: time.sleep(600)  # a results store / broker that never answers
+hang = lambda store: time.sleep(600)  # a results store / broker that never answers
 sup = Supervisor([ChildSpec("hung@t", [sys.executable, "-c", code], dict(os.environ))], grace_s=2,
                  time_limit_s=1, store_url="postgresql+psycopg://nobody@192.0.2.1/none",
                  reconcile=hang, reconcile_interval_s=0.1)
