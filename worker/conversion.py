@@ -104,12 +104,17 @@ def to_inputs(
     n = table.num_rows
     values = np.empty((n, len(columns)), dtype=np.float64, order="F")  # filled column by column
     bad: dict[int, RowError] = {}
+    selected = table.select(list(columns)).columns  # by position: a lookup by name per column is O(columns)
     for j, name in enumerate(columns):
-        fast = _numeric_column(table.column(name))
+        arr = selected[j]
+        if pa.types.is_integer(arr.type) and arr.null_count == 0:
+            values[:, j] = arr.to_numpy()  # integers without nulls: always finite (image pixels)
+            continue
+        fast = _numeric_column(arr)
         if fast is not None and (np.isfinite(fast).all() or (spec.allow_missing and not np.isinf(fast).any())):
             values[:, j] = fast  # the common case: a numeric column with nothing to report
             continue
-        raw, invalid, type_error = _column(table.column(name))
+        raw, invalid, type_error = _column(arr)
         if type_error:
             for i in range(n):
                 bad.setdefault(i, RowError(row_start + i, f"row {row_start + i}, field {name!r}: {type_error}", name))

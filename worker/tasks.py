@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 
+import numpy as np
 import pyarrow as pa
 from celery import Celery
 from pydantic import ValidationError
@@ -28,13 +29,14 @@ from ml_framework.protocol import (
 )
 from ml_framework.settings import get_settings
 from ml_framework.store import ResultStore, RowError, ShardClaim, WorkerInfo
+from ml_framework.store.outputs import outputs_table
 from worker import metrics, watchdog
 from worker.conversion import to_inputs
 from worker.devices import discover
 from worker.online import score_online
 from worker.registry import ModelRegistry
 from worker.runtimes import Runtime
-from worker.runtimes.base import to_record
+from worker.runtimes.base import records_table, to_record
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +179,13 @@ class ShardOutcome:
     """The scored rows of one shard.
 
     Attributes:
-        outputs: ``(row_index, record)`` pairs of the rows that succeeded.
+        outputs: the rows that succeeded, as an output table (``row`` first, then one
+            column per output key; see :func:`~worker.runtimes.base.records_table`).
         errors: one :class:`RowError` per row that did not, sorted by row.
         oom_splits: batches split after an out-of-memory error.
     """
 
-    outputs: list[tuple[int, dict]]
+    outputs: pa.Table
     errors: list[RowError]
     oom_splits: int = 0
 
@@ -207,7 +210,10 @@ def score_table(runtime: Runtime, table: pa.Table, columns: list[str], row_start
 
 def assemble(runtime: Runtime, rows: list[int], raw: list, failures: list[str | None],
              errors: list[RowError], oom_splits: int = 0) -> ShardOutcome:
-    """Turn per-row raw outputs into result records, and failures into row errors.
+    """Turn per-row raw outputs into an output table, and failures into row errors.
+
+    The rows are converted together (:func:`records_table`); should that fail (outputs
+    of different shapes), row by row (:func:`to_record`), so only the rows at fault fail.
 
     Args:
         rows: dataset row numbers of the converted rows, in the order of ``raw``.
@@ -218,15 +224,22 @@ def assemble(runtime: Runtime, rows: list[int], raw: list, failures: list[str | 
     Returns:
         A :class:`ShardOutcome` with errors sorted by row.
     """
-    outputs: list[tuple[int, dict]] = []
-    for row, y, failure in zip(rows, raw, failures, strict=True):
-        if failure is None:
+    spec = runtime.manifest.outputs
+    ok = [i for i, failure in enumerate(failures) if failure is None]
+    errors.extend(RowError(rows[i], f"row {rows[i]}: {failures[i]}") for i in range(len(rows)) if failures[i] is not None)
+    try:
+        outputs, bad = (records_table(np.asarray([rows[i] for i in ok], dtype=np.int64),
+                                      np.stack([raw[i] for i in ok]), spec) if ok else (outputs_table([]), []))
+    except Exception:  # noqa: BLE001 - ragged or odd outputs: find the rows at fault one by one
+        pairs: list[tuple[int, dict]] = []
+        bad = []
+        for i in ok:
             try:
-                outputs.append((row, to_record(y, runtime.manifest.outputs)))
-                continue
+                pairs.append((rows[i], to_record(raw[i], spec)))
             except Exception as exc:  # noqa: BLE001 - contract violation on this row
-                failure = str(exc)
-        errors.append(RowError(row, f"row {row}: {failure}"))
+                bad.append((rows[i], str(exc)))
+        outputs = outputs_table(pairs)
+    errors.extend(RowError(row, f"row {row}: {message}") for row, message in bad)
     errors.sort(key=lambda e: e.row_index)
     return ShardOutcome(outputs, errors, oom_splits)
 

@@ -3,7 +3,11 @@
 Every write that moves a shard is one transaction. Completing a shard is idempotent: the
 shard row is flipped from PENDING/RUNNING to DONE/FAILED by a conditional UPDATE first, and
 only the transaction that flipped it inserts rows, so a redelivered shard never
-duplicates results (primary keys ``(job_id, row_index)`` back this up).
+duplicates results (primary keys ``(job_id, shard_index)`` of ``shard_outputs`` and
+``(job_id, row_index)`` of ``row_errors`` back this up).
+
+A shard's outputs are stored as one columnar blob (:mod:`ml_framework.store.outputs`);
+row errors, rare, one row each.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import (
     Boolean,
     DateTime,
     Engine,
+    LargeBinary,
     bindparam,
     delete,
     func,
@@ -32,12 +39,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from ml_framework.errors import JobNotFoundError, StoreError, StoreUnavailableError
+from ml_framework.store import outputs as shard_outputs
 from ml_framework.store.engine import READ_ONLY, make_engine, upgrade
 from ml_framework.store.schema import (
     JobRow,
     JobState,
-    ResultRow,
     RowErrorRow,
+    ShardOutputRow,
     ShardRow,
     ShardState,
     WorkerRow,
@@ -108,8 +116,10 @@ _INSERT_SHARD = text(
 )
 _SET_MESSAGE = text("UPDATE shards SET message = :message WHERE job_id = :job_id AND shard_index = :shard_index "
                     "AND state IN ('PENDING', 'RUNNING')")
-_INSERT_RESULT = text(
-    "INSERT INTO results (job_id, row_index, shard_index, output) VALUES (:job_id, :row_index, :shard_index, :output)")
+_INSERT_OUTPUTS = text(
+    "INSERT INTO shard_outputs (job_id, shard_index, row_start, row_end, n_rows, data) "
+    "VALUES (:job_id, :shard_index, :row_start, :row_end, :n_rows, :data)"
+).bindparams(bindparam("data", type_=LargeBinary))
 _INSERT_ROW_ERROR = text(
     "INSERT INTO row_errors (job_id, row_index, shard_index, field, message) "
     "VALUES (:job_id, :row_index, :shard_index, :field, :message)")
@@ -130,11 +140,14 @@ _BUMP_JOBS = text(  # SET expressions read the row as it was before the update (
     "started_at = CASE WHEN :started THEN COALESCE(started_at, :now) ELSE started_at END "
     "WHERE id IN :job_ids"
 ).bindparams(bindparam("now", type_=_TS), bindparam("started", type_=Boolean), bindparam("job_ids", expanding=True))
-_FINISHED = text(  # one round trip: the states, then the rows of every job asked about
-    "SELECT id, state, CAST(NULL AS INTEGER), CAST(NULL AS TEXT), CAST(NULL AS TEXT), CAST(NULL AS TEXT) "
-    "FROM jobs WHERE id IN :job_ids "
-    "UNION ALL SELECT job_id, NULL, row_index, output, NULL, NULL FROM results WHERE job_id IN :job_ids "
-    "UNION ALL SELECT job_id, NULL, row_index, NULL, field, message FROM row_errors WHERE job_id IN :job_ids"
+_FINISHED_STATES = text(
+    "SELECT id, state FROM jobs WHERE id IN :job_ids AND state NOT IN ('PENDING', 'RUNNING')"
+).bindparams(bindparam("job_ids", expanding=True))
+_FINISHED_OUTPUTS = text(
+    "SELECT job_id, data FROM shard_outputs WHERE job_id IN :job_ids ORDER BY job_id, shard_index"
+).bindparams(bindparam("job_ids", expanding=True))
+_FINISHED_ERRORS = text(
+    "SELECT job_id, row_index, field, message FROM row_errors WHERE job_id IN :job_ids"
 ).bindparams(bindparam("job_ids", expanding=True))
 
 
@@ -406,41 +419,52 @@ class ResultStore:
         """
         return results_frame(*self._recorded_rows(job_id))
 
-    def finished(self, job_ids: Sequence[str]) -> dict[str, tuple[JobState, list, list]]:
-        """The jobs among ``job_ids`` that have ended, with their recorded rows, in one
-        query whatever their number (how waiting online callers get their answers).
+    def finished(self, job_ids: Sequence[str]) -> dict[str, tuple[JobState, pa.Table | None, list]]:
+        """The jobs among ``job_ids`` that have ended, with their recorded rows, in three
+        queries whatever their number (how waiting online callers get their answers).
 
         Returns:
             ``{job_id: (state, outputs, errors)}`` for each terminal job, where ``outputs``
-            are ``(row_index, output_json)`` and ``errors`` ``(row_index, field, message)``
+            is the output table (``row`` first, see :mod:`ml_framework.store.outputs`) or
+            ``None`` when no row succeeded, and ``errors`` ``(row_index, field, message)``
             tuples, as :func:`results_frame` takes them. Unknown and unfinished jobs are absent.
         """
         states: dict[str, JobState] = {}
-        outputs: dict[str, list] = defaultdict(list)
+        tables: dict[str, list[pa.Table]] = defaultdict(list)
         errors: dict[str, list] = defaultdict(list)
         with self._read() as conn:
             for chunk in _chunks(list(job_ids)):
-                for job_id, state, row, output, field_, message in conn.execute(_FINISHED, {"job_ids": chunk}):
-                    if state is not None:
-                        states[job_id] = JobState(state)
-                    elif output is not None:
-                        outputs[job_id].append((row, output))
-                    else:
-                        errors[job_id].append((row, field_, message))
-        return {j: (state, outputs.get(j, []), errors.get(j, [])) for j, state in states.items() if state.terminal}
+                ended = {job_id: JobState(state) for job_id, state in conn.execute(_FINISHED_STATES, {"job_ids": chunk})}
+                if not ended:
+                    continue
+                states.update(ended)
+                for job_id, data in conn.execute(_FINISHED_OUTPUTS, {"job_ids": list(ended)}):
+                    tables[job_id].append(shard_outputs.decode(data))
+                for job_id, row, field_, message in conn.execute(_FINISHED_ERRORS, {"job_ids": list(ended)}):
+                    errors[job_id].append((row, field_, message))
+        return {j: (state, shard_outputs.concat(tables.get(j, [])), errors.get(j, [])) for j, state in states.items()}
 
-    def _recorded_rows(self, job_id: str, lo: int = 0, hi: int | None = None) -> tuple[list, list]:
-        """``(row_index, output_json)`` and ``(row_index, field, message)`` rows of a job
-        among input rows ``[lo, hi)`` (all when ``hi`` is ``None``). Raises ``JobNotFoundError``."""
+    def _recorded_rows(self, job_id: str, lo: int = 0, hi: int | None = None) -> tuple[pa.Table | None, list]:
+        """The output table (``None`` when empty) and ``(row_index, field, message)`` rows
+        of a job among input rows ``[lo, hi)`` (all when ``hi`` is ``None``). Raises
+        ``JobNotFoundError``."""
         self.job(job_id)
-        outs = select(ResultRow.row_index, ResultRow.output).where(ResultRow.job_id == job_id,
-                                                                   ResultRow.row_index >= lo)
+        outs = select(ShardOutputRow.data).where(ShardOutputRow.job_id == job_id, ShardOutputRow.row_end > lo)
         errs = select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message).where(
             RowErrorRow.job_id == job_id, RowErrorRow.row_index >= lo)
         if hi is not None:
-            outs, errs = outs.where(ResultRow.row_index < hi), errs.where(RowErrorRow.row_index < hi)
+            outs, errs = outs.where(ShardOutputRow.row_start < hi), errs.where(RowErrorRow.row_index < hi)
         with self._read() as conn:
-            return conn.execute(outs).all(), conn.execute(errs).all()
+            blobs = conn.execute(outs.order_by(ShardOutputRow.shard_index)).scalars().all()
+            errors = conn.execute(errs).all()
+        table = shard_outputs.concat([shard_outputs.decode(b) for b in blobs])
+        if table is not None and (lo > 0 or hi is not None):
+            rows = table.column(shard_outputs.ROW)
+            keep = pc.greater_equal(rows, lo)
+            if hi is not None:
+                keep = pc.and_(keep, pc.less(rows, hi))
+            table = table.filter(keep)
+        return table, errors
 
     def results_page(self, job_id: str, offset: int, limit: int) -> list[dict]:
         """The recorded rows of a job among input rows ``[offset, offset + limit)``.
@@ -449,13 +473,14 @@ class ResultStore:
             One dict per recorded row, in row order: ``row``, the output keys (e.g.
             ``prediction``, ``score``, ``probabilities``) for rows that succeeded, or
             ``error`` and ``error_field`` for rows that failed. Rows not yet recorded are
-            absent. Reads by primary key: a page costs the same at any offset.
+            absent. Reads only the shards whose rows overlap the page: a page costs the
+            same at any offset.
 
         Raises:
             JobNotFoundError: no such job.
         """
-        outs, errs = self._recorded_rows(job_id, offset, offset + limit)
-        rows = [{"row": r, **json.loads(o)} for r, o in outs]
+        table, errs = self._recorded_rows(job_id, offset, offset + limit)
+        rows = [] if table is None else [{k: v for k, v in rec.items() if v is not None} for rec in table.to_pylist()]
         rows += [{"row": r, "error": m, "error_field": f} for r, f, m in errs]
         return sorted(rows, key=lambda d: d["row"])
 
@@ -641,7 +666,9 @@ class ResultStore:
         """Record a shard's outputs and row errors in one transaction.
 
         Args:
-            outputs: ``(row_index, output)`` pairs; each output a JSON-serialisable dict.
+            outputs: the output table (``row`` first, then one column per output key; see
+                :mod:`ml_framework.store.outputs`), or ``(row_index, output)`` pairs, each
+                output a JSON-serialisable dict. Stored as one compressed blob.
             errors: one :class:`RowError` per row without output.
             shard_error: set when the shard as a whole failed (then ``outputs`` is empty
                 and every row has an error); the shard ends FAILED instead of DONE.
@@ -658,8 +685,8 @@ class ResultStore:
             redelivery) or its lease passed to another process, and nothing was written.
         """
         with self.engine.begin() as conn:
-            return _record(conn, ShardOutcomeRecord(job_id, shard_index, list(outputs), list(errors), shard_error,
-                                                    oom_splits, batch_rows), _now(), owner=owner)
+            return _record(conn, ShardOutcomeRecord(job_id, shard_index, shard_outputs.as_table(outputs), list(errors),
+                                                    shard_error, oom_splits, batch_rows), _now(), owner=owner)
 
     def record_online(self, records: Sequence[ShardOutcomeRecord], worker: str) -> list[bool]:
         """Record several online requests' shards in one transaction, without a separate
@@ -743,7 +770,7 @@ class ShardOutcomeRecord:
 
     job_id: str
     shard_index: int
-    outputs: list[tuple[int, dict]]
+    outputs: pa.Table | Sequence[tuple[int, dict]]
     errors: list[RowError]
     shard_error: str | None = None
     oom_splits: int = 0
@@ -799,12 +826,18 @@ def _online_values(r: ShardOutcomeRecord) -> tuple:
 
 
 def _insert_rows(conn, records: Sequence[ShardOutcomeRecord]) -> None:
-    """Insert the outputs and row errors of ``records`` (one multi-row INSERT each)."""
-    outputs = [{"job_id": r.job_id, "row_index": i, "shard_index": r.shard_index,
-                "output": json.dumps(o, separators=(",", ":"))}
-               for r in records for i, o in r.outputs]
-    if outputs:
-        conn.execute(_INSERT_RESULT, outputs)
+    """Insert the outputs (one compressed Arrow blob per shard) and row errors of
+    ``records`` (one multi-row INSERT each)."""
+    blobs = []
+    for r in records:
+        table = shard_outputs.as_table(r.outputs)
+        if table.num_rows:
+            rows = table.column(shard_outputs.ROW)
+            blobs.append({"job_id": r.job_id, "shard_index": r.shard_index, "row_start": pc.min(rows).as_py(),
+                          "row_end": pc.max(rows).as_py() + 1, "n_rows": table.num_rows,
+                          "data": shard_outputs.encode(table)})
+    if blobs:
+        conn.execute(_INSERT_OUTPUTS, blobs)
     errors = [{"job_id": r.job_id, "row_index": e.row_index, "shard_index": r.shard_index,
                "field": e.field, "message": e.message}
               for r in records for e in r.errors]
@@ -824,22 +857,24 @@ def _bump_jobs(conn, job_ids: list[str], shards: int, ok: int, failed: int, oom_
                                   "started": started, "job_ids": chunk})
 
 
-def results_frame(outputs: Sequence[tuple[int, str]], errors: Sequence[tuple[int, str | None, str]]) -> pd.DataFrame:
+def results_frame(outputs: pa.Table | Sequence[tuple[int, dict | str]] | None,
+                  errors: Sequence[tuple[int, str | None, str]]) -> pd.DataFrame:
     """Recorded rows as a DataFrame (see :meth:`ResultStore.results`).
 
     Args:
-        outputs: ``(row_index, output_json)`` pairs.
+        outputs: the output table (``row`` first, see :mod:`ml_framework.store.outputs`),
+            or ``(row_index, output)`` pairs (a dict or its JSON text), or ``None``.
         errors: ``(row_index, field, message)`` triples.
 
     Returns:
         Indexed by ``row``, sorted; one column per output key, plus ``error`` and
         ``error_field`` (object dtype, ``None`` on rows that succeeded).
     """
-    records = [json.loads(o) for _, o in outputs]
-    keys = list(dict.fromkeys(k for rec in records for k in rec))
-    n_ok, n_failed = len(outputs), len(errors)
-    columns: dict[str, list] = {k: [rec.get(k) for rec in records] + [None] * n_failed for k in keys}
-    index = pd.Index([r for r, _ in outputs] + [r for r, _, _ in errors], dtype="int64", name="row")
+    table = None if outputs is None else shard_outputs.as_table(outputs)
+    n_ok, n_failed = (0 if table is None else table.num_rows), len(errors)
+    rows = [] if table is None else table.column(shard_outputs.ROW).to_pylist()
+    columns: dict[str, list] = {k: v + [None] * n_failed for k, v in shard_outputs.to_columns(table).items()}
+    index = pd.Index(rows + [r for r, _, _ in errors], dtype="int64", name="row")
     # object dtype, None where absent (pandas would infer a string dtype with NaN)
     columns["error"] = pd.Series([None] * n_ok + [m for _, _, m in errors], index=index, dtype=object)
     columns["error_field"] = pd.Series([None] * n_ok + [f for _, f, _ in errors], index=index, dtype=object)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -94,15 +94,20 @@ class ShardRow(Base):
     """The bulk shard's message body (JSON), to send again should the broker lose it."""
 
 
-class ResultRow(Base):
-    """The output of one input row, as JSON (keys per the model's output spec)."""
+class ShardOutputRow(Base):
+    """The outputs of one shard's rows that succeeded: one compressed Arrow IPC stream
+    (see :mod:`ml_framework.store.outputs`), ``row`` first, then one column per output key."""
 
-    __tablename__ = "results"
+    __tablename__ = "shard_outputs"
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    row_index: Mapped[int] = mapped_column(Integer, primary_key=True)
-    shard_index: Mapped[int] = mapped_column(Integer)
-    output: Mapped[str] = mapped_column(Text)
+    shard_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    row_start: Mapped[int] = mapped_column(Integer)
+    """Smallest input row held (0-based)."""
+    row_end: Mapped[int] = mapped_column(Integer)
+    """One past the largest input row held."""
+    n_rows: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class RowErrorRow(Base):

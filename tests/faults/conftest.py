@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from ml_framework.store.outputs import decode
 from tests.conftest import (
     RABBITMQ_URL,
     REDIS_URL,
@@ -69,14 +70,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 
 def rows_recorded(store, job_id: str) -> tuple[int, int]:
-    """``(rows recorded, duplicated rows)`` of a job: results plus row errors, and how many
-    row numbers appear more than once across both."""
-    with store.engine.connect() as conn:
-        n, distinct = conn.execute(text(
-            "SELECT count(*), count(DISTINCT row_index) FROM ("
-            " SELECT row_index FROM results WHERE job_id = :j"
-            " UNION ALL SELECT row_index FROM row_errors WHERE job_id = :j) r"), {"j": job_id}).one()
-    return n, n - distinct
+    """``(rows recorded, duplicated rows)`` of a job: the rows of every stored shard output
+    plus row errors, and how many row numbers appear more than once across both."""
+    rows = store.results(job_id).index
+    return len(rows), len(rows) - rows.nunique()
 
 
 def shard_rows_match(store, job_id: str) -> list[str]:
@@ -87,11 +84,15 @@ def shard_rows_match(store, job_id: str) -> list[str]:
         for s in store.shards(job_id):
             if s["state"] not in ("DONE", "FAILED"):
                 continue
-            ok = conn.execute(text("SELECT count(*) FROM results WHERE job_id = :j AND shard_index = :s"),
-                              {"j": job_id, "s": s["shard_index"]}).scalar_one()
-            failed = conn.execute(text("SELECT count(*) FROM row_errors WHERE job_id = :j AND shard_index = :s"),
-                                  {"j": job_id, "s": s["shard_index"]}).scalar_one()
-            if (ok, failed) != (s["rows_ok"], s["rows_failed"]) or ok + failed != s["row_end"] - s["row_start"]:
+            blob = conn.execute(text("SELECT data FROM shard_outputs WHERE job_id = :j AND shard_index = :s"),
+                                {"j": job_id, "s": s["shard_index"]}).scalar_one_or_none()
+            ok_rows = [] if blob is None else decode(blob).column("row").to_pylist()
+            failed_rows = conn.execute(
+                text("SELECT row_index FROM row_errors WHERE job_id = :j AND shard_index = :s"),
+                {"j": job_id, "s": s["shard_index"]}).scalars().all()
+            ok, failed = len(ok_rows), len(failed_rows)
+            if ((ok, failed) != (s["rows_ok"], s["rows_failed"])
+                    or sorted(ok_rows + failed_rows) != list(range(s["row_start"], s["row_end"]))):
                 bad.append(f"shard {s['shard_index']}: {ok} results + {failed} errors for rows "
                            f"{s['row_start']}-{s['row_end']} (counters {s['rows_ok']}/{s['rows_failed']})")
     return bad

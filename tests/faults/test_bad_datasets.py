@@ -29,6 +29,7 @@ from ml_framework.errors import DatasetError, DatasetFormatError, DatasetSchemaE
 from ml_framework.manifest import InputSpec, Preprocessing
 from ml_framework.protocol import DatasetRef, InlineRows, ScoreShard
 from ml_framework.settings import load_settings
+from ml_framework.store.outputs import to_pairs
 from producer.client import Client
 from producer.datasets import plan_sources, resolve_columns
 from worker import tasks
@@ -93,7 +94,7 @@ def score(settings, runtime, path: Path) -> tuple[dict[int, dict], dict[int, tup
         msg = ScoreShard(job_id="j", shard_index=index, model="lr", version=1, batch_size=3,
                          columns=columns, source=source)
         outcome = tasks.score_table(runtime, tasks.load_table(msg), columns, source.row_start, 3)
-        outputs.update(outcome.outputs)
+        outputs.update(to_pairs(outcome.outputs))
         errors.update({e.row_index: (e.field, e.message) for e in outcome.errors})
     assert sorted([*outputs, *errors]) == list(range(info.n_rows))
     return outputs, errors

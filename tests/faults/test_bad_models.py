@@ -23,6 +23,7 @@ from ml_framework.errors import ManifestError
 from ml_framework.manifest import MANIFEST_FILE, ModelRepository
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
+from ml_framework.store.outputs import to_pairs
 from producer.client import Client
 from tests import fault_models as fm
 from worker.export import export_sklearn, export_torch
@@ -213,7 +214,7 @@ def test_an_output_width_error_fails_the_whole_batch_naming_model_and_counts(rep
     runtime.predict_batch = lambda x: calls.append(len(x)) or predict(x)
     table = pa.table({c: np.ones(12) for c in PIXELS[:10]})
     outcome = score_table(runtime, table, PIXELS[:10], 100, 8)
-    assert outcome.outputs == [] and calls == [8, 4]
+    assert outcome.outputs.num_rows == 0 and calls == [8, 4]
     assert [e.row_index for e in outcome.errors] == list(range(100, 112))
     assert outcome.errors[0].message == (
         "row 100: model narrow-nowarm/1 returned 5 values per row for a batch of 8 rows, "
@@ -225,7 +226,7 @@ def test_a_model_returning_fewer_rows_than_inputs_fails_them_naming_model_and_co
     model and the counts."""
     runtime = ModelRegistry(repo, threads=1).get("drops")
     outcome = score_table(runtime, digits_rows(4), PIXELS, 0, 4)
-    assert outcome.outputs == []
+    assert outcome.outputs.num_rows == 0
     assert [e.message for e in outcome.errors] == [
         f"row {r}: model failed on this row: BatchContractError: model drops/1 returned 0 outputs for 1 inputs"
         for r in range(4)]
@@ -239,8 +240,8 @@ def test_nan_outputs_become_row_errors_naming_the_row(repo):
     assert [(e.row_index, e.message) for e in outcome.errors] == [
         (3, "row 3: model returned a non-finite output (NaN)"),
         (7, "row 7: model returned a non-finite output (NaN)")]
-    assert [r for r, _ in outcome.outputs] == [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]
-    assert all(np.isfinite(rec["probabilities"]).all() for _, rec in outcome.outputs)
+    assert [r for r, _ in to_pairs(outcome.outputs)] == [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]
+    assert all(np.isfinite(rec["probabilities"]).all() for _, rec in to_pairs(outcome.outputs))
 
 
 @pytest.mark.integration

@@ -136,7 +136,9 @@ def test_a_deep_queue_does_not_grow_worker_memory_and_keys_expire(make_workers, 
     wait_until(lambda: job.status().shards_done >= 200, what="200 shards done", interval_s=0.2)
     before = [_rss_bytes(p) for p in pids]
     unacked, depth = [], []
-    while job.status().shards_done < 800:
+    # sample at least 10 times, however fast the workers go (or however long this process
+    # waits for a core): CI once saw the 800th shard done before the first sample
+    while job.status().shards_done < 800 or len(unacked) < 10:
         unacked.append(r.hlen("unacked"))
         depth.append(sum(r.llen(k) for k in r.scan_iter(f"{queue}*") if r.type(k) == b"list"))
         time.sleep(0.1)
@@ -147,7 +149,7 @@ def test_a_deep_queue_does_not_grow_worker_memory_and_keys_expire(make_workers, 
         if r.type(key) == b"list":
             r.delete(key)  # drop the rest of the cancelled job's shards
     assert max(unacked) <= 2, unacked
-    assert min(depth) > 7000, depth
+    assert min(depth) > 5000, depth
     assert max(growth) < 16 * 2**20, f"worker RSS grew by {[g / 2**20 for g in growth]} MiB"
     print(f"deep queue: at most {max(unacked)} unacked, at least {min(depth)} queued, worker RSS growth "
           f"{[round(g / 2**20, 1) for g in growth]} MiB over 600 shards")

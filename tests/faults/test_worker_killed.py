@@ -71,21 +71,21 @@ def test_a_worker_killed_mid_shard_has_its_shard_redone_once(kind, make_workers,
 def test_a_worker_killed_mid_write_loses_and_duplicates_nothing(make_workers, fault_models, data_dir, digits,
                                                                 own_pg_database):
     """SIGKILL the process while its shard's rows are being written (its INSERT waits on a
-    lock this test holds on the results table): the half-written transaction is rolled
+    lock this test holds on the shard outputs table): the half-written transaction is rolled
     back, the shard is redone, and every row is recorded exactly once."""
     workers = make_workers(broker_url=broker_url("redis"), shard_size=600, task_time_limit_s=15,
                            broker_visibility_timeout_s=17)
     workers.start(processes=1)
     db = own_pg_database.rsplit("/", 1)[1]
     locker = psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{db}")
-    locker.execute("LOCK TABLE results IN SHARE MODE")  # INSERTs wait; the transaction stays open
+    locker.execute("LOCK TABLE shard_outputs IN SHARE MODE")  # INSERTs wait; the transaction stays open
     try:
         job = workers.client.score_dataset(data_dir / "digits.csv", fault_models["slow"], batch_size=300)
 
         def writer_waiting() -> int | None:
             with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{db}", autocommit=True) as conn:
                 row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
-                                   "wait_event_type = 'Lock' AND query ILIKE 'INSERT INTO results%%'",
+                                   "wait_event_type = 'Lock' AND query ILIKE 'INSERT INTO shard_outputs%%'",
                                    (db,)).fetchone()
             return row[0] or None
 

@@ -133,7 +133,7 @@ def test_results_of_a_finished_job_are_served_from_the_redis_cache(backend, digi
         assert keys == [f"mlf:results:{job_id}:csv", f"mlf:results:{job_id}:json:0:10"]
         assert all(0 < r.ttl(k) <= 120 for k in keys)
         with backend.client.store.engine.begin() as conn:
-            conn.execute(text("DELETE FROM results WHERE job_id = :j"), {"j": job_id})
+            conn.execute(text("DELETE FROM shard_outputs WHERE job_id = :j"), {"j": job_id})
         assert http.get(f"/v1/jobs/{job_id}/results", params={"limit": 10}).json() == page
         assert http.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).content == csv
         uncached = http.get(f"/v1/jobs/{job_id}/results", params={"limit": 5}).json()

@@ -157,3 +157,62 @@ def test_numeric_columns_convert_directly_and_still_report_bad_cells():
     x, rows, errors = to_inputs(pa.table({"f": [float("nan"), float("inf"), 2.0]}), ["f"], lenient, Preprocessing(), 0)
     assert rows.tolist() == [0, 2] and np.isnan(x[0, 0]) and x[1, 0] == 2.0
     assert [e.message for e in errors] == ["row 1, field 'f': inf is not finite"]
+
+
+@pytest.mark.parametrize("spec", [
+    OutputSpec(kind="classification", labels=["cat", "dog", "eel"], activation="softmax"),
+    OutputSpec(kind="classification", labels=[3, 7, 9], activation="none"),
+    OutputSpec(kind="regression"),
+    OutputSpec(kind="regression", size=3),
+    OutputSpec(kind="embedding", size=3),
+], ids=["softmax-text-labels", "int-labels", "regression", "regression-3", "embedding"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_records_table_gives_what_to_record_gives_row_by_row(spec, dtype):
+    """The vectorized conversion of a batch (what the worker stores) equals to_record on
+    each row (what it stored before), values and keys; rows with NaN or infinity fail with
+    to_record's message, and only they."""
+    from ml_framework.store.outputs import to_pairs
+    from worker.runtimes.base import records_table
+
+    width = 1 if spec.kind == "regression" and spec.size is None else 3
+    rng = np.random.default_rng(0)
+    raw = (rng.normal(size=(50, width)) * 4).astype(dtype)
+    raw[7, 0], raw[20, -1], raw[21] = np.nan, np.inf, [-np.inf] + [np.nan] * (width - 1)
+    rows = np.arange(100, 150, dtype=np.int64)
+    if spec.kind == "regression" and width == 1:
+        raw = raw[:, 0]  # (N,) outputs, as scikit-learn regressors give
+    table, failures = records_table(rows, raw, spec)
+    expected, expected_failures = [], []
+    for r, y in zip(rows.tolist(), raw, strict=True):
+        try:
+            expected.append((r, to_record(y, spec)))
+        except BatchContractError as exc:
+            expected_failures.append((r, str(exc)))
+    assert failures == expected_failures and len(failures) == 3
+    got = to_pairs(table)
+    assert [r for r, _ in got] == [r for r, _ in expected]
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(b[k], str | int) and not isinstance(b[k], bool):
+                assert a[k] == b[k] and type(a[k]) is type(b[k])
+            else:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-12)
+
+
+def test_records_table_refuses_outputs_of_the_wrong_width():
+    from worker.runtimes.base import records_table
+
+    with pytest.raises(BatchContractError, match="returned 2 values per row, manifest expects 3"):
+        records_table(np.arange(4), np.zeros((4, 2)), OutputSpec(kind="classification", labels=["a", "b", "c"]))
+
+
+def test_labels_mixing_text_and_numbers_are_stored_as_text():
+    """A results column holds one type: class labels such as ["other", 1, 2] (valid in a
+    manifest) come back as text, where the vectorized conversion would otherwise fail
+    every shard of the model."""
+    from ml_framework.store.outputs import to_pairs
+    from worker.runtimes.base import records_table
+
+    table, _ = records_table(np.arange(3), np.eye(3), OutputSpec(kind="classification", labels=["other", 1, 2]))
+    assert [rec["prediction"] for _, rec in to_pairs(table)] == ["other", "1", "2"]

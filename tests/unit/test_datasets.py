@@ -176,3 +176,25 @@ def test_ragged_row_with_invalid_utf8_is_named(tmp_path, capfd):
     with pytest.raises(DatasetFormatError, match=r"line 3: expected 2 fields, found 3"):
         inspect(path)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_parquet_file_replaced_under_the_same_name_size_and_mtime_is_read_anew(tmp_path):
+    """Workers keep Parquet footers between shards: a file replaced by one of the same size
+    whose mtime was kept (``cp -p``, ``rsync -a``) is still read anew, not through the old
+    footer (whose columns it no longer has)."""
+    import os
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from ml_framework.datasets import read_rows
+
+    path, other = tmp_path / "d.parquet", tmp_path / "new.parquet"
+    pq.write_table(pa.table({"x": np.arange(100, dtype=np.int64)}), path)
+    pq.write_table(pa.table({"y": np.arange(100, dtype=np.int64)}), other)
+    assert read_rows(path, "parquet", 0, 3, ["x"]).column("x").to_pylist() == [0, 1, 2]
+    st = path.stat()
+    assert other.stat().st_size == st.st_size  # same size: only the names differ
+    shutil.copyfile(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert read_rows(path, "parquet", 0, 3, ["y"]).column("y").to_pylist() == [0, 1, 2]

@@ -10,6 +10,7 @@ import pytest
 
 from ml_framework.errors import ModelLoadError
 from ml_framework.manifest import InputSpec, ModelManifest, OutputSpec
+from ml_framework.store.outputs import to_pairs
 from tests.oom_model import oom_above
 from worker.registry import ModelRegistry
 from worker.runtimes.base import Runtime
@@ -132,7 +133,8 @@ def test_a_warm_up_failure_is_reported_and_the_model_still_serves(tmp_path, capl
 
     from worker.tasks import score_table
     outcome = score_table(rt, pa.table({"a": [2.0, 0.0], "b": [1.0, 1.0]}), ["a", "b"], 0, 8)
-    assert [r for r, _ in outcome.outputs] == [0] and outcome.outputs[0][1]["prediction"] == pytest.approx(np.log(2))
+    pairs = to_pairs(outcome.outputs)
+    assert [r for r, _ in pairs] == [0] and pairs[0][1]["prediction"] == pytest.approx(np.log(2))
     assert [e.row_index for e in outcome.errors] == [1] and "non-finite" in outcome.errors[0].message
 
 

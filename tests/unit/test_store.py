@@ -20,6 +20,7 @@ from ml_framework.store import (
     ShardOutcomeRecord,
     results_frame,
 )
+from ml_framework.store.outputs import to_pairs
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -302,7 +303,7 @@ def test_finished_returns_ended_jobs_with_their_rows_only(store):
     assert list(found) == [done]
     state, outputs, errors = found[done]
     assert state is JobState.PARTIAL
-    assert outputs == [(1, '{"p":7}')] and errors == [(0, "x", "row 0: bad")]
+    assert to_pairs(outputs) == [(1, {"p": 7})] and errors == [(0, "x", "row 0: bad")]
     frame = results_frame(outputs, errors)
     assert frame.index.tolist() == [0, 1]
     assert frame["error"].tolist() == ["row 0: bad", None] and frame["error_field"].tolist() == ["x", None]
@@ -315,7 +316,7 @@ def test_a_big_online_batch_spans_several_in_lists(store):
     assert all(store.record_online([ShardOutcomeRecord(j, 0, [(0, {"p": i})], []) for i, j in enumerate(jobs)], "w"))
     found = store.finished(jobs)
     assert len(found) == 1200 and {s for s, _, _ in found.values()} == {JobState.SUCCEEDED}
-    assert [json.loads(found[j][1][0][1])["p"] for j in jobs] == list(range(1200))
+    assert [to_pairs(found[j][1])[0][1]["p"] for j in jobs] == list(range(1200))
 
 
 def test_cancel_while_a_worker_records_the_same_job_does_not_deadlock(store, monkeypatch):
@@ -490,3 +491,83 @@ def test_kept_messages_are_dropped_with_their_shards(store):
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM shards WHERE job_id = :j AND message IS NOT NULL"),
                             {"j": job}).scalar_one() == 0
+
+
+def test_results_pages_cut_across_shard_outputs(store):
+    """Outputs are stored one blob per shard: a page spanning three shards returns exactly
+    its rows, in order, with the row errors among them; the whole frame matches."""
+    job = uuid.uuid4().hex
+    store.create_jobs([NewJob(job, "m", 1, "d.csv", 12, [(0, 4), (4, 8), (8, 12)], 4)])
+    for s, (lo, hi) in enumerate([(0, 4), (4, 8), (8, 12)]):
+        assert store.claim_shard(job, s, "w") is ShardClaim.RUN
+        outputs = [(i, {"prediction": f"c{i}", "probabilities": [i / 10, 1 - i / 10]}) for i in range(lo, hi) if i != 5]
+        errors = [RowError(5, "row 5: bad", "x")] if lo <= 5 < hi else []
+        assert store.complete_shard(job, s, outputs, errors)
+    page = store.results_page(job, 3, 6)
+    assert [r["row"] for r in page] == [3, 4, 5, 6, 7, 8]
+    assert page[0] == {"row": 3, "prediction": "c3", "probabilities": [0.3, 0.7]}
+    assert page[2] == {"row": 5, "error": "row 5: bad", "error_field": "x"}
+    assert store.results_page(job, 12, 5) == []
+    frame = store.results(job)
+    assert frame.index.tolist() == list(range(12))
+    assert frame.loc[11, "probabilities"] == [1.1, 1 - 1.1] and frame.loc[5, "error"] == "row 5: bad"
+    assert frame["prediction"].tolist()[:3] == ["c0", "c1", "c2"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_results_stored_row_by_row_before_revision_0006_are_converted(backend, request, tmp_path):
+    """A database at revision 0005 holds one JSON row per result: the upgrade turns each
+    shard's into one blob, and the job's results read back with the same values; a
+    downgrade writes the JSON rows back."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from ml_framework.store.engine import _alembic_config, make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}" if backend == "sqlite" else request.getfixturevalue("own_pg_database")
+    engine = make_engine(url)
+    cfg = _alembic_config()
+    old = {0: {"prediction": "a", "score": 0.5, "probabilities": [0.5, 0.5]},
+           1: {"prediction": "b", "score": 0.75, "probabilities": [0.25, 0.75]},
+           3: {"prediction": "a", "score": 1.0, "probabilities": [1.0, 0.0]}}
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0005")
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, "
+            "rows_ok, rows_failed, batch_size, oom_splits, priority, created_at) VALUES ('j1', 'm', 1, 'd.csv', "
+            "'PARTIAL', 4, 2, 2, 3, 1, 8, 0, 0, CURRENT_TIMESTAMP)")
+        for i, rec in old.items():
+            conn.execute(text("INSERT INTO results (job_id, row_index, shard_index, output) VALUES ('j1', :i, :s, :o)"),
+                         {"i": i, "s": i // 2, "o": json.dumps(rec)})
+        conn.exec_driver_sql("INSERT INTO row_errors (job_id, row_index, shard_index, field, message) "
+                             "VALUES ('j1', 2, 1, NULL, 'row 2: bad')")
+        # labels mixing text and numbers, valid in manifests: one column cannot hold both
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, "
+            "rows_ok, rows_failed, batch_size, oom_splits, priority, created_at) VALUES ('j2', 'm', 1, 'd.csv', "
+            "'SUCCEEDED', 2, 1, 1, 2, 0, 8, 0, 0, CURRENT_TIMESTAMP)")
+        conn.exec_driver_sql("INSERT INTO results (job_id, row_index, shard_index, output) VALUES "
+                             "('j2', 0, 0, '{\"prediction\": \"other\"}'), ('j2', 1, 0, '{\"prediction\": 1}')")
+    engine.dispose()
+    store = ResultStore(url)
+    try:
+        frame = store.results("j1")
+        assert frame.index.tolist() == [0, 1, 2, 3]
+        assert {i: {k: frame.loc[i, k] for k in rec} for i, rec in old.items()} == old
+        assert frame.loc[2, "error"] == "row 2: bad"
+        assert store.results("j2")["prediction"].tolist() == ["other", "1"]
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SELECT shard_index, n_rows FROM shard_outputs WHERE job_id = 'j1' "
+                                     "ORDER BY shard_index")).all() == [
+                (0, 2), (1, 1)]
+    finally:
+        store.close()
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+        back = {i: json.loads(o) for i, o in conn.execute(text("SELECT row_index, output FROM results "
+                                                                "WHERE job_id = 'j1'"))}
+    engine.dispose()
+    assert back == old
