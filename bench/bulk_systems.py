@@ -157,7 +157,7 @@ PHASES = {  # frame (function name) -> phase of a bulk shard, innermost match wi
     "load_table": "read shard",
     "to_inputs": "convert inputs",
     "predict_batch": "model forward",
-    "assemble": "result records (to_record)",
+    "assemble": "result records (assemble)",
 }
 
 

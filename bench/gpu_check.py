@@ -166,8 +166,7 @@ def ours(registry, name: str, version: int, table: pa.Table, batch_size: int, sh
     """The worker's path over the table in shards of ``shard_rows``: conversion, batched
     forward passes, result records. Returns seconds and a breakdown in seconds."""
     from worker.conversion import to_inputs
-    from worker.runtimes.base import to_record
-    from worker.tasks import score_table
+    from worker.tasks import assemble, score_table
 
     runtime = registry.get(name, version)  # loaded and warmed up before timing
     manifest = runtime.manifest
@@ -181,12 +180,11 @@ def ours(registry, name: str, version: int, table: pa.Table, batch_size: int, sh
     # Breakdown, on the first shard: each stage timed on its own.
     shard = table.slice(0, shard_rows)
     t0 = time.perf_counter()
-    x, _, _ = to_inputs(shard, COLUMNS, manifest.inputs, manifest.preprocessing, 0)
+    x, rows, errors = to_inputs(shard, COLUMNS, manifest.inputs, manifest.preprocessing, 0)
     t1 = time.perf_counter()
     run = runtime.run(x, batch_size)
     t2 = time.perf_counter()
-    for y in run.outputs:
-        to_record(y, manifest.outputs)
+    assemble(runtime, rows.tolist(), run.outputs, run.errors, errors)
     t3 = time.perf_counter()
     stages = t3 - t0
     return total, {"convert": (t1 - t0) / stages, "forward": (t2 - t1) / stages, "records": (t3 - t2) / stages}
