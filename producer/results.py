@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 SUFFIXES = (".parquet", ".pq", ".csv")
 
@@ -44,7 +46,13 @@ def encode_results(frame: pd.DataFrame, fmt: str) -> bytes:
                 flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
         flat.to_csv(buf, index_label="row")
     elif fmt == "parquet":
-        frame.to_parquet(buf)
+        # error columns are text even when no row failed (all None would make them Arrow
+        # type null, and the schema would differ from job to job)
+        schema = pa.Schema.from_pandas(frame)
+        for name in ("error", "error_field"):
+            if name in schema.names:
+                schema = schema.set(schema.get_field_index(name), pa.field(name, pa.string()))
+        pq.write_table(pa.Table.from_pandas(frame, schema=schema), buf)
     else:
         raise ValueError(f"unknown results format {fmt!r}: csv or parquet")
     return buf.getvalue()

@@ -879,4 +879,9 @@ def results_frame(outputs: pa.Table | Sequence[tuple[int, dict | str]] | None,
     columns["error"] = pd.Series([None] * n_ok + [m for _, _, m in errors], index=index, dtype=object)
     columns["error_field"] = pd.Series([None] * n_ok + [f for _, f, _ in errors], index=index, dtype=object)
     frame = pd.DataFrame(columns, index=index)
+    if n_failed and table is not None:
+        # integer outputs (class labels) stay integers on the rows that failed, as nulls
+        for name in table.column_names:
+            if name != shard_outputs.ROW and pa.types.is_integer(table.schema.field(name).type):
+                frame[name] = frame[name].astype("Int64")
     return frame if index.is_monotonic_increasing else frame.sort_index()

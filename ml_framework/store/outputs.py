@@ -76,7 +76,29 @@ def concat(tables: Sequence[pa.Table]) -> pa.Table | None:
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return None
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    if len(tables) == 1:
+        return tables[0]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # a key stored as numbers in one shard and text in another (class labels mixing
+        # both, converted row by row): that key as text in every shard, as column() does
+        types: dict[str, set] = {}
+        for t in tables:
+            for f in t.schema:
+                types.setdefault(f.name, set()).add(f.type)
+        mixed = [name for name, ts in types.items() if len(ts - {pa.null()}) > 1]
+        return pa.concat_tables([_as_text(t, mixed) for t in tables], promote_options="permissive")
+
+
+def _as_text(table: pa.Table, names: Sequence[str]) -> pa.Table:
+    for name in names:
+        if name in table.column_names:
+            values = table.column(name).to_pylist()
+            text = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
+                            pa.string())
+            table = table.set_column(table.column_names.index(name), name, text)
+    return table
 
 
 def to_columns(table: pa.Table | None) -> dict[str, list]:

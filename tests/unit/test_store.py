@@ -571,3 +571,40 @@ def test_results_stored_row_by_row_before_revision_0006_are_converted(backend, r
                                                                 "WHERE job_id = 'j1'"))}
     engine.dispose()
     assert back == old
+
+
+def test_integer_predictions_stay_integers_when_a_row_failed(store, tmp_path):
+    """Class labels that are integers come back as integers (nulls on the failed rows), in
+    the frame and in Parquet and CSV files, where they used to turn into floats as soon as
+    one row of the job failed; the error columns are text in Parquet even with no error."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from producer.results import write_results
+
+    job, clean = uuid.uuid4().hex, uuid.uuid4().hex
+    store.create_jobs([NewJob(job, "m", 1, "d.csv", 3, [(0, 3)], 4), NewJob(clean, "m", 1, "d.csv", 1, [(0, 1)], 4)])
+    for j in (job, clean):
+        assert store.claim_shard(j, 0, "w") is ShardClaim.RUN
+    store.complete_shard(job, 0, [(0, {"prediction": 7}), (2, {"prediction": 9})], [RowError(1, "row 1: bad", "x")])
+    store.complete_shard(clean, 0, [(0, {"prediction": 7})], [])
+    frame = store.results(job)
+    assert str(frame["prediction"].dtype) == "Int64" and frame["prediction"].tolist() == [7, pd.NA, 9]
+    table = pq.read_table(write_results(frame, tmp_path / "r.parquet"))
+    assert str(table.schema.field("prediction").type) == "int64"
+    assert table.column("prediction").to_pylist() == [7, None, 9]
+    assert write_results(frame, tmp_path / "r.csv").read_text().splitlines()[1:] == [
+        "0,7,,", "1,,row 1: bad,x", "2,9,,"]
+    clean_table = pq.read_table(write_results(store.results(clean), tmp_path / "c.parquet"))
+    assert str(clean_table.schema.field("error").type) == "string"
+
+
+def test_shards_storing_a_key_as_numbers_and_as_text_read_back_together(store):
+    """Labels mixing text and numbers, converted row by row, can give one shard an int64
+    column and another a text one: the job's results still read, that key as text."""
+    job = uuid.uuid4().hex
+    store.create_jobs([NewJob(job, "m", 1, "d.csv", 2, [(0, 1), (1, 2)], 4)])
+    for s, value in enumerate([1, "other"]):
+        assert store.claim_shard(job, s, "w") is ShardClaim.RUN
+        store.complete_shard(job, s, [(s, {"prediction": value})], [])
+    assert store.results(job)["prediction"].tolist() == ["1", "other"]
