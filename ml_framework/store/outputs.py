@@ -29,8 +29,12 @@ def column(values: Sequence) -> pa.Array:
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
-                        pa.string())
+        return _text(values)
+
+
+def _text(values: Sequence) -> pa.Array:
+    """``values`` as a string column: text as is, other values as their JSON."""
+    return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
 def outputs_table(pairs: Sequence[tuple[int, dict | str]]) -> pa.Table:
@@ -94,10 +98,7 @@ def concat(tables: Sequence[pa.Table]) -> pa.Table | None:
 def _as_text(table: pa.Table, names: Sequence[str]) -> pa.Table:
     for name in names:
         if name in table.column_names:
-            values = table.column(name).to_pylist()
-            text = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
-                            pa.string())
-            table = table.set_column(table.column_names.index(name), name, text)
+            table = table.set_column(table.column_names.index(name), name, _text(table.column(name).to_pylist()))
     return table
 
 
@@ -107,7 +108,6 @@ def to_columns(table: pa.Table | None) -> dict[str, list]:
     if table is None:
         return {}
     return {name: table.column(name).to_pylist() for name in table.column_names if name != ROW}
-
 
 
 def to_pairs(table: pa.Table | None) -> list[tuple[int, dict]]:

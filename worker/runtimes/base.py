@@ -240,8 +240,7 @@ def to_record(raw: np.ndarray, spec: OutputSpec) -> dict[str, Any]:
     """
     vec = np.asarray(raw, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(vec)):
-        what = " and ".join(w for w, bad in (("NaN", np.isnan(vec).any()), ("infinity", np.isinf(vec).any())) if bad)
-        raise BatchContractError(f"model returned a non-finite output ({what})")
+        raise BatchContractError(_non_finite(vec))
     width = spec.width
     if width is not None and vec.size != width:
         raise BatchContractError(f"model returned {vec.size} values per row, manifest expects {width}")
