@@ -10,6 +10,7 @@ from ml_framework.celery_app import create_app
 from ml_framework.logging import configure_logging
 from ml_framework.settings import get_settings
 from worker import tasks
+from worker.process import WorkerContext
 
 settings = get_settings()
 configure_logging(settings.logging_level, settings)
@@ -32,23 +33,20 @@ def _remember_hostname(sender: str, **_: object) -> None:
 
 
 @worker_ready.connect
-def _start_heartbeat_and_preload(**_: object) -> None:
-    """Per-process start-up hook: open the store, start the heartbeat, then load and warm
-    up ``worker_preload_models``. With the solo pool this runs in the process's only
-    thread, so no shard starts before the models are ready."""
-    try:
-        tasks.get_store()  # open the store (and run migrations) before the first shard
-    except Exception as exc:  # noqa: BLE001 - shards retry until the store is reachable
-        log.warning("results store not reachable yet: %s", exc)
-    tasks.heartbeat = tasks.Heartbeat(_hostname[0] if _hostname else "worker")
-    tasks.heartbeat.start()
+def _start_context(**_: object) -> None:
+    """Per-process start-up hook: make the process's context (open the store, start the
+    heartbeat), then load and warm up ``worker_preload_models``. With the solo pool this
+    runs in the process's only thread, so no shard starts before the models are ready."""
+    ctx = app.mlf_context = WorkerContext(settings, _hostname[0] if _hostname else "worker")
+    ctx.start()
     if settings.worker_preload_models:
-        failures = tasks.get_registry().preload(settings.worker_preload_models)
+        failures = ctx.registry.preload(settings.worker_preload_models)
         log.info("preloaded %d of %d model(s): %s", len(settings.worker_preload_models) - len(failures),
-                 len(settings.worker_preload_models), ", ".join(tasks.get_registry().loaded()) or "none")
+                 len(settings.worker_preload_models), ", ".join(ctx.registry.loaded()) or "none")
 
 
 @worker_shutdown.connect
-def _stop_heartbeat(**_: object) -> None:
-    if tasks.heartbeat is not None:
-        tasks.heartbeat.stop()
+def _stop_context(**_: object) -> None:
+    ctx = getattr(app, "mlf_context", None)
+    if ctx is not None:
+        ctx.stop()

@@ -135,3 +135,15 @@ def discover(nvml: ModuleType | None = None, visible: str | None = None, *, use_
             nvml.nvmlShutdown()
     chosen, reason = select_visible(gpus, visible)
     return DeviceReport(chosen, reason if visible is None or reason is None else f"CUDA_VISIBLE_DEVICES={reason}")
+
+
+MEMORY_FRACTION_ENV = "MLF_DEVICE_MEMORY_FRACTION"
+"""Set by ``mlf worker`` for each of several processes sharing one GPU
+(``--processes-per-device N``): that process's share of the device's memory, ``1/N``."""
+
+
+def memory_fraction() -> float | None:
+    """This process's share of its GPU's memory (see :data:`MEMORY_FRACTION_ENV`), or
+    ``None`` when it has the device to itself."""
+    value = os.environ.get(MEMORY_FRACTION_ENV)
+    return float(value) if value else None

@@ -31,7 +31,7 @@ from worker import metrics, watchdog
 
 if TYPE_CHECKING:
     from ml_framework.store import ResultStore
-from worker.devices import GpuDevice
+from worker.devices import MEMORY_FRACTION_ENV, GpuDevice
 from worker.metrics import DEVICE_ENV, MULTIPROC_ENV
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,10 @@ def plan_children(
 
     One process per GPU (``processes_per_device`` each), pinned with
     ``CUDA_VISIBLE_DEVICES=<uuid>`` and named ``gpu<index>@host``; plus ``processes`` CPU
-    processes, pinned to no GPU and named ``cpu<i>@host``.
+    processes, pinned to no GPU and named ``cpu<i>@host``. Several processes on one GPU
+    each get ``1/processes_per_device`` of its memory (see
+    :func:`worker.devices.memory_fraction`), so that one process's cache cannot starve
+    the others.
 
     Args:
         processes: CPU processes; default none when there are GPUs, else
@@ -114,6 +117,8 @@ def plan_children(
             "CUDA_VISIBLE_DEVICES": device,
             DEVICE_ENV: label,
         })
+        if device and processes_per_device > 1:  # share the GPU's memory, not race for it
+            env[MEMORY_FRACTION_ENV] = f"{1 / processes_per_device:.6f}"
         if preload is not None:
             env["ML_FRAMEWORK_WORKER_PRELOAD_MODELS"] = ",".join(preload)
         name = f"{prefix}@{host}"

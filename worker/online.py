@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-import numpy as np
 from celery import Celery
 from kombu import Queue
 from kombu.message import Message
@@ -44,8 +43,11 @@ from ml_framework.protocol import (
 from ml_framework.settings import get_settings
 from ml_framework.store import ShardOutcomeRecord
 from worker import metrics
-from worker.conversion import to_inputs
-from worker.runtimes.base import BatchRun
+from worker.outcomes import count_rows, every_row_failed, queue_wait, shard_failed
+from worker.pipeline import read_all, shard_source
+from worker.process import WorkerContext
+from worker.runtimes.batching import BatchRun
+from worker.scoring import assemble
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +126,15 @@ def _parse(message: Message) -> list[ScoreShard]:
         return []
 
 
-def score_online(app: Celery, first: list[ScoreShard], hostname: str) -> str:
+def score_online(ctx: WorkerContext, app: Celery, first: list[ScoreShard], hostname: str) -> str:
     """Score the requests of ``first`` (one message) together with the online requests
     waiting behind them.
 
     Returns:
         ``DONE``: every request's rows are recorded (or it was cancelled).
     """
-    from worker import tasks
-
     try:
-        batching = tasks.get_registry().repository.resolve(first[0].model, first[0].version).dynamic_batching
+        batching = ctx.registry.repository.resolve(first[0].model, first[0].version).dynamic_batching
         max_rows, delay_s = batching.max_batch_size, batching.max_queue_delay_ms / 1000
     except MLFrameworkError:
         max_rows, delay_s = 1, 0.0  # unknown model: fail this request alone, below
@@ -145,75 +145,71 @@ def score_online(app: Celery, first: list[ScoreShard], hostname: str) -> str:
         done: list[str] = []
         for (model, version), requests in groups.items():
             with task_context(model=f"{model}/{version}", device=metrics.DEVICE):
-                done += _score_group(requests, hostname)
+                done += _score_group(ctx, requests, hostname)
         announce(done)
     return "DONE"
 
 
-def _score_group(requests: list[ScoreShard], hostname: str) -> list[str]:
+def _score_group(ctx: WorkerContext, requests: list[ScoreShard], hostname: str) -> list[str]:
     """One forward pass (in batches of the model's ``max_batch_size``) over the requests of one model
     version, then every request's rows recorded in one transaction. Returns the job ids
     recorded (a cancelled request is not)."""
-    from worker import tasks
-
     records: list[ShardOutcomeRecord] = []
     failures: dict[int, str] = {}  # id(record) -> the error's class, counted once recorded
 
     model, version = requests[0].model, requests[0].version
     for request in requests:
-        tasks.queue_wait(request)
+        queue_wait(request)
 
     def fail(request: ScoreShard, reason: str, exc: BaseException) -> None:
         records.append(ShardOutcomeRecord(request.job_id, request.shard_index, [],
-                                          tasks.every_row_failed(request, reason), shard_error=reason))
+                                          every_row_failed(request, reason), shard_error=reason))
         failures[id(records[-1])] = type(exc).__name__
 
     try:
-        runtime = tasks.get_registry().get(model, version)
+        runtime = ctx.registry.get(model, version)
     except MLFrameworkError as exc:
         for request in requests:
             fail(request, f"shard failed: {exc}", exc)
-        return _record(records, hostname, model, version, failures)
+        return _record(ctx, records, hostname, model, version, failures)
     parts = []
     for request in requests:
         try:
-            table = tasks.load_table(request)
-            x, rows, errors = to_inputs(table, request.columns, runtime.manifest.inputs,
-                                        runtime.manifest.preprocessing, request.source.row_start)
+            table = read_all(shard_source(ctx.settings.data_dir, request))
+            piece = runtime.converter.convert(table, request.columns, request.source.row_start)
         except MLFrameworkError as exc:
             fail(request, f"shard failed: {exc}", exc)
             continue
-        parts.append((request, x, rows, errors))
+        parts.append((request, piece))
     if parts:
-        x_all = np.concatenate([x for _, x, _, _ in parts])
+        x_all = runtime.converter.concat([piece.x for _, piece in parts])
         # the forward passes' size: this model's limit, whichever model the gathering started with
         pass_rows = min(len(x_all), runtime.manifest.dynamic_batching.max_batch_size)
         # no row converted (every one is a row error): nothing to run
-        run = runtime.run(x_all, pass_rows) if len(x_all) else BatchRun([], [])
+        run = runtime.run(x_all, pass_rows) if len(x_all) else BatchRun(0)
         offset = 0
-        for i, (request, x, rows, errors) in enumerate(parts):
-            k = len(x)
-            outcome = tasks.assemble(runtime, rows.tolist(), run.outputs[offset:offset + k],
-                                     run.errors[offset:offset + k], errors, run.oom_splits if i == 0 else 0)
+        for i, (request, piece) in enumerate(parts):
+            k = len(piece.x)
+            table, errors = assemble(runtime, piece, run.part(offset, offset + k))
             offset += k
-            records.append(ShardOutcomeRecord(request.job_id, request.shard_index, outcome.outputs, outcome.errors,
-                                              oom_splits=outcome.oom_splits, batch_rows=pass_rows or None))
+            oom = run.oom_splits if i == 0 else 0
+            records.append(ShardOutcomeRecord(request.job_id, request.shard_index, table if table is not None else [],
+                                              sorted(errors, key=lambda e: e.row_index), oom_splits=oom,
+                                              batch_rows=pass_rows or None))
         log.info("online batch of %d request(s), %d rows, model %s/%d", len(parts), len(x_all),
                  runtime.manifest.name, runtime.manifest.version)
-    return _record(records, hostname, model, version, failures)
+    return _record(ctx, records, hostname, model, version, failures)
 
 
-def _record(records: list[ShardOutcomeRecord], hostname: str, model: str, version: int,
+def _record(ctx: WorkerContext, records: list[ShardOutcomeRecord], hostname: str, model: str, version: int,
             failures: dict[int, str]) -> list[str]:
     """Write ``records`` in one transaction, count them in the heartbeat and the metrics
     (``failures``: the error class of each record that failed as a whole), and return the
     job ids recorded (a cancelled request is not)."""
-    from worker import tasks
-
-    recorded = tasks.get_store().record_online(records, hostname)
+    recorded = ctx.store.record_online(records, hostname)
     done = [r for r, ok in zip(records, recorded, strict=True) if ok]
     for record in done:
-        tasks.count_rows(model, version, len(record.outputs), len(record.errors), record.oom_splits)
+        count_rows(ctx, model, version, len(record.outputs), len(record.errors), record.oom_splits)
         if id(record) in failures:
-            tasks.shard_failed(model, version, failures[id(record)])
+            shard_failed(model, version, failures[id(record)])
     return [r.job_id for r in done]

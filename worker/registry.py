@@ -20,22 +20,31 @@ from ml_framework.manifest import (
     parse_model_ref,
 )
 from worker import metrics
+from worker.inputs import converter_for
+from worker.outputs import check_outputs
 from worker.runtimes import Runtime, runtime_class
-from worker.runtimes.base import to_record
 
 log = logging.getLogger(__name__)
 
 
-def load_runtime(manifest: ModelManifest, directory: Path, threads: int | None = None) -> Runtime:
-    """Instantiate and load the runtime for ``manifest`` (framework imported lazily).
+def load_runtime(manifest: ModelManifest, directory: Path, threads: int | None = None,
+                 data_dir: Path | None = None) -> Runtime:
+    """Instantiate and load the runtime for ``manifest`` (framework imported lazily), with
+    its input converter.
+
+    Args:
+        data_dir: where image inputs' files lie (the workers' data directory).
 
     Raises:
         ManifestError: the artifact is missing or another framework's file (checked
-            before any framework is imported), or the runtime refused the manifest.
+            before any framework is imported), the runtime refused the manifest, or the
+            input converter cannot be set up (a missing tokenizer file).
         ModelLoadError: the framework could not load the artifact.
     """
     check_artifact(manifest, directory)
+    converter = converter_for(manifest, directory, data_dir)
     runtime = runtime_class(manifest.framework)(manifest, directory, threads)
+    runtime.converter = converter
     runtime.load()
     return runtime
 
@@ -59,7 +68,8 @@ def check_signature(runtime: Runtime) -> None:
     spec = manifest.inputs
     where = f"{runtime.directory / MANIFEST_FILE}"
     model = f"the model {manifest.name}/{manifest.version} ({manifest.artifact})"
-    ours = (math.prod(spec.row_shape),) if runtime.flattens_input else spec.row_shape
+    row_shape = manifest.row_shape
+    ours = (math.prod(row_shape),) if runtime.flattens_input else row_shape
     theirs = sig.row_shape
     if theirs is not None and (len(theirs) != len(ours) or any(t not in (None, o) for t, o in zip(theirs, ours, strict=True))):
         field = "inputs.shape" if spec.shape else "inputs.columns"
@@ -79,36 +89,33 @@ def check_signature(runtime: Runtime) -> None:
         )
 
 
-def validate_runtime(runtime: Runtime, sample: np.ndarray | None = None) -> None:
+def validate_runtime(runtime: Runtime, sample=None) -> None:
     """Run one small batch through a loaded model and check it honours its manifest.
 
     Args:
         runtime: a loaded runtime.
-        sample: ``(N, *row_shape)`` input; default two rows of zeros.
+        sample: a model input of a few rows; default two rows of neutral input (zeros;
+            empty texts).
 
     Raises:
         ManifestError: the input spec does not fit the model, or the outputs do not fit
             the output spec (count, width, finiteness); the message says which.
     """
-    spec = runtime.manifest.inputs
+    manifest = runtime.manifest
     if sample is None:
-        sample = np.zeros((2, *spec.row_shape), dtype=spec.dtype)
+        sample = runtime.converter.example(2)
     try:
-        y = np.asarray(runtime.predict_batch(sample.astype(spec.dtype, copy=False)))
+        y = np.asarray(runtime.predict_batch(sample))
     except Exception as exc:
         raise ManifestError(
-            f"{runtime.manifest.name}: a batch shaped {(len(sample), *spec.row_shape)} "
-            f"{spec.dtype} (the manifest's input spec) fails in the model: {type(exc).__name__}: {exc}"
+            f"{manifest.name}: a batch shaped {(len(sample), *manifest.row_shape)} "
+            f"{manifest.inputs.dtype} (the manifest's input spec) fails in the model: {type(exc).__name__}: {exc}"
         ) from exc
     if y.ndim == 0 or y.shape[0] != len(sample):
-        raise ManifestError(
-            f"{runtime.manifest.name}: model returned {y.shape} for a batch of {len(sample)} rows"
-        )
-    try:
-        for row in y:
-            to_record(row, runtime.manifest.outputs)
-    except Exception as exc:
-        raise ManifestError(f"{runtime.manifest.name}: output spec does not fit the model: {exc}") from exc
+        raise ManifestError(f"{manifest.name}: model returned {y.shape} for a batch of {len(sample)} rows")
+    problem = check_outputs(y, manifest.outputs)
+    if problem:
+        raise ManifestError(f"{manifest.name}: output spec does not fit the model: {problem}")
 
 
 def warm_up(runtime: Runtime, batch_size: int) -> str | None:
@@ -132,19 +139,15 @@ def warm_up(runtime: Runtime, batch_size: int) -> str | None:
             spec declares (naming the manifest file and field).
     """
     manifest = runtime.manifest
-    x = np.zeros((batch_size, *manifest.inputs.row_shape), dtype=manifest.inputs.dtype)
+    x = runtime.converter.example(batch_size)
     run = runtime.run(x, batch_size)
     if run.contract_error:
         raise ManifestError(f"{runtime.directory / MANIFEST_FILE}: {run.contract_error}")
-    ok = [y for y in run.outputs if y is not None]
-    if not ok:
-        return (f"a warm-up batch of zeros shaped {x.shape} {x.dtype} (the manifest's input spec) "
-                f"fails in the model: {next(e for e in run.errors if e)}")
-    try:
-        to_record(ok[0], manifest.outputs)
-    except Exception as exc:  # noqa: BLE001 - reported, not raised (see above)
-        return f"the warm-up output does not fit the output spec: {exc}"
-    return None
+    if not run.ok.any():
+        return (f"a warm-up batch of {batch_size} rows of zeros shaped {manifest.row_shape} {manifest.inputs.dtype} "
+                f"(the manifest's input spec) fails in the model: {next(iter(run.errors.values()))}")
+    problem = check_outputs(run.outputs[run.ok][:1], manifest.outputs)
+    return f"the warm-up output does not fit the output spec: {problem}" if problem else None
 
 
 class ModelRegistry:
@@ -158,6 +161,7 @@ class ModelRegistry:
     Args:
         models_dir: root of the model repository.
         threads: framework intra-op threads for every runtime this process loads.
+        data_dir: the workers' data directory (image inputs' files).
         max_models: loaded versions kept; loading one more unloads the least recently
             used, freeing its host and device memory.
         warmup_batch_size: rows of the warm-up batch run after each load (for manifests
@@ -165,9 +169,10 @@ class ModelRegistry:
     """
 
     def __init__(self, models_dir: Path, threads: int | None = None, max_models: int = 4,
-                 warmup_batch_size: int = 32) -> None:
+                 warmup_batch_size: int = 32, data_dir: Path | None = None) -> None:
         self.repository = ModelRepository(models_dir)
         self.threads = threads
+        self.data_dir = data_dir
         self.max_models = max_models
         self.warmup_batch_size = warmup_batch_size
         self.load_seconds: dict[tuple[str, int], float] = {}
@@ -176,8 +181,13 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     def get(self, name: str, version: int | None = None) -> Runtime:
+        """:meth:`fetch` without the load time."""
+        return self.fetch(name, version)[0]
+
+    def fetch(self, name: str, version: int | None = None) -> tuple[Runtime, float | None]:
         """The loaded runtime of ``name``/``version`` (latest when ``None``), loading and
-        warming it up on first use.
+        warming it up on first use, and the seconds that load took (``None`` when the
+        model was loaded already: a warm start).
 
         A manifest that does not fit its artifact (missing file, other framework, input
         shape or dtype, output width: :func:`check_signature`, :func:`warm_up`) is refused
@@ -193,9 +203,9 @@ class ModelRegistry:
             if runtime is not None:
                 self._cache.move_to_end(key)
                 self._names = tuple(f"{n}/{v}" for n, v in self._cache)
-                return runtime
+                return runtime, None
             started = time.perf_counter()
-            runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads)
+            runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads, self.data_dir)
             try:
                 check_signature(runtime)
                 problem = warm_up(runtime, min(manifest.default_batch_size or self.warmup_batch_size, 1024)) \
@@ -216,7 +226,7 @@ class ModelRegistry:
                 log.info("unloaded model %s/%s (max %d cached models)", *old_key, self.max_models)
             self._cache[key] = runtime
             self._names = tuple(f"{n}/{v}" for n, v in self._cache)
-            return runtime
+            return runtime, elapsed
 
     def loaded(self) -> list[str]:
         """``name/version`` of each cached model, least recently used first. Never waits

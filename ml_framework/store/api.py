@@ -32,6 +32,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -160,6 +161,9 @@ class JobStatus:
         shards_done: shards whose rows are all recorded (DONE or FAILED).
         oom_splits: batches that ran out of memory and were retried in halves.
         priority: 0 to 9 (9 most urgent), as submitted.
+        model_load_s: the longest model load and warm-up a shard of this job waited for
+            (a worker's cold start), seconds; ``None`` when every shard found its model
+            loaded.
     """
 
     job_id: str
@@ -178,6 +182,7 @@ class JobStatus:
     finished_at: datetime | None
     oom_splits: int = 0
     priority: int = 0
+    model_load_s: float | None = None
 
     @property
     def rows_done(self) -> int:
@@ -361,7 +366,7 @@ class ResultStore:
             shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
             batch_size=row.batch_size, created_at=_aware(row.created_at),
             started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
-            oom_splits=row.oom_splits, priority=row.priority,
+            oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s,
         )
 
     def resolve_job_id(self, id_or_prefix: str) -> str:
@@ -662,6 +667,7 @@ class ResultStore:
         oom_splits: int = 0,
         batch_rows: int | None = None,
         owner: str | None = None,
+        model_load_s: float | None = None,
     ) -> bool:
         """Record a shard's outputs and row errors in one transaction.
 
@@ -679,6 +685,8 @@ class ResultStore:
             owner: the ``hostname:pid`` that claimed the shard: the rows are written only
                 while the shard's lease is still this owner's (another process that took
                 the shard over after the lease ended records it instead).
+            model_load_s: seconds the worker spent loading the model for this shard (a
+                cold start); the job keeps the longest.
 
         Returns:
             True if this call recorded the shard; False if it was already recorded (a
@@ -686,7 +694,8 @@ class ResultStore:
         """
         with self.engine.begin() as conn:
             return _record(conn, ShardOutcomeRecord(job_id, shard_index, shard_outputs.as_table(outputs), list(errors),
-                                                    shard_error, oom_splits, batch_rows), _now(), owner=owner)
+                                                    shard_error, oom_splits, batch_rows, model_load_s),
+                           _now(), owner=owner)
 
     def record_online(self, records: Sequence[ShardOutcomeRecord], worker: str) -> list[bool]:
         """Record several online requests' shards in one transaction, without a separate
@@ -775,6 +784,7 @@ class ShardOutcomeRecord:
     shard_error: str | None = None
     oom_splits: int = 0
     batch_rows: int | None = None
+    model_load_s: float | None = None
 
 
 def _record(conn, r: ShardOutcomeRecord, now: datetime, owner: str | None = None) -> bool:
@@ -784,7 +794,7 @@ def _record(conn, r: ShardOutcomeRecord, now: datetime, owner: str | None = None
     state = ShardState.FAILED if r.shard_error else ShardState.DONE
     values = {"state": state.value, "finished_at": now, "rows_ok": len(r.outputs), "rows_failed": len(r.errors),
               "error": r.shard_error, "oom_splits": r.oom_splits, "batch_rows": r.batch_rows,
-              "lease_expires_at": None, "message": None}
+              "model_load_s": r.model_load_s, "lease_expires_at": None, "message": None}
     where = [ShardRow.job_id == r.job_id, ShardRow.shard_index == r.shard_index, ShardRow.state.in_(_OPEN_SHARD)]
     if owner is not None:
         where.append(ShardRow.lease_owner == owner)
@@ -793,6 +803,9 @@ def _record(conn, r: ShardOutcomeRecord, now: datetime, owner: str | None = None
         return False
     _insert_rows(conn, [r])
     _bump_jobs(conn, [r.job_id], 1, len(r.outputs), len(r.errors), r.oom_splits, now)
+    if r.model_load_s is not None:  # a cold start: the job keeps the longest
+        conn.execute(update(JobRow).where(JobRow.id == r.job_id, or_(
+            JobRow.model_load_s.is_(None), JobRow.model_load_s < r.model_load_s)).values(model_load_s=r.model_load_s))
     return True
 
 

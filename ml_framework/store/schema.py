@@ -61,6 +61,8 @@ class JobRow(Base):
     batch_size: Mapped[int] = mapped_column(Integer)
     oom_splits: Mapped[int] = mapped_column(Integer, default=0)
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    model_load_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Longest model load and warm-up (a cold start) any shard of the job waited for, seconds."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -85,6 +87,9 @@ class ShardRow(Base):
     rows_failed: Mapped[int] = mapped_column(Integer, default=0)
     oom_splits: Mapped[int] = mapped_column(Integer, default=0)
     batch_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    model_load_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Seconds the shard's worker spent loading and warming up the model first (a cold
+    start), ``None`` when it was loaded already."""
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
     """``hostname:pid`` of the worker process that holds the running shard; only it may

@@ -32,8 +32,9 @@ from ml_framework.settings import load_settings
 from ml_framework.store.outputs import to_pairs
 from producer.client import Client
 from producer.datasets import plan_sources, resolve_columns
-from worker import tasks
-from worker.conversion import to_inputs
+from tests.conversion import to_inputs
+from worker.pipeline import read_all, shard_source
+from worker.scoring import score_table
 
 COLUMNS = ["a", "b"]
 SHARD_SIZE = 4
@@ -55,12 +56,15 @@ def data_dir(tmp_path) -> Path:
 
 
 @pytest.fixture()
-def job_settings(tmp_path, models_dir, data_dir, monkeypatch):
-    """Settings of the client and of ``load_table`` (the worker reads them process-wide)."""
-    s = load_settings(models_dir=models_dir, data_dir=data_dir, var_dir=tmp_path / "var",
-                      shard_size=SHARD_SIZE, bulk_queue=f"mlf.faults.{uuid.uuid4().hex[:8]}")
-    monkeypatch.setattr(tasks, "get_settings", lambda: s)
-    return s
+def job_settings(tmp_path, models_dir, data_dir):
+    """Settings of the client and of the worker's shard reading."""
+    return load_settings(models_dir=models_dir, data_dir=data_dir, var_dir=tmp_path / "var",
+                         shard_size=SHARD_SIZE, bulk_queue=f"mlf.faults.{uuid.uuid4().hex[:8]}")
+
+
+def load_table(settings, msg: ScoreShard) -> pa.Table:
+    """The rows of a shard as a worker reads them."""
+    return read_all(shard_source(settings.data_dir, msg))
 
 
 @pytest.fixture()
@@ -93,7 +97,7 @@ def score(settings, runtime, path: Path) -> tuple[dict[int, dict], dict[int, tup
     for index, source in enumerate(plan_sources(info, ranges, columns, settings.data_dir)):
         msg = ScoreShard(job_id="j", shard_index=index, model="lr", version=1, batch_size=3,
                          columns=columns, source=source)
-        outcome = tasks.score_table(runtime, tasks.load_table(msg), columns, source.row_start, 3)
+        outcome = score_table(runtime, load_table(settings, msg), columns, source.row_start, 3)
         outputs.update(to_pairs(outcome.outputs))
         errors.update({e.row_index: (e.field, e.message) for e in outcome.errors})
     assert sorted([*outputs, *errors]) == list(range(info.n_rows))
@@ -176,7 +180,7 @@ def test_extra_columns_are_ignored(job_settings, runtime, data_dir):
     rows = "".join(f"note {i},{i / 10},{-i / 20},not a number\n" for i in range(10))
     path = write_csv(data_dir / "extra.csv", f"note,a,b,junk\n{rows}")
     info = inspect(path)
-    table = tasks.load_table(ScoreShard(job_id="j", shard_index=0, model="lr", version=1, batch_size=3,
+    table = load_table(job_settings, ScoreShard(job_id="j", shard_index=0, model="lr", version=1, batch_size=3,
                                         columns=COLUMNS, source=DatasetRef(path="extra.csv", format="csv",
                                                                            row_start=0, row_end=10)))
     assert info.columns == ["note", "a", "b", "junk"] and table.column_names == COLUMNS
@@ -301,9 +305,9 @@ def test_corrupt_parquet_row_group_fails_only_its_shard(job_settings, data_dir):
                          source=DatasetRef(path="damaged.parquet", format="parquet", row_start=a, row_end=b))
         if a == SHARD_SIZE:
             with pytest.raises(DatasetFormatError, match="damaged.parquet: cannot read rows 4-8"):
-                tasks.load_table(msg)
+                load_table(job_settings, msg)
         else:
-            assert tasks.load_table(msg).num_rows == b - a
+            assert load_table(job_settings, msg).num_rows == b - a
 
 
 def test_zero_row_parquet_is_refused_as_no_rows(client, data_dir):
@@ -369,7 +373,7 @@ def test_worker_refuses_paths_leaving_the_data_directory(job_settings, data_dir,
     (data_dir / "sub" / "uplink").symlink_to(tmp_path)
     for path in ("../secret.csv", "sub/../../secret.csv", str(secret), "link.csv", "sub/uplink/secret.csv"):
         with pytest.raises(DatasetError, match="leaves the data directory"):
-            tasks.load_table(ref(path))
+            load_table(job_settings, ref(path))
 
 
 def test_producer_inlines_datasets_outside_the_data_directory(job_settings, runtime, data_dir, tmp_path):

@@ -28,7 +28,7 @@ from producer.client import Client
 from tests import fault_models as fm
 from worker.export import export_sklearn, export_torch
 from worker.registry import ModelRegistry
-from worker.tasks import score_table
+from worker.scoring import score_table
 
 PIXELS = [f"pixel_{i}" for i in range(64)]
 LABELS = list(range(10))

@@ -204,8 +204,11 @@ OOM_LIMIT = 16
 
 
 def test_out_of_memory_batches_are_split_and_the_job_succeeds(backend, trained, data_dir, digits):
-    """A model that runs out of memory above 16 rows, given batches of 64: every batch is
-    split down to 16 rows, every row is scored, and the job reports how often it split."""
+    """A model that runs out of memory above 16 rows, given batches of 64: the first batch
+    of each worker process is split down to 16 rows, every row is scored, and the job
+    reports how often it split. Later batches start at the size that fitted (growing back
+    now and then, which may split again), so there are far fewer splits than if every
+    batch of 64 were split (regression: each batch started at full size again)."""
     from ml_framework.manifest import ModelRepository
     from tests.oom_model import expected_splits, oom_above
     from worker.export import export_torch
@@ -220,11 +223,11 @@ def test_out_of_memory_batches_are_split_and_the_job_succeeds(backend, trained, 
     n = len(digits.frame)
     assert (status.state, status.rows_ok, status.rows_failed) == (JobState.SUCCEEDED, n, 0)
     shard_rows = [b - a for a, b in ((s["row_start"], s["row_end"]) for s in backend.client.store.shards(job.id))]
-    expected = sum(expected_splits(min(64, rows - start), OOM_LIMIT)
-                   for rows in shard_rows for start in range(0, rows, 64))
-    assert status.oom_splits == expected > 0
+    every_batch = sum(expected_splits(min(64, rows - start), OOM_LIMIT)
+                      for rows in shard_rows for start in range(0, rows, 64))
+    assert 0 < status.oom_splits <= every_batch // 3, (status.oom_splits, every_batch)
     run = mlf(backend, "status", job.id)
-    assert f"{expected} batch(es) ran out of memory and were retried in halves" in run.stdout
+    assert f"{status.oom_splits} batch(es) ran out of memory and were retried in halves" in run.stdout
 
 
 def test_a_shard_whose_worker_died_max_attempts_times_is_failed_not_rerun(backend, trained):

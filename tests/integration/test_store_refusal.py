@@ -10,30 +10,17 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from ml_framework import settings as settings_module
 from ml_framework.protocol import DatasetRef, ScoreShard
+from ml_framework.settings import load_settings
 from ml_framework.store import JobState, ResultStore
 from worker import tasks
 from worker.export import export_sklearn
+from worker.process import WorkerContext
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture()
-def fresh_worker_state():
-    """Per-process caches of the worker reset before and after the test."""
-    def reset() -> None:
-        settings_module.get_settings.cache_clear()
-        tasks.get_store.cache_clear()
-        tasks.get_registry.cache_clear()
-
-    reset()
-    yield
-    reset()
-
-
-def test_rows_the_database_refuses_fail_the_shard_with_the_reason(tmp_path, monkeypatch, pg_database,
-                                                                   fresh_worker_state):
+def test_rows_the_database_refuses_fail_the_shard_with_the_reason(tmp_path, pg_database):
     """PostgreSQL refuses a NUL byte in a row error's field: the shard ends FAILED, the job FAILED."""
     x, y = load_iris(return_X_y=True)
     columns = ["sepal\x00length", "b", "c", "d"]  # PostgreSQL text cannot hold NUL
@@ -43,15 +30,15 @@ def test_rows_the_database_refuses_fail_the_shard_with_the_reason(tmp_path, monk
     frame = pd.DataFrame(x, columns=columns).astype(object)
     frame.iloc[2, 0] = "oops"  # a row error naming the NUL-bearing field
     frame.astype(str).to_parquet(tmp_path / "data" / "iris.parquet")
-    for key, value in {"DATABASE_URL": pg_database, "MODELS_DIR": tmp_path / "models",
-                       "DATA_DIR": tmp_path / "data", "VAR_DIR": tmp_path / "var"}.items():
-        monkeypatch.setenv(f"ML_FRAMEWORK_{key}", str(value))
+    settings = load_settings(database_url=pg_database, models_dir=tmp_path / "models", data_dir=tmp_path / "data",
+                             var_dir=tmp_path / "var")
     store = ResultStore(pg_database)
     job_id = store.create_job(model="iris", model_version=1, dataset="iris.parquet", n_rows=len(x),
                               shard_ranges=[(0, len(x))], batch_size=64)
     body = ScoreShard(job_id=job_id, shard_index=0, model="iris", version=1, batch_size=64, columns=columns,
                       source=DatasetRef(path="iris.parquet", format="parquet", row_start=0, row_end=len(x)))
-    task = SimpleNamespace(request=SimpleNamespace(hostname="test@host"))
+    app = SimpleNamespace(mlf_context=WorkerContext(settings, "test@host"))  # what the worker's ready hook makes
+    task = SimpleNamespace(request=SimpleNamespace(hostname="test@host"), app=app)
     assert tasks.score_shard(task, **body.model_dump(mode="json")) == "FAILED"
     status = store.job(job_id)
     assert status.state is JobState.FAILED and status.rows_failed == len(x)

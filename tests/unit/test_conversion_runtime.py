@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 
 from ml_framework.manifest import InputSpec, ModelManifest, OutputSpec, Preprocessing
-from worker.conversion import to_inputs
-from worker.runtimes.base import BatchContractError, Runtime, to_record
+from tests.conversion import to_inputs
+from worker.outputs import BatchContractError, decode_outputs
+from worker.runtimes.base import Runtime
 
 
 def test_to_inputs_converts_scales_and_reshapes():
@@ -69,9 +70,9 @@ def test_failing_batch_is_split_until_the_bad_row_is_found():
     x = np.full((8, 1), 0.25, dtype=np.float32)
     x[5] = -1
     run = rt.run(x, batch_size=8)
-    assert [e is None for e in run.errors] == [True] * 5 + [False] + [True] * 2
-    assert "negative input" in run.errors[5]
-    assert all(o is not None for i, o in enumerate(run.outputs) if i != 5)
+    assert run.ok.tolist() == [True] * 5 + [False] + [True] * 2
+    assert list(run.errors) == [5] and "negative input" in run.errors[5]
+    np.testing.assert_array_equal(run.outputs[run.ok], np.tile([0.25, 0.75], (7, 1)))
     assert run.oom_splits == 0  # a model error is not an out-of-memory split
 
 
@@ -83,26 +84,29 @@ def test_batch_contract_violation_fails_rows():
 
     rt = Short(manifest(), ".")
     run = rt.run(np.zeros((4, 1), np.float32), batch_size=4)
-    assert all(o is None for o in run.outputs)
-    assert all("returned 0 outputs for 1 inputs" in e for e in run.errors)
+    assert not run.ok.any() and sorted(run.errors) == [0, 1, 2, 3]
+    assert all("returned 0 outputs for 1 inputs" in e for e in run.errors.values())
 
 
-def test_to_record_classification_softmax_and_checks():
-    """Classification records carry label, score and probabilities; bad outputs raise."""
+def test_decoded_classification_has_label_score_and_probabilities():
+    """Classification results carry label, score and probabilities; NaN rows fail alone;
+    a wrong width is refused."""
     spec = OutputSpec(kind="classification", labels=["a", "b"], activation="softmax")
-    rec = to_record(np.array([0.0, np.log(3.0)]), spec)
-    assert rec["prediction"] == "b" and rec["score"] == pytest.approx(0.75)
-    assert rec["probabilities"] == pytest.approx([0.25, 0.75])
-    with pytest.raises(BatchContractError, match="non-finite"):
-        to_record(np.array([np.nan, 1.0]), spec)
+    table, failures = decode_outputs(np.array([4, 5]), np.array([[0.0, np.log(3.0)], [np.nan, 1.0]]), spec)
+    rec = table.to_pylist()
+    assert len(rec) == 1 and rec[0]["row"] == 4 and rec[0]["prediction"] == "b"
+    assert rec[0]["score"] == pytest.approx(0.75) and rec[0]["probabilities"] == pytest.approx([0.25, 0.75])
+    assert failures == [(5, "model returned a non-finite output (NaN)")]
     with pytest.raises(BatchContractError, match="3 values per row, manifest expects 2"):
-        to_record(np.array([1.0, 2.0, 3.0]), spec)
+        decode_outputs(np.array([0]), np.array([[1.0, 2.0, 3.0]]), spec)
 
 
-def test_to_record_regression_and_embedding():
+def test_decoded_regression_and_embedding():
     """Regression gives a scalar prediction, embeddings a vector."""
-    assert to_record(np.array([2.5]), OutputSpec(kind="regression")) == {"prediction": 2.5}
-    assert to_record(np.array([1, 2]), OutputSpec(kind="embedding", size=2)) == {"embedding": [1.0, 2.0]}
+    table, _ = decode_outputs(np.array([0]), np.array([2.5]), OutputSpec(kind="regression"))
+    assert table.to_pylist() == [{"row": 0, "prediction": 2.5}]
+    table, _ = decode_outputs(np.array([0]), np.array([[1, 2]], np.float32), OutputSpec(kind="embedding", size=2))
+    assert table.to_pylist() == [{"row": 0, "embedding": [1.0, 2.0]}]
 
 
 def test_invalid_utf8_cell_fails_only_its_row(tmp_path):
@@ -159,6 +163,25 @@ def test_numeric_columns_convert_directly_and_still_report_bad_cells():
     assert [e.message for e in errors] == ["row 1, field 'f': inf is not finite"]
 
 
+def reference(y: np.ndarray, spec: OutputSpec) -> dict | str:
+    """One row's result as the manifest documents it, computed in plain Python (the
+    decoder works on whole arrays), or the row error of a row holding NaN or infinity."""
+    values = [float(v) for v in np.asarray(y, dtype=np.float64).reshape(-1)]
+    if not all(np.isfinite(v) for v in values):
+        kinds = [w for w, bad in (("NaN", any(np.isnan(values))), ("infinity", any(np.isinf(values)))) if bad]
+        return f"model returned a non-finite output ({' and '.join(kinds)})"
+    if spec.kind == "classification":
+        if spec.activation == "softmax":
+            top = max(values)
+            exps = [np.exp(v - top) for v in values]
+            values = [e / sum(exps) for e in exps]
+        k = values.index(max(values))
+        return {"prediction": spec.labels[k], "score": values[k], "probabilities": values}
+    if spec.kind == "regression":
+        return {"prediction": values[0] if len(values) == 1 else values}
+    return {"embedding": values}
+
+
 @pytest.mark.parametrize("spec", [
     OutputSpec(kind="classification", labels=["cat", "dog", "eel"], activation="softmax"),
     OutputSpec(kind="classification", labels=[3, 7, 9], activation="none"),
@@ -167,13 +190,10 @@ def test_numeric_columns_convert_directly_and_still_report_bad_cells():
     OutputSpec(kind="embedding", size=3),
 ], ids=["softmax-text-labels", "int-labels", "regression", "regression-3", "embedding"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_records_table_gives_what_to_record_gives_row_by_row(spec, dtype):
-    """The vectorized conversion of a batch (what the worker stores) equals to_record on
-    each row (what it stored before), values and keys; rows with NaN or infinity fail with
-    to_record's message, and only they."""
-    from ml_framework.store.outputs import to_pairs
-    from worker.runtimes.base import records_table
-
+def test_decoder_gives_what_the_manifest_documents_row_by_row(spec, dtype):
+    """The vectorized decoding of a batch (what the worker stores) equals the documented
+    result computed row by row, values and keys; rows with NaN or infinity fail with
+    the reason, and only they."""
     width = 1 if spec.kind == "regression" and spec.size is None else 3
     rng = np.random.default_rng(0)
     raw = (rng.normal(size=(50, width)) * 4).astype(dtype)
@@ -181,38 +201,30 @@ def test_records_table_gives_what_to_record_gives_row_by_row(spec, dtype):
     rows = np.arange(100, 150, dtype=np.int64)
     if spec.kind == "regression" and width == 1:
         raw = raw[:, 0]  # (N,) outputs, as scikit-learn regressors give
-    table, failures = records_table(rows, raw, spec)
-    expected, expected_failures = [], []
-    for r, y in zip(rows.tolist(), raw, strict=True):
-        try:
-            expected.append((r, to_record(y, spec)))
-        except BatchContractError as exc:
-            expected_failures.append((r, str(exc)))
-    assert failures == expected_failures and len(failures) == 3
-    got = to_pairs(table)
-    assert [r for r, _ in got] == [r for r, _ in expected]
-    for (_, a), (_, b) in zip(got, expected, strict=True):
-        assert a.keys() == b.keys()
-        for k in a:
-            if isinstance(b[k], str | int) and not isinstance(b[k], bool):
-                assert a[k] == b[k] and type(a[k]) is type(b[k])
+    table, failures = decode_outputs(rows, raw, spec)
+    expected = {r: reference(y, spec) for r, y in zip(rows.tolist(), raw, strict=True)}
+    assert failures == [(r, e) for r, e in expected.items() if isinstance(e, str)] and len(failures) == 3
+    got = table.to_pylist()
+    assert [rec["row"] for rec in got] == [r for r, e in expected.items() if isinstance(e, dict)]
+    for rec in got:
+        want = expected[rec.pop("row")]
+        assert rec.keys() == want.keys()
+        for k in rec:
+            if isinstance(want[k], str | int) and not isinstance(want[k], bool):
+                assert rec[k] == want[k] and type(rec[k]) is type(want[k])
             else:
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-12)
+                np.testing.assert_allclose(rec[k], want[k], rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
-def test_records_table_refuses_outputs_of_the_wrong_width():
-    from worker.runtimes.base import records_table
-
+def test_decoder_refuses_outputs_of_the_wrong_width():
+    """Outputs narrower than the labels fail the whole batch, naming both widths."""
     with pytest.raises(BatchContractError, match="returned 2 values per row, manifest expects 3"):
-        records_table(np.arange(4), np.zeros((4, 2)), OutputSpec(kind="classification", labels=["a", "b", "c"]))
+        decode_outputs(np.arange(4), np.zeros((4, 2)), OutputSpec(kind="classification", labels=["a", "b", "c"]))
 
 
 def test_labels_mixing_text_and_numbers_are_stored_as_text():
     """A results column holds one type: class labels such as ["other", 1, 2] (valid in a
     manifest) come back as text, where the vectorized conversion would otherwise fail
     every shard of the model."""
-    from ml_framework.store.outputs import to_pairs
-    from worker.runtimes.base import records_table
-
-    table, _ = records_table(np.arange(3), np.eye(3), OutputSpec(kind="classification", labels=["other", 1, 2]))
-    assert [rec["prediction"] for _, rec in to_pairs(table)] == ["other", "1", "2"]
+    table, _ = decode_outputs(np.arange(3), np.eye(3), OutputSpec(kind="classification", labels=["other", 1, 2]))
+    assert table.column("prediction").to_pylist() == ["other", "1", "2"]

@@ -136,11 +136,11 @@ def test_heartbeat_reports_the_pinned_gpu_by_uuid(monkeypatch):
     """A worker pinned with CUDA_VISIBLE_DEVICES=<uuid> reports that device's telemetry,
     even though it is NVML index 2; rows/s comes from the rows counted between beats."""
     import worker.devices
-    from worker import tasks
+    from worker import process
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0002-aaaa-bbbb")
-    monkeypatch.setattr(tasks, "discover", lambda: worker.devices.discover(FakeNVML(4)))
-    beat = tasks.Heartbeat("gpu2@host")
+    monkeypatch.setattr(process, "discover", lambda: worker.devices.discover(FakeNVML(4)))
+    beat = process.Heartbeat(process.WorkerContext(load_settings(), "gpu2@host"))
     first = beat.sample()
     assert (first.device_uuid, first.device_name, first.device_memory_used_bytes, first.device_utilization_pct,
             first.device_temperature_c, first.device_power_w) == (
@@ -159,7 +159,7 @@ def test_heartbeat_reports_the_pinned_gpu_by_uuid(monkeypatch):
 def test_heartbeat_on_a_cpu_host_reports_no_device(monkeypatch):
     """Without NVML the heartbeat carries no device fields and never asks NVML again."""
     import worker.devices
-    from worker import tasks
+    from worker import process
 
     calls = []
 
@@ -167,8 +167,8 @@ def test_heartbeat_on_a_cpu_host_reports_no_device(monkeypatch):
         calls.append(1)
         return worker.devices.discover(FakeNVML(0, init_error=True))
 
-    monkeypatch.setattr(tasks, "discover", no_nvml)
-    beat = tasks.Heartbeat("cpu0@host")
+    monkeypatch.setattr(process, "discover", no_nvml)
+    beat = process.Heartbeat(process.WorkerContext(load_settings(), "cpu0@host"))
     info = beat.sample()
     beat.sample()
     assert info.device_uuid is None and info.device_memory_total_bytes is None

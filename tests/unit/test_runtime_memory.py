@@ -10,7 +10,6 @@ import pytest
 
 from ml_framework.errors import ModelLoadError
 from ml_framework.manifest import InputSpec, ModelManifest, OutputSpec
-from ml_framework.store.outputs import to_pairs
 from tests.oom_model import oom_above
 from worker.registry import ModelRegistry
 from worker.runtimes.base import Runtime
@@ -42,20 +41,43 @@ def _manifest() -> ModelManifest:
                          outputs=OutputSpec(kind="classification", labels=["yes", "no"]))
 
 
-def test_out_of_memory_batch_is_split_counted_and_the_next_batch_starts_full():
+def test_out_of_memory_batch_is_split_and_the_size_that_fits_is_remembered():
     """A batch of 8 over a 3-row memory limit splits 8 -> 4+4 -> 2+2+2+2: 3 OOM splits, each
-    with the cache emptied, every row scored; the next run tries the full batch again."""
+    with the cache emptied, and once more at the end of the episode; every row is scored.
+    The next run starts at the 2 rows that fitted instead of splitting again from 8
+    (regression: every batch after an episode started at full size and split again)."""
     rt = TightMemoryModel(_manifest(), ".")
     rt.load()
     x = np.linspace(0, 1, 8, dtype=np.float32).reshape(8, 1)
     run = rt.run(x, batch_size=8)
-    assert all(e is None for e in run.errors)
-    np.testing.assert_allclose([o[0] for o in run.outputs], x[:, 0])
-    assert (run.oom_splits, run.batches, rt.releases) == (3, 4, 3)
-    assert rt.calls == [8, 4, 2, 2, 4, 2, 2]
+    assert run.ok.all() and not run.errors
+    np.testing.assert_allclose(run.outputs[:, 0], x[:, 0])
+    assert (run.oom_splits, run.batches, rt.releases) == (3, 4, 4)
+    assert rt.calls == [8, 4, 2, 2, 4, 2, 2] and rt.batch_limit == 2
     rt.calls.clear()
-    rt.run(x[:2], batch_size=8)
-    assert rt.calls == [2]  # no lasting penalty: the size is not remembered as too big
+    run = rt.run(x, batch_size=8)
+    assert rt.calls == [2, 2, 2, 2] and run.oom_splits == 0 and run.ok.all()
+
+
+def test_the_remembered_batch_size_grows_back_gradually():
+    """After an out-of-memory episode the batch size grows by a quarter every 8 batches
+    that fit, back to the size asked for once memory allows it."""
+    from worker.runtimes.batching import GROW_AFTER_BATCHES
+
+    rt = TightMemoryModel(_manifest(), ".")
+    rt.limit = 40
+    rt.load()
+    rt.run(np.zeros((64, 1), np.float32), batch_size=64)  # 64 -> 32+32: the limit becomes 32
+    assert rt.batch_limit == 32
+    rt.calls.clear()
+    rt.run(np.zeros((32 * GROW_AFTER_BATCHES + 40, 1), np.float32), batch_size=64)
+    grown = rt.calls.index(40)  # the episode's own two halves of 32 were the first to fit;
+    # the batch after the 8th was already queued (one batch is submitted ahead) at 32
+    assert 2 + grown == GROW_AFTER_BATCHES + 1 and rt.calls[:grown] == [32] * grown
+    rt.limit = 1000  # memory freed elsewhere: the size keeps growing back up to 64
+    rt.calls.clear()
+    rt.run(np.zeros((64 * 40, 1), np.float32), batch_size=64)
+    assert 64 in rt.calls and rt.calls[:-1] == sorted(rt.calls[:-1]) and rt.batch_limit is None
 
 
 def test_out_of_memory_on_a_single_row_fails_that_row_with_the_reason():
@@ -64,8 +86,8 @@ def test_out_of_memory_on_a_single_row_fails_that_row_with_the_reason():
     rt.limit = 0
     rt.load()
     run = rt.run(np.zeros((2, 1), np.float32), batch_size=2)
-    assert run.outputs == [None, None]
-    assert all(e.startswith("out of memory even for a single row: MemoryError") for e in run.errors)
+    assert not run.ok.any() and sorted(run.errors) == [0, 1]
+    assert all(e.startswith("out of memory even for a single row: MemoryError") for e in run.errors.values())
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +120,7 @@ def test_registry_keeps_at_most_max_models_least_recently_used_out(iris_models):
     assert v1.model is not None
     v2_again = reg.get("iris", 2)  # reloads; iris/1 is now the oldest and goes
     assert reg.loaded() == ["iris/3", "iris/2"] and v1.model is None
-    assert v2_again.run(x[:5], 5).errors == [None] * 5
+    assert v2_again.run(x[:5], 5).ok.all()
 
 
 def test_preload_loads_good_models_and_reports_bad_ones(iris_models, caplog):
@@ -131,10 +153,10 @@ def test_a_warm_up_failure_is_reported_and_the_model_still_serves(tmp_path, capl
     assert "the warm-up output does not fit the output spec: model returned a non-finite output" in caplog.text
     import pyarrow as pa
 
-    from worker.tasks import score_table
+    from worker.scoring import score_table
     outcome = score_table(rt, pa.table({"a": [2.0, 0.0], "b": [1.0, 1.0]}), ["a", "b"], 0, 8)
-    pairs = to_pairs(outcome.outputs)
-    assert [r for r, _ in pairs] == [0] and pairs[0][1]["prediction"] == pytest.approx(np.log(2))
+    recs = outcome.outputs.to_pylist()
+    assert [r["row"] for r in recs] == [0] and recs[0]["prediction"] == pytest.approx(np.log(2))
     assert [e.row_index for e in outcome.errors] == [1] and "non-finite" in outcome.errors[0].message
 
 
@@ -221,7 +243,7 @@ def test_a_failed_batch_is_freed_before_its_halves_run():
     rt = Activations(_manifest(), ".")
     rt.load()
     run = rt.run(np.zeros((8, 1), np.float32), 8)
-    assert run.errors == [None] * 8 and run.oom_splits == 3
+    assert run.ok.all() and run.oom_splits == 3
     assert rt.alive_at_start == [0] * 7  # 8 -> 4+4 -> 2+2+2+2: no failed batch alive at any start
 
 
@@ -231,9 +253,10 @@ def test_torchscript_out_of_memory_is_recognised_and_split(tmp_path):
 
     export_torch(oom_above(4, 4, 3), tmp_path, "oom", method="script", inputs={"columns": ["a", "b", "c", "d"]},
                  outputs={"kind": "classification", "labels": ["x", "y", "z"], "activation": "softmax"})
-    rt = ModelRegistry(tmp_path, threads=1).get("oom")  # warm-up (32 rows) splits too, and succeeds
+    rt = ModelRegistry(tmp_path, threads=1).get("oom")  # warm-up (32 rows) splits, and succeeds
+    assert rt.batch_limit == 4  # the OOM was recognised through TorchScript's wrapper: 32 -> ... -> 4
     run = rt.run(np.ones((16, 4), np.float32), 16)
-    assert run.errors == [None] * 16 and run.oom_splits == 3  # 16 -> 8+8 -> 4x4
+    assert run.ok.all() and run.oom_splits == 0 and run.batches == 4  # starts at the size that fits
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +282,7 @@ def test_torch_fast_paths_agree_with_fp32(tmp_path, torch_cnn, options):
     export_torch(torch_cnn, tmp_path, "cnn", inputs=spec, outputs=outputs, runtime=options)
     reg = ModelRegistry(tmp_path, threads=1)
     x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
-    base, fast = (np.stack(reg.get("cnn", v).run(x, 32).outputs) for v in (1, 2))
+    base, fast = (reg.get("cnn", v).run(x, 32).outputs for v in (1, 2))
     assert fast.dtype == np.float32
     tol = {"bf16": 5e-2, "fp16": 5e-3}.get(options.get("precision"), 1e-6)
     np.testing.assert_allclose(fast, base, rtol=tol, atol=tol)
@@ -287,6 +310,6 @@ def test_keras_jit_compile_agrees_with_eager(tmp_path, trained, digits):
     export_keras(keras_model, tmp_path, "k", runtime={"jit_compile": True}, **common)
     reg = ModelRegistry(tmp_path, threads=1)
     x = (digits.xy("test")[0][:40]).astype(np.float32).reshape(40, 8, 8, 1)
-    eager, xla = (np.stack(reg.get("k", v).run(x, 16).outputs) for v in (1, 2))
+    eager, xla = (reg.get("k", v).run(x, 16).outputs for v in (1, 2))
     assert reg.get("k", 2)._fn is not None
     np.testing.assert_allclose(xla, eager, rtol=1e-4, atol=1e-5)

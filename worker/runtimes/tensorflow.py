@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from ml_framework.errors import ModelLoadError
+from worker.devices import discover, memory_fraction
 from worker.runtimes.base import Runtime, Signature
 
 
@@ -19,8 +20,10 @@ class TensorFlowRuntime(Runtime):
     TensorFlow is imported here, on first load, so processes that never serve a TF model
     never pay its start-up cost. GPU memory grows on demand (``set_memory_growth``, also
     ``TF_FORCE_GPU_ALLOW_GROWTH=true``) instead of TensorFlow's default of reserving the
-    whole device. With the manifest's ``runtime.jit_compile`` the Keras forward pass runs
-    as ``tf.function(jit_compile=True)`` (XLA).
+    whole device; with several processes on one GPU, each gets a fixed share of its
+    memory instead (a logical device with a memory limit). With the manifest's
+    ``runtime.jit_compile`` the Keras forward pass runs as ``tf.function(jit_compile=True)``
+    (XLA).
     """
 
     framework = "tensorflow"
@@ -37,10 +40,15 @@ class TensorFlowRuntime(Runtime):
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError:
                 pass  # TF already initialised in this process; keep its thread pools
+        limit_mb = _memory_limit_mb()
         for gpu in tf.config.list_physical_devices("GPU"):
-            # RuntimeError: devices already initialised by an earlier model; growth was set then
+            # RuntimeError: devices already initialised by an earlier model; set then
             with contextlib.suppress(RuntimeError):
-                tf.config.experimental.set_memory_growth(gpu, True)
+                if limit_mb is not None:  # several processes share the GPU: cap this one
+                    tf.config.set_logical_device_configuration(
+                        gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit_mb)])
+                else:
+                    tf.config.experimental.set_memory_growth(gpu, True)
         self._tf = tf
         self._fn = None
         path = self.artifact_path
@@ -85,6 +93,16 @@ class TensorFlowRuntime(Runtime):
         self._signature = None
         super().unload()
         gc.collect()
+
+
+def _memory_limit_mb() -> int | None:
+    """This process's share of its GPU's memory in MiB, when several processes share the
+    device (see :func:`worker.devices.memory_fraction`), from NVML's total."""
+    fraction = memory_fraction()
+    if fraction is None:
+        return None
+    gpus = discover().gpus
+    return int(gpus[0].memory_total_bytes * fraction / 2**20) if gpus else None
 
 
 def keras_signature(model) -> Signature:

@@ -8,44 +8,65 @@ import gc
 import numpy as np
 
 from ml_framework.errors import ModelLoadError
+from worker.devices import memory_fraction
 from worker.runtimes.base import Runtime, Signature
 
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-class HostStaging:
-    """A host buffer reused between batches to stage inputs for the device.
 
-    With ``pin`` (a CUDA device), the buffer is page-locked, so the copy to the device can
-    run asynchronously (``non_blocking=True``); pinning is slow, hence one buffer grown
-    on demand rather than one per batch. Without ``pin`` (CPU), :meth:`stage` returns a
-    zero-copy view of the NumPy array: there is nothing to gain from a copy.
+class HostStaging:
+    """Page-locked host buffers reused between batches to stage inputs for the device.
+
+    With ``pin`` (a CUDA device), each input position has :data:`SLOTS` page-locked
+    buffers used in turn, so that the host fills one while the device still copies from
+    the other (``non_blocking=True``); before a buffer is refilled, the copy that last read
+    it is waited for. Pinning is slow, hence buffers grown on demand and kept, not one per
+    batch. Without ``pin`` (CPU), :meth:`stage` returns zero-copy views of the NumPy
+    arrays: there is nothing to gain from a copy.
 
     Args:
         torch: the imported ``torch`` module.
         pin: allocate page-locked memory (needs CUDA).
     """
 
+    SLOTS = 2
+
     def __init__(self, torch, pin: bool) -> None:
         self._torch = torch
         self.pin = pin
-        self.buffer = None
-        self.allocations = 0
+        self._buffers: dict[tuple[int, int], object] = {}  # (input, slot) -> pinned tensor
+        self._copied: dict[int, object] = {}  # slot -> CUDA event after its last copy
+        self._slot = 0
 
-    def stage(self, x: np.ndarray):
-        """``x`` as a host tensor: ``(N, *row_shape)``, same dtype; a view into the reused
-        buffer when pinning."""
+    def stage(self, arrays: list[np.ndarray], device) -> list:
+        """The arrays on ``device``: ``(N, ...)`` tensors of the same dtypes, copied from
+        page-locked buffers without blocking the host when pinning."""
         torch = self._torch
-        src = torch.from_numpy(np.ascontiguousarray(x))
+        sources = [torch.from_numpy(np.ascontiguousarray(x)) for x in arrays]
         if not self.pin:
-            return src
-        buf = self.buffer
-        if buf is None or buf.dtype != src.dtype or buf.shape[1:] != src.shape[1:] or buf.shape[0] < src.shape[0]:
-            self.buffer = buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-            self.allocations += 1
-        view = buf[: src.shape[0]]
-        view.copy_(src)
-        return view
+            return [src.to(device) for src in sources]
+        slot = self._slot
+        self._slot = (slot + 1) % self.SLOTS
+        if (event := self._copied.get(slot)) is not None:
+            event.synchronize()  # the device has finished reading this slot's buffers
+        staged = []
+        for i, src in enumerate(sources):
+            buf = self._buffers.get((i, slot))
+            if buf is None or buf.dtype != src.dtype or buf.shape[1:] != src.shape[1:] or buf.shape[0] < src.shape[0]:
+                buf = self._buffers[(i, slot)] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            view = buf[: src.shape[0]]
+            view.copy_(src)
+            staged.append(view.to(device, non_blocking=True))
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[slot] = event
+        return staged
+
+    def release(self) -> None:
+        """Drop the buffers (model unloaded)."""
+        self._buffers.clear()
+        self._copied.clear()
 
 
 class TorchRuntime(Runtime):
@@ -54,9 +75,12 @@ class TorchRuntime(Runtime):
     ``.pt2`` files load with ``torch.export.load(...).module()``; anything else with
     ``torch.jit.load``. Fast paths from the manifest's ``runtime`` options:
     ``torch.inference_mode()`` (else ``torch.no_grad()``), ``torch.autocast`` in bf16 or
-    fp16, and on CUDA a reused pinned host buffer with non-blocking copies. Outputs come
-    back as float32 NumPy arrays; a model returning a tuple or list answers with its
-    first item.
+    fp16, and on CUDA page-locked staging buffers with non-blocking copies, the forward
+    pass queued by :meth:`submit` while the host prepares the next batch, and the outputs
+    copied back asynchronously. With several processes on one GPU, each is capped at its
+    share of the device's memory (``torch.cuda.set_per_process_memory_fraction``). Outputs
+    come back as float32 NumPy arrays; a model returning a tuple or list answers with its
+    first item. Text models take their tokenizer outputs as positional inputs.
     """
 
     framework = "torch"
@@ -69,6 +93,8 @@ class TorchRuntime(Runtime):
             torch.set_num_threads(self.threads)
         self._torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and (fraction := memory_fraction()) is not None:
+            torch.cuda.set_per_process_memory_fraction(fraction)
         options = self.manifest.runtime
         self.staging = HostStaging(torch, pin=options.pin_memory and self.device.type == "cuda")
         self._grad_mode = torch.inference_mode if options.inference_mode else torch.no_grad
@@ -90,18 +116,36 @@ class TorchRuntime(Runtime):
         except Exception as exc:
             raise ModelLoadError(f"{path}: torch failed to load: {exc}") from exc
 
-    def predict_batch(self, x: np.ndarray) -> np.ndarray:
-        """``(N, *row_shape)`` -> ``(N, K)`` float32.
-
-        The staging buffer is safe to refill on the next call: the input copy is queued on
-        the same CUDA stream before the forward pass, and ``.cpu()`` waits for that stream.
-        """
+    def _forward(self, x):
+        """Queue the copies and the forward pass; the float32 outputs on the device."""
+        arrays = x.arrays() if hasattr(x, "arrays") else [x]
         with self._grad_mode(), self._autocast():
-            batch = self.staging.stage(x).to(self.device, non_blocking=self.staging.pin)
-            out = self.model(batch)
+            out = self.model(*self.staging.stage(arrays, self.device))
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            return out.float().cpu().numpy()
+            return out.float()
+
+    def predict_batch(self, x) -> np.ndarray:
+        """``(N, *row_shape)`` (or a text batch) -> ``(N, K)`` float32."""
+        return self._forward(x).cpu().numpy()
+
+    def submit(self, x):
+        """Queue the pass and an asynchronous copy of its outputs into page-locked host
+        memory; on CPU, run it."""
+        if self.device.type != "cuda":
+            return self.predict_batch(x)
+        out = self._forward(x).to("cpu", non_blocking=True)
+        done = self._torch.cuda.Event()
+        done.record()
+        return out, done
+
+    def collect(self, handle) -> np.ndarray:
+        """Wait for the pass and its copy to the host."""
+        if self.device.type != "cuda":
+            return handle
+        out, done = handle
+        done.synchronize()
+        return out.numpy()
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """CUDA's ``OutOfMemoryError``, the CPU allocator's "can't allocate memory", and
@@ -120,8 +164,8 @@ class TorchRuntime(Runtime):
             self._torch.cuda.empty_cache()
 
     def unload(self) -> None:
-        """Drop the model and the staging buffer, then empty the CUDA cache."""
-        self.staging.buffer = None
+        """Drop the model and the staging buffers, then empty the CUDA cache."""
+        self.staging.release()
         super().unload()
 
 

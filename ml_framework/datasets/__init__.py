@@ -1,0 +1,180 @@
+"""Reading datasets by row range, shared by producers and workers.
+
+Formats, by suffix (see each module):
+
+- ``.csv``: :mod:`ml_framework.datasets.csv` (cells read as raw bytes);
+- ``.parquet`` / ``.pq``, or a directory of Parquet parts: :mod:`ml_framework.datasets.parquet`;
+- ``.arrow`` / ``.feather`` / ``.ipc`` (Arrow IPC): :mod:`ml_framework.datasets.arrow`;
+- ``.npy`` (one numeric array, a row per entry of its first axis): :mod:`ml_framework.datasets.npy`;
+- a directory of image files: :mod:`ml_framework.datasets.images`.
+
+Rows are numbered from 0 in file order (header excluded). Every failure to read a file is
+a :class:`~ml_framework.errors.DatasetError` whose message starts with the file's path.
+Workers read a shard as consecutive *pieces* (:func:`iter_pieces`), so that converting one
+piece overlaps reading the next, and a wide shard never sits in memory twice.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+from ml_framework.datasets.arrow import ARROW_SUFFIXES, arrow_pieces, inspect_arrow
+from ml_framework.datasets.common import DatasetInfo, reading
+from ml_framework.datasets.csv import (
+    CSV_BLOCK_BYTES,
+    csv_pieces,
+    csv_schema,
+    csv_shards,
+    inspect_csv,
+)
+from ml_framework.datasets.images import IMAGE_COLUMN, IMAGE_SUFFIXES, inspect_images
+from ml_framework.datasets.npy import NPY_COLUMN, inspect_npy, npy_pieces, tensor_table
+from ml_framework.datasets.parquet import (
+    PARQUET_SUFFIXES,
+    concat_parts,
+    inspect_parquet,
+    parquet_files,
+    parquet_pieces,
+)
+from ml_framework.errors import DatasetFormatError, DatasetNotFoundError
+
+__all__ = [
+    "CSV_BLOCK_BYTES", "FORMATS", "IMAGE_COLUMN", "IMAGE_SUFFIXES", "NPY_COLUMN", "DatasetInfo", "decode_table",
+    "detect_format", "encode_table", "inspect", "iter_pieces", "iter_shards", "parquet_files", "read_rows",
+    "shard_ranges", "tensor_table",
+]
+
+FORMATS = {".csv": "csv", **dict.fromkeys(PARQUET_SUFFIXES, "parquet"), **dict.fromkeys(ARROW_SUFFIXES, "arrow"),
+           ".npy": "npy"}
+"""Dataset file suffixes and their formats (a directory is Parquet parts or images)."""
+
+
+def detect_format(path: Path) -> str:
+    """The format of a dataset file from its suffix (see :data:`FORMATS`).
+
+    Raises:
+        DatasetFormatError: any other suffix.
+    """
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DatasetFormatError(
+            f"{path}: unsupported dataset type {path.suffix!r} (supported: {', '.join(sorted(FORMATS))}, "
+            "a directory of Parquet parts, or a directory of images)"
+        )
+    return fmt
+
+
+def inspect(path: Path) -> DatasetInfo:
+    """Read a dataset's columns and row count without loading its rows (one streaming
+    pass for CSV; footers or headers for the others; a listing for a directory).
+
+    Args:
+        path: a dataset file (see :data:`FORMATS`), a directory of Parquet parts, or a
+            directory of images (one holding no Parquet part).
+
+    Raises:
+        DatasetNotFoundError: ``path`` does not exist.
+        DatasetFormatError: unsupported suffix, an empty file, a header or text that is
+            not UTF-8, duplicate column names, parts whose columns differ, or the file
+            cannot be parsed. The message names the file (and the line, when known).
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        raise DatasetNotFoundError(f"dataset not found: {path}")
+    if path.is_dir():
+        if any(p.suffix.lower() in PARQUET_SUFFIXES for p in path.rglob("*")):
+            return inspect_parquet(path)
+        return inspect_images(path)
+    return {"csv": inspect_csv, "parquet": inspect_parquet, "arrow": inspect_arrow,
+            "npy": inspect_npy}[detect_format(path)](path)
+
+
+def iter_pieces(path: Path, fmt: str, row_start: int, row_end: int, columns: Sequence[str],
+                piece_rows: int) -> Iterator[pa.Table]:
+    """Rows ``[row_start, row_end)`` of ``columns`` as consecutive tables of at most
+    ``piece_rows`` rows each (CSV: of about a parse block).
+
+    CSV columns come back as binary (raw cell bytes); the others keep their stored types
+    (an ``.npy`` array as a ``fixed_shape_tensor`` column).
+
+    Raises:
+        DatasetFormatError: the file cannot be parsed (naming it).
+    """
+    with reading(path, f"read rows {row_start}-{row_end}"):
+        if fmt == "parquet":
+            yield from parquet_pieces(path, row_start, row_end, columns, piece_rows)
+        elif fmt == "arrow":
+            yield from arrow_pieces(path, row_start, row_end, columns, piece_rows)
+        elif fmt == "npy":
+            yield from npy_pieces(path, row_start, row_end, piece_rows)
+        elif fmt == "csv":
+            yield from csv_pieces(path, row_start, row_end, columns)
+        else:
+            raise DatasetFormatError(f"{path}: cannot read rows of a {fmt!r} dataset by range")
+
+
+def read_rows(path: Path, fmt: str, row_start: int, row_end: int, columns: Sequence[str]) -> pa.Table:
+    """Rows ``[row_start, row_end)`` of ``columns`` as one Arrow table (see :func:`iter_pieces`).
+
+    Raises:
+        DatasetFormatError: the file cannot be parsed, or holds fewer rows than asked.
+    """
+    want = row_end - row_start
+    pieces = list(iter_pieces(path, fmt, row_start, row_end, columns, max(want, 1)))
+    table = concat_parts(pieces, columns) if pieces else _empty(path, fmt, columns)
+    if table.num_rows != want:
+        raise DatasetFormatError(
+            f"{path}: expected rows {row_start}-{row_end} but the file has only {row_start + table.num_rows}"
+        )
+    return table
+
+
+def _empty(path: Path, fmt: str, columns: Sequence[str]) -> pa.Table:
+    """No rows of ``columns``, with the types they have in the file."""
+    if fmt == "csv":
+        return csv_schema(columns).empty_table()
+    return inspect(path).schema.empty_table().select(list(columns))
+
+
+def iter_shards(info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: Sequence[str]) -> Iterator[pa.Table]:
+    """Yield one table per range (ascending, contiguous), reading the file once.
+
+    Used by producers that must inline shards; memory holds about one shard at a time.
+
+    Raises:
+        DatasetFormatError: the file cannot be read (naming it).
+    """
+    if info.format == "csv":
+        with reading(info.path, "read"):
+            yield from csv_shards(info.path, ranges, columns)
+        return
+    if info.format == "images":
+        files = pa.array(info.files or (), pa.string())
+        for a, b in ranges:
+            yield pa.table({IMAGE_COLUMN: files.slice(a, b - a)})
+        return
+    for a, b in ranges:
+        yield read_rows(info.path, info.format, a, b, columns)
+
+
+def encode_table(table: pa.Table) -> str:
+    """Arrow IPC stream of ``table``, base64-encoded for a JSON message."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return base64.b64encode(sink.getvalue().to_pybytes()).decode("ascii")
+
+
+def decode_table(data_b64: str) -> pa.Table:
+    """Inverse of :func:`encode_table`."""
+    return pa.ipc.open_stream(base64.b64decode(data_b64)).read_all()
+
+
+def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """Split ``n_rows`` into ``[start, end)`` ranges of at most ``shard_size`` rows."""
+    return [(a, min(a + shard_size, n_rows)) for a in range(0, n_rows, shard_size)]
+

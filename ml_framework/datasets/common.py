@@ -1,0 +1,107 @@
+"""What every dataset reader shares: the dataset's description and its error wrapping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from ml_framework.errors import DatasetFormatError, DatasetSchemaError
+
+MAX_CSV_BLOCK_BYTES = 1 << 30
+"""Largest pyarrow CSV block a record may need; a longer record is refused (see
+:mod:`ml_framework.datasets.csv`)."""
+# Separators people export by mistake, named in the hint of a missing-columns error.
+_OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+READ_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Schema and size of a dataset, read without loading its rows.
+
+    Attributes:
+        path: absolute path of the file (or of the directory of Parquet parts or images).
+        format: ``csv``, ``parquet``, ``arrow`` (Arrow IPC / Feather), ``npy`` or
+            ``images`` (a directory of image files).
+        columns: column names in file order (an ``.npy`` array is one column, ``array``;
+            a directory of images one column, ``path``).
+        n_rows: number of data rows (header excluded).
+        schema: the columns' Arrow types where the format stores them (Parquet, Arrow,
+            ``.npy``); ``None`` for CSV, whose cells are text until a worker converts them.
+        files: a directory of images: its image files, relative to it, in row order.
+    """
+
+    path: Path
+    format: str
+    columns: list[str]
+    n_rows: int
+    schema: pa.Schema | None = field(default=None, compare=False)
+    files: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+
+    def require_columns(self, needed: Sequence[str]) -> None:
+        """Raise :class:`DatasetSchemaError` naming every column of ``needed`` not in the file."""
+        missing = [c for c in needed if c not in self.columns]
+        if missing:
+            raise DatasetSchemaError(
+                f"{self.path}: missing column(s) {', '.join(map(repr, missing))} "
+                f"(file has: {', '.join(self.columns[:20])}{' ...' if len(self.columns) > 20 else ''})"
+                f"{self._delimiter_hint()}"
+            )
+
+    def _delimiter_hint(self) -> str:
+        if self.format != "csv":
+            return ""
+        for sep, name in _OTHER_DELIMITERS.items():
+            if any(sep in c for c in self.columns):
+                return f"; the header looks {name}-separated ({sep!r}): CSV datasets must be comma-separated"
+        return ""
+
+
+def check_unique(path: Path, names: list[str]) -> list[str]:
+    """``names``, or :class:`DatasetFormatError` naming the duplicates."""
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DatasetFormatError(f"{path}: duplicate column name(s) {dup}")
+    return names
+
+
+def too_long(exc: Exception) -> bool:
+    """pyarrow's CSV error for a record longer than its block size."""
+    return "straddl" in str(exc)  # pyarrow: "straddling object straddles two block boundaries"
+
+
+def format_error(path: Path, exc: Exception, doing: str) -> DatasetFormatError:
+    """A :class:`DatasetFormatError` naming ``path`` for a reader's exception."""
+    from ml_framework.datasets.csv import find_ragged_record
+
+    detail = None
+    if isinstance(exc, UnicodeDecodeError):
+        detail = f"{path}: cannot {doing}: text that is not UTF-8 ({exc.reason} at byte {exc.start})"
+    elif too_long(exc):
+        detail = (f"{path}: cannot {doing}: a record is longer than {MAX_CSV_BLOCK_BYTES >> 20} MiB "
+                  "(a quote that is never closed?)")
+    elif "columns, got" in str(exc) and path.suffix.lower() == ".csv":
+        detail = find_ragged_record(path)
+    return DatasetFormatError(detail or f"{path}: cannot {doing}: {exc}")
+
+
+@contextmanager
+def reading(path: Path, doing: str) -> Iterator[None]:
+    """Turn pyarrow's and the OS's errors while reading ``path`` into a
+    :class:`DatasetFormatError` naming it."""
+    try:
+        yield
+    except DatasetFormatError:
+        raise
+    except READ_ERRORS as exc:
+        raise format_error(path, exc, doing) from exc
+
+
+def slices(table: pa.Table, piece_rows: int) -> Iterator[pa.Table]:
+    """``table`` in consecutive zero-copy slices of at most ``piece_rows`` rows."""
+    for start in range(0, table.num_rows, piece_rows):
+        yield table.slice(start, piece_rows)

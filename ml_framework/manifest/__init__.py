@@ -1,0 +1,39 @@
+"""Model manifests (what a model version takes and returns) and the model repository.
+
+See :mod:`ml_framework.manifest.specs` for the input kinds and tensor specs,
+:mod:`ml_framework.manifest.model` for the manifest file, and
+:mod:`ml_framework.manifest.repository` for the repository on disk.
+"""
+
+from ml_framework.manifest.model import (
+    MANIFEST_FILE,
+    NAME_PATTERN,
+    Framework,
+    ModelManifest,
+    Version,
+)
+from ml_framework.manifest.repository import (
+    ModelRepository,
+    artifact_format,
+    check_artifact,
+    is_version,
+    parse_model_ref,
+)
+from ml_framework.manifest.specs import (
+    MAX_INT32,
+    ONE_COLUMN_KINDS,
+    BatchSize,
+    DynamicBatching,
+    InputKind,
+    InputSpec,
+    OutputSpec,
+    Preprocessing,
+    RuntimeOptions,
+    TokenizerSpec,
+)
+
+__all__ = [
+    "MANIFEST_FILE", "MAX_INT32", "NAME_PATTERN", "ONE_COLUMN_KINDS", "BatchSize", "DynamicBatching", "Framework",
+    "InputKind", "InputSpec", "ModelManifest", "ModelRepository", "OutputSpec", "Preprocessing", "RuntimeOptions",
+    "TokenizerSpec", "Version", "artifact_format", "check_artifact", "is_version", "parse_model_ref",
+]

@@ -1,0 +1,37 @@
+"""Input converters: from a piece of a shard (an Arrow table) to the model's input batch,
+one per input kind of the manifest (see :mod:`ml_framework.manifest.specs`).
+
+- ``columns``: :mod:`worker.inputs.columns`
+- ``tensor``: :mod:`worker.inputs.tensor`
+- ``image``: :mod:`worker.inputs.image` (decoding with Pillow)
+- ``text``: :mod:`worker.inputs.text` (Hugging Face ``tokenizers``)
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+
+from ml_framework.manifest import ModelManifest
+from worker.inputs.base import Converted, InputConverter, finite_rows
+
+_CONVERTERS = {
+    "columns": ("worker.inputs.columns", "ColumnsConverter"),
+    "tensor": ("worker.inputs.tensor", "TensorConverter"),
+    "image": ("worker.inputs.image", "ImageConverter"),
+    "text": ("worker.inputs.text", "TextConverter"),
+}
+
+
+def converter_for(manifest: ModelManifest, directory: Path, data_dir: Path | None = None) -> InputConverter:
+    """The input converter of a model version (its module imported on first use).
+
+    Raises:
+        ManifestError: the converter cannot be set up (a tokenizer file that is missing
+            or unreadable).
+    """
+    module, name = _CONVERTERS[manifest.inputs.kind]
+    return getattr(import_module(module), name)(manifest, directory, data_dir)
+
+
+__all__ = ["Converted", "InputConverter", "converter_for", "finite_rows"]

@@ -1,0 +1,235 @@
+"""Prefetching: read and convert the next piece of a shard while the device runs this one.
+
+A worker process has one :class:`Prefetcher`, with one background thread. For each shard
+it reads the rows piece by piece (:func:`ml_framework.datasets.iter_pieces`: Parquet row
+groups decoded ahead on the reading threads), converts each piece to model input
+(:mod:`worker.inputs`), and hands the pieces over through a bounded queue, so that while
+the main thread runs the model on piece k, piece k+1 is being read and converted (as Ray
+Data's streaming executor overlaps reading, preprocessing and the GPU stage). pyarrow,
+NumPy, Pillow and the tokenizers release the GIL while they work, so the two threads run
+at once.
+
+When the thread has handed over the last piece of a shard, it reads and converts the first
+piece of the shard most likely to come next (the caller's guess: the next row range of the
+same file), so the device does not wait for it at the shard boundary either. A later shard
+that is not the guess simply reads its own first piece; the guess costs one piece of I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ml_framework.datasets import decode_table, iter_pieces, read_rows
+from ml_framework.errors import DatasetError
+from ml_framework.protocol import DatasetRef, ScoreShard
+from worker.inputs import Converted
+
+log = logging.getLogger(__name__)
+
+DEPTH = 2
+"""Converted pieces waiting for the device (memory: about ``DEPTH + 1`` pieces of
+:data:`worker.inputs.base.PIECE_BYTES`)."""
+_END = object()
+
+Convert = Callable[[pa.Table, int], Converted]
+"""``(piece table, dataset row of its first row) -> Converted``."""
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Where a shard's rows are.
+
+    Attributes:
+        row_start / row_end: the rows, ``[row_start, row_end)``.
+        columns: the columns that feed the model.
+        path / format: a dataset file under the data directory (by reference), or
+        table: the rows themselves (inline in the message); exactly one of the two.
+        key: what identifies the conversion (model name and version): a prefetched piece
+            is used only by a shard of the same key.
+    """
+
+    row_start: int
+    row_end: int
+    columns: tuple[str, ...]
+    path: Path | None = None
+    format: str | None = None
+    table: pa.Table | None = None
+    key: str = ""
+
+    def same_rows_as(self, other: ShardSource) -> bool:
+        """True when ``other`` reads the same file, columns and conversion from the same row."""
+        return (self.table is None and other.table is None and (self.path, self.format, self.columns, self.key,
+                self.row_start) == (other.path, other.format, other.columns, other.key, other.row_start))
+
+
+def shard_source(data_dir: Path, msg: ScoreShard) -> ShardSource:
+    """Where ``msg``'s rows are: a file under ``data_dir`` (by reference) or the message
+    itself (inline rows, decoded here).
+
+    Raises:
+        DatasetError: the path leaves the data directory, the file is missing, or an
+            inline shard holds the wrong number of rows.
+    """
+    src, key = msg.source, f"{msg.model}/{msg.version}"
+    if isinstance(src, DatasetRef):
+        root = data_dir.resolve()
+        path = (root / src.path).resolve()
+        if not path.is_relative_to(root):
+            raise DatasetError(f"dataset path {src.path!r} leaves the data directory {root}")
+        if not (path.is_file() or path.is_dir()):
+            raise DatasetError(f"dataset {path} not found on worker (data_dir={root})")
+        return ShardSource(src.row_start, src.row_end, tuple(msg.columns), path, src.format, key=key)
+    table = decode_table(src.data_b64)
+    if table.num_rows != msg.n_rows:
+        raise DatasetError(f"inline shard holds {table.num_rows} rows, expected {msg.n_rows}")
+    return ShardSource(src.row_start, src.row_end, tuple(msg.columns), table=table, key=key)
+
+
+def read_all(source: ShardSource) -> pa.Table:
+    """Every row of ``source`` as one table (online requests, tests)."""
+    if source.table is not None:
+        return source.table
+    return read_rows(source.path, source.format, source.row_start, source.row_end, source.columns)
+
+
+def _pieces(source: ShardSource, row_start: int, piece_rows: int) -> Iterator[pa.Table]:
+    if source.table is not None:
+        for a in range(row_start - source.row_start, source.row_end - source.row_start, piece_rows):
+            yield source.table.slice(a, piece_rows)
+        return
+    yield from iter_pieces(source.path, source.format, row_start, source.row_end, source.columns, piece_rows)
+
+
+def head(piece: Converted, n_rows: int, row_start: int) -> Converted:
+    """The first ``n_rows`` rows of a converted piece that starts at ``row_start``."""
+    if n_rows >= piece.n_rows:
+        return piece
+    end = row_start + n_rows
+    keep = int(np.searchsorted(piece.rows, end))
+    return Converted(piece.x[:keep], piece.rows[:keep], [e for e in piece.errors if e.row_index < end], n_rows)
+
+
+@dataclass
+class _Request:
+    source: ShardSource
+    start: int
+    convert: Convert
+    piece_rows: int
+    out: queue.Queue
+    cancelled: threading.Event
+    guess: ShardSource | None
+
+
+class Prefetcher:
+    """One background thread that reads and converts shards' pieces ahead of the device.
+
+    Args:
+        depth: converted pieces that may wait for the device.
+    """
+
+    def __init__(self, depth: int = DEPTH) -> None:
+        self.depth = depth
+        self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._stash: tuple[ShardSource, Converted] | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="mlf-prefetch", daemon=True)
+        self._thread.start()
+        self.hits = self.misses = 0
+
+    def pieces(self, source: ShardSource, convert: Convert, piece_rows: int,
+               guess: ShardSource | None = None) -> Iterator[Converted]:
+        """The converted pieces of ``source``, in row order, read ahead on the thread.
+
+        Args:
+            convert: turns one piece table into model input (runs on the thread).
+            piece_rows: rows per piece.
+            guess: the shard likely to come next, whose first piece is read once this
+                shard's are (see the module docstring).
+
+        Raises:
+            Whatever reading or converting raised (``DatasetError`` ...), when the piece
+            it concerns is reached.
+        """
+        first = self._take(source)
+        start = source.row_start + (first.n_rows if first is not None else 0)
+        request = _Request(source, start, convert, piece_rows, queue.Queue(self.depth), threading.Event(), guess)
+        self._requests.put(request)
+        try:
+            if first is not None:
+                yield first
+            while True:
+                item = request.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled.set()
+            while not request.out.empty():  # unblock the thread if it waits to hand over
+                request.out.get_nowait()
+
+    def _take(self, source: ShardSource) -> Converted | None:
+        with self._lock:
+            stash, self._stash = self._stash, None
+        if stash is None or not stash[0].same_rows_as(source):
+            if stash is not None:
+                self.misses += 1
+            return None
+        self.hits += 1
+        return head(stash[1], source.row_end - source.row_start, source.row_start)
+
+    def _loop(self) -> None:
+        while True:
+            request = self._requests.get()
+            self._serve(request)
+            if request.guess is not None and not request.cancelled.is_set() and self._requests.empty():
+                self._read_guess(request)
+
+    def _serve(self, request: _Request) -> None:
+        try:
+            tables = _pieces(request.source, request.start, request.piece_rows) \
+                if request.start < request.source.row_end else iter(())
+            for table in tables:
+                piece = request.convert(table, request.start)
+                request.start += table.num_rows
+                if not self._hand_over(request, piece):
+                    return
+            self._hand_over(request, _END)
+        except BaseException as exc:  # noqa: BLE001 - raised in the consumer, at the piece it concerns
+            self._hand_over(request, exc)
+
+    @staticmethod
+    def _hand_over(request: _Request, item: object) -> bool:
+        """Put ``item`` on the request's queue unless the consumer has gone; False then."""
+        while not request.cancelled.is_set():
+            try:
+                request.out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read_guess(self, request: _Request) -> None:
+        guess = request.guess
+        # only the rows of one piece: a shard's first piece is the same whatever its end,
+        # up to the end itself (a shorter shard takes the head of it)
+        first = replace(guess, row_end=min(guess.row_end, guess.row_start + request.piece_rows))
+        try:
+            table = next(_pieces(first, first.row_start, request.piece_rows), None)
+            if table is None or table.num_rows == 0:
+                return
+            piece = request.convert(table, guess.row_start)
+        except Exception as exc:  # noqa: BLE001 - a wrong guess (past the end of the file) costs nothing
+            log.debug("prefetching rows %d- of %s failed: %s", guess.row_start, guess.path, exc)
+            return
+        with self._lock:
+            self._stash = (guess, piece)
