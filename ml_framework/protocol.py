@@ -25,7 +25,9 @@ Shards bigger than this are also slow to send, hold worker memory and make a red
 expensive; a smaller ``shard_size`` or a dataset under the data directory (sent by
 reference) avoids them."""
 
-DatasetFormat = Literal["csv", "parquet"]
+DatasetFormat = Literal["csv", "parquet", "arrow", "npy"]
+"""Formats a worker reads by reference (see :mod:`ml_framework.datasets`); a directory of
+images travels inline, as its paths."""
 
 
 class _Message(BaseModel):
@@ -48,7 +50,7 @@ class DatasetRef(_Rows):
 
     Attributes:
         path: POSIX path relative to the data directory.
-        format: ``csv`` or ``parquet``.
+        format: ``csv``, ``parquet``, ``arrow`` (Arrow IPC / Feather) or ``npy``.
         row_start: first row (0-based, header excluded), inclusive.
         row_end: last row, exclusive.
     """

@@ -66,6 +66,8 @@ MAX_PAGE_ROWS = 10_000
 READY_WORKER_MAX_AGE_S = 30.0
 
 Scalar = float | int | str | bool | None
+Value = Scalar | list[Any]
+"""A cell: a number, a text (or image path), or a tensor as nested lists."""
 
 
 class ApiError(BaseModel):
@@ -98,7 +100,8 @@ class DatasetJobRequest(_JobFields):
 class RowsJobRequest(_JobFields):
     """A job over rows sent in the request."""
 
-    rows: list[dict[str, Scalar]] = Field(description="One object of column -> value per row.", min_length=1)
+    rows: list[dict[str, Value]] = Field(description="One object of column -> value per row (a tensor as nested "
+                                                     "lists).", min_length=1)
 
 
 JobRequest = DatasetJobRequest | RowsJobRequest
@@ -109,7 +112,8 @@ class PredictRequest(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    rows: list[dict[str, Scalar]] = Field(min_length=1, description="One object of column -> value per row.")
+    rows: list[dict[str, Value]] = Field(min_length=1, description="One object of column -> value per row (a tensor "
+                                                                   "as nested lists).")
     version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
     timeout_s: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait for the answer.")
 

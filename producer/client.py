@@ -17,18 +17,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from ml_framework.celery_app import check_priority, create_app, message_priority
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
-from ml_framework.errors import DatasetError, DatasetSchemaError, JobTimeoutError
+from ml_framework.errors import DatasetError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
 from ml_framework.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -42,6 +39,7 @@ from ml_framework.store import JobState, JobStatus, NewJob, ResultStore, WorkerI
 from producer.datasets import inspect, plan_sources, resolve_columns
 from producer.online import OnlineDispatcher, OnlineRequest
 from producer.results import write_results
+from producer.rows import RowsLike, rows_to_table
 
 POLL_START_S = 0.1
 POLL_MAX_S = 2.0
@@ -265,15 +263,19 @@ class Client:
         Args:
             rows: a DataFrame or Arrow table (named columns), a list of dicts (one per
                 row), or a 2-D array / list of lists whose columns are the manifest's
-                input columns in order. Values that are not numbers become row errors on
-                the worker, naming the row and field; they do not fail the job.
+                input columns in order; an array of shape ``(N, *inputs.shape)`` (tensor
+                inputs, or columns reshaped to that shape); a list of texts or image paths
+                (text and image inputs). See :mod:`producer.rows`. Values that are not
+                numbers become row errors on the worker, naming the row and field; they do
+                not fail the job.
             model, version, batch_size, columns, priority: as :meth:`score_dataset`.
 
         Returns:
             The new :class:`Job`; its rows are numbered from 0 in the order given.
 
         Raises:
-            DatasetSchemaError: missing columns, or an array of the wrong width.
+            DatasetSchemaError: missing columns, an array of the wrong width or shape, or
+                a column whose type can never feed the model.
             DatasetError: no rows.
             ModelNotFoundError, ValueError: as :meth:`score_dataset`.
         """
@@ -286,9 +288,9 @@ class Client:
                    columns: Sequence[str] | None) -> tuple[ModelManifest, int, list[str], list, list[InlineRows]]:
         """Check ``rows`` against the model and cut them into inline shards (see :meth:`score_rows`)."""
         manifest, batch = self._check(model, version, batch_size)
-        table = rows_to_table(rows, manifest.inputs.columns)
+        table = rows_to_table(rows, manifest.inputs)
         info = DatasetInfo(path=Path("<inline rows>"), format="inline", columns=table.column_names,
-                           n_rows=table.num_rows)
+                           n_rows=table.num_rows, schema=table.schema)
         use_columns = resolve_columns(info, manifest, columns)
         ranges = shard_ranges(table.num_rows, self.settings.shard_size)
         selected = table.select(use_columns)
@@ -514,75 +516,3 @@ class Client:
             self.store.cancel(job_id)
             raise
         return Job(self, job_id)
-
-
-RowsLike = pd.DataFrame | pa.Table | np.ndarray | Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]]
-
-
-def rows_to_table(rows: RowsLike, input_columns: Sequence[str]) -> pa.Table:
-    """In-memory rows as an Arrow table (see :meth:`Client.score_rows` for the forms).
-
-    Columns whose values Arrow cannot give one type (say numbers and text mixed) are sent
-    as text: the worker parses each cell and fails only the rows that are not numbers.
-
-    Raises:
-        DatasetSchemaError: an array or list of lists whose width is not the number of
-            input columns, or rows of another type.
-        DatasetError: no rows.
-    """
-    if isinstance(rows, pa.Table):
-        table = rows
-    elif isinstance(rows, pd.DataFrame):
-        if rows.columns.duplicated().any():
-            raise DatasetSchemaError(f"duplicate column names: {sorted(set(rows.columns[rows.columns.duplicated()]))}")
-        try:
-            table = pa.Table.from_pandas(rows, preserve_index=False)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in a column
-            table = _columns_to_table({str(c): rows[c].tolist() for c in rows.columns})
-    elif _plain_numeric(rows, len(input_columns)):
-        # numeric: one Arrow buffer, column-major, sliced per column (no Python objects)
-        array = rows.reshape(-1, len(input_columns))
-        flat, n = pa.array(np.ascontiguousarray(array.T).ravel()), len(array)
-        table = pa.Table.from_arrays([flat.slice(i * n, n) for i in range(array.shape[1])], names=list(input_columns))
-    elif isinstance(rows, np.ndarray) or (isinstance(rows, Sequence) and rows and not isinstance(rows[0], Mapping)):
-        if not isinstance(rows, np.ndarray):
-            for i, row in enumerate(rows):
-                if not isinstance(row, Sequence) or isinstance(row, str) or len(row) != len(input_columns):
-                    raise DatasetSchemaError(f"row {i}: expected a list of {len(input_columns)} values "
-                                             f"(the input columns), got {row!r:.80}")
-        array = np.asarray(rows, dtype=object)
-        array = array.reshape(len(array), -1) if array.ndim == 1 and len(input_columns) > 1 else array
-        array = array.reshape(-1, 1) if array.ndim == 1 else array
-        if array.ndim != 2 or array.shape[1] != len(input_columns):
-            raise DatasetSchemaError(
-                f"rows of shape {array.shape}: expected (rows, {len(input_columns)}) for the input "
-                f"columns {list(input_columns)[:5]}{'...' if len(input_columns) > 5 else ''}")
-        table = _columns_to_table(dict(zip(input_columns, array.T.tolist(), strict=True)))
-    elif isinstance(rows, Sequence):
-        if not all(isinstance(r, Mapping) for r in rows):
-            raise DatasetSchemaError("rows must all be mappings of column -> value, or all be sequences")
-        names = list(dict.fromkeys(k for r in rows for k in r))
-        table = _columns_to_table({n: [r.get(n) for r in rows] for n in names})
-    else:
-        raise DatasetSchemaError(f"cannot score rows of type {type(rows).__name__}")
-    if table.num_rows == 0:
-        raise DatasetError("no rows to score")
-    return table
-
-
-def _plain_numeric(rows: object, width: int) -> bool:
-    """A native-endian numeric array of shape ``(n, width)`` (or ``(n,)`` when ``width`` is
-    1): the fast path of :func:`rows_to_table`."""
-    if not (isinstance(rows, np.ndarray) and rows.dtype.kind in "biuf" and rows.dtype.isnative):
-        return False
-    return (rows.ndim == 2 and rows.shape[1] == width) or (rows.ndim == 1 and width == 1)
-
-
-def _columns_to_table(columns: Mapping[str, list[Any]]) -> pa.Table:
-    arrays = {}
-    for name, values in columns.items():
-        try:
-            arrays[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: let the worker judge each cell
-            arrays[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
-    return pa.table(arrays)

@@ -1,4 +1,4 @@
-"""Turn a dataset file into shard messages: by reference when workers can read the file,
+"""Turn a dataset into shard messages: by reference when workers can read the file,
 inline (Arrow IPC) otherwise. Reads only the schema and row count up front."""
 
 from __future__ import annotations
@@ -6,35 +6,74 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ml_framework.datasets import DatasetInfo, encode_table, inspect, iter_shards
-from ml_framework.errors import DatasetError, DatasetSchemaError
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ml_framework.datasets import IMAGE_COLUMN, DatasetInfo, encode_table, inspect, iter_shards
+from ml_framework.errors import DatasetError, DatasetFormatError, DatasetSchemaError
 from ml_framework.manifest import ModelManifest
 from ml_framework.protocol import DatasetRef, InlineRows
+from ml_framework.tensors import describe_mismatch
 
-__all__ = ["inspect", "plan_sources", "resolve_columns"]
+__all__ = ["check_column_types", "inspect", "plan_sources", "resolve_columns"]
+
+_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
+               pa.types.is_null)
 
 
 def resolve_columns(info: DatasetInfo, manifest: ModelManifest, columns: Sequence[str] | None) -> list[str]:
     """Dataset columns that feed the model's inputs, in the manifest's order.
+
+    A model with one input column (``tensor``, ``image`` or ``text``) takes a dataset of
+    one column whatever its name (an ``.npy`` array, a directory of images).
 
     Args:
         columns: dataset column names mapped one-to-one onto ``manifest.inputs.columns``;
             default: the manifest's own column names.
 
     Raises:
-        DatasetSchemaError: wrong number of columns, or columns missing from the file.
+        DatasetSchemaError: wrong number of columns, columns missing from the file, or a
+            column whose type can never feed the model (a list of the wrong length, text
+            for a tensor).
         DatasetError: the dataset has no data rows.
     """
-    wanted = list(columns) if columns is not None else list(manifest.inputs.columns)
-    if len(wanted) != len(manifest.inputs.columns):
+    spec = manifest.inputs
+    wanted = list(columns) if columns is not None else list(spec.columns)
+    if columns is None and len(spec.columns) == 1 and len(info.columns) == 1 and spec.column not in info.columns:
+        wanted = list(info.columns)
+    if len(wanted) != len(spec.columns):
         raise DatasetSchemaError(
-            f"model {manifest.name} takes {len(manifest.inputs.columns)} input columns, "
-            f"{len(wanted)} given"
+            f"model {manifest.name} takes {len(spec.columns)} input columns, {len(wanted)} given"
         )
     info.require_columns(wanted)
+    check_column_types(info, manifest, wanted)
     if info.n_rows == 0:
         raise DatasetError(f"{info.path}: no data rows (a header or schema only): nothing to score")
     return wanted
+
+
+def check_column_types(info: DatasetInfo, manifest: ModelManifest, columns: Sequence[str]) -> None:
+    """Refuse a column whose stored type can never feed the model's input kind (types the
+    file does not store, CSV cells, are judged per row by the worker).
+
+    Raises:
+        DatasetSchemaError: naming the file, the column, its type and what the model takes.
+    """
+    if info.schema is None:
+        return
+    kind = manifest.inputs.kind
+    for name in columns:
+        column_type = info.schema.field(name).type
+        if pa.types.is_dictionary(column_type):
+            column_type = column_type.value_type
+        problem = None
+        if kind == "tensor":
+            problem = describe_mismatch(column_type, manifest.inputs.row_shape)
+        elif kind in ("image", "text") and not any(test(column_type) for test in _TEXT_TYPES):
+            problem = f"holds {column_type}, not {'image paths' if kind == 'image' else 'text'}"
+        if problem:
+            raise DatasetSchemaError(f"{info.path}: column {name!r} {problem} (model {manifest.name}, "
+                                     f"inputs.kind {kind})")
 
 
 def _under(path: Path, root: Path) -> Path | None:
@@ -48,16 +87,27 @@ def plan_sources(
 ) -> Iterator[DatasetRef | InlineRows]:
     """One shard source per row range: a reference if the file (or directory of Parquet
     parts) lies under ``data_dir`` (workers mount it), else the rows inlined, reading the
-    dataset once.
+    dataset once. A directory of images is always inlined as its paths (relative to
+    ``data_dir``: the workers read the images there), so its rows stay the files listed now.
 
     The path is resolved first, so a symlink under ``data_dir`` whose target lies outside
     is inlined, never sent by reference (workers refuse paths that leave the data
     directory).
 
     Raises:
-        DatasetFormatError: while inlining, the file cannot be read (naming it).
+        DatasetFormatError: while inlining, the file cannot be read (naming it); a
+            directory of images outside the data directory.
     """
     relative = _under(info.path, data_dir)
+    if info.format == "images":
+        if relative is None:
+            raise DatasetFormatError(f"{info.path}: a directory of images must lie under the data directory "
+                                     f"({data_dir}): workers read the image files there")
+        prefix = "" if relative == Path(".") else relative.as_posix() + "/"
+        for (a, b), table in zip(ranges, iter_shards(info, ranges, columns), strict=True):
+            paths = pc.binary_join_element_wise(prefix, table.column(IMAGE_COLUMN), "")
+            yield InlineRows(row_start=a, row_end=b, data_b64=encode_table(pa.table({columns[0]: paths})))
+        return
     if relative is not None:
         for a, b in ranges:
             yield DatasetRef(path=relative.as_posix(), format=info.format, row_start=a, row_end=b)

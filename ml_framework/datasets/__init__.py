@@ -32,7 +32,7 @@ from ml_framework.datasets.csv import (
     inspect_csv,
 )
 from ml_framework.datasets.images import IMAGE_COLUMN, IMAGE_SUFFIXES, inspect_images
-from ml_framework.datasets.npy import NPY_COLUMN, inspect_npy, npy_pieces, tensor_table
+from ml_framework.datasets.npy import NPY_COLUMN, inspect_npy, npy_pieces
 from ml_framework.datasets.parquet import (
     PARQUET_SUFFIXES,
     concat_parts,
@@ -45,7 +45,7 @@ from ml_framework.errors import DatasetFormatError, DatasetNotFoundError
 __all__ = [
     "CSV_BLOCK_BYTES", "FORMATS", "IMAGE_COLUMN", "IMAGE_SUFFIXES", "NPY_COLUMN", "DatasetInfo", "decode_table",
     "detect_format", "encode_table", "inspect", "iter_pieces", "iter_shards", "parquet_files", "read_rows",
-    "shard_ranges", "tensor_table",
+    "shard_ranges",
 ]
 
 FORMATS = {".csv": "csv", **dict.fromkeys(PARQUET_SUFFIXES, "parquet"), **dict.fromkeys(ARROW_SUFFIXES, "arrow"),

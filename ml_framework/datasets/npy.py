@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from ml_framework.datasets.common import DatasetInfo, slices
 from ml_framework.errors import DatasetFormatError
+from ml_framework.tensors import row_shape, tensor_table
 
 NPY_COLUMN = "array"
 """The one column of an ``.npy`` dataset."""
@@ -36,13 +37,9 @@ def _load(path: Path) -> np.ndarray:
     return array
 
 
-def _row_shape(array: np.ndarray) -> tuple[int, ...]:
-    return tuple(array.shape[1:]) or (1,)
-
-
 def npy_type(array: np.ndarray) -> pa.DataType:
     """The Arrow type of one row of ``array``: a fixed-shape tensor of its dtype."""
-    return pa.fixed_shape_tensor(pa.from_numpy_dtype(array.dtype.newbyteorder("=")), _row_shape(array))
+    return pa.fixed_shape_tensor(pa.from_numpy_dtype(array.dtype.newbyteorder("=")), row_shape(array))
 
 
 def inspect_npy(path: Path) -> DatasetInfo:
@@ -50,15 +47,6 @@ def inspect_npy(path: Path) -> DatasetInfo:
     array = _load(path)
     schema = pa.schema([(NPY_COLUMN, npy_type(array))])
     return DatasetInfo(path, "npy", [NPY_COLUMN], int(array.shape[0]), schema=schema)
-
-
-def tensor_table(array: np.ndarray, name: str = NPY_COLUMN) -> pa.Table:
-    """``(n, *row_shape)`` rows as a table of one ``fixed_shape_tensor`` column, sharing
-    ``array``'s memory where it is C-contiguous and native-endian."""
-    rows = np.ascontiguousarray(array.reshape(len(array), *_row_shape(array)))
-    if not rows.dtype.isnative:
-        rows = rows.astype(rows.dtype.newbyteorder("="))
-    return pa.table({name: pa.FixedShapeTensorArray.from_numpy_ndarray(rows)})
 
 
 def npy_pieces(path: Path, row_start: int, row_end: int, piece_rows: int) -> Iterator[pa.Table]:
@@ -72,4 +60,4 @@ def npy_pieces(path: Path, row_start: int, row_end: int, piece_rows: int) -> Ite
     if array.shape[0] < row_end:
         raise DatasetFormatError(f"{path}: expected rows {row_start}-{row_end} but the file has only {array.shape[0]}")
     for a in range(row_start, row_end, piece_rows):
-        yield from slices(tensor_table(array[a:min(a + piece_rows, row_end)]), piece_rows)
+        yield from slices(tensor_table(array[a:min(a + piece_rows, row_end)], NPY_COLUMN), piece_rows)

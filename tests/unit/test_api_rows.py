@@ -7,8 +7,13 @@ import pandas as pd
 import pytest
 
 from ml_framework.errors import DatasetError, DatasetSchemaError
+from ml_framework.manifest import InputSpec
 from producer.api import _finite
-from producer.client import rows_to_table
+from producer.rows import rows_to_table as _rows_to_table
+
+
+def rows_to_table(rows, columns):
+    return _rows_to_table(rows, InputSpec(columns=columns))
 
 
 def test_rows_as_dicts_frames_and_arrays():

@@ -11,7 +11,6 @@ missing or non-finite value; the row's other tensors are not affected.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,47 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ml_framework.store import RowError
+from ml_framework.tensors import describe_mismatch, storage
 from worker.inputs.base import Converted, InputConverter, non_finite_reason
-
-NUMERIC = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
-
-
-def storage(chunk: pa.Array) -> pa.Array:
-    """The plain Arrow array under an extension array (a fixed-shape tensor's list)."""
-    return chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
-
-
-def element_type(kind: pa.DataType) -> pa.DataType | None:
-    """The value type of a list-like column type (extension types unwrapped), or ``None``
-    for a type that is not a list."""
-    if isinstance(kind, pa.BaseExtensionType):
-        kind = kind.storage_type
-    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        return kind.value_type
-    return None
-
-
-def describe_mismatch(kind: pa.DataType, shape: Sequence[int]) -> str | None:
-    """Why a column of type ``kind`` can never feed tensors of ``shape`` (a list of another
-    length, a tensor of another shape, values that are not numbers), or ``None`` when it
-    can (variable lists are judged row by row)."""
-    size = math.prod(shape)
-    value = element_type(kind)
-    if value is None:
-        return f"holds {kind}, not tensors (a fixed_size_list, fixed_shape_tensor or list column)"
-    if not any(test(value) for test in NUMERIC):
-        return f"holds tensors of {value}, not numbers"
-    if isinstance(kind, pa.FixedShapeTensorType):
-        their = list(kind.shape)
-        if kind.permutation is not None and list(kind.permutation) != sorted(kind.permutation):
-            return f"holds tensors of shape {their} stored with permutation {list(kind.permutation)}; store them in row-major order"
-        if their != list(shape):
-            return f"holds tensors of shape {their}, the model takes {list(shape)}"
-        return None
-    storage_type = kind.storage_type if isinstance(kind, pa.BaseExtensionType) else kind
-    if pa.types.is_fixed_size_list(storage_type) and storage_type.list_size != size:
-        return f"holds lists of {storage_type.list_size} values, the model takes {size} (shape {list(shape)})"
-    return None
 
 
 class TensorConverter(InputConverter):
