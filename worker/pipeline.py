@@ -113,8 +113,14 @@ def head(piece: Converted, n_rows: int, row_start: int) -> Converted:
     if n_rows >= piece.n_rows:
         return piece
     end = row_start + n_rows
-    keep = int(np.searchsorted(piece.rows, end))
-    return Converted(piece.x[:keep], piece.rows[:keep], [e for e in piece.errors if e.row_index < end], n_rows)
+    keep = piece.rows < end
+    x = piece.x[: int(keep.sum())] if keep[: int(keep.sum())].all() else _take(piece.x, np.flatnonzero(keep))
+    return Converted(x, piece.rows[keep], [e for e in piece.errors if e.row_index < end], n_rows)
+
+
+def _take(x, index: np.ndarray):
+    """Rows ``index`` of a model input (an array, or a batch that can take rows)."""
+    return x[index] if isinstance(x, np.ndarray) else x.take(index)
 
 
 @dataclass

@@ -29,8 +29,10 @@ class Converted:
 
     Attributes:
         x: the model input: ``(n_ok, *row_shape)`` array of the manifest's dtype, or a
-            batch of another kind that supports ``len()`` and slicing (text: token ids).
-        rows: ``(n_ok,)`` int64 dataset row numbers of ``x``'s rows, ascending.
+            batch of another kind that supports ``len()``, slicing and ``take(indices)``
+            (text: token ids; see :mod:`worker.inputs.text`).
+        rows: ``(n_ok,)`` int64 dataset row numbers of ``x``'s rows, ascending unless the
+            converter reorders them (text, by length, to pad batches less).
         errors: one :class:`RowError` per refused row, in row order.
         n_rows: rows the piece covered (``n_ok`` plus the refused ones).
     """
