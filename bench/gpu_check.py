@@ -15,10 +15,16 @@ array, same batch size, same device, in the same process. Prints rows/s for both
 ratio, where our time goes (convert / forward / records), and NVML readings sampled every
 0.2 s during each run (mean utilisation, peak memory, mean power).
 
+Images come as a dataset holds them: one tensor column (``--layout tensor``, default) or
+one column per value (``--layout columns``). ``--queue`` also scores a tensor-column
+Parquet file through the queue: ``python -m worker`` on the device (one process per GPU,
+``--processes-per-device``), the embedded broker, one warm-up job, then the timed job
+from ``score_dataset`` to the job finished.
+
 Usage (on a GPU host, from the repository root; under 10 minutes on one H200)::
 
-    .venv/bin/python bench/gpu_check.py       # 20,000 images, batch 512
-    .venv/bin/python bench/gpu_check.py --allow-cpu --rows 16 --batch-size 8 --shard-rows 16  # smoke, no GPU
+    .venv/bin/python bench/gpu_check.py --queue      # 20,000 images, batch 512
+    .venv/bin/python bench/gpu_check.py --allow-cpu --rows 16 --batch-size 8 --shard-rows 16 --queue  # smoke
 
 Exit status 2 when no GPU is visible and ``--allow-cpu`` is not given.
 """
@@ -126,10 +132,25 @@ def keras_cnn():
     return keras.Sequential(layers)
 
 
-def synthetic_images(rows: int) -> tuple[np.ndarray, pa.Table]:
-    """``rows`` random images: ``(rows, 3072)`` float32 in [0, 1) and the same as a table."""
-    x = np.random.default_rng(0).random((rows, len(COLUMNS)), dtype=np.float32)
-    return x, pa.Table.from_arrays([pa.array(x[:, j]) for j in range(x.shape[1])], names=COLUMNS)
+def synthetic_images(rows: int) -> np.ndarray:
+    """``rows`` random images: ``(rows, 3, 32, 32)`` float32 in [0, 1)."""
+    return np.random.default_rng(0).random((rows, CHANNELS, SIZE, SIZE), dtype=np.float32)
+
+
+def image_table(x: np.ndarray, layout: str) -> pa.Table:
+    """Images as a dataset holds them: one ``image`` tensor column (``tensor``) or one
+    column per value (``columns``)."""
+    flat = x.reshape(len(x), -1)
+    if layout == "tensor":
+        return pa.table({"image": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])})
+    return pa.Table.from_arrays([pa.array(flat[:, j]) for j in range(flat.shape[1])], names=COLUMNS)
+
+
+def model_inputs(layout: str, shape: list[int]) -> dict:
+    """The manifest's ``inputs`` for a layout."""
+    if layout == "tensor":
+        return {"kind": "tensor", "columns": ["image"], "shape": shape}
+    return {"columns": COLUMNS, "shape": shape}
 
 
 def raw_torch(model, x: np.ndarray, batch_size: int, precision: str) -> float:
@@ -152,9 +173,8 @@ def raw_torch(model, x: np.ndarray, batch_size: int, precision: str) -> float:
     return time.perf_counter() - started
 
 
-def raw_keras(model, x: np.ndarray, batch_size: int) -> float:
-    """The plain Keras loop: ``predict_on_batch`` per batch. Seconds."""
-    images = x.reshape(-1, SIZE, SIZE, CHANNELS)
+def raw_keras(model, images: np.ndarray, batch_size: int) -> float:
+    """The plain Keras loop over ``(N, 32, 32, 3)`` images: ``predict_on_batch`` per batch. Seconds."""
     model.predict_on_batch(images[:batch_size])
     started = time.perf_counter()
     for i in range(0, len(images), batch_size):
@@ -172,20 +192,21 @@ def ours(registry, name: str, version: int, table: pa.Table, batch_size: int, sh
 
     runtime = registry.get(name, version)  # loaded and warmed up before timing
     converter = runtime.converter
+    columns = list(runtime.manifest.inputs.columns)
     prefetcher = Prefetcher()
     piece_rows = converter.piece_rows(batch_size)
     started = time.perf_counter()
     rows_ok = 0
     for start in range(0, table.num_rows, shard_rows):
         shard = table.slice(start, shard_rows)
-        source = ShardSource(start, start + shard.num_rows, tuple(COLUMNS), table=shard, key=name)
-        pieces = prefetcher.pieces(source, lambda t, row: converter.convert(t, COLUMNS, row), piece_rows)
+        source = ShardSource(start, start + shard.num_rows, tuple(columns), table=shard, key=name)
+        pieces = prefetcher.pieces(source, lambda t, row: converter.convert(t, columns, row), piece_rows)
         rows_ok += score_pieces(runtime, pieces, batch_size).outputs.num_rows
     total = time.perf_counter() - started
     assert rows_ok == table.num_rows, f"{table.num_rows - rows_ok} rows failed"
     shard = table.slice(0, shard_rows)
     t0 = time.perf_counter()
-    piece = converter.convert(shard, COLUMNS, 0)
+    piece = converter.convert(shard, columns, 0)
     t1 = time.perf_counter()
     run = runtime.run(piece.x, batch_size)
     t2 = time.perf_counter()
@@ -195,11 +216,68 @@ def ours(registry, name: str, version: int, table: pa.Table, batch_size: int, sh
     return total, {"convert": (t1 - t0) / stages, "forward": (t2 - t1) / stages, "records": (t3 - t2) / stages}
 
 
+def through_queue(root: Path, x: np.ndarray, versions: list[int], batch_size: int, shard_rows: int,
+                  processes_per_device: int) -> dict[int, float]:
+    """Score a tensor-column Parquet file of ``x`` through the embedded broker against
+    ``python -m worker`` (one process per GPU, ``processes_per_device`` each; one CPU
+    process without a GPU), warm (models preloaded, one warm-up job each). Returns the
+    job's seconds, from ``score_dataset`` to the job finished, per model version."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    from ml_framework.settings import load_settings
+    from producer.client import Client
+
+    data = root / "data"
+    data.mkdir()
+    pq.write_table(image_table(x, "tensor"), data / "images.parquet", row_group_size=shard_rows)
+    pq.write_table(image_table(x[:batch_size], "tensor"), data / "warm.parquet")
+    values = {"models_dir": root / "models", "data_dir": data, "var_dir": root / "var", "shard_size": shard_rows,
+              "worker_metrics_port": 0, "log_to_file": False, "logging_level": "WARNING"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
+    preload = [arg for v in versions for arg in ("--preload", f"resnet-tensor:{v}")]
+    gpu = bool(discover().gpus)
+    placement = ["--processes-per-device", str(processes_per_device)] if gpu else ["--cpu-processes", "1"]
+    log = open(root / "worker.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "worker", *placement, *preload, "--grace", "20"],
+                            env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    client = Client(load_settings(**values))
+    try:
+        deadline = time.monotonic() + 600
+        while len([w for w in client.workers() if len(w.models) == len(versions)]) < (
+                processes_per_device if gpu else 1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((root / "worker.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+        seconds = {}
+        for version in versions:
+            for path in (data / "warm.parquet", data / "images.parquet"):
+                started = time.perf_counter()
+                job = client.score_dataset(path, "resnet-tensor", version=version, batch_size=batch_size)
+                status = job.wait(timeout_s=3600)
+                if status.state.value != "SUCCEEDED":
+                    raise RuntimeError(f"job {job.id} ended {status.state.value}")
+                seconds[version] = time.perf_counter() - started
+        return seconds
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+        log.close()
+        client.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--shard-rows", type=int, default=5_000)
+    parser.add_argument("--layout", choices=["tensor", "columns"], default="tensor",
+                        help="how the in-process path gets the images: one tensor column, or 3,072 columns")
+    parser.add_argument("--queue", action="store_true",
+                        help="also score through the queue: `python -m worker` and the embedded broker")
+    parser.add_argument("--processes-per-device", type=int, default=1)
     parser.add_argument("--allow-cpu", action="store_true", help="run on CPU when no GPU is visible (smoke test)")
     parser.add_argument("--skip-keras", action="store_true")
     args = parser.parse_args()
@@ -219,41 +297,59 @@ def main() -> int:
     from worker.export import export_keras, export_torch
     from worker.registry import ModelRegistry
 
-    x, table = synthetic_images(args.rows)
+    x = synthetic_images(args.rows)
+    table = image_table(x, args.layout)
     outputs = {"kind": "classification", "labels": list(range(CLASSES)), "activation": "softmax"}
-    rows = []
-    with tempfile.TemporaryDirectory() as models_dir:
+    rows, queue_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        models_dir = root / "models"
         cnn = resnet18_cifar()
-        torch_inputs = {"columns": COLUMNS, "shape": [CHANNELS, SIZE, SIZE]}
-        export_torch(cnn, models_dir, "resnet", inputs=torch_inputs, outputs=outputs,
-                     default_batch_size=args.batch_size)
-        export_torch(cnn, models_dir, "resnet", inputs=torch_inputs, outputs=outputs,
-                     default_batch_size=args.batch_size, runtime={"precision": "bf16"})
-        registry = ModelRegistry(Path(models_dir), warmup_batch_size=args.batch_size)
+        shape = [CHANNELS, SIZE, SIZE]
+        for name, layout in (("resnet", args.layout), ("resnet-tensor", "tensor")):
+            for precision in ("fp32", "bf16"):
+                export_torch(cnn, models_dir, name, inputs=model_inputs(layout, shape), outputs=outputs,
+                             default_batch_size=args.batch_size, runtime={"precision": precision})
+        registry = ModelRegistry(models_dir, warmup_batch_size=args.batch_size)
+        raw = {}
         for version, precision in ((1, "fp32"), (2, "bf16")):
             with NvmlSampler() as raw_nvml:
-                raw_s = raw_torch(cnn, x, args.batch_size, precision)
+                raw[version] = raw_s = raw_torch(cnn, x, args.batch_size, precision)
             with NvmlSampler() as our_nvml:
                 our_s, parts = ours(registry, "resnet", version, table, args.batch_size, args.shard_rows)
             rows.append((f"torch ResNet-18 {precision}", raw_s, our_s, parts, raw_nvml, our_nvml))
         if not args.skip_keras:
             model = keras_cnn()
-            export_keras(model, models_dir, "kcnn", inputs={"columns": COLUMNS, "shape": [SIZE, SIZE, CHANNELS]},
+            hwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+            export_keras(model, models_dir, "kcnn", inputs=model_inputs(args.layout, [SIZE, SIZE, CHANNELS]),
                          outputs={**outputs, "activation": "none"}, default_batch_size=args.batch_size)
             with NvmlSampler() as raw_nvml:
-                raw_s = raw_keras(model, x, args.batch_size)
+                raw_s = raw_keras(model, hwc, args.batch_size)
             with NvmlSampler() as our_nvml:
-                our_s, parts = ours(registry, "kcnn", 1, table, args.batch_size, args.shard_rows)
+                our_s, parts = ours(registry, "kcnn", 1, image_table(hwc, args.layout), args.batch_size,
+                                    args.shard_rows)
             rows.append(("keras CNN fp32", raw_s, our_s, parts, raw_nvml, our_nvml))
+        registry.close()  # the device is the workers' now
+        if args.queue:
+            with NvmlSampler() as queue_nvml:
+                seconds = through_queue(root, x, [1, 2], args.batch_size, args.shard_rows, args.processes_per_device)
+            for version, precision in ((1, "fp32"), (2, "bf16")):
+                queue_rows.append((f"torch ResNet-18 {precision}", raw[version], seconds[version], queue_nvml))
 
     n = args.rows
-    print(f"\n{n} images 3x32x32, batch {args.batch_size}, shards of {args.shard_rows} rows")
+    print(f"\n{n} images 3x32x32 ({args.layout} layout in process), batch {args.batch_size}, "
+          f"shards of {args.shard_rows} rows")
     print(f"{'workload':<24}{'raw rows/s':>12}{'ours rows/s':>13}{'ours/raw':>10}  "
           f"{'convert/forward/records':<26}NVML (raw | ours)")
     for name, raw_s, our_s, parts, raw_nvml, our_nvml in rows:
         split = "/".join(f"{100 * parts[k]:.0f}%" for k in ("convert", "forward", "records"))
         print(f"{name:<24}{n / raw_s:>12.0f}{n / our_s:>13.0f}{raw_s / our_s:>10.2f}  {split:<26}"
               f"{raw_nvml.summary()} | {our_nvml.summary()}")
+    if queue_rows:
+        print(f"\nthrough the queue (tensor column, `python -m worker`, embedded broker, "
+              f"{args.processes_per_device} process(es) per device, job elapsed)")
+        for name, raw_s, our_s, nvml in queue_rows:
+            print(f"{name:<24}{n / raw_s:>12.0f}{n / our_s:>13.0f}{raw_s / our_s:>10.2f}  NVML {nvml.summary()}")
     return 0
 
 

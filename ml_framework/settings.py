@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     task_time_limit_s: PositiveInt = 3600
     on_time_limit: Literal["fail", "retry"] = "fail"
     broker_visibility_timeout_s: PositiveInt = 7200
-    broker_polling_interval_s: float = Field(default=0.2, gt=0, le=10)
+    broker_polling_interval_s: float = Field(default=0.05, gt=0, le=10)
     worker_preload_models: Annotated[list[str], NoDecode] = []
     worker_max_cached_models: PositiveInt = Field(default=4, le=1000)
     api_keys: Annotated[list[str], NoDecode] = Field(default=[], repr=False)

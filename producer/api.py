@@ -302,7 +302,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if format != "json":
             media = "text/csv" if format == "csv" else "application/vnd.apache.parquet"
             body = cache.get_or_render(cache.key(job.id, format), status.state,
-                                       lambda: encode_results(job.results(), format))
+                                       lambda: encode_results(c.store.results_table(job.id), format))
             return Response(body, media_type=media,
                             headers={"Content-Disposition": f'attachment; filename="{job.id}.{format}"'})
         rows = cache.get_or_compute_json(cache.key(job.id, "json", offset, limit), status.state,

@@ -41,8 +41,11 @@ from producer.online import OnlineDispatcher, OnlineRequest
 from producer.results import write_results
 from producer.rows import RowsLike, rows_to_table
 
-POLL_START_S = 0.1
-POLL_MAX_S = 2.0
+POLL_START_S = 0.01
+POLL_MAX_S = 0.05
+"""``Job.wait`` polls the store from every 10 ms, backing off to every 50 ms, so that it
+returns within 100 ms of the job finishing (one primary-key read per poll: on PostgreSQL
+about 0.2 ms of server time, 20 a second per waiting caller)."""
 NO_WORKER_WARNING_S = 5.0
 MESSAGES_PER_WRITE = 1000
 MESSAGE_BYTES_PER_WRITE = 16 * 2**20
@@ -75,7 +78,8 @@ class Job:
              poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S) -> JobStatus:
         """Block until the job is finished (any terminal state).
 
-        Polls the store with backoff (x1.5 per poll) from ``poll_start_s`` to ``poll_max_s``.
+        Polls the store with backoff (x1.5 per poll) from ``poll_start_s`` to ``poll_max_s``
+        (by default 10 ms to 50 ms: the call returns within 100 ms of the job finishing).
         Logs a warning when the job is still PENDING after 5 s and no worker heartbeat is live.
 
         Args:
@@ -128,8 +132,9 @@ class Job:
         return self.client.store.cancel(self.id)
 
     def save_results(self, path: Path | str) -> Path:
-        """Write :meth:`results` to ``.parquet`` or ``.csv`` (list values as JSON in CSV)."""
-        return write_results(self.results(), Path(path))
+        """Write the results (as :meth:`results`, ``row`` as the first column) to
+        ``.parquet`` or ``.csv`` (list values as JSON in CSV), straight from Arrow."""
+        return write_results(self.client.store.results_table(self.id), Path(path))
 
 
 class _ProgressBar:

@@ -1,4 +1,4 @@
-"""Writing a job's results to Parquet or CSV."""
+"""Writing a job's results to Parquet or CSV, from the store's Arrow table (no pandas)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 SUFFIXES = (".parquet", ".pq", ".csv")
@@ -36,35 +36,49 @@ def check_output_path(path: Path) -> None:
         raise ValueError(f"{path}: cannot write there: {exc.strerror or exc}") from None
 
 
-def encode_results(frame: pd.DataFrame, fmt: str) -> bytes:
-    """A results frame as ``csv`` (list values as JSON text, index as ``row``) or ``parquet`` bytes."""
+def _json_lists(column: pa.ChunkedArray) -> pa.Array:
+    """A list column as text: each row's list as JSON (``[0.25, 0.75]``), null stays null."""
+    if pa.types.is_fixed_size_list(column.type) and not column.null_count:
+        values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        rows = values.reshape(len(column), column.type.list_size).tolist() if len(column) else []
+        return pa.array([json.dumps(row) for row in rows], pa.string())
+    return pa.array([None if v is None else json.dumps(v) for v in column.to_pylist()], pa.string())
+
+
+def encode_results(table: pa.Table, fmt: str) -> bytes:
+    """A results table (see ``ResultStore.results_table``) as ``csv`` or ``parquet`` bytes.
+
+    CSV holds list values (probabilities, embeddings) as JSON text; Parquet keeps them as
+    lists. ``row`` is the first column of both.
+
+    Raises:
+        ValueError: another format.
+    """
     buf = io.BytesIO()
     if fmt == "csv":
-        flat = frame.copy()
-        for col in flat.columns:
-            if flat[col].map(lambda v: isinstance(v, list)).any():
-                flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
-        flat.to_csv(buf, index_label="row")
+        for i, field in enumerate(table.schema):
+            if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type) \
+                    or pa.types.is_large_list(field.type):
+                table = table.set_column(i, field.name, _json_lists(table.column(i)))
+        pa_csv.write_csv(table, buf)
     elif fmt == "parquet":
-        # error columns are text even when no row failed (all None would make them Arrow
-        # type null, and the schema would differ from job to job)
-        schema = pa.Schema.from_pandas(frame)
-        for name in ("error", "error_field"):
-            if name in schema.names:
-                schema = schema.set(schema.get_field_index(name), pa.field(name, pa.string()))
-        pq.write_table(pa.Table.from_pandas(frame, schema=schema), buf)
+        pq.write_table(table, buf)
     else:
         raise ValueError(f"unknown results format {fmt!r}: csv or parquet")
     return buf.getvalue()
 
 
-def write_results(frame: pd.DataFrame, path: Path) -> Path:
-    """Write a results frame to Parquet or CSV, chosen by suffix (see :func:`encode_results`).
+def write_results(table: pa.Table, path: Path) -> Path:
+    """Write a results table to Parquet or CSV, chosen by suffix (see :func:`encode_results`).
 
     Raises:
         ValueError: see :func:`check_output_path`.
     """
     check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_results(frame, "csv" if path.suffix.lower() == ".csv" else "parquet"))
+    fmt = "csv" if path.suffix.lower() == ".csv" else "parquet"
+    if fmt == "parquet":
+        pq.write_table(table, path)
+    else:
+        path.write_bytes(encode_results(table, fmt))
     return path
+

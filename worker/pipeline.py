@@ -164,34 +164,24 @@ class Prefetcher:
             Whatever reading or converting raised (``DatasetError`` ...), when the piece
             it concerns is reached.
         """
-        first = self._take(source)
-        start = source.row_start + (first.n_rows if first is not None else 0)
-        request = _Request(source, start, convert, piece_rows, queue.Queue(self.depth), threading.Event(), guess)
+        request = _Request(source, source.row_start, convert, piece_rows, queue.Queue(self.depth),
+                           threading.Event(), guess)
         self._requests.put(request)
+        finished = False
         try:
-            if first is not None:
-                yield first
             while True:
                 item = request.out.get()
                 if item is _END:
+                    finished = True
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            request.cancelled.set()
-            while not request.out.empty():  # unblock the thread if it waits to hand over
-                request.out.get_nowait()
-
-    def _take(self, source: ShardSource) -> Converted | None:
-        with self._lock:
-            stash, self._stash = self._stash, None
-        if stash is None or not stash[0].same_rows_as(source):
-            if stash is not None:
-                self.misses += 1
-            return None
-        self.hits += 1
-        return head(stash[1], source.row_end - source.row_start, source.row_start)
+            if not finished:  # the consumer left early: stop reading, and read no guess
+                request.cancelled.set()
+                while not request.out.empty():  # unblock the thread if it waits to hand over
+                    request.out.get_nowait()
 
     def _loop(self) -> None:
         while True:
@@ -200,7 +190,25 @@ class Prefetcher:
             if request.guess is not None and not request.cancelled.is_set() and self._requests.empty():
                 self._read_guess(request)
 
+    def _stashed(self, request: _Request) -> Converted | None:
+        """The prefetched first piece of ``request``'s shard, if the guess was right."""
+        with self._lock:
+            stash, self._stash = self._stash, None
+        if stash is None:
+            return None
+        guess, piece = stash
+        if not guess.same_rows_as(request.source):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return head(piece, request.source.row_end - request.source.row_start, request.source.row_start)
+
     def _serve(self, request: _Request) -> None:
+        first = self._stashed(request)
+        if first is not None:
+            if not self._hand_over(request, first):
+                return
+            request.start += first.n_rows
         try:
             tables = _pieces(request.source, request.start, request.piece_rows) \
                 if request.start < request.source.row_end else iter(())

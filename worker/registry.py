@@ -228,6 +228,13 @@ class ModelRegistry:
             self._names = tuple(f"{n}/{v}" for n, v in self._cache)
             return runtime, elapsed
 
+    def close(self) -> None:
+        """Unload every model, freeing its host and device memory."""
+        with self._lock:
+            while self._cache:
+                self._cache.popitem(last=False)[1].unload()
+            self._names = ()
+
     def loaded(self) -> list[str]:
         """``name/version`` of each cached model, least recently used first. Never waits
         for a load in progress (the heartbeat thread calls it)."""

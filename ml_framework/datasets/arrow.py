@@ -1,9 +1,9 @@
 """Arrow IPC datasets: Feather v2 / Arrow IPC files (``.arrow``, ``.feather``, ``.ipc``).
 
-The file is memory-mapped and its record batches are sliced without copying (unless its
-buffers are compressed, when each batch read is decompressed); a row range touches only the
-pages of the batches that overlap it. Files in the IPC *stream* format are read front to
-back instead.
+A row range reads only the record batches that overlap it (the file format keeps their
+offsets in its footer), each into the process's own memory (a read-only memory map would
+fault if a model wrote into its input). Files in the IPC *stream* format are read front
+to back instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 
 
 def _open(path: Path) -> pa.ipc.RecordBatchFileReader | pa.ipc.RecordBatchStreamReader:
-    source = pa.memory_map(str(path), "r")
+    source = pa.OSFile(str(path), "rb")
     try:
         return pa.ipc.open_file(source)
     except pa.ArrowInvalid:  # not the file format: maybe a stream
@@ -48,7 +48,7 @@ def inspect_arrow(path: Path) -> DatasetInfo:
 def arrow_pieces(path: Path, row_start: int, row_end: int, columns: Sequence[str],
                  piece_rows: int) -> Iterator[pa.Table]:
     """Rows ``[row_start, row_end)`` of ``columns`` as consecutive tables of at most
-    ``piece_rows`` rows, zero-copy views of the mapped file where it is uncompressed."""
+    ``piece_rows`` rows."""
     with reading(path, f"read rows {row_start}-{row_end}"):
         reader = _open(path)
         seen = 0

@@ -26,7 +26,9 @@ NPY_COLUMN = "array"
 def _load(path: Path) -> np.ndarray:
     """The mapped array. Raises :class:`DatasetFormatError` naming the file."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        # copy-on-write: a model that writes into its input changes private pages, never
+        # the file, and never faults on a read-only mapping
+        array = np.load(path, mmap_mode="c", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise DatasetFormatError(f"{path}: cannot read as a .npy array: {exc}") from exc
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf" or array.dtype.fields is not None:

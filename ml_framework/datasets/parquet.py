@@ -3,7 +3,8 @@
 Parts are ``*.parquet`` / ``*.pq`` at any depth; names starting with ``.`` or ``_`` are
 skipped. Columns keep their stored types; a row range reads only the row groups that
 overlap it. The worker reads a shard row group by row group, decoding the next row group
-on a thread while the current one is converted (see :func:`parquet_pieces`).
+on a thread while the current one is converted (see :func:`parquet_pieces`), and keeps the
+reader of a row group open between shards (see :func:`_read_segment`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,7 +33,14 @@ READAHEAD_ROW_GROUPS = 2
 one thread per row group (pyarrow parallelises over columns, not within one), so reading
 ahead is what spreads such a file over the cores."""
 
+STREAM_CACHE_SIZE = 4
+"""Open row-group readers a process keeps between shards (see :func:`_read_segment`)."""
+MIN_BATCH_ROWS = 1024
+"""Rows per batch of a row-group reader at least (narrow rows make small pieces)."""
+
 _FOOTERS: OrderedDict[Path, tuple[tuple[int, ...], pq.FileMetaData]] = OrderedDict()
+_STREAMS: OrderedDict[tuple, _Stream] = OrderedDict()
+_STREAMS_LOCK = threading.Lock()
 _FOOTERS_LOCK = threading.Lock()  # the HTTP API inspects datasets from a thread pool
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -134,12 +143,59 @@ def _groups(meta: pq.FileMetaData, a: int, b: int) -> Iterator[tuple[int, int, i
             return
 
 
-def _read_group(part: Path, meta: pq.FileMetaData, group: int, offset: int, first: int, end: int,
-                columns: Sequence[str], several_parts: bool) -> pa.Table:
+@dataclass
+class _Stream:
+    """An open reader of one row group, positioned at row ``position`` of the group."""
+
+    file: pq.ParquetFile
+    batches: Iterator[pa.RecordBatch]
+    position: int = 0
+    leftover: pa.RecordBatch | None = None  # rows from ``position`` already taken from ``batches``
+
+
+def _open_stream(part: Path, meta: pq.FileMetaData, group: int, columns: Sequence[str], batch_rows: int) -> _Stream:
+    pf = pq.ParquetFile(part, metadata=meta)
+    return _Stream(pf, pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=list(columns)))
+
+
+def _read_segment(part: Path, meta: pq.FileMetaData, group: int, offset: int, first: int, end: int,
+                  columns: Sequence[str], several_parts: bool, batch_rows: int) -> pa.Table:
+    """Rows ``[first, end)`` of row group ``group`` (which starts at row ``offset`` of the part).
+
+    A row group is decoded as a stream, and the stream is kept (:data:`STREAM_CACHE_SIZE`
+    per process) where the segment ends: the next shard of the same row group continues it
+    instead of decoding the group again from its start. A file whose row groups are much
+    larger than a shard (pandas and pyarrow write row groups of up to 1 Mi rows) is then
+    decoded about once per process, not once per shard.
+    """
     doing = f"read rows {offset + first}-{offset + end}{' of this part' if several_parts else ''}"
-    with reading(part, doing), pq.ParquetFile(part, metadata=meta) as pf:
-        table = pf.read_row_group(group, columns=list(columns))
-    return table.slice(first, end - first)
+    key = (part, id(meta), group, tuple(columns))  # the footer cache keeps one object per file version
+    with _STREAMS_LOCK:
+        stream = _STREAMS.pop(key, None)
+    pieces: list[pa.RecordBatch] = []
+    with reading(part, doing):
+        if stream is None or stream.position > first:
+            stream = _open_stream(part, meta, group, columns, batch_rows)
+        while stream.position < end:
+            batch, stream.leftover = stream.leftover or next(stream.batches, None), None
+            if batch is None:
+                break
+            start = stream.position
+            stop = start + batch.num_rows
+            if stop > first:
+                pieces.append(batch.slice(max(first - start, 0), min(end, stop) - max(first, start)))
+            if stop > end:  # the rest of the batch belongs to the next segment
+                stream.leftover, stream.position = batch.slice(end - start), end
+            else:
+                stream.position = stop
+        if not pieces:
+            return stream.file.schema_arrow.empty_table().select(list(columns))
+    if stream.position < meta.row_group(group).num_rows:
+        with _STREAMS_LOCK:
+            _STREAMS[key] = stream
+            while len(_STREAMS) > STREAM_CACHE_SIZE:
+                _STREAMS.popitem(last=False)
+    return pa.Table.from_batches(pieces)
 
 
 def parquet_pieces(path: Path, row_start: int, row_end: int, columns: Sequence[str],
@@ -166,7 +222,8 @@ def parquet_pieces(path: Path, row_start: int, row_end: int, columns: Sequence[s
     try:
         for step in range(len(plan)):
             while len(pending) <= READAHEAD_ROW_GROUPS and step + len(pending) < len(plan):
-                pending.append(_pool().submit(_read_group, *plan[step + len(pending)], columns, several))
+                pending.append(_pool().submit(_read_segment, *plan[step + len(pending)], columns, several,
+                                              max(piece_rows, MIN_BATCH_ROWS)))
             yield from slices(pending.pop(0).result(), piece_rows)
     finally:
         for future in pending:

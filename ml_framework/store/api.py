@@ -424,6 +424,29 @@ class ResultStore:
         """
         return results_frame(*self._recorded_rows(job_id))
 
+    def results_table(self, job_id: str) -> pa.Table:
+        """Outputs and row errors of a job as one Arrow table, in input row order (what
+        ``mlf results -o`` and the API's downloads write, without a pandas round trip).
+
+        Returns:
+            ``row`` (int64) first, one column per output key (null on rows that failed;
+            integer labels stay integers), then ``error`` and ``error_field`` (text, null
+            on rows that succeeded). Rows not yet recorded are absent.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        table, errors = self._recorded_rows(job_id)
+        failed = pa.table({shard_outputs.ROW: pa.array([r for r, _, _ in errors], pa.int64()),
+                           "error": pa.array([m for _, _, m in errors], pa.string()),
+                           "error_field": pa.array([f for _, f, _ in errors], pa.string())})
+        if table is None:
+            return failed.sort_by(shard_outputs.ROW)
+        nulls = pa.nulls(table.num_rows, pa.string())
+        scored = table.append_column("error", nulls).append_column("error_field", nulls)
+        merged = pa.concat_tables([scored, failed], promote_options="permissive") if errors else scored
+        return merged.sort_by(shard_outputs.ROW)
+
     def finished(self, job_ids: Sequence[str]) -> dict[str, tuple[JobState, pa.Table | None, list]]:
         """The jobs among ``job_ids`` that have ended, with their recorded rows, in three
         queries whatever their number (how waiting online callers get their answers).

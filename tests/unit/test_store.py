@@ -590,12 +590,13 @@ def test_integer_predictions_stay_integers_when_a_row_failed(store, tmp_path):
     store.complete_shard(clean, 0, [(0, {"prediction": 7})], [])
     frame = store.results(job)
     assert str(frame["prediction"].dtype) == "Int64" and frame["prediction"].tolist() == [7, pd.NA, 9]
-    table = pq.read_table(write_results(frame, tmp_path / "r.parquet"))
+    table = pq.read_table(write_results(store.results_table(job), tmp_path / "r.parquet"))
+    assert table.column_names == ["row", "prediction", "error", "error_field"]
     assert str(table.schema.field("prediction").type) == "int64"
     assert table.column("prediction").to_pylist() == [7, None, 9]
-    assert write_results(frame, tmp_path / "r.csv").read_text().splitlines()[1:] == [
-        "0,7,,", "1,,row 1: bad,x", "2,9,,"]
-    clean_table = pq.read_table(write_results(store.results(clean), tmp_path / "c.parquet"))
+    assert write_results(store.results_table(job), tmp_path / "r.csv").read_text().splitlines() == [
+        '"row","prediction","error","error_field"', "0,7,,", '1,,"row 1: bad","x"', "2,9,,"]
+    clean_table = pq.read_table(write_results(store.results_table(clean), tmp_path / "c.parquet"))
     assert str(clean_table.schema.field("error").type) == "string"
 
 

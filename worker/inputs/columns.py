@@ -78,6 +78,32 @@ def _null_text(raw: pd.Series, col: np.ndarray) -> np.ndarray:
     return mask
 
 
+BLOCK_COLUMNS = 256
+"""Columns copied into the row-major input together (see :func:`_rows_of`)."""
+WIDE_COLUMNS = 256
+WIDE_PIECE_ROWS = 4096
+"""Rows per piece at least when a model reads :data:`WIDE_COLUMNS` columns or more: the
+cost per column per piece (a few microseconds) is then spread over enough rows."""
+
+
+def _rows_of(columns: list[np.ndarray], n: int, dtype: np.dtype) -> np.ndarray:
+    """``(n, len(columns))`` row-major array of the columns.
+
+    Column ``j`` goes to every ``j``-th value of a row: written one column at a time, each
+    value lands on another cache line (3,072 image columns: 400 ms for 5,120 rows here).
+    Instead, blocks of :data:`BLOCK_COLUMNS` columns are stacked contiguously and
+    transposed into place as one block (124 ms for the same rows).
+    """
+    values = np.empty((n, len(columns)), dtype=dtype)
+    block = np.empty((min(BLOCK_COLUMNS, len(columns)), n), dtype=dtype)
+    for j in range(0, len(columns), BLOCK_COLUMNS):
+        group = columns[j:j + BLOCK_COLUMNS]
+        for i, col in enumerate(group):
+            block[i] = col
+        values[:, j:j + len(group)] = block[:len(group)].T
+    return values
+
+
 class ColumnsConverter(InputConverter):
     """Numeric columns -> ``(n, *inputs.shape)`` (see the module docstring).
 
@@ -92,20 +118,25 @@ class ColumnsConverter(InputConverter):
         staging = np.dtype(np.float64 if spec.dtype in ("float64", "int64") else np.float32)
         if spec.dtype.startswith("float") and not self.preprocessing.affine:
             staging = np.dtype(spec.dtype)
-        values = np.empty((n, len(columns)), dtype=staging)
         bad: dict[int, RowError] = {}
         selected = table.select(list(columns)).columns  # by position: a lookup by name per column is O(columns)
-        for j, name in enumerate(columns):
-            arr = selected[j]
+        # non-finite floats of plain number columns are found per row, below
+        parts = []
+        for arr, name in zip(selected, columns, strict=True):
             plain = _plain_numbers(arr)
-            if plain is not None:
-                values[:, j] = plain  # non-finite floats are found per row, below
-                continue
-            values[:, j] = self._parse(arr, name, row_start, bad)
+            parts.append(plain if plain is not None else self._parse(arr, name, row_start, bad))
+        values = _rows_of(parts, n, staging)
         rows = np.arange(row_start, row_start + n, dtype=np.int64)
         self._name_non_finite(values, columns, rows, bad)
         x = values.reshape((n, *spec.row_shape))
         return self.finish(x, rows, bad, row_start, n)
+
+    def piece_rows(self, batch_size: int) -> int:
+        """As the base class, but at least :data:`WIDE_PIECE_ROWS` rows for wide inputs."""
+        rows = super().piece_rows(batch_size)
+        if len(self.spec.columns) >= WIDE_COLUMNS:
+            rows = max(rows, -(-WIDE_PIECE_ROWS // batch_size) * batch_size)
+        return rows
 
     def _name_non_finite(self, values: np.ndarray, columns: Sequence[str], rows: np.ndarray,
                          bad: dict[int, RowError]) -> None:

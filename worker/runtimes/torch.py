@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 
 import numpy as np
 
@@ -89,6 +90,9 @@ class TorchRuntime(Runtime):
         """Load the program onto the device. Raises ``ModelLoadError``."""
         import torch
 
+        # Arrow hands its buffers over read-only; they are this process's own copies (or
+        # copy-on-write pages), so a model that writes into its input harms nothing
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         if self.threads:
             torch.set_num_threads(self.threads)
         self._torch = torch
