@@ -143,6 +143,8 @@ class JobOut(BaseModel):
     batch_size: int
     oom_splits: int
     priority: int = Field(description="0 to 9 (9 most urgent), as submitted.")
+    model_load_s: float | None = Field(description="Longest cold start (model load and warm-up) a shard waited for, "
+                                                   "seconds; null when every shard found its model loaded.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -154,7 +156,8 @@ class JobOut(BaseModel):
                    state=st.state.value, n_rows=st.n_rows, rows_ok=st.rows_ok, rows_failed=st.rows_failed,
                    progress=st.rows_done / st.n_rows if st.n_rows else 1.0, n_shards=st.n_shards,
                    shards_done=st.shards_done, batch_size=st.batch_size, oom_splits=st.oom_splits,
-                   priority=st.priority, created_at=st.created_at, started_at=st.started_at, finished_at=st.finished_at)
+                   priority=st.priority, model_load_s=st.model_load_s, created_at=st.created_at,
+                   started_at=st.started_at, finished_at=st.finished_at)
 
 
 class ResultsPage(BaseModel):

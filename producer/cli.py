@@ -73,6 +73,9 @@ def print_status(status: JobStatus) -> None:
                                                                         if status.priority else ""))
     if status.oom_splits:
         out.print(f"  memory   {status.oom_splits} batch(es) ran out of memory and were retried in halves")
+    if status.model_load_s is not None:
+        out.print(f"  model    loaded cold in {status.model_load_s:.1f} s (load and warm-up before the first shard; "
+                  "`mlf worker --preload` loads it at start)")
     if status.elapsed_s:
         out.print(f"  elapsed  {status.elapsed_s:.1f} s ({status.rows_done / status.elapsed_s:.0f} rows/s)")
 

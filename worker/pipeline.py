@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,6 +147,7 @@ class Prefetcher:
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._stash: tuple[ShardSource, Converted] | None = None
         self._lock = threading.Lock()
+        self._idle = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlf-prefetch", daemon=True)
         self._thread.start()
         self.hits = self.misses = 0
@@ -183,9 +185,21 @@ class Prefetcher:
                 while not request.out.empty():  # unblock the thread if it waits to hand over
                     request.out.get_nowait()
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until the thread has served every request and read its guess (False after
+        ``timeout_s`` seconds): what a shutdown, or a test, waits for."""
+        deadline = time.monotonic() + timeout_s
+        while not (self._idle.is_set() and self._requests.empty()):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def _loop(self) -> None:
         while True:
+            self._idle.set()
             request = self._requests.get()
+            self._idle.clear()
             self._serve(request)
             if request.guess is not None and not request.cancelled.is_set() and self._requests.empty():
                 self._read_guess(request)

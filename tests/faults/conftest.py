@@ -129,7 +129,8 @@ def fault_models(trained, digits) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory) -> Path:
     """A model repository holding ``lr``: a logistic regression over columns ``a`` and
-    ``b`` (float64), for the bad-input tests that need a model but no worker."""
+    ``b`` (float64), and ``lr-tensor``, the same model over one column ``v`` holding both
+    values as a tensor, for the bad-input tests that need a model but no worker."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
@@ -138,8 +139,9 @@ def models_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 2))
     models = tmp_path_factory.mktemp("models")
-    export_sklearn(LogisticRegression().fit(x, (x.sum(axis=1) > 0).astype(int)), models, "lr",
-                   inputs={"columns": ["a", "b"]})
+    clf = LogisticRegression().fit(x, (x.sum(axis=1) > 0).astype(int))
+    export_sklearn(clf, models, "lr", inputs={"columns": ["a", "b"]})
+    export_sklearn(clf, models, "lr-tensor", inputs={"kind": "tensor", "columns": ["v"], "shape": [2]})
     return models
 
 

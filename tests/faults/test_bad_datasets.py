@@ -95,7 +95,7 @@ def score(settings, runtime, path: Path) -> tuple[dict[int, dict], dict[int, tup
     outputs: dict[int, dict] = {}
     errors: dict[int, tuple[str | None, str]] = {}
     for index, source in enumerate(plan_sources(info, ranges, columns, settings.data_dir)):
-        msg = ScoreShard(job_id="j", shard_index=index, model="lr", version=1, batch_size=3,
+        msg = ScoreShard(job_id="j", shard_index=index, model=runtime.manifest.name, version=1, batch_size=3,
                          columns=columns, source=source)
         outcome = score_table(runtime, load_table(settings, msg), columns, source.row_start, 3)
         outputs.update(to_pairs(outcome.outputs))
@@ -356,6 +356,91 @@ def test_bad_directories_are_refused_naming_the_part(client, data_dir):
         client.score_dataset(parts, model="lr")
 
 
+# --- tensors: .npy, Arrow IPC, tensor columns -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tensor_runtime(models_dir):
+    """``lr-tensor``: the ``lr`` model over one column ``v`` of 2-value tensors."""
+    from worker.registry import ModelRegistry
+
+    return ModelRegistry(models_dir, threads=1, max_models=1, warmup_batch_size=4).get("lr-tensor")
+
+
+def refused_tensor(client: Client, path: Path, error: type[Exception], match: str) -> str:
+    """As :func:`refused`, for the tensor model."""
+    with pytest.raises(error, match=match) as caught:
+        client.score_dataset(path, model="lr-tensor")
+    assert path.name in str(caught.value) and sum(client.store.job_counts().values()) == 0
+    return str(caught.value)
+
+
+def test_npy_files_that_are_not_numeric_arrays_are_refused_naming_the_file(client, data_dir):
+    """Python objects (never unpickled), records, a scalar, a file cut short, or bytes that
+    are not .npy at all are refused at submit, naming the file."""
+    np.save(data_dir / "objects.npy", np.array([[1, "x"]], dtype=object), allow_pickle=True)
+    np.save(data_dir / "records.npy", np.zeros(3, dtype=[("a", "f4"), ("b", "f4")]))
+    np.save(data_dir / "scalar.npy", np.float32(1.0))
+    np.save(data_dir / "full.npy", np.zeros((100, 2), np.float32))
+    (data_dir / "cut.npy").write_bytes((data_dir / "full.npy").read_bytes()[:300])
+    (data_dir / "text.npy").write_bytes(b"a,b\n1,2\n")
+    assert "cannot read as a .npy array" in refused_tensor(client, data_dir / "objects.npy", DatasetFormatError,
+                                                            "objects.npy")
+    assert "holds numbers" in refused_tensor(client, data_dir / "records.npy", DatasetFormatError, "records.npy")
+    assert "scalar" in refused_tensor(client, data_dir / "scalar.npy", DatasetFormatError, "scalar.npy")
+    for name in ("cut.npy", "text.npy"):
+        refused_tensor(client, data_dir / name, DatasetFormatError, f"{name}: cannot read as a .npy array")
+
+
+def test_arrow_files_that_cannot_be_read_are_refused_naming_the_file(client, data_dir):
+    """An Arrow IPC file cut short, or a file of other bytes with an Arrow suffix, is
+    refused at submit naming the file."""
+    table = pa.table({"v": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(20)), 2)})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    raw = sink.getvalue().to_pybytes()
+    (data_dir / "cut.arrow").write_bytes(raw[: len(raw) // 2])
+    (data_dir / "csv.feather").write_bytes(b"v\n1\n")
+    for name in ("cut.arrow", "csv.feather"):
+        refused_tensor(client, data_dir / name, DatasetFormatError, f"{name}: cannot read as an Arrow IPC file")
+
+
+def test_a_column_that_cannot_hold_the_tensors_is_refused_at_submit(client, data_dir):
+    """Text where tensors are expected, lists of another fixed length, and an array of
+    another shape are refused before anything is sent, naming the file and column."""
+    pq.write_table(pa.table({"v": ["1,2", "3,4"]}), data_dir / "text.parquet")
+    pq.write_table(pa.table({"v": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(6)), 3)}),
+                   data_dir / "three.parquet")
+    np.save(data_dir / "wide.npy", np.zeros((4, 2, 2), np.float32))
+    assert "holds string, not tensors" in refused_tensor(client, data_dir / "text.parquet", DatasetSchemaError, "'v'")
+    assert "lists of 3 values, the model takes 2" in refused_tensor(client, data_dir / "three.parquet",
+                                                                     DatasetSchemaError, "'v'")
+    assert "shape [2, 2], the model takes [2]" in refused_tensor(client, data_dir / "wide.npy",
+                                                                  DatasetSchemaError, "'array'")
+
+
+def test_bad_tensors_fail_only_their_rows(job_settings, tensor_runtime, data_dir):
+    """A null tensor, a tensor of the wrong length, a null value inside one, NaN and
+    infinity each fail their own row naming the row and field; the other rows score, from
+    Parquet and Arrow files alike."""
+    rows = [[0.1, 0.2], None, [0.3], [0.4, None], [float("nan"), 1.0], [1.0, float("-inf")], [0.5, 0.6]]
+    table = pa.table({"v": pa.array(rows, pa.list_(pa.float64()))})
+    pq.write_table(table, data_dir / "bad.parquet")
+    with pa.OSFile(str(data_dir / "bad.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    for name in ("bad.parquet", "bad.arrow"):
+        outputs, errors = score(job_settings, tensor_runtime, data_dir / name)
+        assert sorted(outputs) == [0, 6]
+        assert {r: m for r, (_, m) in errors.items()} == {
+            1: "row 1, field 'v': missing tensor (null)",
+            2: "row 2, field 'v': a tensor of 1 values, the model takes 2 (shape [2])",
+            3: "row 3, field 'v': missing value inside the tensor (index 1)",
+            4: "row 4, field 'v': not finite (NaN at index 0)",
+            5: "row 5, field 'v': not finite (infinity at index 1)",
+        }
+
+
 # --- paths leaving the data directory ---------------------------------------------------------
 
 
@@ -480,6 +565,21 @@ CSV_BYTES = st.one_of(
     st.lists(st.sampled_from([b"a", b"b", b",", b";", b"\t", b'"', b"\n", b"\r", b"\xef\xbb\xbf", b"\xff\xfe",
                               b"\xe9", b"\x00", b"1", b"-", b"."]), max_size=60).map(b"".join),
 )
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def arrow_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=10)
+    return sink.getvalue().to_pybytes()
+
+
+VALID_NPY = npy_bytes(np.arange(60.0).reshape(30, 2))
+VALID_ARROW = arrow_bytes(pa.table({"v": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(60.0)), 2)}))
 VALID_PARQUET = parquet_bytes(pa.table({"a": np.arange(50.0), "s": [str(i) for i in range(50)]}), row_group_size=10)
 
 
@@ -495,6 +595,17 @@ def check_only_dataset_errors(path: Path, raw: bytes) -> None:
         read_everything(path)
     except DatasetError as exc:
         assert str(path) in str(exc)
+
+
+@PROPERTY
+@given(cut=st.integers(0, 400), garbage=st.binary(max_size=100), kind=st.integers(0, 1),
+       suffix=st.sampled_from([".npy", ".arrow"]))
+def test_npy_and_arrow_garbage_raises_only_dataset_errors_naming_the_file(cut, garbage, kind, suffix):
+    """Random bytes, or a valid .npy / Arrow file cut short, either read or raise a
+    DatasetError naming the file."""
+    raw = [garbage, (VALID_NPY if suffix == ".npy" else VALID_ARROW)[:cut]][kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        check_only_dataset_errors(Path(tmp) / f"g{suffix}", raw)
 
 
 @PROPERTY

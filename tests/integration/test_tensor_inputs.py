@@ -132,3 +132,24 @@ def test_a_tensor_column_that_cannot_fit_is_refused_at_submit(backend, tensor_mo
                                                  r"the model takes \[1, 8, 8\]"):
         backend.client.score_dataset(transposed, MODEL)
     assert sum(backend.client.store.job_counts().values()) == before
+
+
+def test_a_cold_start_is_reported_in_the_job_and_by_mlf_status(backend, trained, data_dir, digits, tensor_files):
+    """The first job of a model no worker has loaded reports how long the load and
+    warm-up took, in the job's status and in `mlf status`."""
+    import subprocess
+    import sys
+    import uuid
+
+    from worker.export import export_torch
+
+    name = f"digits-cold-{uuid.uuid4().hex[:6]}"
+    export_torch(trained[1]["torch"][0], trained[0], name,
+                 inputs={"kind": "tensor", "columns": ["image"], "shape": [1, 8, 8]},
+                 outputs={"kind": "classification", "labels": LABELS, "activation": "softmax"})
+    job = backend.client.score_dataset(data_dir / "images.npy", name)
+    status = job.wait(timeout_s=TIMEOUT_S)
+    assert status.state is JobState.SUCCEEDED and status.model_load_s is not None and status.model_load_s > 0
+    run = subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "status", job.id],
+                         env=backend.env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert f"loaded cold in {status.model_load_s:.1f} s" in run.stdout, run.stdout + run.stderr

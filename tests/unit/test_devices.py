@@ -126,6 +126,27 @@ def test_launcher_processes_per_device_and_extra_cpu_processes():
     assert {c.env["ML_FRAMEWORK_WORKER_THREADS"] for c in children} == {"2"}
 
 
+def test_processes_sharing_a_gpu_each_get_their_share_of_its_memory(monkeypatch):
+    """With N processes per GPU each is capped at 1/N of the device's memory (PyTorch's
+    per-process fraction, a TensorFlow memory limit from NVML's total); alone on a device,
+    or on CPU, a process is not capped (regression: after an out-of-memory episode one
+    process's cache kept 112 of 140 GiB and starved the other)."""
+    from worker import devices
+    from worker.runtimes import tensorflow as tf_runtime
+
+    gpus = discover(FakeNVML(2), use_env=False).gpus
+    shared = plan_children(load_settings(), 1, cores=8, gpus=gpus, processes_per_device=4)
+    assert [c.env.get(devices.MEMORY_FRACTION_ENV) for c in shared] == ["0.250000"] * 8 + [None]
+    alone = plan_children(load_settings(), cores=8, gpus=gpus)
+    assert all(devices.MEMORY_FRACTION_ENV not in c.env for c in alone)
+    monkeypatch.setenv(devices.MEMORY_FRACTION_ENV, shared[0].env[devices.MEMORY_FRACTION_ENV])
+    monkeypatch.setattr(tf_runtime, "discover", lambda: devices.discover(FakeNVML(1), use_env=False))
+    assert devices.memory_fraction() == 0.25
+    assert tf_runtime._memory_limit_mb() == 141 * 1024 // 4
+    monkeypatch.delenv(devices.MEMORY_FRACTION_ENV)
+    assert devices.memory_fraction() is None and tf_runtime._memory_limit_mb() is None
+
+
 def test_no_gpu_means_one_cpu_process_per_core():
     """With no GPU the plan is one CPU process per core."""
     children = plan_children(load_settings(), cores=3, gpus=[])
@@ -173,3 +194,24 @@ def test_heartbeat_on_a_cpu_host_reports_no_device(monkeypatch):
     beat.sample()
     assert info.device_uuid is None and info.device_memory_total_bytes is None
     assert len(calls) == 1
+
+
+def test_torch_caps_a_shared_gpu_before_loading_the_model(monkeypatch, tmp_path):
+    """On a CUDA device (mocked: none exists here) a process sharing it sets its memory
+    fraction before the model is moved there."""
+    import torch
+
+    from ml_framework.errors import ModelLoadError
+    from worker import devices
+    from worker.export import export_torch
+    from worker.registry import load_runtime
+
+    manifest = export_torch(torch.nn.Linear(2, 2), tmp_path, "lin", inputs={"columns": ["a", "b"]},
+                            outputs={"kind": "regression", "size": 2})
+    fractions: list[float] = []
+    monkeypatch.setenv(devices.MEMORY_FRACTION_ENV, "0.5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fractions.append)
+    with pytest.raises(ModelLoadError):  # moving the model to a GPU that does not exist
+        load_runtime(manifest, tmp_path / "lin" / "1")
+    assert fractions == [0.5]

@@ -609,3 +609,19 @@ def test_shards_storing_a_key_as_numbers_and_as_text_read_back_together(store):
         assert store.claim_shard(job, s, "w") is ShardClaim.RUN
         store.complete_shard(job, s, [(s, {"prediction": value})], [])
     assert store.results(job)["prediction"].tolist() == ["1", "other"]
+
+
+def test_a_job_keeps_its_longest_cold_start(store):
+    """Shards that loaded their model report how long it took; the job keeps the longest,
+    and a job whose shards all found the model loaded reports none."""
+    job, warm = uuid.uuid4().hex, uuid.uuid4().hex
+    store.create_jobs([NewJob(job, "m", 1, "d.csv", 3, [(0, 1), (1, 2), (2, 3)], 4),
+                       NewJob(warm, "m", 1, "d.csv", 1, [(0, 1)], 4)])
+    for shard, load_s in enumerate([2.5, None, 7.25]):
+        assert store.claim_shard(job, shard, "w") is ShardClaim.RUN
+        store.complete_shard(job, shard, [(shard, {"prediction": 1})], [], model_load_s=load_s)
+        assert store.job(job).model_load_s == (2.5 if shard < 2 else 7.25)
+    assert store.claim_shard(warm, 0, "w") is ShardClaim.RUN
+    store.complete_shard(warm, 0, [(0, {"prediction": 1})], [])
+    assert store.job(warm).model_load_s is None
+    assert [s["model_load_s"] for s in store.shards(job)] == [2.5, None, 7.25]

@@ -1,0 +1,31 @@
+"""``Job.wait`` (and so ``mlf score --wait``) notices a finished job within 100 ms."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ml_framework.settings import load_settings
+from ml_framework.store import JobState
+from producer import client as client_module
+from producer.client import Client, Job
+
+
+def test_wait_polls_often_enough_to_return_within_100_ms(tmp_path, monkeypatch):
+    """The pauses between polls start at 10 ms and never exceed 50 ms, however long the
+    job runs, so the call returns within 100 ms of the job finishing (regression: the
+    pause grew to 2 s, and a short job's caller waited up to 2 s after it ended)."""
+    with Client(load_settings(var_dir=tmp_path / "var", models_dir=tmp_path / "models")) as client:
+        job_id = client.store.create_job(model="m", model_version=1, dataset="d.csv", n_rows=1,
+                                         shard_ranges=[(0, 1)], batch_size=1)
+        pending = client.store.job(job_id)
+        pauses: list[float] = []
+        polls = iter(range(200))
+
+        def status(self: Job):
+            return pending if next(polls) < 199 else replace(pending, state=JobState.SUCCEEDED)
+
+        monkeypatch.setattr(Job, "status", status)
+        monkeypatch.setattr(client_module.time, "sleep", pauses.append)
+        monkeypatch.setattr(Client, "live_workers", lambda self, max_age_s=30.0: ["w"])
+        assert Job(client, job_id).wait().state is JobState.SUCCEEDED
+    assert len(pauses) == 199 and pauses[0] <= 0.01 and max(pauses) <= 0.05
