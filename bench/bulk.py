@@ -202,6 +202,10 @@ def targets(rows: list[dict]) -> list[str]:
             share = r["profile"]["share_of_shard_time"]
             parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items())
             out.append(f"{wl}: worker time per phase (py-spy, ours 1 process, Redis+PostgreSQL): {parts}")
+            ahead = r["profile"].get("prefetch_thread_share", {})
+            if ahead:
+                out.append(f"{wl}: meanwhile on the prefetch thread: "
+                           + ", ".join(f"{k} {100 * v:.1f}%" for k, v in ahead.items()))
     print("\n".join(out), flush=True)
     return out
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.workloads import Workload, columns_of, data_path, one_thread, run_raw
+from bench.workloads import Workload, columns_of, data_path, matrix, one_thread, run_raw
 
 REPO = Path(__file__).resolve().parents[1]
 REDIS_OURS = "redis://127.0.0.1:6379/8"
@@ -151,18 +151,26 @@ def _start_py_spy(root: Path, w: Workload, pid: int) -> tuple[subprocess.Popen, 
     return spy, out
 
 
-PHASES = {  # frame (function name) -> phase of a bulk shard, innermost match wins
-    "complete_shard": "result writes (complete_shard)",
+PHASES = {  # frame (function name) -> phase of a bulk shard on the task's thread, outermost match wins
     "claim_shard": "claim",
-    "load_table": "read shard",
-    "to_inputs": "convert inputs",
+    "complete_shard": "result writes (complete_shard)",
+    "pieces": "waiting for input (prefetch thread behind)",
+    "submit": "model forward",
+    "collect": "model forward",
     "predict_batch": "model forward",
-    "assemble": "result records (assemble)",
+    "assemble": "result decoding (assemble)",
+}
+PREFETCH_PHASES = {  # the same on the prefetch thread, which reads and converts ahead
+    "convert": "convert inputs",
+    "_pieces": "read shard",
+    "_stashed": "read shard",
 }
 
 
 def _stop_py_spy(spy: subprocess.Popen, out: Path) -> dict:
-    """Stop py-spy and split the samples taken inside ``_score_bulk_shard`` by phase."""
+    """Stop py-spy and split the samples by phase: those inside ``run_bulk_shard`` (the
+    task's thread: the critical path) as shares of its time, and the prefetch thread's
+    (reading and converting the next piece meanwhile) as shares of the same time."""
     spy.send_signal(signal.SIGINT)
     try:
         spy.wait(timeout=60)
@@ -170,6 +178,7 @@ def _stop_py_spy(spy: subprocess.Popen, out: Path) -> dict:
         spy.kill()
     counts = {phase: 0 for phase in PHASES.values()}
     counts["other shard work"] = 0
+    ahead = {phase: 0 for phase in PREFETCH_PHASES.values()}
     busy = total = 0
     if not out.exists():
         return {"error": "py-spy wrote nothing"}
@@ -180,17 +189,19 @@ def _stop_py_spy(spy: subprocess.Popen, out: Path) -> dict:
         total += int(n)
         # "ResultStore.complete_shard (file:line)" -> "complete_shard"
         frames = [f.split(" (")[0].split(".<locals>")[0].rsplit(".", 1)[-1] for f in stack.split(";")]
-        if "_score_bulk_shard" not in frames:
+        if "_serve" in frames or "_read_guess" in frames:
+            phase = next((PREFETCH_PHASES[f] for f in frames if f in PREFETCH_PHASES), None)
+            if phase is not None:
+                ahead[phase] += int(n)
+            continue
+        if "run_bulk_shard" not in frames:
             continue
         busy += int(n)
-        phase = "other shard work"
-        for f in frames:  # outermost first: the first known frame names the phase
-            if f in PHASES:
-                phase = PHASES[f]
-                break
+        phase = next((PHASES[f] for f in frames if f in PHASES), "other shard work")
         counts[phase] += int(n)
     return {"file": str(out), "samples": total, "shard_samples": busy,
-            "share_of_shard_time": {k: v / max(busy, 1) for k, v in counts.items()}}
+            "share_of_shard_time": {k: v / max(busy, 1) for k, v in counts.items()},
+            "prefetch_thread_share": {k: v / max(busy, 1) for k, v in ahead.items()}}
 
 
 # ---------------------------------------------------------------------------- plain Celery
@@ -218,7 +229,7 @@ def run_naive(root: Path, w: Workload, n: int, reps: int, **_: object) -> dict:
             rows: list = (root / "data" / "text.txt").read_text(encoding="utf-8").splitlines()[:n]
         else:
             table = pq.read_table(data_path(root, w.name), columns=columns_of(w.name)).slice(0, n)
-            rows = np.column_stack([c.to_numpy() for c in table.columns]).tolist()
+            rows = matrix(table).tolist()
         for r in [naive_bulk.predict.delay(rows[i % n]) for i in range(8)]:  # load the model in both children
             r.get(timeout=600)
         seconds = []
@@ -250,8 +261,7 @@ class RayScorer:
         self.rss.parent.mkdir(exist_ok=True)
 
     def __call__(self, batch):
-        x = np.column_stack([c.to_numpy() for c in batch.columns])
-        y = self.model.predict(x)
+        y = self.model.predict(matrix(batch))
         self.rss.write_text(str(peak_rss()))
         return {"output": y.astype(np.float32)}
 

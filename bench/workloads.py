@@ -13,8 +13,11 @@ Workloads:
   is published as TorchScript: BERT traced, then a scripted wrapper that trims each batch
   to its longest row, mean-pools and normalises, so its output equals ``encode``'s.
 - ``image-torch``: a ResNet-style CNN (3 stages of basic blocks, random weights) on
-  synthetic 32x32x3 images (``p*`` uint8 columns), ``torch.export``;
-- ``image-keras``: a Keras CNN on the same images;
+  synthetic 32x32x3 images, one ``image`` tensor column (``fixed_size_list<uint8>[3072]``),
+  ``torch.export``;
+- ``image-torch-columns``: the same model and images with one uint8 column per value
+  (``p0`` .. ``p3071``), the layout wide tables have;
+- ``image-keras``: a Keras CNN on the tensor-column images;
 - ``tabular``: a ``HistGradientBoostingClassifier`` (100 trees) on 20 float32 columns.
 
 Every ``raw`` loop sets one framework thread: the benchmark runs one thread per process.
@@ -40,6 +43,7 @@ SEED = 8
 TEXT_MAX_TOKENS = 128
 IMAGE_SIDE = 32
 IMAGE_PIXELS = [f"p{i}" for i in range(3 * IMAGE_SIDE * IMAGE_SIDE)]
+IMAGE_COLUMN = "image"
 TABULAR_FEATURES = [f"f{i}" for i in range(20)]
 TEXT_COLUMNS = [f"ids_{i}" for i in range(TEXT_MAX_TOKENS)] + [f"mask_{i}" for i in range(TEXT_MAX_TOKENS)]
 LABELS = list(range(10))
@@ -78,6 +82,7 @@ class Workload:
 WORKLOADS = {w.name: w for w in [
     Workload("text", 5500, 400, 800, 150, batch_size=32, shard_size=256),
     Workload("image-torch", 8000, 1000, 1000, 300, batch_size=64, shard_size=500),
+    Workload("image-torch-columns", 8000, 1000, 1000, 300, batch_size=64, shard_size=500),
     Workload("image-keras", 8000, 1000, 1000, 300, batch_size=64, shard_size=500),
     Workload("tabular", 1_000_000, 100_000, 3000, 800, batch_size=10_000, shard_size=50_000),
 ]}
@@ -163,17 +168,18 @@ def build_data(root: Path, w: Workload, n: int) -> Path:
         table = pa.table(cols, names=TEXT_COLUMNS)
     elif w.name.startswith("image"):
         if path.exists() and pq.ParquetFile(path).metadata.num_rows == n:
-            return path  # image-torch and image-keras share the pixels
+            return path  # the image workloads share the pixels
         pixels = rng.integers(0, 256, size=(n, len(IMAGE_PIXELS)), dtype=np.uint8)
-        table = pa.table([pa.array(pixels[:, i]) for i in range(pixels.shape[1])], names=IMAGE_PIXELS)
+        tensors = pa.table({IMAGE_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)),
+                                                                            len(IMAGE_PIXELS))})
+        columns = pa.table([pa.array(pixels[:, i]) for i in range(pixels.shape[1])], names=IMAGE_PIXELS)
+        for other in ("image-torch", "image-keras", "image-torch-columns"):
+            _write(columns if other.endswith("columns") else tensors, data_path(root, other), w.shard_size)
+        return path
     else:
         x, _ = tabular_xy(n, rng)
         table = pa.table([pa.array(x[:, i]) for i in range(x.shape[1])], names=TABULAR_FEATURES)
-    if w.name.startswith("image"):
-        for other in ("image-torch", "image-keras"):
-            _write(table, data_path(root, other), w.shard_size)
-    else:
-        _write(table, path, w.shard_size)
+    _write(table, path, w.shard_size)
     return path
 
 
@@ -185,10 +191,19 @@ def tabular_xy(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
     return x, y
 
 
-def read_matrix(path: Path, columns: list[str]) -> np.ndarray:
-    """The Parquet file's ``columns`` as one ``(N, len(columns))`` array."""
-    table = pq.read_table(path, columns=columns)
+def matrix(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """A table's rows as one ``(N, values per row)`` array: one tensor column's values, or
+    one value per column."""
+    if table.num_columns == 1 and pa.types.is_fixed_size_list(table.schema.field(0).type):
+        column = table.column(0)
+        values = (column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column).flatten()
+        return values.to_numpy().reshape(table.num_rows, table.schema.field(0).type.list_size)
     return np.column_stack([c.to_numpy() for c in table.columns])
+
+
+def read_matrix(path: Path, columns: list[str]) -> np.ndarray:
+    """The Parquet file's ``columns`` as one ``(N, values per row)`` array."""
+    return matrix(pq.read_table(path, columns=columns))
 
 
 # ---------------------------------------------------------------------------- models
@@ -291,14 +306,17 @@ def build_model(root: Path, w: Workload) -> str:
         m = export_torch(_text_module(), models, w.name, method="script", sample=ids,
                          inputs={"columns": TEXT_COLUMNS, "dtype": "int64", "shape": [2, TEXT_MAX_TOKENS]},
                          outputs={"kind": "embedding", "size": 384}, **common)
-    elif w.name == "image-torch":
+    elif w.name.startswith("image-torch"):
+        columns = {"columns": IMAGE_PIXELS} if w.name.endswith("columns") else {"kind": "tensor",
+                                                                                "columns": [IMAGE_COLUMN]}
         m = export_torch(build_resnet(), models, w.name,
-                         inputs={"columns": IMAGE_PIXELS, "dtype": "float32", "shape": [3, IMAGE_SIDE, IMAGE_SIDE]},
+                         inputs={**columns, "dtype": "float32", "shape": [3, IMAGE_SIDE, IMAGE_SIDE]},
                          preprocessing={"scale": 1 / 255}, **common,
                          outputs={"kind": "classification", "labels": LABELS, "activation": "softmax"})
     elif w.name == "image-keras":
         m = export_keras(build_keras_cnn(), models, w.name,
-                         inputs={"columns": IMAGE_PIXELS, "dtype": "float32", "shape": [IMAGE_SIDE, IMAGE_SIDE, 3]},
+                         inputs={"kind": "tensor", "columns": [IMAGE_COLUMN], "dtype": "float32",
+                                 "shape": [IMAGE_SIDE, IMAGE_SIDE, 3]},
                          preprocessing={"scale": 1 / 255}, **common,
                          outputs={"kind": "classification", "labels": LABELS, "activation": "none"})
     else:
@@ -323,7 +341,7 @@ class Model:
         one_thread()
         self.name = workload
         directory = Path(root) / "models" / workload / "1"
-        if workload in ("text", "image-torch"):
+        if workload in ("text", "image-torch", "image-torch-columns"):
             import torch
 
             torch.set_num_threads(1)
@@ -349,11 +367,11 @@ class Model:
         """One batch of raw rows, as stored in the Parquet file -> ``(N, K)`` outputs."""
         if self.name == "text":
             x = x.astype(np.int64).reshape(-1, 2, TEXT_MAX_TOKENS)
-        elif self.name == "image-torch":
+        elif self.name.startswith("image-torch"):
             x = (x.astype(np.float32) / 255).reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE)
         elif self.name == "image-keras":
             x = (x.astype(np.float32) / 255).reshape(-1, IMAGE_SIDE, IMAGE_SIDE, 3)
-        if self.name in ("text", "image-torch"):
+        if self.name in ("text", "image-torch", "image-torch-columns"):
             with self._torch.inference_mode():
                 y = self.model(self._torch.from_numpy(np.ascontiguousarray(x)))
             return y.numpy()
@@ -363,7 +381,8 @@ class Model:
 
 
 def columns_of(workload: str) -> list[str]:
-    return {"text": TEXT_COLUMNS, "tabular": TABULAR_FEATURES}.get(workload, IMAGE_PIXELS)
+    return {"text": TEXT_COLUMNS, "tabular": TABULAR_FEATURES, "image-torch-columns": IMAGE_PIXELS}.get(
+        workload, [IMAGE_COLUMN])
 
 
 def run_raw(root: Path, w: Workload, n: int) -> float:

@@ -115,9 +115,10 @@ class WorkerContext:
     def guess_next(self, msg: ScoreShard, source: ShardSource) -> ShardSource | None:
         """The shard of the same job this process will most likely run next: the same
         stride in the file as between its last two shards of the job (the next range when
-        it ran none before), for :meth:`Prefetcher.pieces`. ``None`` for inline shards."""
-        if not isinstance(msg.source, DatasetRef):
-            return None
+        it ran none before), for :meth:`Prefetcher.pieces`. ``None`` for inline shards and
+        CSV files."""
+        if not isinstance(msg.source, DatasetRef) or msg.source.format == "csv":
+            return None  # a CSV file has no random access: reading ahead would parse it twice
         length = source.row_end - source.row_start
         previous = self._last_start.get(msg.job_id)
         stride = source.row_start - previous if previous is not None and previous < source.row_start else length
