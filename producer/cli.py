@@ -176,8 +176,14 @@ def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines, one per worker process.")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every --interval seconds until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.5, help="Seconds between refreshes with --watch.")] = 2.0,
+    self_: Annotated[bool, typer.Option("--self", help="Health check of this host's (container's) worker "
+                                        "processes: exit 0 only if each has a fresh heartbeat.")] = False,
 ) -> None:
     """List live worker processes: device, loaded models, throughput, memory."""
+    if self_:
+        from producer.cli_admin import check_own_heartbeats
+
+        raise typer.Exit(check_own_heartbeats())
     if as_json:
         try:
             with client() as c:
@@ -292,7 +298,8 @@ def flower(
     # authentication behind our back.
     env = {k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API")}
     if settings.flower_basic_auth and not no_auth:
-        env["FLOWER_BASIC_AUTH"] = ",".join(settings.flower_basic_auth)  # not on the command line, where ps shows it
+        # in the environment, not on the command line, where ps shows it
+        env["FLOWER_BASIC_AUTH"] = ",".join(e.get_secret_value() for e in settings.flower_basic_auth)
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}",
             "--persistent=True", f"--db={db}", "--state_save_interval=60000", "--purge_offline_workers=600"]
     err.print(f"Flower on http://{address}:{port} ({'basic auth' if 'FLOWER_BASIC_AUTH' in env else 'NO auth'}; "
@@ -325,6 +332,9 @@ def models(ctx: typer.Context) -> None:
 
 
 def _load_plugins() -> None:
+    from producer import cli_admin  # it imports this module, so it is registered here
+
+    cli_admin.register(app)
     for ep in entry_points(group="mlf.commands"):
         try:
             register = ep.load()

@@ -9,6 +9,7 @@ from pathlib import Path
 from ml_framework.datasets import DatasetInfo, encode_table, inspect, iter_shards
 from ml_framework.errors import DatasetError, DatasetSchemaError
 from ml_framework.manifest import ModelManifest
+from ml_framework.paths import locate_dataset
 from ml_framework.protocol import DatasetRef, InlineRows
 
 __all__ = ["inspect", "plan_sources", "resolve_columns"]
@@ -37,12 +38,6 @@ def resolve_columns(info: DatasetInfo, manifest: ModelManifest, columns: Sequenc
     return wanted
 
 
-def _under(path: Path, root: Path) -> Path | None:
-    root = root.resolve()
-    resolved = path.resolve()
-    return resolved.relative_to(root) if resolved.is_relative_to(root) else None
-
-
 def plan_sources(
     info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: Sequence[str], data_dir: Path
 ) -> Iterator[DatasetRef | InlineRows]:
@@ -50,14 +45,14 @@ def plan_sources(
     parts) lies under ``data_dir`` (workers mount it), else the rows inlined, reading the
     dataset once.
 
-    The path is resolved first, so a symlink under ``data_dir`` whose target lies outside
-    is inlined, never sent by reference (workers refuse paths that leave the data
-    directory).
+    The path goes through :func:`ml_framework.paths.locate_dataset`: one that enters the
+    data directory and leads out of it is refused, never inlined.
 
     Raises:
+        DatasetPathError: the path leaves the data directory through a link or '..'.
         DatasetFormatError: while inlining, the file cannot be read (naming it).
     """
-    relative = _under(info.path, data_dir)
+    relative = locate_dataset(data_dir, info.path).relative
     if relative is not None:
         for a, b in ranges:
             yield DatasetRef(path=relative.as_posix(), format=info.format, row_start=a, row_end=b)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from ml_framework.datasets import decode_table, read_rows
 from ml_framework.errors import DatasetError, MLFrameworkError, StoreUnavailableError
 from ml_framework.logging import task_context
+from ml_framework.paths import resolve_under
 from ml_framework.protocol import (
     SCORE_ONLINE_TASK,
     SCORE_SHARD_TASK,
@@ -156,17 +157,15 @@ def load_table(msg: ScoreShard) -> pa.Table:
     """The shard's rows: read from the data directory (by reference) or decoded (inline).
 
     Raises:
-        DatasetError: the path leaves the data directory, the file is missing, or an
-            inline shard holds the wrong number of rows.
+        DatasetPathError: the path leaves the data directory (checked before reading,
+            :func:`ml_framework.paths.resolve_under`).
+        DatasetError: the file is missing, or an inline shard holds the wrong number of rows.
     """
     src = msg.source
     if isinstance(src, DatasetRef):
-        root = get_settings().data_dir.resolve()
-        path = (root / src.path).resolve()
-        if not path.is_relative_to(root):
-            raise DatasetError(f"dataset path {src.path!r} leaves the data directory {root}")
+        path = resolve_under(get_settings().data_dir, src.path)
         if not (path.is_file() or path.is_dir()):
-            raise DatasetError(f"dataset {path} not found on worker (data_dir={root})")
+            raise DatasetError(f"dataset {src.path!r} not found in the worker's data directory")
         return read_rows(path, src.format, src.row_start, src.row_end, msg.columns)
     table = decode_table(src.data_b64)
     if table.num_rows != msg.n_rows:
