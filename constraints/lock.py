@@ -6,7 +6,8 @@
    --ignore-installed --report`` (pip fetches only the wheels' metadata, PEP 658), for
    this interpreter (CPython 3.11 on Linux x86_64, as in the image).
 2. Writes ``constraints/prod.txt``: ``name==version`` of every package but ml-framework.
-3. Writes ``constraints/metadata/<name>.json`` for tensorflow and torch: the core metadata
+3. Writes ``constraints/metadata/<name>.json`` for tensorflow, torch and cuda-toolkit
+   (through whose extras torch asks for its CUDA libraries): the core metadata
    (name, version, ``Requires-Dist``, ``Provides-Extra``) of the wheels resolved, as pip
    read it from the registry. ``tests/unit/test_packaging.py`` checks offline that the lock
    pins every CUDA library these ask for (TensorFlow's ``and-cuda`` extra, torch's
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOCK = HERE / "prod.txt"
 METADATA_DIR = HERE / "metadata"
-FRAMEWORKS = ("tensorflow", "torch")
+FRAMEWORKS = ("tensorflow", "torch", "cuda-toolkit")  # cuda-toolkit: torch asks for its CUDA libraries through it
 HEADER = """\
 # Lock of the production image's Python packages: Dockerfile.prod installs exactly these
 # (pip install --no-deps -r constraints/prod.txt), then ml-framework itself. Regenerate

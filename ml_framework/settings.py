@@ -272,9 +272,9 @@ class Settings(BaseSettings):
     def _check_production_secrets(self) -> Settings:
         if self.deployment != "production":
             return self
-        named: list[tuple[str, str]] = [
-            (f"the password in {key}", credentials.url_password(url) or "x")
-            for key in ("broker_url", "redis_url", "database_url") if (url := getattr(self, key))]
+        named: list[tuple[str, str]] = [  # a URL without a password may use another way in (TLS, peer)
+            (f"the password in {key}", password) for key in ("broker_url", "redis_url", "database_url")
+            if (url := getattr(self, key)) and (password := credentials.url_password(url)) is not None]
         named += [(f"api_keys[{name}]", key.get_secret_value()) for name, key in self.api_keys.items()]
         named += [(f"flower_basic_auth[{e.get_secret_value().partition(':')[0]}]",
                    e.get_secret_value().partition(":")[2]) for e in self.flower_basic_auth]
