@@ -183,3 +183,45 @@ def masked(value: Any) -> Any:
 def placeholders(named_values: Iterable[tuple[str, str]]) -> list[str]:
     """The names of the ``(name, value)`` pairs whose value is a placeholder."""
     return [name for name, value in named_values if is_placeholder(value)]
+
+
+def complete_urls(data: dict[str, Any], url_passwords: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Settings input with each ``(url key, password key)``'s password put into its URL,
+    which must then carry none; and ``redis_url`` as ``broker_url`` when that is unset.
+
+    Raises:
+        ValueError: a password without its URL, or for a URL that carries one already;
+            the message names the keys only.
+    """
+    data = dict(data)
+    for url_key, password_key in url_passwords:
+        password = data.get(password_key)
+        if password is None:
+            continue
+        if not data.get(url_key):
+            raise ValueError(f"{password_key} is set but {url_key} is not")
+        try:
+            data[url_key] = with_password(str(data[url_key]), _plain(password))
+        except ValueError as exc:
+            raise ValueError(f"{url_key} {exc} ({password_key} is set)") from None
+    if not data.get("broker_url") and data.get("redis_url"):
+        data["broker_url"] = data["redis_url"]
+    return data
+
+
+def weak_secrets(settings: Any) -> list[str]:
+    """What a production deployment refuses in ``settings``, by name: placeholder passwords
+    in the server URLs (a URL without a password may use another way in: TLS, peer),
+    placeholder API keys or keys in clear shorter than :data:`MIN_KEY_CHARS`, and placeholder
+    Flower passwords."""
+    named = [(f"the password in {key}", password) for key in ("broker_url", "redis_url", "database_url")
+             if (url := getattr(settings, key)) and (password := url_password(url)) is not None]
+    named += [(f"api_keys[{name}]", key.get_secret_value()) for name, key in settings.api_keys.items()]
+    for entry in settings.flower_basic_auth:
+        user, _, password = entry.get_secret_value().partition(":")
+        named.append((f"flower_basic_auth[{user}]", password))
+    bad = placeholders(named)
+    bad += [f"api_keys[{name}] (shorter than {MIN_KEY_CHARS} characters)" for name, key in settings.api_keys.items()
+            if not key.get_secret_value().startswith(HASH_PREFIX) and len(key.get_secret_value()) < MIN_KEY_CHARS
+            and f"api_keys[{name}]" not in bad]
+    return bad

@@ -17,9 +17,8 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     Field,
     PositiveInt,
@@ -28,17 +27,23 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ml_framework import credentials
 from ml_framework.errors import SettingsError
 from ml_framework.manifest import MAX_INT32, parse_model_ref
+from ml_framework.settings_sources import (
+    CONFIG_ENV,
+    ENV_PREFIX,
+    FILE_SUFFIX,
+    SecretFilesSource,
+    YamlSource,
+    file_key,
+    read_yaml,
+    secret_files,
+)
+from ml_framework.settings_sources import config_path as default_config_path
 
-ENV_PREFIX = "ML_FRAMEWORK_"
-CONFIG_ENV = "ML_FRAMEWORK_CONFIG"
-FILE_SUFFIX = "_FILE"
-DEFAULT_CONFIG = Path("configs/development.yaml")
 SECRET_FIELDS = frozenset({"api_keys", "flower_basic_auth", "broker_password", "redis_password",
                            "database_password", "broker_url", "redis_url", "database_url"})
 """Settings that hold secrets or may (URLs with a password): masked wherever shown, and
@@ -46,31 +51,6 @@ each readable from the file named by ``ML_FRAMEWORK_<KEY>_FILE``."""
 _URL_PASSWORDS = (("broker_url", "broker_password"), ("redis_url", "redis_password"),
                   ("database_url", "database_password"))
 ApiRole = Literal["user", "admin", "metrics"]
-
-
-class _MappingSource(PydanticBaseSettingsSource):
-    """Feeds an already-read mapping in (the YAML file; the secret files)."""
-
-    data: ClassVar[dict[str, Any]] = {}
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
-
-
-class _YamlSource(_MappingSource):
-    """The YAML file, below everything else."""
-
-    data: ClassVar[dict[str, Any]] = {}
-
-
-class _SecretFilesSource(_MappingSource):
-    """Values read from the files named by ``ML_FRAMEWORK_<KEY>_FILE``: below the
-    environment, above the YAML file."""
-
-    data: ClassVar[dict[str, Any]] = {}
 
 
 class Settings(BaseSettings):
@@ -241,25 +221,8 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _complete_urls(cls, data: Any) -> Any:
-        """Put each ``*_password`` into its URL, which must then carry none; then take
-        ``redis_url`` as the broker when ``broker_url`` is unset."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for url_key, password_key in _URL_PASSWORDS:
-            password = data.get(password_key)
-            if password is None:
-                continue
-            if not data.get(url_key):
-                raise ValueError(f"{password_key} is set but {url_key} is not")
-            plain = password.get_secret_value() if isinstance(password, SecretStr) else str(password)
-            try:
-                data[url_key] = credentials.with_password(str(data[url_key]), plain)
-            except ValueError as exc:
-                raise ValueError(f"{url_key} {exc} ({password_key} is set)") from None
-        if not data.get("broker_url") and data.get("redis_url"):
-            data["broker_url"] = data["redis_url"]
-        return data
+        """Put each ``*_password`` into its URL; take ``redis_url`` as the broker when unset."""
+        return credentials.complete_urls(data, _URL_PASSWORDS) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check_roles(self) -> Settings:
@@ -270,18 +233,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_production_secrets(self) -> Settings:
-        if self.deployment != "production":
-            return self
-        named: list[tuple[str, str]] = [  # a URL without a password may use another way in (TLS, peer)
-            (f"the password in {key}", password) for key in ("broker_url", "redis_url", "database_url")
-            if (url := getattr(self, key)) and (password := credentials.url_password(url)) is not None]
-        named += [(f"api_keys[{name}]", key.get_secret_value()) for name, key in self.api_keys.items()]
-        named += [(f"flower_basic_auth[{e.get_secret_value().partition(':')[0]}]",
-                   e.get_secret_value().partition(":")[2]) for e in self.flower_basic_auth]
-        bad = credentials.placeholders(named)
-        bad += [f"api_keys[{name}] (shorter than {credentials.MIN_KEY_CHARS} characters)"
-                for name, key in self.api_keys.items() if not key.get_secret_value().startswith(credentials.HASH_PREFIX)
-                and len(key.get_secret_value()) < credentials.MIN_KEY_CHARS and f"api_keys[{name}]" not in bad]
+        bad = credentials.weak_secrets(self) if self.deployment == "production" else []
         if bad:
             raise ValueError(f"deployment: production refuses placeholder or weak secrets: {', '.join(bad)}; set real "
                              "ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
@@ -349,7 +301,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _SecretFilesSource(settings_cls), _YamlSource(settings_cls))
+        return (init_settings, env_settings, SecretFilesSource(settings_cls), YamlSource(settings_cls))
 
     @property
     def embedded_broker(self) -> bool:
@@ -381,28 +333,6 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.var_dir / 'results.sqlite').resolve()}"
 
 
-def _config_path() -> Path | None:
-    named = os.environ.get(CONFIG_ENV)
-    if named:
-        path = Path(named)
-        if not path.is_file():
-            raise SettingsError(f"{CONFIG_ENV}={named}: no such file")
-        return path
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
-    return data
-
-
 def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings from defaults, the YAML file, the environment and ``overrides``.
 
@@ -418,8 +348,8 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         SettingsError: an unknown key or a bad value; the message names each key and
             its source (the YAML file or the environment variable).
     """
-    path = config_path if config_path is not None else _config_path()
-    data = _read_yaml(path) if path is not None else {}
+    path = config_path if config_path is not None else default_config_path()
+    data = read_yaml(path) if path is not None else {}
     fields = set(Settings.model_fields)
     problems = [f"{path}: unknown key {key!r}" for key in data if key not in fields]
     problems += [
@@ -428,14 +358,14 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         if name.startswith(ENV_PREFIX)
         and name != CONFIG_ENV
         and name[len(ENV_PREFIX):].lower() not in fields
-        and _file_key(name) not in SECRET_FIELDS
+        and file_key(name) not in SECRET_FIELDS
     ]
-    files, file_problems = _secret_files()
+    files, file_problems = secret_files(SECRET_FIELDS)
     if problems or file_problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems + file_problems)
                             + (f"\n  known keys: {', '.join(sorted(fields))}" if problems else ""))
-    _YamlSource.data = data
-    _SecretFilesSource.data = files
+    YamlSource.data = data
+    SecretFilesSource.data = files
 
     def source(key: str) -> str:
         if key in overrides:
@@ -461,33 +391,8 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
                 lines.append(f"{err['msg']} ({where})")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
     finally:
-        _YamlSource.data = {}
-        _SecretFilesSource.data = {}
-
-
-def _file_key(variable: str) -> str | None:
-    """``redis_password`` for ``ML_FRAMEWORK_REDIS_PASSWORD_FILE``; ``None`` for other names."""
-    if variable.startswith(ENV_PREFIX) and variable.endswith(FILE_SUFFIX):
-        return variable[len(ENV_PREFIX):-len(FILE_SUFFIX)].lower()
-    return None
-
-
-def _secret_files() -> tuple[dict[str, str], list[str]]:
-    """Secrets read from the files named by ``ML_FRAMEWORK_<KEY>_FILE``, and the problems met."""
-    values: dict[str, str] = {}
-    problems: list[str] = []
-    for variable, file in os.environ.items():
-        key = _file_key(variable)
-        if key not in SECRET_FIELDS:
-            continue
-        if ENV_PREFIX + key.upper() in os.environ:
-            problems.append(f"environment: both {ENV_PREFIX + key.upper()} and {variable} are set; give one")
-            continue
-        try:
-            values[key] = credentials.read_secret_file(variable, file)
-        except ValueError as exc:
-            problems.append(f"environment: {exc}")
-    return values, problems
+        YamlSource.data = {}
+        SecretFilesSource.data = {}
 
 
 @lru_cache(maxsize=1)
