@@ -18,13 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 PASSWORDS = {"redis": "r3d-Vq8xP2", "pg": "pg-Hw7mZ4t", "flower": "fl-Jk3nB6", "key": "api-key-Zt5yR8wQ1cV0"}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """No ML_FRAMEWORK_* variables, and a working directory without configs/."""
-    for name in list(os.environ):
-        if name.startswith("ML_FRAMEWORK_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/unit/conftest.py
 
 
 def with_secrets(**extra):
