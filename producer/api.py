@@ -89,8 +89,9 @@ LARGE_SUBMISSIONS = 1
 and sent at a time per API process. Encoding and sending one holds the GIL in runs of tens
 of milliseconds (JSON of the shard messages); several threads doing so at once starve the
 event loop, which hands the GIL to whichever thread the OS wakes. Measured with six 16 MiB
-submissions on 2 shared cores (tests/integration/test_api_latency.py): the slowest /health
-probe while all six were in flight went from 280-650 ms to 70-120 ms."""
+submissions on 2 shared cores (tests/integration/test_api_latency.py): the 90th percentile
+of /health stays under 45 ms either way; the slowest probe was 280-650 ms without this
+bound (2 runs), 70-450 ms with it (5 runs)."""
 log = logging.getLogger("producer.api")
 
 
