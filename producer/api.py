@@ -1,6 +1,6 @@
 """The HTTP API: ``uvicorn producer.api:app --host 0.0.0.0 --port 8000``.
 
-Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message"}}``):
+Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message", "request_id"}}``):
 
 ==========================================  ===============================================
 ``POST /v1/jobs``                           submit a job: a dataset under the data directory,

@@ -4,7 +4,7 @@ JSON parsing and validation hold the GIL for their whole length (a 16 MiB body o
 0.2 s with pydantic's ``validate_json``, 0.7 s with ``json.loads``, measured on 2 cores), so
 a thread does not help: the event loop would wait for them and ``/health`` with it. Bodies
 up to :data:`INLINE_PARSE_BYTES` are parsed on the loop (well under a millisecond); larger
-ones in a small pool of processes (:class:`BodyParser`), which also turn the rows into an
+ones in a parsing process (:class:`BodyParser`), which also turns the rows into an
 Arrow table, so that the API process receives compact columns instead of building a
 Python dict per row (the 1.1 GB peak of six 16 MiB bodies).
 
@@ -31,8 +31,10 @@ from ml_framework.manifest import MAX_INT32
 
 INLINE_PARSE_BYTES = 64 * 1024
 """Bodies up to this size are parsed on the event loop: about 0.3 ms for 64 KiB of rows."""
-PARSE_PROCESSES = 2
-"""Processes per API process that parse larger bodies (started on the first one)."""
+PARSE_PROCESSES = 1
+"""Processes per API process that parse larger bodies (started on the first one). One: a
+parse of a 16 MiB body of rows peaks at about 400 MiB in its process, and the production
+image runs four API processes (Uvicorn workers), so four bodies are parsed at once."""
 MAX_ERRORS = 20
 """Validation errors reported per request: a 16 MiB body of bad rows has a million."""
 Scalar = float | int | str | bool | None

@@ -211,3 +211,22 @@ def test_bodies_over_the_limit_are_refused_declared_or_streamed(root):
 
         r = http.post("/v1/jobs", content=chunks(), headers={**hdr("alice"), "Content-Type": "application/json"})
         assert r.status_code == 413, r.text
+
+
+def test_uvicorn_exits_at_start_without_keys(root):
+    """The production command itself: `uvicorn producer.api:app` with no key exits (status
+    3, Uvicorn's start-up failure) saying what to set, before it listens."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update({"ML_FRAMEWORK_VAR_DIR": str(root / "var-uvicorn"), "ML_FRAMEWORK_MODELS_DIR": str(root / "models")})
+    run = subprocess.run([sys.executable, "-m", "uvicorn", "producer.api:app", "--port", str(port)], env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "the HTTP API needs API keys" in run.stderr and "Uvicorn running" not in run.stderr
