@@ -27,6 +27,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
@@ -51,7 +52,7 @@ err = Console(stderr=True, soft_wrap=True)  # never wrap messages scripts may gr
 
 def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)  # paths and values as typed, not markup
     return typer.Exit(code)
 
 
@@ -350,7 +351,7 @@ def main() -> None:
     try:
         configure_logging(get_settings().logging_level, get_settings(), to_file=False)  # long-running commands add the file
     except MLFrameworkError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise SystemExit(EXIT_ERROR) from None
     _load_plugins()
     try:
@@ -358,6 +359,6 @@ def main() -> None:
     except Exception as exc:  # e.g. broker unreachable, unknown URL scheme
         if get_settings().logging_level == "DEBUG":
             raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         err.print("(set ML_FRAMEWORK_LOGGING_LEVEL=DEBUG for the traceback)", highlight=False)
         raise SystemExit(EXIT_ERROR) from None

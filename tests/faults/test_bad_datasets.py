@@ -430,6 +430,11 @@ def test_cli_refuses_a_symlink_leaving_the_data_directory_unread(job_settings, p
     assert run.returncode == 1, run.stdout + run.stderr
     assert "leaves the data directory" in run.stderr and "planted.csv" in run.stderr
     assert SECRET_LINE.split(",")[0] not in run.stdout + run.stderr and "private.csv" not in run.stderr
+    marked = planted.with_name("[bold]planted.csv")  # the path is printed as typed, not read as Rich markup
+    planted.rename(marked)
+    run = subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "score", str(marked),
+                          "--model", "lr"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 1 and "[bold]planted.csv" in run.stderr, run.stderr
 
 
 def test_parquet_part_symlink_leaving_the_directory_is_refused(client, data_dir, tmp_path):
