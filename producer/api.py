@@ -273,10 +273,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 job = c.score_dataset(path, body.model, body.version, body.batch_size, body.columns, body.priority,
                                       owner=caller.name)
             else:
-                assert isinstance(body, JobFields) and parsed.rows is not None
-                large = parsed.rows.nbytes > INLINE_PARSE_BYTES
-                with request.app.state.large_submissions if large else nullcontext():
-                    job = c.score_rows(parsed.rows, body.model, body.version, body.batch_size, body.columns,
+                assert isinstance(body, JobFields)
+                rows = parsed.table(lambda: c.repository.resolve(body.model, body.version))
+                with request.app.state.large_submissions if rows.nbytes > INLINE_PARSE_BYTES else nullcontext():
+                    job = c.score_rows(rows, body.model, body.version, body.batch_size, body.columns,
                                        priority=body.priority, owner=caller.name)
         log.info("request %s: job %s submitted by %s (model %s)", request.state.request_id, job.id,
                  caller.name or "-", body.model)
@@ -330,11 +330,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         which workers drain before their next bulk shard; 504 when no answer comes within
         ``timeout_s``. Waiting holds no thread, so one API process keeps many requests in flight."""
         body = parsed.request
-        assert isinstance(body, PredictFields) and parsed.rows is not None
+        assert isinstance(body, PredictFields)
         with _model_named(name, body.version):
-            answer = await c.apredict(name, parsed.rows, body.version, timeout_s=body.timeout_s, owner=caller.name)
+            table = parsed.table(lambda: c.repository.resolve(name, body.version))
+            answer = await c.apredict(name, table, body.version, timeout_s=body.timeout_s, owner=caller.name)
         job_id = answer.attrs["job_id"]
-        rows = await asyncio.to_thread(c.store.results_page, job_id, 0, parsed.rows.num_rows)
+        rows = await asyncio.to_thread(c.store.results_page, job_id, 0, table.num_rows)
         return PredictResponse(job_id=job_id, model=name, rows=_finite(rows))
 
     @api.get("/health", tags=["operations"])

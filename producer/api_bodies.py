@@ -27,6 +27,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
+from ml_framework.errors import DatasetError
 from ml_framework.manifest import MAX_INT32
 
 INLINE_PARSE_BYTES = 64 * 1024
@@ -104,10 +105,25 @@ class ParsedBody:
         rows: the rows as an Arrow table (columns in first-seen key order; columns whose
             values mix types travel as text, as :func:`producer.client.rows_to_table`
             does), or ``None``.
+        rows_error: why the rows make no table, when they do not.
     """
 
     request: BaseModel
     rows: pa.Table | None = None
+    rows_error: str | None = None
+
+    def table(self, check_model) -> pa.Table:
+        """The rows; when they make no Arrow table (say, an integer beyond 64 bits), call
+        ``check_model()`` first (so that an unknown model is answered as such, before the
+        rows are looked at) and raise.
+
+        Raises:
+            DatasetError: the rows cannot be converted, naming why.
+        """
+        if self.rows is None:
+            check_model()
+            raise DatasetError(f"rows cannot be read: {self.rows_error or 'none given'}")
+        return self.rows
 
 
 class BodyInvalidError(Exception):
@@ -119,37 +135,44 @@ class BodyInvalidError(Exception):
         self.errors = errors
 
 
-def parse_body(kind: str, raw: bytes) -> tuple[str, dict, bytes | None] | list[tuple[tuple, str]]:
+Parsed = tuple[str, dict, bytes | None, str | None]
+
+
+def parse_body(kind: str, raw: bytes) -> Parsed | list[tuple[tuple, str]]:
     """Validate ``raw`` JSON as the body ``kind`` (see :data:`BODIES`); runs in a parsing process.
 
     Returns:
-        ``(model name, fields but rows, rows as Arrow IPC stream bytes or None)``, or the
-        validation errors as ``(location, message)`` pairs.
+        ``(model name, fields but rows, rows as Arrow IPC stream bytes or None, why the
+        rows make no table or None)``, or the validation errors as ``(location, message)``
+        pairs.
     """
     try:
         value = _ADAPTERS[kind].validate_json(raw)
     except ValidationError as exc:
         return [(("body", *e["loc"]), e["msg"]) for e in exc.errors(include_url=False)[:MAX_ERRORS]]
     if not hasattr(value, "rows"):
-        return type(value).__name__, value.model_dump(), None
+        return type(value).__name__, value.model_dump(), None, None
     from producer.client import rows_to_table  # in the parsing process only: it brings Celery
 
-    # rows without a single field make no table: the client refuses them ("no rows"), after
-    # it has checked the model, as it always did
-    table = rows_to_table(value.rows, []) if any(value.rows) else pa.table({})
+    fields = value.model_dump(exclude={"rows"})
+    try:
+        # rows without a single field make no table: the client refuses them ("no rows")
+        table = rows_to_table(value.rows, []) if any(value.rows) else pa.table({})
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an integer beyond 64 bits
+        return type(value).__name__, fields, None, f"{type(exc).__name__}: {exc}"
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return type(value).__name__, value.model_dump(exclude={"rows"}), sink.getvalue().to_pybytes()
+    return type(value).__name__, fields, sink.getvalue().to_pybytes(), None
 
 
-def _build(result: tuple[str, dict, bytes | None] | list[tuple[tuple, str]]) -> ParsedBody:
+def _build(result: Parsed | list[tuple[tuple, str]]) -> ParsedBody:
     if isinstance(result, list):
         raise BodyInvalidError(result)
-    name, fields, ipc = result
+    name, fields, ipc, rows_error = result
     model = next(m for m in (DatasetJobRequest, RowsJobRequest, PredictRequest) if m.__name__ == name)
     request = _WITHOUT_ROWS.get(model, model).model_validate(fields)
-    return ParsedBody(request, None if ipc is None else pa.ipc.open_stream(ipc).read_all())
+    return ParsedBody(request, None if ipc is None else pa.ipc.open_stream(ipc).read_all(), rows_error)
 
 
 def _lower_priority() -> None:

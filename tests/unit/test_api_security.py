@@ -230,3 +230,14 @@ def test_uvicorn_exits_at_start_without_keys(root):
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 3, run.stdout + run.stderr
     assert "the HTTP API needs API keys" in run.stderr and "Uvicorn running" not in run.stderr
+
+
+def test_rows_that_make_no_table_are_answered_after_the_model_check(http):
+    """An integer beyond 64 bits is valid JSON but no Arrow column: an unknown model is still
+    answered 404 first, and a known one 422 saying why, never a 500."""
+    huge = [{"a": 10**30, "b": 1}]
+    r = http.post("/v1/jobs", json={"model": "nope", "rows": huge}, headers=hdr("alice"))
+    assert r.status_code == 404, r.text
+    for path, body in [("/v1/jobs", {"model": "m-public", "rows": huge}), ("/v1/models/m-public/predict", {"rows": huge})]:
+        r = http.post(path, json=body, headers=hdr("alice"))
+        assert r.status_code == 422 and "rows cannot be read" in r.json()["error"]["message"], r.text
