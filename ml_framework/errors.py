@@ -10,6 +10,7 @@ Hierarchy::
     │   └── ModelLoadError       the runtime could not load the artifact
     ├── DatasetError
     │   ├── DatasetNotFoundError the dataset path does not exist
+    │   ├── DatasetPathError     the path leaves the data directory: refused unread
     │   ├── DatasetFormatError   unsupported or unreadable file
     │   └── DatasetSchemaError   columns the model needs are missing
     ├── JobError
@@ -58,6 +59,13 @@ class DatasetError(MLFrameworkError):
 
 class DatasetNotFoundError(DatasetError):
     """Raised when a dataset path does not exist."""
+
+
+class DatasetPathError(DatasetError):
+    """Raised when a dataset path enters the data directory and leads out of it (a
+    symbolic link or ``..``), or, where only the data directory may be read (HTTP API,
+    worker), lies outside it. Raised before anything of the file is read; the message
+    names the path as given, never its target (see :mod:`ml_framework.paths`)."""
 
 
 class DatasetFormatError(DatasetError):

@@ -1,9 +1,15 @@
-"""Typed settings: defaults, then a YAML file, then ``ML_FRAMEWORK_*`` environment variables.
+"""Typed settings: defaults, then a YAML file, then files named by ``ML_FRAMEWORK_<KEY>_FILE``
+(secrets only), then ``ML_FRAMEWORK_*`` environment variables.
 
 The YAML file is ``configs/development.yaml`` (relative to the working directory) when it
 exists, or the file named by ``ML_FRAMEWORK_CONFIG``. Relative paths in settings are taken
 relative to the working directory. Unknown keys, in the file or as ``ML_FRAMEWORK_*``
 variables, and invalid values fail at start with :class:`~ml_framework.errors.SettingsError`.
+
+Secrets (:data:`SECRET_FIELDS`: API keys, passwords, URLs that may carry one) are masked in
+``repr``, in error messages and in ``mlf config``; each can come from a file
+(``ML_FRAMEWORK_REDIS_PASSWORD_FILE=/run/secrets/redis_password``, Docker secrets). With
+``deployment: production`` the placeholders of the examples (``change-me``...) are refused.
 """
 
 from __future__ import annotations
@@ -11,31 +17,40 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import (
+    Field,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from ml_framework import credentials
 from ml_framework.errors import SettingsError
 from ml_framework.manifest import MAX_INT32, parse_model_ref
+from ml_framework.settings_sources import (
+    CONFIG_ENV,
+    ENV_PREFIX,
+    FILE_SUFFIX,
+    SecretFilesSource,
+    YamlSource,
+    file_key,
+    read_yaml,
+    secret_files,
+)
+from ml_framework.settings_sources import config_path as default_config_path
 
-ENV_PREFIX = "ML_FRAMEWORK_"
-CONFIG_ENV = "ML_FRAMEWORK_CONFIG"
-DEFAULT_CONFIG = Path("configs/development.yaml")
-
-
-class _YamlSource(PydanticBaseSettingsSource):
-    """Feeds the already-parsed YAML mapping in below environment variables."""
-
-    data: ClassVar[dict[str, Any]] = {}
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
+SECRET_FIELDS = frozenset({"api_keys", "flower_basic_auth", "broker_password", "redis_password",
+                           "database_password", "broker_url", "redis_url", "database_url"})
+"""Settings that hold secrets or may (URLs with a password): masked wherever shown, and
+each readable from the file named by ``ML_FRAMEWORK_<KEY>_FILE``."""
+_URL_PASSWORDS = (("broker_url", "broker_password"), ("redis_url", "redis_password"),
+                  ("database_url", "database_password"))
+ApiRole = Literal["user", "admin", "metrics"]
 
 
 class Settings(BaseSettings):
@@ -78,8 +93,24 @@ class Settings(BaseSettings):
             In the environment, a comma-separated list.
         worker_max_cached_models: loaded model versions a worker process keeps; loading
             one more unloads the least recently used (and frees its device memory).
+        deployment: ``development`` (default) or ``production`` (``configs/production.yaml``):
+            production refuses the placeholder secrets of the examples (``change-me``...)
+            and API keys in clear shorter than 16 characters, at start, in every process.
+        api_auth: ``keys`` (default): the HTTP API refuses to start without ``api_keys``;
+            ``none``: no authentication, said by a warning at start and on ``/health``.
         api_keys: keys the HTTP API accepts (``X-API-Key: <key>`` or ``Authorization:
-            Bearer <key>``); empty: no authentication. In the environment, comma-separated.
+            Bearer <key>``), by name: ``{name: key}`` or, better, ``{name: "sha256:<hex>"}``
+            (the key's SHA-256, so that the configuration never holds the key; ``mlf api-key``
+            prints both). A job belongs to the name of the key that submitted it; logs and
+            metrics show the name, never the key. In the environment (or the file named by
+            ``ML_FRAMEWORK_API_KEYS_FILE``): ``name=key`` entries separated by commas or new
+            lines; a bare ``key`` (earlier releases) is named ``key-<first 8 hex of its SHA-256>``.
+        api_key_roles: ``{name: role}``; ``user`` (default): its own jobs, the models,
+            predict; ``admin``: every job and ``/metrics``; ``metrics``: ``/metrics`` only
+            (Prometheus). In the environment, ``name=role`` comma-separated.
+        broker_password / redis_password / database_password: the password to put into
+            ``broker_url`` / ``redis_url`` / ``database_url`` (which then carry none), so that it
+            can come from a file (``ML_FRAMEWORK_REDIS_PASSWORD_FILE=/run/secrets/...``).
         api_max_request_bytes: largest request body the HTTP API reads, bytes.
         log_dir: directory of the rotating log file ``ml_framework.log``; default
             ``<var_dir>/logs`` (``/app/logs`` in the production image).
@@ -137,7 +168,13 @@ class Settings(BaseSettings):
     broker_polling_interval_s: float = Field(default=0.05, gt=0, le=10)
     worker_preload_models: Annotated[list[str], NoDecode] = []
     worker_max_cached_models: PositiveInt = Field(default=4, le=1000)
-    api_keys: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
+    deployment: Literal["development", "production"] = "development"
+    api_auth: Literal["keys", "none"] = "keys"
+    api_keys: Annotated[dict[str, SecretStr], NoDecode] = {}
+    api_key_roles: Annotated[dict[str, ApiRole], NoDecode] = {}
+    broker_password: SecretStr | None = None
+    redis_password: SecretStr | None = None
+    database_password: SecretStr | None = None
     api_max_request_bytes: PositiveInt = 16 * 2**20
     log_dir: Path | None = None
     log_to_file: bool = True
@@ -146,8 +183,8 @@ class Settings(BaseSettings):
     log_backup_count: int = Field(default=5, ge=0, le=1000)
     worker_metrics_port: int = Field(default=9191, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
-    flower_basic_auth: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
-    redis_url: str | None = Field(default=None, repr=False)
+    flower_basic_auth: Annotated[list[SecretStr], NoDecode] = []
+    redis_url: str | None = None
     cache_backend: Literal["none", "redis"] = "none"
     cache_ttl_s: PositiveInt = 3600
     max_shard_attempts: PositiveInt = Field(default=3, le=1000)
@@ -155,21 +192,61 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=60.0, ge=0)
     max_message_bytes: PositiveInt = 64 * 2**20
 
-    @field_validator("worker_preload_models", "api_keys", "flower_basic_auth", mode="before")
+    @field_validator("worker_preload_models", "flower_basic_auth", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: Any) -> dict[str, str]:
+        return credentials.parse_key_entries(value)
+
+    @field_validator("api_key_roles", mode="before")
+    @classmethod
+    def _parse_roles(cls, value: Any) -> dict[str, str]:
+        return credentials.parse_pairs(value)
+
     @field_validator("flower_basic_auth")
     @classmethod
-    def _check_basic_auth(cls, value: list[str]) -> list[str]:
+    def _check_basic_auth(cls, value: list[SecretStr]) -> list[SecretStr]:
         for entry in value:
-            user, sep, password = entry.partition(":")
+            user, sep, password = entry.get_secret_value().partition(":")
             if not (user and sep and password):
                 raise ValueError("flower_basic_auth: give user:password pairs, comma-separated")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_urls(cls, data: Any) -> Any:
+        """Put each ``*_password`` into its URL; take ``redis_url`` as the broker when unset."""
+        return credentials.complete_urls(data, _URL_PASSWORDS) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> Settings:
+        unknown = sorted(set(self.api_key_roles) - set(self.api_keys))
+        if unknown:
+            raise ValueError(f"api_key_roles names keys that api_keys does not hold: {', '.join(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_production_secrets(self) -> Settings:
+        bad = credentials.weak_secrets(self) if self.deployment == "production" else []
+        if bad:
+            raise ValueError(f"deployment: production refuses placeholder or weak secrets: {', '.join(bad)}; set real "
+                             "ones (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        return self
+
+    def public_dump(self) -> dict[str, Any]:
+        """Every setting as JSON-ready values, secrets masked (``mlf config``)."""
+        return {k: credentials.masked(v) if k in SECRET_FIELDS else v for k, v in self.model_dump(mode="json").items()}
+
+    def __repr_args__(self) -> Any:
+        """Field values for ``repr``: secrets masked, passwords in URLs masked."""
+        for name, value in super().__repr_args__():
+            yield name, credentials.masked(value) if name in SECRET_FIELDS else value
 
     @field_validator("worker_preload_models")
     @classmethod
@@ -177,13 +254,6 @@ class Settings(BaseSettings):
         for entry in value:
             parse_model_ref(entry)
         return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _broker_from_redis_url(cls, data: Any) -> Any:
-        if isinstance(data, dict) and not data.get("broker_url") and data.get("redis_url"):
-            return {**data, "broker_url": data["redis_url"]}
-        return data
 
     @model_validator(mode="after")
     def _check_cache(self) -> Settings:
@@ -231,7 +301,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        return (init_settings, env_settings, SecretFilesSource(settings_cls), YamlSource(settings_cls))
 
     @property
     def embedded_broker(self) -> bool:
@@ -263,28 +333,6 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.var_dir / 'results.sqlite').resolve()}"
 
 
-def _config_path() -> Path | None:
-    named = os.environ.get(CONFIG_ENV)
-    if named:
-        path = Path(named)
-        if not path.is_file():
-            raise SettingsError(f"{CONFIG_ENV}={named}: no such file")
-        return path
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
-    return data
-
-
 def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings from defaults, the YAML file, the environment and ``overrides``.
 
@@ -300,8 +348,8 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         SettingsError: an unknown key or a bad value; the message names each key and
             its source (the YAML file or the environment variable).
     """
-    path = config_path if config_path is not None else _config_path()
-    data = _read_yaml(path) if path is not None else {}
+    path = config_path if config_path is not None else default_config_path()
+    data = read_yaml(path) if path is not None else {}
     fields = set(Settings.model_fields)
     problems = [f"{path}: unknown key {key!r}" for key in data if key not in fields]
     problems += [
@@ -310,17 +358,22 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         if name.startswith(ENV_PREFIX)
         and name != CONFIG_ENV
         and name[len(ENV_PREFIX):].lower() not in fields
+        and file_key(name) not in SECRET_FIELDS
     ]
-    if problems:
-        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)
-                            + f"\n  known keys: {', '.join(sorted(fields))}")
-    _YamlSource.data = data
+    files, file_problems = secret_files(SECRET_FIELDS)
+    if problems or file_problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems + file_problems)
+                            + (f"\n  known keys: {', '.join(sorted(fields))}" if problems else ""))
+    YamlSource.data = data
+    SecretFilesSource.data = files
 
     def source(key: str) -> str:
         if key in overrides:
             return "argument"
         if ENV_PREFIX + key.upper() in os.environ:
             return f"environment variable {ENV_PREFIX + key.upper()}"
+        if key in files:
+            return f"the file named by {ENV_PREFIX + key.upper() + FILE_SUFFIX}"
         return str(path) if key in data else "defaults"
 
     try:
@@ -330,8 +383,7 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         for err in exc.errors():
             if err["loc"]:
                 key = str(err["loc"][0])
-                field = Settings.model_fields.get(key)
-                shown = "<hidden>" if field is not None and not field.repr else repr(err.get("input"))  # secrets
+                shown = "<hidden>" if key in SECRET_FIELDS else repr(err.get("input"))
                 lines.append(f"{source(key)}: {key}: {err['msg']} (got {shown})")
             else:  # a rule across keys: name where each key involved came from
                 involved = [k for k in fields if k in err["msg"]]
@@ -339,7 +391,8 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
                 lines.append(f"{err['msg']} ({where})")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
     finally:
-        _YamlSource.data = {}
+        YamlSource.data = {}
+        SecretFilesSource.data = {}
 
 
 @lru_cache(maxsize=1)

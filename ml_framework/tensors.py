@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def row_shape(array: np.ndarray) -> tuple[int, ...]:
@@ -54,6 +55,39 @@ def element_type(kind: pa.DataType) -> pa.DataType | None:
     return None
 
 
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def leaf_type(kind: pa.DataType) -> pa.DataType | None:
+    """The type of the values at the bottom of a (nested) list-like column type, or
+    ``None`` for a type that is not a list."""
+    value = element_type(kind)
+    while value is not None and _is_list(value):
+        value = value.value_type
+    return value
+
+
+def flat_rows(arr: pa.Array) -> pa.Array:
+    """A list column whose rows are nested lists (a tensor as nested lists, as JSON gives
+    it: ``[[1, 2], [3, 4]]``) as a list column of each row's values, in row-major order
+    (``[1, 2, 3, 4]``); a column of flat lists is returned as it is.
+
+    Null rows stay null; a null inner list counts as no values (the row's length is then
+    wrong, and it fails as such).
+    """
+    arr = storage(arr)
+    while _is_list(arr.type) and _is_list(arr.type.value_type):
+        if not pa.types.is_list(arr.type):
+            arr = arr.cast(pa.list_(arr.type.value_type))
+        inner = arr.values
+        if not pa.types.is_list(inner.type):
+            inner = inner.cast(pa.list_(inner.type.value_type))
+        starts = pc.take(inner.offsets, arr.offsets)
+        arr = pa.ListArray.from_arrays(starts, inner.values, mask=arr.is_null() if arr.null_count else None)
+    return arr
+
+
 def describe_mismatch(kind: pa.DataType, shape: Sequence[int]) -> str | None:
     """Why a column of type ``kind`` can never feed tensors of ``shape`` (a list of another
     length, a tensor of another shape, values that are not numbers), or ``None`` when it
@@ -61,11 +95,13 @@ def describe_mismatch(kind: pa.DataType, shape: Sequence[int]) -> str | None:
     size 1 fit (``(8, 8)`` images feed a ``(1, 8, 8)`` input); others are refused even with
     as many values (``(32, 32, 3)`` is not ``(3, 32, 32)``)."""
     size = math.prod(shape)
-    value = element_type(kind)
+    value = leaf_type(kind)
     if value is None:
         return f"holds {kind}, not tensors (a fixed_size_list, fixed_shape_tensor or list column)"
     if not any(test(value) for test in NUMERIC):
         return f"holds tensors of {value}, not numbers"
+    if _is_list(element_type(kind)):
+        return None  # nested lists: each row's length is judged on its own
     if isinstance(kind, pa.FixedShapeTensorType):
         their = list(kind.shape)
         if kind.permutation is not None and list(kind.permutation) != sorted(kind.permutation):

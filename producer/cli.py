@@ -27,6 +27,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
@@ -51,7 +52,7 @@ err = Console(stderr=True, soft_wrap=True)  # never wrap messages scripts may gr
 
 def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)  # paths and values as typed, not markup
     return typer.Exit(code)
 
 
@@ -179,8 +180,14 @@ def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines, one per worker process.")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every --interval seconds until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.5, help="Seconds between refreshes with --watch.")] = 2.0,
+    self_: Annotated[bool, typer.Option("--self", help="Health check of this host's (container's) worker "
+                                        "processes: exit 0 only if each has a fresh heartbeat.")] = False,
 ) -> None:
     """List live worker processes: device, loaded models, throughput, memory."""
+    if self_:
+        from producer.cli_admin import check_own_heartbeats
+
+        raise typer.Exit(check_own_heartbeats())
     if as_json:
         try:
             with client() as c:
@@ -295,7 +302,8 @@ def flower(
     # authentication behind our back.
     env = {k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API")}
     if settings.flower_basic_auth and not no_auth:
-        env["FLOWER_BASIC_AUTH"] = ",".join(settings.flower_basic_auth)  # not on the command line, where ps shows it
+        # in the environment, not on the command line, where ps shows it
+        env["FLOWER_BASIC_AUTH"] = ",".join(e.get_secret_value() for e in settings.flower_basic_auth)
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}",
             "--persistent=True", f"--db={db}", "--state_save_interval=60000", "--purge_offline_workers=600"]
     err.print(f"Flower on http://{address}:{port} ({'basic auth' if 'FLOWER_BASIC_AUTH' in env else 'NO auth'}; "
@@ -328,6 +336,9 @@ def models(ctx: typer.Context) -> None:
 
 
 def _load_plugins() -> None:
+    from producer import cli_admin  # it imports this module, so it is registered here
+
+    cli_admin.register(app)
     for ep in entry_points(group="mlf.commands"):
         try:
             register = ep.load()
@@ -343,7 +354,7 @@ def main() -> None:
     try:
         configure_logging(get_settings().logging_level, get_settings(), to_file=False)  # long-running commands add the file
     except MLFrameworkError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise SystemExit(EXIT_ERROR) from None
     _load_plugins()
     try:
@@ -351,6 +362,6 @@ def main() -> None:
     except Exception as exc:  # e.g. broker unreachable, unknown URL scheme
         if get_settings().logging_level == "DEBUG":
             raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         err.print("(set ML_FRAMEWORK_LOGGING_LEVEL=DEBUG for the traceback)", highlight=False)
         raise SystemExit(EXIT_ERROR) from None

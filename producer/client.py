@@ -27,6 +27,7 @@ from ml_framework.celery_app import check_priority, create_app, message_priority
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
 from ml_framework.errors import DatasetError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
+from ml_framework.paths import locate_dataset
 from ml_framework.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SCORE_SHARD_TASK,
@@ -39,7 +40,7 @@ from ml_framework.store import JobState, JobStatus, NewJob, ResultStore, WorkerI
 from producer.datasets import inspect, plan_sources, resolve_columns
 from producer.online import OnlineDispatcher, OnlineRequest
 from producer.results import write_results
-from producer.rows import RowsLike, rows_to_table
+from producer.rows import RowsLike, rows_nbytes, rows_to_table
 
 POLL_START_S = 0.01
 POLL_MAX_S = 0.05
@@ -51,6 +52,9 @@ MESSAGES_PER_WRITE = 1000
 MESSAGE_BYTES_PER_WRITE = 16 * 2**20
 """Sent shard messages kept in the store per write (see ``ResultStore.set_shard_messages``):
 at most this many, or this many bytes, so that inline shards stream through the producer."""
+ONLINE_INLINE_BYTES = 256 * 1024
+"""Largest online input (Arrow or NumPy bytes) :meth:`Client.apredict` converts and encodes
+on the event loop (about a millisecond); larger ones go to a worker thread."""
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +223,8 @@ class Client:
         batch_size: int | None = None,
         columns: Sequence[str] | None = None,
         priority: int = 0,
+        *,
+        owner: str | None = None,
     ) -> Job:
         """Submit a bulk-scoring job over a CSV or Parquet file.
 
@@ -235,6 +241,7 @@ class Client:
             priority: 0 (default) to 9 (most urgent): workers take the shards of a
                 higher-priority bulk job before those of lower ones already queued (online
                 requests still come first). See :func:`~ml_framework.celery_app.message_priority`.
+            owner: name of the API key submitting the job (the HTTP API sets it).
 
         Returns:
             The new :class:`Job` (state PENDING).
@@ -242,17 +249,20 @@ class Client:
         Raises:
             ValueError: ``batch_size`` or ``priority`` out of range.
             ModelNotFoundError: unknown model or version.
+            DatasetPathError: the path enters the data directory and leads out of it (a
+                symbolic link or '..'); refused before anything is read
+                (see :mod:`ml_framework.paths`).
             DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
                 the file is missing, unreadable, lacks columns or has no rows.
         """
         check_priority(priority)
         manifest, batch = self._check(model, version, batch_size)
-        info = inspect(Path(path))
+        info = inspect(locate_dataset(self.settings.data_dir, Path(path).absolute()).path)
         use_columns = resolve_columns(info, manifest, columns)
         ranges = shard_ranges(info.n_rows, self.settings.shard_size)
         sources = plan_sources(info, ranges, use_columns, self.settings.data_dir)
         return self._submit(manifest, str(info.path), info.n_rows, ranges, use_columns, sources, batch,
-                            priority=priority)
+                            priority=priority, owner=owner)
 
     def score_rows(
         self,
@@ -262,6 +272,8 @@ class Client:
         batch_size: int | None = None,
         columns: Sequence[str] | None = None,
         priority: int = 0,
+        *,
+        owner: str | None = None,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
 
@@ -273,7 +285,7 @@ class Client:
                 (text and image inputs). See :mod:`producer.rows`. Values that are not
                 numbers become row errors on the worker, naming the row and field; they do
                 not fail the job.
-            model, version, batch_size, columns, priority: as :meth:`score_dataset`.
+            model, version, batch_size, columns, priority, owner: as :meth:`score_dataset`.
 
         Returns:
             The new :class:`Job`; its rows are numbered from 0 in the order given.
@@ -287,7 +299,7 @@ class Client:
         check_priority(priority)
         manifest, batch, use_columns, ranges, sources = self._plan_rows(rows, model, version, batch_size, columns)
         return self._submit(manifest, f"<{ranges[-1][1]} inline rows>", ranges[-1][1], ranges, use_columns,
-                            sources, batch, priority)
+                            sources, batch, priority, owner)
 
     def _plan_rows(self, rows: RowsLike, model: str, version: int | None, batch_size: int | None,
                    columns: Sequence[str] | None) -> tuple[ModelManifest, int, list[str], list, list[InlineRows]]:
@@ -375,15 +387,20 @@ class Client:
         return answers
 
     async def apredict(self, model: str, inputs: RowsLike, version: int | None = None,
-                       timeout_s: float = 30.0) -> pd.DataFrame:
+                       timeout_s: float = 30.0, *, owner: str | None = None) -> pd.DataFrame:
         """:meth:`predict` for asyncio: awaits the answer without holding a thread, so one
-        event loop can keep thousands of requests in flight.
+        event loop can keep thousands of requests in flight. Inputs of more than
+        :data:`ONLINE_INLINE_BYTES` are converted and encoded in a worker thread, so that a
+        large request does not hold the event loop.
 
-        Args, returns and errors: as :meth:`predict`.
+        Args, returns and errors: as :meth:`predict`; ``owner`` as :meth:`score_dataset`.
         """
         import asyncio
 
-        request = self._send_online(model, inputs, version)
+        if rows_nbytes(inputs) > ONLINE_INLINE_BYTES:
+            request = await asyncio.to_thread(self._send_online, model, inputs, version, owner=owner)
+        else:
+            request = self._send_online(model, inputs, version, owner=owner)
         online = self._online()
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(request.answer)), timeout_s)
@@ -413,10 +430,10 @@ class Client:
         return job
 
     def _plan_online(self, model: str, inputs: RowsLike, version: int | None,
-                     batch_size: int | None = None) -> OnlineRequest:
+                     batch_size: int | None = None, owner: str | None = None) -> OnlineRequest:
         manifest, batch, use_columns, ranges, sources = self._plan_rows(inputs, model, version, batch_size, None)
         job = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, f"<{ranges[-1][1]} inline rows>",
-                     ranges[-1][1], ranges, batch)
+                     ranges[-1][1], ranges, batch, owner=owner)
         size = sum(ScoreShard(job_id=job.job_id, shard_index=i, model=manifest.name, version=manifest.version,
                               batch_size=batch, columns=use_columns, source=source, online=True,
                               enqueued_at=time.time()).message_bytes()
@@ -440,8 +457,8 @@ class Client:
             )
 
     def _send_online(self, model: str, inputs: RowsLike, version: int | None,
-                     batch_size: int | None = None) -> OnlineRequest:
-        return self._online().send(self._plan_online(model, inputs, version, batch_size))
+                     batch_size: int | None = None, owner: str | None = None) -> OnlineRequest:
+        return self._online().send(self._plan_online(model, inputs, version, batch_size, owner))
 
     def _online(self) -> OnlineDispatcher:
         with self._lock:
@@ -465,6 +482,7 @@ class Client:
         sources: Iterable[DatasetRef | InlineRows],
         batch: int,
         priority: int = 0,
+        owner: str | None = None,
     ) -> Job:
         """Record the job, then send one shard message per source; cancel the job if sending fails.
 
@@ -495,7 +513,7 @@ class Client:
         sources = itertools.chain(checked, sources if not isinstance(sources, Sequence) else ())
         job_id = self.store.create_job(
             model=manifest.name, model_version=manifest.version, dataset=dataset,
-            n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority,
+            n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority, owner=owner,
         )
         try:
             broker_priority = message_priority(self.settings, priority)

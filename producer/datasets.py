@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from ml_framework.datasets import IMAGE_COLUMN, DatasetInfo, encode_table, inspect, iter_shards
 from ml_framework.errors import DatasetError, DatasetFormatError, DatasetSchemaError
 from ml_framework.manifest import ModelManifest
+from ml_framework.paths import locate_dataset
 from ml_framework.protocol import DatasetRef, InlineRows
 from ml_framework.tensors import describe_mismatch
 
@@ -76,12 +77,6 @@ def check_column_types(info: DatasetInfo, manifest: ModelManifest, columns: Sequ
                                      f"inputs.kind {kind})")
 
 
-def _under(path: Path, root: Path) -> Path | None:
-    root = root.resolve()
-    resolved = path.resolve()
-    return resolved.relative_to(root) if resolved.is_relative_to(root) else None
-
-
 def plan_sources(
     info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: Sequence[str], data_dir: Path
 ) -> Iterator[DatasetRef | InlineRows]:
@@ -90,20 +85,20 @@ def plan_sources(
     dataset once. A directory of images is always inlined as its paths (relative to
     ``data_dir``: the workers read the images there), so its rows stay the files listed now.
 
-    The path is resolved first, so a symlink under ``data_dir`` whose target lies outside
-    is inlined, never sent by reference (workers refuse paths that leave the data
-    directory).
+    The path goes through :func:`ml_framework.paths.locate_dataset`: one that enters the
+    data directory and leads out of it is refused, never inlined.
 
     Raises:
+        DatasetPathError: the path leaves the data directory through a link or '..'.
         DatasetFormatError: while inlining, the file cannot be read (naming it); a
             directory of images outside the data directory.
     """
-    relative = _under(info.path, data_dir)
+    relative = locate_dataset(data_dir, info.path).relative
     if info.format == "images":
         if relative is None:
             raise DatasetFormatError(f"{info.path}: a directory of images must lie under the data directory "
                                      f"({data_dir}): workers read the image files there")
-        prefix = "" if relative == Path(".") else relative.as_posix() + "/"
+        prefix = "" if str(relative) == "." else relative.as_posix() + "/"
         for (a, b), table in zip(ranges, iter_shards(info, ranges, columns), strict=True):
             paths = pc.binary_join_element_wise(prefix, table.column(IMAGE_COLUMN), "")
             yield InlineRows(row_start=a, row_end=b, data_b64=encode_table(pa.table({columns[0]: paths})))

@@ -7,6 +7,9 @@ worker) answers the same.
 Metrics (labels in braces):
 
 - ``mlf_jobs{state}`` (gauge): jobs in each state.
+- ``mlf_jobs_by_owner{owner,state}`` (gauge): jobs by the name of the API key that
+  submitted them (``owner="-"``: CLI and Python client), in each state present. Names,
+  never keys; ``/metrics`` needs the ``metrics`` or ``admin`` role when keys are on.
 - ``mlf_workers_live`` (gauge): worker processes with a heartbeat younger than 30 s.
 - ``mlf_worker_rows_per_second{worker}`` (gauge): rows/s of each worker over the last minute.
 - ``mlf_worker_rows_total{worker}`` (counter): rows recorded by each worker since it started.
@@ -53,6 +56,12 @@ class StoreCollector:
         for state, n in self.client.store.job_counts().items():
             jobs.add_metric([state], n)
         yield jobs
+        owned = GaugeMetricFamily("mlf_jobs_by_owner", "Jobs by submitting API key name and state.",
+                                  labels=["owner", "state"])
+        for (owner, state), n in sorted(self.client.store.job_counts_by_owner().items(),
+                                        key=lambda kv: (kv[0][0] or "", kv[0][1])):
+            owned.add_metric([owner or "-", state], n)
+        yield owned
         workers = self.client.workers(LIVE_S)
         yield GaugeMetricFamily("mlf_workers_live", "Worker processes with a heartbeat younger than 30 s.",
                                 value=len(workers))

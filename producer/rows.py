@@ -71,6 +71,12 @@ def rows_to_table(rows: RowsLike, spec: InputSpec) -> pa.Table:
     return table
 
 
+def rows_nbytes(rows: RowsLike) -> int:
+    """Size of ``rows`` when it is an Arrow table or a NumPy array, bytes; 0 for Python
+    objects (whose conversion a caller has already paid for in building them)."""
+    return rows.nbytes if isinstance(rows, pa.Table | np.ndarray) else 0
+
+
 def _plain_numeric(rows: object, spec: InputSpec) -> bool:
     """A native-endian numeric array whose rows hold the input columns' values: shape
     ``(n, len(columns))``, ``(n, *inputs.shape)`` (give or take dimensions of size 1), or

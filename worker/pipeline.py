@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from ml_framework.datasets import decode_table, iter_pieces, read_rows
 from ml_framework.errors import DatasetError
+from ml_framework.paths import resolve_under
 from ml_framework.protocol import DatasetRef, ScoreShard
 from worker.inputs import Converted
 
@@ -76,17 +77,15 @@ def shard_source(data_dir: Path, msg: ScoreShard) -> ShardSource:
     itself (inline rows, decoded here).
 
     Raises:
-        DatasetError: the path leaves the data directory, the file is missing, or an
-            inline shard holds the wrong number of rows.
+        DatasetPathError: the path leaves the data directory (checked before reading,
+            :func:`ml_framework.paths.resolve_under`).
+        DatasetError: the file is missing, or an inline shard holds the wrong number of rows.
     """
     src, key = msg.source, f"{msg.model}/{msg.version}"
     if isinstance(src, DatasetRef):
-        root = data_dir.resolve()
-        path = (root / src.path).resolve()
-        if not path.is_relative_to(root):
-            raise DatasetError(f"dataset path {src.path!r} leaves the data directory {root}")
+        path = resolve_under(data_dir, src.path)
         if not (path.is_file() or path.is_dir()):
-            raise DatasetError(f"dataset {path} not found on worker (data_dir={root})")
+            raise DatasetError(f"dataset {src.path!r} not found in the worker's data directory")
         return ShardSource(src.row_start, src.row_end, tuple(msg.columns), path, src.format, key=key)
     table = decode_table(src.data_b64)
     if table.num_rows != msg.n_rows:

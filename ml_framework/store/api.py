@@ -72,6 +72,7 @@ class NewJob:
     shard_ranges: list[tuple[int, int]]
     batch_size: int
     priority: int = 0
+    owner: str | None = None
 
 
 def _now() -> datetime:
@@ -108,8 +109,8 @@ class RowError:
 _TS = DateTime(timezone=True)
 _INSERT_JOB = text(
     "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, rows_ok, "
-    "rows_failed, batch_size, oom_splits, priority, created_at) VALUES (:id, :model, :model_version, :dataset, "
-    "'PENDING', :n_rows, :n_shards, 0, 0, 0, :batch_size, 0, :priority, :now)"
+    "rows_failed, batch_size, oom_splits, priority, owner, created_at) VALUES (:id, :model, :model_version, "
+    ":dataset, 'PENDING', :n_rows, :n_shards, 0, 0, 0, :batch_size, 0, :priority, :owner, :now)"
 ).bindparams(bindparam("now", type_=_TS))
 _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
@@ -164,6 +165,8 @@ class JobStatus:
         model_load_s: the longest model load and warm-up a shard of this job waited for
             (a worker's cold start), seconds; ``None`` when every shard found its model
             loaded.
+        owner: name of the API key that submitted the job; ``None`` from the CLI or the
+            Python client.
     """
 
     job_id: str
@@ -183,6 +186,7 @@ class JobStatus:
     oom_splits: int = 0
     priority: int = 0
     model_load_s: float | None = None
+    owner: str | None = None
 
     @property
     def rows_done(self) -> int:
@@ -290,10 +294,12 @@ class ResultStore:
         shard_ranges: Sequence[tuple[int, int]],
         batch_size: int,
         priority: int = 0,
+        owner: str | None = None,
     ) -> str:
-        """Record a PENDING job and its PENDING shards; return the new job id (32 hex chars)."""
+        """Record a PENDING job and its PENDING shards; return the new job id (32 hex chars).
+        ``owner`` is the name of the API key submitting it (``None``: CLI, Python client)."""
         job = NewJob(uuid.uuid4().hex, model, model_version, dataset, n_rows, list(shard_ranges), batch_size,
-                     priority)
+                     priority, owner)
         self.create_jobs([job])
         return job.job_id
 
@@ -306,7 +312,7 @@ class ResultStore:
             conn.execute(_INSERT_JOB, [{
                 "id": j.job_id, "model": j.model, "model_version": j.model_version, "dataset": j.dataset,
                 "n_rows": j.n_rows, "n_shards": len(j.shard_ranges), "batch_size": j.batch_size, "now": now,
-                "priority": j.priority,
+                "priority": j.priority, "owner": j.owner,
             } for j in jobs])
             shards = [{"job_id": j.job_id, "shard_index": i, "row_start": a, "row_end": b}
                       for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
@@ -366,20 +372,30 @@ class ResultStore:
             shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
             batch_size=row.batch_size, created_at=_aware(row.created_at),
             started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
-            oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s,
+            oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s, owner=row.owner,
         )
 
-    def resolve_job_id(self, id_or_prefix: str) -> str:
-        """The full id of the one job whose id is, or starts with, ``id_or_prefix`` (>= 4 chars).
+    def resolve_job_id(self, id_or_prefix: str, *, owned_by: str | None = None, min_prefix: int = 4) -> str:
+        """The full id of the one job whose id is, or starts with, ``id_or_prefix``.
+
+        Args:
+            id_or_prefix: a job id or its first ``min_prefix`` or more hex characters.
+            owned_by: look only among the jobs of this API key name (the HTTP API's
+                callers); ``None``: among every job.
+            min_prefix: fewest characters accepted (the HTTP API asks for 8).
 
         Raises:
             JobNotFoundError: no job matches, the prefix is too short, or several match.
         """
         prefix = id_or_prefix.strip().lower()
-        if len(prefix) < 4 or not all(c in "0123456789abcdef" for c in prefix):
-            raise JobNotFoundError(f"no job {id_or_prefix!r}: give the job id (32 hex characters) or at least 4 of its first characters")
+        if len(prefix) < min_prefix or not all(c in "0123456789abcdef" for c in prefix):
+            raise JobNotFoundError(f"no job {id_or_prefix!r}: give the job id (32 hex characters) or at least "
+                                   f"{min_prefix} of its first characters")
+        query = select(JobRow.id).where(JobRow.id.startswith(prefix))
+        if owned_by is not None:
+            query = query.where(JobRow.owner == owned_by)
         with self._read() as conn:
-            ids = conn.execute(select(JobRow.id).where(JobRow.id.startswith(prefix)).limit(5)).scalars().all()
+            ids = conn.execute(query.limit(5)).scalars().all()
         if not ids:
             raise JobNotFoundError(f"no job {id_or_prefix!r} in results store {self.engine.url!r}")
         if len(ids) > 1:
@@ -519,6 +535,14 @@ class ResultStore:
         counts = {state.value: 0 for state in JobState}
         counts.update({state: n for state, n in rows})
         return counts
+
+    def job_counts_by_owner(self) -> dict[tuple[str | None, str], int]:
+        """Number of jobs by ``(owner, state)``, for the pairs that have any (owner ``None``:
+        jobs from the CLI or the Python client)."""
+        with self._read() as conn:
+            rows = conn.execute(select(JobRow.owner, JobRow.state, func.count())
+                                .group_by(JobRow.owner, JobRow.state)).all()
+        return {(owner, state): n for owner, state, n in rows}
 
     def oldest_pending_age_s(self) -> float | None:
         """Seconds since the oldest PENDING job was created; ``None`` when none is."""

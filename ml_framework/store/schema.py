@@ -63,6 +63,7 @@ class JobRow(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     model_load_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     """Longest model load and warm-up (a cold start) any shard of the job waited for, seconds."""
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

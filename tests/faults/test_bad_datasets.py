@@ -25,7 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ml_framework.datasets import inspect, iter_shards, read_rows, shard_ranges
-from ml_framework.errors import DatasetError, DatasetFormatError, DatasetSchemaError
+from ml_framework.errors import (
+    DatasetError,
+    DatasetFormatError,
+    DatasetPathError,
+    DatasetSchemaError,
+)
 from ml_framework.manifest import InputSpec, Preprocessing
 from ml_framework.protocol import DatasetRef, InlineRows, ScoreShard
 from ml_framework.settings import load_settings
@@ -461,20 +466,64 @@ def test_worker_refuses_paths_leaving_the_data_directory(job_settings, data_dir,
             load_table(job_settings, ref(path))
 
 
-def test_producer_inlines_datasets_outside_the_data_directory(job_settings, runtime, data_dir, tmp_path):
-    """A dataset reached by '../' or through a symlink leaving the data directory is inlined,
-    not sent by reference; one inside (even through a symlink) is a reference to the real file."""
+def test_producer_inlines_only_files_named_outside_the_data_directory(job_settings, runtime, data_dir, tmp_path):
+    """A file named outside the data directory (also as data/../x) is inlined; one inside,
+    even through a symlink, is a reference to the real file; a symlink under the data
+    directory leading out is refused, not inlined (ml_framework/paths.py)."""
     outside = write_csv(tmp_path / "outside.csv", f"a,b\n{GOOD_ROWS}")
     write_csv(data_dir / "inside.csv", f"a,b\n{GOOD_ROWS}")
     (data_dir / "out_link.csv").symlink_to(outside)
     (data_dir / "in_link.csv").symlink_to(data_dir / "inside.csv")
-    for path in (data_dir / ".." / "outside.csv", data_dir / "out_link.csv"):
+    for path in (outside, data_dir / ".." / "outside.csv"):
         sources = list(plan_sources(inspect(path), shard_ranges(10, SHARD_SIZE), COLUMNS, data_dir))
         assert sources and all(isinstance(s, InlineRows) for s in sources)
         outputs, errors = score(job_settings, runtime, path)
         assert len(outputs) == 10 and errors == {}
     sources = list(plan_sources(inspect(data_dir / "in_link.csv"), [(0, 10)], COLUMNS, data_dir))
     assert [(type(s), s.path) for s in sources] == [(DatasetRef, "inside.csv")]
+    with pytest.raises(DatasetPathError, match="leaves the data directory"):
+        list(plan_sources(inspect(data_dir / "out_link.csv"), [(0, 10)], COLUMNS, data_dir))
+
+
+SECRET_LINE = "root-password,hunter2-do-not-print"
+
+
+@pytest.fixture()
+def planted(data_dir, tmp_path) -> Path:
+    """The attack of issue 15: data/planted.csv, a symlink to a file outside the data
+    directory whose second line is a secret (a CSV that fails to parse, so that an error
+    quoting its line would show it)."""
+    target = write_csv(tmp_path / "private.csv", f"a,b\n{SECRET_LINE},extra\n")
+    (data_dir / "planted.csv").symlink_to(target)
+    return data_dir / "planted.csv"
+
+
+def test_python_client_refuses_a_symlink_leaving_the_data_directory_unread(client, planted):
+    """Client.score_dataset: refused before reading (the target's content is in no error),
+    and no job recorded."""
+    message = refused(client, planted, DatasetPathError, "leaves the data directory")
+    assert SECRET_LINE.split(",")[0] not in message and "private.csv" not in message
+
+
+def test_cli_refuses_a_symlink_leaving_the_data_directory_unread(job_settings, planted, tmp_path):
+    """`mlf score data/planted.csv`: exit 1, the refusal on stderr, nothing of the target."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update({"ML_FRAMEWORK_MODELS_DIR": str(job_settings.models_dir), "ML_FRAMEWORK_DATA_DIR": str(planted.parent),
+                "ML_FRAMEWORK_VAR_DIR": str(tmp_path / "cli-var"), "ML_FRAMEWORK_BULK_QUEUE": job_settings.bulk_queue})
+    run = subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "score", str(planted),
+                          "--model", "lr"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "leaves the data directory" in run.stderr and "planted.csv" in run.stderr
+    assert SECRET_LINE.split(",")[0] not in run.stdout + run.stderr and "private.csv" not in run.stderr
+    marked = planted.with_name("[bold]planted.csv")  # the path is printed as typed, not read as Rich markup
+    planted.rename(marked)
+    run = subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "score", str(marked),
+                          "--model", "lr"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 1 and "[bold]planted.csv" in run.stderr, run.stderr
 
 
 def test_parquet_part_symlink_leaving_the_directory_is_refused(client, data_dir, tmp_path):

@@ -30,7 +30,7 @@ def ready(values: dict) -> tuple[int, dict]:
     """``GET /ready`` of an API configured like the workers: status code and checks."""
     from producer.api import create_app
 
-    with TestClient(create_app(load_settings(**values))) as http:
+    with TestClient(create_app(load_settings(**values, api_auth="none"))) as http:
         response = http.get("/ready")
     return response.status_code, response.json()["checks"]
 

@@ -16,11 +16,18 @@ from producer.api import create_app
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 240
+KEY = "integration-admin-key-0123456789"
+AUTH = {"api_keys": {"tests": KEY}, "api_key_roles": {"tests": "admin"}}
+
+
+def api(values: dict) -> TestClient:
+    """The app over ``values`` with one admin key, sent with every request."""
+    return TestClient(create_app(load_settings(**values, **AUTH)), headers={"X-API-Key": KEY})
 
 
 @pytest.fixture
 def http(backend):
-    with TestClient(create_app(load_settings(**backend.values))) as client:
+    with api(backend.values) as client:
         yield client
 
 
@@ -80,7 +87,7 @@ def test_cancel_errors_and_operations_endpoints(http, backend):
     bad = http.post("/v1/jobs", json={"model": "digits-torch", "dataset": "digits.csv", "batch_size": 0})
     assert bad.status_code == 422 and "batch_size" in bad.json()["error"]["message"]
     outside = http.post("/v1/jobs", json={"model": "digits-torch", "dataset": "../etc/passwd"})
-    assert outside.status_code == 422 and "outside the data directory" in outside.json()["error"]["message"]
+    assert outside.status_code == 422 and "leaves the data directory" in outside.json()["error"]["message"]
     unknown = http.post("/v1/jobs", json={"model": "nope", "dataset": "digits.csv"})
     assert unknown.status_code == 404 and "'nope' not found" in unknown.json()["error"]["message"]
     ready = http.get("/ready")
@@ -98,18 +105,17 @@ def test_cancel_errors_and_operations_endpoints(http, backend):
 
 
 def test_api_keys_and_request_size_limit(backend):
-    """With api_keys set, requests need a key (header or bearer); /health stays open.
-    Bodies over api_max_request_bytes get 413 before they are parsed."""
-    settings = load_settings(**backend.values, api_keys=["k-123"], api_max_request_bytes=2048)
-    with TestClient(create_app(settings)) as http:
+    """Requests need a key (header or bearer); /health stays open. Bodies over
+    api_max_request_bytes get 413 before they are parsed."""
+    with TestClient(create_app(load_settings(**backend.values, **AUTH, api_max_request_bytes=2048))) as http:
         assert http.get("/v1/models").status_code == 401
         assert http.get("/v1/models", headers={"X-API-Key": "wrong"}).status_code == 401
-        assert http.get("/v1/models", headers={"X-API-Key": "k-123"}).status_code == 200
-        assert http.get("/v1/models", headers={"Authorization": "Bearer k-123"}).status_code == 200
+        assert http.get("/v1/models", headers={"X-API-Key": KEY}).status_code == 200
+        assert http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert http.get("/health").status_code == 200
         big = {"model": "digits-torch", "rows": [{"pixel_0": 1.0}] * 500}
-        r = http.post("/v1/jobs", json=big, headers={"X-API-Key": "k-123"})
-        assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLarge"
+        r = http.post("/v1/jobs", json=big, headers={"X-API-Key": KEY})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLargeError"
 
 
 def test_results_of_a_finished_job_are_served_from_the_redis_cache(backend, digits):
@@ -122,7 +128,7 @@ def test_results_of_a_finished_job_are_served_from_the_redis_cache(backend, digi
     from sqlalchemy import text
 
     values = {**backend.values, "cache_backend": "redis", "cache_ttl_s": 120}
-    with TestClient(create_app(load_settings(**values))) as http:
+    with api(values) as http:
         rows = digits.frame[PIXELS].iloc[:30].to_dict("records")
         job_id = http.post("/v1/jobs", json={"model": "digits-sklearn", "rows": rows}).json()["job_id"]
         assert wait_done(http, job_id)["state"] == "SUCCEEDED"

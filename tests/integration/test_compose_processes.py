@@ -2,9 +2,10 @@
 flower services run with the commands and environment the compose file gives them, the
 image's environment from Dockerfile.prod underneath, and only these mapped to this
 machine: service host names to 127.0.0.1 (a password-protected Redis started for the
-test, the local PostgreSQL with a database of the test's own), container paths to
-temporary directories, and listening ports to free ones. Then the compose health check
-runs against the API and a small job is scored end to end."""
+test, the local PostgreSQL with a database of the test's own), container paths (the
+Docker secrets under /run/secrets among them) to temporary files and directories, and
+listening ports to free ones. Then each service's compose health check runs, and a small
+job is scored end to end with an API key."""
 
 from __future__ import annotations
 
@@ -22,13 +23,16 @@ import httpx
 import pytest
 import yaml
 
+from ml_framework.credentials import hash_key
 from tests.conftest import PG_ADMIN_URL, free_port, wait_for_http
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-SECRETS = {"REDIS_PASSWORD": "r3dis-" + uuid.uuid4().hex[:8], "POSTGRES_PASSWORD": "unused-with-trust-auth",
-           "FLOWER_BASIC_AUTH": "admin:fl0wer"}
+API_KEY = "compose-" + uuid.uuid4().hex
+ENV_FILE = {"ML_FRAMEWORK_API_KEYS": f"tester={hash_key(API_KEY)}"}  # what .env.prod gives: names and hashes
+SECRETS = {"redis_password": "r3dis-" + uuid.uuid4().hex[:8], "postgres_password": "unused-with-trust-auth",
+           "flower_basic_auth": "admin:fl0wer-" + uuid.uuid4().hex[:6]}  # the Docker secret files
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
@@ -48,7 +52,7 @@ def load_compose() -> dict:
             return {k: walk(v) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
-        return interpolate(node, SECRETS) if isinstance(node, str) else node
+        return interpolate(node, ENV_FILE) if isinstance(node, str) else node
     return walk(yaml.safe_load((REPO / "docker-compose.prod.yml").read_text()))
 
 
@@ -75,7 +79,7 @@ def deployment(trained, data_dir, tmp_path):
 
     redis_port = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--requirepass", SECRETS["REDIS_PASSWORD"]],
+                              "--appendonly", "no", "--requirepass", SECRETS["redis_password"]],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = f"mlf_compose_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
@@ -85,8 +89,12 @@ def deployment(trained, data_dir, tmp_path):
     dirs = {"/app/models": trained[0], "/app/data": data_dir, "/app/logs": tmp_path / "logs",
             "/tmp/mlf": tmp_path / "var", "/app/configs/production.yaml": REPO / "configs" / "production.yaml"}
     (tmp_path / "logs").mkdir()
-    mapping = {"@redis:6379": f"@127.0.0.1:{redis_port}", "@postgres:5432/mlf": f"@127.0.0.1:5432/{db}", **{
-        k: str(v) for k, v in dirs.items()}}
+    (tmp_path / "secrets").mkdir()
+    for name, value in SECRETS.items():  # as `echo value > secrets/name` writes them
+        (tmp_path / "secrets" / name).write_text(value + "\n")
+        dirs[f"/run/secrets/{name}"] = tmp_path / "secrets" / name
+    mapping = {"redis://redis:6379": f"redis://127.0.0.1:{redis_port}", "@postgres:5432/mlf": f"@127.0.0.1:5432/{db}",
+               **{k: str(v) for k, v in dirs.items()}}
     yield mapping, tmp_path
     redis.terminate()
     redis.wait()
@@ -113,7 +121,21 @@ def service(name: str, mapping: dict[str, str], ports: dict[str, int]) -> tuple[
     return [str(BIN / command[0]), *command[1:]], env
 
 
+def health_check(name: str, mapping: dict[str, str], ports: dict[str, int]) -> subprocess.CompletedProcess:
+    """Run service ``name``'s compose health check here, with its environment."""
+    check = load_compose()["services"][name]["healthcheck"]["test"]
+    assert check[0] == "CMD", check
+    _, env = service(name, mapping, ports)
+    argv = [a.replace("127.0.0.1:8000", f"127.0.0.1:{ports['8000']}").replace("127.0.0.1:5555",
+                                                                            f"127.0.0.1:{ports['5555']}")
+            for a in check[1:]]
+    argv[0] = sys.executable if argv[0] == "python3.11" else str(BIN / argv[0])
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_api_worker_and_flower_run_as_composed_and_score_a_job(deployment, digits):
+    """The api, worker and flower services start as composed; each one's own health check
+    passes (the worker's reads its own heartbeats); the API needs the key; a job is scored."""
     mapping, tmp_path = deployment
     ports = {"8000": free_port(), "5555": free_port(), "9191": free_port()}
     procs = {}
@@ -124,31 +146,33 @@ def test_api_worker_and_flower_run_as_composed_and_score_a_job(deployment, digit
                                            stderr=subprocess.STDOUT, start_new_session=True)
         api = f"http://127.0.0.1:{ports['8000']}"
         wait_for_http(f"{api}/health", timeout_s=120)
-
-        check = load_compose()["services"]["ml-api"]["healthcheck"]["test"]
-        assert check[0] == "CMD"
-        check_argv = [sys.executable, *[a.replace("127.0.0.1:8000", f"127.0.0.1:{ports['8000']}") for a in check[2:]]]
-        assert subprocess.run(check_argv, timeout=30, check=False).returncode == 0  # the compose health check
+        assert health_check("ml-api", mapping, ports).returncode == 0
 
         deadline = time.monotonic() + 120
         while httpx.get(f"{api}/ready", timeout=10).status_code != 200:  # broker, database and workers up
             assert time.monotonic() < deadline, httpx.get(f"{api}/ready", timeout=10).json()
             time.sleep(1)
+        worker_check = health_check("worker", mapping, ports)  # this host's heartbeats are fresh
+        assert worker_check.returncode == 0 and "@" in worker_check.stdout, worker_check.stdout + worker_check.stderr
+        key = {"X-API-Key": API_KEY}
         rows = digits.frame.drop(columns=["label"]).iloc[:40].to_dict("records")
-        job = httpx.post(f"{api}/v1/jobs", json={"model": "digits-sklearn", "rows": rows}, timeout=30).json()
-        assert "job_id" in job, job
-        while (state := httpx.get(f"{api}/v1/jobs/{job['job_id']}", timeout=10).json()["state"]) in (
+        assert httpx.post(f"{api}/v1/jobs", json={"model": "digits-sklearn", "rows": rows}, timeout=30).status_code == 401
+        job = httpx.post(f"{api}/v1/jobs", json={"model": "digits-sklearn", "rows": rows}, headers=key, timeout=30).json()
+        assert job.get("owner") == "tester", job
+        while (state := httpx.get(f"{api}/v1/jobs/{job['job_id']}", headers=key, timeout=10).json()["state"]) in (
                 "PENDING", "RUNNING"):
             assert time.monotonic() < deadline + 120, state
             time.sleep(0.5)
         assert state == "SUCCEEDED"
-        page = httpx.get(f"{api}/v1/jobs/{job['job_id']}/results", params={"limit": 40}, timeout=30).json()
+        page = httpx.get(f"{api}/v1/jobs/{job['job_id']}/results", params={"limit": 40}, headers=key,
+                         timeout=30).json()
         assert [r["row"] for r in page["rows"]] == list(range(40)) and all("prediction" in r for r in page["rows"])
 
         flower = f"http://127.0.0.1:{ports['5555']}"
         assert wait_for_http(f"{flower}/healthcheck", timeout_s=60).text == "OK"
+        assert health_check("flower", mapping, ports).returncode == 0
         assert httpx.get(f"{flower}/api/workers", timeout=10).status_code == 401
-        user, password = SECRETS["FLOWER_BASIC_AUTH"].split(":")
+        user, password = SECRETS["flower_basic_auth"].split(":")
         assert httpx.get(f"{flower}/api/workers", auth=(user, password), timeout=30).status_code == 200
         metrics = httpx.get(f"http://127.0.0.1:{ports['9191']}/metrics", timeout=10).text
         assert 'mlf_rows_scored_total{device="cpu",model="digits-sklearn",version="1"} 40.0' in metrics

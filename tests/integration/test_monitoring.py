@@ -5,6 +5,7 @@ the workers' log file."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from ml_framework.credentials import hash_key
 from ml_framework.settings import load_settings
 from producer.api import create_app
 from tests.conftest import free_port, wait_for_http
@@ -69,7 +71,7 @@ def test_worker_and_api_metrics_count_the_rows_of_a_job(backend, data_dir):
         total(before, "mlf_queue_wait_seconds_count", queue="bulk") == status.n_shards
     assert total(after, "mlf_model_load_seconds_count", model="digits-sklearn") >= 1
 
-    with TestClient(create_app(load_settings(**backend.values))) as http:
+    with TestClient(create_app(load_settings(**backend.values, api_auth="none"))) as http:
         api = http.get("/metrics")
     assert api.status_code == 200
     assert total(api.text, "mlf_jobs", state="PARTIAL") >= 1
@@ -140,9 +142,10 @@ def test_flower_lists_workers_and_shard_tasks_behind_basic_auth(redis_backend, d
     assert (tmp_path / "flower.db").exists() or any(tmp_path.glob("flower.db*"))  # the persistent state
 
 
-def prometheus_config(targets: dict[str, str], path: Path) -> Path:
-    """configs/prometheus.yml with each job's targets replaced by a loopback address and a
-    1 s scrape interval; everything else as shipped."""
+def prometheus_config(targets: dict[str, str], path: Path, secrets: dict[str, Path]) -> Path:
+    """configs/prometheus.yml with each job's targets replaced by a loopback address, the
+    Docker secret files it reads by the ``secrets`` given (/run/secrets/NAME -> file), and
+    a 1 s scrape interval; everything else as shipped."""
     config = yaml.safe_load((REPO / "configs" / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -150,6 +153,9 @@ def prometheus_config(targets: dict[str, str], path: Path) -> Path:
     for name, job in jobs.items():
         job.pop("dns_sd_configs", None)
         job["static_configs"] = [{"targets": [targets[name]]}]
+        if "authorization" in job:
+            secret = job["authorization"]["credentials_file"]
+            job["authorization"]["credentials_file"] = str(secrets[secret.removeprefix("/run/secrets/")])
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -165,15 +171,20 @@ def test_prometheus_scrapes_the_api_workers_and_flower(redis_backend, data_dir, 
         pytest.skip("the prometheus binary is missing (apt-get install prometheus)")
     backend = redis_backend
     api_port, flower_port, prom_port = free_port(), free_port(), free_port()
+    metrics_key = secrets.token_urlsafe(32)  # the API's /metrics takes a key of role metrics, as in production
+    (tmp_path / "metrics_api_key").write_text(metrics_key + "\n")
+    api_env = {**backend.env, "ML_FRAMEWORK_API_KEYS": f"prometheus={hash_key(metrics_key)}",
+               "ML_FRAMEWORK_API_KEY_ROLES": "prometheus=metrics"}
     procs = [
         start([sys.executable, "-m", "uvicorn", "producer.api:app", "--host", "127.0.0.1", "--port", str(api_port)],
-              backend.env, tmp_path / "api.log"),
+              api_env, tmp_path / "api.log"),
         start(mlf("flower", "--no-auth", "--port", str(flower_port), "--db", str(tmp_path / "flower.db")),
               backend.env, tmp_path / "flower.log"),
     ]
     config = prometheus_config({"mlf-api": f"127.0.0.1:{api_port}",
                                 "mlf-workers": f"127.0.0.1:{backend.values['worker_metrics_port']}",
-                                "flower": f"127.0.0.1:{flower_port}"}, tmp_path / "prometheus.yml")
+                                "flower": f"127.0.0.1:{flower_port}"}, tmp_path / "prometheus.yml",
+                                {"metrics_api_key": tmp_path / "metrics_api_key"})
     procs.append(start([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                         f"--web.listen-address=127.0.0.1:{prom_port}"], backend.env, tmp_path / "prometheus.log"))
     prom = f"http://127.0.0.1:{prom_port}"

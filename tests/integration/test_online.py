@@ -68,7 +68,7 @@ def test_predict_over_http(backend, trained, digits):
     models, and times out with 504."""
     rows = digits.frame[PIXELS].iloc[10:14].to_dict(orient="records")
     rows[2]["pixel_9"] = None
-    with TestClient(create_app(load_settings(**backend.values))) as http:
+    with TestClient(create_app(load_settings(**backend.values, api_auth="none"))) as http:
         r = http.post("/v1/models/digits-sklearn/predict", json={"rows": rows})
         assert r.status_code == 200, r.text
         got = r.json()["rows"]
@@ -79,7 +79,7 @@ def test_predict_over_http(backend, trained, digits):
     # The timeout, where no worker serves the online queue: an answer that lands while the
     # request is being cancelled is returned instead of a 504, so a live worker would race it.
     unserved = unserved_settings(backend)
-    with TestClient(create_app(unserved)) as http:
+    with TestClient(create_app(unserved.model_copy(update={"api_auth": "none"}))) as http:
         slow = http.post("/v1/models/digits-sklearn/predict", json={"rows": rows, "timeout_s": 0.5})
         assert slow.status_code == 504 and slow.json()["error"]["type"] == "JobTimeoutError"
     with Client(unserved) as lonely, pytest.raises(JobTimeoutError):

@@ -13,22 +13,25 @@ from ml_framework.settings import load_settings
 from producer.api import create_app
 
 APP = None
+KEY = "schema-test-key-0123456789"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def running_app(tmp_path_factory):
     """The app with its lifespan run (results store and broker client open), on the
     embedded broker in a fresh directory, with no models and no workers: every endpoint
-    answers at once (predict on an unknown model is 404; nothing waits for a worker)."""
+    answers at once (predict on an unknown model is 404; nothing waits for a worker). One
+    admin key, sent with every generated request."""
     global APP
     root = tmp_path_factory.mktemp("api")
-    app = create_app(load_settings(models_dir=root / "models", data_dir=root / "data", var_dir=root / "var"))
+    app = create_app(load_settings(models_dir=root / "models", data_dir=root / "data", var_dir=root / "var",
+                                   api_keys={"tester": KEY}, api_key_roles={"tester": "admin"}))
     with TestClient(app):
         APP = app
         yield app
 
 
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(load_settings()))
+schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(load_settings(api_keys={"tester": KEY})))
 
 
 @schema.parametrize()
@@ -40,4 +43,4 @@ def test_api_honours_its_schema(case):
     lists the methods of the first matching route only (GET, not DELETE); and 5xx on
     ``/ready``, whose documented answer without workers is 503."""
     excluded = [allow_header_conformance] + ([not_a_server_error] if case.operation.path == "/ready" else [])
-    case.call_and_validate(app=APP, excluded_checks=excluded)
+    case.call_and_validate(app=APP, headers={"X-API-Key": KEY}, excluded_checks=excluded)

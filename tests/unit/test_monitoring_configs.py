@@ -18,7 +18,7 @@ from worker import metrics as worker_metrics
 REPO = Path(__file__).resolve().parents[2]
 API_METRICS = {"mlf_jobs", "mlf_workers_live", "mlf_worker_rows_per_second", "mlf_worker_rows_total",
                "mlf_worker_oom_splits_total", "mlf_worker_gpu_memory_used_bytes", "mlf_worker_gpu_utilization_ratio",
-               "mlf_queue_depth", "mlf_broker_up", "mlf_oldest_pending_job_age_seconds"}
+               "mlf_queue_depth", "mlf_broker_up", "mlf_oldest_pending_job_age_seconds", "mlf_jobs_by_owner"}
 
 
 def worker_metric_names() -> set[str]:

@@ -1,18 +1,26 @@
 """Production packaging, checked statically (no Docker engine here): Dockerfile.prod
-against hadolint and the issue's rules, and configs/production.yaml against the settings."""
+against hadolint and the issue's rules, the production lock against what TensorFlow and
+PyTorch require for CUDA, docker-compose.prod.yml against the Compose specification and
+the deployment's rules, and configs/production.yaml against the settings."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-from ml_framework.settings import Settings, load_settings
+from ml_framework.credentials import url_password
+from ml_framework.settings import SECRET_FIELDS, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile.prod"
@@ -33,26 +41,75 @@ def test_hadolint_finds_no_error():
     findings = json.loads(run.stdout or "[]")
     errors = [f for f in findings if f["level"] == "error"]
     assert not errors, errors
-    # what is left are warnings about unpinned apt/pip versions and the named user
-    assert {f["code"] for f in findings} <= {"DL3008", "DL3013", "DL3066"}, findings
+    # what is left are warnings about unpinned apt versions (Ubuntu's security updates move them)
+    assert {f["code"] for f in findings} <= {"DL3008"}, findings
 
 
 def test_final_stage_is_small_and_safe():
+    """A published major.minor.patch base tag (the `base` flavour: the wheels bring their
+    CUDA libraries), a numeric non-root user, no compiler, no single-service HEALTHCHECK."""
     builder, final = stages(DOCKERFILE.read_text())
     assert re.match(r"FROM \$\{BASE_IMAGE\} AS builder", builder)
-    assert "ARG BASE_IMAGE=nvidia/cuda:13.0-runtime-ubuntu22.04" in DOCKERFILE.read_text()
+    assert re.search(r"(?m)^ARG BASE_IMAGE=nvidia/cuda:13\.\d+\.\d+-base-ubuntu22\.04$", DOCKERFILE.read_text())
     assert final.startswith("FROM ${BASE_IMAGE}")
     for unwanted in ("build-essential", "-dev", "jupyter", "matplotlib", "gcc", "pip install"):
         assert unwanted not in final, unwanted
+    assert not re.search(r"(?m)^HEALTHCHECK", final)  # one image, three services: compose checks each
     assert "COPY --from=builder /opt/venv /opt/venv" in final
-    assert re.search(r"(?m)^USER mluser$", final)
+    assert re.search(r"(?m)^USER 10001:10001$", final) and "--uid 10001 --gid 10001" in final
     for env in ("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", "ML_FRAMEWORK_CONFIG=/app/configs/production.yaml"):
         assert env in final
     assert 'VOLUME ["/app/models", "/app/data", "/app/configs", "/app/logs"]' in final
-    assert "HEALTHCHECK --interval=30s --timeout=10s --start-period=40s --retries=3" in final
     assert final.rstrip().endswith(
         'CMD ["uvicorn", "producer.api:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]')
-    assert "rm -rf /var/lib/apt/lists/*" in final and "PIP_NO_CACHE_DIR=1" in builder
+    assert "rm -rf /var/lib/apt/lists/*" in final
+
+
+def test_dependencies_are_their_own_cached_layer_before_the_source():
+    """The lock is installed (BuildKit pip cache) before any source is copied, so a code
+    change reinstalls nothing; the project goes in last, without dependencies, and pip
+    checks the result."""
+    builder = stages(DOCKERFILE.read_text())[0]
+    steps = [line for line in builder.splitlines() if line.startswith(("COPY", "RUN"))]
+    lock = next(i for i, line in enumerate(steps) if "pip install --no-deps -r constraints/prod.txt" in line)
+    assert steps[lock].startswith("RUN --mount=type=cache,target=/root/.cache/pip ")
+    assert [line for line in steps[:lock] if line.startswith("COPY")] == ["COPY constraints/prod.txt constraints/prod.txt"]
+    sources = [i for i, line in enumerate(steps) if re.match(r"COPY (ml_framework|producer|worker|demo|pyproject)", line)]
+    assert sources and min(sources) > lock
+    assert "pip install --no-deps --no-build-isolation --no-cache-dir . && pip check" in steps[-1]
+
+
+def cuda_check() -> str:
+    """The Python program of Dockerfile.prod's build-stage CUDA check."""
+    joined = re.sub(r"\\\n", "", stages(DOCKERFILE.read_text())[0])
+    return re.search(r'RUN python -c "(.*is_built_with_cuda.*)"', joined).group(1)
+
+
+FAKE_FRAMEWORKS = {
+    "tensorflow/__init__.py": "from types import SimpleNamespace as N\n__version__ = '2.99'\n"
+                              "sysconfig = N(get_build_info=lambda: {{'cuda_version': '12.5.1', 'cudnn_version': '9'}})\n"
+                              "test = N(is_built_with_cuda=lambda: {tf})\n",
+    "torch/__init__.py": "from types import SimpleNamespace as N\n__version__ = '2.99'\n"
+                         "version = N(cuda={cuda})\n"
+                         "backends = N(cudnn=N(version=lambda: 91000), cuda=N(is_built=lambda: {torch}))\n",
+}
+
+
+def test_the_build_stage_fails_unless_both_frameworks_are_cuda_builds(tmp_path):
+    """Run as the build would: with the CPU builds installed here it exits 1 (and prints
+    each framework's CUDA); with stand-ins that report CUDA builds, 0; with either one a
+    CPU build, 1."""
+    run = subprocess.run([sys.executable, "-c", cuda_check()], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert re.search(r"(?m)^tensorflow \S+ CUDA ", run.stdout) and re.search(r"(?m)^torch \S+ CUDA None", run.stdout)
+    for tf, torch, cuda, code in [(True, True, "'13.0'", 0), (False, True, "'13.0'", 1), (True, False, "None", 1)]:
+        fake = tmp_path / f"{tf}-{torch}"
+        for path, text in FAKE_FRAMEWORKS.items():
+            (fake / path).parent.mkdir(parents=True, exist_ok=True)
+            (fake / path).write_text(text.format(tf=tf, torch=torch, cuda=cuda))
+        run = subprocess.run([sys.executable, "-c", cuda_check()], capture_output=True, text=True, timeout=60,
+                             check=False, env={**os.environ, "PYTHONPATH": str(fake)})
+        assert run.returncode == code, (tf, torch, run.stdout + run.stderr)
 
 
 def test_build_context_holds_what_the_dockerfile_copies():
@@ -76,9 +133,9 @@ def test_production_config_documents_every_setting_and_env_overrides_it(monkeypa
     assert (settings.models_dir, settings.log_dir, settings.log_format, settings.worker_metrics_host) == (
         Path("/app/models"), Path("/app/logs"), "json", "0.0.0.0")
     monkeypatch.setenv("ML_FRAMEWORK_LOG_FORMAT", "text")
-    monkeypatch.setenv("ML_FRAMEWORK_BROKER_URL", "redis://:secret@redis:6379/0")
+    monkeypatch.setenv("ML_FRAMEWORK_BROKER_URL", "redis://:Vn3xq9Lk2pQ@redis:6379/0")
     settings = load_settings()
-    assert settings.log_format == "text" and settings.broker_is_redis
+    assert settings.log_format == "text" and settings.broker_is_redis and settings.deployment == "production"
 
 
 COMPOSE = REPO / "docker-compose.prod.yml"
@@ -100,9 +157,9 @@ def test_compose_file_is_valid_against_the_compose_specification():
 
 def test_compose_services_health_checks_and_resources_are_as_the_guide_says():
     services = compose()["services"]
-    assert set(services) == {"ml-api", "worker", "redis", "postgres", "flower", "prometheus"}
+    assert set(services) == {"ml-api", "worker", "redis", "postgres", "flower", "prometheus", "tls"}
     api = services["ml-api"]
-    assert api["ports"] == ["8000:8000"] and "/health" in " ".join(api["healthcheck"]["test"])
+    assert api["ports"] == ["${MLF_API_BIND:-0.0.0.0}:8000:8000"] and "/health" in " ".join(api["healthcheck"]["test"])
     assert {k: api["healthcheck"][k] for k in ("interval", "timeout", "retries", "start_period")} == {
         "interval": "30s", "timeout": "10s", "retries": 3, "start_period": "40s"}
     for name in ("ml-api", "worker"):
@@ -111,10 +168,11 @@ def test_compose_services_health_checks_and_resources_are_as_the_guide_says():
         assert {k: resources["reservations"][k] for k in ("cpus", "memory")} == {"cpus": "2.0", "memory": "4G"}
     assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]  # --scale works
-    assert services["redis"]["image"] == "redis:7-alpine" and "--requirepass" in services["redis"]["command"]
+    assert services["redis"]["image"] == "redis:7-alpine" and "--requirepass" in services["redis"]["command"][-1]
     assert "healthcheck" in services["postgres"] and services["postgres"]["volumes"]
     assert services["prometheus"]["volumes"][0] == "./configs/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
-    assert "ML_FRAMEWORK_FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    assert "ML_FRAMEWORK_FLOWER_BASIC_AUTH_FILE" in services["flower"]["environment"]
+    assert services["tls"]["profiles"] == ["tls"]  # Caddy only with --profile tls
     for name in ("ml-api", "worker", "flower"):
         assert services[name]["read_only"] is True and services[name]["tmpfs"] == ["/tmp"]
         volumes = services[name]["volumes"]
@@ -126,6 +184,48 @@ def test_compose_services_health_checks_and_resources_are_as_the_guide_says():
             assert var in env, (name, var)
 
 
+def test_each_service_has_its_own_health_check():
+    """Every service checks itself: the API its /health, a worker its own heartbeats
+    (`mlf workers --self`), Flower its /healthcheck on its own port, and so on; no service
+    probes the API's port but the API."""
+    checks = {name: " ".join(map(str, svc["healthcheck"]["test"])) for name, svc in compose()["services"].items()}
+    assert set(checks) == set(compose()["services"])
+    assert "127.0.0.1:8000/health" in checks["ml-api"]
+    assert checks["worker"] == "CMD mlf workers --self"
+    assert "127.0.0.1:5555/healthcheck" in checks["flower"] and "127.0.0.1:9090/-/healthy" in checks["prometheus"]
+    assert "redis-cli ping" in checks["redis"] and "pg_isready" in checks["postgres"]
+    assert [name for name, check in checks.items() if ":8000" in check] == ["ml-api"]
+    assert compose()["services"]["worker"]["healthcheck"]["start_period"] == "120s"  # model preloading
+
+
+def test_every_service_runs_without_new_privileges_or_capabilities():
+    """no-new-privileges and cap_drop ALL everywhere; capabilities come back only where an
+    image's entrypoint needs them (redis and postgres drop to their user; Caddy binds 443)."""
+    services = compose()["services"]
+    for name, svc in services.items():
+        assert svc["security_opt"] == ["no-new-privileges:true"], name
+        assert svc["cap_drop"] == ["ALL"], name
+    added = {name: set(svc.get("cap_add", [])) for name, svc in services.items() if svc.get("cap_add")}
+    assert added == {"redis": {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"},
+                     "postgres": {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"},
+                     "tls": {"NET_BIND_SERVICE"}}
+
+
+def test_flower_and_prometheus_are_published_on_loopback_by_default():
+    """Compose's own interpolation of the port bindings, with and without the env file's say."""
+    services = compose()["services"]
+    assert services["flower"]["ports"] == ["${MLF_FLOWER_BIND:-127.0.0.1}:5555:5555"]
+    assert services["prometheus"]["ports"] == ["${MLF_PROMETHEUS_BIND:-127.0.0.1}:9090:9090"]
+    run = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False) if shutil.which(
+        "docker") else None
+    if run is not None and run.returncode == 0:  # a Docker client with compose: let it render the ports
+        rendered = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--format", "json"],
+                                  env={**os.environ, "ML_FRAMEWORK_API_KEYS": "k=sha256:" + "0" * 64},
+                                  capture_output=True, text=True, check=True, cwd=REPO)
+        ports = {n: s.get("ports", []) for n, s in json.loads(rendered.stdout)["services"].items()}
+        assert ports["flower"][0]["host_ip"] == ports["prometheus"][0]["host_ip"] == "127.0.0.1"
+
+
 def test_everything_the_compose_file_mounts_exists_and_every_variable_is_a_setting():
     for service in compose()["services"].values():
         for volume in service.get("volumes", []):
@@ -134,24 +234,117 @@ def test_everything_the_compose_file_mounts_exists_and_every_variable_is_a_setti
                 assert (REPO / source).exists(), source
         for var in service.get("environment", {}):
             if var.startswith("ML_FRAMEWORK_") and var != "ML_FRAMEWORK_CONFIG":
-                assert var[len("ML_FRAMEWORK_"):].lower() in Settings.model_fields, var
+                key = var[len("ML_FRAMEWORK_"):].lower()
+                assert key in Settings.model_fields or key.removesuffix("_file") in SECRET_FIELDS, var
 
 
 def test_secrets_stay_out_of_the_repository():
-    assert ".env.prod" in (REPO / ".gitignore").read_text().split()
+    """Passwords are Docker secrets (files under ./secrets/, ignored by git) read through
+    ML_FRAMEWORK_*_FILE; the API keys come from the env file (names and hashes) and compose
+    refuses to start without them; the example env file holds no password."""
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert ".env.prod" in ignored and "/secrets/" in ignored
+    spec = compose()
+    assert {name: s["file"] for name, s in spec["secrets"].items()} == {
+        name: f"./secrets/{name}" for name in ("redis_password", "postgres_password", "flower_basic_auth",
+                                               "metrics_api_key")}
     text = COMPOSE.read_text()
-    for secret in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"):
-        assert f"${{{secret}:?" in text  # required from the env file, no default
-    example = yaml.safe_load("\n".join(
-        f"{k}: x" for k in (line.split("=")[0] for line in (REPO / ".env.prod.example").read_text().splitlines()
-                            if line and not line.startswith("#"))))
-    assert {"REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"} <= set(example)
+    assert "${ML_FRAMEWORK_API_KEYS:?" in text  # required, no default
+    for name in ("ml-api", "worker", "flower"):
+        env = spec["services"][name]["environment"]
+        assert env["ML_FRAMEWORK_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+        assert env["ML_FRAMEWORK_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+        for var in ("ML_FRAMEWORK_REDIS_URL", "ML_FRAMEWORK_DATABASE_URL"):  # no password in the URLs
+            assert url_password(env[var]) is None, var
+        assert {"redis_password", "postgres_password"} <= set(spec["services"][name]["secrets"])
+    assert spec["services"]["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "/run/secrets/redis_password" in spec["services"]["redis"]["command"][-1]
+    prometheus = yaml.safe_load((REPO / "configs" / "prometheus.yml").read_text())
+    api_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "mlf-api")
+    assert api_job["authorization"]["credentials_file"] == "/run/secrets/metrics_api_key"
+    example = (REPO / ".env.prod.example").read_text()
+    assert "PASSWORD" not in example and "FLOWER_BASIC_AUTH" not in example
+    assert re.search(r"(?m)^ML_FRAMEWORK_API_KEYS=\S+", example)
+
+
+def test_every_file_variable_the_deployment_sets_names_a_secret_setting():
+    for name, svc in compose()["services"].items():
+        for var in svc.get("environment", {}):
+            if var.startswith("ML_FRAMEWORK_") and var.endswith("_FILE"):
+                assert var[len("ML_FRAMEWORK_"):-len("_FILE")].lower() in SECRET_FIELDS, (name, var)
+
+
+LOCK = REPO / "constraints" / "prod.txt"
+METADATA = REPO / "constraints" / "metadata"
+IMAGE_ENV = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+             "python_version": "3.11", "python_full_version": "3.11.7", "implementation_name": "cpython",
+             "platform_python_implementation": "CPython", "os_name": "posix"}
+"""Where the image runs: Ubuntu 22.04 on x86_64 with CPython 3.11 (Dockerfile.prod)."""
+
+
+def lock_pins() -> dict[str, str]:
+    return {canonicalize_name(name): version for name, version in
+            (line.split("==") for line in LOCK.read_text().splitlines() if line and not line.startswith("#"))}
+
+
+def cuda_requirements(metadata: dict, extras: set[str]) -> list[Requirement]:
+    """The ``nvidia-*`` / ``cuda-*`` requirements of ``metadata`` that apply in the image
+    with ``extras``, and, for each requirement with extras whose metadata is kept beside
+    (torch's ``cuda-toolkit[cublas,...]``), those of its extras in turn."""
+    wanted = []
+    for text in metadata["requires_dist"]:
+        req = Requirement(text)
+        applies = req.marker is None or any(req.marker.evaluate({**IMAGE_ENV, "extra": e}) for e in extras | {""})
+        if applies and req.name.lower().startswith(("nvidia-", "cuda-")):
+            wanted.append(req)
+            kept = METADATA / f"{canonicalize_name(req.name)}.json"
+            if req.extras and kept.exists():
+                wanted += cuda_requirements(json.loads(kept.read_text()), set(req.extras))
+    return wanted
+
+
+@pytest.mark.parametrize("framework, extra, cuda_major", [("tensorflow", "and-cuda", "12"), ("torch", None, "13")])
+def test_the_lock_holds_every_cuda_library_the_frameworks_require(framework, extra, cuda_major):
+    """Read from each framework's own metadata (constraints/metadata/, copied from the
+    registry by constraints/lock.py for the pinned version): every CUDA library that
+    TensorFlow's and-cuda extra, and torch on Linux, require is pinned in the lock at a
+    version they accept. TensorFlow's are CUDA 12 (nvidia-*-cu12), torch's CUDA 13."""
+    metadata = json.loads((METADATA / f"{framework}.json").read_text())
+    pins = lock_pins()
+    assert metadata["version"] == pins[framework], "constraints/metadata is of another version: run constraints/lock.py"
+    if extra:
+        assert extra in metadata["provides_extra"]
+        assert Requirement(next(r for r in REPO.joinpath("pyproject.toml").read_text().splitlines()
+                                if "tensorflow[and-cuda]" in r).split('"')[3]).extras == {extra}
+    wanted = cuda_requirements(metadata, {extra} if extra else set())
+    assert len(wanted) >= 10, wanted  # cuBLAS, cuDNN, cuFFT, cuSOLVER, cuSPARSE, NCCL, runtime, ...
+    missing = [str(r) for r in wanted if canonicalize_name(r.name) not in pins]
+    wrong = [f"{r} (locked {pins[canonicalize_name(r.name)]})" for r in wanted
+             if canonicalize_name(r.name) in pins and not r.specifier.contains(pins[canonicalize_name(r.name)],
+                                                                               prereleases=True)]
+    assert not missing and not wrong, (missing, wrong)
+    if framework == "tensorflow":
+        assert all(r.name.endswith("-cu12") for r in wanted)
+        assert all(pins[canonicalize_name(r.name)].startswith(cuda_major) for r in wanted
+                   if r.name.startswith(("nvidia-cuda-runtime", "nvidia-cublas")))
+    else:
+        assert pins["cuda-toolkit"].startswith(cuda_major) and not [r for r in wanted if r.name.endswith("-cu12")]
+        assert {"nvidia-cublas", "nvidia-cuda-runtime", "nvidia-cudnn-cu13"} <= {canonicalize_name(r.name) for r in wanted}
+
+
+def test_the_tensorflow_cuda_check_reads_the_metadata_not_a_list():
+    """Without the and-cuda extra, TensorFlow's metadata asks for no CUDA library: the
+    check above is driven by the extra in the metadata."""
+    metadata = json.loads((METADATA / "tensorflow.json").read_text())
+    assert cuda_requirements(metadata, set()) == []
+    assert Marker('extra == "and-cuda"').evaluate({**IMAGE_ENV, "extra": "and-cuda"})
 
 
 def test_the_production_dependency_set_resolves_against_the_registry(tmp_path):
     """What Dockerfile.prod installs ('.[prod]' under constraints/prod.txt) resolves, with
-    GPU builds of PyTorch and TensorFlow and nothing for notebooks or plotting. Needs the
-    package registry (about a minute; metadata only, nothing is downloaded whole)."""
+    GPU builds of PyTorch and TensorFlow and nothing for notebooks or plotting, and the
+    frameworks' metadata kept in constraints/metadata/ is the registry's. Needs the package
+    registry (about a minute; metadata only, nothing is downloaded whole)."""
     import sys
 
     report = tmp_path / "report.json"
@@ -159,11 +352,14 @@ def test_the_production_dependency_set_resolves_against_the_registry(tmp_path):
                           "--disable-pip-version-check", "--report", str(report), "-c", "constraints/prod.txt",
                           ".[prod]"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    installed = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
-    lock = dict(line.split("==") for line in (REPO / "constraints" / "prod.txt").read_text().splitlines()
-                if line and not line.startswith("#"))
-    assert {k: v for k, v in installed.items() if k != "ml-framework"} == lock  # the lock is complete and current
+    installs = json.loads(report.read_text())["install"]
+    installed = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
+    assert {k: v for k, v in installed.items() if k != "ml-framework"} == lock_pins()  # complete and current
     assert "tensorflow" in installed and "tensorflow-cpu" not in installed  # the GPU build
+    for framework in ("tensorflow", "torch"):  # the committed metadata is the registry's
+        meta = next(i["metadata"] for i in installs if canonicalize_name(i["metadata"]["name"]) == framework)
+        kept = json.loads((METADATA / f"{framework}.json").read_text())
+        assert (kept["version"], kept["requires_dist"]) == (meta["version"], meta["requires_dist"]), framework
     major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
     assert major_minor(installed["torch"]) >= (2, 8) and major_minor(installed["tensorflow"]) >= (2, 18)
     assert major_minor(installed["scikit-learn"]) >= (1, 5) and {"numpy", "pandas"} <= set(installed)

@@ -9,16 +9,7 @@ import pytest
 from ml_framework.errors import SettingsError
 from ml_framework.settings import load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """No ML_FRAMEWORK_* variables, and a working directory without configs/."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("ML_FRAMEWORK_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/unit/conftest.py
 
 
 def write(path: Path, text: str) -> Path:

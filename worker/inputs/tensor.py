@@ -3,7 +3,8 @@
 Accepted column types: Arrow ``fixed_size_list`` (what NumPy arrays of rows become in
 Parquet and Arrow files), the ``arrow.fixed_shape_tensor`` extension type (``.npy``
 datasets and in-memory arrays arrive as such), and variable ``list`` / ``large_list``
-columns whose rows have the right length. The values are taken from the column's buffer
+columns whose rows have the right length, nested lists included (a tensor as nested
+lists, as JSON gives it, is taken in row-major order). The values are taken from the column's buffer
 without copying where the layout allows (one chunk, no nulls, the manifest's dtype) and
 reshaped to ``inputs.shape``. Row errors: a null tensor, a tensor of the wrong length, a
 missing or non-finite value; the row's other tensors are not affected.
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ml_framework.store import RowError
-from ml_framework.tensors import describe_mismatch, storage
+from ml_framework.tensors import describe_mismatch, flat_rows, storage
 from worker.inputs.base import Converted, InputConverter, non_finite_reason
 
 
@@ -40,7 +41,7 @@ class TensorConverter(InputConverter):
             return Converted(self.example(0), rows[:0], [bad[i] for i in range(n)], n)
         parts, offset = [], 0
         for chunk in column.chunks:
-            parts.append(self._chunk(storage(chunk), name, row_start + offset, offset, size, bad))
+            parts.append(self._chunk(flat_rows(storage(chunk)), name, row_start + offset, offset, size, bad))
             offset += len(chunk)
         flat = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else np.zeros(0, self.spec.dtype))
         x = flat.reshape((n, *self.spec.row_shape))

@@ -1,7 +1,7 @@
 """how long a cold start's model load and warm-up took, per shard and per job
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0007_job_owner
 Create Date: 2026-11-30
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0006"
+down_revision = "0007_job_owner"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,144 @@
+"""Where a dataset may be read from: one rule for every entry point.
+
+The rule (docs/security.md, "Dataset paths"):
+
+1. The path is made absolute (relative to the data directory for the HTTP API and the
+   worker, to the working directory for the CLI and the Python client) and its ``.`` and
+   ``..`` are applied as written.
+2. Every symbolic link on it is followed, with ``lstat`` and ``readlink`` only: nothing is
+   opened, so no byte of a file is read before the path is admitted.
+3. A path whose real location lies inside the real data directory is admitted: workers
+   read it by reference.
+4. A path that enters the data directory (as written, or through any link it passes) and
+   ends outside it is refused: a symlink dropped into the data directory cannot lead a
+   producer, the API or a worker to a file elsewhere.
+5. Otherwise the file lies outside and was named directly: the CLI and the Python client
+   read it themselves and inline its rows in the shard messages (a documented feature);
+   the HTTP API and the worker refuse it.
+
+Refusals name the path as the caller gave it, never the link's target nor its content.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ml_framework.errors import DatasetPathError
+
+MAX_LINKS = 40
+"""Symbolic links followed on one path before giving up: Linux's MAXSYMLINKS
+(``include/linux/namei.h``), past which ``open`` fails with ELOOP."""
+
+__all__ = ["DatasetLocation", "locate_dataset", "resolve_under"]
+
+
+@dataclass(frozen=True)
+class DatasetLocation:
+    """Where a dataset path leads.
+
+    Attributes:
+        path: the real, absolute path (every symbolic link followed); read this one.
+        relative: ``path`` relative to the real data directory, as POSIX text (what a
+            by-reference shard carries); ``None`` for a file outside the data directory.
+    """
+
+    path: Path
+    relative: PurePosixPath | None
+
+
+def _walk(path: str) -> tuple[str, list[str]]:
+    """Resolve the absolute, normalized ``path`` as the kernel would, link by link.
+
+    Returns:
+        ``(real path, locations visited)``: every component as it was reached and every
+        link target, so that a caller can tell whether the path passed through a
+        directory on its way. Components that do not exist are joined as written.
+
+    Raises:
+        DatasetPathError: more than :data:`MAX_LINKS` links (a loop).
+    """
+    pending = [p for p in reversed(path.split("/")) if p]
+    current, visited, links = "/", [], 0
+    while pending:
+        part = pending.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        visited.append(candidate)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+        except OSError:  # missing or not searchable: the open that follows will say so
+            is_link = False
+        if not is_link:
+            current = candidate
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            raise DatasetPathError(f"too many levels of symbolic links in {path!r}")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            current = "/"
+        pending.extend(p for p in reversed(target.split("/")) if p)
+    return current, visited
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def locate_dataset(data_dir: Path | str, path: Path | str) -> DatasetLocation:
+    """Apply the module's rule to ``path`` for a producer (CLI, Python client).
+
+    Args:
+        data_dir: the data directory (``settings.data_dir``).
+        path: the dataset as given; a relative path is taken relative to ``data_dir``
+            (callers holding a path relative to the working directory pass it absolute).
+
+    Returns:
+        Its :class:`DatasetLocation`: inside the data directory, or outside it and named
+        directly.
+
+    Raises:
+        DatasetPathError: the path enters the data directory and leads out of it (a
+            symbolic link or ``..``), or loops. Nothing was opened.
+    """
+    root_written = os.path.abspath(data_dir)
+    root, _ = _walk(root_written)
+    written = os.path.normpath(os.path.join(root_written, os.fspath(path)))
+    real, visited = _walk(written)
+    if _inside(real, root):
+        return DatasetLocation(Path(real), PurePosixPath(os.path.relpath(real, root)))
+    if _inside(written, root_written) or any(_inside(v, root) for v in visited):
+        raise DatasetPathError(
+            f"dataset {os.fspath(path)!r} leaves the data directory (a symbolic link or '..' on it leads "
+            "outside); refused without reading it. Copy the file into the data directory, or give its "
+            "real path outside it")
+    return DatasetLocation(Path(real), None)
+
+
+def resolve_under(data_dir: Path | str, path: Path | str) -> Path:
+    """The real path of ``path`` when it lies inside ``data_dir``, for the HTTP API and the
+    worker, which read nothing else.
+
+    Args:
+        data_dir: the data directory.
+        path: relative to ``data_dir`` (an absolute path is taken as it is).
+
+    Returns:
+        The real, absolute path (every symbolic link followed), inside the real data
+        directory. It may not exist; the reader says so.
+
+    Raises:
+        DatasetPathError: the path leaves the data directory, or lies outside it.
+    """
+    location = locate_dataset(data_dir, path)
+    if location.relative is None:
+        raise DatasetPathError(f"dataset {os.fspath(path)!r} leaves the data directory (it lies outside "
+                               "it); refused without reading it")
+    return location.path

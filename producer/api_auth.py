@@ -1,0 +1,165 @@
+"""Who calls the HTTP API, and which jobs they may see.
+
+Authentication is a FastAPI security dependency over two schemes, so the OpenAPI document
+declares them and the docs page's Authorize button works: ``X-API-Key: <key>``
+(:data:`API_KEY`) or ``Authorization: Bearer <key>`` (:data:`BEARER`). A key is checked
+against the SHA-256 digests of the configured keys in constant time; the caller becomes a
+:class:`Principal` named by the key's name, never by the key.
+
+Roles (``api_key_roles``): ``user`` (default) sees its own jobs, the models and predict;
+``admin`` sees every job and ``/metrics``; ``metrics`` only ``/metrics``.
+
+Ownership: a job belongs to the name of the key that submitted it. :func:`owned_job_id`
+resolves a job id or prefix (8 characters at least) among the caller's own jobs (every job
+for an admin) and answers 404 for anything else, the same 404 whether the job is someone
+else's or does not exist. Routes taking a ``{job_id}`` depend on it (:data:`OwnedJobId`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from ml_framework.credentials import key_digest
+from ml_framework.errors import JobNotFoundError, SettingsError
+from ml_framework.settings import Settings
+from producer.api_errors import ForbiddenError, UnauthorizedError, public
+
+log = logging.getLogger(__name__)
+
+API_PREFIX_MIN_CHARS = 8
+"""Fewest characters of a job id the API resolves: 32 bits, so a prefix cannot be used to
+list ids, and it resolves among the caller's own jobs only."""
+AUTH_OFF_WARNING = ("authentication is off (api_auth: none): every caller can submit, read and cancel every "
+                    "job; set api_keys and remove api_auth: none")
+
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey",
+                       description="An API key (`api_keys`), in the X-API-Key header.")
+BEARER = HTTPBearer(auto_error=False, scheme_name="Bearer",
+                    description="An API key (`api_keys`), as `Authorization: Bearer <key>`.")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of a request.
+
+    Attributes:
+        name: the key's name (``None`` when authentication is off).
+        role: ``user``, ``admin`` or ``metrics``.
+    """
+
+    name: str | None
+    role: str
+
+    @property
+    def sees_all_jobs(self) -> bool:
+        """Admins, and everyone when authentication is off."""
+        return self.role == "admin"
+
+
+ANONYMOUS = Principal(None, "admin")
+
+
+class KeyTable:
+    """The configured keys, by digest, checked in constant time.
+
+    Args:
+        settings: ``api_auth``, ``api_keys`` and ``api_key_roles``.
+
+    Raises:
+        SettingsError: ``api_auth: keys`` (the default) with no key, or ``api_auth: none``
+            with keys (one of the two is a mistake).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.enabled = settings.api_auth == "keys"
+        if self.enabled and not settings.api_keys:
+            raise SettingsError(
+                "the HTTP API needs API keys: set api_keys (ML_FRAMEWORK_API_KEYS=name=key,... or "
+                "name=sha256:<hex>, or ML_FRAMEWORK_API_KEYS_FILE; `mlf api-key NAME` makes one), or say "
+                "api_auth: none (ML_FRAMEWORK_API_AUTH=none) to run without authentication")
+        if not self.enabled and settings.api_keys:
+            raise SettingsError("api_auth: none but api_keys is set: remove one of the two")
+        self._keys = [(key_digest(value.get_secret_value()), Principal(name, settings.api_key_roles.get(name, "user")))
+                      for name, value in settings.api_keys.items()]
+
+    @property
+    def warning(self) -> str | None:
+        """What ``/health`` and the start-up log say when authentication is off."""
+        return None if self.enabled else AUTH_OFF_WARNING
+
+    def lookup(self, key: str) -> Principal | None:
+        """The principal of ``key``, or ``None``. Every configured digest is compared, so
+        the time taken does not tell which key came close."""
+        digest = hashlib.sha256(key.encode()).digest()
+        found = None
+        for known, principal in self._keys:
+            if hmac.compare_digest(digest, known):
+                found = principal
+        return found
+
+
+async def caller(request: Request, key: Annotated[str | None, Security(API_KEY)] = None,
+                 bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> Principal:
+    """The request's :class:`Principal` (FastAPI security dependency).
+
+    Raises:
+        UnauthorizedError: no key, or an unknown one (logged with the client address,
+            never the key).
+    """
+    table: KeyTable = request.app.state.keys
+    if not table.enabled:
+        return ANONYMOUS
+    given = key or (bearer.credentials if bearer else None)
+    principal = table.lookup(given) if given else None
+    if principal is None:
+        log.warning("request %s: %s key from %s for %s %s", getattr(request.state, "request_id", "-"),
+                    "unknown" if given else "no", request.client.host if request.client else "-",
+                    request.method, request.url.path)
+        raise public(UnauthorizedError("missing or wrong API key (X-API-Key: <key> or Authorization: Bearer <key>)"))
+    request.state.principal = principal
+    return principal
+
+
+def _role(*allowed: str):
+    async def check(principal: Annotated[Principal, Security(caller)]) -> Principal:
+        if principal.role not in allowed and principal.role != "admin":
+            raise public(ForbiddenError(f"the role of key {principal.name!r} ({principal.role}) does not allow "
+                                         "this endpoint"))
+        return principal
+
+    return check
+
+
+User = Annotated[Principal, Security(_role("user"))]
+"""A caller allowed the jobs and models endpoints (role ``user`` or ``admin``)."""
+MetricsReader = Annotated[Principal, Security(_role("metrics"))]
+"""A caller allowed ``/metrics`` (role ``metrics`` or ``admin``)."""
+
+
+def owned_job_id(job_id: str, request: Request, principal: User) -> str:
+    """The full id of the caller's job ``job_id`` (an id, or its first 8+ characters).
+
+    Raises:
+        JobNotFoundError: no such job among the caller's, a prefix under 8 characters, or
+            an ambiguous one; the message names only what the caller sent.
+    """
+    store = request.app.state.client.store
+    try:
+        return store.resolve_job_id(job_id, owned_by=None if principal.sees_all_jobs else principal.name,
+                                    min_prefix=API_PREFIX_MIN_CHARS)
+    except JobNotFoundError as exc:
+        if "ambiguous" in str(exc):  # lists the caller's own ids only
+            raise public(exc) from None
+        raise public(JobNotFoundError(f"no job {job_id[:64]!r}: give the job id (32 hex characters) or at least "
+                                       f"{API_PREFIX_MIN_CHARS} of its first characters")) from exc
+
+
+OwnedJobId = Annotated[str, Depends(owned_job_id)]
+"""The resolved id of a ``{job_id}`` path parameter the caller owns (see :func:`owned_job_id`)."""
