@@ -118,7 +118,13 @@ def _one_column(values: Sequence[Any] | np.ndarray, spec: InputSpec) -> pa.Array
             raise DatasetSchemaError(f"rows of shape {values.shape}: the model takes rows of shape "
                                      f"{list(spec.row_shape)} ({size} values)")
         return tensor_table(values.reshape(len(values), *spec.row_shape), spec.column).column(0)
-    # per-row values: flattened, so that a row of the wrong length fails alone on the worker
+    return _flattened(values)
+
+
+def _flattened(values: Sequence[Any]) -> pa.Array:
+    """Per-row tensors (arrays or nested lists) as one list of float64 values per row, so
+    that a row of the wrong length fails alone on the worker (ragged or non-numeric
+    nesting: an empty list, which fails as a tensor of 0 values)."""
     flat = []
     for value in values:
         if value is None:
@@ -126,7 +132,7 @@ def _one_column(values: Sequence[Any] | np.ndarray, spec: InputSpec) -> pa.Array
             continue
         try:
             row = np.asarray(value, dtype=np.float64)
-        except (ValueError, TypeError):  # ragged nesting or text: a row error on the worker
+        except (ValueError, TypeError):
             flat.append([])
             continue
         flat.append(row.reshape(-1))
@@ -142,5 +148,8 @@ def _columns_to_table(columns: Mapping[str, list[Any]], spec: InputSpec | None) 
         try:
             arrays[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: let the worker judge each cell
-            arrays[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+            if all(v is None or isinstance(v, list | tuple) for v in values):
+                arrays[name] = _flattened(values)  # tensors nested to different depths
+            else:
+                arrays[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
     return pa.table(arrays)

@@ -153,3 +153,27 @@ def test_a_cold_start_is_reported_in_the_job_and_by_mlf_status(backend, trained,
     run = subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "status", job.id],
                          env=backend.env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert f"loaded cold in {status.model_load_s:.1f} s" in run.stdout, run.stdout + run.stderr
+
+
+def test_tensors_as_nested_lists_over_http(backend, tensor_model, digits):
+    """The HTTP API takes a tensor as nested lists (JSON has no arrays), for online
+    predictions and bulk jobs, and answers as the model does in process; a row of the
+    wrong shape fails alone."""
+    import torch
+
+    from tests.integration.test_api import api, wait_done
+
+    x = images(digits)[:4]
+    with torch.inference_mode():
+        want = torch.softmax(tensor_model(torch.from_numpy(x * SCALE)), dim=1).numpy()
+    rows = [{"image": x[i].tolist()} for i in range(4)]
+    with api(backend.values) as http:
+        r = http.post(f"/v1/models/{MODEL}/predict", json={"rows": rows, "timeout_s": 60})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose([row["probabilities"] for row in r.json()["rows"]], want, atol=1e-5)
+        r = http.post("/v1/jobs", json={"model": MODEL, "rows": [*rows, {"image": [[1.0, 2.0]]}]})
+        assert r.status_code == 202, r.text
+        assert wait_done(http, r.json()["job_id"])["rows_failed"] == 1
+        page = http.get(f"/v1/jobs/{r.json()['job_id']}/results").json()["rows"]
+    np.testing.assert_allclose([row["probabilities"] for row in page[:4]], want, atol=1e-5)
+    assert page[4]["error"] == "row 4, field 'image': a tensor of 2 values, the model takes 64 (shape [1, 8, 8])"
