@@ -363,3 +363,20 @@ def stats(store: ResultStore) -> StoreStats:
                            else conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())  # fixed table names
     age = None if oldest is None else max(0.0, (_now() - _aware(oldest)).total_seconds())
     return StoreStats(size_bytes=size, rows=rows, oldest_finished_age_s=age)
+
+
+def prune_pass(store: ResultStore, *, results_retention_s: float | None, worker_retention_s: float | None = None,
+               deleted_job_retention_s: float | None = None, limit: int = PRUNE_JOBS_PER_PASS) -> PruneReport:
+    """What ``mlf worker`` runs every ``prune_interval_s``: under :func:`exclusive_pass`, one
+    :func:`prune` of at most ``limit`` jobs, then :func:`reclaim_space`.
+
+    Returns:
+        What was deleted; ``skipped`` when another process holds the prune lock.
+    """
+    with exclusive_pass(store) as mine:
+        if not mine:
+            return PruneReport(skipped=True)
+        report = prune(store, results_retention_s=results_retention_s, worker_retention_s=worker_retention_s,
+                       deleted_job_retention_s=deleted_job_retention_s, limit=limit)
+        reclaim_space(store)
+        return report
