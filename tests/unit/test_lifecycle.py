@@ -215,3 +215,22 @@ def test_tombstones_table_exists_after_migration(store):
     with store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(DeletedJobRow)).scalar_one() == 0
         conn.rollback()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("none", None), ("30d", 30 * 86_400), ("12h", 43_200), ("90", 90),
+                                               ("1.5m", 90), ("2w", 14 * 86_400), (3600, 3600)])
+def test_retention_settings_take_durations(text, seconds):
+    """``results_retention`` takes ``none``, seconds, or a number with s/m/h/d/w."""
+    from ml_framework.settings import load_settings
+
+    keep = load_settings(results_retention=text).retention_s["results_retention_s"]
+    assert keep == seconds
+
+
+def test_a_retention_that_is_not_a_duration_is_refused():
+    """A retention that is not a duration fails at start, naming the value."""
+    from ml_framework.errors import SettingsError
+    from ml_framework.settings import load_settings
+
+    with pytest.raises(SettingsError, match="'30 days' is not a duration"):
+        load_settings(results_retention="30 days")
