@@ -15,6 +15,8 @@ Secrets (:data:`SECRET_FIELDS`: API keys, passwords, URLs that may carry one) ar
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,6 +53,28 @@ each readable from the file named by ``ML_FRAMEWORK_<KEY>_FILE``."""
 _URL_PASSWORDS = (("broker_url", "broker_password"), ("redis_url", "redis_password"),
                   ("database_url", "database_password"))
 ApiRole = Literal["user", "admin", "metrics"]
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def parse_duration(value: Any) -> timedelta | None:
+    """A retention setting: ``none`` (keep for ever), a number of seconds, or a number with
+    a unit (``90s``, ``15m``, ``12h``, ``30d``, ``2w``); a ``timedelta`` as it is.
+
+    Raises:
+        ValueError: anything else, naming the value.
+    """
+    if value is None or isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    text = str(value).strip().lower()
+    if text in ("none", "never", "off", ""):
+        return None
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration: use none, a number of seconds, or e.g. 90s, 15m, 12h, 30d, 2w")
+    return timedelta(seconds=float(match.group(1)) * _DURATION_UNIT_S[match.group(2) or "s"])
 
 
 class Settings(BaseSettings):
@@ -142,6 +166,17 @@ class Settings(BaseSettings):
         reconcile_interval_s: with Redis, how often ``mlf worker`` looks for open shards
             whose messages the broker lost (kombu's Redis transport can lose a message
             taken at the moment a connection dies) and sends them again; 0: never.
+        results_retention: how long finished jobs (SUCCEEDED, PARTIAL, FAILED, CANCELLED)
+            and their results are kept after they ended: ``none`` (default: for ever), or a
+            duration (``30d``, ``12h``, seconds as a number). ``mlf worker`` deletes what has
+            expired every ``prune_interval_s``; ``mlf prune`` does it by hand.
+        worker_heartbeat_retention: heartbeats of worker processes silent this long are
+            deleted by the same pass (``mlf workers --all`` forgets them); default ``7d``;
+            ``none`` keeps them.
+        deleted_job_retention: how long the tombstone of a deleted job (its id and owner)
+            is kept, so that deleting it again answers the same; default ``30d``.
+        prune_interval_s: how often ``mlf worker`` runs the pruning pass, seconds (one host
+            at a time: a database lock); 0: never.
         max_message_bytes: the largest message a producer sends, bytes (an inline shard
             or a group of online requests); larger ones are refused before anything is
             recorded. Default 64 MiB, half of RabbitMQ's default ``max_message_size``
@@ -191,6 +226,38 @@ class Settings(BaseSettings):
     broker_queue_type: Literal["classic", "quorum"] = "classic"
     reconcile_interval_s: float = Field(default=60.0, ge=0)
     max_message_bytes: PositiveInt = 64 * 2**20
+    results_retention: timedelta | None = None
+    worker_heartbeat_retention: timedelta | None = timedelta(days=7)
+    deleted_job_retention: timedelta | None = timedelta(days=30)
+    prune_interval_s: float = Field(default=600.0, ge=0)
+
+    @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention", mode="before")
+    @classmethod
+    def _parse_duration(cls, value: Any) -> timedelta | None:
+        return parse_duration(value)
+
+    @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention")
+    @classmethod
+    def _check_duration(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value.total_seconds() < 0:
+            raise ValueError("a retention cannot be negative")
+        return value
+
+    @property
+    def retention_s(self) -> dict[str, float | None]:
+        """The three retentions in seconds (``None``: kept for ever), as
+        :meth:`ml_framework.store.ResultStore.prune` takes them."""
+        def secs(d: timedelta | None) -> float | None:
+            return None if d is None else d.total_seconds()
+
+        return {"results_retention_s": secs(self.results_retention),
+                "worker_retention_s": secs(self.worker_heartbeat_retention),
+                "deleted_job_retention_s": secs(self.deleted_job_retention)}
+
+    @property
+    def prunes(self) -> bool:
+        """Whether a pruning pass has anything to do (some retention is set)."""
+        return any(v is not None for v in self.retention_s.values())
 
     @field_validator("worker_preload_models", "flower_basic_auth", mode="before")
     @classmethod

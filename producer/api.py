@@ -8,7 +8,9 @@ Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message"
 ``GET /v1/jobs/{id}``                       state and progress (id or unique 8+ character prefix)
 ``GET /v1/jobs/{id}/results``               a page of rows (``offset``, ``limit``), or the
                                             whole result as ``?format=csv`` / ``parquet``
-``DELETE /v1/jobs/{id}``                    cancel: no further shard starts
+``POST /v1/jobs/{id}/cancel``               cancel: no further shard starts; results stay
+``DELETE /v1/jobs/{id}``                    delete the job and its results (cancelled first
+                                            if running); 204, also when already deleted
 ``GET /v1/models``                          the model repository
 ``POST /v1/models/{name}/predict``          online: score a few rows, answer synchronously
 ``GET /health``                             liveness: the process answers
@@ -28,6 +30,11 @@ Errors (:mod:`producer.api_errors`) name no server path or URL; each response ca
 detail. Bodies larger than ``api_max_request_bytes`` are refused with 413; bodies are
 parsed off the event loop (:mod:`producer.api_bodies`), so ``/health`` answers while
 large requests are in flight.
+
+Changed in 0.2: ``DELETE /v1/jobs/{id}`` deletes the job and its results; it used to cancel,
+which is now ``POST /v1/jobs/{id}/cancel``. Deleting is idempotent: 204 the first time and
+every time after for the key that owned the job (while its tombstone is kept,
+``deleted_job_retention``; by full id), 404 for another key, as for any job not its own.
 
 JSON rule: outputs are stored as finite numbers (a model returning NaN or infinity fails
 that row with a row error), so results never hold NaN; any NaN or infinity that reaches a
@@ -57,7 +64,7 @@ from ml_framework.manifest import MAX_INT32
 from ml_framework.paths import resolve_under
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobStatus
-from producer.api_auth import KeyTable, MetricsReader, OwnedJobId, User
+from producer.api_auth import DeletableJobId, KeyTable, MetricsReader, OwnedJobId, User
 from producer.api_bodies import (
     INLINE_PARSE_BYTES,
     BodyInvalidError,
@@ -256,7 +263,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api = FastAPI(
         title="ml-framework", version="0.1.0", lifespan=lifespan,
         description="Batch inference jobs on Celery workers: submit, poll, fetch results. Every endpoint but "
-                    "/health and /ready needs an API key (Authorize).",
+                    "/health and /ready needs an API key (Authorize).\n\n"
+                    "**Changed:** `DELETE /v1/jobs/{job_id}` now deletes a job and its results (idempotent: 204 "
+                    "again for the key that owned it); cancelling is `POST /v1/jobs/{job_id}/cancel`. Finished "
+                    "jobs are deleted `results_retention` after they ended (if set).",
         responses={code: {"model": ApiError} for code in (400, 401, 403, 404, 409, 413, 422, 500, 503)},
     )
     api.add_middleware(RequestIdMiddleware)
@@ -290,10 +300,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """A job's state and progress; a unique prefix of the id (8 characters or more) works too."""
         return JobOut.of(c.get_job(job_id).status(), c.settings)
 
-    @api.delete("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses={404: {"model": ApiError}})
+    @api.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses={404: {"model": ApiError}})
     def cancel_job(job_id: OwnedJobId, c: ClientDep) -> JobOut:
-        """Cancel a job: no further shard starts; recorded results stay."""
+        """Cancel a job: no further shard starts; recorded results stay. A finished job is left as it is."""
         return JobOut.of(c.get_job(job_id).cancel(), c.settings)
+
+    @api.delete("/v1/jobs/{job_id}", status_code=204, response_class=Response, tags=["jobs"],
+                responses={204: {"description": "Deleted, or deleted already by this key."},
+                           404: {"model": ApiError}})
+    def delete_job(job_id: DeletableJobId, c: ClientDep, request: Request) -> Response:
+        """Delete a job and everything stored of it: shards, results, row errors, cached
+        renderings (a PENDING or RUNNING job is cancelled first). Idempotent: 204 again for
+        the key that owned the job (by full id). Result files a client wrote are its own."""
+        if job_id is not None and c.store.delete_job(job_id) is not None:
+            request.app.state.cache.forget([job_id])
+            log.info("request %s: job %s deleted", request.state.request_id, job_id)
+        return Response(status_code=204)
 
     @api.get("/v1/jobs/{job_id}/results", response_model=ResultsPage, tags=["jobs"],
              responses={404: {"model": ApiError},

@@ -163,3 +163,27 @@ def owned_job_id(job_id: str, request: Request, principal: User) -> str:
 
 OwnedJobId = Annotated[str, Depends(owned_job_id)]
 """The resolved id of a ``{job_id}`` path parameter the caller owns (see :func:`owned_job_id`)."""
+
+
+def deletable_job_id(job_id: str, request: Request, principal: User) -> str | None:
+    """For ``DELETE``: the full id of the caller's job ``job_id`` (as :func:`owned_job_id`),
+    or ``None`` when the caller's job of that full id was deleted already (its tombstone
+    names the caller's key; an admin: any key), so that deleting again answers the same.
+
+    Raises:
+        JobNotFoundError: as :func:`owned_job_id`, also for a deleted job of another key
+            (404 whether it existed or not).
+    """
+    try:
+        return owned_job_id(job_id, request, principal)
+    except JobNotFoundError:
+        full = job_id.strip().lower()
+        gone, owner = request.app.state.client.store.deleted_owner(full) if len(full) == 32 else (False, None)
+        if gone and (principal.sees_all_jobs or owner == principal.name):
+            return None
+        raise
+
+
+DeletableJobId = Annotated[str | None, Depends(deletable_job_id)]
+"""The resolved id of a ``{job_id}`` the caller owns, or ``None`` when the caller deleted it
+already (see :func:`deletable_job_id`)."""

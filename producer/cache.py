@@ -75,6 +75,26 @@ class ResultsCache:
             log.warning("could not cache results %s: %s", key, exc)
         return body
 
+    def forget(self, job_ids: list[str]) -> int:
+        """Drop every cached rendering of the results of ``job_ids`` (deleted jobs); an
+        unreachable Redis is logged (the keys expire after ``cache_ttl_s`` anyway, and a
+        deleted job is answered 404 before the cache is read).
+
+        Returns:
+            The number of keys dropped.
+        """
+        if self._redis is None:
+            return 0
+        dropped = 0
+        try:
+            for job_id in job_ids:
+                keys = list(self._redis.scan_iter(match=self.key(job_id, "*"), count=500))
+                if keys:
+                    dropped += self._redis.delete(*keys)
+        except Exception as exc:  # noqa: BLE001 - deleting the job itself succeeded
+            log.warning("could not drop cached results of deleted job(s) %s: %s", ", ".join(job_ids[:5]), exc)
+        return dropped
+
     def close(self) -> None:
         """Release the Redis connection."""
         if self._redis is not None:

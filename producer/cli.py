@@ -125,10 +125,16 @@ def score(
 
 @app.command()
 def status(
-    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    job_id: Annotated[str | None, typer.Argument(help="Job id; without one, the results store's size.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show a job's state and progress."""
+    """Show a job's state and progress; without a job, the results store: its size, rows,
+    jobs by state, the oldest finished job and the retention in force."""
+    if job_id is None:
+        from producer.cli_lifecycle import print_store_status
+
+        print_store_status(as_json)
+        return
     try:
         with client() as c:
             st = c.get_job(job_id).status()
@@ -336,9 +342,13 @@ def models(ctx: typer.Context) -> None:
 
 
 def _load_plugins() -> None:
-    from producer import cli_admin  # it imports this module, so it is registered here
+    from producer import (  # they import this module, so they are registered here
+        cli_admin,
+        cli_lifecycle,
+    )
 
     cli_admin.register(app)
+    cli_lifecycle.register(app)
     for ep in entry_points(group="mlf.commands"):
         try:
             register = ep.load()

@@ -36,7 +36,7 @@ from ml_framework.protocol import (
     ScoreShard,
 )
 from ml_framework.settings import Settings, get_settings
-from ml_framework.store import JobState, JobStatus, NewJob, ResultStore, WorkerInfo
+from ml_framework.store import JobState, JobStatus, NewJob, PruneReport, ResultStore, WorkerInfo
 from producer.datasets import inspect, plan_sources, resolve_columns
 from producer.online import OnlineDispatcher, OnlineRequest
 from producer.results import write_results
@@ -135,6 +135,17 @@ class Job:
         """Cancel the job: no further shard starts; recorded results stay."""
         return self.client.store.cancel(self.id)
 
+    def delete(self) -> PruneReport | None:
+        """Delete the job and everything the store holds of it (shards, results, row
+        errors, the API's cached renderings); a PENDING or RUNNING job is cancelled first.
+        Idempotent. Result files written with :meth:`save_results` are the caller's: the
+        store does not know them, and they stay.
+
+        Returns:
+            The rows and bytes deleted; ``None`` when the job was already deleted.
+        """
+        return self.client.delete_jobs([self.id])[self.id]
+
     def save_results(self, path: Path | str) -> Path:
         """Write the results (as :meth:`results`, ``row`` as the first column) to
         ``.parquet`` or ``.csv`` (list values as JSON in CSV), straight from Arrow."""
@@ -204,6 +215,24 @@ class Client:
             JobNotFoundError: no such job, or the prefix matches several.
         """
         return Job(self, self.store.resolve_job_id(job_id))
+
+    def delete_jobs(self, job_ids: Sequence[str]) -> dict[str, PruneReport | None]:
+        """Delete jobs by full id (see :meth:`Job.delete`), and forget their cached results
+        when ``cache_backend: redis``.
+
+        Returns:
+            Per id, what was deleted, or ``None`` when there was no such job (any more).
+        """
+        done = {job_id: self.store.delete_job(job_id) for job_id in job_ids}
+        if self.settings.cache_backend == "redis":
+            from producer.cache import ResultsCache
+
+            cache = ResultsCache(self.settings)
+            try:
+                cache.forget(list(done))
+            finally:
+                cache.close()
+        return done
 
     def live_workers(self, max_age_s: float = 30.0) -> list[str]:
         """Worker processes whose heartbeat reached the results store in the last ``max_age_s``."""

@@ -22,6 +22,13 @@ Metrics (labels in braces):
 - ``mlf_broker_up`` (gauge): 1 when the broker answered this scrape, else 0.
 - ``mlf_oldest_pending_job_age_seconds`` (gauge): age of the oldest job still PENDING
   (0 when none): a queue that is not moving shows here first.
+- ``mlf_store_size_bytes`` (gauge): the results store on disk: the SQLite file and its WAL,
+  or the store's PostgreSQL tables with indexes and TOAST.
+- ``mlf_store_rows{table}`` (gauge): rows per table (PostgreSQL: the planner's estimate for
+  tables of 100,000 rows or more).
+- ``mlf_oldest_finished_job_age_seconds`` (gauge): seconds since the oldest finished job
+  still kept ended (0 when none); with ``results_retention`` set it stays near the
+  retention plus ``prune_interval_s``; above that, pruning is not running.
 
 The workers' own metrics (rows scored, batch sizes and latencies, queue wait, model load
 time, failures) are served by ``mlf worker`` itself; see :mod:`worker.metrics`.
@@ -85,6 +92,7 @@ class StoreCollector:
         age = self.client.store.oldest_pending_age_s()
         yield GaugeMetricFamily("mlf_oldest_pending_job_age_seconds", "Age of the oldest PENDING job, seconds.",
                                 value=age or 0.0)
+        yield from self._store_metrics()
         depth = GaugeMetricFamily("mlf_queue_depth", "Messages waiting on each queue.", labels=["queue"])
         try:
             for queue, n in queue_depths(self.client).items():
@@ -95,6 +103,19 @@ class StoreCollector:
             up = 0
         yield depth
         yield GaugeMetricFamily("mlf_broker_up", "1 when the broker answered this scrape.", value=up)
+
+
+    def _store_metrics(self) -> Iterator[Metric]:
+        """The store's size, rows per table and oldest finished job (see the module docstring)."""
+        st = self.client.store.stats()
+        yield GaugeMetricFamily("mlf_store_size_bytes", "Results store on disk, bytes.", value=st.size_bytes)
+        rows = GaugeMetricFamily("mlf_store_rows", "Rows per results-store table.", labels=["table"])
+        for table, n in st.rows.items():
+            rows.add_metric([table], n)
+        yield rows
+        yield GaugeMetricFamily("mlf_oldest_finished_job_age_seconds",
+                                "Seconds since the oldest finished job still kept ended.",
+                                value=st.oldest_finished_age_s or 0.0)
 
 
 def queue_depths(client: Client) -> dict[str, int]:

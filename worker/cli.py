@@ -70,9 +70,15 @@ def worker(
 
         app = create_app(settings)
         reconcile = lambda store: resend_lost_shards(app, settings, store)  # noqa: E731
+    prune = None
+    if settings.prunes and settings.prune_interval_s:
+        from worker.retention import prune_expired
+
+        prune = lambda store: prune_expired(settings, store)  # noqa: E731
     supervisor = Supervisor(children, grace_s=grace, metrics_address=address, time_limit_s=settings.task_time_limit_s,
                             store_url=settings.effective_database_url, on_time_limit=settings.on_time_limit,
-                            reconcile=reconcile, reconcile_interval_s=settings.reconcile_interval_s)
+                            reconcile=reconcile, reconcile_interval_s=settings.reconcile_interval_s,
+                            prune=prune, prune_interval_s=settings.prune_interval_s)
     raise typer.Exit(supervisor.run())
 
 

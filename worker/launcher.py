@@ -163,13 +163,18 @@ class Supervisor:
         reconcile: called with the results store every ``reconcile_interval_s`` seconds
             to send again the shards whose messages the broker lost (see
             :mod:`worker.reconcile`); ``None`` (or no ``store_url``): never.
+        prune: called with a results store of its own every ``prune_interval_s`` seconds,
+            on a thread of its own (a long pass must not delay lease releases), to delete
+            what retention let expire (see :func:`ml_framework.store.lifecycle.prune_pass`,
+            which takes a database lock so that one host prunes at a time); ``None``: never.
     """
 
     def __init__(self, children: list[ChildSpec], grace_s: float = 60.0,
                  metrics_address: tuple[str, int] | None = None, *, time_limit_s: float | None = None,
                  store_url: str | None = None, on_time_limit: str = "fail",
                  reconcile: Callable[[ResultStore], int] | None = None,
-                 reconcile_interval_s: float = 60.0) -> None:
+                 reconcile_interval_s: float = 60.0,
+                 prune: Callable[[ResultStore], object] | None = None, prune_interval_s: float = 600.0) -> None:
         self.children = children
         self.grace_s = grace_s
         self.metrics_address = metrics_address
@@ -186,6 +191,9 @@ class Supervisor:
         self.reconcile = reconcile
         self.reconcile_interval_s = reconcile_interval_s
         self._next_reconcile = time.monotonic() + reconcile_interval_s
+        self.prune = prune
+        self.prune_interval_s = prune_interval_s
+        self._stop_pruning = threading.Event()
         # Store and broker calls run in order on one daemon thread (a daemon: a call that
         # hangs must not hold the launcher's exit either).
         self._background: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -216,6 +224,8 @@ class Supervisor:
             self._serve_metrics(*self.metrics_address)
         for child in self.children:
             self._start(child)
+        if self.prune is not None and self.store_url is not None and self.prune_interval_s > 0:
+            threading.Thread(target=self._prune_loop, name="mlf-supervisor-prune", daemon=True).start()
         next_start: dict[str, float] = {}
         while not self._stopping:
             now = time.monotonic()
@@ -274,6 +284,22 @@ class Supervisor:
         finally:
             self._reconciling.clear()
 
+    def _prune_loop(self) -> None:
+        """Every ``prune_interval_s`` seconds, ``prune(store)`` on a store of this thread's
+        own, until shutdown. A failing pass is logged, and the next one tries again."""
+        store = None
+        while not self._stop_pruning.wait(self.prune_interval_s):
+            try:
+                if store is None:
+                    from ml_framework.store import ResultStore
+
+                    store = ResultStore(self.store_url, migrate=False)
+                self.prune(store)
+            except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
+                log.warning("could not prune the results store: %s", exc)
+        if store is not None:
+            store.close()
+
     def _release_leases(self, child: ChildSpec, pid: int) -> None:
         """Release the shard leases of ``child``'s dead process ``pid``."""
         self._with_store(lambda store: store.release_leases(f"{child.name}:{pid}"), "release its shard leases")
@@ -300,6 +326,7 @@ class Supervisor:
 
     def shutdown(self) -> int:
         """SIGTERM every child, wait ``grace_s``, then SIGKILL the rest."""
+        self._stop_pruning.set()
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -10,6 +10,7 @@ from ml_framework.store.api import (
     WorkerInfo,
     results_frame,
 )
+from ml_framework.store.lifecycle import PruneReport, StoreStats
 from ml_framework.store.schema import JobState, ShardState
 
-__all__ = ["JobState", "JobStatus", "NewJob", "ResultStore", "RowError", "ShardClaim", "ShardOutcomeRecord", "ShardState", "WorkerInfo", "results_frame"]
+__all__ = ["JobState", "JobStatus", "NewJob", "PruneReport", "ResultStore", "RowError", "ShardClaim", "ShardOutcomeRecord", "ShardState", "StoreStats", "WorkerInfo", "results_frame"]

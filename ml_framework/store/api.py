@@ -1,4 +1,5 @@
-"""The results-store API: the only code that writes jobs, shards, results and row errors.
+"""The results-store API: the only code that writes jobs, shards, results and row errors
+(deleting them is :mod:`ml_framework.store.lifecycle`'s, behind the methods here).
 
 Every write that moves a shard is one transaction. Completing a shard is idempotent: the
 shard row is flipped from PENDING/RUNNING to DONE/FAILED by a conditional UPDATE first, and
@@ -40,8 +41,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from ml_framework.errors import JobNotFoundError, StoreError, StoreUnavailableError
+from ml_framework.store import lifecycle
 from ml_framework.store import outputs as shard_outputs
 from ml_framework.store.engine import READ_ONLY, make_engine, upgrade
+from ml_framework.store.lifecycle import PruneReport, StoreStats
 from ml_framework.store.schema import (
     JobRow,
     JobState,
@@ -426,6 +429,38 @@ class ResultStore:
                 .values(state=JobState.CANCELLED.value, finished_at=_now())
             )
         return self.job(job_id)
+
+    def delete_job(self, job_id: str) -> PruneReport | None:
+        """Delete a job and everything it owns (shards, output blobs, row errors), leaving a
+        tombstone; a PENDING or RUNNING job is cancelled first. Bounded transactions: see
+        :mod:`ml_framework.store.lifecycle`.
+
+        Args:
+            job_id: the full job id.
+
+        Returns:
+            The rows and bytes deleted, or ``None`` if there was no such job (deleted
+            already: deleting is idempotent).
+        """
+        return lifecycle.delete_job(self, job_id)
+
+    def deleted_owner(self, job_id: str) -> tuple[bool, str | None]:
+        """Whether job ``job_id`` (a full id) was deleted (its tombstone is still kept),
+        and the name of the API key that owned it (``None``: CLI or Python client)."""
+        return lifecycle.deleted_owner(self, job_id)
+
+    def prune(self, *, results_retention_s: float | None, worker_retention_s: float | None = None,
+              deleted_job_retention_s: float | None = None, dry_run: bool = False,
+              limit: int = lifecycle.PRUNE_JOBS_PER_PASS, now: datetime | None = None) -> PruneReport:
+        """One pass of retention: see :func:`ml_framework.store.lifecycle.prune`."""
+        return lifecycle.prune(self, results_retention_s=results_retention_s, worker_retention_s=worker_retention_s,
+                               deleted_job_retention_s=deleted_job_retention_s, dry_run=dry_run, limit=limit,
+                               now=now)
+
+    def stats(self) -> StoreStats:
+        """Size in bytes, rows per table, age of the oldest finished job (see
+        :class:`~ml_framework.store.lifecycle.StoreStats`)."""
+        return lifecycle.stats(self)
 
     def results(self, job_id: str) -> pd.DataFrame:
         """Outputs and row errors of a job, in input row order.

@@ -22,7 +22,7 @@ PG_MIGRATION_LOCK_ID = 72_616_001  # arbitrary constant key for pg_advisory_xact
 def make_engine(url: str) -> Engine:
     """Create an engine for ``url``.
 
-    SQLite gets WAL journaling, a 30 s busy timeout and ``BEGIN IMMEDIATE`` write
+    SQLite gets incremental auto-vacuum (new files), WAL journaling, a 30 s busy timeout and ``BEGIN IMMEDIATE`` write
     transactions: in WAL mode a deferred transaction that reads and then writes fails at
     once with SQLITE_BUSY when another process wrote in between, whatever the timeout.
     Connections marked with the :data:`READ_ONLY` execution option begin deferred.
@@ -42,6 +42,11 @@ def make_engine(url: str) -> Engine:
     def _on_connect(dbapi_conn, _record):
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
         cur = dbapi_conn.cursor()
+        # Takes effect only in a file without tables yet (a new store): pages freed by
+        # deleting jobs can then be handed back to the file system by
+        # ``PRAGMA incremental_vacuum`` (see ml_framework.store.lifecycle). An older file
+        # keeps reusing its freed pages; ``mlf prune --vacuum`` converts it once.
+        cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA synchronous=NORMAL")

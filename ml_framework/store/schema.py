@@ -66,7 +66,19 @@ class JobRow(Base):
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+
+
+class DeletedJobRow(Base):
+    """The tombstone of a deleted job: who owned it, so that deleting it again answers the
+    same (idempotent) for its owner and 404 for anyone else. Pruned after
+    ``deleted_job_retention``."""
+
+    __tablename__ = "deleted_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class ShardRow(Base):

@@ -78,10 +78,12 @@ def test_inline_rows_with_a_bad_cell_end_partial_naming_row_and_field(http, digi
 
 
 def test_cancel_errors_and_operations_endpoints(http, backend):
-    """DELETE cancels; unknown ids, bad bodies and paths outside the data directory are
+    """POST .../cancel cancels and DELETE deletes; unknown ids, bad bodies and paths outside the data directory are
     JSON errors; /ready, /gpu-status and /metrics describe the live CPU fleet."""
     job = http.post("/v1/jobs", json={"model": "digits-torch", "dataset": "digits.csv", "batch_size": 1}).json()
-    assert http.delete(f"/v1/jobs/{job['job_id']}").json()["state"] == "CANCELLED"
+    assert http.post(f"/v1/jobs/{job['job_id']}/cancel").json()["state"] == "CANCELLED"
+    assert http.delete(f"/v1/jobs/{job['job_id']}").status_code == 204
+    assert http.get(f"/v1/jobs/{job['job_id']}").status_code == 404
     missing = http.get("/v1/jobs/" + "0" * 32)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "JobNotFoundError"
     bad = http.post("/v1/jobs", json={"model": "digits-torch", "dataset": "digits.csv", "batch_size": 0})

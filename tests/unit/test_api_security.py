@@ -120,17 +120,39 @@ def test_a_job_belongs_to_the_key_that_submitted_it(http):
     assert job["owner"] == "alice" and job["state"] == "PENDING"
     jid = job["job_id"]
     missing = http.get("/v1/jobs/" + "f" * 32, headers=hdr("bob")).json()["error"]
-    for method, path in [("get", f"/v1/jobs/{jid}"), ("get", f"/v1/jobs/{jid}/results"), ("delete", f"/v1/jobs/{jid}")]:
+    for method, path in [("get", f"/v1/jobs/{jid}"), ("get", f"/v1/jobs/{jid}/results"), ("delete", f"/v1/jobs/{jid}"),
+                         ("post", f"/v1/jobs/{jid}/cancel")]:
         r = getattr(http, method)(path, headers=hdr("bob"))
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["error"]["message"].replace(jid, "X") == missing["message"].replace("f" * 32, "X")
     assert http.get(f"/v1/jobs/{jid}", headers=hdr("alice")).json()["state"] == "PENDING"
     assert http.get(f"/v1/jobs/{jid}/results", headers=hdr("alice")).json()["rows"] == []
     assert http.get(f"/v1/jobs/{jid}", headers=hdr("ops")).json()["owner"] == "alice"
-    assert http.delete(f"/v1/jobs/{jid}", headers=hdr("ops")).json()["state"] == "CANCELLED"
+    assert http.post(f"/v1/jobs/{jid}/cancel", headers=hdr("ops")).json()["state"] == "CANCELLED"
     metrics = http.get("/metrics", headers=hdr("prom")).text
     assert 'mlf_jobs_by_owner{owner="alice",state="CANCELLED"}' in metrics
     assert KEYS["alice"] not in metrics
+
+
+def test_delete_deletes_idempotently_for_the_owner_only(http):
+    """DELETE deletes the caller's job (204) and then answers 204 again for the same key;
+    POST .../cancel cancels; another key gets the 404 of a missing job, before and after."""
+    jid = submit(http, "alice")["job_id"]
+    assert http.post(f"/v1/jobs/{jid}/cancel", headers=hdr("alice")).json()["state"] == "CANCELLED"
+    assert http.get(f"/v1/jobs/{jid}", headers=hdr("alice")).json()["state"] == "CANCELLED"  # cancel keeps it
+    missing = http.delete("/v1/jobs/" + "f" * 32, headers=hdr("bob")).json()["error"]["message"]
+    assert http.delete(f"/v1/jobs/{jid}", headers=hdr("bob")).status_code == 404
+    first = http.delete(f"/v1/jobs/{jid}", headers=hdr("alice"))
+    assert (first.status_code, first.content) == (204, b"")
+    assert http.get(f"/v1/jobs/{jid}", headers=hdr("alice")).status_code == 404
+    assert http.delete(f"/v1/jobs/{jid}", headers=hdr("alice")).status_code == 204
+    again = http.delete(f"/v1/jobs/{jid}", headers=hdr("bob"))
+    assert again.status_code == 404
+    assert again.json()["error"]["message"].replace(jid, "X") == missing.replace("f" * 32, "X")
+    running = submit(http, "alice")["job_id"]  # PENDING: cancelled, then deleted
+    assert http.delete(f"/v1/jobs/{running}", headers=hdr("alice")).status_code == 204
+    assert http.get(f"/v1/jobs/{running}", headers=hdr("ops")).status_code == 404
+    assert http.delete(f"/v1/jobs/{running}", headers=hdr("ops")).status_code == 204  # an admin: any key's
 
 
 def test_prefixes_need_8_characters_and_resolve_among_the_callers_own_jobs(http):

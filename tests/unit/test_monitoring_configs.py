@@ -18,7 +18,8 @@ from worker import metrics as worker_metrics
 REPO = Path(__file__).resolve().parents[2]
 API_METRICS = {"mlf_jobs", "mlf_workers_live", "mlf_worker_rows_per_second", "mlf_worker_rows_total",
                "mlf_worker_oom_splits_total", "mlf_worker_gpu_memory_used_bytes", "mlf_worker_gpu_utilization_ratio",
-               "mlf_queue_depth", "mlf_broker_up", "mlf_oldest_pending_job_age_seconds", "mlf_jobs_by_owner"}
+               "mlf_queue_depth", "mlf_broker_up", "mlf_oldest_pending_job_age_seconds", "mlf_jobs_by_owner",
+               "mlf_store_size_bytes", "mlf_store_rows", "mlf_oldest_finished_job_age_seconds"}
 
 
 def worker_metric_names() -> set[str]:
@@ -97,6 +98,8 @@ def test_a_broker_that_never_answers_does_not_hang_a_scrape_or_mlf_queues(tmp_pa
         text = render(client)[0].decode()
         assert time.monotonic() - started < 20
     assert "mlf_broker_up 0.0" in text and 'mlf_jobs{state="PENDING"} 0.0' in text
+    assert 'mlf_store_rows{table="shard_outputs"} 0.0' in text and "mlf_oldest_finished_job_age_seconds 0.0" in text
+    assert float(text.split("\nmlf_store_size_bytes ")[1].split()[0]) > 0
     started = time.monotonic()
     run = run_mlf(tmp_path, "queues", ML_FRAMEWORK_BROKER_URL=url)
     assert run.returncode == 1 and "cannot read the queues from the broker" in run.stderr

@@ -1,0 +1,83 @@
+"""`mlf jobs delete`, `mlf prune [--dry-run]` and `mlf status` without a job, as a user
+runs them, over the default SQLite store."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import update
+
+from ml_framework.settings import load_settings
+from ml_framework.store import ResultStore, WorkerInfo
+from ml_framework.store.schema import JobRow, WorkerRow
+from tests.unit.test_cli_admin import mlf
+from tests.unit.test_lifecycle import finished_job, owned_rows
+
+
+def open_store(tmp_path) -> ResultStore:
+    return ResultStore(load_settings(var_dir=tmp_path / "var").effective_database_url)
+
+
+def age(store: ResultStore, job_id: str, days: float) -> None:
+    """Make ``job_id`` look as if it ended ``days`` ago."""
+    with store.engine.begin() as conn:
+        conn.execute(update(JobRow).where(JobRow.id == job_id)
+                     .values(finished_at=datetime.now(UTC) - timedelta(days=days)))
+
+
+def test_jobs_delete_deletes_and_says_so_again_idempotently(tmp_path):
+    """`mlf jobs delete A B` deletes both (by id or prefix) and leaves a third whole; again,
+    it says they were deleted already (exit 0); an unknown id is an error (exit 1)."""
+    store = open_store(tmp_path)
+    try:
+        a, b, keep = (finished_job(store) for _ in range(3))
+        run = mlf(tmp_path, "jobs", "delete", a, b[:10])
+        assert run.returncode == 0, run.stderr
+        assert f"deleted job {a}: 3 shard(s), 3 row error(s)" in run.stdout and f"deleted job {b}" in run.stdout
+        assert set(owned_rows(store, a).values()) == set(owned_rows(store, b).values()) == {0}
+        assert owned_rows(store, keep)["shard_outputs"] == 3
+        run = mlf(tmp_path, "jobs", "delete", a)
+        assert run.returncode == 0 and f"job {a} was deleted already" in run.stdout
+        run = mlf(tmp_path, "jobs", "delete", "0" * 32)
+        assert run.returncode == 1 and "no job '00000000000000000000000000000000'" in run.stderr
+    finally:
+        store.close()
+
+
+def test_prune_dry_run_says_what_and_how_many_bytes_then_prune_deletes(tmp_path):
+    """`mlf prune --dry-run --older-than 7d` lists the expired jobs and their bytes and
+    deletes nothing; `mlf prune --older-than 7d` deletes them (and a dead worker's
+    heartbeat), keeps the recent job; `mlf status` shows the store."""
+    store = open_store(tmp_path)
+    try:
+        old, recent = finished_job(store, payload=1000), finished_job(store)
+        age(store, old, 10)
+        store.heartbeat(WorkerInfo(hostname="cpu0@gone", pid=1, started_at=datetime.now(UTC)))
+        with store.engine.begin() as conn:
+            conn.execute(update(WorkerRow).values(last_seen_at=datetime.now(UTC) - timedelta(days=8)))
+        run = mlf(tmp_path, "prune", "--dry-run", "--older-than", "7d")
+        assert run.returncode == 0, run.stderr
+        assert "would delete 1 finished job(s) that ended over 7.0 d ago: 3 shard(s), 3 result blob(s), " \
+               "3 row error(s), " in run.stdout
+        assert " kB of results" in run.stdout
+        assert f"  {old}" in run.stdout and recent not in run.stdout
+        assert "would delete 1 heartbeat(s) of dead worker processes: cpu0@gone" in run.stdout
+        assert owned_rows(store, old)["jobs"] == 1
+        run = mlf(tmp_path, "prune")
+        assert "results_retention is none: finished jobs are kept" in run.stdout
+        assert owned_rows(store, old)["jobs"] == 1
+        run = mlf(tmp_path, "prune", "--older-than", "7d")
+        assert run.returncode == 0, run.stderr
+        assert "deleted 1 finished job(s)" in run.stdout and "store size" in run.stdout
+        assert owned_rows(store, old)["jobs"] == 0 and owned_rows(store, recent)["jobs"] == 1
+        assert store.workers(None) == []
+        run = mlf(tmp_path, "status")
+        assert run.returncode == 0, run.stderr
+        assert "results store" in run.stdout and "jobs 1" in run.stdout and "PARTIAL 1" in run.stdout
+        data = json.loads(mlf(tmp_path, "status", "--json").stdout)
+        assert data["rows"]["shard_outputs"] == 3 and data["size_bytes"] > 0 and data["results_retention_s"] is None
+        bad = mlf(tmp_path, "prune", "--older-than", "soon")
+        assert bad.returncode == 2 and "'soon' is not a duration" in bad.stderr
+    finally:
+        store.close()
