@@ -117,9 +117,7 @@ class ModelManifest(_Strict):
         image's ``(C, H, W)`` / ``(H, W, C)``, a text's ``(tokenizer.max_length,)`` (the
         longest; batches are often shorter), else ``inputs.row_shape``."""
         if self.inputs.kind == "image":
-            height, width = self.preprocessing.image_size or (0, 0)
-            channels = self.preprocessing.channels
-            return (channels, height, width) if self.preprocessing.layout == "NCHW" else (height, width, channels)
+            return self.preprocessing.image_shape()
         if self.inputs.kind == "text" and self.tokenizer is not None:
             return (self.tokenizer.max_length,)
         return self.inputs.row_shape

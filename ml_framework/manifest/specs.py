@@ -115,6 +115,12 @@ class Preprocessing(_Strict):
             return crop
         return _size(self.resize) if isinstance(self.resize, list) else None
 
+    def image_shape(self) -> tuple[int, int, int]:
+        """Per-row shape of a prepared image: ``(C, H, W)`` for ``NCHW``, ``(H, W, C)`` for
+        ``NHWC`` (``H`` and ``W`` are 0 while :attr:`image_size` is ``None``)."""
+        height, width = self.image_size or (0, 0)
+        return (self.channels, height, width) if self.layout == "NCHW" else (height, width, self.channels)
+
     def image_fields(self) -> list[str]:
         """The image-only fields set to something other than their default."""
         return [f for f in ("resize", "crop", "layout", "color")
