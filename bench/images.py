@@ -60,10 +60,37 @@ MODEL = "resnet18-images"
 MEAN = [0.485, 0.456, 0.406]  # ImageNet channel statistics, from torchvision's model documentation
 STD = [0.229, 0.224, 0.225]
 PREPROCESSING = {"resize": SIDE, "crop": SIDE, "scale": 1 / 255, "mean": MEAN, "std": STD}
-PHASES = {"decode + prepare (image threads)": "inputs/image.py", "prefetch thread": "_loop",
-          "forward": "predict_batch", "decode outputs": "decode_outputs", "record (store)": "complete_shard",
-          "claim": "claim_shard", "broker / celery": "drain_events"}
-THREADS = ("run_bulk_shard", "mlf-prefetch", "drain_events", "inputs/image.py")
+MAIN_PHASES = (("forward", "predict_batch"), ("waiting for the prefetch thread", "Prefetcher"),
+               ("decode outputs", "decode_outputs"), ("record (store)", "complete_shard"),
+               ("claim", "claim_shard"), ("broker / celery", "drain_events"))
+"""Phases of the worker's main thread, first match wins: name -> a frame on the stack."""
+
+
+def profile_shares(path: Path) -> dict[str, float]:
+    """Where the worker's time went, from a py-spy raw profile: each phase's share of the
+    main thread's samples (first match of :data:`MAIN_PHASES`, else ``other``), and the
+    busy samples of the decoding threads (``mlf-image_*``) and of the prefetch thread as a
+    share of the main thread's samples (100% = one core busy for the whole job)."""
+    counts: dict[str, int] = {name: 0 for name, _ in MAIN_PHASES}
+    counts["other"] = 0
+    main = decoding = prefetch = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        thread = stack.split(";", 1)[0]
+        if thread.endswith("MainThread"):
+            main += int(n)
+            phase = next((name for name, frame in MAIN_PHASES if frame in stack), "other")
+            counts[phase] += int(n)
+        elif "mlf-image" in thread:
+            decoding += int(n)
+        elif "mlf-prefetch" in thread:
+            prefetch += int(n)
+    if not main:
+        return {}
+    shares = {f"main: {k}": v / main for k, v in counts.items() if v}
+    shares["decoding threads (busy, all)"] = decoding / main
+    shares["prefetch thread (busy)"] = prefetch / main
+    return shares
 
 
 def write_images(directory: Path, n: int, seed: int = 0) -> list[Path]:
@@ -254,10 +281,10 @@ def main() -> int:
         results = {"raw_s": raw_s, "ours_s": our_s}
         if args.profile:
             pid = client.workers()[0].pid
-            shares = profile_job(client, pid, root / "data" / "images", MODEL, args.batch_size, n,
-                                 root / "profile.txt", phases=PHASES, threads=THREADS)
+            profile_job(client, pid, root / "data" / "images", MODEL, args.batch_size, n, root / "profile.txt")
+            shares = profile_shares(root / "profile.txt")
             results["profile"] = shares
-            print("  worker profile (share of samples): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()),
+            print("  worker profile (share of the main thread's samples): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()),
                   flush=True)
         print(f"\nours/raw {raw_s / our_s:.2f}")
         out = REPO / "bench" / "results"
