@@ -27,7 +27,7 @@ of both and one line ``ours/raw <ratio>``.
 
 Usage, from the repository root::
 
-    .venv/bin/python bench/images.py --quick     # 400 images: about 2 minutes on 2 cores
+    .venv/bin/python bench/images.py --quick     # 400 images: 2 to 4 minutes on 2 cores
     .venv/bin/python bench/images.py             # 2,000 images
     .venv/bin/python bench/images.py --profile   # and where the worker's time goes (py-spy)
 """
