@@ -125,10 +125,12 @@ def raw_loop(path: Path, layout: str, model, batch_size: int, out: Path) -> floa
     return time.perf_counter() - started
 
 
-def backend_settings(root: Path, backend: str, shard_size: int) -> dict[str, object]:
+def backend_settings(root: Path, backend: str, shard_size: int, tag: str = "benchoverhead") -> dict[str, object]:
+    """Settings of a bench's worker and client under ``root`` (``models``, ``data``, ``var``),
+    on queues named after ``tag``. ``redis-postgres`` WIPES Redis db 10 and :data:`PG_DB`."""
     values: dict[str, object] = {
         "models_dir": root / "models", "data_dir": root / "data", "var_dir": root / "var",
-        "shard_size": shard_size, "bulk_queue": "mlf.benchoverhead.bulk", "online_queue": "mlf.benchoverhead.online",
+        "shard_size": shard_size, "bulk_queue": f"mlf.{tag}.bulk", "online_queue": f"mlf.{tag}.online",
         "worker_metrics_port": 0, "log_to_file": False, "logging_level": "WARNING",
     }
     if backend == "redis-postgres":
@@ -144,12 +146,13 @@ def backend_settings(root: Path, backend: str, shard_size: int) -> dict[str, obj
     return values
 
 
-def start_worker(values: dict[str, object], models: list[str], log: Path) -> subprocess.Popen:
+def start_worker(values: dict[str, object], models: list[str], log: Path, threads: int = 1) -> subprocess.Popen:
+    """``python -m worker``: one process of ``threads`` framework threads, ``models`` preloaded."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
     env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
     preload = [arg for m in models for arg in ("--preload", m)]
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "worker", "--processes", "1", "--threads", "1", *preload,
+        return subprocess.Popen([sys.executable, "-m", "worker", "--processes", "1", "--threads", str(threads), *preload,
                                  "--grace", "20"], env=env, cwd=values["var_dir"], stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -164,8 +167,18 @@ def ours(client, path: Path, model: str, batch_size: int, rows: int) -> float:
     return elapsed
 
 
-def profile_job(client, pid: int, path: Path, model: str, batch_size: int, rows: int, out: Path) -> dict[str, float]:
-    """One more job under py-spy on the worker; the share of samples per phase."""
+PHASES = {"prefetch thread": "_loop", "read (parquet decode wait)": "parquet_pieces", "convert": "convert",
+          "forward": "predict_batch", "decode outputs": "decode_outputs", "record (store)": "complete_shard",
+          "claim": "claim_shard", "broker / celery": "drain_events"}
+"""Phases of a worker profile: name -> a frame whose presence on a stack puts it there."""
+THREADS = ("run_bulk_shard", "mlf-prefetch", "drain_events")
+"""Frames marking the stacks a profile counts (the task, the prefetch thread, the broker)."""
+
+
+def profile_job(client, pid: int, path: Path, model: str, batch_size: int, rows: int, out: Path,
+                phases: dict[str, str] = PHASES, threads: tuple[str, ...] = THREADS) -> dict[str, float]:
+    """One more job under py-spy on the worker; the share of the samples of the stacks
+    holding one of ``threads`` that fall in each of ``phases``."""
     spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-o", str(out),
                             "-f", "raw", "-r", "200", "--nonblocking", "--threads"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -173,14 +186,11 @@ def profile_job(client, pid: int, path: Path, model: str, batch_size: int, rows:
     ours(client, path, model, batch_size, rows)
     spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
     spy.wait(timeout=60)
-    phases = {"prefetch thread": "_loop", "read (parquet decode wait)": "parquet_pieces", "convert": "convert",
-              "forward": "predict_batch", "decode outputs": "decode_outputs", "record (store)": "complete_shard",
-              "claim": "claim_shard", "broker / celery": "drain_events"}
     counts = dict.fromkeys(phases, 0)
     total = 0
     for line in out.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if "run_bulk_shard" not in stack and "mlf-prefetch" not in stack and "drain_events" not in stack:
+        if not any(frame in stack for frame in threads):
             continue
         total += int(n)
         for phase, frame in phases.items():

@@ -181,7 +181,10 @@ def export_torch(
     import torch
 
     spec = InputSpec.model_validate(_dump(inputs))
-    example = torch.zeros((2, *spec.row_shape), dtype=getattr(torch, spec.dtype))
+    shape = spec.row_shape
+    if spec.kind == "image":  # the prepared image's shape, from preprocessing
+        shape = Preprocessing.model_validate(_dump(preprocessing) or {}).image_shape()
+    example = torch.zeros((2, *shape), dtype=getattr(torch, spec.dtype))
     model = model.eval().to("cpu")
 
     def write(path: Path) -> None:

@@ -33,6 +33,7 @@ def load_runtime(manifest: ModelManifest, directory: Path, threads: int | None =
     its input converter.
 
     Args:
+        threads: framework intra-op threads, also the decoding threads of image inputs.
         data_dir: where image inputs' files lie (the workers' data directory).
 
     Raises:
@@ -42,7 +43,7 @@ def load_runtime(manifest: ModelManifest, directory: Path, threads: int | None =
         ModelLoadError: the framework could not load the artifact.
     """
     check_artifact(manifest, directory)
-    converter = converter_for(manifest, directory, data_dir)
+    converter = converter_for(manifest, directory, data_dir, threads)
     runtime = runtime_class(manifest.framework)(manifest, directory, threads)
     runtime.converter = converter
     runtime.load()

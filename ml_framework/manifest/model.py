@@ -97,6 +97,13 @@ class ModelManifest(_Strict):
         if prep.image_size is None:
             raise ValueError("inputs.kind image needs a fixed image size: preprocessing.crop, "
                              "or preprocessing.resize as [height, width]")
+        crop, resize = prep.crop, prep.resize
+        if crop is not None and resize is not None:
+            ch, cw = (crop, crop) if isinstance(crop, int) else crop
+            rh, rw = (resize, resize) if isinstance(resize, int) else resize  # an int is the shorter side
+            if ch > rh or cw > rw:
+                raise ValueError(f"preprocessing.crop {crop} is larger than preprocessing.resize {resize}: "
+                                 "every image would be smaller than the crop")
         if prep.mean is not None and len(prep.mean) != prep.channels:
             raise ValueError(f"preprocessing.mean / std give {len(prep.mean)} values for "
                              f"{prep.channels} channel(s) ({prep.color})")
@@ -110,9 +117,7 @@ class ModelManifest(_Strict):
         image's ``(C, H, W)`` / ``(H, W, C)``, a text's ``(tokenizer.max_length,)`` (the
         longest; batches are often shorter), else ``inputs.row_shape``."""
         if self.inputs.kind == "image":
-            height, width = self.preprocessing.image_size or (0, 0)
-            channels = self.preprocessing.channels
-            return (channels, height, width) if self.preprocessing.layout == "NCHW" else (height, width, channels)
+            return self.preprocessing.image_shape()
         if self.inputs.kind == "text" and self.tokenizer is not None:
             return (self.tokenizer.max_length,)
         return self.inputs.row_shape

@@ -64,7 +64,10 @@ class Preprocessing(_Strict):
     (torchvision's ``Resize(256)``, ``CenterCrop(224)``, ``ToTensor()``, ``Normalize``)
     is ``resize: 256, crop: 224, scale: 0.00392156862745098`` (1/255), ``mean: [0.485,
     0.456, 0.406], std: [0.229, 0.224, 0.225]`` (the ImageNet channel statistics from
-    torchvision's model documentation).
+    torchvision's model documentation). A JPEG at least twice the resize target on both
+    sides is decoded at a reduced scale first (Pillow's ``draft``), then resized as above;
+    the pixels differ from a full decode by a level or two. EXIF orientation is not
+    applied (as torchvision's ``ImageFolder`` loader), and an alpha channel is dropped.
 
     Attributes:
         scale / shift: element-wise affine transform.
@@ -114,6 +117,12 @@ class Preprocessing(_Strict):
         if crop is not None:
             return crop
         return _size(self.resize) if isinstance(self.resize, list) else None
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """Per-row shape of a prepared image: ``(C, H, W)`` for ``NCHW``, ``(H, W, C)`` for
+        ``NHWC`` (``H`` and ``W`` are 0 while :attr:`image_size` is ``None``)."""
+        height, width = self.image_size or (0, 0)
+        return (self.channels, height, width) if self.layout == "NCHW" else (height, width, self.channels)
 
     def image_fields(self) -> list[str]:
         """The image-only fields set to something other than their default."""

@@ -446,6 +446,90 @@ def test_bad_tensors_fail_only_their_rows(job_settings, tensor_runtime, data_dir
         }
 
 
+# --- image files: corrupt, missing, escaping the data directory -----------------------------
+
+
+@pytest.fixture()
+def image_runtime(models_dir, data_dir):
+    """``img-grey``: a torch Linear over 8x8 greyscale images (crop 8, scale 1/255), loaded
+    with ``data_dir`` as the workers' data directory."""
+    import torch
+
+    from ml_framework.manifest import ModelRepository
+    from worker.export import export_torch
+    from worker.registry import ModelRegistry
+
+    if not ModelRepository(models_dir).versions("img-grey"):
+        torch.manual_seed(0)
+        export_torch(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)), models_dir, "img-grey",
+                     inputs={"kind": "image", "columns": ["path"]},
+                     outputs={"kind": "classification", "labels": ["a", "b"], "activation": "softmax"},
+                     preprocessing={"crop": 8, "color": "L", "scale": 1 / 255})
+    return ModelRegistry(models_dir, threads=2, max_models=1, warmup_batch_size=4, data_dir=data_dir).get("img-grey")
+
+
+def test_bad_image_files_fail_only_their_rows(job_settings, image_runtime, data_dir, tmp_path):
+    """In a directory of images, a file that is not an image, an empty file and a
+    truncated JPEG each fail their own row; in a column of paths, a missing file, '..', an
+    absolute path and a symbolic link leading out of the data directory, a directory and a
+    null do too. Each error names the row, the field and the path as given (never the
+    worker's absolute path); the other rows score."""
+    from PIL import Image
+
+    folder = data_dir / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8)).save(folder / f"ok{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "full.jpg", quality=90)
+    (folder / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:400])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_bytes(b"a,b\n1,2\n")
+    outputs, errors = score(job_settings, image_runtime, folder)
+    assert sorted(outputs) == [3, 4, 5]  # cut.jpg, empty.png, notes.png, ok0..2.png in path order
+    assert {r: f for r, (f, _) in errors.items()} == {0: "path", 1: "path", 2: "path"}
+    assert errors[0][1].startswith("row 0, field 'path': image 'pics/cut.jpg': cannot be decoded: ")
+    assert errors[1][1] == ("row 1, field 'path': image 'pics/empty.png': not an image file Pillow can read "
+                            "(corrupt, or another kind of file)")
+    assert errors[2][1] == ("row 2, field 'path': image 'pics/notes.png': not an image file Pillow can read "
+                            "(corrupt, or another kind of file)")
+
+    (tmp_path / "secret.png").write_bytes((folder / "ok0.png").read_bytes())
+    (data_dir / "out.png").symlink_to(tmp_path / "secret.png")
+    paths = ["pics/ok0.png", "pics/gone.png", "../secret.png", str(tmp_path / "secret.png"), "out.png", "pics",
+             None, "pics/ok1.png"]
+    pq.write_table(pa.table({"path": pa.array(paths, pa.string())}), data_dir / "paths.parquet")
+    outputs, errors = score(job_settings, image_runtime, data_dir / "paths.parquet")
+    assert sorted(outputs) == [0, 7]
+    leaves = "leaves the data directory; refused without reading it"
+    assert {r: m for r, (_, m) in errors.items()} == {
+        1: "row 1, field 'path': image 'pics/gone.png': not found in the data directory",
+        2: f"row 2, field 'path': image '../secret.png': {leaves}",
+        3: f"row 3, field 'path': image {str(tmp_path / 'secret.png')!r}: {leaves}",
+        4: f"row 4, field 'path': image 'out.png': {leaves}",
+        5: "row 5, field 'path': image 'pics': a directory, not an image file",
+        6: "row 6, field 'path': missing image path (null)",
+    }
+    assert not any(str(data_dir) in m for _, m in errors.values())
+
+
+def test_image_datasets_that_cannot_feed_the_model_are_refused_at_submit(client, image_runtime, data_dir,
+                                                                         tmp_path):
+    """A column of numbers for an image model, and a directory of images outside the data
+    directory (workers could not read it), are refused at submit naming the file."""
+    from PIL import Image
+
+    pq.write_table(pa.table({"path": [1.0, 2.0]}), data_dir / "numbers.parquet")
+    with pytest.raises(DatasetSchemaError, match="numbers.parquet: column 'path' holds double, not image paths"):
+        client.score_dataset(data_dir / "numbers.parquet", model="img-grey")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside / "a.png")
+    with pytest.raises(DatasetFormatError, match="outside: a directory of images must lie under the data directory"):
+        client.score_dataset(outside, model="img-grey")
+    assert sum(client.store.job_counts().values()) == 0
+
+
 # --- paths leaving the data directory ---------------------------------------------------------
 
 

@@ -23,15 +23,20 @@ _CONVERTERS = {
 }
 
 
-def converter_for(manifest: ModelManifest, directory: Path, data_dir: Path | None = None) -> InputConverter:
+def converter_for(manifest: ModelManifest, directory: Path, data_dir: Path | None = None,
+                  threads: int | None = None) -> InputConverter:
     """The input converter of a model version (its module imported on first use).
+
+    Args:
+        data_dir: the workers' data directory (image inputs' files).
+        threads: decoding threads of image inputs (``None``: the CPU count).
 
     Raises:
         ManifestError: the converter cannot be set up (a tokenizer file that is missing
             or unreadable).
     """
     module, name = _CONVERTERS[manifest.inputs.kind]
-    return getattr(import_module(module), name)(manifest, directory, data_dir)
+    return getattr(import_module(module), name)(manifest, directory, data_dir, threads=threads)
 
 
 __all__ = ["Converted", "InputConverter", "converter_for", "finite_rows"]

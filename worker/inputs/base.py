@@ -88,14 +88,18 @@ class InputConverter(ABC):
         manifest: the model version's manifest.
         directory: its version directory (where a tokenizer file lies).
         data_dir: the workers' data directory (where image files lie).
+        threads: threads a converter may use to decode rows (image files); ``None``: the
+            CPU count. Workers pass their ``worker_threads`` (cores per process).
     """
 
-    def __init__(self, manifest: ModelManifest, directory: Path, data_dir: Path | None = None) -> None:
+    def __init__(self, manifest: ModelManifest, directory: Path, data_dir: Path | None = None,
+                 threads: int | None = None) -> None:
         self.manifest = manifest
         self.spec = manifest.inputs
         self.preprocessing = manifest.preprocessing
         self.directory = Path(directory)
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.threads = threads
 
     @abstractmethod
     def convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
