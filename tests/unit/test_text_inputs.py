@@ -200,3 +200,14 @@ def test_a_text_model_scores_rows_in_row_order_through_the_runtime(tmp_path):
                         strict=True):
         ids = tokenizer.encode(texts[row - 50]).ids
         assert emb == [float(len(ids)), float(sum(ids))]
+
+
+def test_csv_cells_arrive_as_bytes_and_bad_utf8_fails_its_row(tmp_path, reference):
+    """A CSV column (read as binary) is decoded as UTF-8: its texts tokenize as strings do,
+    and a cell that is not UTF-8 fails its own row naming the byte."""
+    table = pa.table({"text": pa.array(["café".encode(), b"caf\xe9", None], pa.binary())})
+    piece = converter(tmp_path).convert(table, ["text"], 0)
+    assert [e.message for e in piece.errors] == [
+        "row 1, field 'text': not UTF-8 text (byte 3: b'\\xe9')", "row 2, field 'text': missing text (null)"]
+    assert by_row(piece) == {0: {"input_ids": reference("café")["input_ids"],
+                                 "attention_mask": reference("café")["attention_mask"]}}

@@ -14,8 +14,9 @@ prefetch thread while the device runs the previous piece.
   to its own longest row. ``Converted.rows`` follows the sorted order, so every output
   keeps its dataset row number. ``padding: max_length`` pads every row to
   ``tokenizer.max_length`` (models exported with a fixed length).
-- A null cell (unless ``inputs.allow_missing``, which reads it as an empty text) or a cell
-  of a column that does not hold strings fails only its own row, naming row and field.
+- A null cell (unless ``inputs.allow_missing``, which reads it as an empty text), a cell
+  that is not UTF-8 (CSV cells arrive as bytes) or a cell of a column that does not hold
+  strings fails only its own row, naming row and field.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ class TextConverter(InputConverter):
         column_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
         if _is_text(column_type):
             cells = column.to_pylist()
+        elif pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type):
+            cells = self._decoded(column, fail)  # CSV cells arrive as bytes
         else:  # a CSV column the reader took for numbers, an in-memory column of other values
             cells = [None] * n
             for i, value in enumerate(column.to_pylist()):
@@ -162,7 +165,7 @@ class TextConverter(InputConverter):
         texts: list[str] = []
         index: list[int] = []
         for i, text in enumerate(cells):
-            if i in bad:
+            if i in bad:  # not text, not UTF-8
                 continue
             if text is None:
                 if not self.spec.allow_missing:
@@ -184,6 +187,22 @@ class TextConverter(InputConverter):
         rows = row_start + np.asarray(index, dtype=np.int64)[order]
         x = batch.take(order) if len(order) < len(batch) or (np.diff(order) != 1).any() else batch
         return Converted(x, rows, [bad[i] for i in sorted(bad)], n)
+
+    @staticmethod
+    def _decoded(column: pa.ChunkedArray, fail) -> list[str | None]:
+        """A binary column's cells as ``str`` (UTF-8); a cell that is not UTF-8 fails its
+        row (and reads as ``None`` here, its error already recorded)."""
+        try:
+            return column.cast(pa.large_string()).to_pylist()
+        except pa.ArrowInvalid:  # some cell is not UTF-8: decode cell by cell to name it
+            cells: list[str | None] = []
+            for i, raw in enumerate(column.to_pylist()):
+                try:
+                    cells.append(None if raw is None else raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    fail(i, f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})")
+                    cells.append(None)
+            return cells
 
     def _encode(self, texts: list[str]) -> tuple[TokenBatch, np.ndarray]:
         """``texts`` tokenized: the padded :class:`TokenBatch` and ``(n,)`` token counts."""
