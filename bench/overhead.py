@@ -144,12 +144,13 @@ def backend_settings(root: Path, backend: str, shard_size: int) -> dict[str, obj
     return values
 
 
-def start_worker(values: dict[str, object], models: list[str], log: Path) -> subprocess.Popen:
+def start_worker(values: dict[str, object], models: list[str], log: Path, threads: int = 1) -> subprocess.Popen:
+    """``python -m worker``: one process, ``threads`` framework threads, ``models`` preloaded."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
     env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
     preload = [arg for m in models for arg in ("--preload", m)]
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "worker", "--processes", "1", "--threads", "1", *preload,
+        return subprocess.Popen([sys.executable, "-m", "worker", "--processes", "1", "--threads", str(threads), *preload,
                                  "--grace", "20"], env=env, cwd=values["var_dir"], stdout=out, stderr=subprocess.STDOUT)
 
 
