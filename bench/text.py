@@ -23,7 +23,7 @@ of each side counts (the machine is shared; the best run is the least disturbed)
 
 Usage, from the repository root::
 
-    .venv/bin/python bench/text.py --quick      # 4,000 sentences: about 2 min on 2 cores
+    .venv/bin/python bench/text.py --quick      # 4,000 sentences: about 4 min on 2 cores
     .venv/bin/python bench/text.py              # 20,000 sentences, best of 2: about 12 min
     .venv/bin/python bench/text.py --profile    # also: where the worker's time goes (py-spy)
 
