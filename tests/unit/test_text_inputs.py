@@ -211,3 +211,16 @@ def test_csv_cells_arrive_as_bytes_and_bad_utf8_fails_its_row(tmp_path, referenc
         "row 1, field 'text': not UTF-8 text (byte 3: b'\\xe9')", "row 2, field 'text': missing text (null)"]
     assert by_row(piece) == {0: {"input_ids": reference("café")["input_ids"],
                                  "attention_mask": reference("café")["attention_mask"]}}
+
+
+def test_a_text_manifest_needs_a_torch_model():
+    """Token features go to the model as positional tensors: a scikit-learn or TensorFlow
+    text manifest is refused at validation, naming the framework."""
+    from pydantic import ValidationError
+
+    for framework in ("sklearn", "tensorflow"):
+        with pytest.raises(ValidationError, match=f"inputs.kind text needs a torch model, not {framework}"):
+            ModelManifest.model_validate({
+                "name": "t", "version": 1, "framework": framework, "artifact": "model",
+                "inputs": {"kind": "text", "columns": ["text"]}, "outputs": {"kind": "embedding"},
+                "tokenizer": {"max_length": 8}})
