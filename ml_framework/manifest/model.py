@@ -86,6 +86,8 @@ class ModelManifest(_Strict):
                              else "tokenizer applies to inputs.kind text only")
         if kind != "image" and (fields := prep.image_fields()):
             raise ValueError(f"preprocessing.{', preprocessing.'.join(fields)} applies to inputs.kind image only")
+        if kind == "text" and self.framework != "torch":  # features go in as positional tensors
+            raise ValueError(f"inputs.kind text needs a torch model, not {self.framework}")
         if kind == "text" and (prep.affine or prep.mean is not None):
             raise ValueError("preprocessing (scale, shift, mean, std) does not apply to text inputs")
         if kind != "image":

