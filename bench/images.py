@@ -35,12 +35,8 @@ Usage, from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +48,15 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from bench.overhead import backend_settings, ours, profile_job, start_worker  # noqa: E402
+from bench.overhead import (  # noqa: E402
+    backend_settings,
+    clean_up,
+    ours,
+    profile_job,
+    save_results,
+    scratch_root,
+    start_worker,
+)
 
 SIDE = 224
 CLASSES = 1000
@@ -248,12 +252,9 @@ def main() -> int:
     from producer.client import Client
     from worker.export import export_torch
 
-    (REPO / "var").mkdir(exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench-images-", dir=REPO / "var"))
+    root = scratch_root("images")
     proc = None
     try:
-        for sub in ("data", "models", "var"):
-            (root / sub).mkdir()
         t0 = time.perf_counter()
         paths = write_images(root / "data" / "images", n)
         write_images(root / "data" / "warm", 2 * args.batch_size, seed=1)
@@ -287,21 +288,11 @@ def main() -> int:
             print("  worker profile (share of the main thread's samples): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()),
                   flush=True)
         print(f"\nours/raw {raw_s / our_s:.2f}")
-        out = REPO / "bench" / "results"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"images{'-quick' if args.quick else ''}.json").write_text(json.dumps(
-            {"images": n, "batch_size": args.batch_size, "threads": args.threads, "model": where,
-             "backend": args.backend, "results": results}, indent=2))
+        save_results("images", args.quick, {"images": n, "batch_size": args.batch_size, "threads": args.threads,
+                                            "model": where, "backend": args.backend, "results": results})
         client.close()
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+        clean_up(proc, root, args.keep)
     return 0
 
 

@@ -156,6 +156,35 @@ def start_worker(values: dict[str, object], models: list[str], log: Path, thread
                                  "--grace", "20"], env=env, cwd=values["var_dir"], stdout=out, stderr=subprocess.STDOUT)
 
 
+def scratch_root(name: str) -> Path:
+    """A new directory ``var/bench-<name>-*`` with ``data``, ``models`` and ``var`` in it."""
+    (REPO / "var").mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=REPO / "var"))
+    for sub in ("data", "models", "var"):
+        (root / sub).mkdir()
+    return root
+
+
+def save_results(name: str, quick: bool, payload: dict) -> None:
+    """``payload`` as ``bench/results/<name>[-quick].json``."""
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}{'-quick' if quick else ''}.json").write_text(json.dumps(payload, indent=2))
+
+
+def clean_up(proc: subprocess.Popen | None, root: Path, keep: bool) -> None:
+    """Stop the worker (killed if it has not stopped within 30 s) and remove ``root``
+    unless ``keep``."""
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def ours(client, path: Path, model: str, batch_size: int, rows: int) -> float:
     """One job through the queue; seconds from the call to the job finished."""
     started = time.perf_counter()
@@ -220,13 +249,10 @@ def main() -> int:
     from ml_framework.settings import load_settings
     from producer.client import Client
 
-    (REPO / "var").mkdir(exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench-overhead-", dir=REPO / "var"))
+    root = scratch_root("overhead")
     results = {}
     proc = None
     try:
-        for sub in ("data", "models", "var"):
-            (root / sub).mkdir()
         t0 = time.perf_counter()
         paths = build_data(root / "data", rows, args.row_group)
         build_models(root / "models")
@@ -264,21 +290,11 @@ def main() -> int:
         for layout in layouts:
             r = results[layout]
             print(f"ours/raw {r['raw_s'] / r['ours_s']:.2f}  ({LAYOUTS[layout]})")
-        out = REPO / "bench" / "results"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"overhead{'-quick' if args.quick else ''}.json").write_text(json.dumps(
-            {"rows": rows, "batch_size": args.batch_size, "shard_size": args.shard_size, "backend": args.backend,
-             "results": results}, indent=2))
+        save_results("overhead", args.quick, {"rows": rows, "batch_size": args.batch_size, "shard_size": args.shard_size,
+                                              "backend": args.backend, "results": results})
         client.close()
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+        clean_up(proc, root, args.keep)
     return 0
 
 

@@ -33,11 +33,8 @@ Helpers (worker start, timing a job, the py-spy profile) come from ``bench/overh
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +46,15 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from bench.overhead import backend_settings, ours, profile_job, start_worker  # noqa: E402
+from bench.overhead import (  # noqa: E402
+    backend_settings,
+    clean_up,
+    ours,
+    profile_job,
+    save_results,
+    scratch_root,
+    start_worker,
+)
 
 MODEL = "minilm"
 DOC_MODULES = ("argparse", "asyncio", "collections", "csv", "email", "functools", "http.client", "inspect",
@@ -128,12 +133,9 @@ def main() -> int:
     from producer.client import Client
     from worker.export_text import export_sentence_transformer
 
-    (REPO / "var").mkdir(exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench-text-", dir=REPO / "var"))
+    root = scratch_root("text")
     proc = None
     try:
-        for sub in ("data", "models", "var"):
-            (root / sub).mkdir()
         t0 = time.perf_counter()
         texts = sentences(rows)
         path = root / "data" / "sentences.parquet"
@@ -186,19 +188,10 @@ def main() -> int:
         print(f"\nraw {rows / raw_s:,.0f} rows/s, ours {rows / our_s:,.0f} rows/s (best of {repeat}); "
               f"max abs diff of the embeddings {diff:.1e}")
         print(f"ours/raw {raw_s / our_s:.2f}")
-        out = REPO / "bench" / "results"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"text{'-quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=2))
+        save_results("text", args.quick, result)
         client.close()
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - a worker that will not stop is killed
-                proc.kill()
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+        clean_up(proc, root, args.keep)
     return 0
 
 
