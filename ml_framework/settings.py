@@ -14,6 +14,7 @@ Secrets (:data:`SECRET_FIELDS`: API keys, passwords, URLs that may carry one) ar
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from datetime import timedelta
@@ -67,14 +68,26 @@ def parse_duration(value: Any) -> timedelta | None:
     if value is None or isinstance(value, timedelta):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
+        return _bounded_duration(value, value)
     text = str(value).strip().lower()
     if text in ("none", "never", "off", ""):
         return None
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"{value!r} is not a duration: use none, a number of seconds, or e.g. 90s, 15m, 12h, 30d, 2w")
-    return timedelta(seconds=float(match.group(1)) * _DURATION_UNIT_S[match.group(2) or "s"])
+    return _bounded_duration(float(match.group(1)) * _DURATION_UNIT_S[match.group(2) or "s"], value)
+
+
+MAX_DURATION_S = 100 * 365 * 86_400
+"""The longest retention taken (100 years); ``none`` keeps for ever. Longer ones would
+overflow the dates a prune pass computes."""
+
+
+def _bounded_duration(seconds: float, value: Any) -> timedelta:
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_DURATION_S:
+        raise ValueError(f"{value!r} is out of range: a duration is 0 to 100 years (36500d); use none to keep "
+                         "for ever")
+    return timedelta(seconds=seconds)
 
 
 class Settings(BaseSettings):

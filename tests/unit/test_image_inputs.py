@@ -172,3 +172,40 @@ def test_manifests_without_a_fixed_size_or_with_a_crop_past_the_resize_are_refus
     (tmp_path / "manifest.yaml").write_text((tmp_path / "manifest.yaml").read_text().replace("crop: 28", "crop: 33"))
     with pytest.raises(ManifestError, match="larger than preprocessing.resize"):
         ModelManifest.read(tmp_path / "manifest.yaml")
+
+
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped(data_dir):
+    """A 16-bit greyscale PNG (a 0-65535 gradient) arrives as its 8-bit equivalent,
+    ``round(v * 255 / 65535)``: Pillow's own ``convert`` clips every value above 255,
+    which turned such an image nearly white (found by the break-it review)."""
+    values = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.frombytes("I;16", (64, 8), values.astype("<u2").tobytes()).save(data_dir / "g16.png")
+    converter = ImageConverter(manifest(resize=[8, 64], color="L", scale=1 / 255), data_dir, data_dir, threads=1)
+    out = convert(converter, ["g16.png"])
+    assert not out.errors
+    want = (values.astype(np.int64) * 255 + 32767) // 65535 / 255
+    np.testing.assert_allclose(out.x[0, 0], want.astype(np.float32), atol=1e-6)
+    assert 0.45 < out.x.mean() < 0.55
+
+
+def test_images_too_big_as_stored_or_once_resized_fail_their_rows_before_decoding(data_dir, monkeypatch):
+    """A 1 x 60,000 PNG is a few hundred bytes, but resized to 224 on its shorter side it
+    would be 224 x 13,440,000 pixels (3 GB: the break-it review saw a worker reach 4.5 GB
+    and fail); it fails its row instead, naming the sizes, and so does an image with more
+    pixels than :data:`MAX_PIXELS` as stored. The other rows score."""
+    import worker.inputs.image as image_module
+
+    Image.fromarray(np.zeros((60_000, 1), np.uint8)).save(data_dir / "thin.png")
+    converter = ImageConverter(manifest(resize=224, crop=224), data_dir, data_dir, threads=1)
+    out = convert(converter, ["a.png", "thin.png"])
+    assert list(out.rows) == [0]
+    assert out.errors[0].message == (
+        "row 1, field 'path': image 'thin.png': 1x60000 (width x height) would be resized to 224x13440000, more "
+        f"than the {image_module.MAX_PIXELS:,} pixels a worker prepares (its sides are too unequal for this resize)")
+
+    monkeypatch.setattr(image_module, "MAX_PIXELS", 30 * 50 - 1)  # a.png is 40 x 30, sub/b.png 30 x 50
+    converter = ImageConverter(manifest(crop=30), data_dir, data_dir, threads=1)
+    out = convert(converter, ["a.png", "sub/b.png"])
+    assert list(out.rows) == [0]
+    assert out.errors[0].message == ("row 1, field 'path': image 'sub/b.png': 30x50 (width x height) is 1,500 "
+                                     "pixels, more than the 1,499 a worker decodes")

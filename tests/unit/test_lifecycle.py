@@ -236,6 +236,19 @@ def test_a_retention_that_is_not_a_duration_is_refused():
         load_settings(results_retention="30 days")
 
 
+@pytest.mark.parametrize("text", ["9999999999d", "1000000w", float("inf"), 1e300])
+def test_a_retention_too_long_to_compute_with_is_refused_not_overflowed(text):
+    """A retention past 100 years (or infinite) fails at start naming the value; before,
+    ``9999999999d`` raised a raw OverflowError and ``1000000w`` was taken and broke every
+    prune pass with "date value out of range" (found by the break-it review)."""
+    from ml_framework.errors import SettingsError
+    from ml_framework.settings import load_settings, parse_duration
+
+    with pytest.raises(SettingsError, match="out of range: a duration is 0 to 100 years"):
+        load_settings(results_retention=text)
+    assert parse_duration("36500d").days == 36500
+
+
 def test_deleting_forgets_the_cached_renderings_of_the_job(tmp_path):
     """``Client.delete_jobs`` with ``cache_backend: redis`` drops the job's cached results
     (every rendering) and no other job's."""

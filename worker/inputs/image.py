@@ -25,7 +25,10 @@ and resizes; NumPy while it scales), each thread writing its row straight into t
 Row errors (one row each; the message names the row, the field and the path as given,
 never the worker's absolute path): a null or empty path, a path leaving the data
 directory, a missing file, a directory, an unreadable or corrupt file, a file that is not
-an image, and an image smaller than the crop after resizing.
+an image, an image smaller than the crop after resizing, and an image of more than
+:data:`MAX_PIXELS` pixels, as stored or once resized (a 1 x 60,000 PNG of 200 bytes
+resized to 224 on its shorter side would be 3 billion pixels). 16-bit greyscale images
+are scaled to 8 bits before step 2.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ DRAFT_GAP = 2
 (Pillow's ``Image.thumbnail`` default ``reducing_gap``), so an antialiased resize of at
 least this factor follows and the result stays close to a full decode."""
 MAX_REASON_CHARS = 160
+MAX_PIXELS = 89_478_485
+"""Most pixels an image may have, as decoded and after resizing: a bigger one fails its
+row before it is decoded (or resized), so that a small file cannot make a decoding thread
+allocate gigabytes. The number is Pillow's own decompression-bomb threshold
+(``PIL.Image.MAX_IMAGE_PIXELS``, about 0.25 GiB of 24-bit pixels), where Pillow only warns."""
 
 
 class ImageRowError(Exception):
@@ -197,6 +205,20 @@ class ImageConverter(InputConverter):
 
     def _prepared(self, im: Image.Image, value: str) -> np.ndarray:
         prep = self.preprocessing
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise ImageRowError(f"image {value!r}: {width}x{height} (width x height) is {width * height:,} pixels, "
+                                f"more than the {MAX_PIXELS:,} a worker decodes")
+        target = output_size(width, height, prep.resize)
+        if target[0] * target[1] > MAX_PIXELS:
+            raise ImageRowError(f"image {value!r}: {width}x{height} (width x height) would be resized to "
+                                f"{target[0]}x{target[1]}, more than the {MAX_PIXELS:,} pixels a worker prepares "
+                                "(its sides are too unequal for this resize)")
+        if im.mode == "F":
+            raise ImageRowError(f"image {value!r}: floating-point pixels (Pillow mode F) are not supported; "
+                                "save the image with 8 or 16 bits per channel")
+        if im.mode == "I" or im.mode.startswith("I;16"):
+            im = self._to_8_bits(im, value)
         if im.format == "JPEG" and prep.resize is not None:
             w, h = output_size(*im.size, prep.resize)
             if im.size[0] >= DRAFT_GAP * w and im.size[1] >= DRAFT_GAP * h:
@@ -219,6 +241,16 @@ class ImageConverter(InputConverter):
             raise ImageRowError(f"image {value!r}: {pixels.shape[1]}x{pixels.shape[0]} after preparing, the "
                                 f"model takes {self.size[1]}x{self.size[0]}")
         return pixels
+
+    @staticmethod
+    def _to_8_bits(im: Image.Image, value: str) -> Image.Image:
+        """A 16-bit greyscale image (Pillow modes ``I;16*``, or ``I`` holding 0-65535) as
+        8-bit ``L``: ``round(v * 255 / 65535)``. Pillow's ``convert`` would clip every value
+        above 255 instead, turning the image nearly white."""
+        pixels = np.asarray(im).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ImageRowError(f"image {value!r}: 32-bit integer pixels outside 0-65535 are not supported")
+        return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), "L")
 
     def _reason(self, exc: Exception, path: Path, value: str) -> str:
         """``exc`` as text for a user: the worker's absolute paths replaced by the path as
