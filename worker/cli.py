@@ -110,7 +110,7 @@ def models_add(
     if version:
         fields["version"] = version
     try:
-        published = add_artifact(artifact, get_settings().models_dir, fields)
+        published = add_artifact(artifact, get_settings().models_dir, fields, search=[manifest.parent])
     except (MLFrameworkError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
     typer.echo(f"added {published.name}/{published.version} ({published.framework})")

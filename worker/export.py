@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ml_framework.manifest import (
     ModelRepository,
     OutputSpec,
     Preprocessing,
+    TokenizerSpec,
 )
 from worker.registry import load_runtime, validate_runtime
 
@@ -240,36 +241,52 @@ def export_keras(
     )
 
 
-def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping[str, Any]) -> ModelManifest:
+def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping[str, Any],
+                 search: Sequence[Path | str] = ()) -> ModelManifest:
     """Publish an existing artifact (file or SavedModel directory) with a manifest.
 
     Args:
         artifact: path of the artifact to copy into the repository.
-        manifest: manifest fields (``name``, ``framework``, ``inputs``, ``outputs``, ...);
-            ``artifact`` defaults to the file's name, ``version`` to the next free one.
+        manifest: manifest fields (``name``, ``framework``, ``inputs``, ``outputs``, ...,
+            every key of :class:`ModelManifest`); ``artifact`` defaults to the file's name,
+            ``version`` to the next free one.
+        search: directories where a text model's tokenizer file (``tokenizer.file``) is
+            looked for after the artifact's own directory (``mlf models add`` passes the
+            manifest's directory); it is copied beside the artifact.
 
     Raises:
-        ManifestError: invalid manifest, or the artifact does not honour it.
+        ManifestError: invalid manifest, a tokenizer file not found, or the artifact does
+            not honour the manifest.
         FileNotFoundError: ``artifact`` does not exist.
     """
     src = Path(artifact)
     if not src.exists():
         raise FileNotFoundError(f"artifact not found: {src}")
     fields = dict(manifest)
-    known = {"name", "version", "framework", "artifact", "inputs", "outputs", "preprocessing",
-             "default_batch_size", "trusted_types", "runtime", "dynamic_batching", "description"}
+    known = set(ModelManifest.model_fields)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ManifestError(f"unknown manifest key(s): {unknown} (known: {sorted(known)})")
     for key in ("name", "framework", "inputs", "outputs"):
         if key not in fields:
             raise ManifestError(f"manifest needs {key!r}")
+    tokenizer_src = None
+    if fields.get("tokenizer") is not None:
+        spec = fields["tokenizer"]
+        file = TokenizerSpec.model_validate(spec).file if isinstance(spec, Mapping) else spec.file
+        places = [src.parent, *map(Path, search)]
+        tokenizer_src = next((d / file for d in places if (d / file).is_file()), None)
+        if tokenizer_src is None:
+            raise ManifestError(f"tokenizer file {file!r} not found beside the artifact or the manifest "
+                                f"(looked in {', '.join(str(d) for d in places)})")
 
     def write(path: Path) -> None:
         if src.is_dir():
             shutil.copytree(src, path)
         else:
             shutil.copy2(src, path)
+        if tokenizer_src is not None:
+            shutil.copy2(tokenizer_src, path.parent / tokenizer_src.name)
 
     return _publish(
         models_dir, write, name=fields["name"], framework=fields["framework"],
@@ -278,4 +295,5 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
         preprocessing=fields.get("preprocessing"), default_batch_size=fields.get("default_batch_size"),
         trusted_types=fields.get("trusted_types"), description=fields.get("description", ""),
         sample=None, runtime=fields.get("runtime"), dynamic_batching=fields.get("dynamic_batching"),
+        tokenizer=fields.get("tokenizer"),
     )

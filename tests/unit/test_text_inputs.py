@@ -224,3 +224,52 @@ def test_a_text_manifest_needs_a_torch_model():
                 "name": "t", "version": 1, "framework": framework, "artifact": "model",
                 "inputs": {"kind": "text", "columns": ["text"]}, "outputs": {"kind": "embedding"},
                 "tokenizer": {"max_length": 8}})
+
+
+def test_mlf_models_add_publishes_a_text_model_with_its_tokenizer(tmp_path):
+    """``mlf models add`` takes a text model's manifest (its ``tokenizer`` block) and copies
+    the tokenizer file found beside the manifest into the new version; before, it refused
+    the very manifest ``export_text_torch`` writes ("unknown manifest key(s):
+    ['tokenizer']", found by the README walk-through)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from worker.export_text import export_text_torch
+    from worker.registry import ModelRegistry
+
+    class Counts(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return attention_mask.sum(1, keepdim=True).float()
+
+    models = tmp_path / "models"
+    export_text_torch(Counts(), models, "counts", tokenizer_file=gt_model.get_model_path() / "tokenizer.json",
+                      tokenizer={"max_length": MAX_LENGTH}, outputs={"kind": "embedding", "size": 1})
+    source = tmp_path / "handed-over"
+    source.mkdir()
+    first = models / "counts" / "1"
+    artifact = next(p for p in first.iterdir() if p.name not in ("manifest.yaml", "tokenizer.json"))
+    (source / artifact.name).write_bytes(artifact.read_bytes())
+    (source / "manifest.yaml").write_bytes((first / "manifest.yaml").read_bytes())
+    (source / "tokenizer.json").write_bytes((first / "tokenizer.json").read_bytes())
+    artifact_dir = tmp_path / "artifact-only"
+    artifact_dir.mkdir()
+    (source / artifact.name).rename(artifact_dir / artifact.name)  # the tokenizer lies beside the manifest only
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update(ML_FRAMEWORK_MODELS_DIR=str(models), ML_FRAMEWORK_VAR_DIR=str(tmp_path / "var"))
+    done = subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "models", "add",
+                           str(artifact_dir / artifact.name), "--manifest", str(source / "manifest.yaml"),
+                           "--name", "counts-copy"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    copy = models / "counts-copy" / "1"
+    assert (copy / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    runtime = ModelRegistry(models, threads=1, max_models=1, warmup_batch_size=2).get("counts-copy")
+    assert runtime.manifest.tokenizer.max_length == MAX_LENGTH
+
+    (source / "tokenizer.json").unlink()
+    again = subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "models", "add",
+                            str(artifact_dir / artifact.name), "--manifest", str(source / "manifest.yaml"),
+                            "--name", "counts-copy"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "tokenizer file 'tokenizer.json' not found beside the artifact" in again.stderr
