@@ -155,8 +155,8 @@ def _run_claimed_shard(ctx: WorkerContext, msg: ScoreShard, owner: str) -> str:
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error,
                                         owner=owner)
     if not recorded:
-        log.info("job %s shard %d: already recorded by another delivery, or its lease passed to another "
-                 "process; nothing written", msg.job_id, msg.shard_index)
+        log.info("job %s shard %d: %s; nothing written", msg.job_id, msg.shard_index,
+                 not_recorded_because(store, msg.job_id))
         return ShardClaim.ALREADY_DONE.value
     count_rows(ctx, msg.model, msg.version, len(outputs), len(errors), outcome.oom_splits)
     if failure is not None:
@@ -197,3 +197,21 @@ def register(app: Celery) -> None:
             name=name, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
             retry_backoff=True, retry_backoff_max=STORE_RETRY_BACKOFF_MAX_S, max_retries=None,
         )(body)
+
+
+def not_recorded_because(store, job_id: str) -> str:
+    """Why ``complete_shard`` wrote nothing for a shard of ``job_id``, for the log: the job
+    was deleted or cancelled while the shard ran, or (otherwise) another delivery recorded
+    the shard or took over its lease."""
+    from ml_framework.errors import JobNotFoundError
+    from ml_framework.store import JobState
+
+    try:
+        state = store.job(job_id).state
+    except JobNotFoundError:
+        return "the job was deleted while the shard ran"
+    except Exception:  # noqa: BLE001 - only a log line depends on it
+        state = None
+    if state is JobState.CANCELLED:
+        return "the job was cancelled while the shard ran"
+    return "already recorded by another delivery, or its lease passed to another process"

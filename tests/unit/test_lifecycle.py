@@ -271,3 +271,21 @@ def test_deleting_forgets_the_cached_renderings_of_the_job(tmp_path):
         assert [bool(r.exists(k)) for k in keys] == [False, False, True, True]
         r.delete(*keys)
         r.close()
+
+
+def test_a_shard_not_recorded_is_logged_with_its_real_cause(store):
+    """When ``complete_shard`` writes nothing, the worker's log says why: the job was
+    deleted, or cancelled, while the shard ran; only otherwise another delivery. Before,
+    a deleted job's shard was logged as "already recorded by another delivery" (found by
+    the README walk-through)."""
+    from worker.tasks import not_recorded_because
+
+    ranges = [(0, 4), (4, 8)]
+    running = store.create_job(model="m", model_version=1, dataset="d.csv", n_rows=8, shard_ranges=ranges,
+                               batch_size=4)
+    assert store.claim_shard(running, 0, "w") is ShardClaim.RUN
+    assert not_recorded_because(store, running).startswith("already recorded by another delivery")
+    store.cancel(running)
+    assert not_recorded_because(store, running) == "the job was cancelled while the shard ran"
+    store.delete_job(running)
+    assert not_recorded_because(store, running) == "the job was deleted while the shard ran"
