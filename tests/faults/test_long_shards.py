@@ -78,11 +78,12 @@ def test_a_model_call_that_never_returns_is_ended_by_the_hard_time_limit(policy,
     assert job.results().loc[300:599, "error"].str.contains(reason).all()
     assert workers.log_text().count("ran past the hard time limit of 10 s") == shard["attempts"]
     assert not shard_rows_match(workers.client.store, job.id)
-    # the killed process was replaced: a new pid beats under the killed one's node name. (A
-    # count of live rows is not enough: the killed process's last beat can be younger than
-    # the window when the job ends soon after the kill.)
-    wait_until(lambda: {w.pid for w in workers.client.store.workers(6)} - pids, 60, "a replacement process")
-    assert len(workers.client.store.live_workers(6)) == 2
+    # every killed process was replaced: two live processes again, one of them at least new.
+    # (A count of live rows alone is not enough: a killed process's last beat can still be
+    # inside the window when the job ends soon after the kill; with ``retry`` both processes
+    # may have been killed, one replacement still starting.)
+    wait_until(lambda: len(workers.client.store.live_workers(6)) == 2
+               and {w.pid for w in workers.client.store.workers(6)} - pids, 60, "a replacement process")
 
 
 def test_cancelling_a_running_job_starts_no_new_shard_and_keeps_finished_ones(make_workers, fault_models,
