@@ -19,7 +19,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pandas as pd
 import pyarrow as pa
@@ -53,6 +53,8 @@ from ml_framework.store.schema import (
     ShardRow,
     ShardState,
     WorkerRow,
+    as_utc,
+    utc_now,
 )
 
 _OPEN_SHARD = (ShardState.PENDING.value, ShardState.RUNNING.value)
@@ -78,15 +80,8 @@ class NewJob:
     owner: str | None = None
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(ts: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; every timestamp we store is UTC.
-    if ts is not None and ts.tzinfo is None:
-        return ts.replace(tzinfo=UTC)
-    return ts
+_now = utc_now
+_aware = as_utc
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, insert, select, text
@@ -47,6 +47,8 @@ from ml_framework.store.schema import (
     ShardOutputRow,
     ShardRow,
     WorkerRow,
+    as_utc,
+    utc_now,
 )
 
 if TYPE_CHECKING:
@@ -64,14 +66,8 @@ _OPEN = (JobState.PENDING.value, JobState.RUNNING.value)
 TABLES = ("jobs", "shards", "shard_outputs", "row_errors", "workers", "deleted_jobs")
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(ts: datetime | None) -> datetime | None:
-    if ts is not None and ts.tzinfo is None:
-        return ts.replace(tzinfo=UTC)
-    return ts
+_now = utc_now
+_aware = as_utc
 
 
 @dataclass
