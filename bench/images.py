@@ -56,6 +56,7 @@ from bench.overhead import (  # noqa: E402
     save_results,
     scratch_root,
     start_worker,
+    wait_for_models,
 )
 
 SIDE = 224
@@ -269,11 +270,7 @@ def main() -> int:
         values = backend_settings(root, args.backend, args.shard_size, tag="benchimages")
         client = Client(load_settings(**values))
         proc = start_worker(values, [MODEL], root / "worker.log", threads=args.threads)
-        deadline = time.monotonic() + 300
-        while not any(w.models for w in client.workers()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((root / "worker.log").read_text()[-3000:])
-            time.sleep(0.3)
+        wait_for_models(client, proc, root / "worker.log")
         ours(client, root / "data" / "warm", MODEL, args.batch_size, 2 * args.batch_size)
         raw_s = raw_loop(paths, model, args.batch_size, args.threads, root / "raw.parquet")
         our_s = ours(client, root / "data" / "images", MODEL, args.batch_size, n)

@@ -156,6 +156,20 @@ def start_worker(values: dict[str, object], models: list[str], log: Path, thread
                                  "--grace", "20"], env=env, cwd=values["var_dir"], stdout=out, stderr=subprocess.STDOUT)
 
 
+def wait_for_models(client, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    """Wait until a worker process reports its preloaded models.
+
+    Raises:
+        RuntimeError: the worker exited or did not load them within ``timeout_s``
+            (with the end of its log).
+    """
+    deadline = time.monotonic() + timeout_s
+    while not any(w.models for w in client.workers()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(log.read_text()[-3000:])
+        time.sleep(0.3)
+
+
 def scratch_root(name: str) -> Path:
     """A new directory ``var/bench-<name>-*`` with ``data``, ``models`` and ``var`` in it."""
     (REPO / "var").mkdir(exist_ok=True)
@@ -265,11 +279,7 @@ def main() -> int:
         client = Client(load_settings(**values))
         models = [f"lin-{layout}" for layout in layouts]
         proc = start_worker(values, models, root / "worker.log")
-        deadline = time.monotonic() + 300
-        while not any(w.models for w in client.workers()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((root / "worker.log").read_text()[-3000:])
-            time.sleep(0.3)
+        wait_for_models(client, proc, root / "worker.log")
         for layout in layouts:  # warm-up: Parquet footers, first shards
             warm = root / "data" / f"warm-{layout}.parquet"
             pq.write_table(pq.ParquetFile(paths[layout]).read_row_group(0), warm)

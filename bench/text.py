@@ -54,6 +54,7 @@ from bench.overhead import (  # noqa: E402
     save_results,
     scratch_root,
     start_worker,
+    wait_for_models,
 )
 
 MODEL = "minilm"
@@ -154,11 +155,7 @@ def main() -> int:
         values = backend_settings(root, args.backend, args.shard_size)
         client = Client(load_settings(**values))
         proc = start_worker(values, [MODEL], root / "worker.log", threads=args.threads)
-        deadline = time.monotonic() + 300
-        while not any(w.models for w in client.workers()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((root / "worker.log").read_text()[-3000:])
-            time.sleep(0.3)
+        wait_for_models(client, proc, root / "worker.log")
         ours(client, warm, MODEL, args.batch_size, warm_rows)  # warm-up: first shard, allocator
         encoder.encode(texts[:warm_rows], batch_size=args.batch_size)  # the same for raw
         raw_runs, our_runs = [], []
