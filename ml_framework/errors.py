@@ -16,8 +16,10 @@ Hierarchy::
     ├── JobError
     │   ├── JobNotFoundError     no job with that id in the results store
     │   └── JobTimeoutError      ``Job.wait`` ran out of time
-    └── StoreError               the results database refused an operation
-        └── StoreUnavailableError    the results database cannot be reached (retry later)
+    ├── StoreError               the results database refused an operation
+    │   └── StoreUnavailableError    the results database cannot be reached (retry later)
+    └── BrokerError              the message broker refused an operation
+        └── BrokerUnavailableError   the broker cannot be reached (retry later)
 
 Row-level problems (a non-numeric value in one row) are not exceptions: they are recorded
 as row errors and the rest of the job goes on.
@@ -106,3 +108,27 @@ class StoreUnavailableError(StoreError):
 
     Transient: workers retry the shard with backoff until the database is back.
     """
+
+
+class BrokerError(MLFrameworkError):
+    """Raised when the message broker (Redis, RabbitMQ, the embedded SQLite file) refuses
+    an operation."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """Raised when the broker cannot be reached, so a job's shard messages cannot be sent.
+
+    The message names the broker, its password masked (see
+    :func:`ml_framework.endpoints.broker_label`). Transient: retry once the broker is back.
+
+    Attributes:
+        job_id: the job recorded before the broker went away mid-send (then CANCELLED,
+            with some of its shards sent), or ``None`` when nothing was recorded.
+        public_message: what the HTTP API answers (503): names no host or secret.
+    """
+
+    public_message = "the broker is unreachable; retry later"
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ml_framework.errors import (
+    BrokerUnavailableError,
     DatasetError,
     DatasetNotFoundError,
     JobNotFoundError,
@@ -66,7 +67,9 @@ class ParserUnavailableError(MLFrameworkError):
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (UnauthorizedError, 401), (ForbiddenError, 403), (RequestTooLargeError, 413), (ParserUnavailableError, 503), (JobNotFoundError, 404), (ModelNotFoundError, 404),
     (DatasetNotFoundError, 404), (JobTimeoutError, 504), (ManifestError, 409), (DatasetError, 422),
-    (StoreUnavailableError, 503), (MLFrameworkError, 400),
+    (StoreUnavailableError, 503),
+    (BrokerUnavailableError, 503),
+    (MLFrameworkError, 400),
 ]
 """HTTP status of each error class (the first that matches)."""
 FIXED_MESSAGES: list[tuple[type[Exception], str]] = [

@@ -26,18 +26,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
+from ml_framework.endpoints import where_line
 from ml_framework.errors import JobTimeoutError, MLFrameworkError
 from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
 from ml_framework.store import JobState, JobStatus
+from producer.cli_console import EXIT_ERROR, err, fail, out, say, warn
 from producer.results import check_output_path
 
-EXIT_ERROR = 1
+__all__ = ["app", "err", "fail", "main", "out", "say", "warn"]  # the consoles, for the other cli modules
 EXIT_BY_STATE = {JobState.SUCCEEDED: 0, JobState.PARTIAL: 3, JobState.FAILED: 4, JobState.CANCELLED: 5}
 EXIT_TIMEOUT = 6
 
@@ -45,15 +45,6 @@ app = typer.Typer(help="ml-framework: batch inference on Celery workers.", no_ar
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="The model repository.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-# Tables are wide; keep them whole when output goes to a file or pipe (rich assumes 80).
-out = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)  # never wrap messages scripts may grep
-
-
-def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
-    """Print ``error: message`` on stderr and return the Exit to raise."""
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)  # paths and values as typed, not markup
-    return typer.Exit(code)
 
 
 def client():
@@ -66,7 +57,7 @@ def client():
 def print_status(status: JobStatus) -> None:
     """Human-readable summary of a job."""
     pct = 100.0 * status.rows_done / status.n_rows if status.n_rows else 100.0
-    out.print(f"job {status.job_id}  [bold]{status.state.value}[/bold]  model {status.model}/{status.model_version}")
+    say(f"job {status.job_id}  ", (status.state.value, "bold"), f"  model {status.model}/{status.model_version}")
     out.print(f"  dataset  {status.dataset}")
     out.print(f"  rows     {status.rows_done}/{status.n_rows} ({pct:.1f}%): {status.rows_ok} ok, "
               f"{status.rows_failed} failed")
@@ -102,16 +93,19 @@ def score(
             raise fail(str(exc)) from None
     try:
         with client() as c:
+            say(where_line(c.settings), console=err)
             job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
                                   columns=columns.split(",") if columns else None, priority=priority)
+            warning = c.worker_warning()
             if not (wait or output):
+                if warning:
+                    warn(warning)
                 print(job.id)
                 return
-            err.print(f"job {job.id} submitted", highlight=False)
-            if not c.live_workers():
-                err.print("[yellow]warning:[/yellow] no worker heartbeat in the last 30 s; the job waits "
-                          "until one runs (`mlf worker`)", highlight=False)
-            status = job.wait(timeout_s=timeout, progress=sys.stderr.isatty())
+            say(f"job {job.id} submitted", console=err)
+            if warning:
+                warn(warning)
+            status = job.wait(timeout_s=timeout, progress=sys.stderr.isatty(), warn_idle=not warning)
             print_status(status)
             if output:
                 job.save_results(output)
@@ -312,8 +306,8 @@ def flower(
         env["FLOWER_BASIC_AUTH"] = ",".join(e.get_secret_value() for e in settings.flower_basic_auth)
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}",
             "--persistent=True", f"--db={db}", "--state_save_interval=60000", "--purge_offline_workers=600"]
-    err.print(f"Flower on http://{address}:{port} ({'basic auth' if 'FLOWER_BASIC_AUTH' in env else 'NO auth'}; "
-              f"state in {db})", highlight=False)
+    say(f"Flower on http://{address}:{port} ({'basic auth' if 'FLOWER_BASIC_AUTH' in env else 'NO auth'}; "
+        f"state in {db})", console=err)
     os.execve(sys.executable, argv, env)
 
 
@@ -364,7 +358,7 @@ def main() -> None:
     try:
         configure_logging(get_settings().logging_level, get_settings(), to_file=False)  # long-running commands add the file
     except MLFrameworkError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        fail(str(exc))
         raise SystemExit(EXIT_ERROR) from None
     _load_plugins()
     try:
@@ -372,6 +366,6 @@ def main() -> None:
     except Exception as exc:  # e.g. broker unreachable, unknown URL scheme
         if get_settings().logging_level == "DEBUG":
             raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
-        err.print("(set ML_FRAMEWORK_LOGGING_LEVEL=DEBUG for the traceback)", highlight=False)
+        fail(f"{type(exc).__name__}: {exc}")
+        say("(set ML_FRAMEWORK_LOGGING_LEVEL=DEBUG for the traceback)", console=err)
         raise SystemExit(EXIT_ERROR) from None

@@ -25,6 +25,7 @@ import pandas as pd
 
 from ml_framework.celery_app import check_priority, create_app, message_priority
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
+from ml_framework.endpoints import broker_errors, broker_unavailable, workers_warning
 from ml_framework.errors import DatasetError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
 from ml_framework.paths import locate_dataset
@@ -48,6 +49,9 @@ POLL_MAX_S = 0.05
 returns within 100 ms of the job finishing (one primary-key read per poll: on PostgreSQL
 about 0.2 ms of server time, 20 a second per waiting caller)."""
 NO_WORKER_WARNING_S = 5.0
+BROKER_CONNECT_RETRIES = 2
+"""Connection attempts after the first before a submit gives up on the broker (about 0.5 s
+in all): the job is recorded only once the broker answers."""
 MESSAGES_PER_WRITE = 1000
 MESSAGE_BYTES_PER_WRITE = 16 * 2**20
 """Sent shard messages kept in the store per write (see ``ResultStore.set_shard_messages``):
@@ -79,17 +83,20 @@ class Job:
         return self.client.store.job(self.id)
 
     def wait(self, timeout_s: float | None = None, progress: bool = False, *,
-             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S) -> JobStatus:
+             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S, warn_idle: bool = True) -> JobStatus:
         """Block until the job is finished (any terminal state).
 
         Polls the store with backoff (x1.5 per poll) from ``poll_start_s`` to ``poll_max_s``
         (by default 10 ms to 50 ms: the call returns within 100 ms of the job finishing).
-        Logs a warning when the job is still PENDING after 5 s and no worker heartbeat is live.
+        Logs a warning when the job is still PENDING after 5 s and no worker heartbeat is
+        live, or the live workers listen on another broker (see :meth:`Client.worker_warning`).
 
         Args:
             timeout_s: give up after this many seconds (``None``: wait forever).
             progress: show a progress bar of rows done on the terminal.
             poll_start_s / poll_max_s: first and longest pause between polls, seconds.
+            warn_idle: ``False`` when the caller has said already that no worker will take
+                the job (``mlf score`` does): no warning is logged.
 
         Returns:
             The final status.
@@ -100,7 +107,7 @@ class Job:
         started = time.monotonic()
         deadline = None if timeout_s is None else started + timeout_s
         delay = poll_start_s
-        warned = False
+        warned = not warn_idle
         bar = _ProgressBar(self) if progress else None
         try:
             while True:
@@ -110,10 +117,10 @@ class Job:
                 if status.state.terminal:
                     return status
                 if (not warned and status.state is JobState.PENDING
-                        and time.monotonic() - started > NO_WORKER_WARNING_S
-                        and not self.client.live_workers()):
-                    log.warning("job %s is still PENDING and no worker has sent a heartbeat in the "
-                                "last 30 s: start workers with `mlf worker`", self.id)
+                        and time.monotonic() - started > NO_WORKER_WARNING_S):
+                    warning = self.client.worker_warning()
+                    if warning:
+                        log.warning("job %s is still PENDING: %s", self.id, warning)
                     warned = True
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeoutError(
@@ -162,9 +169,10 @@ class _ProgressBar:
             TimeElapsedColumn,
         )
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(),
-                                 TextColumn("{task.fields[state]}"))
+        # No markup: the progress line prints what it is given as plain text.
+        self.progress = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("rows", markup=False), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[state]}", markup=False))
         self.task = self.progress.add_task(f"job {job.id}", total=None, state="")
         self.progress.start()
 
@@ -237,6 +245,12 @@ class Client:
     def live_workers(self, max_age_s: float = 30.0) -> list[str]:
         """Worker processes whose heartbeat reached the results store in the last ``max_age_s``."""
         return self.store.live_workers(max_age_s)
+
+    def worker_warning(self) -> str | None:
+        """Why a job sent now may wait: no live worker process, or the live ones listen on
+        another broker (see :func:`ml_framework.endpoints.workers_warning`); ``None`` when
+        a live worker listens on this client's broker."""
+        return workers_warning(self.settings, self.workers(30.0))
 
     def workers(self, max_age_s: float | None = 30.0) -> list[WorkerInfo]:
         """Heartbeats and telemetry of the worker processes seen in the last ``max_age_s``
@@ -540,31 +554,43 @@ class Client:
         for index, source in enumerate(checked):
             check(shard(uuid.uuid4().hex, index, source), "", "Nothing was recorded or sent.")
         sources = itertools.chain(checked, sources if not isinstance(sources, Sequence) else ())
-        job_id = self.store.create_job(
-            model=manifest.name, model_version=manifest.version, dataset=dataset,
-            n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority, owner=owner,
-        )
+        job_id = None
+        n_sent = 0
         try:
-            broker_priority = message_priority(self.settings, priority)
-            sent: list[tuple[int, str]] = []  # kept in the store, to send again should the broker lose one
-            sent_bytes = 0
             with self.app.producer_or_acquire() as producer:
-                for index, source in enumerate(sources):
-                    body = shard(job_id, index, source)
-                    if index >= len(checked):
-                        check(body, f"job {job_id} ", "The job was cancelled; no further shard is sent.")
-                    kwargs = body.model_dump(mode="json")
-                    self.app.send_task(SCORE_SHARD_TASK, kwargs=kwargs, argsrepr="()",
-                                       kwargsrepr=body.summary(), queue=self.settings.bulk_queue,
-                                       priority=broker_priority, producer=producer)
-                    sent.append((index, json.dumps({"queue": self.settings.bulk_queue, "kwargs": kwargs},
-                                                   separators=(",", ":"))))
-                    sent_bytes += len(sent[-1][1])
-                    if len(sent) >= MESSAGES_PER_WRITE or sent_bytes >= MESSAGE_BYTES_PER_WRITE:
-                        self.store.set_shard_messages(job_id, sent)
-                        sent, sent_bytes = [], 0
-            self.store.set_shard_messages(job_id, sent)
-        except BaseException:
-            self.store.cancel(job_id)
-            raise
+                # Reach the broker before recording the job: an unreachable broker leaves no job behind.
+                producer.connection.ensure_connection(max_retries=BROKER_CONNECT_RETRIES, interval_start=0,
+                                                      interval_step=0.2, interval_max=0.5)
+                job_id = self.store.create_job(
+                    model=manifest.name, model_version=manifest.version, dataset=dataset,
+                    n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority, owner=owner,
+                )
+                try:
+                    broker_priority = message_priority(self.settings, priority)
+                    sent: list[tuple[int, str]] = []  # kept in the store, to send again should the broker lose one
+                    sent_bytes = 0
+                    for index, source in enumerate(sources):
+                        body = shard(job_id, index, source)
+                        if index >= len(checked):
+                            check(body, f"job {job_id} ", "The job was cancelled; no further shard is sent.")
+                        kwargs = body.model_dump(mode="json")
+                        self.app.send_task(SCORE_SHARD_TASK, kwargs=kwargs, argsrepr="()",
+                                           kwargsrepr=body.summary(), queue=self.settings.bulk_queue,
+                                           priority=broker_priority, producer=producer)
+                        n_sent += 1
+                        sent.append((index, json.dumps({"queue": self.settings.bulk_queue, "kwargs": kwargs},
+                                                       separators=(",", ":"))))
+                        sent_bytes += len(sent[-1][1])
+                        if len(sent) >= MESSAGES_PER_WRITE or sent_bytes >= MESSAGE_BYTES_PER_WRITE:
+                            self.store.set_shard_messages(job_id, sent)
+                            sent, sent_bytes = [], 0
+                    self.store.set_shard_messages(job_id, sent)
+                except BaseException:
+                    self.store.cancel(job_id)
+                    raise
+        except broker_errors() as exc:
+            if job_id is None:
+                raise broker_unavailable(self.settings, exc, outcome="Nothing was recorded or sent.") from exc
+            raise broker_unavailable(self.settings, exc, job_id, f"Job {job_id} was cancelled after {n_sent} of "
+                                     f"{len(ranges)} shard(s) were sent; submit it again.") from exc
         return Job(self, job_id)

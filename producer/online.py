@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from celery import Celery
 
+from ml_framework.endpoints import broker_errors, broker_unavailable
 from ml_framework.errors import JobNotFoundError, JobTimeoutError
 from ml_framework.protocol import (
     SCORE_ONLINE_TASK,
@@ -257,6 +258,8 @@ class OnlineDispatcher:
                                        producer=producer)
                     del unsent[:len(part)]
         except Exception as exc:  # noqa: BLE001 - handed to each unsent caller
+            if isinstance(exc, broker_errors()):
+                exc = broker_unavailable(self.settings, exc, outcome="The request was cancelled.")
             for request in unsent:
                 request.send_error = exc
                 with self._lock:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from celery import Celery
 
+from ml_framework.endpoints import broker_label
 from ml_framework.protocol import DatasetRef, ScoreShard
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import ResultStore, WorkerInfo
@@ -150,7 +151,7 @@ class Heartbeat:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.info = WorkerInfo(hostname=ctx.hostname, pid=os.getpid(), started_at=datetime.now(UTC),
-                               threads=ctx.settings.worker_threads)
+                               threads=ctx.settings.worker_threads, broker=broker_label(ctx.settings))
         self._samples: deque[tuple[float, int]] = deque()
         self._gpu = bool(discover().gpus)  # no NVML or no GPU: never ask again
         self._stop = threading.Event()

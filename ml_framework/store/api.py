@@ -218,6 +218,8 @@ class WorkerInfo:
             processes on the device), bytes, from NVML.
         device_utilization_pct: GPU utilisation, percent, NVML's last sample period.
         device_temperature_c / device_power_w: degrees Celsius, watts.
+        broker: the broker the process listens on, password masked (see
+            :func:`ml_framework.endpoints.broker_label`); ``None`` from older workers.
     """
 
     hostname: str
@@ -238,6 +240,7 @@ class WorkerInfo:
     device_utilization_pct: float | None = None
     device_temperature_c: float | None = None
     device_power_w: float | None = None
+    broker: str | None = None
 
 
 class ShardClaim(str, enum.Enum):
