@@ -9,7 +9,6 @@ scaled by 1/16 through the manifests' preprocessing, so the models see values in
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +133,9 @@ def export_torch_model(model, models_dir: Path) -> ModelManifest:
 
 def fit_keras(data: DigitsData, epochs: int = 30):
     """A Keras CNN trained on the train split: (N, 8, 8, 1) -> (N, 10) probabilities."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from worker.runtimes.tensorflow import import_tensorflow
+
+    import_tensorflow()  # without its start-up notices
     import keras
 
     keras.utils.set_random_seed(SEED)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,3 +149,37 @@ def configure_logging(level: str = "INFO", settings: Settings | None = None, *, 
     logging.getLogger("celery").setLevel(logging.DEBUG if level_no == logging.DEBUG else logging.WARNING)
     if problem:
         logging.getLogger(__name__).warning(problem)
+
+
+@contextmanager
+def native_stderr_filtered(noise: Sequence[str]) -> Iterator[None]:
+    """Hold back what is written to file descriptor 2 (by native libraries as much as by
+    Python) inside the block, then write it to stderr less the lines that contain one of
+    the ``noise`` strings; those are logged at DEBUG instead (``--loglevel debug`` shows
+    them). For imports whose native start-up messages cannot be switched off otherwise
+    (TensorFlow's oneDNN notice ignores ``TF_CPP_MIN_LOG_LEVEL``).
+
+    What the block writes reaches stderr when it ends, also when it raises; a process
+    killed inside the block loses it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            _pass_on(held.read().decode("utf-8", errors="replace"), noise)
+
+
+def _pass_on(text: str, noise: Sequence[str]) -> None:
+    """Write ``text`` to stderr, less the lines holding one of ``noise`` (logged at DEBUG)."""
+    for line in text.splitlines():
+        if any(n in line for n in noise):
+            logging.getLogger(__name__).debug("%s", line)
+        else:
+            print(line, file=sys.stderr)
+    sys.stderr.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from celery.signals import celeryd_after_setup, setup_logging, worker_ready, worker_shutdown
 
@@ -10,6 +11,7 @@ from ml_framework.celery_app import create_app
 from ml_framework.logging import configure_logging
 from ml_framework.settings import get_settings
 from worker import tasks
+from worker.metrics import DEVICE_ENV
 from worker.process import WorkerContext
 
 settings = get_settings()
@@ -33,16 +35,30 @@ def _remember_hostname(sender: str, **_: object) -> None:
 
 
 @worker_ready.connect
-def _start_context(**_: object) -> None:
+def _start_context(sender: object = None, **_: object) -> None:
     """Per-process start-up hook: make the process's context (open the store, start the
     heartbeat), then load and warm up ``worker_preload_models``. With the solo pool this
-    runs in the process's only thread, so no shard starts before the models are ready."""
+    runs in the process's only thread, so no shard starts before the models are ready.
+    Ends with the process's one line: ``worker cpu0@host ready: device cpu (4 threads),
+    queues mlf.online, mlf.bulk, models digits/1`` (a model that failed to preload is
+    logged on its own)."""
     ctx = app.mlf_context = WorkerContext(settings, _hostname[0] if _hostname else "worker")
     ctx.start()
     if settings.worker_preload_models:
-        failures = ctx.registry.preload(settings.worker_preload_models)
-        log.info("preloaded %d of %d model(s): %s", len(settings.worker_preload_models) - len(failures),
-                 len(settings.worker_preload_models), ", ".join(ctx.registry.loaded()) or "none")
+        ctx.registry.preload(settings.worker_preload_models)
+    log.info("worker %s ready: %s", ctx.hostname, ready_line(ctx, sender))
+
+
+def ready_line(ctx: WorkerContext, consumer: object = None) -> str:
+    """What a worker process says once ready: its device (and framework threads), the
+    queues it consumes (from Celery's ``consumer``, else the settings) and its loaded models."""
+    queues = getattr(getattr(getattr(consumer, "app", None), "amqp", None), "queues", None)
+    names = list(queues.consume_from) if queues is not None and queues.consume_from else [
+        ctx.settings.online_queue, ctx.settings.bulk_queue]
+    device = os.environ.get(DEVICE_ENV) or "cpu"
+    threads = ctx.settings.worker_threads
+    return (f"device {device}" + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else "")
+            + f", queues {', '.join(names)}, models {', '.join(ctx.registry.loaded()) or 'none yet'}")
 
 
 @worker_shutdown.connect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 from typing import Annotated
@@ -9,7 +10,16 @@ from typing import Annotated
 import typer
 import yaml
 
-from ml_framework.manifest import MAX_INT32
+from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
+
+
+class LogLevel(str, enum.Enum):
+    """``mlf worker --loglevel`` values."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
 
 def worker(
@@ -19,11 +29,13 @@ def worker(
     processes_per_device: Annotated[int, typer.Option(min=1, help="Worker processes per GPU.")] = 1,
     grace: Annotated[float, typer.Option(help="Seconds running shards get to finish on shutdown.")] = 60.0,
     preload: Annotated[list[str] | None, typer.Option(help="Model to load and warm up in every process before its first shard: name or name:version (repeatable; default: worker_preload_models).")] = None,
+    loglevel: Annotated[LogLevel | None, typer.Option("--loglevel", case_sensitive=False, help="Log level (default: logging_level). At debug, each process also prints Celery's banner and start-up warnings; otherwise it says one line when ready.")] = None,
 ) -> None:
     """Start one worker process per GPU (CPU processes where there is none) and supervise
     them until SIGTERM / Ctrl-C."""
-    from kombu.utils.url import maybe_sanitize_url
+    import os
 
+    from ml_framework.endpoints import where_line
     from ml_framework.errors import MLFrameworkError
     from ml_framework.logging import configure_logging
     from ml_framework.manifest import ModelRepository, parse_model_ref
@@ -31,6 +43,9 @@ def worker(
     from worker.devices import discover, select_visible
     from worker.launcher import Supervisor, plan_children
 
+    if loglevel is not None:  # the worker processes read it from their environment too
+        os.environ["ML_FRAMEWORK_LOGGING_LEVEL"] = loglevel.value.upper()
+        get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.logging_level, settings)  # the launcher's restarts go to the log file too
     repository = ModelRepository(settings.models_dir)
@@ -59,9 +74,8 @@ def worker(
                              preload=preload)
     if not children:
         raise fail("nothing to start: no GPU selected and --cpu-processes 0")
-    typer.echo(f"starting {len(children)} worker process(es) on queues {settings.online_queue}, {settings.bulk_queue} "
-               f"(broker: {'embedded SQLite' if settings.embedded_broker else maybe_sanitize_url(settings.broker_url)})",
-               err=True)
+    typer.echo(f"starting {len(children)} worker process(es) on queues {settings.online_queue}, {settings.bulk_queue}; "
+               f"{where_line(settings)}", err=True)
     address = (settings.worker_metrics_host, settings.worker_metrics_port) if settings.worker_metrics_port else None
     reconcile = None
     if settings.broker_is_redis and settings.reconcile_interval_s:
@@ -93,8 +107,11 @@ def models_add(
     manifest: Annotated[Path, typer.Option(help="YAML/JSON manifest: framework, inputs, outputs, ...")],
     name: Annotated[str | None, typer.Option(help="Model name (overrides the manifest).")] = None,
     version: Annotated[int | None, typer.Option(min=1, max=MAX_INT32, help="Version (default: next free).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON instead of a summary.")] = False,
 ) -> None:
-    """Validate an existing artifact against its manifest (load + one batch) and add it."""
+    """Validate an existing artifact against its manifest (load + one batch) and add it.
+    Prints a summary (name, version, framework, inputs, outputs, where it went); with
+    --json, the manifest written. A failed add leaves nothing in the repository."""
     from ml_framework.errors import MLFrameworkError
     from ml_framework.settings import get_settings
     from worker.export import add_artifact
@@ -109,12 +126,36 @@ def models_add(
         fields["name"] = name
     if version:
         fields["version"] = version
+    models_dir = get_settings().models_dir
     try:
-        published = add_artifact(artifact, get_settings().models_dir, fields, search=[manifest.parent])
+        published = add_artifact(artifact, models_dir, fields, search=[manifest.parent], manifest_path=manifest)
     except (MLFrameworkError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"added {published.name}/{published.version} ({published.framework})")
-    typer.echo(json.dumps(published.model_dump(mode="json"), indent=2))
+    if as_json:
+        typer.echo(json.dumps(published.model_dump(mode="json"), indent=2))
+        return
+    for line in summary(published, ModelRepository(models_dir).version_dir(published.name, published.version).resolve()):
+        typer.echo(line)
+
+
+def _few(values: list, most: int = 6) -> str:
+    """``a, b, c`` or, past ``most`` values, the first ones and how many in all."""
+    shown = ", ".join(str(v) for v in values[:most])
+    return shown if len(values) <= most else f"{shown}, ... ({len(values)} in all)"
+
+
+def summary(m: ModelManifest, path: Path) -> list[str]:
+    """What ``mlf models add`` prints: one line each for the model, its framework and
+    artifact, inputs, outputs and directory."""
+    inputs = m.inputs
+    shape = f", shape {list(inputs.shape)}" if inputs.shape else ""
+    outputs = m.outputs.kind + (f", {len(m.outputs.labels)} labels: {_few(m.outputs.labels)}" if m.outputs.labels
+                                else f", size {m.outputs.size}" if m.outputs.size else "")
+    return [f"added {m.name}/{m.version}",
+            f"  framework  {m.framework} ({m.artifact})",
+            f"  inputs     {inputs.kind} {_few(inputs.columns)}; {inputs.dtype}{shape}",
+            f"  outputs    {outputs}",
+            f"  path       {path}"]
 
 
 def register(app: typer.Typer, models_app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -23,14 +24,16 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from ml_framework.errors import ManifestError
+from ml_framework.errors import ManifestError, MLFrameworkError
 from ml_framework.manifest import (
+    MANIFEST_FILE,
     InputSpec,
     ModelManifest,
     ModelRepository,
     OutputSpec,
     Preprocessing,
     TokenizerSpec,
+    framework_mismatch,
 )
 from worker.registry import load_runtime, validate_runtime
 
@@ -61,7 +64,13 @@ def _publish(
     runtime: SpecLike | None = None,
     dynamic_batching: SpecLike | None = None,
     tokenizer: SpecLike | None = None,
+    shown: Mapping[str, str] | None = None,
 ) -> ModelManifest:
+    """Validate the manifest, ``write`` the artifact into a staging directory beside the
+    version's, load it and run one batch, then move it into place. On any failure nothing
+    is left behind: neither the staging directory nor the directories made for it. The
+    files in an error message are named as in ``shown`` (``artifact`` and ``manifest``:
+    what the user gave), not by their staging path."""
     repo = ModelRepository(Path(models_dir))
     version = version or max(repo.versions(name), default=0) + 1
     fields = {
@@ -86,6 +95,7 @@ def _publish(
     final = repo.version_dir(name, version)
     if final.exists():
         raise ManifestError(f"{final} already exists; versions are immutable, pick another version")
+    made = [d for d in (final.parent, *final.parent.parents) if not d.exists()]  # innermost first
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=final.parent))
     try:
@@ -93,10 +103,27 @@ def _publish(
         manifest.write(staging)
         validate_runtime(load_runtime(manifest, staging), sample)
         staging.rename(final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        for directory in made:
+            with contextlib.suppress(OSError):  # not empty: another version appeared meanwhile
+                directory.rmdir()
+        if isinstance(exc, MLFrameworkError) and shown:
+            exc.args = (_as_shown(str(exc), staging, artifact, shown), *exc.args[1:])
         raise
     return manifest
+
+
+def _as_shown(message: str, staging: Path, artifact: str, shown: Mapping[str, str]) -> str:
+    """``message`` with the staging paths of the artifact and manifest replaced by the
+    names in ``shown`` (keys ``artifact``, ``manifest``), and the staging directory by
+    ``the new version``."""
+    for path, key in ((staging / artifact, "artifact"), (staging / MANIFEST_FILE, "manifest")):
+        if key in shown:
+            message = message.replace(str(path), shown[key])
+    if "artifact" in shown:
+        message = message.replace(repr(artifact), repr(shown["artifact"]))
+    return message.replace(str(staging), "the new version")
 
 
 def export_sklearn(
@@ -242,7 +269,7 @@ def export_keras(
 
 
 def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping[str, Any],
-                 search: Sequence[Path | str] = ()) -> ModelManifest:
+                 search: Sequence[Path | str] = (), manifest_path: Path | str | None = None) -> ModelManifest:
     """Publish an existing artifact (file or SavedModel directory) with a manifest.
 
     Args:
@@ -253,6 +280,10 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
         search: directories where a text model's tokenizer file (``tokenizer.file``) is
             looked for after the artifact's own directory (``mlf models add`` passes the
             manifest's directory); it is copied beside the artifact.
+        manifest_path: the file ``manifest`` was read from, named in error messages.
+
+    Errors name ``artifact`` and ``manifest_path`` as given (never the staging copy), and
+    a failed add leaves nothing in ``models_dir``.
 
     Raises:
         ManifestError: invalid manifest, a tokenizer file not found, or the artifact does
@@ -263,6 +294,7 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
     if not src.exists():
         raise FileNotFoundError(f"artifact not found: {src}")
     fields = dict(manifest)
+    where = str(manifest_path) if manifest_path is not None else "the manifest"
     known = set(ModelManifest.model_fields)
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -270,6 +302,10 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
     for key in ("name", "framework", "inputs", "outputs"):
         if key not in fields:
             raise ManifestError(f"manifest needs {key!r}")
+    mismatch = framework_mismatch(src, str(fields["framework"]))
+    if mismatch:
+        raise ManifestError(f"{src}: {mismatch} in {where}, or give the {fields['framework']} file. "
+                            "Nothing was added.")
     tokenizer_src = None
     if fields.get("tokenizer") is not None:
         spec = fields["tokenizer"]
@@ -295,5 +331,5 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
         preprocessing=fields.get("preprocessing"), default_batch_size=fields.get("default_batch_size"),
         trusted_types=fields.get("trusted_types"), description=fields.get("description", ""),
         sample=None, runtime=fields.get("runtime"), dynamic_batching=fields.get("dynamic_batching"),
-        tokenizer=fields.get("tokenizer"),
+        tokenizer=fields.get("tokenizer"), shown={"artifact": str(src), "manifest": where},
     )

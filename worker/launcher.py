@@ -37,6 +37,8 @@ from worker.metrics import DEVICE_ENV, MULTIPROC_ENV
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+ROOT_WARNING_FILTER = "ignore:You're running the worker with superuser privileges"
+"""A ``PYTHONWARNINGS`` entry that hides Celery's warning about running as root."""
 
 
 @dataclass
@@ -93,8 +95,11 @@ def plan_children(
     total = len(gpus) * processes_per_device + processes
     threads = threads or settings.worker_threads or max(1, cores // max(total, 1))
     host = os.uname().nodename
-    argv_base = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo",
-                 "--concurrency", "1", "-Q", f"{settings.online_queue},{settings.bulk_queue}", "--loglevel", settings.logging_level]
+    debug = settings.logging_level.upper() == "DEBUG"
+    # --quiet: no Celery banner per process (each says one line when ready: worker/app.py); DEBUG shows it.
+    argv_base = [sys.executable, "-m", "celery", "-A", "worker.app", *([] if debug else ["--quiet"]), "worker",
+                 "--pool", "solo", "--concurrency", "1", "-Q", f"{settings.online_queue},{settings.bulk_queue}",
+                 "--loglevel", settings.logging_level]
     if settings.embedded_broker:
         # The SQLite transport has no broadcast: no mingle / gossip / broker heartbeats.
         argv_base += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
@@ -121,6 +126,8 @@ def plan_children(
             env[MEMORY_FRACTION_ENV] = f"{1 / processes_per_device:.6f}"
         if preload is not None:
             env["ML_FRAMEWORK_WORKER_PRELOAD_MODELS"] = ",".join(preload)
+        if not debug:  # Celery's multi-line warning when run as root (containers): shown at DEBUG only
+            env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), ROOT_WARNING_FILTER]))
         name = f"{prefix}@{host}"
         children.append(ChildSpec(name, [*argv_base, "-n", name], env))
     return children
@@ -210,7 +217,7 @@ class Supervisor:
             env[MULTIPROC_ENV] = str(self.metrics_dir)
         self._task_file(child).unlink(missing_ok=True)
         self.procs[child.name] = subprocess.Popen(child.argv, env=env, preexec_fn=_die_with_parent)
-        log.info("started worker %s (pid %d)", child.name, self.procs[child.name].pid)
+        log.debug("started worker %s (pid %d)", child.name, self.procs[child.name].pid)  # it says when ready
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("received %s: warm shutdown of %d worker(s)", signal.Signals(signum).name, len(self.procs))

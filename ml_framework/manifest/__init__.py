@@ -16,6 +16,7 @@ from ml_framework.manifest.repository import (
     ModelRepository,
     artifact_format,
     check_artifact,
+    framework_mismatch,
     is_version,
     parse_model_ref,
 )
@@ -35,5 +36,6 @@ from ml_framework.manifest.specs import (
 __all__ = [
     "MANIFEST_FILE", "MAX_INT32", "NAME_PATTERN", "ONE_COLUMN_KINDS", "BatchSize", "DynamicBatching", "Framework",
     "InputKind", "InputSpec", "ModelManifest", "ModelRepository", "OutputSpec", "Preprocessing", "RuntimeOptions",
-    "TokenizerSpec", "Version", "artifact_format", "check_artifact", "is_version", "parse_model_ref",
+    "TokenizerSpec", "Version", "artifact_format", "check_artifact", "framework_mismatch",
+    "is_version", "parse_model_ref",
 ]

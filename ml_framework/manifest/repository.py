@@ -90,6 +90,17 @@ def check_artifact(manifest: ModelManifest, directory: Path) -> None:
         )
 
 
+
+def framework_mismatch(path: Path, framework: str) -> str | None:
+    """What is wrong when the artifact at ``path`` is another framework's file than
+    ``framework`` (see :func:`artifact_format`): ``"this is a scikit-learn skops file, but
+    framework says 'torch'; set framework: sklearn"``. ``None`` when it matches, or when
+    the file's layout does not tell."""
+    found = artifact_format(Path(path))
+    if found is None or found == framework:
+        return None
+    return f"this is {_FORMATS[found]}, but framework says {framework!r}; set framework: {found}"
+
 _CACHE: dict[Path, tuple[tuple[int, int], ModelManifest]] = {}
 
 

@@ -9,8 +9,22 @@ import os
 import numpy as np
 
 from ml_framework.errors import ModelLoadError
+from ml_framework.logging import native_stderr_filtered
 from worker.devices import discover, memory_fraction
 from worker.runtimes.base import Runtime, Signature
+
+TF_IMPORT_NOISE = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog() is called")
+"""TensorFlow's start-up lines on stderr that ``TF_CPP_MIN_LOG_LEVEL`` does not silence."""
+
+
+def import_tensorflow():
+    """``import tensorflow``, its start-up notices (:data:`TF_IMPORT_NOISE`) logged at
+    DEBUG instead of printed, C++ INFO and WARNING records off unless
+    ``TF_CPP_MIN_LOG_LEVEL`` is set. Returns the ``tensorflow`` module."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with native_stderr_filtered(TF_IMPORT_NOISE):
+        import tensorflow as tf
+    return tf
 
 
 class TensorFlowRuntime(Runtime):
@@ -30,9 +44,8 @@ class TensorFlowRuntime(Runtime):
 
     def load(self) -> None:
         """Load the model. Raises ``ModelLoadError``."""
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         if self.threads:
             try:
