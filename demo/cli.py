@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)  # paths as they are
 
 
 def _start_workers(processes: int | None) -> subprocess.Popen:
@@ -26,19 +26,17 @@ def demo(
 ) -> None:
     """Train sklearn, PyTorch and Keras models on the digits dataset, score it through the
     queue with each, and print per-model accuracy and throughput."""
-    from kombu.utils.url import maybe_sanitize_url
-
     from demo.digits import FRAMEWORKS, load_data, train_and_export
+    from ml_framework.endpoints import where_line
     from ml_framework.errors import MLFrameworkError
     from ml_framework.settings import get_settings
+    from producer.cli_console import fail
     from producer.client import Client
     from worker.launcher import terminate
 
     settings = get_settings()
-    broker = f"embedded SQLite ({settings.var_dir})" if settings.embedded_broker else maybe_sanitize_url(settings.broker_url)
-    console.print(f"broker: {broker}")
+    console.print(where_line(settings))
     with Client(settings) as client:
-        console.print(f"results store: {client.store.engine.url.render_as_string(hide_password=True)}")
         workers = None
         live = client.store.live_workers()
         if live:
@@ -78,13 +76,12 @@ def demo(
                                f"{correct.mean():.3f}", str(status.rows_done), f"{rate:,.0f}", job.id)
                 job.save_results(out_dir / f"{manifests[fw].name}.csv")
         except MLFrameworkError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
+            raise fail(str(exc)) from None
         finally:
             if workers is not None:
                 console.print("stopping the demo's workers ...")
                 terminate(workers, grace_s=90)
-    Console(width=max(Console().width, 150)).print(report)
+    Console(width=max(Console().width, 150), markup=False, emoji=False).print(report)
     console.print(f"results: {out_dir}/<model>.csv, and in the results store "
                   "(`mlf status JOB`, `mlf results JOB -o out.parquet`)")
     console.print("rows/s: rows / (first shard start -> last result), model loading included")

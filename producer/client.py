@@ -297,6 +297,8 @@ class Client:
                 (see :mod:`ml_framework.paths`).
             DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
                 the file is missing, unreadable, lacks columns or has no rows.
+            BrokerUnavailableError: the broker cannot be reached; nothing was recorded, or
+                (the broker went away mid-send) the job named by its ``job_id`` was cancelled.
         """
         check_priority(priority)
         manifest, batch = self._check(model, version, batch_size)
@@ -337,7 +339,7 @@ class Client:
             DatasetSchemaError: missing columns, an array of the wrong width or shape, or
                 a column whose type can never feed the model.
             DatasetError: no rows.
-            ModelNotFoundError, ValueError: as :meth:`score_dataset`.
+            ModelNotFoundError, ValueError, BrokerUnavailableError: as :meth:`score_dataset`.
         """
         check_priority(priority)
         manifest, batch, use_columns, ranges, sources = self._plan_rows(rows, model, version, batch_size, columns)
@@ -527,7 +529,8 @@ class Client:
         priority: int = 0,
         owner: str | None = None,
     ) -> Job:
-        """Record the job, then send one shard message per source; cancel the job if sending fails.
+        """Connect to the broker, record the job, then send one shard message per source;
+        cancel the job if sending fails. An unreachable broker records nothing.
 
         Every shard message is checked against ``max_message_bytes`` (only inline shards
         come near it): ``sources`` given as a sequence are all checked before the job is
@@ -536,6 +539,7 @@ class Client:
 
         Raises:
             DatasetError: a shard message over ``max_message_bytes``.
+            BrokerUnavailableError: the broker cannot be reached (see :meth:`score_dataset`).
         """
         advice = f"use a smaller shard_size (now {self.settings.shard_size} rows)"
         if not dataset.startswith("<"):  # a file, not rows given in memory
