@@ -40,11 +40,12 @@ def where_line(settings: Settings) -> str:
 
 def broker_errors() -> tuple[type[BaseException], ...]:
     """The exceptions a send raises when the broker cannot be reached: kombu's
-    ``OperationalError`` (Celery's retrying send wraps transport errors in it), the
-    Redis client's connection errors and ``OSError`` (refused, reset, DNS)."""
+    ``OperationalError`` (kombu wraps the transport's connection errors in it: refused,
+    reset, DNS) and the Redis client's connection errors. Not ``OSError`` itself: reading
+    a dataset's shards during a send may raise it, and that is no broker's fault."""
     from kombu.exceptions import OperationalError
 
-    errors: tuple[type[BaseException], ...] = (OperationalError, OSError)
+    errors: tuple[type[BaseException], ...] = (OperationalError,)
     try:
         import redis
 

@@ -258,14 +258,15 @@ class OnlineDispatcher:
                                        producer=producer)
                     del unsent[:len(part)]
         except Exception as exc:  # noqa: BLE001 - handed to each unsent caller
-            if isinstance(exc, broker_errors()):
-                exc = broker_unavailable(self.settings, exc, outcome="The request was cancelled.")
+            down = isinstance(exc, broker_errors())
+            self._cancel_quietly([r.job.job_id for r in unsent])  # before the callers hear of it
             for request in unsent:
-                request.send_error = exc
+                job_id = request.job.job_id
+                request.send_error = (broker_unavailable(self.settings, exc, job_id, f"Online request {job_id} was "
+                                                         "cancelled.") if down else exc)
                 with self._lock:
-                    self._waiting.pop(request.job.job_id, None)
-                _complete(request.answer, error=exc)
-            self._cancel_quietly([r.job.job_id for r in unsent])
+                    self._waiting.pop(job_id, None)
+                _complete(request.answer, error=request.send_error)
         for request in group:
             if request.answer.cancelled():
                 self._cancel_quietly([request.job.job_id])

@@ -27,3 +27,11 @@ def test_demo_scores_digits_with_three_frameworks(tmp_path):
     assert sorted(p.name for p in (tmp_path / "var" / "demo").iterdir()) == [
         "digits-keras.csv", "digits-sklearn.csv", "digits-torch.csv"]
     assert "stopping the demo's workers" in run.stderr
+    # Quiet by default: each worker process says one line when ready; no Celery banner, no
+    # warning about running as root, no TensorFlow start-up notice.
+    said = run.stdout + run.stderr
+    for noise in ("oneDNN", "[queues]", "-------------- ", "superuser privileges"):
+        assert noise not in said, said[-3000:]
+    ready = re.findall(r"worker (\S+) ready: device ", said)
+    assert ready and len(ready) == len(set(ready)), said[-3000:]
+    assert "broker: embedded SQLite (" in said  # the demo says where its jobs go

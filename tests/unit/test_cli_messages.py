@@ -153,6 +153,21 @@ def test_python_client_raises_broker_unavailable_and_records_nothing(tmp_path, m
         assert not any(client.store.job_counts().values())
 
 
+def test_online_request_with_the_broker_down_names_its_cancelled_job(tmp_path, model_dir):
+    """An online request is recorded before it is sent (requests are batched): with the
+    broker down, the error names the broker and the request's job, which is CANCELLED."""
+    from ml_framework.store import JobState
+
+    settings = load_settings(var_dir=tmp_path / "var", models_dir=model_dir,
+                             broker_url=f"redis://:s3cret-pw@127.0.0.1:{unused_port()}/0")
+    with Client(settings) as client:
+        with pytest.raises(BrokerUnavailableError) as caught:
+            client.predict("iris", iris_frame().head(2), timeout_s=30)
+        job_id = caught.value.job_id
+        assert "cannot reach the broker at redis://:**********@127.0.0.1:" in str(caught.value)
+        assert f"Online request {job_id} was cancelled." in str(caught.value)
+        assert client.store.job(job_id).state is JobState.CANCELLED
+
 def test_http_api_answers_503_naming_no_secret_when_the_broker_is_down(tmp_path, model_dir):
     """POST /v1/jobs with the broker down: 503 and a message that names neither the
     broker's host nor its password."""
