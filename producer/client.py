@@ -37,6 +37,7 @@ from ml_framework.protocol import (
 )
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, NewJob, PruneReport, ResultStore, WorkerInfo
+from ml_framework.store.outputs import output_schema
 from producer.datasets import inspect, plan_sources, resolve_columns
 from producer.online import OnlineDispatcher, OnlineRequest
 from producer.results import write_results
@@ -273,7 +274,8 @@ class Client:
             owner: name of the API key submitting the job (the HTTP API sets it).
 
         Returns:
-            The new :class:`Job` (state PENDING).
+            The new :class:`Job` (state PENDING; SUCCEEDED at once when the dataset has
+            no rows: its results are empty, with the model's output columns).
 
         Raises:
             ValueError: ``batch_size`` or ``priority`` out of range.
@@ -281,8 +283,8 @@ class Client:
             DatasetPathError: the path enters the data directory and leads out of it (a
                 symbolic link or '..'); refused before anything is read
                 (see :mod:`ml_framework.paths`).
-            DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
-                the file is missing, unreadable, lacks columns or has no rows.
+            DatasetNotFoundError, DatasetFormatError, DatasetSchemaError: the file is
+                missing, unreadable, or lacks columns.
         """
         check_priority(priority)
         manifest, batch = self._check(model, version, batch_size)
@@ -317,17 +319,18 @@ class Client:
             model, version, batch_size, columns, priority, owner: as :meth:`score_dataset`.
 
         Returns:
-            The new :class:`Job`; its rows are numbered from 0 in the order given.
+            The new :class:`Job`; its rows are numbered from 0 in the order given (no
+            rows: a job SUCCEEDED at once, as :meth:`score_dataset`).
 
         Raises:
             DatasetSchemaError: missing columns, an array of the wrong width or shape, or
                 a column whose type can never feed the model.
-            DatasetError: no rows.
             ModelNotFoundError, ValueError: as :meth:`score_dataset`.
         """
         check_priority(priority)
         manifest, batch, use_columns, ranges, sources = self._plan_rows(rows, model, version, batch_size, columns)
-        return self._submit(manifest, f"<{ranges[-1][1]} inline rows>", ranges[-1][1], ranges, use_columns,
+        n_rows = ranges[-1][1] if ranges else 0
+        return self._submit(manifest, f"<{n_rows} inline rows>", n_rows, ranges, use_columns,
                             sources, batch, priority, owner)
 
     def _plan_rows(self, rows: RowsLike, model: str, version: int | None, batch_size: int | None,
@@ -461,8 +464,9 @@ class Client:
     def _plan_online(self, model: str, inputs: RowsLike, version: int | None,
                      batch_size: int | None = None, owner: str | None = None) -> OnlineRequest:
         manifest, batch, use_columns, ranges, sources = self._plan_rows(inputs, model, version, batch_size, None)
-        job = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, f"<{ranges[-1][1]} inline rows>",
-                     ranges[-1][1], ranges, batch, owner=owner)
+        n_rows = ranges[-1][1] if ranges else 0
+        job = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, f"<{n_rows} inline rows>",
+                     n_rows, ranges, batch, owner=owner, output_schema=output_schema(manifest.outputs))
         size = sum(ScoreShard(job_id=job.job_id, shard_index=i, model=manifest.name, version=manifest.version,
                               batch_size=batch, columns=use_columns, source=source, online=True,
                               enqueued_at=time.time()).message_bytes()
@@ -543,6 +547,7 @@ class Client:
         job_id = self.store.create_job(
             model=manifest.name, model_version=manifest.version, dataset=dataset,
             n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority, owner=owner,
+            output_schema=output_schema(manifest.outputs),
         )
         try:
             broker_priority = message_priority(self.settings, priority)

@@ -242,7 +242,9 @@ class OnlineDispatcher:
             for request in group:
                 self._waiting[request.job.job_id] = request.answer
             self._poll_soon = self._poll[0] if self._poll_soon is None else min(self._poll_soon, self._poll[0])
-        unsent = [r for r in group if not r.answer.cancelled()]  # a caller may time out while its job is recorded
+        # a caller may time out while its job is recorded; a request without rows has no
+        # message to send (its job is recorded SUCCEEDED: the next poll answers it)
+        unsent = [r for r in group if not r.answer.cancelled() and r.shards]
         try:
             with self.app.producer_or_acquire() as producer:
                 for part in _messages(unsent):

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from ml_framework.manifest import OutputSpec
+
 ROW = "row"
 CODEC = "lz4"
 """Arrow IPC buffer compression (LZ4 frame): fast enough that a 50,000-row shard
@@ -35,6 +37,29 @@ def column(values: Sequence) -> pa.Array:
 def _text(values: Sequence) -> pa.Array:
     """``values`` as a string column: text as is, other values as their JSON."""
     return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+
+
+def output_schema(spec: OutputSpec) -> pa.Schema:
+    """The columns a model's outputs become (what ``worker.outputs.decode_outputs``
+    writes), known before any row is scored: how a job with no rows still reports them.
+
+    Returns:
+        ``row`` (int64), then by ``spec.kind``: ``prediction`` (the labels' type),
+        ``score`` (float64), ``probabilities`` (``fixed_size_list<float64>[K]``);
+        ``prediction`` (float64, or ``fixed_size_list<float64>[size]`` when ``size`` > 1);
+        ``embedding`` (``fixed_size_list<float32>[size]``: the outputs' own precision is
+        known only once the model has run; a list of float32 when ``size`` is not declared).
+    """
+    fields = [pa.field(ROW, pa.int64())]
+    if spec.kind == "classification":
+        fields += [pa.field("prediction", column(spec.labels or []).type), pa.field("score", pa.float64()),
+                   pa.field("probabilities", pa.list_(pa.float64(), len(spec.labels or [])))]
+    elif spec.kind == "regression":
+        many = spec.size is not None and spec.size > 1
+        fields.append(pa.field("prediction", pa.list_(pa.float64(), spec.size) if many else pa.float64()))
+    else:
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), spec.size) if spec.size else pa.list_(pa.float32())))
+    return pa.schema(fields)
 
 
 def outputs_table(pairs: Sequence[tuple[int, dict | str]]) -> pa.Table:
@@ -76,10 +101,11 @@ def decode(data: bytes) -> pa.Table:
 
 def concat(tables: Sequence[pa.Table]) -> pa.Table | None:
     """One table of several shards' outputs (columns a shard lacks are null), or ``None``
-    when there are none."""
-    tables = [t for t in tables if t.num_rows]
+    when there are none. Tables without rows count only when all are so: a job with no
+    rows stores one, which carries the output columns (see :func:`output_schema`)."""
     if not tables:
         return None
+    tables = [t for t in tables if t.num_rows] or list(tables[:1])
     if len(tables) == 1:
         return tables[0]
     try:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from ml_framework.errors import DatasetError, DatasetSchemaError
+from ml_framework.errors import DatasetSchemaError
 from ml_framework.manifest import InputSpec
 from producer.api import _finite
 from producer.rows import rows_to_table as _rows_to_table
@@ -34,8 +35,17 @@ def test_bad_row_shapes_name_the_row():
         rows_to_table(np.zeros((2, 2)), ["a", "b", "c"])
     with pytest.raises(DatasetSchemaError, match="duplicate column names"):
         rows_to_table(pd.DataFrame([[1, 2]], columns=["a", "a"]), ["a"])
-    with pytest.raises(DatasetError, match="no rows"):
-        rows_to_table(pd.DataFrame({"a": []}), ["a"])
+
+
+def test_no_rows_make_a_table_of_the_input_columns_without_rows():
+    """No rows, in any form, make a table without rows (a job with nothing to score),
+    not an error (regression: 'no rows to score'); a DataFrame keeps its own columns."""
+    for rows in ([], (), np.zeros((0, 2)), np.zeros(0), pa.table({}), pd.DataFrame()):
+        table = rows_to_table(rows, ["a", "b"])
+        assert (table.num_rows, table.column_names) == (0, ["a", "b"]), rows
+    assert rows_to_table(pd.DataFrame({"a": [], "c": []}), ["a", "b"]).column_names == ["a", "c"]
+    tensor = _rows_to_table([], InputSpec(kind="tensor", columns=["v"], shape=[2]))
+    assert (tensor.num_rows, tensor.column_names) == (0, ["v"])
 
 
 def test_json_rule_turns_nan_and_infinity_into_null():
