@@ -108,7 +108,7 @@ def score(
                 print(job.id)
                 return
             err.print(f"job {job.id} submitted", highlight=False)
-            if not c.live_workers():
+            if not job.status().state.terminal and not c.live_workers():  # a job without rows is done
                 err.print("[yellow]warning:[/yellow] no worker heartbeat in the last 30 s; the job waits "
                           "until one runs (`mlf worker`)", highlight=False)
             status = job.wait(timeout_s=timeout, progress=sys.stderr.isatty())

@@ -471,7 +471,7 @@ class Client:
                               batch_size=batch, columns=use_columns, source=source, online=True,
                               enqueued_at=time.time()).message_bytes()
                    for i, source in enumerate(sources))
-        self._check_message_bytes(size, f"online request {job.job_id} ({ranges[-1][1]} rows)",
+        self._check_message_bytes(size, f"online request {job.job_id} ({n_rows} rows)",
                                   "send fewer rows per request, or score them as a bulk job (score_dataset) "
                                   "from a file under the data directory", "Nothing was recorded or sent.")
         return OnlineRequest(job, use_columns, sources)
