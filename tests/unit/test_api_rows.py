@@ -74,3 +74,43 @@ def test_a_flat_array_is_one_column_not_one_row():
         rows_to_table(np.array([1.0, 2.0, 3.0]), ["a", "b", "c"])
     with pytest.raises(DatasetSchemaError, match=r"expected \(rows, 3\)"):
         rows_to_table(np.array([1.0, 2.0, 3.0], dtype=">f8"), ["a", "b", "c"])
+
+
+def test_http_job_of_no_rows_succeeds_with_its_output_columns(tmp_path):
+    """POST /v1/jobs with ``"rows": []``: 202, a job SUCCEEDED at once (no worker runs
+    here), progress 1.0, and its CSV and Parquet downloads hold the model's output
+    columns without rows (regression: 422, at least 1 row). Rows without a single field
+    are refused naming the columns the model needs."""
+    import io
+
+    import pyarrow.parquet as pq
+    import yaml
+    from fastapi.testclient import TestClient
+
+    from ml_framework.settings import load_settings
+    from producer.api import create_app
+
+    version = tmp_path / "models" / "reg" / "1"
+    version.mkdir(parents=True)
+    (version / "manifest.yaml").write_text(yaml.safe_dump({
+        "name": "reg", "version": 1, "framework": "sklearn", "artifact": "model.skops",
+        "inputs": {"columns": ["a", "b"]}, "outputs": {"kind": "regression"}}))
+    (tmp_path / "data").mkdir()
+    key = {"X-API-Key": "k-0123456789abcdef0123"}
+    settings = load_settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", var_dir=tmp_path / "var",
+                             bulk_queue="mlf.rows.bulk", online_queue="mlf.rows.online",
+                             api_keys={"me": key["X-API-Key"]})
+    with TestClient(create_app(settings)) as http:
+        r = http.post("/v1/jobs", json={"model": "reg", "rows": []}, headers=key)
+        assert r.status_code == 202, r.text
+        job = http.get(f"/v1/jobs/{r.json()['job_id']}", headers=key).json()
+        assert (job["state"], job["n_rows"], job["n_shards"], job["progress"]) == ("SUCCEEDED", 0, 0, 1.0)
+        url = f"/v1/jobs/{job['job_id']}/results"
+        assert http.get(url, headers=key).json()["rows"] == []
+        table = pq.read_table(io.BytesIO(http.get(url, params={"format": "parquet"}, headers=key).content))
+        assert table.num_rows == 0 and table.schema.names == ["row", "prediction", "error", "error_field"]
+        assert str(table.schema.field("prediction").type) == "double"
+        csv = http.get(url, params={"format": "csv"}, headers=key).text
+        assert csv.splitlines() == ['"row","prediction","error","error_field"']
+        r = http.post("/v1/jobs", json={"model": "reg", "rows": [{}, {}]}, headers=key)
+        assert r.status_code in (400, 422) and "missing column(s) 'a', 'b'" in r.text, r.text
