@@ -368,9 +368,21 @@ def test_category_columns_of_numbers_as_text_score_like_plain_ones(client, job_s
         sorted(want[0].items()), [(4, "a", "row 4, field 'a': 'x' is not a number")])
 
 
-def test_category_columns_feed_text_and_image_models(job_settings, text_runtime, data_dir):
-    """A text column written as a pandas ``category`` scores as the same texts written
-    plainly (regression: bytes dictionaries failed as 'not a text')."""
+def test_category_columns_feed_text_and_image_models(job_settings, text_runtime, image_runtime, data_dir):
+    """Texts and image paths written as a pandas ``category`` (or an Arrow dictionary of
+    bytes) score as the same values written plainly (regression: without the text
+    converter's own decoding, every text failed as 'missing text')."""
+    from PIL import Image
+
+    (data_dir / "pics").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(data_dir / "pics" / f"{i}.png")
+    paths = ["pics/0.png", "pics/1.png", "pics/0.png", "pics/gone.png"]
+    pd.DataFrame({"path": paths}).to_parquet(data_dir / "plain_paths.parquet")
+    pd.DataFrame({"path": pd.Categorical(paths)}).to_parquet(data_dir / "category_paths.parquet")
+    want = score(job_settings, image_runtime, data_dir / "plain_paths.parquet")
+    assert sorted(want[0]) == [0, 1, 2] and list(want[1]) == [3]
+    assert score(job_settings, image_runtime, data_dir / "category_paths.parquet") == want
     texts = ["first", "second", "first", None]
     pd.DataFrame({"t": texts}).to_parquet(data_dir / "plain_text.parquet")
     pd.DataFrame({"t": pd.Categorical(texts)}).to_parquet(data_dir / "category_text.parquet")
