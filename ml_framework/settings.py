@@ -149,6 +149,9 @@ class Settings(BaseSettings):
             ``broker_url`` / ``redis_url`` / ``database_url`` (which then carry none), so that it
             can come from a file (``ML_FRAMEWORK_REDIS_PASSWORD_FILE=/run/secrets/...``).
         api_max_request_bytes: largest request body the HTTP API reads, bytes.
+        api_public_url: the HTTP API's base URL as browsers reach it (``https://mlf.example.com``,
+            a path prefix allowed); links from elsewhere (Flower's task list) to a job's page
+            are ``<api_public_url>/ui/jobs/<job id>`` (:meth:`job_page_url`). ``None``: no links.
         log_dir: directory of the rotating log file ``ml_framework.log``; default
             ``<var_dir>/logs`` (``/app/logs`` in the production image).
         log_to_file: write that file besides stdout.
@@ -224,6 +227,7 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     database_password: SecretStr | None = None
     api_max_request_bytes: PositiveInt = 16 * 2**20
+    api_public_url: str | None = None
     log_dir: Path | None = None
     log_to_file: bool = True
     log_format: Literal["text", "json"] = "text"
@@ -297,6 +301,21 @@ class Settings(BaseSettings):
             if not (user and sep and password):
                 raise ValueError("flower_basic_auth: give user:password pairs, comma-separated")
         return value
+
+    @field_validator("api_public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", value):
+            raise ValueError(f"api_public_url: give the API's base URL as browsers reach it, e.g. "
+                             f"https://mlf.example.com, not {value[:200]!r}")
+        return value.rstrip("/")
+
+    def job_page_url(self, job_id: str) -> str | None:
+        """The address of job ``job_id``'s page (``GET /ui/jobs/{id}``) under
+        ``api_public_url``, or ``None`` when that is unset."""
+        return None if self.api_public_url is None else f"{self.api_public_url}/ui/jobs/{job_id}"
 
     @model_validator(mode="before")
     @classmethod
