@@ -216,3 +216,18 @@ def test_api_public_url_gives_the_job_page_address(clean_env):
     assert load_settings().job_page_url(job) is None
     with pytest.raises(Exception, match="api_public_url"):
         load_settings(api_public_url="mlf.example.com")
+
+
+def test_every_template_is_package_data():
+    """pyproject's package-data globs for producer cover every file under
+    producer/templates, so an installed wheel renders the pages (checked by hand:
+    `pip wheel --no-deps .` holds producer/templates/ui/*.html)."""
+    import tomllib
+
+    from producer.ui import template_dir
+
+    package = template_dir().parent.parent
+    globs = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    packaged = {p for pattern in globs["producer"] for p in package.glob(pattern)}
+    templates = {p for p in (package / "templates").rglob("*") if p.is_file()}
+    assert templates and templates <= packaged, templates - packaged
