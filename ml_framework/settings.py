@@ -30,7 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ml_framework import credentials
 from ml_framework.errors import SettingsError
@@ -39,11 +39,10 @@ from ml_framework.settings_sources import (
     CONFIG_ENV,
     ENV_PREFIX,
     FILE_SUFFIX,
-    SecretFilesSource,
-    YamlSource,
     file_key,
-    read_yaml,
     secret_files,
+    sources,
+    yaml_data,
 )
 from ml_framework.settings_sources import config_path as default_config_path
 
@@ -391,17 +390,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, SecretFilesSource(settings_cls), YamlSource(settings_cls))
-
     @property
     def embedded_broker(self) -> bool:
         """True when no broker URL is configured and the SQLite transport is used."""
@@ -448,7 +436,9 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
             its source (the YAML file or the environment variable).
     """
     path = config_path if config_path is not None else default_config_path()
-    data = read_yaml(path) if path is not None else {}
+    files, file_problems = secret_files(SECRET_FIELDS)
+    layers = sources(Settings, path, overrides, files)
+    data = yaml_data(layers[-1])
     fields = set(Settings.model_fields)
     problems = [f"{path}: unknown key {key!r}" for key in data if key not in fields]
     problems += [
@@ -459,13 +449,9 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         and name[len(ENV_PREFIX):].lower() not in fields
         and file_key(name) not in SECRET_FIELDS
     ]
-    files, file_problems = secret_files(SECRET_FIELDS)
     if problems or file_problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems + file_problems)
                             + (f"\n  known keys: {', '.join(sorted(fields))}" if problems else ""))
-    YamlSource.data = data
-    SecretFilesSource.data = files
-
     def source(key: str) -> str:
         if key in overrides:
             return "argument"
@@ -476,7 +462,7 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         return str(path) if key in data else "defaults"
 
     try:
-        return Settings(**overrides)
+        return Settings(_build_sources=(layers, overrides))
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -489,9 +475,6 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
                 where = "; ".join(f"{k} from {source(k)}" for k in involved) or str(path or "settings")
                 lines.append(f"{err['msg']} ({where})")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
-    finally:
-        YamlSource.data = {}
-        SecretFilesSource.data = {}
 
 
 @lru_cache(maxsize=1)

@@ -986,7 +986,7 @@ def results_frame(outputs: pa.Table | Sequence[tuple[int, dict | str]] | None,
 
     Args:
         outputs: the output table (``row`` first, see :mod:`ml_framework.store.outputs`),
-            or ``(row_index, output)`` pairs (a dict or its JSON text), or ``None``.
+            or ``(row_index, output)`` pairs (a dict each), or ``None``.
         errors: ``(row_index, field, message)`` triples.
 
     Returns:
