@@ -35,7 +35,6 @@ from ml_framework.manifest import InputSpec, Preprocessing
 from ml_framework.protocol import DatasetRef, InlineRows, ScoreShard
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
-from ml_framework.store.outputs import to_pairs
 from producer.client import Client
 from producer.datasets import plan_sources, resolve_columns
 from tests.conversion import to_inputs
@@ -104,7 +103,7 @@ def score(settings, runtime, path: Path) -> tuple[dict[int, dict], dict[int, tup
         msg = ScoreShard(job_id="j", shard_index=index, model=runtime.manifest.name, version=1, batch_size=3,
                          columns=columns, source=source)
         outcome = score_table(runtime, load_table(settings, msg), columns, source.row_start, 3)
-        outputs.update(to_pairs(outcome.outputs))
+        outputs.update((rec.pop("row"), rec) for rec in outcome.outputs.to_pylist())
         errors.update({e.row_index: (e.field, e.message) for e in outcome.errors})
     assert sorted([*outputs, *errors]) == list(range(info.n_rows))
     return outputs, errors
@@ -364,8 +363,9 @@ def test_category_columns_of_numbers_as_text_score_like_plain_ones(client, job_s
         for i, s in enumerate(sources)])
     assert pa.types.is_dictionary(table.schema.field("a").type)
     outcome = score_table(runtime, table, COLUMNS, 0, 3)
-    assert (to_pairs(outcome.outputs), [(e.row_index, e.field, e.message) for e in outcome.errors]) == (
-        sorted(want[0].items()), [(4, "a", "row 4, field 'a': 'x' is not a number")])
+    assert ({rec.pop("row"): rec for rec in outcome.outputs.to_pylist()},
+            [(e.row_index, e.field, e.message) for e in outcome.errors]) == (
+        want[0], [(4, "a", "row 4, field 'a': 'x' is not a number")])
 
 
 def test_category_columns_feed_text_and_image_models(job_settings, text_runtime, image_runtime, data_dir):
