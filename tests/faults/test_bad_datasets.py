@@ -156,9 +156,10 @@ def test_header_only_is_an_empty_job_that_succeeds(client, data_dir, tmp_path, t
 
 def test_empty_parquet_files_directories_and_rows_are_empty_jobs(client, data_dir, tmp_path):
     """A Parquet file with a schema but no rows, a directory whose parts are all empty, one
-    outside the data directory (which would be inlined), and rows given in memory that
-    are none (a list, an array, a DataFrame) are jobs of 0 rows that succeed at once
-    (regression: 'no data rows', 'no rows to score', or an IndexError)."""
+    outside the data directory (which would be inlined), an Arrow file and an .npy array
+    without rows, rows given in memory that are none (a list, an array, a DataFrame) and
+    an online request of none are jobs of 0 rows that succeed at once (regression: 'no
+    data rows', 'no rows to score', or an IndexError)."""
     empty = pa.table({"a": pa.array([], pa.float64()), "b": pa.array([], pa.float64())})
     pq.write_table(empty, data_dir / "zero.parquet")
     (data_dir / "parts").mkdir()
@@ -166,8 +167,12 @@ def test_empty_parquet_files_directories_and_rows_are_empty_jobs(client, data_di
         pq.write_table(empty, data_dir / "parts" / f"part-{i}.parquet")
     outside = tmp_path / "outside.parquet"
     pq.write_table(empty, outside)
-    for path in (data_dir / "zero.parquet", data_dir / "parts", outside):
+    with pa.ipc.new_file(data_dir / "zero.arrow", empty.schema) as writer:
+        writer.write_table(empty)
+    for path in (data_dir / "zero.parquet", data_dir / "parts", outside, data_dir / "zero.arrow"):
         assert_empty_job(client, client.score_dataset(path, model="lr"), tmp_path)
+    np.save(data_dir / "zero.npy", np.zeros((0, 2), np.float32))
+    assert_empty_job(client, client.score_dataset(data_dir / "zero.npy", model="lr-tensor"), tmp_path)
     for rows in ([], np.zeros((0, 2)), pd.DataFrame({"a": [], "b": []})):
         assert_empty_job(client, client.score_rows(rows, model="lr"), tmp_path)
     answer = client.predict("lr", [], timeout_s=30)
