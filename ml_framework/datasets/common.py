@@ -21,7 +21,7 @@ ROW_ERROR = "__row_error__"
 """The column a reader adds to a piece that holds records it could not read as rows (a CSV
 line with too many or too few fields): on those rows the reason (text), their other cells
 null; null on every other row. Such a record stays a row, so row numbers do not shift, and
-the worker fails it with that reason (``InputConverter.convert_piece``). A piece without
+the worker fails it with that reason (``InputConverter.convert``). A piece without
 such records has no such column."""
 NAMES_SHOWN = 12
 """Column names an error message lists before it summarises the rest (see :func:`names_summary`)."""

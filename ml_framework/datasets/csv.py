@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import re
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,10 @@ pyarrow fail ("straddling object"); the block grows x4 per retry up to
 :data:`MAX_CSV_BLOCK_BYTES`, so a 10 MB cell costs one re-read, not a refused file."""
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, decoded with surrogateescape
+FAILED_RUN_ROWS = 1 << 16
+"""Consecutive ragged records put back as one batch at most (a file whose every line has
+a field too many is then read in batches of this size)."""
 _HOOK_LOCK = threading.Lock()
 
 
@@ -119,62 +124,37 @@ def _check_encoding(path: Path) -> None:
 
 
 def _csv_names(path: Path) -> list[str]:
-    """Header names (also of a header alone without a line end, where pyarrow finds none).
+    """Header names: the first record, read with Python's csv module (pyarrow would parse a
+    whole block, or the whole file when no later record has the header's width).
 
     Raises:
-        DatasetFormatError: an empty file, a header that is not UTF-8, or duplicate names.
+        DatasetFormatError: an empty file, a header that is not UTF-8 or cannot be parsed,
+            or duplicate names.
     """
-    block = CSV_BLOCK_BYTES
-    while True:
+    # surrogateescape: bytes that are not UTF-8 after the header must not stop its reading
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f)
         try:
-            reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=block),
-                                     parse_options=_parse_options(),
-                                     convert_options=pa_csv.ConvertOptions(check_utf8=False))
-            break
-        except pa.ArrowInvalid as exc:
-            if "Empty CSV file" in str(exc) or _undecodable_record(exc):
-                return check_unique(path, _first_record(path))
-            if not too_long(exc) or block >= MAX_CSV_BLOCK_BYTES:
-                raise
-            block *= 4
-    try:
-        names = list(reader.schema.names)
-    except UnicodeDecodeError as exc:
-        raise DatasetFormatError(f"{path}: the header (line 1) is not valid UTF-8 text ({exc.reason} at byte "
-                                 f"{exc.start}); save the file as UTF-8") from exc
-    finally:
-        reader.close()
-    return check_unique(path, names)
-
-
-def _first_record(path: Path) -> list[str]:
-    """The header, read with Python's csv module (where pyarrow finds no complete line, or
-    stops at a later record that is not UTF-8 text); only the header's lines are decoded.
-
-    Raises:
-        DatasetFormatError: an empty file, or a header that is not UTF-8.
-    """
-    with open(path, "rb") as f:
-        lines = (line.decode("utf-8-sig" if i == 0 else "utf-8") for i, line in enumerate(f))
-        try:
-            header = next((r for r in csv.reader(lines) if r), None)
-        except UnicodeDecodeError as exc:
-            raise DatasetFormatError(f"{path}: the header is not valid UTF-8 text ({exc.reason}); save the file "
-                                     "as UTF-8") from exc
+            header = next((r for r in reader if r), None)
+        except csv.Error as exc:
+            raise DatasetFormatError(f"{path}: line {reader.line_num}: cannot read the header: {exc}") from exc
     if header is None:
         raise DatasetFormatError(f"{path}: empty file (no header, no rows)")
-    return header
+    if any(_NOT_UTF8.search(name) for name in header):
+        raise DatasetFormatError(f"{path}: the header (line {reader.line_num}) is not valid UTF-8 text; save the "
+                                 "file as UTF-8")
+    return check_unique(path, header)
 
 
 def _csv_reader(path: Path, columns: Sequence[str], block: int, skipped: list[int],
                 latin1: bool = False) -> pa_csv.CSVStreamingReader:
     """pyarrow's streaming reader of ``columns`` as binary; with ``latin1``, of the file
     taken as Latin-1 text (every byte a character: see :func:`_parsed_batches`), its header
-    line skipped and ``columns`` named from :func:`_first_record`."""
+    line skipped and ``columns`` named from :func:`_csv_names`."""
     read = pa_csv.ReadOptions(block_size=block)
     if latin1:
         read = pa_csv.ReadOptions(block_size=block, encoding="latin-1", skip_rows=1,
-                                  column_names=_first_record(path))
+                                  column_names=_csv_names(path))
     return pa_csv.open_csv(
         path,
         read_options=read,
@@ -278,8 +258,9 @@ def csv_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
             if pending is not None and pending[0] < row:
                 break  # caught by the count check below
             if pending is not None and pending[0] == row:
-                parts.append(_failed_row(columns, pending[1]))
-                row, placed, pending = row + 1, placed + 1, next(ragged, None)
+                reasons, pending = _run(pending, ragged)
+                parts.append(_failed_rows(columns, reasons))
+                row, placed = row + len(reasons), placed + len(reasons)
                 continue
             take = batch.num_rows - start if pending is None else min(batch.num_rows - start, pending[0] - row)
             parts.append(_with_row_errors(batch.slice(start, take)))
@@ -291,8 +272,9 @@ def csv_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
         ragged = ragged_records(path)
         pending = next(ragged, None)
     while pending is not None and pending[0] == row:
-        yield _failed_row(columns, pending[1])
-        row, placed, pending = row + 1, placed + 1, next(ragged, None)
+        reasons, pending = _run(pending, ragged)
+        yield _failed_rows(columns, reasons)
+        row, placed = row + len(reasons), placed + len(reasons)
     if placed != len(skipped) or pending is not None:
         raise DatasetFormatError(
             f"{path}: {len(skipped)} line(s) have too many or too few fields, and they cannot be told apart from "
@@ -305,9 +287,24 @@ def _with_row_errors(batch: pa.RecordBatch) -> pa.RecordBatch:
     return batch.append_column(ROW_ERROR, pa.nulls(batch.num_rows, pa.string()))
 
 
-def _failed_row(columns: Sequence[str], reason: str) -> pa.RecordBatch:
-    """One row of null ``columns`` that fails with ``reason``."""
-    return pa.record_batch([pa.nulls(1, pa.binary()) for _ in columns] + [pa.array([reason], pa.string())],
+def _run(first: tuple[int, str], ragged: Iterator[tuple[int, str]]) -> tuple[list[str], tuple[int, str] | None]:
+    """The reasons of ``first`` and of the ragged records right after it (consecutive
+    rows, at most :data:`FAILED_RUN_ROWS`), and the next ragged record after them
+    (``None``: no more)."""
+    reasons, row = [first[1]], first[0]
+    for following in ragged:
+        if following[0] != row + 1 or len(reasons) >= FAILED_RUN_ROWS:
+            return reasons, following
+        reasons.append(following[1])
+        row += 1
+    return reasons, None
+
+
+def _failed_rows(columns: Sequence[str], reasons: Sequence[str]) -> pa.RecordBatch:
+    """Rows of null ``columns`` that fail with ``reasons``, one row each (a file whose every
+    line has a field too many is one batch per block, not one per line)."""
+    n = len(reasons)
+    return pa.record_batch([pa.nulls(n, pa.binary()) for _ in columns] + [pa.array(reasons, pa.string())],
                            schema=csv_schema(columns, row_errors=True))
 
 
