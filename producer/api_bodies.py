@@ -80,8 +80,8 @@ class PredictRequest(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    rows: list[dict[str, Value]] = Field(min_length=1, description="One object of column -> value per row (a tensor "
-                                                                   "as nested lists).")
+    rows: list[dict[str, Value]] = Field(description="One object of column -> value per row (a tensor as nested "
+                                                     "lists); none: answered at once, with no rows.")
     version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
     timeout_s: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait for the answer.")
 

@@ -79,8 +79,9 @@ def test_a_flat_array_is_one_column_not_one_row():
 def test_http_job_of_no_rows_succeeds_with_its_output_columns(tmp_path):
     """POST /v1/jobs with ``"rows": []``: 202, a job SUCCEEDED at once (no worker runs
     here), progress 1.0, and its CSV and Parquet downloads hold the model's output
-    columns without rows (regression: 422, at least 1 row). Rows without a single field
-    are refused naming the columns the model needs."""
+    columns without rows (regression: 422, at least 1 row); a predict request of no rows
+    is answered with none. Rows without a single field are refused naming the columns
+    the model needs."""
     import io
 
     import pyarrow.parquet as pq
@@ -112,5 +113,7 @@ def test_http_job_of_no_rows_succeeds_with_its_output_columns(tmp_path):
         assert str(table.schema.field("prediction").type) == "double"
         csv = http.get(url, params={"format": "csv"}, headers=key).text
         assert csv.splitlines() == ['"row","prediction","error","error_field"']
+        r = http.post("/v1/models/reg/predict", json={"rows": []}, headers=key)
+        assert r.status_code == 200 and r.json()["rows"] == [], r.text
         r = http.post("/v1/jobs", json={"model": "reg", "rows": [{}, {}]}, headers=key)
         assert r.status_code in (400, 422) and "missing column(s) 'a', 'b'" in r.text, r.text
