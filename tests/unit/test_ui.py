@@ -231,3 +231,20 @@ def test_every_template_is_package_data():
     packaged = {p for pattern in globs["producer"] for p in package.glob(pattern)}
     templates = {p for p in (package / "templates").rglob("*") if p.is_file()}
     assert templates and templates <= packaged, templates - packaged
+
+
+def test_a_job_without_rows_shows_full_bars(http):
+    """A job of no rows (an empty day's file) is SUCCEEDED at once: its bars are full, not
+    empty, on both pages."""
+    s = store(http)
+    job = s.create_job(model="m", model_version=1, dataset="empty.csv", n_rows=0, shard_ranges=[],
+                       batch_size=4, owner="alice")
+    assert s.job(job).state.value == "SUCCEEDED"
+    page = http.get(f"/ui/jobs/{job}", headers=hdr("alice")).text
+    for bar in ("shards-bar", "rows-bar"):
+        found = re.search(rf'<progress id="{bar}" max="(\d+)" value="(\d+)"', page)
+        assert found and found.group(1) == found.group(2), bar
+    listed = http.get("/ui/jobs", headers=hdr("alice")).text
+    row = listed[listed.index(job):]
+    found = re.search(r'<progress max="(\d+)" value="(\d+)"', row)
+    assert found and found.group(1) == found.group(2)
