@@ -65,7 +65,7 @@ class RowsJobRequest(_JobFields):
     """A job over rows sent in the request."""
 
     rows: list[dict[str, Value]] = Field(description="One object of column -> value per row (a tensor as nested "
-                                                     "lists).", min_length=1)
+                                                     "lists); none: a job with nothing to score, SUCCEEDED at once.")
 
 
 class JobFields(_JobFields):
@@ -80,8 +80,8 @@ class PredictRequest(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    rows: list[dict[str, Value]] = Field(min_length=1, description="One object of column -> value per row (a tensor "
-                                                                   "as nested lists).")
+    rows: list[dict[str, Value]] = Field(description="One object of column -> value per row (a tensor as nested "
+                                                     "lists); none: answered at once, with no rows.")
     version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
     timeout_s: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait for the answer.")
 
@@ -160,9 +160,10 @@ def parse_body(kind: str, raw: bytes) -> Parsed | list[tuple[tuple, str]]:
 
     fields = value.model_dump(exclude={"rows"})
     try:
-        # rows without a single field make no table: the client refuses them ("no rows");
-        # a tensor given as nested lists stays nested (the worker flattens each row)
-        table = rows_to_table(value.rows, InputSpec(columns=["-"])) if any(value.rows) else pa.table({})
+        # rows without a single field: as many rows without columns (the client names the
+        # columns missing); a tensor given as nested lists stays nested (the worker flattens each row)
+        table = (rows_to_table(value.rows, InputSpec(columns=["-"])) if any(value.rows)
+                 else pa.table({"-": pa.nulls(len(value.rows))}).drop_columns(["-"]))
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. an integer beyond 64 bits
         return type(value).__name__, fields, None, f"{type(exc).__name__}: {exc}"
     sink = pa.BufferOutputStream()

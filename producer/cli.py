@@ -96,7 +96,7 @@ def score(
             say(where_line(c.settings), console=err)
             job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
                                   columns=columns.split(",") if columns else None, priority=priority)
-            warning = c.worker_warning()
+            warning = None if job.status().state.terminal else c.worker_warning()  # a job without rows is done
             if not (wait or output):
                 if warning:
                     warn(warning)

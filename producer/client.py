@@ -38,6 +38,7 @@ from ml_framework.protocol import (
 )
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, NewJob, PruneReport, ResultStore, WorkerInfo
+from ml_framework.store.outputs import output_schema
 from producer.datasets import inspect, plan_sources, resolve_columns
 from producer.online import OnlineDispatcher, OnlineRequest
 from producer.results import write_results
@@ -287,7 +288,8 @@ class Client:
             owner: name of the API key submitting the job (the HTTP API sets it).
 
         Returns:
-            The new :class:`Job` (state PENDING).
+            The new :class:`Job` (state PENDING; SUCCEEDED at once when the dataset has
+            no rows: its results are empty, with the model's output columns).
 
         Raises:
             ValueError: ``batch_size`` or ``priority`` out of range.
@@ -295,8 +297,8 @@ class Client:
             DatasetPathError: the path enters the data directory and leads out of it (a
                 symbolic link or '..'); refused before anything is read
                 (see :mod:`ml_framework.paths`).
-            DatasetNotFoundError, DatasetFormatError, DatasetSchemaError, DatasetError:
-                the file is missing, unreadable, lacks columns or has no rows.
+            DatasetNotFoundError, DatasetFormatError, DatasetSchemaError: the file is
+                missing, unreadable, or lacks columns.
             BrokerUnavailableError: the broker cannot be reached; nothing was recorded, or
                 (the broker went away mid-send) the job named by its ``job_id`` was cancelled.
         """
@@ -333,17 +335,18 @@ class Client:
             model, version, batch_size, columns, priority, owner: as :meth:`score_dataset`.
 
         Returns:
-            The new :class:`Job`; its rows are numbered from 0 in the order given.
+            The new :class:`Job`; its rows are numbered from 0 in the order given (no
+            rows: a job SUCCEEDED at once, as :meth:`score_dataset`).
 
         Raises:
             DatasetSchemaError: missing columns, an array of the wrong width or shape, or
                 a column whose type can never feed the model.
-            DatasetError: no rows.
             ModelNotFoundError, ValueError, BrokerUnavailableError: as :meth:`score_dataset`.
         """
         check_priority(priority)
         manifest, batch, use_columns, ranges, sources = self._plan_rows(rows, model, version, batch_size, columns)
-        return self._submit(manifest, f"<{ranges[-1][1]} inline rows>", ranges[-1][1], ranges, use_columns,
+        n_rows = ranges[-1][1] if ranges else 0
+        return self._submit(manifest, f"<{n_rows} inline rows>", n_rows, ranges, use_columns,
                             sources, batch, priority, owner)
 
     def _plan_rows(self, rows: RowsLike, model: str, version: int | None, batch_size: int | None,
@@ -477,13 +480,14 @@ class Client:
     def _plan_online(self, model: str, inputs: RowsLike, version: int | None,
                      batch_size: int | None = None, owner: str | None = None) -> OnlineRequest:
         manifest, batch, use_columns, ranges, sources = self._plan_rows(inputs, model, version, batch_size, None)
-        job = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, f"<{ranges[-1][1]} inline rows>",
-                     ranges[-1][1], ranges, batch, owner=owner)
+        n_rows = ranges[-1][1] if ranges else 0
+        job = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, f"<{n_rows} inline rows>",
+                     n_rows, ranges, batch, owner=owner, output_schema=output_schema(manifest.outputs))
         size = sum(ScoreShard(job_id=job.job_id, shard_index=i, model=manifest.name, version=manifest.version,
                               batch_size=batch, columns=use_columns, source=source, online=True,
                               enqueued_at=time.time()).message_bytes()
                    for i, source in enumerate(sources))
-        self._check_message_bytes(size, f"online request {job.job_id} ({ranges[-1][1]} rows)",
+        self._check_message_bytes(size, f"online request {job.job_id} ({n_rows} rows)",
                                   "send fewer rows per request, or score them as a bulk job (score_dataset) "
                                   "from a file under the data directory", "Nothing was recorded or sent.")
         return OnlineRequest(job, use_columns, sources)
@@ -558,6 +562,16 @@ class Client:
         for index, source in enumerate(checked):
             check(shard(uuid.uuid4().hex, index, source), "", "Nothing was recorded or sent.")
         sources = itertools.chain(checked, sources if not isinstance(sources, Sequence) else ())
+
+        def record() -> str:
+            return self.store.create_job(
+                model=manifest.name, model_version=manifest.version, dataset=dataset,
+                n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority, owner=owner,
+                output_schema=output_schema(manifest.outputs),
+            )
+
+        if not ranges:  # no rows: nothing to send; the store records the job SUCCEEDED
+            return Job(self, record())
         job_id = None
         n_sent = 0
         try:
@@ -565,10 +579,7 @@ class Client:
                 # Reach the broker before recording the job: an unreachable broker leaves no job behind.
                 producer.connection.ensure_connection(max_retries=BROKER_CONNECT_RETRIES, interval_start=0,
                                                       interval_step=0.2, interval_max=0.5)
-                job_id = self.store.create_job(
-                    model=manifest.name, model_version=manifest.version, dataset=dataset,
-                    n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority, owner=owner,
-                )
+                job_id = record()
                 try:
                     broker_priority = message_priority(self.settings, priority)
                     sent: list[tuple[int, str]] = []  # kept in the store, to send again should the broker lose one

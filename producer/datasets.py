@@ -9,8 +9,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ml_framework.datasets import IMAGE_COLUMN, DatasetInfo, encode_table, inspect, iter_shards
-from ml_framework.errors import DatasetError, DatasetFormatError, DatasetSchemaError
+from ml_framework.datasets import (
+    IMAGE_COLUMN,
+    DatasetInfo,
+    encode_table,
+    inspect,
+    iter_shards,
+    names_summary,
+    value_type,
+)
+from ml_framework.errors import DatasetFormatError, DatasetSchemaError
 from ml_framework.manifest import ModelManifest
 from ml_framework.paths import locate_dataset
 from ml_framework.protocol import DatasetRef, InlineRows
@@ -32,24 +40,27 @@ def resolve_columns(info: DatasetInfo, manifest: ModelManifest, columns: Sequenc
         columns: dataset column names mapped one-to-one onto ``manifest.inputs.columns``;
             default: the manifest's own column names.
 
+    A dataset without rows is accepted: its job has nothing to score and ends SUCCEEDED
+    at once.
+
     Raises:
-        DatasetSchemaError: wrong number of columns, columns missing from the file, or a
-            column whose type can never feed the model (a list of the wrong length, text
-            for a tensor).
-        DatasetError: the dataset has no data rows.
+        DatasetSchemaError: wrong number of columns (the message says what ``columns``
+            maps), columns missing from the file, or a column whose type can never feed
+            the model (a list of the wrong length, text for a tensor).
     """
     spec = manifest.inputs
     wanted = list(columns) if columns is not None else list(spec.columns)
     if columns is None and len(spec.columns) == 1 and len(info.columns) == 1 and spec.column not in info.columns:
         wanted = list(info.columns)
     if len(wanted) != len(spec.columns):
+        n = len(spec.columns)
         raise DatasetSchemaError(
-            f"model {manifest.name} takes {len(spec.columns)} input columns, {len(wanted)} given"
+            f"{len(wanted)} column(s) given ({names_summary(wanted)}), model {manifest.name} needs {n}: columns "
+            f"(--columns) selects which dataset columns feed the model's {n} input(s), in order "
+            f"({names_summary(list(spec.columns))}); give {n} names, or none to read the columns of those names"
         )
     info.require_columns(wanted)
     check_column_types(info, manifest, wanted)
-    if info.n_rows == 0:
-        raise DatasetError(f"{info.path}: no data rows (a header or schema only): nothing to score")
     return wanted
 
 
@@ -64,9 +75,9 @@ def check_column_types(info: DatasetInfo, manifest: ModelManifest, columns: Sequ
         return
     kind = manifest.inputs.kind
     for name in columns:
-        column_type = info.schema.field(name).type
-        if pa.types.is_dictionary(column_type):
-            column_type = column_type.value_type
+        column_type = value_type(info.schema.field(name).type)  # a pandas category: its values count
+        if info.n_rows == 0 and pa.types.is_null(column_type):
+            continue  # an empty column given in memory: no value to judge
         problem = None
         if kind == "tensor":
             problem = describe_mismatch(column_type, manifest.inputs.row_shape)

@@ -36,7 +36,7 @@ import pandas as pd
 from celery import Celery
 
 from ml_framework.endpoints import broker_errors, broker_unavailable
-from ml_framework.errors import JobNotFoundError, JobTimeoutError
+from ml_framework.errors import JobNotFoundError, JobTimeoutError, RequestCancelledError
 from ml_framework.protocol import (
     SCORE_ONLINE_TASK,
     InlineRows,
@@ -61,11 +61,6 @@ POLL_BACKOFF = 1.5
 SUBSCRIBE_WAIT_S = 2.0
 """How long the first send waits for the announcement subscription (polls cover a miss)."""
 RECONNECT_S = (0.1, 5.0)
-
-
-class RequestCancelledError(JobTimeoutError):
-    """The online request was cancelled (by a timeout or ``DELETE /v1/jobs/{id}``) before
-    it was answered."""
 
 
 @dataclass
@@ -243,7 +238,9 @@ class OnlineDispatcher:
             for request in group:
                 self._waiting[request.job.job_id] = request.answer
             self._poll_soon = self._poll[0] if self._poll_soon is None else min(self._poll_soon, self._poll[0])
-        unsent = [r for r in group if not r.answer.cancelled()]  # a caller may time out while its job is recorded
+        # a caller may time out while its job is recorded; a request without rows has no
+        # message to send (its job is recorded SUCCEEDED: the next poll answers it)
+        unsent = [r for r in group if not r.answer.cancelled() and r.shards]
         try:
             with self.app.producer_or_acquire() as producer:
                 for part in _messages(unsent):

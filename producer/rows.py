@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ml_framework.errors import DatasetError, DatasetSchemaError
+from ml_framework.errors import DatasetSchemaError
 from ml_framework.manifest import InputSpec
 from ml_framework.tensors import same_shape, tensor_table
 
@@ -33,12 +33,16 @@ def rows_to_table(rows: RowsLike, spec: InputSpec) -> pa.Table:
     Columns whose values Arrow cannot give one type (say numbers and text mixed) are sent
     as text: the worker parses each cell and fails only the rows that are not numbers.
 
+    No rows (an empty list, array, DataFrame or table) give a table without rows: its
+    job has nothing to score.
+
     Raises:
         DatasetSchemaError: an array or list of lists whose width is not the number of
             input columns, an array whose rows do not hold the input's shape, or rows of
             another type.
-        DatasetError: no rows.
     """
+    if _nothing(rows):
+        return _no_rows(spec)
     if isinstance(rows, pa.Table):
         table = rows
     elif isinstance(rows, pd.DataFrame):
@@ -66,9 +70,22 @@ def rows_to_table(rows: RowsLike, spec: InputSpec) -> pa.Table:
         table = _sequences_to_table(rows, spec.columns)
     else:
         raise DatasetSchemaError(f"cannot score rows of type {type(rows).__name__}")
-    if table.num_rows == 0:
-        raise DatasetError("no rows to score")
     return table
+
+
+def _nothing(rows: object) -> bool:
+    """No rows: an empty sequence or array, or a table or DataFrame without rows or columns
+    (one with columns keeps their types)."""
+    if isinstance(rows, pa.Table | pd.DataFrame):
+        return len(rows) == 0 and len(rows.columns) == 0
+    return isinstance(rows, np.ndarray | Sequence) and not isinstance(rows, str) and len(rows) == 0
+
+
+def _no_rows(spec: InputSpec) -> pa.Table:
+    """A table of the input columns without rows, typed as rows of ``spec`` would be."""
+    if spec.kind == "columns":
+        return pa.table({c: pa.array([], pa.float64()) for c in spec.columns})
+    return pa.table({spec.column: pa.array([], pa.list_(pa.float64()) if spec.kind == "tensor" else pa.string())})
 
 
 def rows_nbytes(rows: RowsLike) -> int:

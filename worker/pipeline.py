@@ -33,6 +33,7 @@ from ml_framework.errors import DatasetError
 from ml_framework.paths import resolve_under
 from ml_framework.protocol import DatasetRef, ScoreShard
 from worker.inputs import Converted
+from worker.inputs.base import take_rows
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,8 @@ def head(piece: Converted, n_rows: int, row_start: int) -> Converted:
         return piece
     end = row_start + n_rows
     keep = piece.rows < end
-    x = piece.x[: int(keep.sum())] if keep[: int(keep.sum())].all() else _take(piece.x, np.flatnonzero(keep))
+    x = piece.x[: int(keep.sum())] if keep[: int(keep.sum())].all() else take_rows(piece.x, np.flatnonzero(keep))
     return Converted(x, piece.rows[keep], [e for e in piece.errors if e.row_index < end], n_rows)
-
-
-def _take(x, index: np.ndarray):
-    """Rows ``index`` of a model input (an array, or a batch that can take rows)."""
-    return x[index] if isinstance(x, np.ndarray) else x.take(index)
 
 
 @dataclass

@@ -8,8 +8,13 @@ Formats, by suffix (see each module):
 - ``.npy`` (one numeric array, a row per entry of its first axis): :mod:`ml_framework.datasets.npy`;
 - a directory of image files: :mod:`ml_framework.datasets.images`.
 
-Rows are numbered from 0 in file order (header excluded). Every failure to read a file is
-a :class:`~ml_framework.errors.DatasetError` whose message starts with the file's path.
+Rows are numbered from 0 in file order (header excluded). A record a reader cannot read
+as a row (a CSV line with too many or too few fields) is still a row, marked in the
+:data:`ROW_ERROR` column, so that it fails alone and no row number shifts. Dictionary
+columns (a pandas ``category``) keep their encoding here; whoever reads values decodes
+them (:func:`decode_dictionaries`, :func:`value_type`). A dataset may have no rows.
+Every failure to read a file is a :class:`~ml_framework.errors.DatasetError` whose
+message starts with the file's path.
 Workers read a shard as consecutive *pieces* (:func:`iter_pieces`), so that converting one
 piece overlaps reading the next, and a wide shard never sits in memory twice.
 """
@@ -23,7 +28,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from ml_framework.datasets.arrow import ARROW_SUFFIXES, arrow_pieces, inspect_arrow
-from ml_framework.datasets.common import DatasetInfo, reading
+from ml_framework.datasets.common import (
+    ROW_ERROR,
+    DatasetInfo,
+    decode_dictionaries,
+    names_summary,
+    reading,
+    value_type,
+)
 from ml_framework.datasets.csv import (
     CSV_BLOCK_BYTES,
     csv_pieces,
@@ -43,9 +55,9 @@ from ml_framework.datasets.parquet import (
 from ml_framework.errors import DatasetFormatError, DatasetNotFoundError
 
 __all__ = [
-    "CSV_BLOCK_BYTES", "FORMATS", "IMAGE_COLUMN", "IMAGE_SUFFIXES", "NPY_COLUMN", "DatasetInfo", "decode_table",
-    "detect_format", "encode_table", "inspect", "iter_pieces", "iter_shards", "parquet_files", "read_rows",
-    "shard_ranges",
+    "CSV_BLOCK_BYTES", "FORMATS", "IMAGE_COLUMN", "IMAGE_SUFFIXES", "NPY_COLUMN", "ROW_ERROR", "DatasetInfo",
+    "decode_dictionaries", "decode_table", "detect_format", "encode_table", "inspect", "iter_pieces", "iter_shards",
+    "names_summary", "parquet_files", "read_rows", "shard_ranges", "value_type",
 ]
 
 FORMATS = {".csv": "csv", **dict.fromkeys(PARQUET_SUFFIXES, "parquet"), **dict.fromkeys(ARROW_SUFFIXES, "arrow"),

@@ -17,6 +17,21 @@ MAX_CSV_BLOCK_BYTES = 1 << 30
 # Separators people export by mistake, named in the hint of a missing-columns error.
 _OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "pipe"}
 READ_ERRORS = (pa.ArrowException, OSError, UnicodeDecodeError)
+ROW_ERROR = "__row_error__"
+"""The column a reader adds to a piece that holds records it could not read as rows (a CSV
+line with too many or too few fields): on those rows the reason (text), their other cells
+null; null on every other row. Such a record stays a row, so row numbers do not shift, and
+the worker fails it with that reason (``InputConverter.convert``). A piece without
+such records has no such column."""
+NAMES_SHOWN = 12
+"""Column names an error message lists before it summarises the rest (see :func:`names_summary`)."""
+
+
+def names_summary(names: Sequence[str], limit: int = NAMES_SHOWN) -> str:
+    """Column names for an error message: the first ``limit`` quoted, then how many in all
+    (``'a', 'b', ... (64 in all)``), so that a wide dataset or model stays one short line."""
+    shown = ", ".join(map(repr, names[:limit]))
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
 @dataclass(frozen=True)
@@ -25,11 +40,12 @@ class DatasetInfo:
 
     Attributes:
         path: absolute path of the file (or of the directory of Parquet parts or images).
-        format: ``csv``, ``parquet``, ``arrow`` (Arrow IPC / Feather), ``npy`` or
-            ``images`` (a directory of image files).
+        format: ``csv``, ``parquet``, ``arrow`` (Arrow IPC / Feather), ``npy``,
+            ``images`` (a directory of image files) or ``inline`` (rows given in memory).
         columns: column names in file order (an ``.npy`` array is one column, ``array``;
             a directory of images one column, ``path``).
-        n_rows: number of data rows (header excluded).
+        n_rows: number of data rows (header excluded; a CSV record with too many or too
+            few fields counts, and fails as its own row).
         schema: the columns' Arrow types where the format stores them (Parquet, Arrow,
             ``.npy``); ``None`` for CSV, whose cells are text until a worker converts them.
         files: a directory of images: its image files, relative to it, in row order.
@@ -46,11 +62,17 @@ class DatasetInfo:
         """Raise :class:`DatasetSchemaError` naming every column of ``needed`` not in the file."""
         missing = [c for c in needed if c not in self.columns]
         if missing:
+            holder = "the rows have" if self.format == "inline" else f"the {self._kind} has"
             raise DatasetSchemaError(
-                f"{self.path}: missing column(s) {', '.join(map(repr, missing))} "
-                f"(file has: {', '.join(self.columns[:20])}{' ...' if len(self.columns) > 20 else ''})"
+                f"{self.path}: missing column(s) {names_summary(missing)} "
+                f"({holder} {names_summary(self.columns) or 'no columns'})"
                 f"{self._delimiter_hint()}"
             )
+
+    @property
+    def _kind(self) -> str:
+        """What the dataset is, for messages: ``file`` or ``directory``."""
+        return "directory" if self.format == "images" or self.path.is_dir() else "file"
 
     def _delimiter_hint(self) -> str:
         if self.format != "csv":
@@ -59,6 +81,26 @@ class DatasetInfo:
             if any(sep in c for c in self.columns):
                 return f"; the header looks {name}-separated ({sep!r}): CSV datasets must be comma-separated"
         return ""
+
+
+def decode_dictionaries(table: pa.Table) -> pa.Table:
+    """``table`` with every dictionary-encoded column decoded to its value type.
+
+    Parquet and Arrow files written from a pandas ``category`` column, and DataFrames
+    given in memory, hold such columns: codes plus a dictionary of values (numbers stored
+    as text, labels, paths). Readers of values need the values; a table without such a
+    column is returned as is.
+    """
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, pa.field(f.name, f.type.value_type, f.nullable),
+                                     table.column(i).cast(f.type.value_type))
+    return table
+
+
+def value_type(data_type: pa.DataType) -> pa.DataType:
+    """The type of the values a column of ``data_type`` holds: a dictionary's value type, else itself."""
+    return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
 
 
 def check_unique(path: Path, names: list[str]) -> list[str]:
@@ -76,16 +118,12 @@ def too_long(exc: Exception) -> bool:
 
 def format_error(path: Path, exc: Exception, doing: str) -> DatasetFormatError:
     """A :class:`DatasetFormatError` naming ``path`` for a reader's exception."""
-    from ml_framework.datasets.csv import find_ragged_record
-
     detail = None
     if isinstance(exc, UnicodeDecodeError):
         detail = f"{path}: cannot {doing}: text that is not UTF-8 ({exc.reason} at byte {exc.start})"
     elif too_long(exc):
         detail = (f"{path}: cannot {doing}: a record is longer than {MAX_CSV_BLOCK_BYTES >> 20} MiB "
                   "(a quote that is never closed?)")
-    elif "columns, got" in str(exc) and path.suffix.lower() == ".csv":
-        detail = find_ragged_record(path)
     return DatasetFormatError(detail or f"{path}: cannot {doing}: {exc}")
 
 

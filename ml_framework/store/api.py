@@ -67,7 +67,13 @@ _IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's 32,766 bound param
 
 @dataclass
 class NewJob:
-    """A job for :meth:`ResultStore.create_jobs` (see :meth:`ResultStore.create_job`)."""
+    """A job for :meth:`ResultStore.create_jobs` (see :meth:`ResultStore.create_job`).
+
+    Attributes:
+        output_schema: the columns the model's outputs become
+            (:func:`~ml_framework.store.outputs.output_schema`); kept for a job without
+            shards, whose results then still carry them.
+    """
 
     job_id: str
     model: str
@@ -78,6 +84,7 @@ class NewJob:
     batch_size: int
     priority: int = 0
     owner: str | None = None
+    output_schema: pa.Schema | None = None
 
 
 _now = utc_now
@@ -114,6 +121,9 @@ _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
     "oom_splits) VALUES (:job_id, :shard_index, :row_start, :row_end, 'PENDING', 0, 0, 0, 0, 0)"
 )
+_FINISH_EMPTY_JOBS = text(  # a job without shards has nothing to wait for
+    "UPDATE jobs SET state = 'SUCCEEDED', started_at = :now, finished_at = :now WHERE id IN :job_ids"
+).bindparams(bindparam("now", type_=_TS), bindparam("job_ids", expanding=True))
 _SET_MESSAGE = text("UPDATE shards SET message = :message WHERE job_id = :job_id AND shard_index = :shard_index "
                     "AND state IN ('PENDING', 'RUNNING')")
 _INSERT_OUTPUTS = text(
@@ -296,18 +306,27 @@ class ResultStore:
         batch_size: int,
         priority: int = 0,
         owner: str | None = None,
+        output_schema: pa.Schema | None = None,
     ) -> str:
         """Record a PENDING job and its PENDING shards; return the new job id (32 hex chars).
-        ``owner`` is the name of the API key submitting it (``None``: CLI, Python client)."""
+
+        A job without shards (a dataset without rows) is recorded SUCCEEDED: no worker
+        has anything to do for it. Its results are empty, with the columns of
+        ``output_schema`` (the model's outputs, see :class:`NewJob`).
+
+        Args:
+            owner: the name of the API key submitting the job (``None``: CLI, Python client).
+        """
         job = NewJob(uuid.uuid4().hex, model, model_version, dataset, n_rows, list(shard_ranges), batch_size,
-                     priority, owner)
+                     priority, owner, output_schema)
         self.create_jobs([job])
         return job.job_id
 
     def create_jobs(self, jobs: Sequence[NewJob]) -> None:
         """Record several PENDING jobs and their PENDING shards in one transaction (two
         multi-row INSERTs, whatever the number of jobs): online requests arriving together
-        are recorded together."""
+        are recorded together. Jobs without shards are recorded SUCCEEDED (see
+        :meth:`create_job`)."""
         now = _now()
         with self.engine.begin() as conn:
             conn.execute(_INSERT_JOB, [{
@@ -319,6 +338,14 @@ class ResultStore:
                       for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
             if shards:
                 conn.execute(_INSERT_SHARD, shards)
+            empty = [j for j in jobs if not j.shard_ranges]
+            if empty:
+                conn.execute(_FINISH_EMPTY_JOBS, {"now": now, "job_ids": [j.job_id for j in empty]})
+                blobs = [{"job_id": j.job_id, "shard_index": 0, "row_start": 0, "row_end": 0, "n_rows": 0,
+                          "data": shard_outputs.encode(j.output_schema.empty_table())}
+                         for j in empty if j.output_schema is not None]
+                if blobs:
+                    conn.execute(_INSERT_OUTPUTS, blobs)
 
     def set_shard_messages(self, job_id: str, messages: Sequence[tuple[int, str]]) -> None:
         """Keep the message (JSON text, ``{"queue", "kwargs"}``) of each ``(shard_index,
@@ -367,14 +394,35 @@ class ResultStore:
             row = conn.execute(select(JobRow.__table__).where(JobRow.id == job_id)).one_or_none()
         if row is None:
             raise JobNotFoundError(f"no job {job_id!r} in results store {self.engine.url!r}")
-        return JobStatus(
-            job_id=row.id, model=row.model, model_version=row.model_version, dataset=row.dataset,
-            state=JobState(row.state), n_rows=row.n_rows, n_shards=row.n_shards,
-            shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
-            batch_size=row.batch_size, created_at=_aware(row.created_at),
-            started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
-            oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s, owner=row.owner,
-        )
+        return _job_status(row)
+
+    def recent_jobs(self, limit: int = 50, *, owned_by: str | None = None) -> list[JobStatus]:
+        """The jobs a job list shows: those still open (PENDING, RUNNING), newest first,
+        then the most recently ended, ``limit`` in all. Each query walks an index (state,
+        finished_at), so the cost does not grow with the jobs the store holds.
+
+        Args:
+            limit: most jobs returned.
+            owned_by: only the jobs of this API key name; ``None``: every job.
+        """
+        jobs = select(JobRow.__table__)
+        if owned_by is not None:
+            jobs = jobs.where(JobRow.owner == owned_by)
+        with self._read() as conn:
+            rows = conn.execute(jobs.where(JobRow.state.in_(_OPEN_JOB))
+                                .order_by(JobRow.created_at.desc()).limit(limit)).all()
+            if len(rows) < limit:
+                rows += conn.execute(jobs.where(JobRow.finished_at.is_not(None), JobRow.state.not_in(_OPEN_JOB))
+                                     .order_by(JobRow.finished_at.desc()).limit(limit - len(rows))).all()
+        return [_job_status(r) for r in rows]
+
+    def row_errors(self, job_id: str, limit: int = 10) -> list[RowError]:
+        """The first ``limit`` row errors of a job, by row (an index range of the primary
+        key: cheap however many rows failed). Empty for an unknown job."""
+        query = (select(RowErrorRow.row_index, RowErrorRow.message, RowErrorRow.field)
+                 .where(RowErrorRow.job_id == job_id).order_by(RowErrorRow.row_index).limit(limit))
+        with self._read() as conn:
+            return [RowError(row, message, field_) for row, message, field_ in conn.execute(query)]
 
     def resolve_job_id(self, id_or_prefix: str, *, owned_by: str | None = None, min_prefix: int = 4) -> str:
         """The full id of the one job whose id is, or starts with, ``id_or_prefix``.
@@ -526,7 +574,8 @@ class ResultStore:
         of a job among input rows ``[lo, hi)`` (all when ``hi`` is ``None``). Raises
         ``JobNotFoundError``."""
         self.job(job_id)
-        outs = select(ShardOutputRow.data).where(ShardOutputRow.job_id == job_id, ShardOutputRow.row_end > lo)
+        outs = select(ShardOutputRow.data).where(ShardOutputRow.job_id == job_id,  # n_rows 0: a job without rows
+                                                 or_(ShardOutputRow.row_end > lo, ShardOutputRow.n_rows == 0))
         errs = select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message).where(
             RowErrorRow.job_id == job_id, RowErrorRow.row_index >= lo)
         if hi is not None:
@@ -852,6 +901,18 @@ class ResultStore:
             conn.execute(delete(WorkerRow).where(WorkerRow.hostname == hostname))
 
 
+def _job_status(row) -> JobStatus:
+    """A :class:`JobStatus` from a row of the ``jobs`` table."""
+    return JobStatus(
+        job_id=row.id, model=row.model, model_version=row.model_version, dataset=row.dataset,
+        state=JobState(row.state), n_rows=row.n_rows, n_shards=row.n_shards,
+        shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
+        batch_size=row.batch_size, created_at=_aware(row.created_at),
+        started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
+        oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s, owner=row.owner,
+    )
+
+
 @dataclass
 class ShardOutcomeRecord:
     """What :meth:`ResultStore.record_online` writes for one shard (see
@@ -956,15 +1017,20 @@ def results_frame(outputs: pa.Table | Sequence[tuple[int, dict | str]] | None,
 
     Args:
         outputs: the output table (``row`` first, see :mod:`ml_framework.store.outputs`),
-            or ``(row_index, output)`` pairs (a dict or its JSON text), or ``None``.
+            or ``(row_index, output)`` pairs (a dict each), or ``None``.
         errors: ``(row_index, field, message)`` triples.
 
     Returns:
         Indexed by ``row``, sorted; one column per output key, plus ``error`` and
-        ``error_field`` (object dtype, ``None`` on rows that succeeded).
+        ``error_field`` (object dtype, ``None`` on rows that succeeded). With no rows
+        and an output table without rows, that table's columns and types.
     """
     table = None if outputs is None else shard_outputs.as_table(outputs)
     n_ok, n_failed = (0 if table is None else table.num_rows), len(errors)
+    if table is not None and not n_ok and not n_failed:  # a job without rows: its output columns, typed
+        frame = table.drop_columns([shard_outputs.ROW]).to_pandas()
+        frame.index = pd.Index([], dtype="int64", name="row")
+        return frame.assign(error=pd.Series(dtype=object), error_field=pd.Series(dtype=object))
     rows = [] if table is None else table.column(shard_outputs.ROW).to_pylist()
     columns: dict[str, list] = {k: v + [None] * n_failed for k, v in shard_outputs.to_columns(table).items()}
     index = pd.Index(rows + [r for r, _, _ in errors], dtype="int64", name="row")

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from ml_framework.manifest import OutputSpec
+
 ROW = "row"
 CODEC = "lz4"
 """Arrow IPC buffer compression (LZ4 frame): fast enough that a 50,000-row shard
@@ -37,18 +39,41 @@ def _text(values: Sequence) -> pa.Array:
     return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
-def outputs_table(pairs: Sequence[tuple[int, dict | str]]) -> pa.Table:
+def output_schema(spec: OutputSpec) -> pa.Schema:
+    """The columns a model's outputs become (what ``worker.outputs.decode_outputs``
+    writes), known before any row is scored: how a job with no rows still reports them.
+
+    Returns:
+        ``row`` (int64), then by ``spec.kind``: ``prediction`` (the labels' type),
+        ``score`` (float64), ``probabilities`` (``fixed_size_list<float64>[K]``);
+        ``prediction`` (float64, or ``fixed_size_list<float64>[size]`` when ``size`` > 1);
+        ``embedding`` (``fixed_size_list<float32>[size]``: the outputs' own precision is
+        known only once the model has run; a list of float32 when ``size`` is not declared).
+    """
+    fields = [pa.field(ROW, pa.int64())]
+    if spec.kind == "classification":
+        fields += [pa.field("prediction", column(spec.labels or []).type), pa.field("score", pa.float64()),
+                   pa.field("probabilities", pa.list_(pa.float64(), len(spec.labels or [])))]
+    elif spec.kind == "regression":
+        many = spec.size is not None and spec.size > 1
+        fields.append(pa.field("prediction", pa.list_(pa.float64(), spec.size) if many else pa.float64()))
+    else:
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), spec.size) if spec.size else pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def outputs_table(pairs: Sequence[tuple[int, dict]]) -> pa.Table:
     """Outputs given row by row, as one table.
 
     Args:
         pairs: ``(row_index, output)`` where ``output`` is a dict of output keys to
-            JSON-ready values, or its JSON text.
+            JSON-ready values.
 
     Returns:
         A table with ``row`` (``int64``) first, then one column per output key (in order
         of first appearance; ``null`` where a row lacks it).
     """
-    records = [json.loads(o) if isinstance(o, str) else o for _, o in pairs]
+    records = [o for _, o in pairs]
     keys = list(dict.fromkeys(k for rec in records for k in rec))
     columns = {ROW: pa.array([r for r, _ in pairs], pa.int64())}
     for k in keys:
@@ -56,7 +81,7 @@ def outputs_table(pairs: Sequence[tuple[int, dict | str]]) -> pa.Table:
     return pa.table(columns)
 
 
-def as_table(outputs: pa.Table | Sequence[tuple[int, dict | str]]) -> pa.Table:
+def as_table(outputs: pa.Table | Sequence[tuple[int, dict]]) -> pa.Table:
     """``outputs`` as a table (see :func:`outputs_table`); a table is returned as is."""
     return outputs if isinstance(outputs, pa.Table) else outputs_table(list(outputs))
 
@@ -76,10 +101,11 @@ def decode(data: bytes) -> pa.Table:
 
 def concat(tables: Sequence[pa.Table]) -> pa.Table | None:
     """One table of several shards' outputs (columns a shard lacks are null), or ``None``
-    when there are none."""
-    tables = [t for t in tables if t.num_rows]
+    when there are none. Tables without rows count only when all are so: a job with no
+    rows stores one, which carries the output columns (see :func:`output_schema`)."""
     if not tables:
         return None
+    tables = [t for t in tables if t.num_rows] or list(tables[:1])
     if len(tables) == 1:
         return tables[0]
     try:
@@ -108,11 +134,3 @@ def to_columns(table: pa.Table | None) -> dict[str, list]:
     if table is None:
         return {}
     return {name: table.column(name).to_pylist() for name in table.column_names if name != ROW}
-
-
-def to_pairs(table: pa.Table | None) -> list[tuple[int, dict]]:
-    """``(row_index, output)`` pairs of ``table``, the inverse of :func:`outputs_table`
-    (keys whose value is null on a row are left out)."""
-    if table is None:
-        return []
-    return [(rec.pop(ROW), {k: v for k, v in rec.items() if v is not None}) for rec in table.to_pylist()]

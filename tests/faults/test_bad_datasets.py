@@ -34,7 +34,7 @@ from ml_framework.errors import (
 from ml_framework.manifest import InputSpec, Preprocessing
 from ml_framework.protocol import DatasetRef, InlineRows, ScoreShard
 from ml_framework.settings import load_settings
-from ml_framework.store.outputs import to_pairs
+from ml_framework.store import JobState
 from producer.client import Client
 from producer.datasets import plan_sources, resolve_columns
 from tests.conversion import to_inputs
@@ -103,7 +103,7 @@ def score(settings, runtime, path: Path) -> tuple[dict[int, dict], dict[int, tup
         msg = ScoreShard(job_id="j", shard_index=index, model=runtime.manifest.name, version=1, batch_size=3,
                          columns=columns, source=source)
         outcome = score_table(runtime, load_table(settings, msg), columns, source.row_start, 3)
-        outputs.update(to_pairs(outcome.outputs))
+        outputs.update((rec.pop("row"), rec) for rec in outcome.outputs.to_pylist())
         errors.update({e.row_index: (e.field, e.message) for e in outcome.errors})
     assert sorted([*outputs, *errors]) == list(range(info.n_rows))
     return outputs, errors
@@ -126,11 +126,85 @@ def test_empty_file_is_refused_naming_it(client, data_dir):
     refused(client, write_csv(data_dir / "blank.csv", b"\n\n"), DatasetFormatError, "blank.csv: empty file")
 
 
+OUTPUT_COLUMNS = ["prediction", "score", "probabilities", "error", "error_field"]
+"""What the ``lr`` model's results hold (besides ``row``)."""
+
+
+def assert_empty_job(client: Client, job, tmp_path: Path) -> None:
+    """``job`` has no rows: SUCCEEDED at submit (no worker runs here), waiting returns at
+    once, and its results are empty but carry the model's output columns and types."""
+    status = job.status()
+    assert (status.state, status.n_rows, status.n_shards, status.rows_done) == (JobState.SUCCEEDED, 0, 0, 0)
+    assert job.wait(timeout_s=5, progress=True).state is JobState.SUCCEEDED
+    results = job.results()
+    assert len(results) == 0 and list(results.columns) == OUTPUT_COLUMNS
+    assert str(results["score"].dtype) == "float64"
+    table = pq.read_table(job.save_results(tmp_path / f"{job.id}.parquet"))
+    assert table.num_rows == 0 and table.schema.names == ["row", *OUTPUT_COLUMNS]
+    assert table.schema.field("probabilities").type == pa.list_(pa.float64(), 2)
+    assert (job.save_results(tmp_path / f"{job.id}.csv").read_text().splitlines()
+            == [",".join(f'"{c}"' for c in ["row", *OUTPUT_COLUMNS])])
+
+
 @pytest.mark.parametrize("text", ["a,b\n", "a,b", "a,b\r\n\n"])
-def test_header_only_is_refused_as_no_rows(client, data_dir, text):
-    """A header without rows (with or without a line end) is refused at submit: 'no data rows'
-    (regression: a header without a line end failed with pyarrow's 'cannot infer number of columns')."""
-    refused(client, write_csv(data_dir / "header.csv", text), DatasetError, "header.csv: no data rows")
+def test_header_only_is_an_empty_job_that_succeeds(client, data_dir, tmp_path, text):
+    """A header without rows (with or without a line end) is a job of 0 rows, SUCCEEDED at
+    submit with empty results that carry the output columns (regression: refused at submit,
+    'no data rows', so a pipeline scoring whatever arrived today failed on an empty day)."""
+    assert_empty_job(client, client.score_dataset(write_csv(data_dir / "header.csv", text), model="lr"), tmp_path)
+
+
+def test_empty_parquet_files_directories_and_rows_are_empty_jobs(client, data_dir, tmp_path):
+    """A Parquet file with a schema but no rows, a directory whose parts are all empty, one
+    outside the data directory (which would be inlined), an Arrow file and an .npy array
+    without rows, rows given in memory that are none (a list, an array, a DataFrame) and
+    an online request of none are jobs of 0 rows that succeed at once (regression: 'no
+    data rows', 'no rows to score', or an IndexError)."""
+    empty = pa.table({"a": pa.array([], pa.float64()), "b": pa.array([], pa.float64())})
+    pq.write_table(empty, data_dir / "zero.parquet")
+    (data_dir / "parts").mkdir()
+    for i in range(3):
+        pq.write_table(empty, data_dir / "parts" / f"part-{i}.parquet")
+    outside = tmp_path / "outside.parquet"
+    pq.write_table(empty, outside)
+    with pa.ipc.new_file(data_dir / "zero.arrow", empty.schema) as writer:
+        writer.write_table(empty)
+    for path in (data_dir / "zero.parquet", data_dir / "parts", outside, data_dir / "zero.arrow"):
+        assert_empty_job(client, client.score_dataset(path, model="lr"), tmp_path)
+    np.save(data_dir / "zero.npy", np.zeros((0, 2), np.float32))
+    assert_empty_job(client, client.score_dataset(data_dir / "zero.npy", model="lr-tensor"), tmp_path)
+    for rows in ([], np.zeros((0, 2)), pd.DataFrame({"a": [], "b": []})):
+        assert_empty_job(client, client.score_rows(rows, model="lr"), tmp_path)
+    answer = client.predict("lr", [], timeout_s=30)
+    assert len(answer) == 0 and list(answer.columns) == OUTPUT_COLUMNS
+    assert client.get_job(answer.attrs["job_id"]).status().state is JobState.SUCCEEDED
+
+
+def test_cli_scores_an_empty_dataset_to_an_empty_results_file(job_settings, data_dir, tmp_path):
+    """`mlf score header.csv -o out.parquet` and `mlf results JOB -o out.csv` on a dataset
+    without rows: exit 0, 0/0 rows shown, files with the output columns and no rows."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update({"ML_FRAMEWORK_MODELS_DIR": str(job_settings.models_dir), "ML_FRAMEWORK_DATA_DIR": str(data_dir),
+                "ML_FRAMEWORK_VAR_DIR": str(tmp_path / "cli-var"), "ML_FRAMEWORK_BULK_QUEUE": job_settings.bulk_queue})
+
+    def mlf(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", *args], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    path = write_csv(data_dir / "today.csv", "a,b\n")
+    run = mlf("score", str(path), "--model", "lr", "-o", str(tmp_path / "out.parquet"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "SUCCEEDED" in run.stdout and "0/0 (100.0%)" in run.stdout and "shards   0/0" in run.stdout
+    assert "no worker heartbeat" not in run.stderr  # nothing waits for a worker
+    assert pq.read_table(tmp_path / "out.parquet").schema.names == ["row", *OUTPUT_COLUMNS]
+    job_id = run.stderr.split("job ", 1)[1].split()[0]
+    run = mlf("results", job_id, "-o", str(tmp_path / "out.csv"))
+    assert run.returncode == 0 and "0 rows (0 failed)" in run.stdout, run.stdout + run.stderr
+    assert (tmp_path / "out.csv").read_text().splitlines() == [",".join(f'"{c}"' for c in ["row", *OUTPUT_COLUMNS])]
 
 
 @pytest.mark.parametrize(("sep", "name"), [(";", "semicolon"), ("\t", "tab"), ("|", "pipe")])
@@ -177,7 +251,7 @@ def test_missing_column_is_refused_naming_it(client, data_dir):
     """A dataset without a column the model reads is refused at submit, naming the column."""
     message = refused(client, write_csv(data_dir / "only_a.csv", "a,c\n1,2\n"), DatasetSchemaError,
                       r"only_a.csv: missing column\(s\) 'b'")
-    assert "file has: a, c" in message
+    assert "the file has 'a', 'c'" in message
 
 
 def test_extra_columns_are_ignored(job_settings, runtime, data_dir):
@@ -201,6 +275,128 @@ def test_duplicate_column_names_are_refused(client, data_dir):
     pq.write_table(pa.Table.from_arrays([pa.array([1.0]), pa.array([2.0]), pa.array([3.0])],
                                         names=["a", "b", "b"]), path)
     refused(client, path, DatasetFormatError, r"dup.parquet: duplicate column name\(s\) \['b'\]")
+
+
+def test_columns_count_error_says_what_columns_maps(client, data_dir, tmp_path):
+    """`--columns a,b,c` against a model of another number of inputs says what the option
+    maps and what the model needs, its input names summarised (regression: '3 given')."""
+    from worker.export import export_sklearn
+
+    path = write_csv(data_dir / "three.csv", "a,b,c\n1,2,3\n")
+    with pytest.raises(DatasetSchemaError) as caught:
+        client.score_dataset(path, model="lr", columns=["a", "b", "c"])
+    message = str(caught.value)
+    assert "3 column(s) given ('a', 'b', 'c'), model lr needs 2" in message
+    assert "selects which dataset columns feed the model's 2 input(s), in order ('a', 'b')" in message
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.random.default_rng(0).normal(size=(40, 64))
+    models = client.settings.models_dir
+    export_sklearn(LogisticRegression().fit(x, (x[:, 0] > 0).astype(int)), models, "wide",
+                   inputs={"columns": [f"pixel_{i}" for i in range(64)]})
+    with pytest.raises(DatasetSchemaError) as caught:
+        client.score_dataset(path, model="wide", columns=["a", "b", "c"])
+    message = str(caught.value)
+    assert "model wide needs 64" in message and "'pixel_0'" in message and "(64 in all)" in message
+    assert "'pixel_63'" not in message
+    with pytest.raises(DatasetSchemaError) as caught:
+        client.score_dataset(path, model="wide")
+    message = str(caught.value)
+    assert "missing column(s) 'pixel_0'" in message and "(64 in all)" in message and "'pixel_63'" not in message
+    with pytest.raises(DatasetSchemaError, match=r"<inline rows>: missing column\(s\) 'b' \(the rows have 'a', 'c'\)"):
+        client.score_rows([{"a": 1, "c": 2}], model="lr")
+    assert sum(client.store.job_counts().values()) == 0
+
+
+# --- ragged lines -----------------------------------------------------------------------------
+
+
+def test_ragged_lines_fail_only_their_rows(job_settings, runtime, data_dir, tmp_path):
+    """Data lines 4 and 8 with one field too many and one too few each fail as their own
+    row, naming the line and the field counts, across shard boundaries, by reference and
+    inlined alike; every other row scores (regression: the file was refused whole at
+    submit, naming only line 4)."""
+    lines = GOOD_ROWS.splitlines()
+    lines[2] += ",9"  # file line 4 (the header is line 1)
+    lines[6] = lines[6].split(",")[0]  # file line 8
+    text = "a,b\n" + "\n".join(lines) + "\n"
+    want = {2: (None, "row 2: line 4: expected 2 fields, found 3"), 6: (None, "row 6: line 8: expected 2 fields, found 1")}
+    for path in (write_csv(data_dir / "ragged.csv", text), write_csv(tmp_path / "ragged_outside.csv", text)):
+        outputs, errors = score(job_settings, runtime, path)
+        assert sorted(outputs) == [0, 1, 3, 4, 5, 7, 8, 9] and errors == want
+    sources = list(plan_sources(inspect(tmp_path / "ragged_outside.csv"), shard_ranges(10, SHARD_SIZE), COLUMNS,
+                                data_dir))
+    assert all(isinstance(s, InlineRows) for s in sources)
+
+
+def test_ragged_lines_fail_their_rows_for_text_and_allow_missing_models(job_settings, text_runtime, data_dir):
+    """A ragged line fails its row whatever its cells would become: for a text model (a
+    null text), and where missing values are allowed (nulls that would pass as NaN)."""
+    path = write_csv(data_dir / "ragged_text.csv", "t\nfirst\nsecond,extra\nthird\n")
+    outputs, errors = score(job_settings, text_runtime, path)
+    assert sorted(outputs) == [0, 2] and errors == {1: (None, "row 1: line 3: expected 1 fields, found 2")}
+    table = read_rows(write_csv(data_dir / "ragged_nan.csv", "a,b\n1,2\n3\n4,5\n"), "csv", 0, 3, COLUMNS)
+    x, rows, errors = to_inputs(table, COLUMNS, InputSpec(columns=COLUMNS, allow_missing=True), Preprocessing(), 0)
+    assert rows.tolist() == [0, 2] and x.tolist() == [[1.0, 2.0], [4.0, 5.0]]
+    assert [(e.row_index, e.message) for e in errors] == [(1, "row 1: line 3: expected 2 fields, found 1")]
+
+
+# --- dictionary-encoded columns ---------------------------------------------------------------
+
+
+def test_category_columns_of_numbers_as_text_score_like_plain_ones(client, job_settings, runtime, data_dir):
+    """Columns written from a pandas ``category`` whose values are numbers stored as text
+    (dictionary-encoded in Parquet and Arrow files, and in DataFrames given in memory)
+    score exactly as the same values written plainly; a bad value in one fails its row
+    alone (regression: every row failed, 'column type dictionary<values=string, ...> is
+    not numeric')."""
+    values = {"a": ["0.5", "1.5", "-2", "0.5", "x"], "b": ["1", "-1", "3", "1", "2"]}
+    plain = pd.DataFrame(values)
+    plain.to_parquet(data_dir / "plain.parquet")
+    category = plain.astype("category")
+    category.to_parquet(data_dir / "category.parquet")
+    category.to_feather(data_dir / "category.arrow")
+    assert pa.types.is_dictionary(inspect(data_dir / "category.parquet").schema.field("a").type)
+    assert pa.types.is_dictionary(inspect(data_dir / "category.arrow").schema.field("a").type)
+    want = score(job_settings, runtime, data_dir / "plain.parquet")
+    assert sorted(want[0]) == [0, 1, 2, 3] and want[1] == {4: ("a", "row 4, field 'a': 'x' is not a number")}
+    for name in ("category.parquet", "category.arrow"):
+        assert score(job_settings, runtime, data_dir / name) == want, name
+    *_, sources = client._plan_rows(category, "lr", None, None, None)  # rows given in memory, inlined
+    table = pa.concat_tables([read_all(shard_source(job_settings.data_dir, ScoreShard(
+        job_id="j", shard_index=i, model="lr", version=1, batch_size=3, columns=COLUMNS, source=s)))
+        for i, s in enumerate(sources)])
+    assert pa.types.is_dictionary(table.schema.field("a").type)
+    outcome = score_table(runtime, table, COLUMNS, 0, 3)
+    assert ({rec.pop("row"): rec for rec in outcome.outputs.to_pylist()},
+            [(e.row_index, e.field, e.message) for e in outcome.errors]) == (
+        want[0], [(4, "a", "row 4, field 'a': 'x' is not a number")])
+
+
+def test_category_columns_feed_text_and_image_models(job_settings, text_runtime, image_runtime, data_dir):
+    """Texts and image paths written as a pandas ``category`` (or an Arrow dictionary of
+    bytes) score as the same values written plainly (regression: without the text
+    converter's own decoding, every text failed as 'missing text')."""
+    from PIL import Image
+
+    (data_dir / "pics").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(data_dir / "pics" / f"{i}.png")
+    paths = ["pics/0.png", "pics/1.png", "pics/0.png", "pics/gone.png"]
+    pd.DataFrame({"path": paths}).to_parquet(data_dir / "plain_paths.parquet")
+    pd.DataFrame({"path": pd.Categorical(paths)}).to_parquet(data_dir / "category_paths.parquet")
+    want = score(job_settings, image_runtime, data_dir / "plain_paths.parquet")
+    assert sorted(want[0]) == [0, 1, 2] and list(want[1]) == [3]
+    assert score(job_settings, image_runtime, data_dir / "category_paths.parquet") == want
+    texts = ["first", "second", "first", None]
+    pd.DataFrame({"t": texts}).to_parquet(data_dir / "plain_text.parquet")
+    pd.DataFrame({"t": pd.Categorical(texts)}).to_parquet(data_dir / "category_text.parquet")
+    pa.feather.write_feather(pa.table({"t": pa.array([t.encode() if t else None for t in texts]).dictionary_encode()}),
+                             data_dir / "category_bytes.arrow")
+    want = score(job_settings, text_runtime, data_dir / "plain_text.parquet")
+    assert sorted(want[0]) == [0, 1, 2]
+    for name in ("category_text.parquet", "category_bytes.arrow"):
+        assert score(job_settings, text_runtime, data_dir / name) == want, name
 
 
 # --- cell values ------------------------------------------------------------------------------
@@ -313,13 +509,6 @@ def test_corrupt_parquet_row_group_fails_only_its_shard(job_settings, data_dir):
                 load_table(job_settings, msg)
         else:
             assert load_table(job_settings, msg).num_rows == b - a
-
-
-def test_zero_row_parquet_is_refused_as_no_rows(client, data_dir):
-    """A Parquet file with a schema but no rows is refused at submit: 'no data rows'."""
-    path = data_dir / "zero.parquet"
-    pq.write_table(pa.table({"a": pa.array([], pa.float64()), "b": pa.array([], pa.float64())}), path)
-    refused(client, path, DatasetError, "zero.parquet: no data rows")
 
 
 def test_directory_of_parquet_parts_is_one_dataset(job_settings, runtime, data_dir):

@@ -273,3 +273,19 @@ def test_a_request_whose_rows_all_fail_conversion_gets_row_errors(backend, train
     assert answer["error_field"].iloc[0] == "pixel_1" and "x" in answer["error"].iloc[0]
     after = backend.client.predict("digits-sklearn", digits.frame[PIXELS].iloc[:2], timeout_s=60)
     assert after["error"].isna().all()
+
+
+def test_category_columns_and_requests_of_no_rows_are_answered(backend, trained, digits):
+    """Online requests through real workers: pixels given as a pandas ``category`` of
+    numbers as text get the same predictions as plain ones; a request of no rows (among
+    others, and alone) is answered at once with the model's output columns, no worker
+    involved (regression: an IndexError)."""
+    frame = digits.frame[PIXELS].iloc[:20]
+    category = frame.astype(int).astype(str).astype("category")
+    want = expected_labels(trained, "sklearn", frame)
+    answers = backend.client.predict_many("digits-sklearn", [category, [], frame], timeout_s=60)
+    assert answers[0]["prediction"].tolist() == want and answers[2]["prediction"].tolist() == want
+    assert len(answers[1]) == 0
+    assert list(answers[1].columns) == ["prediction", "score", "probabilities", "error", "error_field"]
+    alone = backend.client.predict("digits-sklearn", np.zeros((0, 64)), timeout_s=10)
+    assert len(alone) == 0 and list(alone.columns) == list(answers[1].columns)

@@ -126,6 +126,47 @@ def test_bad_rows_fail_alone(backend, trained, data_dir, digits):
     assert (results.loc[ok, "prediction"].astype(int).to_numpy() == expected[ok.to_numpy()]).all()
 
 
+def test_ragged_lines_category_columns_and_empty_datasets_through_workers(backend, trained, data_dir, digits,
+                                                                         tmp_path):
+    """Through the broker, real workers and the store: CSV lines with a field too many or
+    too few fail as their own rows (by reference and inlined, in the first and a later
+    shard) naming line and counts, while every other row gets the model's prediction;
+    pixels written as a pandas ``category`` of numbers as text score like plain ones; a
+    CSV header alone is a job of 0 rows, SUCCEEDED at once with the output columns."""
+    clf, manifest = trained[1]["sklearn"]
+    expected = clf.predict(digits.frame[PIXELS].to_numpy(np.float32) * SCALE)
+    lines = digits.frame.to_csv(index=False).splitlines()
+    width = len(lines[0].split(","))
+    lines[3] += ",0"  # data row 2, file line 4
+    lines[7] = lines[7].rsplit(",", 1)[0]  # data row 6, file line 8
+    lines[1001] += ",1,2"  # data row 1000, in the third shard
+    text = "\n".join(lines) + "\n"
+    bad = {2: f"row 2: line 4: expected {width} fields, found {width + 1}",
+           6: f"row 6: line 8: expected {width} fields, found {width - 1}",
+           1000: f"row 1000: line 1002: expected {width} fields, found {width + 2}"}
+    (data_dir / f"ragged-{backend.name}.csv").write_text(text)
+    (tmp_path / "ragged-outside.csv").write_text(text)
+    for path in (data_dir / f"ragged-{backend.name}.csv", tmp_path / "ragged-outside.csv"):
+        job = backend.client.score_dataset(path, manifest.name)
+        status = job.wait(timeout_s=TIMEOUT_S)
+        assert (status.state, status.rows_ok, status.rows_failed) == (JobState.PARTIAL, len(digits.frame) - 3, 3)
+        results = job.results()
+        assert list(results.index) == list(range(len(digits.frame)))
+        assert results["error"].dropna().to_dict() == bad
+        ok = results["error"].isna().to_numpy()
+        assert (results.loc[ok, "prediction"].astype(int).to_numpy() == expected[ok]).all()
+    category = digits.frame[PIXELS].astype(int).astype(str).astype("category")
+    category.to_parquet(data_dir / f"category-{backend.name}.parquet")
+    job = backend.client.score_dataset(data_dir / f"category-{backend.name}.parquet", manifest.name)
+    assert job.wait(timeout_s=TIMEOUT_S).state is JobState.SUCCEEDED
+    assert (job.results()["prediction"].astype(int).to_numpy() == expected).all()
+    (data_dir / f"empty-{backend.name}.csv").write_text(",".join(PIXELS) + "\n")
+    job = backend.client.score_dataset(data_dir / f"empty-{backend.name}.csv", manifest.name)
+    status = job.wait(timeout_s=5)
+    assert (status.state, status.n_rows, status.n_shards) == (JobState.SUCCEEDED, 0, 0)
+    assert list(job.results().columns) == ["prediction", "score", "probabilities", "error", "error_field"]
+
+
 def test_submit_errors_name_the_problem(backend, trained, data_dir, digits, tmp_path):
     """Unknown model, missing column and missing file are refused at submit with clear errors."""
     client = backend.client

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from ml_framework.datasets import (
+    ROW_ERROR,
     decode_table,
     encode_table,
     inspect,
@@ -114,12 +115,126 @@ def test_blank_lines_and_multiline_fields_keep_row_numbers(tmp_path):
         assert int(table.column("id")[0].as_py()) == a
 
 
-def test_ragged_row_is_named_by_line(tmp_path):
-    """A row with too many fields is reported with its line number and the file."""
+def ragged(table: pa.Table) -> dict[int, str]:
+    """The rows a reader marked as unreadable, by position in ``table``, with the reason."""
+    if ROW_ERROR not in table.column_names:
+        return {}
+    return {i: r for i, r in enumerate(table.column(ROW_ERROR).to_pylist()) if r is not None}
+
+
+def test_ragged_lines_stay_rows_in_their_places(tmp_path):
+    """Data lines 4 and 8 with one field too many and one too few are rows 2 and 6, marked
+    with their line and field counts; every other row keeps its number, in inspect, in any
+    row range and in one pass over the file (regression: the file was refused whole,
+    naming only line 4)."""
     path = tmp_path / "ragged.csv"
-    path.write_text("a,b\n1,2\n3,4,5\n6,7\n")
-    with pytest.raises(DatasetFormatError, match=r"ragged\.csv: line 3: expected 2 fields, found 3"):
-        inspect(path)
+    lines = ["a,b"] + [f"{i},{i * 10}" for i in range(10)]
+    lines[3] = "2,20,extra"  # file line 4
+    lines[7] = "6"  # file line 8
+    path.write_text("\n".join(lines) + "\n")
+    info = inspect(path)
+    assert info.n_rows == 10
+    whole = read_rows(path, "csv", 0, 10, ["a", "b"])
+    assert ragged(whole) == {2: "line 4: expected 2 fields, found 3", 6: "line 8: expected 2 fields, found 1"}
+    assert whole.column("a").to_pylist() == [str(i).encode() if i not in (2, 6) else None for i in range(10)]
+    for a, b in [(0, 2), (2, 3), (3, 7), (5, 10), (7, 10)]:
+        table = read_rows(path, "csv", a, b, ["a"])
+        assert table.column("a").to_pylist() == whole.column("a").to_pylist()[a:b]
+        assert ragged(table) == {i - a: r for i, r in ragged(whole).items() if a <= i < b}
+    ranges = shard_ranges(10, 3)
+    for (a, b), table in zip(ranges, iter_shards(info, ranges, ["b"]), strict=True):
+        assert table.column("b").to_pylist() == whole.column("b").to_pylist()[a:b]
+        assert ragged(table) == {i - a: r for i, r in ragged(whole).items() if a <= i < b}
+
+
+def test_ragged_line_after_a_multiline_field_and_blank_lines(tmp_path):
+    """The line named is the ragged record's own first line, counting quoted newlines and
+    blank lines; records at the end of the file and after a long record are placed too."""
+    path = tmp_path / "rg.csv"
+    path.write_text('x,note,y\n1,"a\n2,b\nc",0\n\n3,d,0\n2,b\n4,e,0\n5\n')
+    info = inspect(path)
+    assert info.n_rows == 5
+    table = read_rows(path, "csv", 0, 5, ["x", "note"])
+    assert table.column("x").to_pylist() == [b"1", b"3", None, b"4", None]
+    assert ragged(table) == {2: "line 7: expected 3 fields, found 2", 4: "line 9: expected 3 fields, found 1"}
+
+
+def test_ragged_line_after_a_record_longer_than_a_block(tmp_path):
+    """A ragged line after a 10 MB cell (which makes the reader parse again with a larger
+    block) is still one row in its place."""
+    path = tmp_path / "long.csv"
+    path.write_text(f"a,b\n1,2\n3,{'x' * (10 << 20)}\n5,6,7\n8,9\n")
+    assert inspect(path).n_rows == 4
+    table = read_rows(path, "csv", 0, 4, ["a"])
+    assert table.column("a").to_pylist() == [b"1", b"3", None, b"8"]
+    assert ragged(table) == {2: "line 4: expected 2 fields, found 3"}
+
+
+def test_ragged_line_that_is_not_utf8_is_a_row_and_cells_keep_their_bytes(tmp_path):
+    """A ragged line holding non-UTF-8 bytes (which pyarrow cannot hand to its skip
+    handler) is still one failed row in its place, the other cells keep their raw bytes
+    (a Latin-1 cell then fails alone on the worker), and nothing is printed: no traceback
+    from inside pyarrow (run in a fresh process, as the CLI would)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "rg.csv"
+    path.write_bytes(b"x,y\n1,2\n3,\xff,9\n4,caf\xe9\n5,\xc3\xa9\n")
+    table = read_rows(path, "csv", 0, inspect(path).n_rows, ["x", "y"])
+    assert table.column("y").to_pylist() == [b"2", None, b"caf\xe9", b"\xc3\xa9"]
+    assert ragged(table) == {1: "line 3: expected 2 fields, found 3"}
+    code = ("import sys; from ml_framework.datasets import inspect, read_rows; "
+            "info = inspect(sys.argv[1]); print(info.n_rows, read_rows(info.path, 'csv', 0, 4, ['y']).num_rows)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["4", "4"], "")
+
+
+def test_every_reader_takes_a_dataset_without_rows(tmp_path):
+    """A CSV header, a Parquet schema, a directory of empty Parquet parts, an Arrow file and
+    an .npy array without rows are datasets of 0 rows (regression: refused at submit), and
+    reading no rows gives their columns with the types they store."""
+    import pyarrow.parquet as pq
+
+    empty = pa.table({"a": pa.array([], pa.float64()), "b": pa.array([], pa.int64())})
+    (tmp_path / "h.csv").write_text("a,b\n")
+    pq.write_table(empty, tmp_path / "e.parquet")
+    (tmp_path / "parts").mkdir()
+    for i in range(2):
+        pq.write_table(empty, tmp_path / "parts" / f"p{i}.parquet")
+    with pa.ipc.new_file(tmp_path / "e.arrow", empty.schema) as writer:
+        writer.write_table(empty)
+    np.save(tmp_path / "e.npy", np.zeros((0, 2), np.float32))
+    for name, columns in [("h.csv", ["a", "b"]), ("e.parquet", ["a", "b"]), ("parts", ["a", "b"]),
+                          ("e.arrow", ["a", "b"]), ("e.npy", ["array"])]:
+        info = inspect(tmp_path / name)
+        assert (info.n_rows, info.columns) == (0, columns), name
+        assert shard_ranges(info.n_rows, 100) == []
+        table = read_rows(info.path, info.format, 0, 0, columns)
+        assert table.num_rows == 0 and table.column_names == columns, name
+        if info.schema is not None:
+            assert table.schema.field(columns[0]).type == info.schema.field(columns[0]).type
+
+
+def test_missing_columns_and_the_columns_there_are_summarised_alike():
+    """Missing-column errors list both the missing columns and those the dataset has as
+    one short summary each, the first few names then the count (regression: 64 missing
+    names in full, the file's cut at 20 without a count); rows given in memory are called
+    rows, not a file."""
+    from pathlib import Path
+
+    from ml_framework.datasets import DatasetInfo
+
+    wanted = [f"pixel_{i}" for i in range(64)]
+    info = DatasetInfo(Path("/data/wide.csv"), "csv", [f"col{i}" for i in range(30)], 5)
+    with pytest.raises(DatasetSchemaError) as caught:
+        info.require_columns(wanted)
+    message = str(caught.value)
+    assert "missing column(s) 'pixel_0', 'pixel_1'" in message and "(64 in all)" in message
+    assert "'pixel_63'" not in message and "the file has 'col0', 'col1'" in message and "(30 in all)" in message
+    inline = DatasetInfo(Path("<inline rows>"), "inline", ["a"], 1)
+    with pytest.raises(DatasetSchemaError, match=r"the rows have 'a'\)") as caught:
+        inline.require_columns(["b"])
+    assert "file" not in str(caught.value)
 
 
 def test_duplicate_parquet_columns_are_refused(tmp_path):
@@ -159,23 +274,6 @@ def test_multiline_fields_across_parse_blocks(tmp_path):
     ranges = shard_ranges(n, 20_000)
     starts = [int(t.column("id")[0].as_py()) for t in iter_shards(info, ranges, ["id"])]
     assert starts == [a for a, _ in ranges]
-
-
-def test_ragged_row_line_counts_multiline_fields(tmp_path):
-    """The reported line is the ragged record's own, not an earlier line with the same text."""
-    path = tmp_path / "rg.csv"
-    path.write_text('x,note,y\n1,"a\n2,b\nc",0\n3,d,0\n2,b\n')
-    with pytest.raises(DatasetFormatError, match=r"line 6: expected 3 fields, found 2"):
-        inspect(path)
-
-
-def test_ragged_row_with_invalid_utf8_is_named(tmp_path, capfd):
-    """A ragged row holding non-UTF-8 bytes is reported by line, without a traceback."""
-    path = tmp_path / "rg.csv"
-    path.write_bytes(b"x,y\n1,2\n3,\xff,9\n")
-    with pytest.raises(DatasetFormatError, match=r"line 3: expected 2 fields, found 3"):
-        inspect(path)
-    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_a_parquet_file_replaced_under_the_same_name_size_and_mtime_is_read_anew(tmp_path):

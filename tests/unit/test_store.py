@@ -20,7 +20,6 @@ from ml_framework.store import (
     ShardOutcomeRecord,
     results_frame,
 )
-from ml_framework.store.outputs import to_pairs
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -303,7 +302,7 @@ def test_finished_returns_ended_jobs_with_their_rows_only(store):
     assert list(found) == [done]
     state, outputs, errors = found[done]
     assert state is JobState.PARTIAL
-    assert to_pairs(outputs) == [(1, {"p": 7})] and errors == [(0, "x", "row 0: bad")]
+    assert outputs.to_pylist() == [{"row": 1, "p": 7}] and errors == [(0, "x", "row 0: bad")]
     frame = results_frame(outputs, errors)
     assert frame.index.tolist() == [0, 1]
     assert frame["error"].tolist() == ["row 0: bad", None] and frame["error_field"].tolist() == ["x", None]
@@ -316,7 +315,7 @@ def test_a_big_online_batch_spans_several_in_lists(store):
     assert all(store.record_online([ShardOutcomeRecord(j, 0, [(0, {"p": i})], []) for i, j in enumerate(jobs)], "w"))
     found = store.finished(jobs)
     assert len(found) == 1200 and {s for s, _, _ in found.values()} == {JobState.SUCCEEDED}
-    assert [to_pairs(found[j][1])[0][1]["p"] for j in jobs] == list(range(1200))
+    assert [found[j][1].column("p")[0].as_py() for j in jobs] == list(range(1200))
 
 
 def test_cancel_while_a_worker_records_the_same_job_does_not_deadlock(store, monkeypatch):
@@ -625,3 +624,44 @@ def test_a_job_keeps_its_longest_cold_start(store):
     store.complete_shard(warm, 0, [(0, {"prediction": 1})], [])
     assert store.job(warm).model_load_s is None
     assert [s["model_load_s"] for s in store.shards(job)] == [2.5, None, 7.25]
+
+
+def test_a_job_without_rows_is_succeeded_at_once_with_its_output_columns(store, tmp_path):
+    """A job with no shards (a dataset without rows) is recorded SUCCEEDED, with nothing to
+    wait for; its results, in every form the store gives them (DataFrame, Arrow table, a
+    page, an online answer, written Parquet and CSV), are empty but carry the model's
+    output columns and types (regression: such jobs were refused at submit)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ml_framework.manifest import OutputSpec
+    from ml_framework.store.outputs import output_schema
+    from producer.results import encode_results, write_results
+
+    schema = output_schema(OutputSpec(kind="classification", labels=[0, 1, 2]))
+    bulk = store.create_job(model="m", model_version=1, dataset="empty.csv", n_rows=0, shard_ranges=[],
+                            batch_size=2, output_schema=schema)
+    online = NewJob(uuid.uuid4().hex, "m", 1, "<0 inline rows>", 0, [], 2, output_schema=schema)
+    store.create_jobs([online])
+    for job_id in (bulk, online.job_id):
+        status = store.job(job_id)
+        assert (status.state, status.n_rows, status.n_shards, status.rows_done) == (JobState.SUCCEEDED, 0, 0, 0)
+        assert status.finished_at is not None and status.elapsed_s == 0.0
+        assert store.shards(job_id) == [] and store.results_page(job_id, 0, 100) == []
+        table = store.results_table(job_id)
+        assert table.num_rows == 0
+        assert table.schema.names == ["row", "prediction", "score", "probabilities", "error", "error_field"]
+        assert table.schema.field("prediction").type == pa.int64()
+        assert table.schema.field("probabilities").type == pa.list_(pa.float64(), 3)
+        frame = store.results(job_id)
+        assert len(frame) == 0 and list(frame.columns) == ["prediction", "score", "probabilities", "error",
+                                                           "error_field"]
+        assert str(frame["prediction"].dtype) == "int64" and str(frame["score"].dtype) == "float64"
+        assert pq.read_table(write_results(table, tmp_path / f"{job_id}.parquet")).schema.equals(table.schema)
+        assert encode_results(table, "csv").decode().splitlines() == [
+            '"row","prediction","score","probabilities","error","error_field"']
+    state, outputs, errors = store.finished([online.job_id])[online.job_id]
+    assert state is JobState.SUCCEEDED and errors == []
+    assert list(results_frame(outputs, errors).columns) == ["prediction", "score", "probabilities", "error",
+                                                            "error_field"]
+    assert store.cancel(bulk).state is JobState.SUCCEEDED

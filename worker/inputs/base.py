@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ml_framework.datasets import ROW_ERROR, decode_dictionaries
 from ml_framework.manifest import ModelManifest
 from ml_framework.store import RowError
 
@@ -79,6 +80,21 @@ def non_finite_reason(values: np.ndarray) -> str:
     return f"{what} at index {int(np.flatnonzero(~np.isfinite(flat))[0])}"
 
 
+def take_rows(x: Any, index: np.ndarray) -> Any:
+    """Rows ``index`` of a model input (an array, or a batch that can ``take`` rows)."""
+    return x[index] if isinstance(x, np.ndarray) else x.take(index)
+
+
+def fail_rows(piece: Converted, reasons: dict[int, str]) -> Converted:
+    """``piece`` with the rows of ``reasons`` (dataset row -> why) failed: dropped from
+    its input, their errors (if any) replaced by ``row N: <reason>``."""
+    keep = ~np.isin(piece.rows, np.fromiter(reasons, dtype=np.int64, count=len(reasons)))
+    x, rows = (piece.x, piece.rows) if keep.all() else (take_rows(piece.x, np.flatnonzero(keep)), piece.rows[keep])
+    errors = [e for e in piece.errors if e.row_index not in reasons]
+    errors += [RowError(row, f"row {row}: {reason}") for row, reason in reasons.items()]
+    return Converted(x, rows, sorted(errors, key=lambda e: e.row_index), piece.n_rows)
+
+
 class InputConverter(ABC):
     """Turns pieces of a shard (Arrow tables) into model input, one row error per row that
     cannot be converted. One per loaded model version; :meth:`convert` runs on the worker's
@@ -101,9 +117,15 @@ class InputConverter(ABC):
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.threads = threads
 
-    @abstractmethod
     def convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
-        """Convert the rows of ``table``.
+        """Convert the rows of ``table``: what every reader's pieces and every inline
+        shard go through, whatever the input kind.
+
+        Dictionary-encoded columns (a pandas ``category``) are decoded to their value
+        type first, so a converter sees numbers, text or paths, never dictionary codes.
+        Rows that the reader could not read (the
+        :data:`~ml_framework.datasets.common.ROW_ERROR` column: a CSV line with too many
+        or too few fields) fail with the reader's reason, whatever their cells hold.
 
         Args:
             table: a piece of a shard; ``columns`` feed the model, in the order of
@@ -113,6 +135,20 @@ class InputConverter(ABC):
         Returns:
             A :class:`Converted` whose ``rows`` and ``errors`` cover each row exactly once.
         """
+        unread = None
+        if ROW_ERROR in table.column_names:
+            unread = table.column(ROW_ERROR)
+            table = table.drop_columns([ROW_ERROR])
+        piece = self._convert(decode_dictionaries(table), columns, row_start)
+        if unread is not None and unread.null_count < len(unread):
+            reasons = unread.to_pylist()
+            piece = fail_rows(piece, {row_start + i: r for i, r in enumerate(reasons) if r is not None})
+        return piece
+
+    @abstractmethod
+    def _convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
+        """Convert the rows of ``table`` (see :meth:`convert`; no column is
+        dictionary-encoded, and ``table`` has no ``ROW_ERROR`` column)."""
 
     def example(self, n: int) -> Any:
         """``n`` rows of neutral input (zeros) shaped as :meth:`convert` shapes them, for

@@ -41,9 +41,6 @@ def _column(arr: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray, str | None]:
     if the column's type can never be a number."""
     invalid = np.zeros(len(arr), dtype=bool)
     kind = arr.type
-    if pa.types.is_dictionary(kind):  # pandas categories: convert the values, not the codes
-        arr = pc.cast(arr, kind.value_type)
-        kind = arr.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         # Parquet writers need not validate UTF-8: re-check it like raw CSV bytes.
         arr = pc.cast(arr, pa.large_binary() if pa.types.is_large_string(kind) else pa.binary())
@@ -112,7 +109,7 @@ class ColumnsConverter(InputConverter):
     (then NaN); infinities and other text are always rejected.
     """
 
-    def convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
+    def _convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
         """See :meth:`InputConverter.convert`; errors name the first bad field of a row."""
         n, spec = table.num_rows, self.spec
         staging = np.dtype(np.float64 if spec.dtype in ("float64", "int64") else np.float32)

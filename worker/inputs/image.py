@@ -120,7 +120,7 @@ class ImageConverter(InputConverter):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
-    def convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
+    def _convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
         """See :meth:`InputConverter.convert`. Rows are decoded on :attr:`workers` threads."""
         name = columns[0]
         paths = table.column(name).to_pylist()

@@ -26,7 +26,7 @@ from worker.inputs.base import Converted, InputConverter, non_finite_reason
 class TensorConverter(InputConverter):
     """One tensor column -> ``(n, *inputs.shape)`` (see the module docstring)."""
 
-    def convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
+    def _convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
         """See :meth:`InputConverter.convert`."""
         name = columns[0]
         column = table.column(name)

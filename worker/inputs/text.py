@@ -143,7 +143,7 @@ class TextConverter(InputConverter):
         self.tokenizer = tokenizer
         self.dtype = np.dtype(self.spec.dtype)
 
-    def convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
+    def _convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
         """See :meth:`InputConverter.convert`. Rows come back sorted longest first."""
         name = columns[0]
         column = table.column(name)
@@ -153,7 +153,7 @@ class TextConverter(InputConverter):
         def fail(i: int, reason: str) -> None:
             bad[i] = RowError(row_start + i, f"row {row_start + i}, field {name!r}: {reason}", name)
 
-        column_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        column_type = column.type
         if _is_text(column_type):
             cells = column.to_pylist()
         elif pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type):
