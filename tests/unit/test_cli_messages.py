@@ -74,7 +74,8 @@ def test_dataset_error_shows_column_names_as_typed(mlf, tmp_path):
     run = mlf("score", "odd.csv", "--model", "iris")
     assert run.exit_code == 1, run.output
     assert "missing column(s)" in run.stderr
-    assert "a[/], :thumbs_up:, [bold]c, d" in run.stderr
+    for name in ("a[/]", ":thumbs_up:", "[bold]c"):
+        assert f"'{name}'" in run.stderr, run.stderr
     assert "MarkupError" not in run.stderr
 
 
