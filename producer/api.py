@@ -46,24 +46,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from datetime import UTC, datetime
-from email.message import Message
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from ml_framework.errors import ModelNotFoundError, StoreUnavailableError
+from ml_framework.errors import (
+    DatasetNotFoundError,
+    DatasetPathError,
+    IdempotencyKeyError,
+    ModelNotFoundError,
+    StoreUnavailableError,
+)
 from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
-from ml_framework.paths import resolve_under
+from ml_framework.paths import locate_dataset, suggest_under
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobStatus
+from ml_framework.store.idempotency import check_key
 from producer.api_auth import DeletableJobId, KeyTable, MetricsReader, OwnedJobId, User
 from producer.api_bodies import (
     INLINE_PARSE_BYTES,
@@ -81,9 +89,11 @@ from producer.api_errors import (
     RequestIdMiddleware,
     RequestTooLargeError,
     install_error_handlers,
+    is_json,
     problem,
     public,
     scrub,
+    send_json,
 )
 from producer.cache import ResultsCache
 from producer.client import Client
@@ -209,11 +219,9 @@ def json_body(kind: str):
     read with the size limit and parsed off the event loop."""
 
     async def parsed(request: Request) -> ParsedBody:
-        content_type = Message()
-        content_type["content-type"] = request.headers.get("content-type", "application/json")
-        subtype = content_type.get_content_subtype()
-        if content_type.get_content_maintype() != "application" or not (subtype == "json" or subtype.endswith("+json")):
-            raise BodyInvalidError([(("body",), "expected Content-Type: application/json")])
+        content_type = request.headers.get("content-type")
+        if not is_json(content_type):
+            raise send_json(content_type)
         raw = await _read_body(request, request.app.state.client.settings.api_max_request_bytes)
         if not raw:
             raise BodyInvalidError([(("body",), "Field required")])
@@ -223,6 +231,51 @@ def json_body(kind: str):
             raise ParserUnavailableError("the process parsing the request body died (memory?); retry") from exc
 
     return parsed
+
+
+_SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
+_SF_ESCAPE = re.compile(r'\\(["\\])')
+IDEMPOTENCY_DOC = ("Makes a retry safe (IETF draft-ietf-httpapi-idempotency-key-header): a repeat with this key "
+                   "and the same body from the same API key within idempotency_window (default 24 h) returns the "
+                   "job it submitted, with 200; the same key with another body is refused with 422. A quoted "
+                   "string or bare; 1 to 255 printable ASCII characters, e.g. a UUID.")
+
+
+def sf_string(value: str) -> str:
+    """An ``Idempotency-Key`` header's key: the draft sends it as a structured-field string
+    (RFC 8941: ``"..."``, with ``\\"`` and ``\\\\`` escaped); a bare value is taken as it is.
+
+    Raises:
+        IdempotencyKeyError: an empty or malformed key.
+    """
+    value = value.strip()
+    if value.startswith('"'):
+        quoted = _SF_STRING.fullmatch(value)
+        if quoted is None:
+            raise IdempotencyKeyError('Idempotency-Key: a quoted key must end with \'"\' and escape \'"\' and '
+                                      "'\\\\' inside with a backslash")
+        value = _SF_ESCAPE.sub(r"\1", quoted.group(1))
+    return check_key(value)
+
+
+def dataset_under(data_dir: Path, given: str) -> Path:
+    """The real path of the dataset a request names (``given``, relative to ``data_dir``).
+
+    Raises:
+        DatasetNotFoundError, DatasetPathError: public messages naming ``given`` (never a
+            server path), saying that paths are relative to the data directory and which
+            path under it exists, when a tail of ``given`` does (``data/digits.csv`` ->
+            ``digits.csv``; see :func:`~ml_framework.paths.suggest_under`).
+    """
+    suggestion = suggest_under(data_dir, given)
+    hint = "dataset paths are relative to the data directory" + (f"; did you mean {suggestion!r}?" if suggestion
+                                                                  else "")
+    location = locate_dataset(data_dir, given)  # DatasetPathError: it leads out through a link or '..'
+    if location.relative is None:
+        raise public(DatasetPathError(f"dataset {given!r} is not in the data directory: {hint}"))
+    if not location.path.exists():
+        raise public(DatasetNotFoundError(f"dataset {given!r} not found: {hint}"))
+    return location.path
 
 
 @contextmanager
@@ -267,32 +320,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "**Changed:** `DELETE /v1/jobs/{job_id}` now deletes a job and its results (idempotent: 204 "
                     "again for the key that owned it); cancelling is `POST /v1/jobs/{job_id}/cancel`. Finished "
                     "jobs are deleted `results_retention` after they ended (if set).",
-        responses={code: {"model": ApiError} for code in (400, 401, 403, 404, 409, 413, 422, 500, 503)},
+        responses={code: {"model": ApiError} for code in (400, 401, 403, 404, 409, 413, 415, 422, 500, 503)},
     )
     api.add_middleware(RequestIdMiddleware)
     install_error_handlers(api)
     default_openapi = api.openapi
     api.openapi = lambda: api.openapi_schema or add_body_schemas(default_openapi())  # type: ignore[method-assign]
 
-    @api.post("/v1/jobs", status_code=202, response_model=JobOut, tags=["jobs"], openapi_extra=openapi_body("job"))
+    @api.post("/v1/jobs", status_code=202, response_model=JobOut, tags=["jobs"], openapi_extra=openapi_body("job"),
+              responses={200: {"model": JobOut, "description": "Repeated with an Idempotency-Key: the key's job, "
+                                                               "submitted before (header Idempotent-Replayed: true)."}})
     def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("job"))], c: ClientDep,
-                   request: Request) -> JobOut:  # the caller first: no body is read for an unknown one
+                   request: Request, response: Response,
+                   idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description=IDEMPOTENCY_DOC)]
+                   = None) -> JobOut:  # the caller first: no body is read for an unknown one
         """Submit a scoring job over a dataset file under the data directory, or inline rows
-        (``DatasetJobRequest`` or ``RowsJobRequest``)."""
+        (``DatasetJobRequest`` or ``RowsJobRequest``). With an ``Idempotency-Key``, a repeat
+        answers 200 with the job the key submitted; the same key with a different body, 422."""
         body = parsed.request
+        key = None if idempotency_key is None else sf_string(idempotency_key)
         with _model_named(body.model, body.version):
             if isinstance(body, DatasetJobRequest):
-                path = resolve_under(c.settings.data_dir, body.dataset)
+                path = dataset_under(c.settings.data_dir, body.dataset)
                 job = c.score_dataset(path, body.model, body.version, body.batch_size, body.columns, body.priority,
-                                      owner=caller.name)
+                                      owner=caller.name, idempotency_key=key)
             else:
                 assert isinstance(body, JobFields)
                 rows = parsed.table(lambda: c.repository.resolve(body.model, body.version))
                 with request.app.state.large_submissions if rows.nbytes > INLINE_PARSE_BYTES else nullcontext():
                     job = c.score_rows(rows, body.model, body.version, body.batch_size, body.columns,
-                                       priority=body.priority, owner=caller.name)
-        log.info("request %s: job %s submitted by %s (model %s)", request.state.request_id, job.id,
-                 caller.name or "-", body.model)
+                                       priority=body.priority, owner=caller.name, idempotency_key=key)
+        if job.replayed:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
+        log.info("request %s: job %s %s by %s (model %s)", request.state.request_id, job.id,
+                 "found by its idempotency key" if job.replayed else "submitted", caller.name or "-", body.model)
         return JobOut.of(job.status(), c.settings)
 
     @api.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses={404: {"model": ApiError}})
