@@ -194,8 +194,9 @@ def install_error_handlers(api: FastAPI) -> None:
     """Register the handlers that turn every error into :func:`error_response` and log it."""
 
     def roots(request: Request) -> list[Path]:
-        cfg = request.app.state.client.settings
-        return [cfg.data_dir, cfg.models_dir, cfg.var_dir, Path.cwd()]
+        client = getattr(request.app.state, "client", None)  # None: an app (or test app) without one
+        cfg = client.settings if client is not None else None
+        return [*((cfg.data_dir, cfg.models_dir, cfg.var_dir) if cfg else ()), Path.cwd()]
 
     @api.exception_handler(MLFrameworkError)
     async def framework_error(request: Request, exc: MLFrameworkError) -> JSONResponse:
