@@ -235,6 +235,8 @@ def json_body(kind: str):
 
 _SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
 _SF_ESCAPE = re.compile(r'\\(["\\])')
+IDEMPOTENCY_KEY_PATTERN = r'^(?:"(?:[ !#-\[\]-~]|\\["\\]){1,255}"|[!#-~](?:[ -~]{0,253}[!-~])?)$'
+"""A key of 1 to 255 printable ASCII characters, bare or as a structured-field string."""
 IDEMPOTENCY_DOC = ("Makes a retry safe (IETF draft-ietf-httpapi-idempotency-key-header): a repeat with this key "
                    "and the same body from the same API key within idempotency_window (default 24 h) returns the "
                    "job it submitted, with 200; the same key with another body is refused with 422. A quoted "
@@ -272,7 +274,7 @@ def dataset_under(data_dir: Path, given: str) -> Path:
                                                                   else "")
     location = locate_dataset(data_dir, given)  # DatasetPathError: it leads out through a link or '..'
     if location.relative is None:
-        raise public(DatasetPathError(f"dataset {given!r} is not in the data directory: {hint}"))
+        raise public(DatasetPathError(f"dataset {given!r} leaves the data directory (it lies outside it): {hint}"))
     if not location.path.exists():
         raise public(DatasetNotFoundError(f"dataset {given!r} not found: {hint}"))
     return location.path
@@ -332,7 +334,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                                "submitted before (header Idempotent-Replayed: true)."}})
     def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("job"))], c: ClientDep,
                    request: Request, response: Response,
-                   idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description=IDEMPOTENCY_DOC)]
+                   idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description=IDEMPOTENCY_DOC,
+                                                                 pattern=IDEMPOTENCY_KEY_PATTERN)]
                    = None) -> JobOut:  # the caller first: no body is read for an unknown one
         """Submit a scoring job over a dataset file under the data directory, or inline rows
         (``DatasetJobRequest`` or ``RowsJobRequest``). With an ``Idempotency-Key``, a repeat

@@ -72,8 +72,8 @@ def test_a_path_on_the_callers_machine_or_outside_is_refused_naming_no_server_pa
     it that exists; the answer holds no absolute path (the caller's or the server's)."""
     r = http.post("/v1/jobs", json={"model": "m", "dataset": "/home/someone/project/data/digits.csv"})
     assert r.status_code == 422, r.text
-    assert error(r) == ("dataset '<path>' is not in the data directory: dataset paths are relative to the data "
-                        "directory; did you mean 'digits.csv'?")
+    assert error(r) == ("dataset '<path>' leaves the data directory (it lies outside it): dataset paths are "
+                        "relative to the data directory; did you mean 'digits.csv'?")
     r = http.post("/v1/jobs", json={"model": "m", "dataset": str(root / "digits.csv")})
     assert str(root) not in r.text and "did you mean 'digits.csv'?" in error(r)
 
