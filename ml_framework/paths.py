@@ -32,7 +32,7 @@ MAX_LINKS = 40
 """Symbolic links followed on one path before giving up: Linux's MAXSYMLINKS
 (``include/linux/namei.h``), past which ``open`` fails with ELOOP."""
 
-__all__ = ["DatasetLocation", "locate_dataset", "resolve_under", "suggest_under"]
+__all__ = ["DatasetLocation", "exists", "locate_dataset", "resolve_under", "suggest_under"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,15 @@ def resolve_under(data_dir: Path | str, path: Path | str) -> Path:
     return location.path
 
 
+def exists(path: Path) -> bool:
+    """Whether ``path`` exists; ``False`` also where the system cannot tell (a name too
+    long, a directory on the way not searchable)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def suggest_under(data_dir: Path | str, path: Path | str) -> str | None:
     """What a caller of the HTTP API probably meant by ``path``, which names nothing under
     ``data_dir``: the longest tail of it that does (``data/digits.csv`` given the CLI's
@@ -166,6 +175,6 @@ def suggest_under(data_dir: Path | str, path: Path | str) -> str | None:
             location = locate_dataset(data_dir, tail)
         except DatasetPathError:
             continue
-        if location.relative is not None and location.path.exists() and str(tail) != os.fspath(path):
+        if location.relative is not None and exists(location.path) and str(tail) != os.fspath(path):
             return str(tail)
     return None

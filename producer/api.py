@@ -68,7 +68,7 @@ from ml_framework.errors import (
 )
 from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
-from ml_framework.paths import locate_dataset, suggest_under
+from ml_framework.paths import exists, locate_dataset, suggest_under
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobStatus
 from ml_framework.store.idempotency import check_key
@@ -269,14 +269,17 @@ def dataset_under(data_dir: Path, given: str) -> Path:
             path under it exists, when a tail of ``given`` does (``data/digits.csv`` ->
             ``digits.csv``; see :func:`~ml_framework.paths.suggest_under`).
     """
-    suggestion = suggest_under(data_dir, given)
-    hint = "dataset paths are relative to the data directory" + (f"; did you mean {suggestion!r}?" if suggestion
-                                                                  else "")
+    def hint() -> str:
+        suggestion = suggest_under(data_dir, given)
+        return "dataset paths are relative to the data directory" + (f"; did you mean {suggestion!r}?"
+                                                                     if suggestion else "")
+
+    shown = given if len(given) <= 200 else given[:200] + "..."
     location = locate_dataset(data_dir, given)  # DatasetPathError: it leads out through a link or '..'
     if location.relative is None:
-        raise public(DatasetPathError(f"dataset {given!r} leaves the data directory (it lies outside it): {hint}"))
-    if not location.path.exists():
-        raise public(DatasetNotFoundError(f"dataset {given!r} not found: {hint}"))
+        raise public(DatasetPathError(f"dataset {shown!r} leaves the data directory (it lies outside it): {hint()}"))
+    if not exists(location.path):
+        raise public(DatasetNotFoundError(f"dataset {shown!r} not found: {hint()}"))
     return location.path
 
 

@@ -161,3 +161,9 @@ def test_a_route_fastapi_parses_itself_answers_send_json_too():
         assert client.post("/echo", json={"name": "x"}).json() == {"name": "x"}
         r = client.post("/echo", json={"other": "x"})
         assert r.status_code == 422 and "send the body as JSON" not in error(r), r.text
+
+
+def test_a_name_too_long_for_the_file_system_is_not_found(http):
+    """A 4,000-character dataset name (ENAMETOOLONG) is answered 404, not 500."""
+    r = http.post("/v1/jobs", json={"model": "m", "dataset": "0" * 4000})
+    assert r.status_code == 404 and "relative to the data directory" in error(r), r.text
