@@ -75,6 +75,29 @@ def test_concurrent_submissions_with_one_key_record_one_job(store):
     assert jobs_with_key(store, "retry-1") == [results[0][0]] and n_jobs(store) == 1
 
 
+def test_a_submission_racing_an_uncommitted_one_returns_its_job(store):
+    """The race made certain: a job with the key is inserted and not yet committed when a
+    second submission with the key looks for it (and finds nothing); the unique index makes
+    the second wait for the first to commit and then answer with its job, recording none."""
+    from ml_framework.store.api import _insert_jobs
+    from ml_framework.store.schema import utc_now
+
+    key = Idempotency("racing", request_hash({"dataset": "d.csv"}))
+    first = new_job()
+    first.idempotency_key, first.request_hash = key.key, key.request_hash
+    results: list[tuple[str, bool]] = []
+    with store.engine.connect() as conn:
+        tx = conn.begin()
+        _insert_jobs(conn, [first], utc_now())
+        second = threading.Thread(target=lambda: results.append(store.create_job_once(new_job(), key)))
+        second.start()
+        second.join(1.0)
+        assert second.is_alive() or results == [(first.job_id, False)]  # SQLite: it waits at BEGIN
+        tx.commit()
+    second.join(60)
+    assert results == [(first.job_id, False)] and n_jobs(store) == 1
+
+
 def test_the_database_refuses_a_second_job_with_a_key_even_without_an_owner(store):
     """Revision 0011's unique index: two jobs of the CLI (owner NULL) with one key cannot
     both be recorded; jobs without a key never collide; other owners have their own keys."""
@@ -209,3 +232,19 @@ def test_mlf_score_idempotency_key_prints_the_same_job(root):
                           env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
            for _ in range(2)]
     assert len(ids[0]) == 32 and ids[0] == ids[1]
+
+
+def test_a_submission_that_could_not_be_sent_gives_its_key_back(root, tmp_path):
+    """The broker refuses the first try (its job is cancelled): a retry with the key, once the
+    broker is back, submits a new job instead of returning the cancelled one."""
+    settings = {**values(root), "var_dir": tmp_path / "var"}
+    with Client(load_settings(**settings, broker_url="redis://127.0.0.1:1/0")) as down:
+        with pytest.raises(Exception, match="127.0.0.1:1"):
+            down.score_rows([{"a": 1, "b": 2}], "m", idempotency_key="after-outage")
+        with down.store.engine.connect() as conn:
+            (cancelled,) = conn.execute(select(JobRow.id, JobRow.state, JobRow.idempotency_key)).all()
+        assert (cancelled.state, cancelled.idempotency_key) == ("CANCELLED", None)
+    with Client(load_settings(**settings)) as up:
+        job = up.score_rows([{"a": 1, "b": 2}], "m", idempotency_key="after-outage")
+        assert not job.replayed and job.id != cancelled.id and job.status().state.value == "PENDING"
+        assert up.score_rows([{"a": 1, "b": 2}], "m", idempotency_key="after-outage").id == job.id
