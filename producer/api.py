@@ -4,7 +4,8 @@ Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message"
 
 ==========================================  ===============================================
 ``POST /v1/jobs``                           submit a job: a dataset under the data directory,
-                                            or inline ``rows``; 202 with the job's status
+                                            or inline ``rows``; 202 with the job's status (200
+                                            with the same job for a repeated ``Idempotency-Key``)
 ``GET /v1/jobs/{id}``                       state and progress (id or unique 8+ character prefix)
 ``GET /v1/jobs/{id}/results``               a page of rows (``offset``, ``limit``), or the
                                             whole result as ``?format=csv`` / ``parquet``
@@ -29,7 +30,17 @@ Errors (:mod:`producer.api_errors`) name no server path or URL; each response ca
 ``X-Request-ID``, and error bodies the same ``request_id``, under which the log has the
 detail. Bodies larger than ``api_max_request_bytes`` are refused with 413; bodies are
 parsed off the event loop (:mod:`producer.api_bodies`), so ``/health`` answers while
-large requests are in flight.
+large requests are in flight. A JSON route's body sent with another ``Content-Type`` (curl's
+default ``application/x-www-form-urlencoded``) is answered 415 "send the body as JSON".
+Dataset paths are relative to the data directory; one that misses is answered with the path
+under it that exists, when some tail of it does (``data/digits.csv``: "did you mean
+'digits.csv'?").
+
+Idempotency (:mod:`ml_framework.store.idempotency`): ``POST /v1/jobs`` takes an
+``Idempotency-Key`` header (IETF draft-ietf-httpapi-idempotency-key-header): a repeat with
+the key and the same body from the same API key within ``idempotency_window`` answers 200
+with the job the key submitted (``Idempotent-Replayed: true``), the key with another body
+422. The online ``predict`` route takes no key: it answers synchronously, a few rows.
 
 Changed in 0.2: ``DELETE /v1/jobs/{id}`` deletes the job and its results; it used to cancel,
 which is now ``POST /v1/jobs/{id}/cancel``. Deleting is idempotent: 204 the first time and
@@ -46,32 +57,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from ml_framework.errors import (
-    DatasetNotFoundError,
-    DatasetPathError,
-    IdempotencyKeyError,
-    ModelNotFoundError,
-    StoreUnavailableError,
-)
+from ml_framework.errors import ModelNotFoundError, StoreUnavailableError
 from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
-from ml_framework.paths import exists, locate_dataset, suggest_under
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobStatus
-from ml_framework.store.idempotency import check_key
 from producer.api_auth import DeletableJobId, KeyTable, MetricsReader, OwnedJobId, User
 from producer.api_bodies import (
     INLINE_PARSE_BYTES,
@@ -95,6 +96,7 @@ from producer.api_errors import (
     scrub,
     send_json,
 )
+from producer.api_requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, dataset_under, sf_string
 from producer.cache import ResultsCache
 from producer.client import Client
 from producer.results import encode_results
@@ -231,56 +233,6 @@ def json_body(kind: str):
             raise ParserUnavailableError("the process parsing the request body died (memory?); retry") from exc
 
     return parsed
-
-
-_SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
-_SF_ESCAPE = re.compile(r'\\(["\\])')
-IDEMPOTENCY_KEY_PATTERN = r'^(?:"(?:[ !#-\[\]-~]|\\["\\]){1,255}"|[!#-~](?:[ -~]{0,253}[!-~])?)$'
-"""A key of 1 to 255 printable ASCII characters, bare or as a structured-field string."""
-IDEMPOTENCY_DOC = ("Makes a retry safe (IETF draft-ietf-httpapi-idempotency-key-header): a repeat with this key "
-                   "and the same body from the same API key within idempotency_window (default 24 h) returns the "
-                   "job it submitted, with 200; the same key with another body is refused with 422. A quoted "
-                   "string or bare; 1 to 255 printable ASCII characters, e.g. a UUID.")
-
-
-def sf_string(value: str) -> str:
-    """An ``Idempotency-Key`` header's key: the draft sends it as a structured-field string
-    (RFC 8941: ``"..."``, with ``\\"`` and ``\\\\`` escaped); a bare value is taken as it is.
-
-    Raises:
-        IdempotencyKeyError: an empty or malformed key.
-    """
-    value = value.strip()
-    if value.startswith('"'):
-        quoted = _SF_STRING.fullmatch(value)
-        if quoted is None:
-            raise IdempotencyKeyError('Idempotency-Key: a quoted key must end with \'"\' and escape \'"\' and '
-                                      "'\\\\' inside with a backslash")
-        value = _SF_ESCAPE.sub(r"\1", quoted.group(1))
-    return check_key(value)
-
-
-def dataset_under(data_dir: Path, given: str) -> Path:
-    """The real path of the dataset a request names (``given``, relative to ``data_dir``).
-
-    Raises:
-        DatasetNotFoundError, DatasetPathError: public messages naming ``given`` (never a
-            server path), saying that paths are relative to the data directory and which
-            path under it exists, when a tail of ``given`` does (``data/digits.csv`` ->
-            ``digits.csv``; see :func:`~ml_framework.paths.suggest_under`).
-    """
-    def hint() -> str:
-        suggestion = suggest_under(data_dir, given)
-        return "dataset paths are relative to the data directory" + (f"; did you mean {suggestion!r}?"
-                                                                     if suggestion else "")
-
-    shown = given if len(given) <= 200 else given[:200] + "..."
-    location = locate_dataset(data_dir, given)  # DatasetPathError: it leads out through a link or '..'
-    if location.relative is None:
-        raise public(DatasetPathError(f"dataset {shown!r} leaves the data directory (it lies outside it): {hint()}"))
-    if not exists(location.path):
-        raise public(DatasetNotFoundError(f"dataset {shown!r} not found: {hint()}"))
-    return location.path
 
 
 @contextmanager
