@@ -7,7 +7,8 @@ Hierarchy::
     ├── ModelError
     │   ├── ModelNotFoundError   no such model / version in the model repository
     │   ├── ManifestError        manifest missing, malformed or inconsistent with its artifact
-    │   └── ModelLoadError       the runtime could not load the artifact
+    │   ├── ModelLoadError       the runtime could not load the artifact
+    │   └── BatchContractError   a batch returned outputs its manifest does not allow
     ├── DatasetError
     │   ├── DatasetNotFoundError the dataset path does not exist
     │   ├── DatasetPathError     the path leaves the data directory: refused unread
@@ -16,6 +17,7 @@ Hierarchy::
     ├── JobError
     │   ├── JobNotFoundError     no job with that id in the results store
     │   ├── JobTimeoutError      ``Job.wait`` ran out of time
+    │   │   └── RequestCancelledError  an online request was cancelled before its answer
     │   └── IdempotencyKeyError  a malformed idempotency key
     │       └── IdempotencyKeyReusedError  the key was used for a different request
     └── StoreError               the results database refused an operation
@@ -53,6 +55,12 @@ class ManifestError(ModelError):
 
 class ModelLoadError(ModelError):
     """Raised when a runtime fails to load a model artifact."""
+
+
+class BatchContractError(ModelError):
+    """Raised when a model returns a number or shape of outputs its manifest does not allow
+    (one output row per input row, of the manifest's width); every row of the batch fails
+    with it, as Ray Serve's and PyTriton's batchers do."""
 
 
 class DatasetError(MLFrameworkError):
@@ -97,6 +105,11 @@ class JobTimeoutError(JobError):
     def __init__(self, message: str, job_id: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+class RequestCancelledError(JobTimeoutError):
+    """Raised to the caller of an online request that was cancelled (by its timeout or
+    ``DELETE /v1/jobs/{id}``) before it was answered."""
 
 
 class IdempotencyKeyError(JobError):

@@ -106,8 +106,10 @@ def locate_dataset(data_dir: Path | str, path: Path | str) -> DatasetLocation:
 
     Raises:
         DatasetPathError: the path enters the data directory and leads out of it (a
-            symbolic link or ``..``), or loops. Nothing was opened.
+            symbolic link or ``..``), or loops, or holds a NUL character. Nothing was opened.
     """
+    if "\x00" in os.fspath(path):  # no file system takes it: os.lstat would raise ValueError
+        raise DatasetPathError(f"dataset {os.fspath(path)!r}: a path cannot contain a NUL character")
     root_written = os.path.abspath(data_dir)
     root, _ = _walk(root_written)
     written = os.path.normpath(os.path.join(root_written, os.fspath(path)))

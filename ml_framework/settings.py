@@ -30,7 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ml_framework import credentials
 from ml_framework.errors import SettingsError
@@ -39,11 +39,10 @@ from ml_framework.settings_sources import (
     CONFIG_ENV,
     ENV_PREFIX,
     FILE_SUFFIX,
-    SecretFilesSource,
-    YamlSource,
     file_key,
-    read_yaml,
     secret_files,
+    sources,
+    yaml_data,
 )
 from ml_framework.settings_sources import config_path as default_config_path
 
@@ -149,6 +148,9 @@ class Settings(BaseSettings):
             ``broker_url`` / ``redis_url`` / ``database_url`` (which then carry none), so that it
             can come from a file (``ML_FRAMEWORK_REDIS_PASSWORD_FILE=/run/secrets/...``).
         api_max_request_bytes: largest request body the HTTP API reads, bytes.
+        api_public_url: the HTTP API's base URL as browsers reach it (``https://mlf.example.com``,
+            a path prefix allowed); links from elsewhere (Flower's task list) to a job's page
+            are ``<api_public_url>/ui/jobs/<job id>`` (:meth:`job_page_url`). ``None``: no links.
         log_dir: directory of the rotating log file ``ml_framework.log``; default
             ``<var_dir>/logs`` (``/app/logs`` in the production image).
         log_to_file: write that file besides stdout.
@@ -228,6 +230,7 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     database_password: SecretStr | None = None
     api_max_request_bytes: PositiveInt = 16 * 2**20
+    api_public_url: str | None = None
     log_dir: Path | None = None
     log_to_file: bool = True
     log_format: Literal["text", "json"] = "text"
@@ -305,6 +308,21 @@ class Settings(BaseSettings):
                 raise ValueError("flower_basic_auth: give user:password pairs, comma-separated")
         return value
 
+    @field_validator("api_public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", value):
+            raise ValueError(f"api_public_url: give the API's base URL as browsers reach it, e.g. "
+                             f"https://mlf.example.com, not {value[:200]!r}")
+        return value.rstrip("/")
+
+    def job_page_url(self, job_id: str) -> str | None:
+        """The address of job ``job_id``'s page (``GET /ui/jobs/{id}``) under
+        ``api_public_url``, or ``None`` when that is unset."""
+        return None if self.api_public_url is None else f"{self.api_public_url}/ui/jobs/{job_id}"
+
     @model_validator(mode="before")
     @classmethod
     def _complete_urls(cls, data: Any) -> Any:
@@ -379,17 +397,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, SecretFilesSource(settings_cls), YamlSource(settings_cls))
-
     @property
     def embedded_broker(self) -> bool:
         """True when no broker URL is configured and the SQLite transport is used."""
@@ -436,7 +443,9 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
             its source (the YAML file or the environment variable).
     """
     path = config_path if config_path is not None else default_config_path()
-    data = read_yaml(path) if path is not None else {}
+    files, file_problems = secret_files(SECRET_FIELDS)
+    layers = sources(Settings, path, overrides, files)
+    data = yaml_data(layers[-1])
     fields = set(Settings.model_fields)
     problems = [f"{path}: unknown key {key!r}" for key in data if key not in fields]
     problems += [
@@ -447,13 +456,9 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         and name[len(ENV_PREFIX):].lower() not in fields
         and file_key(name) not in SECRET_FIELDS
     ]
-    files, file_problems = secret_files(SECRET_FIELDS)
     if problems or file_problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems + file_problems)
                             + (f"\n  known keys: {', '.join(sorted(fields))}" if problems else ""))
-    YamlSource.data = data
-    SecretFilesSource.data = files
-
     def source(key: str) -> str:
         if key in overrides:
             return "argument"
@@ -464,7 +469,7 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         return str(path) if key in data else "defaults"
 
     try:
-        return Settings(**overrides)
+        return Settings(_build_sources=(layers, overrides))
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -477,9 +482,6 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
                 where = "; ".join(f"{k} from {source(k)}" for k in involved) or str(path or "settings")
                 lines.append(f"{err['msg']} ({where})")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
-    finally:
-        YamlSource.data = {}
-        SecretFilesSource.data = {}
 
 
 @lru_cache(maxsize=1)

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
-from pydantic.fields import FieldInfo
-from pydantic_settings import PydanticBaseSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 from ml_framework.credentials import read_secret_file
 from ml_framework.errors import SettingsError
@@ -21,29 +26,31 @@ FILE_SUFFIX = "_FILE"
 DEFAULT_CONFIG = Path("configs/development.yaml")
 
 
-class MappingSource(PydanticBaseSettingsSource):
-    """Feeds an already-read mapping in (the YAML file; the secret files)."""
+def sources(settings_cls: type[BaseSettings], yaml_file: Path | None, overrides: dict[str, Any],
+            files: dict[str, str]) -> tuple[PydanticBaseSettingsSource, ...]:
+    """pydantic-settings' own sources, highest priority first: the arguments, the
+    environment, the secret files, the YAML file (``YamlConfigSettingsSource``).
 
-    data: ClassVar[dict[str, Any]] = {}
+    Handed to the settings class as ``_build_sources``, so the YAML path and the secret
+    files are per call, not state kept on a class.
 
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
+    Raises:
+        SettingsError: the YAML file is not valid YAML or not a mapping of setting: value.
+    """
+    try:
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{yaml_file}: not valid YAML: {exc}") from exc
+    except (AttributeError, TypeError, ValueError) as exc:  # a list or a scalar at the top
+        raise SettingsError(f"{yaml_file}: expected a mapping of setting: value") from exc
+    return (InitSettingsSource(settings_cls, init_kwargs=overrides), EnvSettingsSource(settings_cls),
+            InitSettingsSource(settings_cls, init_kwargs=files), yaml_source)
 
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
 
-
-class YamlSource(MappingSource):
-    """The YAML file, below everything else."""
-
-    data: ClassVar[dict[str, Any]] = {}
-
-
-class SecretFilesSource(MappingSource):
-    """Values read from the files named by ``ML_FRAMEWORK_<KEY>_FILE``: below the
-    environment, above the YAML file."""
-
-    data: ClassVar[dict[str, Any]] = {}
+def yaml_data(source: PydanticBaseSettingsSource) -> dict[str, Any]:
+    """The mapping the YAML source read (empty without a file)."""
+    assert isinstance(source, YamlConfigSettingsSource)
+    return source.yaml_data
 
 
 def config_path() -> Path | None:
@@ -54,18 +61,6 @@ def config_path() -> Path | None:
             raise SettingsError(f"{CONFIG_ENV}={named}: no such file")
         return path
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
-    return data
 
 
 def file_key(variable: str) -> str | None:

@@ -18,6 +18,7 @@ Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message"
 ``GET /ready``                              broker and database reachable, a worker alive
 ``GET /metrics``                            Prometheus text format
 ``GET /gpu-status``                         per-GPU telemetry from worker heartbeats
+``GET /ui/jobs``, ``/ui/jobs/{id}``         HTML job pages for a browser (:mod:`producer.ui`)
 ==========================================  ===============================================
 
 Authentication (:mod:`producer.api_auth`): every endpoint but ``/health``, ``/ready`` and
@@ -100,6 +101,7 @@ from producer.api_requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, data
 from producer.cache import ResultsCache
 from producer.client import Client
 from producer.results import encode_results
+from producer.ui import router as ui_router
 
 MAX_PAGE_ROWS = 10_000
 READY_WORKER_MAX_AGE_S = 30.0
@@ -443,6 +445,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body, content_type = render(c)
         return Response(body, media_type=content_type)
 
+    api.include_router(ui_router)  # the job pages, /ui/... (producer.ui)
     return api
 
 

@@ -9,6 +9,13 @@ against the SHA-256 digests of the configured keys in constant time; the caller 
 Roles (``api_key_roles``): ``user`` (default) sees its own jobs, the models and predict;
 ``admin`` sees every job and ``/metrics``; ``metrics`` only ``/metrics``.
 
+Browsers (the job pages, :mod:`producer.ui`): ``POST /ui/login`` with a key in the form
+body sets the :data:`UI_COOKIE` cookie, HttpOnly and SameSite=Strict, holding a session
+token (:meth:`KeyTable.session_token`: the key's name, the time it was issued and an HMAC
+keyed by the key's digest), never the key. The token is taken on GET and HEAD requests only
+(so that it reads pages and downloads results but cancels or submits nothing), for
+:data:`UI_SESSION_S`, and dies with its key.
+
 Ownership: a job belongs to the name of the key that submitted it. :func:`owned_job_id`
 resolves a job id or prefix (8 characters at least) among the caller's own jobs (every job
 for an admin) and answers 404 for anything else, the same 404 whether the job is someone
@@ -17,9 +24,12 @@ else's or does not exist. Routes taking a ``{job_id}`` depend on it (:data:`Owne
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -38,6 +48,11 @@ API_PREFIX_MIN_CHARS = 8
 list ids, and it resolves among the caller's own jobs only."""
 AUTH_OFF_WARNING = ("authentication is off (api_auth: none): every caller can submit, read and cancel every "
                     "job; set api_keys and remove api_auth: none")
+
+UI_COOKIE = "mlf_ui"
+"""Name of the browser session cookie (see the module's docstring)."""
+UI_SESSION_S = 12 * 3600
+"""How long a browser session token is taken after it was issued, seconds (a working day)."""
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ApiKey",
                        description="An API key (`api_keys`), in the X-API-Key header.")
@@ -104,6 +119,43 @@ class KeyTable:
                 found = principal
         return found
 
+    def session_token(self, principal: Principal, now_s: float | None = None) -> str:
+        """A browser session token for ``principal`` (a configured key's), issued at
+        ``now_s`` (Unix seconds; default now): ``<name, base64url>.<issued_s>.<HMAC-SHA256
+        hex>``, the HMAC keyed by the key's digest, so the token holds no key and cannot
+        be made without the configuration.
+
+        Raises:
+            KeyError: ``principal`` is no configured key's.
+        """
+        issued = int(time.time() if now_s is None else now_s)
+        digest = next((d for d, p in self._keys if p == principal), None)
+        if digest is None or principal.name is None:
+            raise KeyError("no configured key of that name")
+        name = base64.urlsafe_b64encode(principal.name.encode()).decode().rstrip("=")
+        return f"{name}.{issued}.{self._sign(digest, name, issued)}"
+
+    def lookup_session(self, token: str, now_s: float | None = None) -> Principal | None:
+        """The principal of a session token that is well-formed, signed by a configured
+        key's digest and at most :data:`UI_SESSION_S` old; else ``None``."""
+        name, _, rest = token.partition(".")
+        issued, _, mac = rest.partition(".")
+        if not issued.isdigit() or not 0 <= (time.time() if now_s is None else now_s) - int(issued) <= UI_SESSION_S:
+            return None
+        try:
+            wanted = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        found = None
+        for digest, principal in self._keys:  # every digest compared, as in lookup
+            if hmac.compare_digest(self._sign(digest, name, int(issued)), mac) and principal.name == wanted:
+                found = principal
+        return found
+
+    @staticmethod
+    def _sign(digest: bytes, name: str, issued: int) -> str:
+        return hmac.new(digest, f"mlf-ui:{name}:{issued}".encode(), hashlib.sha256).hexdigest()
+
 
 async def caller(request: Request, key: Annotated[str | None, Security(API_KEY)] = None,
                  bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> Principal:
@@ -118,6 +170,8 @@ async def caller(request: Request, key: Annotated[str | None, Security(API_KEY)]
         return ANONYMOUS
     given = key or (bearer.credentials if bearer else None)
     principal = table.lookup(given) if given else None
+    if not given and request.method in ("GET", "HEAD") and (token := request.cookies.get(UI_COOKIE)):
+        given, principal = token, table.lookup_session(token)
     if principal is None:
         log.warning("request %s: %s key from %s for %s %s", getattr(request.state, "request_id", "-"),
                     "unknown" if given else "no", request.client.host if request.client else "-",

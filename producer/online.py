@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from celery import Celery
 
-from ml_framework.errors import JobNotFoundError, JobTimeoutError
+from ml_framework.errors import JobNotFoundError, JobTimeoutError, RequestCancelledError
 from ml_framework.protocol import (
     SCORE_ONLINE_TASK,
     InlineRows,
@@ -60,11 +60,6 @@ POLL_BACKOFF = 1.5
 SUBSCRIBE_WAIT_S = 2.0
 """How long the first send waits for the announcement subscription (polls cover a miss)."""
 RECONNECT_S = (0.1, 5.0)
-
-
-class RequestCancelledError(JobTimeoutError):
-    """The online request was cancelled (by a timeout or ``DELETE /v1/jobs/{id}``) before
-    it was answered."""
 
 
 @dataclass

@@ -11,12 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ml_framework.errors import BatchContractError
 from ml_framework.manifest import OutputSpec
 from ml_framework.store.outputs import ROW, column
-
-
-class BatchContractError(RuntimeError):
-    """Raised when a model returns a number or shape of outputs its manifest does not allow."""
 
 
 def non_finite(values: np.ndarray) -> str:

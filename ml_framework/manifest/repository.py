@@ -185,14 +185,6 @@ class ModelRepository:
             )
         return manifest
 
-    def check_artifact(self, manifest: ModelManifest) -> None:
-        """:func:`check_artifact` for a manifest of this repository (e.g. at submit time).
-
-        Raises:
-            ManifestError: the artifact is missing or of another framework.
-        """
-        check_artifact(manifest, self.version_dir(manifest.name, manifest.version))
-
     def list(self) -> list[ModelManifest]:
         """Every valid manifest in the repository (invalid ones are skipped)."""
         out = []

@@ -406,14 +406,35 @@ class ResultStore:
             row = conn.execute(select(JobRow.__table__).where(JobRow.id == job_id)).one_or_none()
         if row is None:
             raise JobNotFoundError(f"no job {job_id!r} in results store {self.engine.url!r}")
-        return JobStatus(
-            job_id=row.id, model=row.model, model_version=row.model_version, dataset=row.dataset,
-            state=JobState(row.state), n_rows=row.n_rows, n_shards=row.n_shards,
-            shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
-            batch_size=row.batch_size, created_at=_aware(row.created_at),
-            started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
-            oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s, owner=row.owner,
-        )
+        return _job_status(row)
+
+    def recent_jobs(self, limit: int = 50, *, owned_by: str | None = None) -> list[JobStatus]:
+        """The jobs a job list shows: those still open (PENDING, RUNNING), newest first,
+        then the most recently ended, ``limit`` in all. Each query walks an index (state,
+        finished_at), so the cost does not grow with the jobs the store holds.
+
+        Args:
+            limit: most jobs returned.
+            owned_by: only the jobs of this API key name; ``None``: every job.
+        """
+        jobs = select(JobRow.__table__)
+        if owned_by is not None:
+            jobs = jobs.where(JobRow.owner == owned_by)
+        with self._read() as conn:
+            rows = conn.execute(jobs.where(JobRow.state.in_(_OPEN_JOB))
+                                .order_by(JobRow.created_at.desc()).limit(limit)).all()
+            if len(rows) < limit:
+                rows += conn.execute(jobs.where(JobRow.finished_at.is_not(None), JobRow.state.not_in(_OPEN_JOB))
+                                     .order_by(JobRow.finished_at.desc()).limit(limit - len(rows))).all()
+        return [_job_status(r) for r in rows]
+
+    def row_errors(self, job_id: str, limit: int = 10) -> list[RowError]:
+        """The first ``limit`` row errors of a job, by row (an index range of the primary
+        key: cheap however many rows failed). Empty for an unknown job."""
+        query = (select(RowErrorRow.row_index, RowErrorRow.message, RowErrorRow.field)
+                 .where(RowErrorRow.job_id == job_id).order_by(RowErrorRow.row_index).limit(limit))
+        with self._read() as conn:
+            return [RowError(row, message, field_) for row, message, field_ in conn.execute(query)]
 
     def resolve_job_id(self, id_or_prefix: str, *, owned_by: str | None = None, min_prefix: int = 4) -> str:
         """The full id of the one job whose id is, or starts with, ``id_or_prefix``.
@@ -891,6 +912,18 @@ class ResultStore:
             conn.execute(delete(WorkerRow).where(WorkerRow.hostname == hostname))
 
 
+def _job_status(row) -> JobStatus:
+    """A :class:`JobStatus` from a row of the ``jobs`` table."""
+    return JobStatus(
+        job_id=row.id, model=row.model, model_version=row.model_version, dataset=row.dataset,
+        state=JobState(row.state), n_rows=row.n_rows, n_shards=row.n_shards,
+        shards_done=row.shards_done, rows_ok=row.rows_ok, rows_failed=row.rows_failed,
+        batch_size=row.batch_size, created_at=_aware(row.created_at),
+        started_at=_aware(row.started_at), finished_at=_aware(row.finished_at),
+        oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s, owner=row.owner,
+    )
+
+
 @dataclass
 class ShardOutcomeRecord:
     """What :meth:`ResultStore.record_online` writes for one shard (see
@@ -1009,7 +1042,7 @@ def results_frame(outputs: pa.Table | Sequence[tuple[int, dict | str]] | None,
 
     Args:
         outputs: the output table (``row`` first, see :mod:`ml_framework.store.outputs`),
-            or ``(row_index, output)`` pairs (a dict or its JSON text), or ``None``.
+            or ``(row_index, output)`` pairs (a dict each), or ``None``.
         errors: ``(row_index, field, message)`` triples.
 
     Returns:

@@ -37,18 +37,18 @@ def _text(values: Sequence) -> pa.Array:
     return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
-def outputs_table(pairs: Sequence[tuple[int, dict | str]]) -> pa.Table:
+def outputs_table(pairs: Sequence[tuple[int, dict]]) -> pa.Table:
     """Outputs given row by row, as one table.
 
     Args:
         pairs: ``(row_index, output)`` where ``output`` is a dict of output keys to
-            JSON-ready values, or its JSON text.
+            JSON-ready values.
 
     Returns:
         A table with ``row`` (``int64``) first, then one column per output key (in order
         of first appearance; ``null`` where a row lacks it).
     """
-    records = [json.loads(o) if isinstance(o, str) else o for _, o in pairs]
+    records = [o for _, o in pairs]
     keys = list(dict.fromkeys(k for rec in records for k in rec))
     columns = {ROW: pa.array([r for r, _ in pairs], pa.int64())}
     for k in keys:
@@ -56,7 +56,7 @@ def outputs_table(pairs: Sequence[tuple[int, dict | str]]) -> pa.Table:
     return pa.table(columns)
 
 
-def as_table(outputs: pa.Table | Sequence[tuple[int, dict | str]]) -> pa.Table:
+def as_table(outputs: pa.Table | Sequence[tuple[int, dict]]) -> pa.Table:
     """``outputs`` as a table (see :func:`outputs_table`); a table is returned as is."""
     return outputs if isinstance(outputs, pa.Table) else outputs_table(list(outputs))
 
@@ -108,11 +108,3 @@ def to_columns(table: pa.Table | None) -> dict[str, list]:
     if table is None:
         return {}
     return {name: table.column(name).to_pylist() for name in table.column_names if name != ROW}
-
-
-def to_pairs(table: pa.Table | None) -> list[tuple[int, dict]]:
-    """``(row_index, output)`` pairs of ``table``, the inverse of :func:`outputs_table`
-    (keys whose value is null on a row are left out)."""
-    if table is None:
-        return []
-    return [(rec.pop(ROW), {k: v for k, v in rec.items() if v is not None}) for rec in table.to_pylist()]

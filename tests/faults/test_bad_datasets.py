@@ -34,7 +34,6 @@ from ml_framework.errors import (
 from ml_framework.manifest import InputSpec, Preprocessing
 from ml_framework.protocol import DatasetRef, InlineRows, ScoreShard
 from ml_framework.settings import load_settings
-from ml_framework.store.outputs import to_pairs
 from producer.client import Client
 from producer.datasets import plan_sources, resolve_columns
 from tests.conversion import to_inputs
@@ -103,7 +102,7 @@ def score(settings, runtime, path: Path) -> tuple[dict[int, dict], dict[int, tup
         msg = ScoreShard(job_id="j", shard_index=index, model=runtime.manifest.name, version=1, batch_size=3,
                          columns=columns, source=source)
         outcome = score_table(runtime, load_table(settings, msg), columns, source.row_start, 3)
-        outputs.update(to_pairs(outcome.outputs))
+        outputs.update((rec.pop("row"), rec) for rec in outcome.outputs.to_pylist())
         errors.update({e.row_index: (e.field, e.message) for e in outcome.errors})
     assert sorted([*outputs, *errors]) == list(range(info.n_rows))
     return outputs, errors

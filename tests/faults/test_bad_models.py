@@ -20,10 +20,9 @@ import pytest
 import yaml
 
 from ml_framework.errors import ManifestError
-from ml_framework.manifest import MANIFEST_FILE, ModelRepository
+from ml_framework.manifest import MANIFEST_FILE, ModelRepository, check_artifact
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
-from ml_framework.store.outputs import to_pairs
 from producer.client import Client
 from tests import fault_models as fm
 from worker.export import export_sklearn, export_torch
@@ -149,8 +148,9 @@ def test_a_missing_artifact_is_refused_naming_the_field(repo, artifact):
     with pytest.raises(ManifestError, match=rf"^{path}: artifact: '{name}' not found in {path.parent}"):
         ModelRegistry(repo, threads=1).get("no-artifact")
     repository = ModelRepository(repo)
+    manifest = repository.resolve("no-artifact")
     with pytest.raises(ManifestError, match="artifact: .* not found"):
-        repository.check_artifact(repository.resolve("no-artifact"))
+        check_artifact(manifest, repository.version_dir(manifest.name, manifest.version))
 
 
 @pytest.mark.parametrize(("source", "inputs", "field", "ours", "theirs"), [
@@ -240,8 +240,8 @@ def test_nan_outputs_become_row_errors_naming_the_row(repo):
     assert [(e.row_index, e.message) for e in outcome.errors] == [
         (3, "row 3: model returned a non-finite output (NaN)"),
         (7, "row 7: model returned a non-finite output (NaN)")]
-    assert [r for r, _ in to_pairs(outcome.outputs)] == [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]
-    assert all(np.isfinite(rec["probabilities"]).all() for _, rec in to_pairs(outcome.outputs))
+    assert outcome.outputs.column("row").to_pylist() == [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]
+    assert all(np.isfinite(p).all() for p in outcome.outputs.column("probabilities").to_pylist())
 
 
 @pytest.mark.integration

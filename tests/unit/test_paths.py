@@ -119,3 +119,13 @@ def test_nothing_is_opened_to_decide(tree):
         os.close(os.open(p, os.O_RDONLY | os.O_NONBLOCK))
     for t in threads:
         t.join(5)
+
+
+@pytest.mark.parametrize("path", ["a\x00b.csv", "sub/\x00"])
+def test_a_nul_character_in_a_path_is_a_dataset_path_error(tmp_path, path):
+    """A NUL byte (which the HTTP API's schema test generated) is refused as a path
+    error, not a ValueError from ``os.lstat`` that became a 500."""
+    with pytest.raises(DatasetPathError, match="NUL character"):
+        locate_dataset(tmp_path, path)
+    with pytest.raises(DatasetPathError, match="NUL character"):
+        resolve_under(tmp_path, path)

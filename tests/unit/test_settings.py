@@ -123,3 +123,26 @@ def test_redis_url_is_the_broker_and_the_cache():
     assert load_settings(redis_url="redis://r:6379/0", broker_url="amqp://guest@rabbit//").broker_url.startswith("amqp")
     with pytest.raises(SettingsError, match="cache_backend: redis needs redis_url"):
         load_settings(cache_backend="redis")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- a\n- b\n", "expected a mapping of setting: value"),
+    ("just words\n", "expected a mapping of setting: value"),
+    ("shard_size: [\n", "not valid YAML"),
+])
+def test_a_yaml_file_that_is_not_a_mapping_is_refused_by_name(tmp_path, text, message):
+    cfg = write(tmp_path / "odd.yaml", text)
+    with pytest.raises(SettingsError, match=rf"odd\.yaml: {message}"):
+        load_settings(cfg)
+
+
+def test_settings_loaded_at_once_from_two_files_do_not_mix(tmp_path):
+    """The YAML file is a per-call source (pydantic-settings' ``YamlConfigSettingsSource``),
+    not data set on a class around construction, so threads loading different files at
+    the same time each get their own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [write(tmp_path / f"c{n}.yaml", f"shard_size: {100 + n}\n") for n in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(lambda n: load_settings(files[n % 8]).shard_size, range(400)))
+    assert sizes == [100 + n % 8 for n in range(400)]

@@ -20,7 +20,6 @@ from ml_framework.store import (
     ShardOutcomeRecord,
     results_frame,
 )
-from ml_framework.store.outputs import to_pairs
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -303,7 +302,7 @@ def test_finished_returns_ended_jobs_with_their_rows_only(store):
     assert list(found) == [done]
     state, outputs, errors = found[done]
     assert state is JobState.PARTIAL
-    assert to_pairs(outputs) == [(1, {"p": 7})] and errors == [(0, "x", "row 0: bad")]
+    assert outputs.to_pylist() == [{"row": 1, "p": 7}] and errors == [(0, "x", "row 0: bad")]
     frame = results_frame(outputs, errors)
     assert frame.index.tolist() == [0, 1]
     assert frame["error"].tolist() == ["row 0: bad", None] and frame["error_field"].tolist() == ["x", None]
@@ -316,7 +315,7 @@ def test_a_big_online_batch_spans_several_in_lists(store):
     assert all(store.record_online([ShardOutcomeRecord(j, 0, [(0, {"p": i})], []) for i, j in enumerate(jobs)], "w"))
     found = store.finished(jobs)
     assert len(found) == 1200 and {s for s, _, _ in found.values()} == {JobState.SUCCEEDED}
-    assert [to_pairs(found[j][1])[0][1]["p"] for j in jobs] == list(range(1200))
+    assert [found[j][1].column("p")[0].as_py() for j in jobs] == list(range(1200))
 
 
 def test_cancel_while_a_worker_records_the_same_job_does_not_deadlock(store, monkeypatch):

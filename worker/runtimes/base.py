@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ml_framework.errors import BatchContractError
 from ml_framework.manifest import ModelManifest
-from worker.outputs import BatchContractError
 from worker.runtimes.batching import Batcher, BatchRun
 
 __all__ = ["BatchContractError", "BatchRun", "Runtime", "Signature"]

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from ml_framework.errors import BatchContractError
 from worker import metrics
-from worker.outputs import BatchContractError
 
 if TYPE_CHECKING:
     from worker.runtimes.base import Runtime
