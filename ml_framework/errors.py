@@ -16,8 +16,10 @@ Hierarchy::
     │   └── DatasetSchemaError   columns the model needs are missing
     ├── JobError
     │   ├── JobNotFoundError     no job with that id in the results store
-    │   └── JobTimeoutError      ``Job.wait`` ran out of time
-    │       └── RequestCancelledError  an online request was cancelled before its answer
+    │   ├── JobTimeoutError      ``Job.wait`` ran out of time
+    │   │   └── RequestCancelledError  an online request was cancelled before its answer
+    │   └── IdempotencyKeyError  a malformed idempotency key
+    │       └── IdempotencyKeyReusedError  the key was used for a different request
     ├── StoreError               the results database refused an operation
     │   └── StoreUnavailableError    the results database cannot be reached (retry later)
     └── BrokerError              the message broker refused an operation
@@ -110,6 +112,25 @@ class JobTimeoutError(JobError):
 class RequestCancelledError(JobTimeoutError):
     """Raised to the caller of an online request that was cancelled (by its timeout or
     ``DELETE /v1/jobs/{id}``) before it was answered."""
+
+
+class IdempotencyKeyError(JobError):
+    """Raised when an idempotency key (``Idempotency-Key``, ``idempotency_key=``,
+    ``--idempotency-key``) is empty, too long or holds characters other than printable ASCII."""
+
+
+class IdempotencyKeyReusedError(IdempotencyKeyError):
+    """Raised when an idempotency key already named a different submission (another
+    dataset, model, rows or option) from the same owner within ``idempotency_window``:
+    nothing new is recorded or sent.
+
+    Attributes:
+        job_id: the job the key names.
+    """
+
+    def __init__(self, message: str, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class StoreError(MLFrameworkError):

@@ -32,7 +32,7 @@ MAX_LINKS = 40
 """Symbolic links followed on one path before giving up: Linux's MAXSYMLINKS
 (``include/linux/namei.h``), past which ``open`` fails with ELOOP."""
 
-__all__ = ["DatasetLocation", "locate_dataset", "resolve_under"]
+__all__ = ["DatasetLocation", "exists", "locate_dataset", "resolve_under", "suggest_under"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +144,39 @@ def resolve_under(data_dir: Path | str, path: Path | str) -> Path:
         raise DatasetPathError(f"dataset {os.fspath(path)!r} leaves the data directory (it lies outside "
                                "it); refused without reading it")
     return location.path
+
+
+def exists(path: Path) -> bool:
+    """Whether ``path`` exists; ``False`` also where the system cannot tell (a name too
+    long, a directory on the way not searchable)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def suggest_under(data_dir: Path | str, path: Path | str) -> str | None:
+    """What a caller of the HTTP API probably meant by ``path``, which names nothing under
+    ``data_dir``: the longest tail of it that does (``data/digits.csv`` given the CLI's
+    habit, or a path on the caller's own machine, ``/home/me/proj/data/digits.csv``, both
+    give ``digits.csv``).
+
+    Args:
+        data_dir: the data directory.
+        path: the path as the caller gave it.
+
+    Returns:
+        That tail, relative to ``data_dir`` as POSIX text, or ``None`` when no tail of
+        ``path`` exists under ``data_dir`` (by the module's rule: a tail that leaves the
+        data directory is never suggested).
+    """
+    parts = [p for p in PurePosixPath(os.fspath(path)).parts if p not in ("/", ".", "..")]
+    for start in range(len(parts)):
+        tail = PurePosixPath(*parts[start:])
+        try:
+            location = locate_dataset(data_dir, tail)
+        except DatasetPathError:
+            continue
+        if location.relative is not None and exists(location.path) and str(tail) != os.fspath(path):
+            return str(tail)
+    return None

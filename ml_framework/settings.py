@@ -190,6 +190,10 @@ class Settings(BaseSettings):
             ``none`` keeps them.
         deleted_job_retention: how long the tombstone of a deleted job (its id and owner)
             is kept, so that deleting it again answers the same; default ``30d``.
+        idempotency_window: how long an idempotency key (HTTP ``Idempotency-Key``,
+            ``idempotency_key=``, ``mlf score --idempotency-key``) names the job it first
+            submitted: a repeat from the same owner within it returns that job instead of
+            submitting another; default ``24h``; ``none``: as long as the job is kept.
         prune_interval_s: how often ``mlf worker`` runs the pruning pass, seconds (one host
             at a time: a database lock); 0: never.
         max_message_bytes: the largest message a producer sends, bytes (an inline shard
@@ -245,18 +249,21 @@ class Settings(BaseSettings):
     results_retention: timedelta | None = None
     worker_heartbeat_retention: timedelta | None = timedelta(days=7)
     deleted_job_retention: timedelta | None = timedelta(days=30)
+    idempotency_window: timedelta | None = timedelta(hours=24)
     prune_interval_s: float = Field(default=600.0, ge=0)
 
-    @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention", mode="before")
+    @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention",
+                     "idempotency_window", mode="before")
     @classmethod
     def _parse_duration(cls, value: Any) -> timedelta | None:
         return parse_duration(value)
 
-    @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention")
+    @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention",
+                     "idempotency_window")
     @classmethod
     def _check_duration(cls, value: timedelta | None) -> timedelta | None:
         if value is not None and value.total_seconds() < 0:
-            raise ValueError("a retention cannot be negative")
+            raise ValueError("a duration cannot be negative")
         return value
 
     @property

@@ -4,7 +4,8 @@ Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message"
 
 ==========================================  ===============================================
 ``POST /v1/jobs``                           submit a job: a dataset under the data directory,
-                                            or inline ``rows``; 202 with the job's status
+                                            or inline ``rows``; 202 with the job's status (200
+                                            with the same job for a repeated ``Idempotency-Key``)
 ``GET /v1/jobs/{id}``                       state and progress (id or unique 8+ character prefix)
 ``GET /v1/jobs/{id}/results``               a page of rows (``offset``, ``limit``), or the
                                             whole result as ``?format=csv`` / ``parquet``
@@ -30,7 +31,17 @@ Errors (:mod:`producer.api_errors`) name no server path or URL; each response ca
 ``X-Request-ID``, and error bodies the same ``request_id``, under which the log has the
 detail. Bodies larger than ``api_max_request_bytes`` are refused with 413; bodies are
 parsed off the event loop (:mod:`producer.api_bodies`), so ``/health`` answers while
-large requests are in flight.
+large requests are in flight. A JSON route's body sent with another ``Content-Type`` (curl's
+default ``application/x-www-form-urlencoded``) is answered 415 "send the body as JSON".
+Dataset paths are relative to the data directory; one that misses is answered with the path
+under it that exists, when some tail of it does (``data/digits.csv``: "did you mean
+'digits.csv'?").
+
+Idempotency (:mod:`ml_framework.store.idempotency`): ``POST /v1/jobs`` takes an
+``Idempotency-Key`` header (IETF draft-ietf-httpapi-idempotency-key-header): a repeat with
+the key and the same body from the same API key within ``idempotency_window`` answers 200
+with the job the key submitted (``Idempotent-Replayed: true``), the key with another body
+422. The online ``predict`` route takes no key: it answers synchronously, a few rows.
 
 Changed in 0.2: ``DELETE /v1/jobs/{id}`` deletes the job and its results; it used to cancel,
 which is now ``POST /v1/jobs/{id}/cancel``. Deleting is idempotent: 204 the first time and
@@ -52,17 +63,15 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from datetime import UTC, datetime
-from email.message import Message
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from ml_framework.errors import ModelNotFoundError, StoreUnavailableError
 from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
-from ml_framework.paths import resolve_under
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobStatus
 from producer.api_auth import DeletableJobId, KeyTable, MetricsReader, OwnedJobId, User
@@ -82,10 +91,13 @@ from producer.api_errors import (
     RequestIdMiddleware,
     RequestTooLargeError,
     install_error_handlers,
+    is_json,
     problem,
     public,
     scrub,
+    send_json,
 )
+from producer.api_requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, dataset_under, sf_string
 from producer.cache import ResultsCache
 from producer.client import Client
 from producer.results import encode_results
@@ -211,11 +223,9 @@ def json_body(kind: str):
     read with the size limit and parsed off the event loop."""
 
     async def parsed(request: Request) -> ParsedBody:
-        content_type = Message()
-        content_type["content-type"] = request.headers.get("content-type", "application/json")
-        subtype = content_type.get_content_subtype()
-        if content_type.get_content_maintype() != "application" or not (subtype == "json" or subtype.endswith("+json")):
-            raise BodyInvalidError([(("body",), "expected Content-Type: application/json")])
+        content_type = request.headers.get("content-type")
+        if not is_json(content_type):
+            raise send_json(content_type)
         raw = await _read_body(request, request.app.state.client.settings.api_max_request_bytes)
         if not raw:
             raise BodyInvalidError([(("body",), "Field required")])
@@ -269,32 +279,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "**Changed:** `DELETE /v1/jobs/{job_id}` now deletes a job and its results (idempotent: 204 "
                     "again for the key that owned it); cancelling is `POST /v1/jobs/{job_id}/cancel`. Finished "
                     "jobs are deleted `results_retention` after they ended (if set).",
-        responses={code: {"model": ApiError} for code in (400, 401, 403, 404, 409, 413, 422, 500, 503)},
+        responses={code: {"model": ApiError} for code in (400, 401, 403, 404, 409, 413, 415, 422, 500, 503)},
     )
     api.add_middleware(RequestIdMiddleware)
     install_error_handlers(api)
     default_openapi = api.openapi
     api.openapi = lambda: api.openapi_schema or add_body_schemas(default_openapi())  # type: ignore[method-assign]
 
-    @api.post("/v1/jobs", status_code=202, response_model=JobOut, tags=["jobs"], openapi_extra=openapi_body("job"))
+    @api.post("/v1/jobs", status_code=202, response_model=JobOut, tags=["jobs"], openapi_extra=openapi_body("job"),
+              responses={200: {"model": JobOut, "description": "Repeated with an Idempotency-Key: the key's job, "
+                                                               "submitted before (header Idempotent-Replayed: true)."}})
     def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("job"))], c: ClientDep,
-                   request: Request) -> JobOut:  # the caller first: no body is read for an unknown one
+                   request: Request, response: Response,
+                   idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description=IDEMPOTENCY_DOC,
+                                                                 pattern=IDEMPOTENCY_KEY_PATTERN)]
+                   = None) -> JobOut:  # the caller first: no body is read for an unknown one
         """Submit a scoring job over a dataset file under the data directory, or inline rows
-        (``DatasetJobRequest`` or ``RowsJobRequest``)."""
+        (``DatasetJobRequest`` or ``RowsJobRequest``). With an ``Idempotency-Key``, a repeat
+        answers 200 with the job the key submitted; the same key with a different body, 422."""
         body = parsed.request
+        key = None if idempotency_key is None else sf_string(idempotency_key)
         with _model_named(body.model, body.version):
             if isinstance(body, DatasetJobRequest):
-                path = resolve_under(c.settings.data_dir, body.dataset)
+                path = dataset_under(c.settings.data_dir, body.dataset)
                 job = c.score_dataset(path, body.model, body.version, body.batch_size, body.columns, body.priority,
-                                      owner=caller.name)
+                                      owner=caller.name, idempotency_key=key)
             else:
                 assert isinstance(body, JobFields)
                 rows = parsed.table(lambda: c.repository.resolve(body.model, body.version))
                 with request.app.state.large_submissions if rows.nbytes > INLINE_PARSE_BYTES else nullcontext():
                     job = c.score_rows(rows, body.model, body.version, body.batch_size, body.columns,
-                                       priority=body.priority, owner=caller.name)
-        log.info("request %s: job %s submitted by %s (model %s)", request.state.request_id, job.id,
-                 caller.name or "-", body.model)
+                                       priority=body.priority, owner=caller.name, idempotency_key=key)
+        if job.replayed:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
+        log.info("request %s: job %s %s by %s (model %s)", request.state.request_id, job.id,
+                 "found by its idempotency key" if job.replayed else "submitted", caller.name or "-", body.model)
         return JobOut.of(job.status(), c.settings)
 
     @api.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses={404: {"model": ApiError}})

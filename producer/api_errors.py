@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from email.message import EmailMessage
 from pathlib import Path
 from typing import TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +28,7 @@ from ml_framework.errors import (
     BrokerUnavailableError,
     DatasetError,
     DatasetNotFoundError,
+    IdempotencyKeyReusedError,
     JobNotFoundError,
     JobTimeoutError,
     ManifestError,
@@ -60,13 +63,20 @@ class RequestTooLargeError(MLFrameworkError):
     """Raised when a request body is over ``api_max_request_bytes`` (413)."""
 
 
+class UnsupportedMediaTypeError(MLFrameworkError):
+    """Raised when a JSON route gets a body of another type, e.g. curl's default
+    ``application/x-www-form-urlencoded`` (415)."""
+
+
 class ParserUnavailableError(MLFrameworkError):
     """Raised when the process parsing a request body died, e.g. killed for memory (503)."""
 
 
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
-    (UnauthorizedError, 401), (ForbiddenError, 403), (RequestTooLargeError, 413), (ParserUnavailableError, 503), (JobNotFoundError, 404), (ModelNotFoundError, 404),
+    (UnauthorizedError, 401), (ForbiddenError, 403), (RequestTooLargeError, 413),
+    (UnsupportedMediaTypeError, 415), (ParserUnavailableError, 503), (JobNotFoundError, 404), (ModelNotFoundError, 404),
     (DatasetNotFoundError, 404), (JobTimeoutError, 504), (ManifestError, 409), (DatasetError, 422),
+    (IdempotencyKeyReusedError, 422),
     (StoreUnavailableError, 503),
     (BrokerUnavailableError, 503),
     (MLFrameworkError, 400),
@@ -90,6 +100,32 @@ def public(exc: E) -> E:
     sent), so that it is answered as it is; returns ``exc``."""
     exc.public_message = str(exc)  # type: ignore[attr-defined]
     return exc
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` header names JSON (``application/json``, ``application/*+json``,
+    parameters allowed); a request without one is taken as JSON."""
+    if content_type is None:
+        return True
+    header = EmailMessage()
+    header["content-type"] = content_type
+    subtype = header.get_content_subtype()
+    return header.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def send_json(content_type: str | None) -> UnsupportedMediaTypeError:
+    """The error answering a JSON route's body of type ``content_type``."""
+    return public(UnsupportedMediaTypeError(
+        f"send the body as JSON with Content-Type: application/json (got {(content_type or '')[:100]!r}; "
+        "curl sends application/x-www-form-urlencoded unless told -H 'Content-Type: application/json', "
+        "or use --json)"))
+
+
+def _expects_json(request: Request) -> bool:
+    """Whether the request's route takes a JSON body that FastAPI parses itself (not a form)."""
+    route = request.scope.get("route")
+    body = getattr(route, "body_field", None) if isinstance(route, APIRoute) else None
+    return body is not None and not isinstance(getattr(body, "field_info", None), params.Form)
 
 
 def request_id(request: Request) -> str:
@@ -126,8 +162,8 @@ def scrub(message: str, roots: list[Path]) -> str:
     """``message`` without server locations: each of ``roots`` (the data directory first,
     so that a dataset stays named as the caller gave it) removed from the paths under it,
     then URLs as ``<url>`` and other absolute paths as ``<path>``."""
-    for root in roots:
-        for form in {str(root), str(root.resolve())}:
+    for root in roots:  # absolute forms only: a relative root ("data") would eat the caller's own "data/"
+        for form in {str(root.absolute()), str(root.resolve())}:
             message = message.replace(form.rstrip("/") + "/", "")
     message = _URL.sub("<url>", message)
     message = _ABS_PATH.sub("<path>", message)
@@ -161,8 +197,9 @@ def install_error_handlers(api: FastAPI) -> None:
     """Register the handlers that turn every error into :func:`error_response` and log it."""
 
     def roots(request: Request) -> list[Path]:
-        cfg = request.app.state.client.settings
-        return [cfg.data_dir, cfg.models_dir, cfg.var_dir, Path.cwd()]
+        client = getattr(request.app.state, "client", None)  # None: an app (or test app) without one
+        cfg = client.settings if client is not None else None
+        return [*((cfg.data_dir, cfg.models_dir, cfg.var_dir) if cfg else ()), Path.cwd()]
 
     @api.exception_handler(MLFrameworkError)
     async def framework_error(request: Request, exc: MLFrameworkError) -> JSONResponse:
@@ -179,6 +216,9 @@ def install_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type")
+        if not is_json(content_type) and _expects_json(request):  # FastAPI's "a valid dictionary" otherwise
+            return await framework_error(request, send_json(content_type))
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:20]]
         return error_response(request, 422, "ValidationError", scrub("; ".join(parts), []))
 

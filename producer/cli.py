@@ -84,6 +84,9 @@ def score(
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
     priority: Annotated[int, typer.Option(min=MIN_PRIORITY, max=MAX_PRIORITY,
                                           help="0 (default) to 9 (most urgent): shards of higher-priority jobs go first.")] = 0,
+    idempotency_key: Annotated[str | None, typer.Option(
+        help="Makes a retry safe: the same command with the same key within idempotency_window (default 24h) "
+             "prints the job it submitted instead of submitting another (e.g. a UUID).")] = None,
 ) -> None:
     """Submit a bulk-scoring job; prints the job id (and waits with --wait / -o)."""
     if output is not None:
@@ -95,7 +98,8 @@ def score(
         with client() as c:
             say(where_line(c.settings), console=err)
             job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
-                                  columns=columns.split(",") if columns else None, priority=priority)
+                                  columns=columns.split(",") if columns else None, priority=priority,
+                                  idempotency_key=idempotency_key)
             warning = None if job.status().state.terminal else c.worker_warning()  # a job without rows is done
             if not (wait or output):
                 if warning:

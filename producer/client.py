@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -38,6 +39,7 @@ from ml_framework.protocol import (
 )
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, NewJob, PruneReport, ResultStore, WorkerInfo
+from ml_framework.store.idempotency import Idempotency, check_key, request_hash
 from ml_framework.store.outputs import output_schema
 from producer.datasets import inspect, plan_sources, resolve_columns
 from producer.online import OnlineDispatcher, OnlineRequest
@@ -69,11 +71,14 @@ class Job:
 
     Attributes:
         id: the job id (32 hex characters).
+        replayed: ``True`` when a submission with an idempotency key found this job,
+            submitted before with that key, instead of submitting a new one.
     """
 
-    def __init__(self, client: Client, job_id: str) -> None:
+    def __init__(self, client: Client, job_id: str, *, replayed: bool = False) -> None:
         self.client = client
         self.id = job_id
+        self.replayed = replayed
         self._answer: Future | None = None  # set for online requests sent by this client
 
     def __repr__(self) -> str:
@@ -269,6 +274,7 @@ class Client:
         priority: int = 0,
         *,
         owner: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
         """Submit a bulk-scoring job over a CSV or Parquet file.
 
@@ -286,12 +292,20 @@ class Client:
                 higher-priority bulk job before those of lower ones already queued (online
                 requests still come first). See :func:`~ml_framework.celery_app.message_priority`.
             owner: name of the API key submitting the job (the HTTP API sets it).
+            idempotency_key: makes a retry safe: a submission with the key and the same
+                request (path, model and options) from the same owner within
+                ``settings.idempotency_window`` returns the job the key first submitted
+                (``job.replayed`` is ``True``; nothing is read or sent again). 1 to 255
+                printable ASCII characters; a UUID is a good one.
 
         Returns:
             The new :class:`Job` (state PENDING; SUCCEEDED at once when the dataset has
-            no rows: its results are empty, with the model's output columns).
+            no rows: its results are empty, with the model's output columns), or the
+            key's job.
 
         Raises:
+            IdempotencyKeyError: a malformed key.
+            IdempotencyKeyReusedError: the key names a job submitted with another request.
             ValueError: ``batch_size`` or ``priority`` out of range.
             ModelNotFoundError: unknown model or version.
             DatasetPathError: the path enters the data directory and leads out of it (a
@@ -303,13 +317,19 @@ class Client:
                 (the broker went away mid-send) the job named by its ``job_id`` was cancelled.
         """
         check_priority(priority)
+        location = locate_dataset(self.settings.data_dir, Path(path).absolute())
+        key = self._idempotency(idempotency_key, owner, dataset=str(location.relative or location.path),
+                                model=model, version=version, batch_size=batch_size, columns=columns,
+                                priority=priority)
+        if key is not None and (existing := self.store.idempotent_job(key)) is not None:
+            return Job(self, existing, replayed=True)
         manifest, batch = self._check(model, version, batch_size)
-        info = inspect(locate_dataset(self.settings.data_dir, Path(path).absolute()).path)
+        info = inspect(location.path)
         use_columns = resolve_columns(info, manifest, columns)
         ranges = shard_ranges(info.n_rows, self.settings.shard_size)
         sources = plan_sources(info, ranges, use_columns, self.settings.data_dir)
         return self._submit(manifest, str(info.path), info.n_rows, ranges, use_columns, sources, batch,
-                            priority=priority, owner=owner)
+                            priority=priority, owner=owner, idempotency=key)
 
     def score_rows(
         self,
@@ -321,6 +341,7 @@ class Client:
         priority: int = 0,
         *,
         owner: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
 
@@ -333,21 +354,42 @@ class Client:
                 numbers become row errors on the worker, naming the row and field; they do
                 not fail the job.
             model, version, batch_size, columns, priority, owner: as :meth:`score_dataset`.
+            idempotency_key: as :meth:`score_dataset`; the request compared is the rows
+                as they would be sent (their values and column order) and the options.
 
         Returns:
-            The new :class:`Job`; its rows are numbered from 0 in the order given (no
-            rows: a job SUCCEEDED at once, as :meth:`score_dataset`).
+            The new :class:`Job` (or the key's job); its rows are numbered from 0 in the
+            order given (no rows: a job SUCCEEDED at once, as :meth:`score_dataset`).
 
         Raises:
             DatasetSchemaError: missing columns, an array of the wrong width or shape, or
                 a column whose type can never feed the model.
-            ModelNotFoundError, ValueError, BrokerUnavailableError: as :meth:`score_dataset`.
+            ModelNotFoundError, ValueError, BrokerUnavailableError, IdempotencyKeyError:
+                as :meth:`score_dataset`.
         """
         check_priority(priority)
+        if idempotency_key is not None:
+            check_key(idempotency_key)
         manifest, batch, use_columns, ranges, sources = self._plan_rows(rows, model, version, batch_size, columns)
+        digest = hashlib.sha256()
+        for source in sources if idempotency_key is not None else ():
+            digest.update(f"{source.row_start}:{source.row_end}:".encode())
+            digest.update(source.data_b64.encode())
+        key = self._idempotency(idempotency_key, owner, rows=digest.hexdigest(), model=model, version=version,
+                                batch_size=batch_size, columns=columns, priority=priority)
+        if key is not None and (existing := self.store.idempotent_job(key)) is not None:
+            return Job(self, existing, replayed=True)
         n_rows = ranges[-1][1] if ranges else 0
         return self._submit(manifest, f"<{n_rows} inline rows>", n_rows, ranges, use_columns,
-                            sources, batch, priority, owner)
+                            sources, batch, priority, owner, idempotency=key)
+
+    def _idempotency(self, key: str | None, owner: str | None, **request: object) -> Idempotency | None:
+        """The :class:`Idempotency` of a submission of ``request`` with ``key`` (``None``
+        without a key). Raises ``IdempotencyKeyError`` for a malformed key."""
+        if key is None:
+            return None
+        request["columns"] = list(request["columns"]) if request.get("columns") is not None else None
+        return Idempotency(check_key(key), request_hash(request), owner, self.settings.idempotency_window)
 
     def _plan_rows(self, rows: RowsLike, model: str, version: int | None, batch_size: int | None,
                    columns: Sequence[str] | None) -> tuple[ModelManifest, int, list[str], list, list[InlineRows]]:
@@ -532,9 +574,13 @@ class Client:
         batch: int,
         priority: int = 0,
         owner: str | None = None,
+        idempotency: Idempotency | None = None,
     ) -> Job:
         """Connect to the broker, record the job, then send one shard message per source;
         cancel the job if sending fails. An unreachable broker records nothing.
+
+        With ``idempotency``, the job is recorded only if the key names none yet (else that
+        job is returned, nothing sent); a job whose sending failed gives the key back.
 
         Every shard message is checked against ``max_message_bytes`` (only inline shards
         come near it): ``sources`` given as a sequence are all checked before the job is
@@ -563,15 +609,18 @@ class Client:
             check(shard(uuid.uuid4().hex, index, source), "", "Nothing was recorded or sent.")
         sources = itertools.chain(checked, sources if not isinstance(sources, Sequence) else ())
 
-        def record() -> str:
-            return self.store.create_job(
-                model=manifest.name, model_version=manifest.version, dataset=dataset,
-                n_rows=n_rows, shard_ranges=ranges, batch_size=batch, priority=priority, owner=owner,
-                output_schema=output_schema(manifest.outputs),
-            )
+        def record() -> tuple[str, bool]:
+            """Record the job (under the idempotency key, if any): ``(job id, created)``."""
+            new = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, dataset, n_rows, ranges, batch,
+                         priority, owner, output_schema(manifest.outputs))
+            if idempotency is None:
+                self.store.create_jobs([new])
+                return new.job_id, True
+            return self.store.create_job_once(new, idempotency)
 
         if not ranges:  # no rows: nothing to send; the store records the job SUCCEEDED
-            return Job(self, record())
+            job_id, created = record()
+            return Job(self, job_id, replayed=not created)
         job_id = None
         n_sent = 0
         try:
@@ -579,7 +628,9 @@ class Client:
                 # Reach the broker before recording the job: an unreachable broker leaves no job behind.
                 producer.connection.ensure_connection(max_retries=BROKER_CONNECT_RETRIES, interval_start=0,
                                                       interval_step=0.2, interval_max=0.5)
-                job_id = record()
+                job_id, created = record()
+                if not created:  # a submission with the key recorded its job first
+                    return Job(self, job_id, replayed=True)
                 try:
                     broker_priority = message_priority(self.settings, priority)
                     sent: list[tuple[int, str]] = []  # kept in the store, to send again should the broker lose one
@@ -602,6 +653,8 @@ class Client:
                     self.store.set_shard_messages(job_id, sent)
                 except BaseException:
                     self.store.cancel(job_id)
+                    if idempotency is not None:
+                        self.store.release_idempotency_key(job_id)
                     raise
         except broker_errors() as exc:
             if job_id is None:

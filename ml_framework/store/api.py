@@ -38,10 +38,10 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from ml_framework.errors import JobNotFoundError, StoreError, StoreUnavailableError
-from ml_framework.store import lifecycle
+from ml_framework.store import idempotency, lifecycle
 from ml_framework.store import outputs as shard_outputs
 from ml_framework.store.engine import READ_ONLY, make_engine, upgrade
 from ml_framework.store.lifecycle import PruneReport, StoreStats
@@ -85,6 +85,8 @@ class NewJob:
     priority: int = 0
     owner: str | None = None
     output_schema: pa.Schema | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
 
 
 _now = utc_now
@@ -114,8 +116,9 @@ class RowError:
 _TS = DateTime(timezone=True)
 _INSERT_JOB = text(
     "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, rows_ok, "
-    "rows_failed, batch_size, oom_splits, priority, owner, created_at) VALUES (:id, :model, :model_version, "
-    ":dataset, 'PENDING', :n_rows, :n_shards, 0, 0, 0, :batch_size, 0, :priority, :owner, :now)"
+    "rows_failed, batch_size, oom_splits, priority, owner, created_at, idempotency_key, request_hash) VALUES (:id, "
+    ":model, :model_version, :dataset, 'PENDING', :n_rows, :n_shards, 0, 0, 0, :batch_size, 0, :priority, :owner, "
+    ":now, :idempotency_key, :request_hash)"
 ).bindparams(bindparam("now", type_=_TS))
 _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
@@ -327,25 +330,56 @@ class ResultStore:
         multi-row INSERTs, whatever the number of jobs): online requests arriving together
         are recorded together. Jobs without shards are recorded SUCCEEDED (see
         :meth:`create_job`)."""
-        now = _now()
         with self.engine.begin() as conn:
-            conn.execute(_INSERT_JOB, [{
-                "id": j.job_id, "model": j.model, "model_version": j.model_version, "dataset": j.dataset,
-                "n_rows": j.n_rows, "n_shards": len(j.shard_ranges), "batch_size": j.batch_size, "now": now,
-                "priority": j.priority, "owner": j.owner,
-            } for j in jobs])
-            shards = [{"job_id": j.job_id, "shard_index": i, "row_start": a, "row_end": b}
-                      for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
-            if shards:
-                conn.execute(_INSERT_SHARD, shards)
-            empty = [j for j in jobs if not j.shard_ranges]
-            if empty:
-                conn.execute(_FINISH_EMPTY_JOBS, {"now": now, "job_ids": [j.job_id for j in empty]})
-                blobs = [{"job_id": j.job_id, "shard_index": 0, "row_start": 0, "row_end": 0, "n_rows": 0,
-                          "data": shard_outputs.encode(j.output_schema.empty_table())}
-                         for j in empty if j.output_schema is not None]
-                if blobs:
-                    conn.execute(_INSERT_OUTPUTS, blobs)
+            _insert_jobs(conn, jobs, _now())
+
+    def create_job_once(self, job: NewJob, key: idempotency.Idempotency) -> tuple[str, bool]:
+        """Record ``job`` under the idempotency ``key``, unless the key names a job already
+        (see :mod:`ml_framework.store.idempotency`). Race-safe: of several callers with one
+        key, exactly one records its job (a unique index); the others get that job's id.
+
+        Args:
+            job: the job to record; its key fields are set from ``key``.
+            key: the idempotency key, its request hash, owner and window.
+
+        Returns:
+            ``(job id, created)``: ``job.job_id`` and ``True`` when it was recorded, else
+            the id of the job the key names and ``False``.
+
+        Raises:
+            IdempotencyKeyReusedError: the key names a job submitted with another request.
+        """
+        job.idempotency_key, job.request_hash, job.owner = key.key, key.request_hash, key.owner
+        try:
+            with self.engine.begin() as conn:
+                now = _now()
+                existing = key.find(conn, now)
+                if existing is not None:
+                    return existing, False
+                key.release_expired(conn, now)
+                _insert_jobs(conn, [job], now)
+        except IntegrityError:  # another caller recorded a job with this key first
+            existing = self.idempotent_job(key)
+            if existing is None:
+                raise
+            return existing, False
+        return job.job_id, True
+
+    def idempotent_job(self, key: idempotency.Idempotency) -> str | None:
+        """The id of the job the idempotency ``key`` names (created within its window), or
+        ``None``.
+
+        Raises:
+            IdempotencyKeyReusedError: the key names a job submitted with another request.
+        """
+        with self._read() as conn:
+            return key.find(conn, _now())
+
+    def release_idempotency_key(self, job_id: str) -> None:
+        """Take the idempotency key off ``job_id`` (its messages could not be sent), so
+        that a retry with the key submits a new job."""
+        with self.engine.begin() as conn:
+            idempotency.release(conn, job_id)
 
     def set_shard_messages(self, job_id: str, messages: Sequence[tuple[int, str]]) -> None:
         """Keep the message (JSON text, ``{"queue", "kwargs"}``) of each ``(shard_index,
@@ -965,6 +999,28 @@ def _holder_alive(conn, owner: str, now: datetime) -> bool:
     row = conn.execute(select(WorkerRow.pid, WorkerRow.last_seen_at).where(WorkerRow.hostname == hostname)).one_or_none()
     return (row is not None and str(row.pid) == pid
             and _aware(row.last_seen_at) >= now - timedelta(seconds=HOLDER_STALE_S))
+
+
+def _insert_jobs(conn, jobs: Sequence[NewJob], now: datetime) -> None:
+    """Insert ``jobs`` and their shards (two multi-row INSERTs)."""
+    conn.execute(_INSERT_JOB, [{
+        "id": j.job_id, "model": j.model, "model_version": j.model_version, "dataset": j.dataset,
+        "n_rows": j.n_rows, "n_shards": len(j.shard_ranges), "batch_size": j.batch_size, "now": now,
+        "priority": j.priority, "owner": j.owner, "idempotency_key": j.idempotency_key,
+        "request_hash": j.request_hash,
+    } for j in jobs])
+    shards = [{"job_id": j.job_id, "shard_index": i, "row_start": a, "row_end": b}
+              for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
+    if shards:
+        conn.execute(_INSERT_SHARD, shards)
+    empty = [j for j in jobs if not j.shard_ranges]
+    if empty:  # no rows: SUCCEEDED at once, results empty with the model's output columns
+        conn.execute(_FINISH_EMPTY_JOBS, {"now": now, "job_ids": [j.job_id for j in empty]})
+        blobs = [{"job_id": j.job_id, "shard_index": 0, "row_start": 0, "row_end": 0, "n_rows": 0,
+                  "data": shard_outputs.encode(j.output_schema.empty_table())}
+                 for j in empty if j.output_schema is not None]
+        if blobs:
+            conn.execute(_INSERT_OUTPUTS, blobs)
 
 
 def _chunks(items: list) -> Iterator[list]:

@@ -5,7 +5,18 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    func,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -80,6 +91,15 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """The client's idempotency key, unique per owner (see :mod:`ml_framework.store.idempotency`);
+    cleared when the key's window has passed and it is used again, or the job was never sent."""
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """SHA-256 (hex) of the request the key named: a repeat must match it."""
+
+
+# a NULL owner (CLI, Python client) is one scope: NULLs are distinct in a unique index
+Index("ux_jobs_idempotency_key", func.coalesce(JobRow.owner, ""), JobRow.idempotency_key, unique=True)
 
 
 class DeletedJobRow(Base):

@@ -147,3 +147,42 @@ def test_results_of_a_finished_job_are_served_from_the_redis_cache(backend, digi
         uncached = http.get(f"/v1/jobs/{job_id}/results", params={"limit": 5}).json()
         assert uncached["rows"] == []  # a page not cached yet reads the (now empty) store
         r.delete(*keys)
+
+
+def test_retried_submissions_with_one_key_score_the_rows_once(backend, digits):
+    """Three API processes' worth of apps POST one job with one Idempotency-Key at the same
+    moment (a client retrying after a timeout): one job is recorded (the database's unique
+    index decides, on SQLite and on real PostgreSQL), all three answers name it (one 202,
+    two 200), and the workers score each row once."""
+    import threading
+    import uuid
+
+    from sqlalchemy import select
+
+    from ml_framework.store.schema import JobRow
+
+    key = str(uuid.uuid4())
+    clients = [api(backend.values).__enter__() for _ in range(3)]
+    barrier, answers = threading.Barrier(3), []
+
+    def submit(http) -> None:
+        barrier.wait()
+        answers.append(http.post("/v1/jobs", json={"model": "digits-sklearn", "dataset": "digits.csv"},
+                                 headers={"Idempotency-Key": key}))
+
+    try:
+        threads = [threading.Thread(target=submit, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT_S)
+        assert sorted(r.status_code for r in answers) == [200, 200, 202], [r.text for r in answers]
+        job_ids = {r.json()["job_id"] for r in answers}
+        assert len(job_ids) == 1
+        done = wait_done(clients[0], job_ids.pop())
+        assert (done["state"], done["rows_ok"], done["rows_failed"]) == ("SUCCEEDED", len(digits.frame), 0)
+        with backend.client.store.engine.connect() as conn:
+            assert len(conn.execute(select(JobRow.id).where(JobRow.idempotency_key == key)).all()) == 1
+    finally:
+        for c in clients:
+            c.__exit__(None, None, None)

@@ -1,0 +1,61 @@
+"""What a request to the HTTP API names, checked before anything is read: the dataset path
+(relative to the data directory) and the ``Idempotency-Key`` header."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ml_framework.errors import DatasetNotFoundError, DatasetPathError, IdempotencyKeyError
+from ml_framework.paths import exists, locate_dataset, suggest_under
+from ml_framework.store.idempotency import check_key
+from producer.api_errors import public
+
+_SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
+_SF_ESCAPE = re.compile(r'\\(["\\])')
+IDEMPOTENCY_KEY_PATTERN = r'^(?:"(?:[ !#-\[\]-~]|\\["\\]){1,255}"|[!#-~](?:[ -~]{0,253}[!-~])?)$'
+"""A key of 1 to 255 printable ASCII characters, bare or as a structured-field string."""
+IDEMPOTENCY_DOC = ("Makes a retry safe (IETF draft-ietf-httpapi-idempotency-key-header): a repeat with this key "
+                   "and the same body from the same API key within idempotency_window (default 24 h) returns the "
+                   "job it submitted, with 200; the same key with another body is refused with 422. A quoted "
+                   "string or bare; 1 to 255 printable ASCII characters, e.g. a UUID.")
+
+
+def sf_string(value: str) -> str:
+    """An ``Idempotency-Key`` header's key: the draft sends it as a structured-field string
+    (RFC 8941: ``"..."``, with ``\\"`` and ``\\\\`` escaped); a bare value is taken as it is.
+
+    Raises:
+        IdempotencyKeyError: an empty or malformed key.
+    """
+    value = value.strip()
+    if value.startswith('"'):
+        quoted = _SF_STRING.fullmatch(value)
+        if quoted is None:
+            raise IdempotencyKeyError('Idempotency-Key: a quoted key must end with \'"\' and escape \'"\' and '
+                                      "'\\\\' inside with a backslash")
+        value = _SF_ESCAPE.sub(r"\1", quoted.group(1))
+    return check_key(value)
+
+
+def dataset_under(data_dir: Path, given: str) -> Path:
+    """The real path of the dataset a request names (``given``, relative to ``data_dir``).
+
+    Raises:
+        DatasetNotFoundError, DatasetPathError: public messages naming ``given`` (never a
+            server path), saying that paths are relative to the data directory and which
+            path under it exists, when a tail of ``given`` does (``data/digits.csv`` ->
+            ``digits.csv``; see :func:`~ml_framework.paths.suggest_under`).
+    """
+    def hint() -> str:
+        suggestion = suggest_under(data_dir, given)
+        return "dataset paths are relative to the data directory" + (f"; did you mean {suggestion!r}?"
+                                                                     if suggestion else "")
+
+    shown = given if len(given) <= 200 else given[:200] + "..."
+    location = locate_dataset(data_dir, given)  # DatasetPathError: it leads out through a link or '..'
+    if location.relative is None:
+        raise public(DatasetPathError(f"dataset {shown!r} leaves the data directory (it lies outside it): {hint()}"))
+    if not exists(location.path):
+        raise public(DatasetNotFoundError(f"dataset {shown!r} not found: {hint()}"))
+    return location.path
