@@ -234,17 +234,21 @@ def test_mlf_score_idempotency_key_prints_the_same_job(root):
     assert len(ids[0]) == 32 and ids[0] == ids[1]
 
 
-def test_a_submission_that_could_not_be_sent_gives_its_key_back(root, tmp_path):
-    """The broker refuses the first try (its job is cancelled): a retry with the key, once the
-    broker is back, submits a new job instead of returning the cancelled one."""
+def test_a_submission_that_could_not_be_sent_keeps_no_key(root, tmp_path):
+    """The broker refuses the first try: nothing is recorded (the broker is reached before
+    the job is), so a retry with the key, once the broker is back, submits a new job; a job
+    whose sending failed midway gives its key back (``release_idempotency_key``)."""
     settings = {**values(root), "var_dir": tmp_path / "var"}
     with Client(load_settings(**settings, broker_url="redis://127.0.0.1:1/0")) as down:
         with pytest.raises(Exception, match="127.0.0.1:1"):
             down.score_rows([{"a": 1, "b": 2}], "m", idempotency_key="after-outage")
         with down.store.engine.connect() as conn:
-            (cancelled,) = conn.execute(select(JobRow.id, JobRow.state, JobRow.idempotency_key)).all()
-        assert (cancelled.state, cancelled.idempotency_key) == ("CANCELLED", None)
+            assert conn.execute(select(JobRow.id)).all() == []
     with Client(load_settings(**settings)) as up:
         job = up.score_rows([{"a": 1, "b": 2}], "m", idempotency_key="after-outage")
-        assert not job.replayed and job.id != cancelled.id and job.status().state.value == "PENDING"
+        assert not job.replayed and job.status().state.value == "PENDING"
         assert up.score_rows([{"a": 1, "b": 2}], "m", idempotency_key="after-outage").id == job.id
+        up.store.cancel(job.id)
+        up.store.release_idempotency_key(job.id)  # what _submit does when a send fails midway
+        again = up.score_rows([{"a": 1, "b": 2}], "m", idempotency_key="after-outage")
+        assert not again.replayed and again.id != job.id

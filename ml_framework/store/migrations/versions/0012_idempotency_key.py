@@ -2,8 +2,8 @@
 request it named, unique per owner (the API key's name; '' for the CLI and the Python
 client), so that two submissions racing with one key record one job
 
-Revision ID: 0011_idempotency_key
-Revises: 0010_data_lifecycle
+Revision ID: 0012_idempotency_key
+Revises: 0011_worker_broker
 Create Date: 2026-12-01
 """
 
