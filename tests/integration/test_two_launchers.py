@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis
 
+from ml_framework.errors import JobTimeoutError
 from ml_framework.settings import load_settings
 from producer.client import Client
 from tests.conftest import REDIS_URL, check_redis, free_port, queues, stop_workers
@@ -37,7 +38,8 @@ def wait_for(predicate, what: str, logs, timeout_s: float = 120) -> object:
     return value
 
 
-def test_two_launchers_on_one_host_keep_their_names_metrics_and_bindings_apart(own_pg_database, trained, tmp_path):
+def test_two_launchers_on_one_host_keep_their_names_metrics_and_bindings_apart(own_pg_database, trained, digits,
+                                                                                 tmp_path, caplog):
     check_redis()
     values = {"models_dir": trained[0], "var_dir": tmp_path / "var", "broker_url": REDIS_URL,
               "database_url": own_pg_database, "worker_metrics_port": free_port(), **queues("mlf.test.two.")}
@@ -70,6 +72,18 @@ def test_two_launchers_on_one_host_keep_their_names_metrics_and_bindings_apart(o
             assert run.returncode == 0, run.stderr
             assert {json.loads(line)["hostname"] for line in run.stdout.splitlines()} == names
             time.sleep(1)
+        # A job sent to a queue no worker consumes: flagged by mlf queues, warned by wait.
+        from demo.digits import PIXELS
+        from producer.queues import list_queues
+
+        with Client(load_settings(**{**values, "bulk_queue": values["bulk_queue"] + ".typo"})) as producer:
+            job = producer.score_rows(digits.frame[PIXELS].iloc[:3], "digits-sklearn")
+            with caplog.at_level("WARNING", logger="producer.client"), pytest.raises(JobTimeoutError):
+                job.wait(timeout_s=8)
+        assert f"job {job.id} is PENDING: queue {values['bulk_queue']}.typo holds 1 message(s)" in caplog.text
+        found = {q.name: (q.waiting, q.consumers, q.exact, q.pending_jobs) for q in list_queues(client)}
+        assert found[values["bulk_queue"] + ".typo"] == (1, 0, True, [job.id])
+        assert found[values["bulk_queue"]][1:3] == (2, True)  # both launchers' processes consume it
         b_log = logs[1].read_text()
         assert f"this launcher's are cpu0-{b.pid}@{host}" in b_log, b_log
         port = values["worker_metrics_port"]
@@ -103,4 +117,6 @@ def test_two_launchers_on_one_host_keep_their_names_metrics_and_bindings_apart(o
         if b is not None and b.poll() is None:
             os.killpg(b.pid, signal.SIGKILL)
         client.close()
+        typo = values["bulk_queue"] + ".typo"
+        r.delete(*r.scan_iter(f"{typo}*"), f"_kombu.binding.{typo}", f"_kombu.binding_permanent.{typo}")
     assert members(a.pid) == []  # a warm shutdown removes its own
