@@ -27,6 +27,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
 from ml_framework.endpoints import where_line
@@ -143,6 +144,18 @@ def status(
         print(json.dumps(data, default=str))
     else:
         print_status(st)
+    if st.state is JobState.PENDING:
+        _warn_unserved(job_id)
+
+
+def _warn_unserved(job_id: str) -> None:
+    """Warn on stderr when PENDING job ``job_id`` sits on a queue no live worker consumes."""
+    from producer.queues import job_queue_warning
+
+    with client() as c:
+        warning = job_queue_warning(c, job_id)
+    if warning:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
 
 
 @app.command()
@@ -229,26 +242,37 @@ def queues(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every --interval seconds until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.5, help="Seconds between refreshes with --watch.")] = 2.0,
 ) -> None:
-    """Messages waiting on the online and bulk queues, jobs by state, oldest pending job."""
-    from producer.metrics import queue_depths
+    """Every queue of ours: the online and bulk queues, and any other holding messages or
+    PENDING jobs (a queue no worker consumes is flagged); jobs by state, oldest pending job."""
+    from producer.queues import list_queues, unserved_warning
 
     unreachable: list[str] = []
+    unserved: list[str] = []
 
     def table(c) -> Table:
-        t = Table("queue", "waiting", title="queues")
+        t = Table("queue", "waiting", "consumers", "PENDING jobs", title="queues")
+        unserved.clear()
         try:
-            for queue, n in queue_depths(c).items():
-                t.add_row(queue, str(n))
+            for q in list_queues(c):
+                consumers = "?" if q.consumers is None else f"{q.consumers}{'' if q.exact else '+'}"
+                flag = "  (no consumer)" if q.unserved else ""
+                t.add_row(Text(q.name + flag), str(q.waiting), consumers, str(len(q.pending_jobs)))
+                if q.unserved:
+                    unserved.append(unserved_warning(q))
         except Exception as exc:  # noqa: BLE001 - shown, the watch goes on
             unreachable.append(f"{type(exc).__name__}: {exc}")
-            t.add_row("(broker unreachable)", f"{type(exc).__name__}: {exc}"[:80])
+            t.add_row("(broker unreachable)", Text(f"{type(exc).__name__}: {exc}"[:80]), "", "")
         counts = c.store.job_counts()
         age = c.store.oldest_pending_age_s()
         t.caption = (", ".join(f"{state} {n}" for state, n in counts.items() if n) or "no jobs") + (
-            f"; oldest PENDING job {age:.0f} s old" if age is not None else "")
+            f"; oldest PENDING job {age:.0f} s old" if age is not None else "") + (
+            "; consumers: ? = the embedded broker cannot tell, + = some live worker did not answer (busy)")
         return t
 
     _show(table, watch, interval)
+    if not watch:
+        for warning in unserved:
+            err.print(f"warning: {warning}", markup=False, highlight=False)
     if unreachable and not watch:
         raise fail(f"cannot read the queues from the broker: {unreachable[-1]}")
 

@@ -128,6 +128,13 @@ class Job:
                     if warning:
                         log.warning("job %s is still PENDING: %s", self.id, warning)
                     warned = True
+                elif (not warned and status.state is JobState.PENDING
+                      and time.monotonic() - started > NO_WORKER_WARNING_S):
+                    from producer.queues import job_queue_warning
+
+                    warned = True  # asked once: the workers take up to a second to say what they consume
+                    if warning := job_queue_warning(self.client, self.id):
+                        log.warning("%s", warning)
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeoutError(
                         f"job {self.id} still {status.state.value} after {timeout_s} s "

@@ -119,12 +119,12 @@ class StoreCollector:
 
 
 def queue_depths(client: Client) -> dict[str, int]:
-    """Messages waiting on the online and bulk queues, by queue name (see
-    :func:`ml_framework.celery_app.queue_depths`)."""
-    from ml_framework.celery_app import queue_depths as depths
+    """Messages waiting on the online and bulk queues, and on every other queue of ours
+    that holds messages or PENDING jobs (a queue no worker consumes shows here too), by
+    queue name (see :func:`producer.queues.list_queues`)."""
+    from producer.queues import list_queues
 
-    found = depths(client.app, client.settings)
-    return {q: found[q] for q in (client.settings.online_queue, client.settings.bulk_queue)}
+    return {q.name: q.waiting for q in list_queues(client, consumers=False)}
 
 
 def render(client: Client) -> tuple[bytes, str]:

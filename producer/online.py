@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -96,6 +98,9 @@ class OnlineDispatcher:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._subscribed = threading.Event()
+        self.subscriber_name = f"mlf-online-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        """``CLIENT SETNAME`` of the Redis connection that listens for announcements, so
+        that ``CLIENT LIST`` tells it from other processes' connections."""
         self._notified = settings.broker_is_redis
         self._poll = NOTIFIED_POLL_S if self._notified else UNNOTIFIED_POLL_S
         self._poll_delay = self._poll[0]
@@ -285,7 +290,8 @@ class OnlineDispatcher:
         while not self._closed.is_set():
             pubsub = None
             try:
-                pubsub = redis.Redis.from_url(self.settings.broker_url).pubsub(ignore_subscribe_messages=True)
+                pubsub = redis.Redis.from_url(self.settings.broker_url, client_name=self.subscriber_name).pubsub(
+                    ignore_subscribe_messages=True)
                 pubsub.subscribe(channel)
                 pubsub.get_message(timeout=1.0)  # the subscribe confirmation, so sends after this are covered
                 self._subscribed.set()

@@ -25,6 +25,29 @@ WORKER_PROCESSES = 2
 WORKER_START_TIMEOUT_S = 120
 
 
+_DEFAULT_VAR_DIR: list[Path] = []
+
+
+def pytest_configure(config) -> None:
+    """Point the default ``var_dir`` (the embedded broker and store, the log file) at a
+    temporary directory for the whole run: a test that builds settings without a
+    ``var_dir`` of its own writes nothing into the checkout's ``var/``. Tests that set
+    their own settings, or clear ``ML_FRAMEWORK_*`` (``clean_env``), are unaffected."""
+    import tempfile
+
+    if "ML_FRAMEWORK_VAR_DIR" not in os.environ:
+        _DEFAULT_VAR_DIR.append(Path(tempfile.mkdtemp(prefix="mlf-test-var-")))
+        os.environ["ML_FRAMEWORK_VAR_DIR"] = str(_DEFAULT_VAR_DIR[0])
+
+
+def pytest_unconfigure(config) -> None:
+    """Remove the temporary default ``var_dir`` of :func:`pytest_configure`."""
+    import shutil
+
+    for path in _DEFAULT_VAR_DIR:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def queues(prefix: str) -> dict[str, str]:
     """Bulk and online queue names of one test's workers, unique so tests never share them."""
     tag = uuid.uuid4().hex[:8]

@@ -11,22 +11,26 @@ from ml_framework.celery_app import create_app
 from ml_framework.logging import configure_logging
 from ml_framework.settings import get_settings
 from worker import tasks
+from worker.bindings import NodeNamedGossipQueue
 from worker.metrics import DEVICE_ENV
 from worker.process import WorkerContext
 
 settings = get_settings()
-configure_logging(settings.logging_level, settings)
 app = create_app(settings)
 log = logging.getLogger(__name__)
 tasks.register(app)
+app.steps["consumer"].add(NodeNamedGossipQueue)  # one gossip binding per node name, not per start
 
 _hostname: list[str] = []
 
 
 @setup_logging.connect
-def _keep_our_logging(**_: object) -> None:
-    """Connected, so Celery installs no handlers of its own: its records reach ours
-    (see :mod:`ml_framework.logging`)."""
+def _configure_logging(**_: object) -> None:
+    """Configure the worker process's logging (stdout and the rotating file), when Celery
+    sets up the worker, not when this module is imported: importing it (a test, a tool)
+    must leave the importer's logging alone. Connected, so Celery installs no handlers of
+    its own: its records reach ours (see :mod:`ml_framework.logging`)."""
+    configure_logging(settings.logging_level, settings)
 
 
 @celeryd_after_setup.connect

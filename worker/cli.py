@@ -30,6 +30,7 @@ def worker(
     grace: Annotated[float, typer.Option(help="Seconds running shards get to finish on shutdown.")] = 60.0,
     preload: Annotated[list[str] | None, typer.Option(help="Model to load and warm up in every process before its first shard: name or name:version (repeatable; default: worker_preload_models).")] = None,
     loglevel: Annotated[LogLevel | None, typer.Option("--loglevel", case_sensitive=False, help="Log level (default: logging_level). At debug, each process also prints Celery's banner and start-up warnings; otherwise it says one line when ready.")] = None,
+    name: Annotated[str | None, typer.Option(help="This launcher's part of its processes' node names, cpu0-NAME@host (default: the launcher's pid, so that two launchers on one host never share a name).")] = None,
 ) -> None:
     """Start one worker process per GPU (CPU processes where there is none) and supervise
     them until SIGTERM / Ctrl-C."""
@@ -70,20 +71,27 @@ def worker(
         typer.echo(f"GPU {g.index}: {g.name} {g.uuid} ({g.memory_total_bytes / 2**30:.0f} GiB)", err=True)
     if not gpus:
         typer.echo(f"no GPU: {report.reason}; running on CPU", err=True)
-    children = plan_children(settings, processes, threads, gpus=gpus, processes_per_device=processes_per_device,
-                             preload=preload)
+    try:
+        children = plan_children(settings, processes, threads, gpus=gpus, processes_per_device=processes_per_device,
+                                 preload=preload, launcher_id=name)
+    except ValueError as exc:
+        raise fail(f"--name: {exc}") from None
     if not children:
         raise fail("nothing to start: no GPU selected and --cpu-processes 0")
+    note_other_launchers(settings, children)
     typer.echo(f"starting {len(children)} worker process(es) on queues {settings.online_queue}, {settings.bulk_queue}; "
                f"{where_line(settings)}", err=True)
     address = (settings.worker_metrics_host, settings.worker_metrics_port) if settings.worker_metrics_port else None
-    reconcile = None
-    if settings.broker_is_redis and settings.reconcile_interval_s:
+    reconcile = prune_bindings = None
+    if settings.broker_is_redis:
         from ml_framework.celery_app import create_app
+        from worker.bindings import pruner
         from worker.reconcile import resend_lost_shards
 
         app = create_app(settings)
-        reconcile = lambda store: resend_lost_shards(app, settings, store)  # noqa: E731
+        prune_bindings = pruner(app)
+        if settings.reconcile_interval_s:
+            reconcile = lambda store: (resend_lost_shards(app, settings, store), prune_bindings(store))  # noqa: E731
     prune = None
     if settings.prunes and settings.prune_interval_s:
         from worker.retention import prune_expired
@@ -92,8 +100,33 @@ def worker(
     supervisor = Supervisor(children, grace_s=grace, metrics_address=address, time_limit_s=settings.task_time_limit_s,
                             store_url=settings.effective_database_url, on_time_limit=settings.on_time_limit,
                             reconcile=reconcile, reconcile_interval_s=settings.reconcile_interval_s,
-                            prune=prune, prune_interval_s=settings.prune_interval_s)
+                            prune=prune, prune_interval_s=settings.prune_interval_s, at_start=prune_bindings)
     raise typer.Exit(supervisor.run())
+
+
+def note_other_launchers(settings, children) -> None:
+    """Say so on stderr when worker processes of another launcher on this host beat in
+    the results store, and that this launcher's processes have names of their own
+    (nothing when the store cannot be read yet: the launcher starts anyway)."""
+    import os
+
+    from ml_framework.store import ResultStore
+
+    host = os.uname().nodename
+    ours = {c.name for c in children}
+    try:
+        store = ResultStore(settings.effective_database_url, migrate=False)
+        try:
+            others = sorted(w.hostname for w in store.workers() if w.hostname.endswith(f"@{host}")
+                            and w.hostname not in ours)
+        finally:
+            store.close()
+    except Exception:  # noqa: BLE001 - a fresh or unreachable store: nothing to compare with
+        return
+    if others:
+        typer.echo(f"note: {len(others)} worker process(es) of another `mlf worker` already run on this host "
+                   f"({', '.join(others[:4])}{' ...' if len(others) > 4 else ''}); this launcher's are "
+                   f"{', '.join(sorted(ours))}, and `mlf workers` lists both", err=True)
 
 
 def fail(message: str) -> typer.Exit:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ class ChildSpec:
     """How to start one worker process.
 
     Attributes:
-        name: Celery node name, e.g. ``cpu0@host``.
+        name: Celery node name, e.g. ``cpu0-4242@host`` (device, launcher id, host).
         argv: the command line.
         env: the full environment of the child.
     """
@@ -65,12 +66,16 @@ def plan_children(
     gpus: Sequence[GpuDevice] = (),
     processes_per_device: int = 1,
     preload: Sequence[str] | None = None,
+    launcher_id: str | None = None,
 ) -> list[ChildSpec]:
     """Work out the worker processes to start on this host.
 
     One process per GPU (``processes_per_device`` each), pinned with
-    ``CUDA_VISIBLE_DEVICES=<uuid>`` and named ``gpu<index>@host``; plus ``processes`` CPU
-    processes, pinned to no GPU and named ``cpu<i>@host``. Several processes on one GPU
+    ``CUDA_VISIBLE_DEVICES=<uuid>`` and named ``gpu<index>-<launcher id>@host``; plus
+    ``processes`` CPU processes, pinned to no GPU and named ``cpu<i>-<launcher id>@host``.
+    The launcher id (default: this launcher's pid) keeps the node names of two launchers on
+    one host apart: heartbeats, leases and Celery's control and events are keyed by node
+    name. Several processes on one GPU
     each get ``1/processes_per_device`` of its memory (see
     :func:`worker.devices.memory_fraction`), so that one process's cache cannot starve
     the others.
@@ -85,6 +90,8 @@ def plan_children(
         processes_per_device: worker processes per GPU.
         preload: models every process loads at start (``name`` or ``name:version``);
             default ``settings.worker_preload_models``.
+        launcher_id: the part of the node names after the device (see
+            :func:`check_launcher_id`); default this process's pid.
 
     Returns:
         One :class:`ChildSpec` per process.
@@ -95,6 +102,7 @@ def plan_children(
     total = len(gpus) * processes_per_device + processes
     threads = threads or settings.worker_threads or max(1, cores // max(total, 1))
     host = os.uname().nodename
+    launcher_id = check_launcher_id(str(os.getpid()) if launcher_id is None else launcher_id)
     debug = settings.logging_level.upper() == "DEBUG"
     # --quiet: no Celery banner per process (each says one line when ready: worker/app.py); DEBUG shows it.
     argv_base = [sys.executable, "-m", "celery", "-A", "worker.app", *([] if debug else ["--quiet"]), "worker",
@@ -128,9 +136,21 @@ def plan_children(
             env["ML_FRAMEWORK_WORKER_PRELOAD_MODELS"] = ",".join(preload)
         if not debug:  # Celery's multi-line warning when run as root (containers): shown at DEBUG only
             env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), ROOT_WARNING_FILTER]))
-        name = f"{prefix}@{host}"
+        name = f"{prefix}-{launcher_id}@{host}"
         children.append(ChildSpec(name, [*argv_base, "-n", name], env))
     return children
+
+
+_LAUNCHER_ID = re.compile(r"[A-Za-z0-9_.]{1,40}")
+
+
+def check_launcher_id(launcher_id: str) -> str:
+    """``launcher_id`` if it can go into a Celery node name (1 to 40 letters, digits, ``_``
+    or ``.``: no ``@``, and no ``-``, which separates it from the device), else
+    ``ValueError`` saying so."""
+    if not _LAUNCHER_ID.fullmatch(launcher_id):
+        raise ValueError(f"launcher name {launcher_id!r}: use 1 to 40 letters, digits, '_' or '.'")
+    return launcher_id
 
 
 def _die_with_parent() -> None:
@@ -174,6 +194,9 @@ class Supervisor:
             on a thread of its own (a long pass must not delay lease releases), to delete
             what retention let expire (see :func:`ml_framework.store.lifecycle.prune_pass`,
             which takes a database lock so that one host prunes at a time); ``None``: never.
+        at_start: called once with the results store when the children start (on the
+            background thread), e.g. to remove the broker bindings of dead workers
+            (:mod:`worker.bindings`).
     """
 
     def __init__(self, children: list[ChildSpec], grace_s: float = 60.0,
@@ -181,11 +204,14 @@ class Supervisor:
                  store_url: str | None = None, on_time_limit: str = "fail",
                  reconcile: Callable[[ResultStore], int] | None = None,
                  reconcile_interval_s: float = 60.0,
-                 prune: Callable[[ResultStore], object] | None = None, prune_interval_s: float = 600.0) -> None:
+                 prune: Callable[[ResultStore], object] | None = None, prune_interval_s: float = 600.0,
+                 at_start: Callable[[ResultStore], object] | None = None) -> None:
         self.children = children
         self.grace_s = grace_s
         self.metrics_address = metrics_address
         self.metrics_dir: Path | None = None
+        self.metrics_port: int | None = None
+        """The port the metrics are served on, once :meth:`run` started serving them."""
         self._metrics_server = None
         self.time_limit_s = time_limit_s
         self.store_url = store_url
@@ -200,6 +226,7 @@ class Supervisor:
         self._next_reconcile = time.monotonic() + reconcile_interval_s
         self.prune = prune
         self.prune_interval_s = prune_interval_s
+        self.at_start = at_start
         self._stop_pruning = threading.Event()
         # Store and broker calls run in order on one daemon thread (a daemon: a call that
         # hangs must not hold the launcher's exit either).
@@ -229,6 +256,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         if self.metrics_address is not None:
             self._serve_metrics(*self.metrics_address)
+        if self.at_start is not None:
+            self._with_store(self.at_start, "remove the broker bindings of dead workers")
         for child in self.children:
             self._start(child)
         if self.prune is not None and self.store_url is not None and self.prune_interval_s > 0:
@@ -359,11 +388,24 @@ class Supervisor:
 
     def _serve_metrics(self, host: str, port: int) -> None:
         """Serve every child's Prometheus metrics, summed, on ``host:port`` (see
-        :mod:`worker.metrics`). A taken port is logged, and the workers run without."""
+        :mod:`worker.metrics`). When ``port`` is taken (another ``mlf worker`` on this
+        host), serve them on a free port the OS picks and say which in a warning: a
+        Prometheus target on ``port`` does not see them. Sets :attr:`metrics_port`; an
+        address that cannot be bound at all is logged, and the workers run without."""
         self.metrics_dir = metrics.make_multiproc_dir()
         try:
             self._metrics_server = metrics.serve(self.metrics_dir, host, port)
         except OSError as exc:
-            log.error("cannot serve worker metrics on %s:%d (%s); running without them", host, port, exc)
+            try:
+                self._metrics_server = metrics.serve(self.metrics_dir, host, 0)
+            except OSError:
+                log.error("cannot serve worker metrics on %s:%d (%s); running without them", host, port, exc)
+                return
+            self.metrics_port = self._metrics_server.server_address[1]
+            log.warning("worker metrics port %s:%d is taken (%s; another `mlf worker` on this host?): serving "
+                        "this launcher's metrics on http://%s:%d/metrics instead, which a Prometheus target on "
+                        "port %d does not scrape; set worker_metrics_port to choose the port", host, port,
+                        exc.strerror or exc, host, self.metrics_port, port)
             return
+        self.metrics_port = port
         log.info("worker metrics on http://%s:%d/metrics", host, port)

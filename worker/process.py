@@ -45,7 +45,7 @@ class WorkerContext:
 
     Args:
         settings: the process's settings.
-        hostname: its Celery node name (``gpu0@host``).
+        hostname: its Celery node name (``gpu0-4242@host``).
 
     Attributes:
         registry: the process's loaded models.

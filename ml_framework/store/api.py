@@ -667,6 +667,26 @@ class ResultStore:
                 JobRow.state == JobState.PENDING.value)).scalar()
         return None if oldest is None else max(0.0, (_now() - _aware(oldest)).total_seconds())
 
+    def pending_jobs_by_queue(self, job_ids: Sequence[str] | None = None, limit: int = 1000) -> dict[str, list[str]]:
+        """PENDING bulk jobs (oldest first, at most ``limit``; only ``job_ids`` when given)
+        by the broker queue their shards were sent to, read from each job's first kept
+        shard message (online requests keep none, and are left out)."""
+        query = (select(ShardRow.job_id, ShardRow.message).join(JobRow, JobRow.id == ShardRow.job_id)
+                 .where(JobRow.state == JobState.PENDING.value, ShardRow.shard_index == 0,
+                        ShardRow.message.is_not(None))
+                 .order_by(JobRow.created_at).limit(limit))
+        if job_ids is not None:
+            query = query.where(JobRow.id.in_(list(job_ids)))
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        by_queue: dict[str, list[str]] = defaultdict(list)
+        for job_id, message in rows:
+            try:
+                by_queue[json.loads(message)["queue"]].append(job_id)
+            except (ValueError, KeyError, TypeError):  # a message of an older version: no queue in it
+                continue
+        return dict(by_queue)
+
     def ping(self) -> None:
         """Run ``SELECT 1``. Raises ``StoreUnavailableError`` when the database is unreachable."""
         try:

@@ -176,7 +176,9 @@ def test_a_request_nobody_serves_times_out_and_is_cancelled(backend, trained, di
 def test_announcements_resume_after_redis_drops_the_subscriber(backend, trained, digits):
     """Redis kills the client's pub/sub connection (as on a Redis restart); the client
     subscribes again by itself, and answers keep coming. (Before, the subscriber thread
-    died silently and every later answer waited for the slow fallback poll.)"""
+    died silently and every later answer waited for the slow fallback poll.) Only the
+    client's own connection is killed, found by its name: a bystander's subscription on
+    the shared Redis (a user's worker) survives."""
     if backend.name != "redis-postgres":
         pytest.skip("announcements exist only with a Redis broker")
     import redis
@@ -186,15 +188,23 @@ def test_announcements_resume_after_redis_drops_the_subscriber(backend, trained,
     client = backend.client
     client.predict("digits-sklearn", digits.frame[PIXELS].iloc[:1], timeout_s=120)  # subscribed by now
     r = redis.Redis.from_url(client.settings.broker_url)
+    bystander = redis.Redis.from_url(client.settings.broker_url).pubsub()
+    bystander_channel = f"mlf.test.bystander.{time.monotonic_ns()}"
+    bystander.subscribe(bystander_channel)
+    bystander.get_message(timeout=1.0)
     channel = done_channel(client.settings.online_queue)
     assert dict(r.pubsub_numsub(channel))[channel.encode()] == 1
-    assert r.client_kill_filter(_type="pubsub") >= 1
+    ours = [c["id"] for c in r.client_list(_type="pubsub") if c["name"] == client._online().subscriber_name]
+    assert len(ours) == 1, r.client_list(_type="pubsub")
+    assert r.client_kill_filter(_id=ours[0]) == 1
     deadline = time.monotonic() + 10
     while dict(r.pubsub_numsub(channel))[channel.encode()] != 1:
         assert time.monotonic() < deadline, "the client never subscribed again"
         time.sleep(0.05)
     answer = client.predict("digits-sklearn", digits.frame[PIXELS].iloc[5:6], timeout_s=120)
     assert answer["prediction"].iloc[0] == expected_labels(trained, "sklearn", digits.frame.iloc[5:6])[0]
+    assert dict(r.pubsub_numsub(bystander_channel))[bystander_channel.encode()] == 1, "the bystander was killed"
+    bystander.close()
 
 
 def test_every_unanswered_request_of_predict_many_is_cancelled(backend, trained, digits):

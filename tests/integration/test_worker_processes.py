@@ -57,17 +57,17 @@ def test_two_cpu_processes_share_a_job_and_a_killed_one_is_restarted(request, tr
             return beats if len(beats) == 2 and all(w.models == ["digits-torch/1"] for w in beats) else None
 
         workers = wait_for(preloaded, 120, "two workers with digits-torch preloaded", log)
-        assert sorted(w.hostname.split("@")[0] for w in workers) == ["cpu0", "cpu1"]
+        assert sorted(w.hostname.split("@")[0] for w in workers) == [f"cpu0-{proc.pid}", f"cpu1-{proc.pid}"]
         assert all(w.threads == max(1, (os.cpu_count() or 1) // 2) and w.rss_bytes > 0 for w in workers)
         assert all(w.device_uuid is None for w in workers)  # CPU processes: no GPU telemetry
 
         job = client.score_dataset(big, "digits-torch", batch_size=1)
         shards = lambda: client.store.shards(job.id)  # noqa: E731
         # Both processes take shards, then kill cpu1 while it runs one.
-        wait_for(lambda: {s["worker"].split("@")[0] for s in shards() if s["worker"]} >= {"cpu0", "cpu1"},
+        wait_for(lambda: {s["worker"].split("-")[0] for s in shards() if s["worker"]} >= {"cpu0", "cpu1"},
                  120, "both processes to take shards", log)
         victim = wait_for(lambda: next((s for s in shards() if s["state"] == "RUNNING"
-                                        and s["worker"].startswith("cpu1@")), None), 120, "cpu1 running a shard", log)
+                                        and s["worker"].startswith("cpu1-")), None), 120, "cpu1 running a shard", log)
         old_pid = next(w.pid for w in client.workers() if w.hostname == victim["worker"])
         os.kill(old_pid, signal.SIGKILL)
         # The launcher restarts the child under the same name, with a new pid.
@@ -88,7 +88,7 @@ def test_two_cpu_processes_share_a_job_and_a_killed_one_is_restarted(request, tr
         # Telemetry as an operator reads it.
         run = subprocess.run([*MLF, "workers", "--json"], env=env, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
-        beats = {b["hostname"].split("@")[0]: b for b in map(json.loads, run.stdout.splitlines())}
+        beats = {b["hostname"].split("-")[0]: b for b in map(json.loads, run.stdout.splitlines())}
         assert set(beats) == {"cpu0", "cpu1"}
         wait_for(lambda: sum(w.rows_done for w in client.workers()) > 0, 30, "rows_done in heartbeats", log)
         table = subprocess.run([*MLF, "workers"], env=env, capture_output=True, text=True, timeout=60)

@@ -107,10 +107,10 @@ def test_environment_variable_is_honoured(monkeypatch):
 
 
 def test_launcher_pins_one_process_per_gpu_by_uuid():
-    """4 GPUs -> 4 processes named gpu<i>@host, each seeing only its device by UUID."""
+    """4 GPUs -> 4 processes named gpu<i>-<launcher>@host, each seeing only its device by UUID."""
     gpus = discover(FakeNVML(4), use_env=False).gpus
-    children = plan_children(load_settings(), cores=16, gpus=gpus)
-    assert [c.name.split("@")[0] for c in children] == ["gpu0", "gpu1", "gpu2", "gpu3"]
+    children = plan_children(load_settings(), cores=16, gpus=gpus, launcher_id="L")
+    assert [c.name.split("@")[0] for c in children] == ["gpu0-L", "gpu1-L", "gpu2-L", "gpu3-L"]
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in children] == [g.uuid for g in gpus]
     assert {c.env["OMP_NUM_THREADS"] for c in children} == {"4"}
     assert all(c.argv[c.argv.index("--pool") + 1] == "solo" for c in children)
@@ -119,9 +119,9 @@ def test_launcher_pins_one_process_per_gpu_by_uuid():
 def test_launcher_processes_per_device_and_extra_cpu_processes():
     """Two processes per selected GPU plus CPU processes pinned to no GPU; threads split the cores."""
     gpus = discover(FakeNVML(4), visible="0,2").gpus
-    children = plan_children(load_settings(), 2, cores=12, gpus=gpus, processes_per_device=2)
+    children = plan_children(load_settings(), 2, cores=12, gpus=gpus, processes_per_device=2, launcher_id="L")
     names = [c.name.split("@")[0] for c in children]
-    assert names == ["gpu0-0", "gpu0-1", "gpu2-0", "gpu2-1", "cpu0", "cpu1"]
+    assert names == ["gpu0-0-L", "gpu0-1-L", "gpu2-0-L", "gpu2-1-L", "cpu0-L", "cpu1-L"]
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in children][-2:] == ["", ""]
     assert {c.env["ML_FRAMEWORK_WORKER_THREADS"] for c in children} == {"2"}
 
@@ -149,8 +149,8 @@ def test_processes_sharing_a_gpu_each_get_their_share_of_its_memory(monkeypatch)
 
 def test_no_gpu_means_one_cpu_process_per_core():
     """With no GPU the plan is one CPU process per core."""
-    children = plan_children(load_settings(), cores=3, gpus=[])
-    assert [c.name.split("@")[0] for c in children] == ["cpu0", "cpu1", "cpu2"]
+    children = plan_children(load_settings(), cores=3, gpus=[], launcher_id="L")
+    assert [c.name.split("@")[0] for c in children] == ["cpu0-L", "cpu1-L", "cpu2-L"]
 
 
 def test_heartbeat_reports_the_pinned_gpu_by_uuid(monkeypatch):

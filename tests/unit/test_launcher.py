@@ -11,7 +11,53 @@ def test_one_process_per_core_threads_split():
     children = plan_children(load_settings(), cores=8)
     assert len(children) == 8
     assert {c.env["OMP_NUM_THREADS"] for c in children} == {"1"}
-    assert len({c.name for c in children}) == 8 and children[0].name.startswith("cpu0@")
+    assert len({c.name for c in children}) == 8 and children[0].name.startswith("cpu0-")
+
+
+def test_two_launchers_on_one_host_name_their_processes_apart():
+    """Node names carry the launcher's id (its pid by default), after the device: two
+    `mlf worker` on one host no longer both start cpu0@host and overwrite each other's
+    heartbeats. An explicit --name replaces the pid; a name that cannot go into a node
+    name is refused."""
+    import os
+
+    import pytest
+
+    host = os.uname().nodename
+    first = [c.name for c in plan_children(load_settings(), processes=2)]
+    assert first == [f"cpu0-{os.getpid()}@{host}", f"cpu1-{os.getpid()}@{host}"]
+    second = [c.name for c in plan_children(load_settings(), processes=2, launcher_id="blue")]
+    assert second == [f"cpu0-blue@{host}", f"cpu1-blue@{host}"]
+    children = plan_children(load_settings(), processes=1, launcher_id="blue")
+    assert children[0].argv[children[0].argv.index("-n") + 1] == f"cpu0-blue@{host}"
+    for bad in ("a@b", "a-b", "", "x" * 41):
+        with pytest.raises(ValueError, match="launcher name"):
+            plan_children(load_settings(), processes=1, launcher_id=bad)
+
+
+def test_a_taken_metrics_port_falls_back_to_a_free_one(tmp_path, caplog):
+    """A second launcher on one host finds the metrics port taken: it serves its metrics
+    on a free port and says which, instead of running without metrics."""
+    import socket
+
+    import httpx
+
+    from worker.launcher import Supervisor
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sup = Supervisor([], grace_s=1)
+        with caplog.at_level("WARNING", logger="worker.launcher"):
+            sup._serve_metrics("127.0.0.1", port)
+        try:
+            assert sup.metrics_port not in (None, port)
+            assert httpx.get(f"http://127.0.0.1:{sup.metrics_port}/metrics", timeout=10).status_code == 200
+            assert f"port 127.0.0.1:{port} is taken" in caplog.text
+            assert f"http://127.0.0.1:{sup.metrics_port}/metrics" in caplog.text
+        finally:
+            sup.shutdown()
 
 
 def test_explicit_processes_get_the_remaining_threads():

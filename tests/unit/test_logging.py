@@ -95,3 +95,39 @@ def test_an_unwritable_log_directory_leaves_stdout_logging(tmp_path, capsys):
     logging.getLogger("ml_framework.test").info("still here")
     out = capsys.readouterr().out
     assert "cannot write the log file" in out and "still here" in out
+
+
+IMPORT_THEN_SET_UP = """
+import logging, sys
+from pathlib import Path
+log_file = Path(sys.argv[1])
+before = list(logging.getLogger().handlers)
+import worker.app  # what a test or a tool does
+print("handlers added by the import:", len(logging.getLogger().handlers) - len(before))
+print("log file after the import:", log_file.exists())
+from celery.signals import setup_logging
+setup_logging.send(sender=None, loglevel="INFO", logfile=None, format="", colorize=False)  # a worker starting
+logging.getLogger("worker.test").info("set up by the worker's start")
+for handler in logging.getLogger().handlers:
+    handler.flush()
+print("logged after set-up:", "set up by the worker's start" in log_file.read_text())
+"""
+
+
+def test_importing_the_worker_app_configures_no_logging(tmp_path):
+    """Importing ``worker.app`` adds no handler and creates no log file (it did: ``make
+    test`` wrote thousands of lines into the checkout's var/logs); the worker process
+    configures its logging when Celery sets it up (the ``setup_logging`` signal)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env["ML_FRAMEWORK_VAR_DIR"] = str(tmp_path / "var")
+    log_file = tmp_path / "var" / "logs" / LOG_FILE
+    run = subprocess.run([sys.executable, "-c", IMPORT_THEN_SET_UP, str(log_file)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = [line for line in run.stdout.splitlines() if not line[:1].isdigit()]  # not the record on stdout
+    assert said == ["handlers added by the import: 0", "log file after the import: False",
+                    "logged after set-up: True"], run.stdout

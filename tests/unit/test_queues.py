@@ -1,0 +1,93 @@
+"""Hidden queues: a job sent to a queue the workers do not consume shows in `mlf queues`
+(with its messages, its PENDING jobs and, where the broker can tell, no consumer) and in
+`mlf status <job>`, on Redis and on the embedded SQLite transport."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml_framework.settings import load_settings
+from producer.client import Client
+from producer.queues import list_queues
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A repository with ``lr``, a logistic regression over columns ``a`` and ``b``."""
+    from sklearn.linear_model import LogisticRegression
+
+    from worker.export import export_sklearn
+
+    x = np.random.default_rng(0).normal(size=(100, 2))
+    path = tmp_path_factory.mktemp("models")
+    export_sklearn(LogisticRegression().fit(x, (x.sum(axis=1) > 0).astype(int)), path, "lr",
+                   inputs={"columns": ["a", "b"]})
+    return path
+
+
+def mlf(values: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
+    return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def send_to_a_queue_nobody_reads(values: dict) -> tuple[str, str]:
+    """Submit a 3-row job with the producer's bulk queue set to a name of its own (as when
+    the producer's and the workers' settings differ); returns ``(job id, that queue)``."""
+    import pandas as pd
+
+    hidden = f"{values['bulk_queue']}.typo"
+    with Client(load_settings(**{**values, "bulk_queue": hidden})) as producer:
+        job = producer.score_rows(pd.DataFrame({"a": [0.1, 0.2, 0.3], "b": [1.0, 2.0, 3.0]}), "lr")
+    return job.id, hidden
+
+
+def test_the_embedded_broker_lists_a_queue_no_configured_worker_reads(tmp_path, models):
+    values = {"var_dir": tmp_path / "var", "models_dir": models, "bulk_queue": "t.bulk",
+              "online_queue": "t.online"}
+    job_id, hidden = send_to_a_queue_nobody_reads(values)
+    with Client(load_settings(**values)) as client:
+        queues = {q.name: q for q in list_queues(client)}
+    assert list(queues) == ["t.online", "t.bulk", hidden]
+    assert (queues[hidden].waiting, queues[hidden].pending_jobs, queues[hidden].consumers) == (1, [job_id], None)
+    assert (queues["t.bulk"].waiting, queues["t.bulk"].pending_jobs) == (0, [])
+    run = mlf(values, "queues")
+    assert run.returncode == 0, run.stderr
+    row = next(line for line in run.stdout.splitlines() if hidden in line)
+    assert [cell.strip() for cell in row.strip("│ ").split("│")] == [hidden, "1", "?", "1"], run.stdout
+
+
+def test_redis_flags_a_queue_without_consumer_in_mlf_queues_and_mlf_status(tmp_path, models):
+    """No worker consumes the job's queue: `mlf queues` lists it with 0 consumers, flags it
+    and warns; `mlf status <job>` warns that the job waits on a queue nobody reads."""
+    import redis
+
+    from tests.conftest import REDIS_URL, check_redis
+
+    check_redis()
+    tag = uuid.uuid4().hex[:8]
+    values = {"var_dir": tmp_path / "var", "models_dir": models, "broker_url": REDIS_URL,
+              "bulk_queue": f"t.{tag}.bulk", "online_queue": f"t.{tag}.online"}
+    job_id, hidden = send_to_a_queue_nobody_reads(values)
+    try:
+        run = mlf(values, "queues")
+        assert run.returncode == 0, run.stderr
+        row = next(line for line in run.stdout.splitlines() if hidden in line)
+        assert [cell.strip() for cell in row.strip("│ ").split("│")] == [f"{hidden}  (no consumer)", "1", "0", "1"]
+        assert f"queue {hidden} holds 1 message(s) and 1 PENDING job(s), and no live worker consumes it" in run.stderr
+        run = mlf(values, "status", job_id)
+        assert run.returncode == 0, run.stderr
+        assert f"job {job_id} is PENDING: queue {hidden} holds 1 message(s)" in run.stderr, run.stderr
+    finally:
+        r = redis.Redis.from_url(REDIS_URL)
+        for queue in (hidden, values["bulk_queue"], values["online_queue"]):
+            r.delete(*[k for k in r.scan_iter(f"{queue}*")], f"_kombu.binding.{queue}",
+                     f"_kombu.binding_permanent.{queue}")
