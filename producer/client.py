@@ -102,7 +102,8 @@ class Job:
             progress: show a progress bar of rows done on the terminal.
             poll_start_s / poll_max_s: first and longest pause between polls, seconds.
             warn_idle: ``False`` when the caller has said already that no worker will take
-                the job (``mlf score`` does): no warning is logged.
+                the job (``mlf score`` does): that warning is not logged again (a job on a
+                queue no live worker consumes still is).
 
         Returns:
             The final status.
@@ -114,6 +115,7 @@ class Job:
         deadline = None if timeout_s is None else started + timeout_s
         delay = poll_start_s
         warned = not warn_idle
+        queue_checked = False
         bar = _ProgressBar(self) if progress else None
         try:
             while True:
@@ -122,19 +124,18 @@ class Job:
                     bar.update(status)
                 if status.state.terminal:
                     return status
-                if (not warned and status.state is JobState.PENDING
-                        and time.monotonic() - started > NO_WORKER_WARNING_S):
-                    warning = self.client.worker_warning()
-                    if warning:
-                        log.warning("job %s is still PENDING: %s", self.id, warning)
-                    warned = True
-                elif (not warned and status.state is JobState.PENDING
-                      and time.monotonic() - started > NO_WORKER_WARNING_S):
-                    from producer.queues import job_queue_warning
+                if status.state is JobState.PENDING and time.monotonic() - started > NO_WORKER_WARNING_S:
+                    if not warned:  # no live worker, or live workers on another broker
+                        warned = True
+                        if warning := self.client.worker_warning():
+                            log.warning("job %s is still PENDING: %s", self.id, warning)
+                            queue_checked = True  # no worker here to consume any queue
+                    if not queue_checked:  # live workers, but none consumes the job's queue
+                        from producer.queues import job_queue_warning
 
-                    warned = True  # asked once: the workers take up to a second to say what they consume
-                    if warning := job_queue_warning(self.client, self.id):
-                        log.warning("%s", warning)
+                        queue_checked = True  # asked once: the workers take up to a second to say what they consume
+                        if warning := job_queue_warning(self.client, self.id):
+                            log.warning("%s", warning)
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeoutError(
                         f"job {self.id} still {status.state.value} after {timeout_s} s "

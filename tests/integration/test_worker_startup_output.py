@@ -49,7 +49,7 @@ def test_each_worker_process_says_one_line_when_ready(tmp_path):
     ready = sorted(line.split(" - INFO - ", 1)[1].strip() for line in seen if " ready: " in line)
     assert len(ready) == PROCESSES, output
     for i, line in enumerate(ready):
-        pattern = rf"worker cpu{i}@{re.escape(host)} ready: device cpu \(\d+ threads?\), queues mlf.online, mlf.bulk, models none yet"
+        pattern = rf"worker cpu{i}-\d+@{re.escape(host)} ready: device cpu \(\d+ threads?\), queues mlf.online, mlf.bulk, models none yet"
         assert re.fullmatch(pattern, line), output
     assert output.count("broker: embedded SQLite (") == 1 and "results store: sqlite:///" in output
     for noise in ("[queues]", "[tasks]", "-------------- ", "superuser privileges", ".> transport:"):
