@@ -35,8 +35,8 @@ def _remember_hostname(sender: str, **_: object) -> None:
 @worker_ready.connect
 def _start_context(**_: object) -> None:
     """Per-process start-up hook: make the process's context (open the store, start the
-    heartbeat), then load and warm up ``worker_preload_models``. With the solo pool this
-    runs in the process's only thread, so no shard starts before the models are ready."""
+    heartbeat), then load and warm up ``worker_preload_models``. This runs in the process's
+    main thread before it consumes, so no shard starts before the models are ready."""
     ctx = app.mlf_context = WorkerContext(settings, _hostname[0] if _hostname else "worker")
     ctx.start()
     if settings.worker_preload_models:
