@@ -7,6 +7,7 @@ the task bodies on this same app (``worker.app``).
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from ml_framework import broker  # noqa: F401 - registers the embedded transport
 from ml_framework.settings import Settings, get_settings
@@ -84,11 +85,14 @@ def create_app(settings: Settings | None = None) -> Celery:
         event_serializer="json",
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
+        task_acks_on_failure_or_timeout=True,  # Celery < 5.6; then the two below
+        task_acks_on_failure=True,  # a shard that failed was recorded: never deliver it again
+        task_acks_on_timeout=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         result_backend=None,
         task_default_queue=settings.bulk_queue,
+        task_queues=declared_queues(settings),
         task_routes={"mlf.score_shard": {"queue": settings.bulk_queue}},
         task_queue_max_priority=MAX_PRIORITY,  # RabbitMQ: declare queues with x-max-priority
         task_time_limit=settings.task_time_limit_s,
@@ -97,8 +101,11 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        # Task events for Flower (the embedded SQLite transport has no fanout to carry them).
+        # Task events for Flower (the embedded SQLite transport has no fanout to carry them):
+        # sent (queued), started, succeeded / failed / revoked.
         worker_send_task_events=not settings.embedded_broker,
+        task_send_sent_event=not settings.embedded_broker,
+        task_track_started=True,
         enable_utc=True,
     )
     if settings.broker_queue_type == "quorum":
@@ -110,6 +117,19 @@ def create_app(settings: Settings | None = None) -> Celery:
                         task_default_exchange_type="topic", task_create_missing_queue_exchange_type="topic",
                         worker_detect_quorum_queues=True, task_queue_max_priority=None)
     return app
+
+
+def declared_queues(settings: Settings) -> tuple[Queue, Queue]:
+    """Our two queues, online and bulk, as Celery declares them (``task_queues``), so that
+    every part of the app knows them from the start: Flower's broker page lists
+    ``task_queues`` before any worker answered an inspect. Each is bound to a direct (or,
+    for quorum queues, topic) exchange of its own name with its name as routing key, as
+    Celery's automatic queue creation does; ``task_queue_max_priority`` and the quorum
+    queue type apply to both."""
+    quorum = settings.broker_queue_type == "quorum"
+    arguments = {"x-queue-type": "quorum"} if quorum else None
+    return tuple(Queue(name, Exchange(name, "topic" if quorum else "direct"), name, queue_arguments=arguments)
+                 for name in (settings.online_queue, settings.bulk_queue))
 
 
 def queue_depths(app: Celery, settings: Settings) -> dict[str, int]:

@@ -111,7 +111,7 @@ class Settings(BaseSettings):
         online_queue: Celery queue of online requests (``Client.submit`` / ``predict``,
             ``POST /v1/models/{name}/predict``); every worker takes from it before taking
             its next bulk shard.
-        task_time_limit_s: hard limit of one shard or online batch, seconds. Celery's solo
+        task_time_limit_s: hard limit of one shard or online batch, seconds. Celery's threads
             pool does not enforce time limits, so ``mlf worker`` does: it SIGKILLs a
             process whose task runs longer, even inside native code that holds the GIL,
             and starts a new one (see :mod:`worker.watchdog`). Also the length of a

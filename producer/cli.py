@@ -299,6 +299,19 @@ def _show(render, watch: bool, interval: float) -> None:
         raise fail(str(exc)) from None
 
 
+FLOWER_TASK_COLUMNS = "name,uuid,state,kwargs,result,exception,received,started,runtime,worker"
+"""The columns of Flower's task list: ``kwargs`` is the shard's one-line summary
+(``job=… shard=… model=…/… rows=…-…``), ``result`` a recorded shard's row counts and
+``exception`` the reason a shard failed."""
+
+
+def flower_purge_offline_s(settings) -> int:
+    """Seconds after which Flower forgets an offline worker: an hour, or more than the hard
+    time limit of a shard, so that a worker whose beats stop while its task holds the GIL
+    (until the launcher kills it at ``task_time_limit_s``) stays on the page meanwhile."""
+    return max(3600, settings.task_time_limit_s + 60)
+
+
 @app.command()
 def flower(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port of Flower's web UI and API.")] = 5555,
@@ -333,7 +346,8 @@ def flower(
         # in the environment, not on the command line, where ps shows it
         env["FLOWER_BASIC_AUTH"] = ",".join(e.get_secret_value() for e in settings.flower_basic_auth)
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}",
-            "--persistent=True", f"--db={db}", "--state_save_interval=60000", "--purge_offline_workers=600"]
+            "--persistent=True", f"--db={db}", "--state_save_interval=60000",
+            f"--purge_offline_workers={flower_purge_offline_s(settings)}", f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
     say(f"Flower on http://{address}:{port} ({'basic auth' if 'FLOWER_BASIC_AUTH' in env else 'NO auth'}; "
         f"state in {db})", console=err)
     os.execve(sys.executable, argv, env)

@@ -11,10 +11,10 @@ configured queues hides it; this module finds such queues:
   every row of ``kombu_queue``; Celery's own event, control and reply queues are left out;
 - messages waiting on each, read from the broker (every priority level counted);
 - consumers: RabbitMQ counts them itself; on Redis the live workers are asked which
-  queues they consume (Celery's ``active_queues``, answered within ``timeout_s``). A
-  worker busy with a shard answers only when it is done (``--pool solo``), so when a
-  worker with a fresh heartbeat did not answer the count is a lower bound and no queue is
-  said to have none. The embedded transport has no broadcast: unknown.
+  queues they consume (Celery's ``active_queues``, answered within ``timeout_s``; the
+  ``threads`` pool answers while a shard runs). A worker under load may still answer
+  late, so when a worker with a fresh heartbeat did not answer the count is a lower bound
+  and no queue is said to have none. The embedded transport has no broadcast: unknown.
 """
 
 from __future__ import annotations

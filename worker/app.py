@@ -41,8 +41,8 @@ def _remember_hostname(sender: str, **_: object) -> None:
 @worker_ready.connect
 def _start_context(sender: object = None, **_: object) -> None:
     """Per-process start-up hook: make the process's context (open the store, start the
-    heartbeat), then load and warm up ``worker_preload_models``. With the solo pool this
-    runs in the process's only thread, so no shard starts before the models are ready.
+    heartbeat), then load and warm up ``worker_preload_models``. This runs in the process's
+    main thread before it consumes, so no shard starts before the models are ready.
     Ends with the process's one line: ``worker cpu0@host ready: device cpu (4 threads),
     queues mlf.online, mlf.bulk, models digits/1`` (a model that failed to preload is
     logged on its own)."""

@@ -1,7 +1,10 @@
 """``mlf worker``: start and supervise one Celery worker process per GPU (or N on CPU).
 
-Each child is a separate OS process (``celery -A worker.app worker --pool solo``): no fork
-after a framework is initialised, one task at a time, its own framework thread count.
+Each child is a separate OS process (``celery -A worker.app worker --pool threads
+--concurrency 1``): no fork after a framework is initialised, one task at a time, its own
+framework thread count. The task runs on the pool's one thread, so the process's main
+thread keeps consuming broker events: heartbeats and task events reach Flower while a
+long shard runs, and an idle process stops at once on SIGTERM.
 The parent imports no ML framework. SIGTERM / SIGINT to the parent is forwarded to the
 children as SIGTERM, Celery's warm shutdown (finish the running shard, take no new one);
 children still alive after ``grace_s`` are killed, and their unacknowledged shards are
@@ -106,7 +109,7 @@ def plan_children(
     debug = settings.logging_level.upper() == "DEBUG"
     # --quiet: no Celery banner per process (each says one line when ready: worker/app.py); DEBUG shows it.
     argv_base = [sys.executable, "-m", "celery", "-A", "worker.app", *([] if debug else ["--quiet"]), "worker",
-                 "--pool", "solo", "--concurrency", "1", "-Q", f"{settings.online_queue},{settings.bulk_queue}",
+                 "--pool", "threads", "--concurrency", "1", "-Q", f"{settings.online_queue},{settings.bulk_queue}",
                  "--loglevel", settings.logging_level]
     if settings.embedded_broker:
         # The SQLite transport has no broadcast: no mingle / gossip / broker heartbeats.

@@ -26,6 +26,7 @@ from worker.outcomes import count_rows, every_row_failed, queue_wait, shard_erro
 from worker.pipeline import shard_source
 from worker.process import WorkerContext, context
 from worker.scoring import ShardOutcome, score_pieces
+from worker.task_states import Recorded, ShardFailed, finish
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,22 @@ again after this many seconds (the holder's heartbeat goes stale in as long)."""
 TRANSIENT_STORE_ERRORS = (OperationalError, InterfaceError, StoreUnavailableError)
 
 
-def score_shard(task, /, **body: object) -> str:
+def score_shard(task, /, **body: object) -> dict[str, object] | str:
     """Score one shard and record its outputs and row errors in one transaction.
 
+    The task's Celery state tells what happened (see :mod:`worker.task_states`): SUCCESS
+    for a recorded shard, FAILURE when every row failed, REVOKED when the job was
+    cancelled or deleted.
+
     Returns:
-        What happened: ``DONE``, ``FAILED`` (whole shard failed, every row has the
-        error), ``ALREADY_DONE`` (redelivery), ``CANCELLED``, ``UNKNOWN_JOB``, ``GAVE_UP``
-        (a poison shard, see ``max_shard_attempts``) or ``REJECTED`` (malformed message).
+        ``{'outcome': 'DONE' | 'PARTIAL', 'rows_ok': int, 'rows_failed': int}`` for a
+        recorded shard; ``ALREADY_DONE`` (redelivery of a recorded shard), ``DONE`` (an
+        online request) or ``REJECTED`` (malformed message) otherwise.
 
     Raises:
+        ShardFailed: every row of the shard failed (the text is the reason), or the shard
+            was given up (a poison shard, see ``max_shard_attempts``).
+        celery.exceptions.Ignore: the job was cancelled or deleted (reported REVOKED).
         celery.exceptions.Retry: the shard is running in another live process (the
             broker redelivered it): the message goes back to the queue for
             :data:`BUSY_RECHECK_S` seconds.
@@ -68,7 +76,7 @@ def score_shard(task, /, **body: object) -> str:
         outcome = run_bulk_shard(ctx, msg, hostname)
     if outcome is ShardClaim.BUSY:
         raise task.retry(countdown=BUSY_RECHECK_S)
-    return outcome
+    return finish(task, msg.job_id, outcome)
 
 
 def _score_online(ctx: WorkerContext, app: Celery, requests: list[ScoreShard], hostname: str) -> str:
@@ -79,8 +87,9 @@ def _score_online(ctx: WorkerContext, app: Celery, requests: list[ScoreShard], h
         watchdog.end()
 
 
-def run_bulk_shard(ctx: WorkerContext, msg: ScoreShard, hostname: str) -> str | ShardClaim:
-    """Claim a bulk shard, score it and record it (see :func:`score_shard`)."""
+def run_bulk_shard(ctx: WorkerContext, msg: ScoreShard, hostname: str) -> Recorded | ShardClaim:
+    """Claim a bulk shard, score it and record it (see :func:`score_shard`): what was
+    recorded, or why nothing was."""
     settings = ctx.settings
     owner = f"{hostname}:{os.getpid()}"
     claim = ctx.store.claim_shard(msg.job_id, msg.shard_index, hostname, settings.max_shard_attempts,
@@ -89,14 +98,14 @@ def run_bulk_shard(ctx: WorkerContext, msg: ScoreShard, hostname: str) -> str | 
         log.error("job %s shard %d: started %d times and its worker died each time; failed as 'worker lost'",
                   msg.job_id, msg.shard_index, settings.max_shard_attempts)
         shard_failed(msg.model, msg.version, "WorkerLost")
-        return claim.value
+        return claim
     if claim is ShardClaim.BUSY:
         log.warning("job %s shard %d: redelivered while another live worker process runs it; "
                     "checking again in %d s", msg.job_id, msg.shard_index, BUSY_RECHECK_S)
         return claim
     if claim is not ShardClaim.RUN:
         log.info("job %s shard %d: %s, skipped", msg.job_id, msg.shard_index, claim.value)
-        return claim.value
+        return claim
     watchdog.begin(owner, msg.job_id, msg.shard_index)
     try:
         return _run_claimed_shard(ctx, msg, owner)
@@ -128,7 +137,7 @@ def score_message(ctx: WorkerContext, msg: ScoreShard) -> ShardOutcome:
     return outcome
 
 
-def _run_claimed_shard(ctx: WorkerContext, msg: ScoreShard, owner: str) -> str:
+def _run_claimed_shard(ctx: WorkerContext, msg: ScoreShard, owner: str) -> Recorded | ShardClaim:
     queue_wait(msg)
     started = time.perf_counter()
     shard_error = None
@@ -155,9 +164,9 @@ def _run_claimed_shard(ctx: WorkerContext, msg: ScoreShard, owner: str) -> str:
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error,
                                         owner=owner)
     if not recorded:
-        log.info("job %s shard %d: %s; nothing written", msg.job_id, msg.shard_index,
-                 not_recorded_because(store, msg.job_id))
-        return ShardClaim.ALREADY_DONE.value
+        claim, why = not_recorded_because(store, msg.job_id)
+        log.info("job %s shard %d: %s; nothing written", msg.job_id, msg.shard_index, why)
+        return claim
     count_rows(ctx, msg.model, msg.version, len(outputs), len(errors), outcome.oom_splits)
     if failure is not None:
         shard_failed(msg.model, msg.version, failure)
@@ -166,7 +175,7 @@ def _run_claimed_shard(ctx: WorkerContext, msg: ScoreShard, owner: str) -> str:
              msg.job_id, msg.shard_index, msg.model, msg.version, len(outputs), len(errors),
              f", {outcome.oom_splits} out-of-memory split(s)" if outcome.oom_splits else "", elapsed,
              (len(outputs) + len(errors)) / max(elapsed, 1e-9))
-    return "FAILED" if shard_error else "DONE"
+    return Recorded(len(outputs), len(errors), shard_error, errors[0].message if errors else None)
 
 
 def score_online_batch(task, /, **body: object) -> str:
@@ -194,24 +203,25 @@ def register(app: Celery) -> None:
     """
     for name, body in ((SCORE_SHARD_TASK, score_shard), (SCORE_ONLINE_TASK, score_online_batch)):
         app.task(
-            name=name, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS,
+            name=name, bind=True, autoretry_for=TRANSIENT_STORE_ERRORS, throws=(ShardFailed,),
             retry_backoff=True, retry_backoff_max=STORE_RETRY_BACKOFF_MAX_S, max_retries=None,
         )(body)
 
 
-def not_recorded_because(store, job_id: str) -> str:
-    """Why ``complete_shard`` wrote nothing for a shard of ``job_id``, for the log: the job
-    was deleted or cancelled while the shard ran, or (otherwise) another delivery recorded
-    the shard or took over its lease."""
+def not_recorded_because(store, job_id: str) -> tuple[ShardClaim, str]:
+    """Why ``complete_shard`` wrote nothing for a shard of ``job_id``, as the claim it
+    amounts to and a sentence for the log: the job was deleted (``UNKNOWN_JOB``) or
+    cancelled (``CANCELLED``) while the shard ran, or (otherwise, ``ALREADY_DONE``) another
+    delivery recorded the shard or took over its lease."""
     from ml_framework.errors import JobNotFoundError
     from ml_framework.store import JobState
 
     try:
         state = store.job(job_id).state
     except JobNotFoundError:
-        return "the job was deleted while the shard ran"
+        return ShardClaim.UNKNOWN_JOB, "the job was deleted while the shard ran"
     except Exception:  # noqa: BLE001 - only a log line depends on it
         state = None
     if state is JobState.CANCELLED:
-        return "the job was cancelled while the shard ran"
-    return "already recorded by another delivery, or its lease passed to another process"
+        return ShardClaim.CANCELLED, "the job was cancelled while the shard ran"
+    return ShardClaim.ALREADY_DONE, "already recorded by another delivery, or its lease passed to another process"

@@ -1,7 +1,7 @@
 """The hard time limit of a task, enforced from outside the worker process.
 
-Celery's solo pool, which ``mlf worker`` runs (one process per device, no fork), does not
-enforce ``task_time_limit``: its hard limits live in the prefork pool. A thread inside the
+Celery's threads pool, which ``mlf worker`` runs at concurrency 1 (one process per device,
+no fork), does not enforce ``task_time_limit``: its hard limits live in the prefork pool. A thread inside the
 worker could not enforce it either, since a model call stuck in native code may hold the
 GIL. So each worker process writes a small *task file* when it starts a task and removes
 it when the task ends, and the launcher (:class:`worker.launcher.Supervisor`), which

@@ -16,6 +16,7 @@ from ml_framework.store import JobState, ResultStore
 from worker import tasks
 from worker.export import export_sklearn
 from worker.process import WorkerContext
+from worker.task_states import ShardFailed
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,8 @@ def test_rows_the_database_refuses_fail_the_shard_with_the_reason(tmp_path, pg_d
                       source=DatasetRef(path="iris.parquet", format="parquet", row_start=0, row_end=len(x)))
     app = SimpleNamespace(mlf_context=WorkerContext(settings, "test@host"))  # what the worker's ready hook makes
     task = SimpleNamespace(request=SimpleNamespace(hostname="test@host"), app=app)
-    assert tasks.score_shard(task, **body.model_dump(mode="json")) == "FAILED"
+    with pytest.raises(ShardFailed, match="results store refused"):  # Celery state FAILURE, with the reason
+        tasks.score_shard(task, **body.model_dump(mode="json"))
     status = store.job(job_id)
     assert status.state is JobState.FAILED and status.rows_failed == len(x)
     shard = store.shards(job_id)[0]

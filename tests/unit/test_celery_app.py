@@ -40,3 +40,19 @@ def test_quorum_queues_drop_priorities_and_global_qos():
     classic.amqp.queues.select([settings.online_queue, settings.bulk_queue])
     for queue in (settings.bulk_queue, settings.online_queue):
         assert classic.amqp.queues[queue].queue_arguments in (None, {"x-max-priority": 9})
+
+
+def test_both_queues_are_declared_as_the_worker_would_create_them():
+    """Flower's broker page lists task_default_queue and task_queues: both of our queues
+    are there from the start, bound as Celery's automatic creation binds them, and a
+    failed shard's message is acknowledged (never delivered again)."""
+    settings = load_settings(broker_url="redis://127.0.0.1:6379/0", bulk_queue="b.q", online_queue="o.q")
+    app = create_app(settings)
+    declared = {q.name: q for q in app.conf.task_queues}
+    assert set(declared) == {"b.q", "o.q"}
+    assert {(q.exchange.name, q.exchange.type, q.routing_key) for q in declared.values()} == {
+        ("b.q", "direct", "b.q"), ("o.q", "direct", "o.q")}
+    assert app.amqp.queues["o.q"].queue_arguments == {"x-max-priority": 9}  # as a created-on-demand queue had
+    assert app.conf.task_acks_on_failure and app.conf.task_send_sent_event and app.conf.worker_send_task_events
+    quorum = create_app(load_settings(broker_url="amqp://x//", broker_queue_type="quorum", bulk_queue="b.q"))
+    assert {q.queue_arguments["x-queue-type"] for q in quorum.conf.task_queues} == {"quorum"}

@@ -66,7 +66,8 @@ def test_explicit_processes_get_the_remaining_threads():
     for c in children:
         assert c.env["ML_FRAMEWORK_WORKER_THREADS"] == "4" == c.env["TF_NUM_INTRAOP_THREADS"]
         assert c.env["CUDA_VISIBLE_DEVICES"] == ""
-        assert c.argv[c.argv.index("--pool") + 1] == "solo"
+        assert c.argv[c.argv.index("--pool") + 1] == "threads"  # the consumer thread beats while a shard runs
+        assert c.argv[c.argv.index("--concurrency") + 1] == "1"
 
 
 def test_embedded_broker_disables_broadcast_features():
