@@ -16,8 +16,7 @@ from pathlib import Path
 CHROMIUM = os.environ.get("MLF_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("MLF_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1280,900"]
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 """Launch flags: headless, no sandbox (containers), and nothing that reaches the network."""
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,16 +41,16 @@ def missing() -> str | None:
 
 
 @contextmanager
-def chromium(page_load_timeout_s: float = 60.0) -> Iterator:
-    """A headless Chromium (a Selenium ``WebDriver``) with a new empty profile, quit and
-    its profile removed afterwards."""
+def chromium(page_load_timeout_s: float = 60.0, window_size: str = "1280,900") -> Iterator:
+    """A headless Chromium (a Selenium ``WebDriver``) with a new empty profile and a window
+    of ``window_size`` ("width,height" in pixels), quit and its profile removed afterwards."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     profile = tempfile.mkdtemp(prefix="mlf-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in [*FLAGS, f"--user-data-dir={profile}"]:
+    for flag in [*FLAGS, f"--window-size={window_size}", f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(page_load_timeout_s)

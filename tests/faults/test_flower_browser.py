@@ -6,7 +6,7 @@ model and rows; the broker page lists our queues before any worker ran; and an i
 worker set stops at once on SIGTERM.
 
 One Flower and one worker set serve the whole module. A screenshot of each page is kept
-under ``$MLF_SCREENSHOT_DIR`` (default: the module's temporary directory).
+under ``$MLF_TEST_ARTIFACTS/flower`` (default ``test-artifacts/flower/``).
 """
 
 from __future__ import annotations
@@ -29,54 +29,32 @@ from tests.conftest import (
     free_port,
     new_pg_database,
     queues,
+    service_unavailable,
     start_workers,
     wait_for_http,
 )
+from tests import browser as browser_tools
 from tests.faults.conftest import Workers, wait_until
 
 pytestmark = pytest.mark.integration
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,1000")
 AUTH = ("admin", "flower-test")
 IDLE_STOP_S = 5.0
 """Bound of an idle worker set's stop on SIGTERM, seconds (generous: the machine may be loaded)."""
 
 
-def chromium_paths() -> tuple[str, str]:
-    """The Chromium binary and its driver (Debian's ``chromium`` and ``chromium-driver``)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium / chromedriver missing (Debian packages chromium, chromium-driver; .ci/run "
-                        "installs them)")
-        pytest.skip("chromium / chromedriver missing (apt-get install chromium chromium-driver)")
-    return browser, driver
+@pytest.fixture(scope="module")
+def screenshots() -> Path:
+    """Where the pages' screenshots go: ``$MLF_TEST_ARTIFACTS/flower`` (tests/browser.py)."""
+    return browser_tools.artifacts_dir("flower")
 
 
 @pytest.fixture(scope="module")
-def screenshots(tmp_path_factory) -> Path:
-    """Where the pages' screenshots go: ``$MLF_SCREENSHOT_DIR`` or a temporary directory."""
-    path = Path(os.environ.get("MLF_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """Headless Chromium with a new, empty profile."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver = chromium_paths()
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    chrome = webdriver.Chrome(service=Service(driver), options=options)
-    yield chrome
-    chrome.quit()
+def browser():
+    """Headless Chromium with a new, empty profile (tests/browser.py)."""
+    if why := browser_tools.missing():
+        service_unavailable("Chromium", RuntimeError(why))
+    with browser_tools.chromium(window_size="1600,1000") as driver:
+        yield driver
 
 
 @pytest.fixture(scope="module")
