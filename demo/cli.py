@@ -32,6 +32,7 @@ def demo(
     from ml_framework.settings import get_settings
     from producer.cli_console import fail
     from producer.client import Client
+    from producer.durations import rows_per_s
     from worker.launcher import terminate
 
     settings = get_settings()
@@ -71,9 +72,9 @@ def demo(
                 frame = job.results().join(data.frame[["label", "split"]])
                 correct = frame["prediction"] == frame["label"]
                 test = frame["split"] == "test"
-                rate = status.n_rows / status.elapsed_s if status.elapsed_s else float("nan")
+                rate = rows_per_s(status.rows_done, status.elapsed_s)
                 report.add_row(manifests[fw].name, fw, status.state.value, f"{correct[test].mean():.3f}",
-                               f"{correct.mean():.3f}", str(status.rows_done), f"{rate:,.0f}", job.id)
+                               f"{correct.mean():.3f}", str(status.rows_done), "-" if rate is None else f"{rate:,.0f}", job.id)
                 job.save_results(out_dir / f"{manifests[fw].name}.csv")
         except MLFrameworkError as exc:
             raise fail(str(exc)) from None

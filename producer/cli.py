@@ -36,6 +36,7 @@ from ml_framework.logging import configure_logging
 from ml_framework.manifest import MAX_INT32
 from ml_framework.store import JobState, JobStatus
 from producer.cli_console import EXIT_ERROR, err, fail, out, say, warn
+from producer.durations import duration, rows_per_s, when
 from producer.results import check_output_path
 
 __all__ = ["app", "err", "fail", "main", "out", "say", "warn"]  # the consoles, for the other cli modules
@@ -69,8 +70,9 @@ def print_status(status: JobStatus) -> None:
     if status.model_load_s is not None:
         out.print(f"  model    loaded cold in {status.model_load_s:.1f} s (load and warm-up before the first shard; "
                   "`mlf worker --preload` loads it at start)")
-    if status.elapsed_s:
-        out.print(f"  elapsed  {status.elapsed_s:.1f} s ({status.rows_done / status.elapsed_s:.0f} rows/s)")
+    if status.elapsed_s is not None:
+        rate = rows_per_s(status.rows_done, status.elapsed_s)
+        out.print(f"  elapsed  {duration(status.elapsed_s)}" + (f" ({rate:.0f} rows/s)" if rate is not None else ""))
 
 
 @app.command()
@@ -101,16 +103,20 @@ def score(
             job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
                                   columns=columns.split(",") if columns else None, priority=priority,
                                   idempotency_key=idempotency_key)
-            warning = None if job.status().state.terminal else c.worker_warning()  # a job without rows is done
+            submitted = job.status()
+            if job.replayed:
+                say(replay_line(submitted), console=err)
+            warning = None if submitted.state.terminal else c.worker_warning()  # a job without rows is done
             if not (wait or output):
                 if warning:
                     warn(warning)
                 print(job.id)
                 return
-            say(f"job {job.id} submitted", console=err)
+            if not job.replayed:
+                say(f"job {job.id} submitted", console=err)
             if warning:
                 warn(warning)
-            status = job.wait(timeout_s=timeout, progress=sys.stderr.isatty(), warn_idle=not warning)
+            status = job.wait(timeout_s=timeout, progress=sys.stderr.isatty(), warned=warning, on_warning=warn)
             print_status(status)
             if output:
                 job.save_results(output)
@@ -120,6 +126,14 @@ def score(
     except (MLFrameworkError, ValueError) as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(EXIT_BY_STATE.get(status.state, 0))
+
+
+def replay_line(status: JobStatus) -> str:
+    """What ``mlf score --idempotency-key K`` says when K found a job submitted before:
+    ``job <id> already submitted with this idempotency key at <UTC time> (now SUCCEEDED);
+    not sent again``."""
+    return (f"job {status.job_id} already submitted with this idempotency key at {when(status.created_at)} "
+            f"(now {status.state.value}); not sent again")
 
 
 @app.command()
@@ -252,9 +266,11 @@ def queues(
     def table(c) -> Table:
         t = Table("queue", "waiting", "consumers", "PENDING jobs", title="queues")
         unserved.clear()
+        marks: set[str] = set()
         try:
             for q in list_queues(c):
                 consumers = "?" if q.consumers is None else f"{q.consumers}{'' if q.exact else '+'}"
+                marks.update(m for m in "?+" if consumers.endswith(m))
                 flag = "  (no consumer)" if q.unserved else ""
                 t.add_row(Text(q.name + flag), str(q.waiting), consumers, str(len(q.pending_jobs)))
                 if q.unserved:
@@ -265,8 +281,7 @@ def queues(
         counts = c.store.job_counts()
         age = c.store.oldest_pending_age_s()
         t.caption = (", ".join(f"{state} {n}" for state, n in counts.items() if n) or "no jobs") + (
-            f"; oldest PENDING job {age:.0f} s old" if age is not None else "") + (
-            "; consumers: ? = the embedded broker cannot tell, + = some live worker did not answer (busy)")
+            f"; oldest PENDING job {age:.0f} s old" if age is not None else "") + consumers_legend(marks)
         return t
 
     _show(table, watch, interval)
@@ -275,6 +290,17 @@ def queues(
             err.print(f"warning: {warning}", markup=False, highlight=False)
     if unreachable and not watch:
         raise fail(f"cannot read the queues from the broker: {unreachable[-1]}")
+
+
+CONSUMER_MARKS = {"?": "the broker cannot tell", "+": "some live worker did not answer (busy), so maybe more"}
+"""What a mark in the consumers column of ``mlf queues`` means."""
+
+
+def consumers_legend(marks: set[str]) -> str:
+    """``; consumers: ? = ...`` for the marks of :data:`CONSUMER_MARKS` that the table
+    shows, ``""`` when it shows none (a legend of nothing is noise)."""
+    used = [f"{m} = {CONSUMER_MARKS[m]}" for m in CONSUMER_MARKS if m in marks]
+    return f"; consumers: {', '.join(used)}" if used else ""
 
 
 def _show(render, watch: bool, interval: float) -> None:

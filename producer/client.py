@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -89,33 +89,40 @@ class Job:
         return self.client.store.job(self.id)
 
     def wait(self, timeout_s: float | None = None, progress: bool = False, *,
-             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S, warn_idle: bool = True) -> JobStatus:
+             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S, warned: str | None = None,
+             on_warning: Callable[[str], object] | None = None) -> JobStatus:
         """Block until the job is finished (any terminal state).
 
         Polls the store with backoff (x1.5 per poll) from ``poll_start_s`` to ``poll_max_s``
         (by default 10 ms to 50 ms: the call returns within 100 ms of the job finishing).
-        Logs a warning when the job is still PENDING after 5 s and no worker heartbeat is
-        live, or the live workers listen on another broker (see :meth:`Client.worker_warning`).
+        Warns once when the job is still PENDING after 5 s and no worker heartbeat is live,
+        or the live workers listen on another broker (see :meth:`Client.worker_warning`),
+        or none of them consumes the job's queue.
 
         Args:
             timeout_s: give up after this many seconds (``None``: wait forever).
             progress: show a progress bar of rows done on the terminal.
             poll_start_s / poll_max_s: first and longest pause between polls, seconds.
-            warn_idle: ``False`` when the caller has said already that no worker will take
-                the job (``mlf score`` does): that warning is not logged again (a job on a
-                queue no live worker consumes still is).
+            warned: why the job may wait, as the caller has already told the user (``mlf
+                score`` warns at submit): not said again, and a timeout refers to it.
+            on_warning: called with each warning's text; default: logged at WARNING on
+                this module's logger. Each warning is given once.
 
         Returns:
             The final status.
 
         Raises:
-            JobTimeoutError: the job did not finish within ``timeout_s``.
+            JobTimeoutError: the job did not finish within ``timeout_s``; its message says
+                why a PENDING job waits, when that is known, consistently with the warning
+                given (no worker, workers on another broker, no consumer of its queue).
         """
         started = time.monotonic()
         deadline = None if timeout_s is None else started + timeout_s
         delay = poll_start_s
-        warned = not warn_idle
+        reason = warned  # why the job waits, when known
+        told = checked = warned is not None
         queue_checked = False
+        say = on_warning or (lambda text: log.warning("%s", text))
         bar = _ProgressBar(self) if progress else None
         try:
             while True:
@@ -124,29 +131,44 @@ class Job:
                     bar.update(status)
                 if status.state.terminal:
                     return status
-                if status.state is JobState.PENDING and time.monotonic() - started > NO_WORKER_WARNING_S:
-                    if not warned:  # no live worker, or live workers on another broker
-                        warned = True
+                timed_out = deadline is not None and time.monotonic() >= deadline
+                if status.state is JobState.PENDING and reason is None and (
+                        timed_out or time.monotonic() - started > NO_WORKER_WARNING_S):
+                    if not checked:  # no live worker, or live workers on another broker
+                        checked = True
                         if warning := self.client.worker_warning():
-                            log.warning("job %s is still PENDING: %s", self.id, warning)
+                            reason = warning
                             queue_checked = True  # no worker here to consume any queue
                     if not queue_checked:  # live workers, but none consumes the job's queue
                         from producer.queues import job_queue_warning
 
                         queue_checked = True  # asked once: the workers take up to a second to say what they consume
-                        if warning := job_queue_warning(self.client, self.id):
-                            log.warning("%s", warning)
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise JobTimeoutError(
-                        f"job {self.id} still {status.state.value} after {timeout_s} s "
-                        f"({status.rows_done}/{status.n_rows} rows); are workers running (`mlf workers`)? A worker "
-                        "loads a model on its first shard for it, which takes seconds (`mlf worker --preload`)."
-                    )
+                        reason = job_queue_warning(self.client, self.id, prefix=False)
+                    if reason is not None and not timed_out:  # at the timeout, the error says it
+                        told = True
+                        say(f"job {self.id} is still PENDING: {reason}")
+                if timed_out:
+                    raise JobTimeoutError(self._timeout_message(status, timeout_s, reason, warned=told),
+                                          job_id=self.id)
                 time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, poll_max_s)
         finally:
             if bar:
                 bar.close()
+
+    def _timeout_message(self, status: JobStatus, timeout_s: float | None, reason: str | None, *,
+                         warned: bool) -> str:
+        """What a timed-out :meth:`wait` says: the known reason a PENDING job waits (by
+        reference when a warning gave it already), else what may hold it."""
+        head = (f"job {self.id} still {status.state.value} after {timeout_s} s "
+                f"({status.rows_done}/{status.n_rows} rows)")
+        if status.state is not JobState.PENDING:
+            return f"{head}: workers are scoring it; wait longer (`mlf status {self.id}`)"
+        if reason is not None:
+            return f"{head}: no worker took it, as the warning above says" if warned else f"{head}: {reason}"
+        return (f"{head}: live workers consume its queue but have not started it (busy with other jobs? "
+                "`mlf queues`); a worker loads a model on its first shard for it, which takes seconds "
+                "(`mlf worker --preload`)")
 
     def results(self) -> pd.DataFrame:
         """Outputs and row errors in input row order (see ``ResultStore.results``)."""

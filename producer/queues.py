@@ -147,10 +147,10 @@ def unserved_warning(info: QueueInfo) -> str:
             "workers' online_queue / bulk_queue settings match (`mlf workers`, `mlf config`)")
 
 
-def job_queue_warning(client: Client, job_id: str) -> str | None:
+def job_queue_warning(client: Client, job_id: str, *, prefix: bool = True) -> str | None:
     """:func:`unserved_warning` for the queue of PENDING job ``job_id`` when no live worker
-    consumes it, else ``None`` (also when the broker cannot be asked: a status must not
-    fail for that)."""
+    consumes it, after ``job <id> is PENDING: `` unless ``prefix`` is false; else ``None``
+    (also when the broker cannot be asked: a status must not fail for that)."""
     import logging
 
     try:
@@ -159,7 +159,9 @@ def job_queue_warning(client: Client, job_id: str) -> str | None:
         logging.getLogger(__name__).debug("cannot read the queues of job %s: %s", job_id, exc)
         return None
     held = [q for q in queues if job_id in q.pending_jobs and q.unserved]
-    return f"job {job_id} is PENDING: " + unserved_warning(held[0]) if held else None
+    if not held:
+        return None
+    return (f"job {job_id} is PENDING: " if prefix else "") + unserved_warning(held[0])
 
 
 __all__ = ["QueueInfo", "job_queue_warning", "list_queues", "unserved_warning"]

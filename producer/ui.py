@@ -51,6 +51,7 @@ from producer.api_auth import (
     owned_job_id,
 )
 from producer.api_errors import UnauthorizedError, scrub
+from producer.durations import duration, rows_per_s, when
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +66,6 @@ WORKER_MAX_AGE_S = 30.0
 MAX_LOGIN_BYTES = 4096
 """Largest sign-in form read, bytes."""
 
-
-
-def duration(seconds: float | None) -> str:
-    """``12.3 s``, ``4 min 05 s``, ``2 h 03 min``; ``-`` for ``None`` (a template filter)."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
-def when(moment: datetime | None) -> str:
-    """A UTC time as ``2026-12-01 09:30:05 UTC``; ``-`` for ``None`` (a template filter)."""
-    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 _ENV = Environment(loader=PackageLoader("producer", "templates/ui"), autoescape=True, undefined=StrictUndefined)
@@ -142,7 +128,7 @@ def _path(request: Request, name: str, **params: Any) -> str:
 def _job_view(request: Request, status: JobStatus) -> JobView:
     settings = request.app.state.client.settings
     elapsed = status.elapsed_s
-    rate = status.rows_done / elapsed if elapsed else None
+    rate = rows_per_s(status.rows_done, elapsed)
     return JobView(status, scrub(status.dataset, [settings.data_dir]), rate,
                    _path(request, "job_page", job_id=status.job_id))
 

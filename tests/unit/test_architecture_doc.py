@@ -51,18 +51,39 @@ def test_every_module_the_page_names_exists(package: str) -> None:
     assert names <= existing, f"named but absent in {package}/: {sorted(names - existing)}"
 
 
-@pytest.mark.parametrize("doc", ["README.md", *sorted(p.relative_to(ROOT).as_posix()
-                                                      for p in (ROOT / "docs").glob("*.md"))])
-def test_relative_links_resolve_inside_the_repository(doc: str) -> None:
-    path = ROOT / doc
+DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+
+
+def outside_or_missing(doc: Path, text: str) -> list[str]:
+    """The relative references in markdown ``text`` of file ``doc`` that lead outside the
+    repository or to no file: link targets ``[x](target)``, and paths in code spans that
+    climb out of the doc's directory (`` `../x` ``) or name a markdown file (`` `x.md` ``)."""
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    spans = re.findall(r"`([^`\s]+)`", text)
+    targets += [s for s in spans if s.startswith("../") or re.fullmatch(r"[\w./-]+\.md", s)]
     broken = []
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+    for target in targets:
         if re.match(r"[a-z]+://|mailto:", target):
             continue
-        resolved = (path.parent / target).resolve()
-        if not resolved.is_relative_to(ROOT) or not resolved.exists():
+        resolved = (doc.parent / target).resolve()
+        if not resolved.is_relative_to(ROOT) or not (resolved.exists() or (ROOT / target).resolve().exists()):
             broken.append(target)
+    return broken
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_relative_links_resolve_inside_the_repository(doc: str) -> None:
+    """No link or path in README.md and docs/*.md leads outside the repository or to nothing."""
+    broken = outside_or_missing(ROOT / doc, (ROOT / doc).read_text())
     assert not broken, f"{doc} links outside the repository or to nothing: {broken}"
+
+
+def test_the_link_check_sees_paths_in_code_spans() -> None:
+    """A `../shared/x.md` path in a code span (a clone has no ../shared) counts as a broken link."""
+    doc = ROOT / "docs" / "x.md"
+    assert outside_or_missing(doc, "see `../shared/ARCHITECTURE.md` and [y](../../y.md)") == [
+        "../../y.md", "../shared/ARCHITECTURE.md"]
+    assert outside_or_missing(doc, "see [a](architecture.md) and `docs/security.md`, `var/results.sqlite`") == []
 
 
 def test_make_test_runs_unit_tests_first_as_the_readme_says() -> None:
