@@ -33,6 +33,7 @@ from ml_framework.manifest import (
     OutputSpec,
     Preprocessing,
     TokenizerSpec,
+    artifact_name_mismatch,
     framework_mismatch,
 )
 from worker.registry import load_runtime, validate_runtime
@@ -306,6 +307,14 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
     if mismatch:
         raise ManifestError(f"{src}: {mismatch} in {where}, or give the {fields['framework']} file. "
                             "Nothing was added.")
+    stored = fields.get("artifact") or src.name
+    misnamed = artifact_name_mismatch(src, str(stored))
+    if misnamed is not None:
+        problem, suggestion = misnamed
+        fix = (f"set artifact: {suggestion} in {where} (or leave artifact out to keep the file's name)"
+               if fields.get("artifact") else f"rename it to {suggestion!r}, or set artifact: {suggestion} in {where}")
+        said = f"{where} says artifact: " if fields.get("artifact") else "its name "
+        raise ManifestError(f"{src}: {said}{problem}; {fix}. Nothing was added.")
     tokenizer_src = None
     if fields.get("tokenizer") is not None:
         spec = fields["tokenizer"]

@@ -15,6 +15,8 @@ from ml_framework.manifest.model import (
 from ml_framework.manifest.repository import (
     ModelRepository,
     artifact_format,
+    artifact_kind,
+    artifact_name_mismatch,
     check_artifact,
     framework_mismatch,
     is_version,
@@ -36,6 +38,6 @@ from ml_framework.manifest.specs import (
 __all__ = [
     "MANIFEST_FILE", "MAX_INT32", "NAME_PATTERN", "ONE_COLUMN_KINDS", "BatchSize", "DynamicBatching", "Framework",
     "InputKind", "InputSpec", "ModelManifest", "ModelRepository", "OutputSpec", "Preprocessing", "RuntimeOptions",
-    "TokenizerSpec", "Version", "artifact_format", "check_artifact", "framework_mismatch",
+    "TokenizerSpec", "Version", "artifact_format", "artifact_kind", "artifact_name_mismatch", "check_artifact", "framework_mismatch",
     "is_version", "parse_model_ref",
 ]

@@ -27,28 +27,38 @@ _FORMATS: dict[str, str] = {
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # legacy Keras .h5 files
 
 
-def artifact_format(path: Path) -> str | None:
-    """Which framework wrote the artifact at ``path``, from its layout alone (no ML
-    framework is imported, nothing is unpickled).
+_KINDS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
+    # kind: (framework, what it is, the file name endings it goes by, whether its loader needs one of them)
+    "skops": ("sklearn", "a scikit-learn skops file", (".skops",), False),
+    "torch.export": ("torch", "a torch.export program", (".pt2",), True),  # loaded by name: .pt2
+    "torchscript": ("torch", "a TorchScript archive", (".pt", ".pth"), False),
+    "torch": ("torch", "a PyTorch archive", (".pt", ".pth"), False),
+    "keras": ("tensorflow", "a Keras v3 file", (".keras",), True),  # keras.models.load_model goes by name
+    "h5": ("tensorflow", "a legacy Keras HDF5 file", (".h5", ".hdf5"), True),
+    "savedmodel": ("tensorflow", "a TensorFlow SavedModel directory", (), False),
+}
+_SUFFIX_KIND = {suffix: kind for kind, (_, _, suffixes, _) in _KINDS.items() for suffix in suffixes}
+
+
+def artifact_kind(path: Path) -> str | None:
+    """What the artifact at ``path`` is, from its layout alone (no ML framework is
+    imported, nothing is unpickled): a key of ``_KINDS``.
 
     Recognised: skops files (a zip with ``schema.json`` at its root), PyTorch archives
-    (``torch.export`` and TorchScript zips: one top-level folder holding ``data.pkl``,
-    ``archive_format`` or ``version``), Keras v3 ``.keras`` zips (``config.json`` and
-    ``metadata.json`` at the root), HDF5 ``.h5`` files and SavedModel directories
-    (``saved_model.pb``).
-
-    Returns:
-        ``sklearn``, ``torch`` or ``tensorflow``; ``None`` when the file is none of these
-        (or cannot be read): the runtime's own loader then decides.
+    (one top-level folder holding ``data.pkl``, ``archive_format`` or ``version``:
+    ``torch.export`` programs have ``archive_format``, TorchScript ``code/``), Keras v3
+    ``.keras`` zips (``config.json`` and ``metadata.json`` at the root), HDF5 files and
+    SavedModel directories (``saved_model.pb``). ``None`` when the file is none of these
+    (or cannot be read): the runtime's own loader then decides.
     """
     path = Path(path)
     if path.is_dir():
-        return "tensorflow" if (path / "saved_model.pb").is_file() else None
+        return "savedmodel" if (path / "saved_model.pb").is_file() else None
     try:
         with path.open("rb") as f:
             head = f.read(8)
         if head == _HDF5_SIGNATURE:
-            return "tensorflow"
+            return "h5"
         if not zipfile.is_zipfile(path):
             return None
         with zipfile.ZipFile(path) as archive:
@@ -56,12 +66,52 @@ def artifact_format(path: Path) -> str | None:
     except (OSError, zipfile.BadZipFile):
         return None
     if "schema.json" in names:
-        return "sklearn"
+        return "skops"
     if {"config.json", "metadata.json"} <= names:
-        return "tensorflow"
-    if any(n.count("/") == 1 and n.split("/")[1] in {"data.pkl", "archive_format", "version"} for n in names):
+        return "keras"
+    inner = {n.split("/", 1)[1] for n in names if n.count("/") >= 1}
+    if "archive_format" in inner:
+        return "torch.export"
+    if any(n.startswith("code/") for n in inner):
+        return "torchscript"
+    if inner & {"data.pkl", "version"}:
         return "torch"
     return None
+
+
+def artifact_format(path: Path) -> str | None:
+    """Which framework wrote the artifact at ``path`` (see :func:`artifact_kind`).
+
+    Returns:
+        ``sklearn``, ``torch`` or ``tensorflow``; ``None`` when the file is none of these
+        (or cannot be read): the runtime's own loader then decides.
+    """
+    kind = artifact_kind(path)
+    return None if kind is None else _KINDS[kind][0]
+
+
+def artifact_name_mismatch(path: Path, name: str) -> tuple[str, str | None] | None:
+    """What is wrong when the artifact at ``path`` is stored under the file name ``name``:
+    a name whose ending belongs to another kind of file (``model.pt2`` for a skops file),
+    or a kind whose loader goes by the name stored without its ending (a ``torch.export``
+    program not named ``*.pt2``, a Keras file not named ``*.keras``).
+
+    Returns:
+        ``None`` when the name fits (or the file's kind is unknown); else ``(problem,
+        suggested name or None)``, e.g. ``("'model.pt2' is the name of a torch.export
+        program, but the file is a scikit-learn skops file", "model.skops")``.
+    """
+    kind = artifact_kind(path)
+    if kind is None:
+        return None
+    _, what, suffixes, required = _KINDS[kind]
+    suffix = Path(name).suffix.lower()
+    claimed = _SUFFIX_KIND.get(suffix)
+    if suffix in suffixes or (claimed is None and not required):
+        return None
+    suggestion = Path(name).stem + suffixes[0] if suffixes else Path(name).stem
+    said = f"the name of {_KINDS[claimed][1]}" if claimed else f"a name without {' or '.join(suffixes)}"
+    return f"{name!r} is {said}, but the file is {what}", suggestion
 
 
 def check_artifact(manifest: ModelManifest, directory: Path) -> None:
@@ -88,6 +138,11 @@ def check_artifact(manifest: ModelManifest, directory: Path) -> None:
             f"{where}: framework: says {manifest.framework!r} but the artifact {manifest.artifact!r} is "
             f"{_FORMATS[found]}; set framework: {found}, or point artifact at the {manifest.framework} file"
         )
+    misnamed = artifact_name_mismatch(path, manifest.artifact)
+    if misnamed is not None:
+        problem, suggestion = misnamed
+        raise ManifestError(f"{where}: artifact: {problem}; rename the file to {suggestion!r} and set artifact: "
+                            f"{suggestion}" if suggestion else f"{where}: artifact: {problem}")
 
 
 

@@ -108,6 +108,49 @@ def test_models_add_mismatch_names_the_users_files_and_leaves_nothing(models_add
     assert not (tmp_path / "models").exists()
 
 
+def test_models_add_refuses_an_artifact_name_of_another_file_type(models_add, tmp_path):
+    """A skops file with framework sklearn but `artifact: model.pt2` (stored under a torch
+    file name) is refused, naming the user's file and the manifest field; nothing is left."""
+    run, fields = models_add
+    result = run({**fields, "artifact": "model.pt2"})
+    assert result.exit_code == 1, result.output
+    message = result.stderr
+    assert f"{tmp_path / 'flowers.skops'}: {tmp_path / 'flowers.yaml'} says artifact: 'model.pt2' is the name of " \
+           "a torch.export program, but the file is a scikit-learn skops file" in message, message
+    assert "set artifact: model.skops" in message and ".staging" not in message
+    assert not (tmp_path / "models").exists()
+    renamed = tmp_path / "flowers.keras"  # the same kind through the file's own name
+    (tmp_path / "flowers.skops").rename(renamed)
+    (tmp_path / "flowers.yaml").write_text(yaml.safe_dump(fields))
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["models", "add", str(renamed), "--manifest", str(tmp_path / "flowers.yaml")])
+    assert result.exit_code == 1 and f"{renamed}: its name 'flowers.keras' is the name of a Keras v3 file" in \
+        result.stderr, result.output
+    assert not (tmp_path / "models").exists()
+
+
+def test_artifact_names_must_fit_the_files_kind(tmp_path):
+    """Each kind of artifact is told apart by layout, and a name whose ending belongs to
+    another kind, or a torch.export program not named .pt2, is a mismatch."""
+    import torch
+
+    from ml_framework.manifest import artifact_kind, artifact_name_mismatch
+
+    linear = torch.nn.Linear(3, 2)
+    torch.export.save(torch.export.export(linear, (torch.zeros(1, 3),)), tmp_path / "a.pt2")
+    torch.jit.save(torch.jit.script(linear), tmp_path / "b.pt")
+    assert artifact_kind(tmp_path / "a.pt2") == "torch.export"
+    assert artifact_kind(tmp_path / "b.pt") == "torchscript"
+    assert artifact_name_mismatch(tmp_path / "a.pt2", "model.pt2") is None
+    assert artifact_name_mismatch(tmp_path / "b.pt", "model.pt") is None
+    assert artifact_name_mismatch(tmp_path / "b.pt", "model.bin") is None  # jit.load takes any name
+    assert artifact_name_mismatch(tmp_path / "b.pt", "model.pt2") == (
+        "'model.pt2' is the name of a torch.export program, but the file is a TorchScript archive", "model.pt")
+    assert artifact_name_mismatch(tmp_path / "a.pt2", "model.pt")[1] == "model.pt2"
+    assert artifact_name_mismatch(tmp_path / "a.pt2", "model")[0] == (
+        "'model' is a name without .pt2, but the file is a torch.export program")
+
+
 def test_models_add_load_failure_names_the_users_file_and_leaves_nothing(models_add, tmp_path):
     """An artifact that fails to load is named as given, not by its staging copy."""
     run, fields = models_add
