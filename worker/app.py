@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 import os
 
-from celery.signals import celeryd_after_setup, setup_logging, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    setup_logging,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from ml_framework.celery_app import create_app
 from ml_framework.logging import configure_logging
@@ -63,6 +69,37 @@ def ready_line(ctx: WorkerContext, consumer: object = None) -> str:
     threads = ctx.settings.worker_threads
     return (f"device {device}" + (f" ({threads} thread{'s' if threads != 1 else ''})" if threads else "")
             + f", queues {', '.join(names)}, models {', '.join(ctx.registry.loaded()) or 'none yet'}")
+
+
+def _say_through_logging(msg: str, f: object = None) -> None:
+    """Celery's ``safe_say`` as a log record: Celery writes its shutdown notices
+    (``worker: Warm shutdown (MainProcess)``, each after a blank line) straight to the
+    terminal in every process; here they are DEBUG records (``--loglevel debug`` shows
+    them), and :func:`_say_stopping` gives the one line a user needs."""
+    log.debug("celery: %s", msg.strip())
+
+
+def quiet_shutdown_notices() -> None:
+    """Route Celery's direct terminal notices through :func:`_say_through_logging`
+    (the signal handlers look ``safe_say`` up in their module when they run)."""
+    import celery.apps.worker
+
+    celery.apps.worker.safe_say = _say_through_logging
+
+
+quiet_shutdown_notices()
+
+
+@worker_shutting_down.connect
+def _say_stopping(sender: str = "", sig: str = "", how: str = "", **_: object) -> None:
+    """One line per process on a shutdown request, and only when it has something to
+    finish (an idle process says nothing at INFO; the launcher said it stops them all)."""
+    from celery.worker import state
+
+    busy = len(state.active_requests)
+    level = logging.INFO if busy else logging.DEBUG
+    log.log(level, "worker %s: %s shutdown on %s%s", sender, how.lower(), sig,
+            f", finishing {busy} running task(s) first" if busy else "")
 
 
 @worker_shutdown.connect

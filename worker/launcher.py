@@ -41,6 +41,8 @@ from worker.metrics import DEVICE_ENV, MULTIPROC_ENV
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+LOOP_INTERVAL_S = 0.2
+"""Seconds between the supervisor's checks of its children (a signal ends the pause)."""
 ROOT_WARNING_FILTER = "ignore:You're running the worker with superuser privileges"
 """A ``PYTHONWARNINGS`` entry that hides Celery's warning about running as root."""
 
@@ -236,7 +238,7 @@ class Supervisor:
         self._background: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._reconciling = threading.Event()
         threading.Thread(target=self._run_background, name="mlf-supervisor-store", daemon=True).start()
-        self._stopping = False
+        self._stopping = threading.Event()
 
     def _task_file(self, child: ChildSpec) -> Path:
         return self.task_dir / child.name
@@ -251,7 +253,7 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("received %s: warm shutdown of %d worker(s)", signal.Signals(signum).name, len(self.procs))
-        self._stopping = True
+        self._stopping.set()  # ends the loop's pause at once
 
     def run(self) -> int:
         """Start every child and supervise until a signal; return the exit status."""
@@ -266,7 +268,7 @@ class Supervisor:
         if self.prune is not None and self.store_url is not None and self.prune_interval_s > 0:
             threading.Thread(target=self._prune_loop, name="mlf-supervisor-prune", daemon=True).start()
         next_start: dict[str, float] = {}
-        while not self._stopping:
+        while not self._stopping.is_set():
             now = time.monotonic()
             for child in self.children:
                 proc = self.procs.get(child.name)
@@ -292,7 +294,7 @@ class Supervisor:
                 self._next_reconcile = now + self.reconcile_interval_s
                 self._reconciling.set()  # one pass at a time, however long the store or broker takes
                 self._with_store(self._reconcile_once, "look for shards the broker lost")
-            time.sleep(0.2)
+            self._stopping.wait(LOOP_INTERVAL_S)
         return self.shutdown()
 
     def _enforce_time_limit(self, child: ChildSpec, proc: subprocess.Popen) -> None:
