@@ -103,7 +103,21 @@ def _say_stopping(sender: str = "", sig: str = "", how: str = "", **_: object) -
 
 
 @worker_shutdown.connect
-def _stop_context(**_: object) -> None:
+def _stop_context(sender: object = None, **_: object) -> None:
+    """Per-process shutdown hook: stop the heartbeat and remove its row. Then, in a
+    process of ``mlf worker`` (which reaps it and cleans up after it), end the process
+    at once once Celery has stopped (see :func:`worker.launcher.exit_now`): the interpreter's
+    teardown of the libraries a worker imports took most of a second of an idle worker's
+    stop."""
     ctx = getattr(app, "mlf_context", None)
     if ctx is not None:
         ctx.stop()
+    from celery.bootsteps import CLOSE, TERMINATE
+
+    from worker.watchdog import TASK_FILE_ENV
+
+    blueprint = getattr(sender, "blueprint", None)
+    if os.environ.get(TASK_FILE_ENV) and blueprint is not None and blueprint.state in (CLOSE, TERMINATE):
+        from worker.launcher import exit_now
+
+        exit_now(getattr(sender, "exitcode", None) or 0)

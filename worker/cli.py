@@ -42,7 +42,7 @@ def worker(
     from ml_framework.manifest import ModelRepository, parse_model_ref
     from ml_framework.settings import get_settings
     from worker.devices import discover, select_visible
-    from worker.launcher import Supervisor, plan_children
+    from worker.launcher import Supervisor, exit_now, plan_children
 
     if loglevel is not None:  # the worker processes read it from their environment too
         os.environ["ML_FRAMEWORK_LOGGING_LEVEL"] = loglevel.value.upper()
@@ -101,26 +101,7 @@ def worker(
                             store_url=settings.effective_database_url, on_time_limit=settings.on_time_limit,
                             reconcile=reconcile, reconcile_interval_s=settings.reconcile_interval_s,
                             prune=prune, prune_interval_s=settings.prune_interval_s, at_start=prune_bindings)
-    exit_now(supervisor.run())
-
-
-def exit_now(code: int) -> None:
-    """End the launcher with ``code`` once :meth:`Supervisor.run` has returned: flush the
-    logs and standard streams, then ``os._exit``. Everything of the launcher's is done by
-    then (children reaped, their files, the metrics directory and the store closed); what
-    is left is the interpreter tearing down the native libraries ``mlf`` imports (Arrow's
-    dataset threads, pandas, SQLAlchemy), which took a second or more on a loaded host,
-    after every worker process had already stopped."""
-    import contextlib
-    import logging
-    import os
-    import sys
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # closed or gone: nothing left to say there
-            stream.flush()
-    os._exit(code)
+    exit_now(supervisor.run())  # the launcher's work is done; skip the interpreter's teardown
 
 
 def note_other_launchers(settings, children) -> None:

@@ -158,6 +158,23 @@ def check_launcher_id(launcher_id: str) -> str:
     return launcher_id
 
 
+def exit_now(code: int) -> None:
+    """End this process with exit status ``code`` now: flush the logs and the standard
+    streams, then ``os._exit``, skipping the interpreter's teardown of the native libraries
+    ``mlf`` imports (Arrow's dataset threads, pandas, SQLAlchemy), which took a second or
+    more on a loaded host. For a process whose work is done and cleaned up: the launcher
+    once :meth:`Supervisor.run` has returned (children reaped, their files, the metrics
+    directory and the store closed), and a worker process once Celery has stopped
+    (``worker/app.py``)."""
+    import contextlib
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or gone: nothing left to say there
+            stream.flush()
+    os._exit(code)
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM this process when its parent dies,
     so that children of a killed ``mlf worker`` do not run on unsupervised."""
