@@ -63,3 +63,43 @@ def test_queues_are_drained_in_the_order_consumed(tmp_path):
             while len(got) < 8:
                 conn.drain_events(timeout=5)
     assert got == ["online0", "online1", "bulk0", "online2", "bulk1", "bulk2", "bulk3", "bulk4"]
+
+
+def test_an_idle_drain_ends_soon_after_the_worker_is_asked_to_stop(tmp_path, monkeypatch):
+    """Celery's blocking loop drains 2 s at a time and only then looks for a shutdown
+    request: a drain asked for 5 s ends within a slice of the request (Celery's warm
+    shutdown flag, set from a timer as its SIGTERM handler sets it), not after 5 s; with
+    no request, a drain lasts its whole timeout."""
+    import threading
+
+    from celery.worker import state
+    from kombu import Connection, Consumer, Queue
+
+    from ml_framework.broker import DRAIN_SLICE_S
+
+    url = f"mlfsqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    with Connection(url, transport_options={"polling_interval": 0.01}) as conn, \
+            Consumer(conn, [Queue("t.idle")], callbacks=[lambda body, message: None]):
+        started = time.monotonic()
+        try:
+            conn.drain_events(timeout=0.3)
+        except TimeoutError:
+            pass
+        assert time.monotonic() - started >= 0.3  # no request: the whole timeout
+
+        monkeypatch.setattr(state, "should_stop", None)
+        asked = threading.Event()
+
+        def ask_to_stop() -> None:
+            state.should_stop = 0  # EX_OK, as Celery's warm-shutdown handler sets it
+            asked.set()
+
+        threading.Timer(0.2, ask_to_stop).start()
+        started = time.monotonic()
+        try:
+            conn.drain_events(timeout=5.0)
+        except TimeoutError:
+            pass
+        took = time.monotonic() - started
+        assert asked.is_set()
+        assert took < 0.2 + DRAIN_SLICE_S + 1.0, took  # not the 5 s asked for
