@@ -80,7 +80,7 @@ def test_two_launchers_on_one_host_keep_their_names_metrics_and_bindings_apart(o
             job = producer.score_rows(digits.frame[PIXELS].iloc[:3], "digits-sklearn")
             with caplog.at_level("WARNING", logger="producer.client"), pytest.raises(JobTimeoutError):
                 job.wait(timeout_s=8)
-        assert f"job {job.id} is PENDING: queue {values['bulk_queue']}.typo holds 1 message(s)" in caplog.text
+        assert f"job {job.id} is still PENDING: queue {values['bulk_queue']}.typo holds 1 message(s)" in caplog.text
         found = {q.name: (q.waiting, q.consumers, q.exact, q.pending_jobs) for q in list_queues(client)}
         assert found[values["bulk_queue"] + ".typo"] == (1, 0, True, [job.id])
         assert found[values["bulk_queue"]][1:3] == (2, True)  # both launchers' processes consume it

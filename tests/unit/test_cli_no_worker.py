@@ -30,6 +30,9 @@ def test_score_wait_without_workers_warns_and_times_out(tmp_path):
     assert run.returncode == 6, run.stderr
     assert "no worker heartbeat" in run.stderr and "mlf worker" in run.stderr
     assert "still PENDING after 2" in run.stderr
+    # said once, as a warning, and the timeout refers to it instead of asking again
+    assert (run.stdout + run.stderr).count("no worker heartbeat") == 1, run.stdout + run.stderr
+    assert "as the warning above says" in run.stderr and "are workers running" not in run.stderr
 
 
 def test_bad_output_path_is_refused_before_submitting(tmp_path):
