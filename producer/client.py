@@ -26,7 +26,7 @@ import pandas as pd
 
 from ml_framework.celery_app import check_priority, create_app, message_priority
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
-from ml_framework.endpoints import broker_errors, broker_unavailable, workers_warning
+from ml_framework.endpoints import broker_errors, broker_label, broker_unavailable, workers_warning
 from ml_framework.errors import DatasetError, JobTimeoutError
 from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
 from ml_framework.paths import locate_dataset
@@ -663,6 +663,7 @@ class Client:
                     return Job(self, job_id, replayed=True)
                 try:
                     broker_priority = message_priority(self.settings, priority)
+                    broker = broker_label(self.settings)  # kept with each message: where it went
                     sent: list[tuple[int, str]] = []  # kept in the store, to send again should the broker lose one
                     sent_bytes = 0
                     for index, source in enumerate(sources):
@@ -674,8 +675,8 @@ class Client:
                                            kwargsrepr=body.summary(), queue=self.settings.bulk_queue,
                                            priority=broker_priority, producer=producer)
                         n_sent += 1
-                        sent.append((index, json.dumps({"queue": self.settings.bulk_queue, "kwargs": kwargs},
-                                                       separators=(",", ":"))))
+                        sent.append((index, json.dumps({"queue": self.settings.bulk_queue, "broker": broker,
+                                                        "kwargs": kwargs}, separators=(",", ":"))))
                         sent_bytes += len(sent[-1][1])
                         if len(sent) >= MESSAGES_PER_WRITE or sent_bytes >= MESSAGE_BYTES_PER_WRITE:
                             self.store.set_shard_messages(job_id, sent)

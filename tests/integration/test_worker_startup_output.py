@@ -3,6 +3,7 @@ of Celery's banner or its warning about running as root."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -75,10 +76,8 @@ def start_and_wait_ready(env: dict[str, str], cwd, processes: int):
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
             pytest.fail("".join(seen))
-        try:
+        with contextlib.suppress(queue.Empty):
             seen.append(lines.get(timeout=1))
-        except queue.Empty:
-            pass
     return proc, lines, seen
 
 

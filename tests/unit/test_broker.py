@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -81,10 +82,8 @@ def test_an_idle_drain_ends_soon_after_the_worker_is_asked_to_stop(tmp_path, mon
     with Connection(url, transport_options={"polling_interval": 0.01}) as conn, \
             Consumer(conn, [Queue("t.idle")], callbacks=[lambda body, message: None]):
         started = time.monotonic()
-        try:
+        with contextlib.suppress(TimeoutError):
             conn.drain_events(timeout=0.3)
-        except TimeoutError:
-            pass
         assert time.monotonic() - started >= 0.3  # no request: the whole timeout
 
         monkeypatch.setattr(state, "should_stop", None)
@@ -96,10 +95,8 @@ def test_an_idle_drain_ends_soon_after_the_worker_is_asked_to_stop(tmp_path, mon
 
         threading.Timer(0.2, ask_to_stop).start()
         started = time.monotonic()
-        try:
+        with contextlib.suppress(TimeoutError):
             conn.drain_events(timeout=5.0)
-        except TimeoutError:
-            pass
         took = time.monotonic() - started
         assert asked.is_set()
         assert took < 0.2 + DRAIN_SLICE_S + 1.0, took  # not the 5 s asked for
