@@ -6,6 +6,7 @@ stay PENDING, which is all these checks need."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -224,14 +225,18 @@ def test_the_python_client_takes_idempotency_key(root):
 
 
 def test_mlf_score_idempotency_key_prints_the_same_job(root):
-    """`mlf score --idempotency-key K` run twice prints one job id."""
+    """`mlf score --idempotency-key K` run twice prints one job id; the second run says
+    that the key's job was submitted before (and when) and nothing was sent."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
     env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values(root).items()})
-    ids = [subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "score",
-                           str(root / "data" / "day2.csv"), "--model", "m", "--idempotency-key", "nightly-2026-12-01"],
-                          env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
-           for _ in range(2)]
+    runs = [subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "score",
+                            str(root / "data" / "day2.csv"), "--model", "m", "--idempotency-key", "nightly-2026-12-01"],
+                           env=env, capture_output=True, text=True, timeout=120, check=True) for _ in range(2)]
+    ids = [run.stdout.strip() for run in runs]
     assert len(ids[0]) == 32 and ids[0] == ids[1]
+    assert "already submitted" not in runs[0].stderr
+    assert re.search(rf"job {ids[0]} already submitted with this idempotency key at \d{{4}}-\d\d-\d\d "
+                     r"\d\d:\d\d:\d\d UTC \(now PENDING\); not sent again", runs[1].stderr), runs[1].stderr
 
 
 def test_a_submission_that_could_not_be_sent_keeps_no_key(root, tmp_path):

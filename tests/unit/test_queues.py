@@ -63,6 +63,8 @@ def test_the_embedded_broker_lists_a_queue_no_configured_worker_reads(tmp_path, 
     assert run.returncode == 0, run.stderr
     row = next(line for line in run.stdout.splitlines() if hidden in line)
     assert [cell.strip() for cell in row.strip("│ ").split("│")] == [hidden, "1", "?", "1"], run.stdout
+    # the legend explains the marks the table shows, and only those
+    assert "? = the broker cannot tell" in run.stdout and "+ =" not in run.stdout, run.stdout
 
 
 def test_redis_flags_a_queue_without_consumer_in_mlf_queues_and_mlf_status(tmp_path, models):
@@ -83,6 +85,7 @@ def test_redis_flags_a_queue_without_consumer_in_mlf_queues_and_mlf_status(tmp_p
         row = next(line for line in run.stdout.splitlines() if hidden in line)
         assert [cell.strip() for cell in row.strip("│ ").split("│")] == [f"{hidden}  (no consumer)", "1", "0", "1"]
         assert f"queue {hidden} holds 1 message(s) and 1 PENDING job(s), and no live worker consumes it" in run.stderr
+        assert "consumers:" not in run.stdout and " = " not in run.stdout, run.stdout  # no mark, no legend
         run = mlf(values, "status", job_id)
         assert run.returncode == 0, run.stderr
         assert f"job {job_id} is PENDING: queue {hidden} holds 1 message(s)" in run.stderr, run.stderr
@@ -91,3 +94,12 @@ def test_redis_flags_a_queue_without_consumer_in_mlf_queues_and_mlf_status(tmp_p
         for queue in (hidden, values["bulk_queue"], values["online_queue"]):
             r.delete(*[k for k in r.scan_iter(f"{queue}*")], f"_kombu.binding.{queue}",
                      f"_kombu.binding_permanent.{queue}")
+
+
+def test_the_queues_legend_names_only_the_marks_used():
+    """`mlf queues` explains `?` and `+` only when its table shows them."""
+    from producer.cli import consumers_legend
+
+    assert consumers_legend(set()) == ""
+    assert consumers_legend({"?"}) == "; consumers: ? = the broker cannot tell"
+    assert consumers_legend({"+", "?"}).count(" = ") == 2

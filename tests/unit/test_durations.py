@@ -1,0 +1,36 @@
+"""Durations and rates as `mlf status`, the job pages and the demo print them: a tiny job
+shows milliseconds and no rate computed from a time rounded to nothing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from ml_framework.store import JobState, JobStatus
+from producer.durations import MIN_RATE_S, duration, rows_per_s
+
+
+def test_durations_keep_their_precision():
+    """Under a second: milliseconds; then tenths of seconds, minutes, hours."""
+    assert [duration(s) for s in (None, 0.0, 0.0042, 0.04, 0.9994, 0.9996, 2.345, 59.9, 245, 7380)] == [
+        "-", "0 ms", "4 ms", "40 ms", "999 ms", "1.0 s", "2.3 s", "59.9 s", "4 min 05 s", "2 h 03 min"]
+
+
+def test_no_rate_over_a_time_too_short_to_mean_one():
+    """661 rows/s from 10 rows in 15 ms is noise: no rate below MIN_RATE_S."""
+    assert rows_per_s(10, 0.015) is None and rows_per_s(10, None) is None
+    assert rows_per_s(1797, 2.0) == 898.5 and rows_per_s(5, MIN_RATE_S) == 50.0
+
+
+def test_mlf_status_of_a_tiny_job_prints_milliseconds_and_no_rate(capsys):
+    """`elapsed 0.0 s (661 rows/s)` was printed for a 10-row job scored in 15 ms."""
+    from producer.cli import print_status
+
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    status = JobStatus(job_id="j", model="m", model_version=1, dataset="d.csv", state=JobState.SUCCEEDED, n_rows=10,
+                       n_shards=1, shards_done=1, rows_ok=10, rows_failed=0, batch_size=256, created_at=start,
+                       started_at=start, finished_at=start + timedelta(milliseconds=15))
+    print_status(status)
+    assert "  elapsed  15 ms\n" in capsys.readouterr().out
+    print_status(replace(status, finished_at=start + timedelta(seconds=2)))
+    assert "  elapsed  2.0 s (5 rows/s)\n" in capsys.readouterr().out
