@@ -22,7 +22,7 @@ def _start_workers(processes: int | None) -> subprocess.Popen:
 def demo(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs of the two CNNs.")] = 30,
     processes: Annotated[int | None, typer.Option(min=1, help="Worker processes to start if none is running.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for each job.")] = 900.0,
+    timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for each job.")] = 900.0,
 ) -> None:
     """Train sklearn, PyTorch and Keras models on the digits dataset, score it through the
     queue with each, and print per-model accuracy and throughput."""

@@ -84,7 +84,7 @@ def score(
     columns: Annotated[str | None, typer.Option(help="Comma-separated dataset columns mapped onto the model's inputs.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write results here (.parquet / .csv); implies --wait.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job, with a progress bar.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="Seconds to wait at most.")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="Seconds to wait at most.")] = None,
     priority: Annotated[int, typer.Option(min=MIN_PRIORITY, max=MAX_PRIORITY,
                                           help="0 (default) to 9 (most urgent): shards of higher-priority jobs go first.")] = 0,
     idempotency_key: Annotated[str | None, typer.Option(

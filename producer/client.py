@@ -160,7 +160,7 @@ class Job:
                          warned: bool) -> str:
         """What a timed-out :meth:`wait` says: the known reason a PENDING job waits (by
         reference when a warning gave it already), else what may hold it."""
-        head = (f"job {self.id} still {status.state.value} after {timeout_s} s "
+        head = (f"job {self.id} still {status.state.value} after {timeout_s:g} s "
                 f"({status.rows_done}/{status.n_rows} rows)")
         if status.state is not JobState.PENDING:
             return f"{head}: workers are scoring it; wait longer (`mlf status {self.id}`)"

@@ -27,7 +27,7 @@ def worker(
     threads: Annotated[int | None, typer.Option(min=1, help="Framework threads per process (default: cores / processes).")] = None,
     devices: Annotated[str | None, typer.Option(help="GPUs to use: NVML indices or UUIDs, e.g. 0,2 (default: all visible).")] = None,
     processes_per_device: Annotated[int, typer.Option(min=1, help="Worker processes per GPU.")] = 1,
-    grace: Annotated[float, typer.Option(help="Seconds running shards get to finish on shutdown.")] = 60.0,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds running shards get to finish on shutdown.")] = 60.0,
     preload: Annotated[list[str] | None, typer.Option(help="Model to load and warm up in every process before its first shard: name or name:version (repeatable; default: worker_preload_models).")] = None,
     loglevel: Annotated[LogLevel | None, typer.Option("--loglevel", case_sensitive=False, help="Log level (default: logging_level). At debug, each process also prints Celery's banner and start-up warnings; otherwise it says one line when ready.")] = None,
     name: Annotated[str | None, typer.Option(help="This launcher's part of its processes' node names, cpu0-NAME@host (default: the launcher's pid, so that two launchers on one host never share a name).")] = None,

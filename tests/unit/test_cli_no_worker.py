@@ -63,3 +63,16 @@ def test_unwritable_output_and_huge_batch_size_are_refused(tmp_path):
                          env=env, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 2 and "batch-size" in run.stderr
     assert not (tmp_path / "var").exists()
+
+
+def test_negative_durations_are_refused_before_anything_runs(tmp_path):
+    """`mlf score --timeout -1` (which waited "-1.0 s") and `mlf worker --grace -1` are
+    usage errors (exit 2) naming the option; nothing is submitted or started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env["ML_FRAMEWORK_VAR_DIR"] = str(tmp_path / "var")
+    mlf = [sys.executable, "-c", "from producer.cli import main; main()"]
+    for args, option in ((["score", "whatever.csv", "--model", "m", "--wait", "--timeout", "-1"], "--timeout"),
+                         (["worker", "--grace", "-1"], "--grace")):
+        run = subprocess.run([*mlf, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert run.returncode == 2 and option in run.stderr, run.stderr
+    assert not (tmp_path / "var").exists()
