@@ -163,13 +163,17 @@ def status(
 
 
 def _warn_unserved(job_id: str) -> None:
-    """Warn on stderr when PENDING job ``job_id`` sits on a queue no live worker consumes."""
+    """Warn on stderr why PENDING job ``job_id`` waits, when known: no live worker, live
+    workers on another broker (:meth:`Client.worker_warning`), or none consuming its queue."""
+    from ml_framework.endpoints import workers_warning
     from producer.queues import job_queue_warning
 
     with client() as c:
-        warning = job_queue_warning(c, job_id)
+        live = c.workers(30.0)
+        elsewhere = workers_warning(c.settings, live) if live else None  # live workers, on another broker
+        warning = elsewhere or job_queue_warning(c, job_id) or workers_warning(c.settings, live)
     if warning:
-        err.print(f"warning: {warning}", markup=False, highlight=False)
+        warn(warning)
 
 
 @app.command()

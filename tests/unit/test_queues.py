@@ -65,6 +65,8 @@ def test_the_embedded_broker_lists_a_queue_no_configured_worker_reads(tmp_path, 
     assert [cell.strip() for cell in row.strip("│ ").split("│")] == [hidden, "1", "?", "1"], run.stdout
     # the legend explains the marks the table shows, and only those
     assert "? = the broker cannot tell" in run.stdout and "+ =" not in run.stdout, run.stdout
+    status = mlf(values, "status", job_id)  # the embedded broker cannot tell consumers; no worker runs at all
+    assert status.returncode == 0 and "warning: no worker heartbeat in the last 30 s" in status.stderr, status.stderr
 
 
 def test_redis_flags_a_queue_without_consumer_in_mlf_queues_and_mlf_status(tmp_path, models):
