@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,19 +118,27 @@ def export_onnx_torch(
     description: str = "",
     sample: np.ndarray | None = None,
     opset_version: int = DEFAULT_OPSET,
+    dynamo: bool = False,
     dynamic_batching: SpecLike | None = None,
 ) -> ModelManifest:
     """Export a ``torch.nn.Module`` to ONNX with ``torch.onnx.export`` and publish it.
 
-    The module is traced on CPU in eval mode with two rows of zeros of the input spec
-    (``(2, *row_shape)`` of ``inputs.dtype``; images: the prepared image's shape), by
-    the TorchScript-based exporter (``dynamo=False``: it needs neither network nor
-    onnxscript), with the batch axis of input and output dynamic. The graph's input is
-    ``input``, its output ``output`` (a module returning a tuple answers with the first).
+    The module is exported on CPU in eval mode with two rows of zeros of the input spec
+    (``(2, *row_shape)`` of ``inputs.dtype``; images: the prepared image's shape), with
+    the batch axis of input and output dynamic. The graph's input is ``input``, its
+    output ``output`` (a module returning a tuple answers with the first).
+
+    Two exporters, both offline: by default the TorchScript-based one (``dynamo=False``;
+    seconds, no extra package; PyTorch deprecates it but 2.13 still ships it), or with
+    ``dynamo=True`` the ``torch.export``-based one (needs ``onnxscript``, in the ``onnx``
+    extra; about a minute on a CPU for a small CNN, and the one to use for models the
+    tracer gets wrong, such as data-dependent control flow captured by ``torch.cond``).
 
     Args:
         model: the module.
-        opset_version: ONNX opset (default :data:`DEFAULT_OPSET`).
+        opset_version: ONNX opset (default :data:`DEFAULT_OPSET`; the dynamo exporter
+            may raise it to the lowest its translations support, 18 for torch 2.13).
+        dynamo: use the ``torch.export``-based exporter.
         Other arguments: as :func:`worker.export.export_torch`.
 
     Returns:
@@ -146,15 +155,23 @@ def export_onnx_torch(
         shape = Preprocessing.model_validate(_dump(preprocessing) or {}).image_shape()
     example = torch.zeros((2, *shape), dtype=getattr(torch, spec.dtype))
     model = model.eval().to("cpu")
-    buffer = io.BytesIO()
+    names = {"input_names": [INPUT_NAME], "output_names": ["output"], "opset_version": opset_version}
     try:
-        torch.onnx.export(
-            model, (example,), buffer, input_names=[INPUT_NAME], output_names=["output"],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, "output": {0: "batch"}},
-            opset_version=opset_version, dynamo=False)
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=1 << 24)
+            program = torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), dynamo=True,
+                                        verbose=False, **names)
+            data = program.model_proto.SerializeToString()
+        else:
+            buffer = io.BytesIO()
+            with warnings.catch_warnings():  # the deprecation of the exporter chosen here, knowingly
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(model, (example,), buffer, dynamo=False,
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, "output": {0: "batch"}}, **names)
+            data = buffer.getvalue()
     except Exception as exc:
-        raise ManifestError(f"{name}: torch.onnx.export failed: {exc}") from exc
-    data = buffer.getvalue()
+        raise ManifestError(f"{name}: torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'} exporter) "
+                            f"failed: {exc}") from exc
     return _publish(
         models_dir, lambda path: path.write_bytes(data), name=name, framework="onnx",
         artifact="model.onnx", inputs=inputs, outputs=outputs, version=version,
