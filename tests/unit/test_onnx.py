@@ -143,6 +143,35 @@ def test_add_refuses_a_zipmap_output_with_the_fix(tmp_path, iris_graph):
         add_artifact(iris_graph[1], tmp_path, iris_manifest(onnx={"output": "output_probability"}))
 
 
+def tiny_graph(path, shape: list, elem_type: int) -> None:
+    """Write an ONNX graph ``y = Identity(x)`` whose input ``x`` has ``shape`` and element type ``elem_type``."""
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", elem_type, shape)
+    y = helper.make_tensor_value_info("y", elem_type, shape)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "tiny", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what ONNX Runtime 1.20+ reads
+    path.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize(("shape", "elem", "expected"), [  # elem: onnx.TensorProto 1 FLOAT, 10 FLOAT16
+    ([2, 4], 1, r"input 'x' has shape \[2, 4\]: its first axis must be a dynamic batch axis"),
+    (["batch", 4], 10, r"inputs\.dtype: the manifest feeds float32 but the graph .*'s input 'x' takes float16; "
+                       r"the manifest feeds float32 \| float64 \| int32 \| int64: export the graph"),
+], ids=["fixed-batch", "float16"])
+def test_add_refuses_graphs_the_batches_cannot_feed(tmp_path, shape, elem, expected):
+    """A graph with a fixed batch size, or an input dtype no manifest can declare, is refused with how to export it."""
+    path = tmp_path / "tiny.onnx"
+    tiny_graph(path, shape, elem)
+    manifest = {"name": "tiny", "framework": "onnx", "inputs": {"columns": ["a", "b", "c", "d"]},
+                "outputs": {"kind": "embedding", "size": 4}}
+    with pytest.raises(ManifestError, match=expected):
+        add_artifact(path, tmp_path / "models", manifest)
+    tiny_graph(path, ["batch", 4], 1)  # the same graph with a dynamic batch axis and float32 input is served
+    assert add_artifact(path, tmp_path / "models", manifest).onnx is None
+
+
 def test_onnx_file_under_another_framework_is_named_as_onnx(tmp_path, iris_graph):
     """An .onnx file is recognised from its bytes; under framework torch the error says to set framework: onnx."""
     assert artifact_format(iris_graph[0]) == "onnx"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from ml_framework.errors import ManifestError, ModelLoadError
-from ml_framework.manifest import MANIFEST_FILE
+from ml_framework.manifest import MANIFEST_FILE, InputSpec
 from worker.devices import discover, memory_fraction
 from worker.runtimes.base import Runtime, Signature
 from worker.runtimes.batching import first_line
@@ -23,6 +23,8 @@ ONNX_DTYPES = {
     "tensor(bool)": "bool",
 }
 """ONNX Runtime's type strings (``NodeArg.type``) -> NumPy dtype names."""
+_MANIFEST_DTYPES = get_args(InputSpec.model_fields["dtype"].annotation)
+"""The input dtypes a manifest can declare (``inputs.dtype``)."""
 _NUMERIC_OUTPUTS = {"float32", "float64", "float16", "int32", "int64", "int8", "uint8"}
 _OOM_TEXT = ("out of memory", "failed to allocate memory", "bad_alloc")
 """How ONNX Runtime words an allocation failure (its errors are one exception type)."""
@@ -142,10 +144,15 @@ class OnnxRuntime(Runtime):
             raise ManifestError(f"{where}: the graph {path} takes inputs {extra} besides {arg.name!r}; "
                                 "framework onnx feeds one input")
         if (got := ONNX_DTYPES.get(arg.type)) != want:
+            fix = (f"set inputs.dtype: {got}" if got in _MANIFEST_DTYPES else
+                   f"the manifest feeds {' | '.join(_MANIFEST_DTYPES)}: export the graph with one of those input types")
             raise ManifestError(f"{where}: inputs.dtype: the manifest feeds {want} but the graph {path}'s "
-                                f"input {arg.name!r} takes {got or arg.type}; set inputs.dtype: {got}"
-                                if got else f"{where}: the graph {path}'s input {arg.name!r} takes {arg.type}, "
-                                "not a numeric tensor")
+                                f"input {arg.name!r} takes {got or arg.type}; {fix}")
+        batch = arg.shape[0] if len(arg.shape) else None
+        if not len(arg.shape) or isinstance(batch, int):
+            raise ManifestError(f"{where}: the graph {path}'s input {arg.name!r} has shape {list(arg.shape)}: "
+                                "its first axis must be a dynamic batch axis (any number of rows); export it "
+                                "with one (torch.onnx.export's dynamic_axes or dynamic_shapes, skl2onnx's None)")
         out = pick(outputs, spec.output if spec else None, "output")
         if ONNX_DTYPES.get(out.type) not in _NUMERIC_OUTPUTS:
             hint = (" (skl2onnx's ZipMap: convert with options={id(model): {'zipmap': False}})"
