@@ -87,8 +87,8 @@ class OnnxRuntime(Runtime):
         Raises:
             ModelLoadError: ONNX Runtime is missing or cannot load the file.
             ManifestError: the manifest's input / output names, input dtype or output type
-                do not fit the graph (the message names the file, the field and the graph's
-                own inputs / outputs).
+                do not fit the graph, or the graph's batch size is fixed (the message names
+                the file, the field and the graph's own inputs / outputs).
         """
         ort = import_onnxruntime()
         options = ort.SessionOptions()
@@ -110,8 +110,7 @@ class OnnxRuntime(Runtime):
         self._input, self._output = self._graph_io(session)
         self.model = session
         shape = list(self._input.shape)
-        self._rank = len(shape)
-        self.flattens_input = self._rank == 2 and len(self.manifest.row_shape) > 1
+        self.flattens_input = len(shape) == 2 and len(self.manifest.row_shape) > 1
         out_dims = list(self._output.shape)[1:]
         self.signature = Signature(
             row_shape=tuple(d if isinstance(d, int) else None for d in shape[1:]),
