@@ -57,6 +57,17 @@ def test_sklearn_classifier_via_skl2onnx_predicts_as_its_skops_runtime(tmp_path,
     np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
 
 
+def test_rank_two_graph_takes_shaped_rows_flattened(tmp_path, digits):
+    """A skl2onnx graph takes (N, 64); rows declared [1, 8, 8] are flattened for it and score as predict_proba."""
+    data, x = digits
+    clf = d.fit_sklearn(data)
+    export_onnx_sklearn(clf, tmp_path, "digits-onnx", **d._common("onnx", [1, 8, 8]))
+    runtime = ModelRegistry(tmp_path, threads=1).get("digits-onnx")
+    check_signature(runtime)
+    assert runtime.flattens_input and runtime.signature.row_shape == (64,)
+    np.testing.assert_allclose(runtime.predict_batch(x.reshape(-1, 1, 8, 8)), clf.predict_proba(x), rtol=0, atol=TOLERANCE)
+
+
 def test_sklearn_regressor_via_skl2onnx_predicts_as_its_skops_runtime(tmp_path):
     """A ridge regression on the diabetes data (float64 inputs): its only output, within 1e-5 of skops."""
     x, y = load_diabetes(return_X_y=True)
