@@ -131,7 +131,8 @@ def export_onnx_torch(
     Two exporters, both offline: by default the TorchScript-based one (``dynamo=False``;
     seconds, no extra package; PyTorch deprecates it but 2.13 still ships it), or with
     ``dynamo=True`` the ``torch.export``-based one (needs ``onnxscript``, in the ``onnx``
-    extra; about a minute on a CPU for a small CNN, and the one to use for models the
+    extra; seconds for a small CNN, up to a minute for the first export in a fresh process,
+    which sets up onnxscript and ``torch.export``; the one to use for models the
     tracer gets wrong, such as data-dependent control flow captured by ``torch.cond``).
 
     Args:
