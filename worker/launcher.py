@@ -162,7 +162,8 @@ def exit_now(code: int) -> None:
     """End this process with exit status ``code`` now: flush the logs and the standard
     streams, then ``os._exit``, skipping the interpreter's teardown of the native libraries
     ``mlf`` imports (Arrow's dataset threads, pandas, SQLAlchemy), which took a second or
-    more on a loaded host. For a process whose work is done and cleaned up: the launcher
+    more on a loaded host, and 5 to 20 s in a worker process with PyTorch or TensorFlow
+    loaded (py-spy: ``gc_collect_main`` after the last Python frame). For a process whose work is done and cleaned up: the launcher
     once :meth:`Supervisor.run` has returned (children reaped, their files, the metrics
     directory and the store closed), and a worker process once Celery has stopped
     (``worker/app.py``)."""

@@ -29,6 +29,7 @@ from ml_framework.manifest.specs import (
     DynamicBatching,
     InputKind,
     InputSpec,
+    OnnxSpec,
     OutputSpec,
     Preprocessing,
     RuntimeOptions,
@@ -37,7 +38,8 @@ from ml_framework.manifest.specs import (
 
 __all__ = [
     "MANIFEST_FILE", "MAX_INT32", "NAME_PATTERN", "ONE_COLUMN_KINDS", "BatchSize", "DynamicBatching", "Framework",
-    "InputKind", "InputSpec", "ModelManifest", "ModelRepository", "OutputSpec", "Preprocessing", "RuntimeOptions",
-    "TokenizerSpec", "Version", "artifact_format", "artifact_kind", "artifact_name_mismatch", "check_artifact", "framework_mismatch",
+    "InputKind", "InputSpec", "ModelManifest", "ModelRepository", "OnnxSpec", "OutputSpec", "Preprocessing",
+    "RuntimeOptions", "TokenizerSpec", "Version", "artifact_format", "artifact_kind", "artifact_name_mismatch",
+    "check_artifact", "framework_mismatch",
     "is_version", "parse_model_ref",
 ]

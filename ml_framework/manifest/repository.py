@@ -23,8 +23,10 @@ _FORMATS: dict[str, str] = {
     "sklearn": "a scikit-learn skops file",
     "torch": "a PyTorch archive (torch.export .pt2 or TorchScript .pt)",
     "tensorflow": "a Keras / TensorFlow model",
+    "onnx": "an ONNX model (.onnx)",
 }
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # legacy Keras .h5 files
+_ONNX_FIRST_BYTE = b"\x08"  # protobuf tag of ModelProto field 1 (ir_version), wire type varint
 
 
 _KINDS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
@@ -36,6 +38,7 @@ _KINDS: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
     "keras": ("tensorflow", "a Keras v3 file", (".keras",), True),  # keras.models.load_model goes by name
     "h5": ("tensorflow", "a legacy Keras HDF5 file", (".h5", ".hdf5"), True),
     "savedmodel": ("tensorflow", "a TensorFlow SavedModel directory", (), False),
+    "onnx": ("onnx", "an ONNX graph", (".onnx",), False),
 }
 _SUFFIX_KIND = {suffix: kind for kind, (_, _, suffixes, _) in _KINDS.items() for suffix in suffixes}
 
@@ -47,9 +50,11 @@ def artifact_kind(path: Path) -> str | None:
     Recognised: skops files (a zip with ``schema.json`` at its root), PyTorch archives
     (one top-level folder holding ``data.pkl``, ``archive_format`` or ``version``:
     ``torch.export`` programs have ``archive_format``, TorchScript ``code/``), Keras v3
-    ``.keras`` zips (``config.json`` and ``metadata.json`` at the root), HDF5 files and
-    SavedModel directories (``saved_model.pb``). ``None`` when the file is none of these
-    (or cannot be read): the runtime's own loader then decides.
+    ``.keras`` zips (``config.json`` and ``metadata.json`` at the root), HDF5 files,
+    SavedModel directories (``saved_model.pb``) and ONNX graphs (an ``.onnx`` file that
+    starts as an ONNX ``ModelProto`` does: field 1, ``ir_version``, a varint; the format has
+    no magic bytes). ``None`` when the file is none of these (or cannot be read): the
+    runtime's own loader then decides.
     """
     path = Path(path)
     if path.is_dir():
@@ -60,7 +65,7 @@ def artifact_kind(path: Path) -> str | None:
         if head == _HDF5_SIGNATURE:
             return "h5"
         if not zipfile.is_zipfile(path):
-            return None
+            return "onnx" if path.suffix.lower() == ".onnx" and head[:1] == _ONNX_FIRST_BYTE else None
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
     except (OSError, zipfile.BadZipFile):
@@ -83,7 +88,7 @@ def artifact_format(path: Path) -> str | None:
     """Which framework wrote the artifact at ``path`` (see :func:`artifact_kind`).
 
     Returns:
-        ``sklearn``, ``torch`` or ``tensorflow``; ``None`` when the file is none of these
+        ``sklearn``, ``torch``, ``tensorflow`` or ``onnx``; ``None`` when the file is none of these
         (or cannot be read): the runtime's own loader then decides.
     """
     kind = artifact_kind(path)
