@@ -22,8 +22,13 @@ from tritonclient.utils import InferenceServerException  # noqa: E402 - after th
 
 pytestmark = pytest.mark.integration
 KEY = "oip-user-key-0123456789abcdef"
-AUTH = {"X-API-Key": KEY}
 INT_MODEL = "digits-int64"
+
+
+def auth() -> dict[str, str]:
+    """The key's header, in a new dict each call: tritonclient's ``infer`` adds its
+    binary-data header to the dict it is given."""
+    return {"X-API-Key": KEY}
 
 
 @pytest.fixture(scope="session")
@@ -65,21 +70,21 @@ def test_server_live_ready_and_metadata(server):
     bare = httpclient.InferenceServerClient(server)
     client = httpclient.InferenceServerClient(server)
     assert bare.is_server_live() and bare.is_server_ready()
-    assert client.is_model_ready("digits-torch", headers=AUTH)
-    meta = client.get_model_metadata("digits-torch", headers=AUTH)
+    assert client.is_model_ready("digits-torch", headers=auth())
+    meta = client.get_model_metadata("digits-torch", headers=auth())
     assert meta["name"] == "digits-torch" and meta["platform"] == "pytorch" and "1" in meta["versions"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert meta["outputs"] == [{"name": "prediction", "datatype": "INT64", "shape": [-1]},
                                {"name": "score", "datatype": "FP64", "shape": [-1]},
                                {"name": "probabilities", "datatype": "FP64", "shape": [-1, 10]}]
-    int_meta = client.get_model_metadata(INT_MODEL, model_version="1", headers=AUTH)
+    int_meta = client.get_model_metadata(INT_MODEL, model_version="1", headers=auth())
     assert int_meta["inputs"] == [{"name": "input", "datatype": "INT64", "shape": [-1, 64]}]
-    assert client.get_server_metadata(headers=AUTH)["extensions"] == ["binary_tensor_data"]
+    assert client.get_server_metadata(headers=auth())["extensions"] == ["binary_tensor_data"]
     with pytest.raises(InferenceServerException) as exc:
         client.get_model_metadata("digits-torch")
     assert exc.value.status() == "401" and "missing or wrong API key" in exc.value.message()
     with pytest.raises(InferenceServerException) as exc:
-        client.get_model_metadata("no-such-model", headers=AUTH)
+        client.get_model_metadata("no-such-model", headers=auth())
     assert exc.value.status() == "404" and exc.value.message() == "model 'no-such-model' not found"
 
 
@@ -93,7 +98,7 @@ def test_fp32_inference_matches_the_model(server, trained, digits, binary):
     given.set_data_from_numpy(x, binary_data=binary)
     wanted = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("prediction", "probabilities")]
     client = httpclient.InferenceServerClient(server)
-    result = client.infer("digits-torch", [given], outputs=wanted, request_id="req-7", headers=AUTH)
+    result = client.infer("digits-torch", [given], outputs=wanted, request_id="req-7", headers=auth())
     assert result.get_response()["id"] == "req-7" and result.get_response()["model_version"] == "1"
     assert result.as_numpy("prediction").tolist() == expected_labels(trained, "torch", frame)
     probabilities = result.as_numpy("probabilities")
@@ -107,7 +112,7 @@ def test_int64_inference_matches_the_model(server, int64_model, digits):
     x = digits.frame[PIXELS].iloc[100:120].to_numpy(np.int64)
     given = httpclient.InferInput("input", list(x.shape), "INT64")
     given.set_data_from_numpy(x)  # tritonclient's default: binary tensor data
-    result = httpclient.InferenceServerClient(server).infer(INT_MODEL, [given], headers=AUTH)
+    result = httpclient.InferenceServerClient(server).infer(INT_MODEL, [given], headers=auth())
     assert result.as_numpy("prediction").tolist() == int64_model.predict(x).tolist()
     np.testing.assert_allclose(result.as_numpy("probabilities"), int64_model.predict_proba(x), atol=1e-6)
     np.testing.assert_allclose(result.as_numpy("score"), int64_model.predict_proba(x).max(axis=1), atol=1e-6)
@@ -124,5 +129,5 @@ def test_a_wrong_shape_datatype_or_name_is_400_naming_it(server):
         given = httpclient.InferInput(name, shape, datatype)
         given.set_data_from_numpy(data, binary_data=False)
         with pytest.raises(InferenceServerException) as exc:
-            client.infer(INT_MODEL, [given], request_id=uuid.uuid4().hex, headers=AUTH)
+            client.infer(INT_MODEL, [given], request_id=uuid.uuid4().hex, headers=auth())
         assert exc.value.status() == "400" and message in exc.value.message(), exc.value.message()
