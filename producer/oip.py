@@ -58,9 +58,11 @@ from producer.api_auth import User
 from producer.api_errors import (
     REQUEST_ID_HEADER,
     RequestTooLargeError,
+    is_json,
     public,
     public_error,
     request_id,
+    send_json,
 )
 from producer.client import Client
 from producer.oip_tensors import (
@@ -71,7 +73,7 @@ from producer.oip_tensors import (
     output_specs,
 )
 
-__all__ = ["InferenceRequest", "InferenceResponse", "ModelMetadata", "OipRoute", "router"]
+__all__ = ["ErrorResponse", "InferenceRequest", "InferenceResponse", "ModelMetadata", "OipRoute", "router"]
 
 log = logging.getLogger("producer.api")
 
@@ -112,6 +114,12 @@ class InferenceRequest(BaseModel):
     inputs: list[RequestInput] = Field(min_length=1, max_length=64)
     outputs: list[RequestOutput] | None = Field(default=None, max_length=64,
                                                 description="Outputs to answer; default all.")
+
+
+class ErrorResponse(BaseModel):
+    """The spec's error body (``$inference_error_response`` and the others alike)."""
+
+    error: str = Field(description="What was wrong; the server log has more under the X-Request-ID header.")
 
 
 class TensorMetadata(BaseModel):
@@ -197,7 +205,8 @@ class OipRoute(APIRoute):
         return answer
 
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=OipRoute)
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=OipRoute,
+                   responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 500, 503, 504)})
 """The ``/v2`` endpoints; ``create_app`` includes them."""
 
 
@@ -311,6 +320,7 @@ async def _read_request(request: Request, limit: int) -> tuple[InferenceRequest,
         InferenceInputError: the body is not the spec's object, or its binary data sizes
             do not add up.
     """
+    header = request.headers.get(BINARY_HEADER)
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise RequestTooLargeError(f"request body of {length} bytes exceeds api_max_request_bytes ({limit})")
@@ -321,7 +331,6 @@ async def _read_request(request: Request, limit: int) -> tuple[InferenceRequest,
             raise RequestTooLargeError(f"request body exceeds api_max_request_bytes ({limit})")
         chunks.append(chunk)
     raw = b"".join(chunks)
-    header = request.headers.get(BINARY_HEADER)
     json_bytes = raw
     if header is not None:
         if not header.isdigit() or int(header) > len(raw):
@@ -357,6 +366,9 @@ def _timeout_s(body: InferenceRequest) -> float:
 
 
 async def _infer(request: Request, c: Client, caller: Any, name: str, version: str | None) -> InferenceResponse:
+    content_type = request.headers.get("content-type")
+    if request.headers.get(BINARY_HEADER) is None and not is_json(content_type):  # binary data: any type
+        raise send_json(content_type)  # first, as /v1 answers it
     manifest = _manifest(c, name, version)  # an unknown model is 404 before the body is read
     body, blobs = await _read_request(request, c.settings.api_max_request_bytes)
     want = input_spec(manifest)

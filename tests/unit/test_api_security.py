@@ -97,7 +97,7 @@ def test_every_endpoint_but_health_and_ready_needs_a_known_key(http):
 
 def test_the_openapi_schema_declares_the_security_schemes(http):
     """The schema declares the key header and the bearer scheme (the docs page's Authorize
-    button), on every operation but /health and /ready."""
+    button), on every operation but /health, /ready and their /v2 twins."""
     schema = http.get("/openapi.json").json()
     schemes = schema["components"]["securitySchemes"]
     assert schemes["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key",
@@ -106,7 +106,8 @@ def test_the_openapi_schema_declares_the_security_schemes(http):
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             secured = {name for requirement in operation.get("security", []) for name in requirement}
-            assert secured == (set() if path in ("/health", "/ready") else {"ApiKey", "Bearer"}), (method, path)
+            open_paths = ("/health", "/ready", "/v2/health/live", "/v2/health/ready")
+            assert secured == (set() if path in open_paths else {"ApiKey", "Bearer"}), (method, path)
     body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {r["$ref"] for r in body["anyOf"]} == {"#/components/schemas/DatasetJobRequest",
                                                   "#/components/schemas/RowsJobRequest"}
