@@ -7,6 +7,8 @@ interleaved rounds so that drift of a shared machine hits every series alike:
 
 - ``/v1 predict``: ``POST /v1/models/{name}/predict`` with ``{"rows": [{pixel: value}]}``
   (httpx);
+- ``/v2 httpx JSON``: ``POST /v2/models/{name}/infer`` with a JSON tensor, through the same
+  client as ``/v1`` (httpx), so that only the server side differs;
 - ``/v2 tritonclient JSON``: ``InferenceServerClient.infer`` with JSON tensor data
   (``binary_data=False``);
 - ``/v2 tritonclient binary``: the same with tritonclient's default binary tensor data.
@@ -71,6 +73,7 @@ def main() -> int:
     args = parser.parse_args()
     n = 160 if args.quick else 480
 
+    sys.path.insert(0, str(REPO))  # demo, tests.conftest
     import httpx
     import psycopg
     import redis
@@ -123,6 +126,16 @@ def main() -> int:
 
             return call
 
+        def v2_httpx():
+            http = httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=60)
+
+            def call(row: np.ndarray) -> None:
+                body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}]}
+                r = http.post(f"/v2/models/{manifest.name}/infer", json=body)
+                assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "prediction", r.text
+
+            return call
+
         def v2(binary: bool):
             def make():
                 tc = triton.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
@@ -139,7 +152,8 @@ def main() -> int:
 
             return make
 
-        series = {"/v1 predict": v1, "/v2 tritonclient JSON": v2(False), "/v2 tritonclient binary": v2(True)}
+        series = {"/v1 predict": v1, "/v2 httpx JSON": v2_httpx, "/v2 tritonclient JSON": v2(False),
+                  "/v2 tritonclient binary": v2(True)}
         latencies: dict[str, list[float]] = {name: [] for name in series}
         rates: dict[str, list[float]] = {name: [] for name in series}
         for make in series.values():  # warm-up: connections, the model, the API's code paths
