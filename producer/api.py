@@ -100,6 +100,7 @@ from producer.api_errors import (
 from producer.api_requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, dataset_under, sf_string
 from producer.cache import ResultsCache
 from producer.client import Client
+from producer.oip import router as oip_router
 from producer.results import encode_results
 from producer.ui import router as ui_router
 
@@ -446,6 +447,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(body, media_type=content_type)
 
     api.include_router(ui_router)  # the job pages, /ui/... (producer.ui)
+    api.include_router(oip_router)  # the Open Inference Protocol, /v2/... (producer.oip)
     return api
 
 

@@ -46,7 +46,7 @@ log = logging.getLogger("producer.api")
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]*")
-_ABS_PATH = re.compile(r"(?<![\w.:/-])/(?!v1/|health|ready|metrics|docs|openapi)[^\s'\",;:()]+")
+_ABS_PATH = re.compile(r"(?<![\w.:/-])/(?!v[12]/|health|ready|metrics|docs|openapi)[^\s'\",;:()]+")
 _MAX_MESSAGE_CHARS = 2000
 
 

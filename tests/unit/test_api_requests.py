@@ -48,7 +48,9 @@ def http(root):
 
 
 def error(r) -> str:
-    return r.json()["error"]["message"]
+    """The error message of ``r``: ``/v1``'s ``{"error": {"message"}}`` or ``/v2``'s ``{"error": "..."}``."""
+    body = r.json()["error"]
+    return body if isinstance(body, str) else body["message"]
 
 
 def test_the_cli_habit_data_prefix_is_answered_with_the_path_that_exists(http, root):
