@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from ml_framework.settings import load_settings
 from ml_framework.store import RowError, WorkerInfo
 from producer.api import create_app
-from producer.api_auth import UI_COOKIE, UI_SESSION_S, KeyTable, Principal
+from producer.api.auth import UI_COOKIE, UI_SESSION_S, KeyTable, Principal
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef",
         "ops": "ops-key-0123456789abcdef", "prom": "prom-key-0123456789abcdef"}
@@ -224,7 +224,7 @@ def test_every_template_is_package_data():
     `pip wheel --no-deps .` holds producer/templates/ui/*.html)."""
     import tomllib
 
-    from producer.ui import template_dir
+    from producer.api.ui import template_dir
 
     package = template_dir().parent.parent
     globs = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]

@@ -11,7 +11,7 @@
 ``POST /ui/logout``         forgets the session cookie
 ==========================  ==================================================================
 
-Who sees what is the API's rule (:mod:`producer.api_auth`): a key of role ``user`` sees its
+Who sees what is the API's rule (:mod:`producer.api.auth`): a key of role ``user`` sees its
 own jobs, ``admin`` every job, ``metrics`` none. A browser signs in once with its key in a
 form (a POST body, never a URL, so no access log holds it); the cookie it gets holds a
 session token, not the key, and is taken on GET requests only, so it also opens the result
@@ -40,7 +40,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from ml_framework.errors import JobNotFoundError
 from ml_framework.store import JobState, JobStatus, RowError, WorkerInfo
-from producer.api_auth import (
+from producer.api.auth import (
     API_KEY,
     BEARER,
     UI_COOKIE,
@@ -50,7 +50,7 @@ from producer.api_auth import (
     caller,
     owned_job_id,
 )
-from producer.api_errors import UnauthorizedError, scrub
+from producer.api.errors import UnauthorizedError, scrub
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Refusal:
 
 
 async def _viewer(request: Request) -> Principal | Refusal:
-    """The caller, as :func:`~producer.api_auth.caller` finds it (header or session
+    """The caller, as :func:`~producer.api.auth.caller` finds it (header or session
     cookie), or why it is refused: the pages answer refusals with HTML, not JSON."""
     try:
         principal = await caller(request, await API_KEY(request), await BEARER(request))
@@ -254,4 +254,4 @@ def _next(target: str, request: Request) -> str:
 
 def template_dir() -> Path:
     """Where the page templates are (packaged with :mod:`producer`)."""
-    return Path(__file__).parent / "templates" / "ui"
+    return Path(__file__).parent.parent / "templates" / "ui"
