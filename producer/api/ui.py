@@ -50,7 +50,8 @@ from producer.api.auth import (
     caller,
     owned_job_id,
 )
-from producer.api.errors import UnauthorizedError, scrub
+from producer.api.deps import read_body
+from producer.api.errors import RequestTooLargeError, UnauthorizedError, scrub
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,10 @@ async def login(request: Request) -> Response:
     if origin and urlsplit(origin).netloc != request.url.netloc:  # a form posted from another site
         return _page(request, "refused.html", 403, message="Sign in from this site's own form.", login=False,
                      next="")
-    body = await request.body() if int(request.headers.get("content-length") or 0) <= MAX_LOGIN_BYTES else b""
+    try:  # declared or streamed, a form over the limit is read no further: no key
+        body = await read_body(request, MAX_LOGIN_BYTES)
+    except RequestTooLargeError:
+        body = b""
     form = parse_qs(body.decode("utf-8", "replace")[:MAX_LOGIN_BYTES])
     key, target = (form.get("key") or [""])[0].strip(), _next((form.get("next") or [""])[0], request)
     table: KeyTable = request.app.state.keys
