@@ -136,7 +136,7 @@ def fail(message: str) -> typer.Exit:
 
 
 def models_add(
-    artifact: Annotated[Path, typer.Argument(help="Model file (.skops, .pt2, .pt, .keras) or SavedModel directory.")],
+    artifact: Annotated[Path, typer.Argument(help="Model file (.skops, .pt2, .pt, .keras, .onnx) or SavedModel directory.")],
     manifest: Annotated[Path, typer.Option(help="YAML/JSON manifest: framework, inputs, outputs, ...")],
     name: Annotated[str | None, typer.Option(help="Model name (overrides the manifest).")] = None,
     version: Annotated[int | None, typer.Option(min=1, max=MAX_INT32, help="Version (default: next free).")] = None,

@@ -65,6 +65,7 @@ def _publish(
     dynamic_batching: SpecLike | None = None,
     tokenizer: SpecLike | None = None,
     shown: Mapping[str, str] | None = None,
+    onnx: SpecLike | None = None,
 ) -> ModelManifest:
     """Validate the manifest, ``write`` the artifact into a staging directory beside the
     version's, load it and run one batch, then move it into place. On any failure nothing
@@ -87,6 +88,8 @@ def _publish(
         fields["dynamic_batching"] = _dump(dynamic_batching)
     if tokenizer is not None:  # text inputs; ``write`` puts the tokenizer file beside the artifact
         fields["tokenizer"] = _dump(tokenizer)
+    if onnx is not None:  # framework onnx: the graph's input and output names
+        fields["onnx"] = _dump(onnx)
     try:
         manifest = ModelManifest.model_validate(fields)
     except ValidationError as exc:
@@ -270,7 +273,7 @@ def export_keras(
 
 def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping[str, Any],
                  search: Sequence[Path | str] = (), manifest_path: Path | str | None = None) -> ModelManifest:
-    """Publish an existing artifact (file or SavedModel directory) with a manifest.
+    """Publish an existing artifact (file, SavedModel directory, ``.onnx`` graph) with a manifest.
 
     Args:
         artifact: path of the artifact to copy into the repository.
@@ -332,4 +335,5 @@ def add_artifact(artifact: Path | str, models_dir: Path | str, manifest: Mapping
         trusted_types=fields.get("trusted_types"), description=fields.get("description", ""),
         sample=None, runtime=fields.get("runtime"), dynamic_batching=fields.get("dynamic_batching"),
         tokenizer=fields.get("tokenizer"), shown={"artifact": str(src), "manifest": where},
+        onnx=fields.get("onnx"),
     )

@@ -27,6 +27,7 @@ from ml_framework.manifest.specs import (
     DynamicBatching,
     InputKind,
     InputSpec,
+    OnnxSpec,
     OutputSpec,
     Preprocessing,
     RuntimeOptions,
@@ -35,7 +36,8 @@ from ml_framework.manifest.specs import (
 
 __all__ = [
     "MANIFEST_FILE", "MAX_INT32", "NAME_PATTERN", "ONE_COLUMN_KINDS", "BatchSize", "DynamicBatching", "Framework",
-    "InputKind", "InputSpec", "ModelManifest", "ModelRepository", "OutputSpec", "Preprocessing", "RuntimeOptions",
+    "InputKind", "InputSpec", "ModelManifest", "ModelRepository", "OnnxSpec", "OutputSpec", "Preprocessing",
+    "RuntimeOptions",
     "TokenizerSpec", "Version", "artifact_format", "check_artifact", "framework_mismatch",
     "is_version", "parse_model_ref",
 ]

@@ -14,6 +14,7 @@ from ml_framework.manifest.specs import (
     BatchSize,
     DynamicBatching,
     InputSpec,
+    OnnxSpec,
     OutputSpec,
     Preprocessing,
     RuntimeOptions,
@@ -24,7 +25,7 @@ from ml_framework.manifest.specs import (
 MANIFEST_FILE = "manifest.yaml"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
-Framework = Literal["torch", "tensorflow", "sklearn"]
+Framework = Literal["torch", "tensorflow", "sklearn", "onnx"]
 Version = Annotated[PositiveInt, Field(le=MAX_INT32)]
 
 _TORCH_ONLY = ("inference_mode", "precision", "pin_memory")
@@ -38,7 +39,8 @@ class ModelManifest(_Strict):
         name: model name (letters, digits, ``._-``).
         version: positive integer version.
         framework: ``torch`` (``torch.export`` ``.pt2`` or TorchScript ``.pt``),
-            ``tensorflow`` (``.keras`` or a SavedModel directory) or ``sklearn`` (``.skops``).
+            ``tensorflow`` (``.keras`` or a SavedModel directory), ``sklearn`` (``.skops``)
+            or ``onnx`` (an ``.onnx`` graph, served by ONNX Runtime).
         artifact: file (or directory) name inside the version directory.
         inputs / outputs / preprocessing: see :class:`InputSpec`, :class:`OutputSpec`,
             :class:`Preprocessing`.
@@ -46,6 +48,7 @@ class ModelManifest(_Strict):
         default_batch_size: rows per forward pass unless the job says otherwise.
         trusted_types: scikit-learn only: the exact types skops may instantiate when
             loading; anything else in the file makes loading fail (no bare pickle).
+        onnx: ``onnx`` only: the graph input and output to use, see :class:`OnnxSpec`.
         runtime: inference fast paths, see :class:`RuntimeOptions`.
         dynamic_batching: batching of online requests, see :class:`DynamicBatching`.
         description: free text.
@@ -61,6 +64,7 @@ class ModelManifest(_Strict):
     tokenizer: TokenizerSpec | None = None
     default_batch_size: BatchSize | None = None
     trusted_types: list[str] = Field(default_factory=list)
+    onnx: OnnxSpec | None = None
     runtime: RuntimeOptions = RuntimeOptions()
     dynamic_batching: DynamicBatching = DynamicBatching()
     description: str = ""
@@ -71,6 +75,8 @@ class ModelManifest(_Strict):
             raise ValueError(f"artifact must be a name inside the version directory, got {self.artifact!r}")
         if self.trusted_types and self.framework != "sklearn":
             raise ValueError("trusted_types applies to framework: sklearn only")
+        if self.onnx is not None and self.framework != "onnx":
+            raise ValueError("onnx (graph input and output names) applies to framework: onnx only")
         for keys, framework in ((_TORCH_ONLY, "torch"), (_TF_ONLY, "tensorflow")):
             changed = [k for k in keys if getattr(self.runtime, k) != RuntimeOptions.model_fields[k].default]
             wrong = changed if self.framework != framework else []
@@ -95,7 +101,7 @@ class ModelManifest(_Strict):
                 raise ValueError("preprocessing.mean / std apply to inputs.kind image only")
             return
         if self.framework == "sklearn":
-            raise ValueError("inputs.kind image needs a torch or tensorflow model")
+            raise ValueError("inputs.kind image needs a torch, tensorflow or onnx model")
         if prep.image_size is None:
             raise ValueError("inputs.kind image needs a fixed image size: preprocessing.crop, "
                              "or preprocessing.resize as [height, width]")

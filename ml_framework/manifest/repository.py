@@ -23,8 +23,10 @@ _FORMATS: dict[str, str] = {
     "sklearn": "a scikit-learn skops file",
     "torch": "a PyTorch archive (torch.export .pt2 or TorchScript .pt)",
     "tensorflow": "a Keras / TensorFlow model",
+    "onnx": "an ONNX model (.onnx)",
 }
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # legacy Keras .h5 files
+_ONNX_FIRST_BYTE = b"\x08"  # protobuf tag of ModelProto field 1 (ir_version), wire type varint
 
 
 def artifact_format(path: Path) -> str | None:
@@ -34,11 +36,12 @@ def artifact_format(path: Path) -> str | None:
     Recognised: skops files (a zip with ``schema.json`` at its root), PyTorch archives
     (``torch.export`` and TorchScript zips: one top-level folder holding ``data.pkl``,
     ``archive_format`` or ``version``), Keras v3 ``.keras`` zips (``config.json`` and
-    ``metadata.json`` at the root), HDF5 ``.h5`` files and SavedModel directories
-    (``saved_model.pb``).
+    ``metadata.json`` at the root), HDF5 ``.h5`` files, SavedModel directories
+    (``saved_model.pb``) and ONNX graphs (an ``.onnx`` file that starts as an ONNX
+    ``ModelProto`` does: field 1, ``ir_version``, a varint; the format has no magic bytes).
 
     Returns:
-        ``sklearn``, ``torch`` or ``tensorflow``; ``None`` when the file is none of these
+        ``sklearn``, ``torch``, ``tensorflow`` or ``onnx``; ``None`` when the file is none of these
         (or cannot be read): the runtime's own loader then decides.
     """
     path = Path(path)
@@ -50,7 +53,7 @@ def artifact_format(path: Path) -> str | None:
         if head == _HDF5_SIGNATURE:
             return "tensorflow"
         if not zipfile.is_zipfile(path):
-            return None
+            return "onnx" if path.suffix.lower() == ".onnx" and head[:1] == _ONNX_FIRST_BYTE else None
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
     except (OSError, zipfile.BadZipFile):

@@ -291,6 +291,23 @@ class RuntimeOptions(_Strict):
     warmup: bool = True
 
 
+class OnnxSpec(_Strict):
+    """Which tensors of an ONNX graph (framework ``onnx``) the model's input feeds and its
+    output comes from, by name. Both are checked against the graph when the model is
+    added and when a worker loads it.
+
+    Attributes:
+        input: the graph input fed with the ``(N, *row_shape)`` rows; default: the
+            graph's only input.
+        output: the graph output read as the model's ``(N, K)`` / ``(N,)`` outputs;
+            default: the graph's only output. A classifier converted with skl2onnx has two,
+            ``label`` and ``probabilities``: name ``probabilities``.
+    """
+
+    input: str | None = Field(default=None, min_length=1)
+    output: str | None = Field(default=None, min_length=1)
+
+
 class DynamicBatching(_Strict):
     """How a worker batches concurrent online requests for this model (as Triton's
     ``dynamic_batching``): it gathers waiting requests until ``max_batch_size`` rows or

@@ -92,24 +92,29 @@ FAKE_FRAMEWORKS = {
     "torch/__init__.py": "from types import SimpleNamespace as N\n__version__ = '2.99'\n"
                          "version = N(cuda={cuda})\n"
                          "backends = N(cudnn=N(version=lambda: 91000), cuda=N(is_built=lambda: {torch}))\n",
+    "onnxruntime/__init__.py": "__version__ = '1.99'\n"
+                               "def get_available_providers():\n"
+                               "    return ['CUDAExecutionProvider', 'CPUExecutionProvider'] if {ort} else ['CPUExecutionProvider']\n",
 }
 
 
-def test_the_build_stage_fails_unless_both_frameworks_are_cuda_builds(tmp_path):
+def test_the_build_stage_fails_unless_every_framework_is_a_cuda_build(tmp_path):
     """Run as the build would: with the CPU builds installed here it exits 1 (and prints
-    each framework's CUDA); with stand-ins that report CUDA builds, 0; with either one a
-    CPU build, 1."""
+    each framework's CUDA, and ONNX Runtime's providers); with stand-ins that report CUDA
+    builds, 0; with any one a CPU build, 1."""
     run = subprocess.run([sys.executable, "-c", cuda_check()], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 1, run.stdout + run.stderr
     assert re.search(r"(?m)^tensorflow \S+ CUDA ", run.stdout) and re.search(r"(?m)^torch \S+ CUDA None", run.stdout)
-    for tf, torch, cuda, code in [(True, True, "'13.0'", 0), (False, True, "'13.0'", 1), (True, False, "None", 1)]:
-        fake = tmp_path / f"{tf}-{torch}"
+    assert re.search(r"(?m)^onnxruntime \S+ providers \[.*'CPUExecutionProvider'", run.stdout)
+    for tf, torch, cuda, ort, code in [(True, True, "'13.0'", True, 0), (False, True, "'13.0'", True, 1),
+                                       (True, False, "None", True, 1), (True, True, "'13.0'", False, 1)]:
+        fake = tmp_path / f"{tf}-{torch}-{ort}"
         for path, text in FAKE_FRAMEWORKS.items():
             (fake / path).parent.mkdir(parents=True, exist_ok=True)
-            (fake / path).write_text(text.format(tf=tf, torch=torch, cuda=cuda))
+            (fake / path).write_text(text.format(tf=tf, torch=torch, cuda=cuda, ort=ort))
         run = subprocess.run([sys.executable, "-c", cuda_check()], capture_output=True, text=True, timeout=60,
                              check=False, env={**os.environ, "PYTHONPATH": str(fake)})
-        assert run.returncode == code, (tf, torch, run.stdout + run.stderr)
+        assert run.returncode == code, (tf, torch, ort, run.stdout + run.stderr)
 
 
 def test_build_context_holds_what_the_dockerfile_copies():

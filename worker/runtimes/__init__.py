@@ -10,6 +10,7 @@ _RUNTIMES = {
     "sklearn": ("worker.runtimes.sklearn", "SklearnRuntime"),
     "torch": ("worker.runtimes.torch", "TorchRuntime"),
     "tensorflow": ("worker.runtimes.tensorflow", "TensorFlowRuntime"),
+    "onnx": ("worker.runtimes.onnx", "OnnxRuntime"),
 }
 
 

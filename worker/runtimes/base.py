@@ -62,7 +62,8 @@ class Runtime(ABC):
 
     framework: ClassVar[str]
     flattens_input: ClassVar[bool] = False
-    """The runtime reshapes rows to ``(N, prod(row_shape))`` before the model sees them."""
+    """The runtime reshapes rows to ``(N, prod(row_shape))`` before the model sees them (a
+    runtime may set it per instance at load, from what the artifact takes: ONNX graphs)."""
 
     def __init__(self, manifest: ModelManifest, directory: Path, threads: int | None = None) -> None:
         self.manifest = manifest
