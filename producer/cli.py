@@ -95,12 +95,13 @@ def score(
             check_output_path(output)
         except ValueError as exc:
             raise fail(str(exc)) from None
+    from producer.plan import JobOptions
+
     try:
+        options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority)
         with client() as c:
             say(where_line(c.settings), console=err)
-            job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
-                                  columns=columns.split(",") if columns else None, priority=priority,
-                                  idempotency_key=idempotency_key)
+            job = c.submit_dataset(dataset, options, idempotency_key=idempotency_key)
             warning = None if job.status().state.terminal else c.worker_warning()  # a job without rows is done
             if not (wait or output):
                 if warning:

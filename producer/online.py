@@ -39,15 +39,10 @@ from celery import Celery
 
 from ml_framework.endpoints import broker_errors, broker_unavailable
 from ml_framework.errors import JobNotFoundError, JobTimeoutError, RequestCancelledError
-from ml_framework.protocol import (
-    SCORE_ONLINE_TASK,
-    InlineRows,
-    OnlineBatch,
-    ScoreShard,
-    done_channel,
-)
+from ml_framework.protocol import SCORE_ONLINE_TASK, OnlineBatch, done_channel
 from ml_framework.settings import Settings
 from ml_framework.store import JobState, NewJob, ResultStore, results_frame
+from producer.plan import ShardPlan
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +62,12 @@ RECONNECT_S = (0.1, 5.0)
 
 @dataclass
 class OnlineRequest:
-    """One online request on its way: its job id, the future of its answer, and the event
-    set once its job is recorded and its messages are sent (or sending failed)."""
+    """One online request on its way: its job record, its shard plan (inline rows, online
+    set), the future of its answer, and the event set once its job is recorded and its
+    messages are sent (or sending failed)."""
 
     job: NewJob
-    columns: list[str]
-    shards: list[InlineRows]
+    plan: ShardPlan
     answer: Future = field(default_factory=Future)
     sent: threading.Event = field(default_factory=threading.Event)
     send_error: BaseException | None = None
@@ -245,16 +240,13 @@ class OnlineDispatcher:
             self._poll_soon = self._poll[0] if self._poll_soon is None else min(self._poll_soon, self._poll[0])
         # a caller may time out while its job is recorded; a request without rows has no
         # message to send (its job is recorded SUCCEEDED: the next poll answers it)
-        unsent = [r for r in group if not r.answer.cancelled() and r.shards]
+        unsent = [r for r in group if not r.answer.cancelled() and r.plan.ranges]
         try:
             with self.app.producer_or_acquire() as producer:
                 for part in _messages(unsent):
                     sent_at = time.time()
-                    batch = OnlineBatch(requests=[
-                        ScoreShard(job_id=r.job.job_id, shard_index=index, model=r.job.model,
-                                   version=r.job.model_version, batch_size=r.job.batch_size, columns=r.columns,
-                                   source=source, online=True, enqueued_at=sent_at)
-                        for r in part for index, source in enumerate(r.shards)])
+                    batch = OnlineBatch(requests=[message for r in part
+                                                  for message in r.plan.messages(r.job.job_id, sent_at)])
                     self.app.send_task(SCORE_ONLINE_TASK, kwargs=batch.model_dump(mode="json"), argsrepr="()",
                                        kwargsrepr=batch.summary(), queue=self.settings.online_queue,
                                        producer=producer)
@@ -361,7 +353,7 @@ def _messages(requests: list[OnlineRequest]) -> Iterator[list[OnlineRequest]]:
     part: list[OnlineRequest] = []
     size = 0
     for request in requests:
-        n = sum(len(source.data_b64) for source in request.shards)
+        n = request.plan.inline_bytes()
         if part and (len(part) >= MAX_GROUP or size + n > MAX_MESSAGE_BYTES):
             yield part
             part, size = [], 0

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ml_framework.settings import load_settings
 from producer.api import create_app
-from producer.api_errors import install_error_handlers
+from producer.api.errors import install_error_handlers
 
 KEY = "requests-key-0123456789abcdef"
 FORM = {"Content-Type": "application/x-www-form-urlencoded", "X-API-Key": KEY}

@@ -1,4 +1,4 @@
-"""Datatypes and shapes of the Open Inference Protocol against our manifests (producer.oip_tensors)."""
+"""Datatypes and shapes of the Open Inference Protocol against our manifests (producer.api.oip_tensors)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from ml_framework.manifest import ModelManifest
-from producer.oip_tensors import (
+from producer.api.oip_tensors import (
     MANIFEST_DATATYPES,
     NUMPY_DTYPES,
     InferenceInputError,

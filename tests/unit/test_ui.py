@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from ml_framework.settings import load_settings
 from ml_framework.store import RowError, WorkerInfo
 from producer.api import create_app
-from producer.api_auth import UI_COOKIE, UI_SESSION_S, KeyTable, Principal
+from producer.api.auth import UI_COOKIE, UI_SESSION_S, KeyTable, Principal
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef",
         "ops": "ops-key-0123456789abcdef", "prom": "prom-key-0123456789abcdef"}
@@ -224,7 +224,7 @@ def test_every_template_is_package_data():
     `pip wheel --no-deps .` holds producer/templates/ui/*.html)."""
     import tomllib
 
-    from producer.ui import template_dir
+    from producer.api.ui import template_dir
 
     package = template_dir().parent.parent
     globs = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
@@ -248,3 +248,27 @@ def test_a_job_without_rows_shows_full_bars(http):
     row = listed[listed.index(job):]
     found = re.search(r'<progress max="(\d+)" value="(\d+)"', row)
     assert found and found.group(1) == found.group(2)
+
+
+def test_a_sign_in_form_over_the_limit_is_read_no_further_even_without_a_length(http):
+    """The sign-in form is held to MAX_LOGIN_BYTES whether its length is declared or the
+    body is streamed in chunks without one: a form over it signs nobody in (before, a
+    chunked body was read whole, and a key in its first bytes signed in)."""
+    from producer.api.ui import MAX_LOGIN_BYTES
+
+    form = f"key={KEYS['alice']}&next=/ui/jobs&pad=".encode()
+    padding = b"x" * MAX_LOGIN_BYTES
+
+    def chunks():
+        yield form
+        yield padding
+
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    with TestClient(http.app) as browser:
+        streamed = browser.post("/ui/login", content=chunks(), headers=headers, follow_redirects=False)
+        assert "content-length" not in {k.lower() for k in streamed.request.headers}
+        assert streamed.status_code == 401 and UI_COOKIE not in streamed.cookies
+        declared = browser.post("/ui/login", content=form + padding, headers=headers, follow_redirects=False)
+        assert declared.status_code == 401 and UI_COOKIE not in declared.cookies
+        fits = browser.post("/ui/login", content=form + b"x", headers=headers, follow_redirects=False)
+        assert fits.status_code == 303 and UI_COOKIE in fits.cookies

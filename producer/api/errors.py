@@ -39,7 +39,7 @@ from ml_framework.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from producer.api_bodies import BodyInvalidError
+from producer.api.bodies import BodyInvalidError
 
 log = logging.getLogger("producer.api")
 

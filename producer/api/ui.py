@@ -11,7 +11,7 @@
 ``POST /ui/logout``         forgets the session cookie
 ==========================  ==================================================================
 
-Who sees what is the API's rule (:mod:`producer.api_auth`): a key of role ``user`` sees its
+Who sees what is the API's rule (:mod:`producer.api.auth`): a key of role ``user`` sees its
 own jobs, ``admin`` every job, ``metrics`` none. A browser signs in once with its key in a
 form (a POST body, never a URL, so no access log holds it); the cookie it gets holds a
 session token, not the key, and is taken on GET requests only, so it also opens the result
@@ -40,7 +40,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from ml_framework.errors import JobNotFoundError
 from ml_framework.store import JobState, JobStatus, RowError, WorkerInfo
-from producer.api_auth import (
+from producer.api.auth import (
     API_KEY,
     BEARER,
     UI_COOKIE,
@@ -50,7 +50,8 @@ from producer.api_auth import (
     caller,
     owned_job_id,
 )
-from producer.api_errors import UnauthorizedError, scrub
+from producer.api.deps import read_body
+from producer.api.errors import RequestTooLargeError, UnauthorizedError, scrub
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Refusal:
 
 
 async def _viewer(request: Request) -> Principal | Refusal:
-    """The caller, as :func:`~producer.api_auth.caller` finds it (header or session
+    """The caller, as :func:`~producer.api.auth.caller` finds it (header or session
     cookie), or why it is refused: the pages answer refusals with HTML, not JSON."""
     try:
         principal = await caller(request, await API_KEY(request), await BEARER(request))
@@ -217,7 +218,10 @@ async def login(request: Request) -> Response:
     if origin and urlsplit(origin).netloc != request.url.netloc:  # a form posted from another site
         return _page(request, "refused.html", 403, message="Sign in from this site's own form.", login=False,
                      next="")
-    body = await request.body() if int(request.headers.get("content-length") or 0) <= MAX_LOGIN_BYTES else b""
+    try:  # declared or streamed, a form over the limit is read no further: no key
+        body = await read_body(request, MAX_LOGIN_BYTES)
+    except RequestTooLargeError:
+        body = b""
     form = parse_qs(body.decode("utf-8", "replace")[:MAX_LOGIN_BYTES])
     key, target = (form.get("key") or [""])[0].strip(), _next((form.get("next") or [""])[0], request)
     table: KeyTable = request.app.state.keys
@@ -254,4 +258,4 @@ def _next(target: str, request: Request) -> str:
 
 def template_dir() -> Path:
     """Where the page templates are (packaged with :mod:`producer`)."""
-    return Path(__file__).parent / "templates" / "ui"
+    return Path(__file__).parent.parent / "templates" / "ui"

@@ -11,7 +11,7 @@ unchanged. Endpoints:
                                                      400 otherwise (the spec's 4xx for false)
 ``GET /v2``                                          server metadata: name, version, extensions
 ``GET /v2/models/{name}[/versions/{v}]``             model metadata: versions, platform, input
-                                                     and output tensors (:mod:`producer.oip_tensors`)
+                                                     and output tensors (:mod:`producer.api.oip_tensors`)
 ``GET /v2/models/{name}[/versions/{v}]/ready``       200 when the model exists and a worker is
                                                      alive (it loads models on first use)
 ``POST /v2/models/{name}[/versions/{v}]/infer``      inference: the rows go through
@@ -19,12 +19,12 @@ unchanged. Endpoints:
                                                      batched with other callers' on the workers
 ==================================================  =========================================
 
-Authentication is that of ``/v1`` (:mod:`producer.api_auth`: ``X-API-Key`` or ``Authorization:
+Authentication is that of ``/v1`` (:mod:`producer.api.auth`: ``X-API-Key`` or ``Authorization:
 Bearer``; role ``user`` or ``admin``); the two health endpoints are open, as ``/health`` and
 ``/ready`` are. Errors are the spec's ``{"error": "<message>"}`` (401 without a key, 404 for
 an unknown model or version, 400 for a request that does not fit the model: a wrong input
 name, datatype, shape or element count; 504 when no answer comes in time), with the same
-``X-Request-ID`` and message rules as ``/v1`` (:mod:`producer.api_errors`).
+``X-Request-ID`` and message rules as ``/v1`` (:mod:`producer.api.errors`).
 
 An inference request's ``parameters`` are accepted and ignored but ``timeout_s`` (seconds
 to wait for the answer, default 30). Its ``id`` is echoed. ``outputs`` picks outputs by
@@ -41,7 +41,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Response
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIRouter
@@ -54,8 +54,9 @@ from ml_framework.errors import (
     ModelNotFoundError,
 )
 from ml_framework.manifest import MAX_INT32, ModelManifest
-from producer.api_auth import User
-from producer.api_errors import (
+from producer.api.auth import User
+from producer.api.deps import ClientDep
+from producer.api.errors import (
     REQUEST_ID_HEADER,
     RequestTooLargeError,
     is_json,
@@ -64,14 +65,14 @@ from producer.api_errors import (
     request_id,
     send_json,
 )
-from producer.client import Client
-from producer.oip_tensors import (
+from producer.api.oip_tensors import (
     InferenceInputError,
     decode_input,
     encode_outputs,
     input_spec,
     output_specs,
 )
+from producer.client import Client
 
 __all__ = ["ErrorResponse", "InferenceRequest", "InferenceResponse", "ModelMetadata", "OipRoute", "router"]
 
@@ -208,13 +209,6 @@ class OipRoute(APIRoute):
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=OipRoute,
                    responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 500, 503, 504)})
 """The ``/v2`` endpoints; ``create_app`` includes them."""
-
-
-def _client(request: Request) -> Client:
-    return request.app.state.client
-
-
-ClientDep = Annotated[Client, Depends(_client)]
 
 
 def _manifest(c: Client, name: str, version: str | None) -> ModelManifest:
