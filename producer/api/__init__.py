@@ -1,8 +1,8 @@
 """The HTTP API: ``uvicorn producer.api:app --host 0.0.0.0 --port 8000``.
 
 A FastAPI app (:func:`create_app`, :mod:`producer.api.app`) of one router per resource:
-:mod:`~producer.api.jobs`, :mod:`~producer.api.models`, :mod:`~producer.api.operations` and
-the job pages, :mod:`~producer.api.ui`. Authentication and the body-size limit are
+:mod:`~producer.api.jobs`, :mod:`~producer.api.models`, :mod:`~producer.api.operations`, the
+job pages (:mod:`~producer.api.ui`) and the Open Inference Protocol (:mod:`~producer.api.oip`). Authentication and the body-size limit are
 dependencies (:mod:`producer.api.auth`, :mod:`producer.api.deps`).
 
 Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message", "request_id"}}``):
@@ -24,10 +24,13 @@ Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message"
 ``GET /metrics``                            Prometheus text format
 ``GET /gpu-status``                         per-GPU telemetry from worker heartbeats
 ``GET /ui/jobs``, ``/ui/jobs/{id}``         HTML job pages for a browser (:mod:`producer.api.ui`)
+``/v2/...``                                 KServe v2 REST (Open Inference Protocol): health,
+                                            model metadata and readiness, ``infer``
+                                            (:mod:`producer.api.oip`; errors ``{"error": "..."}``)
 ==========================================  ===============================================
 
-Authentication (:mod:`producer.api.auth`): every endpoint but ``/health``, ``/ready`` and
-the schema needs ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``; the API refuses to
+Authentication (:mod:`producer.api.auth`): every endpoint but ``/health``, ``/ready``,
+``/v2/health/live``, ``/v2/health/ready`` and the schema needs ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``; the API refuses to
 start without ``api_keys`` unless ``api_auth: none``. A job belongs to the key that
 submitted it: other keys get 404 for it (admins see every job). ``/metrics`` needs the
 ``metrics`` or ``admin`` role.
