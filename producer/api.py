@@ -69,15 +69,20 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from ml_framework.errors import ModelNotFoundError, StoreUnavailableError
+from ml_framework.constants import MAX_INT32, WORKER_LIVE_S
+from ml_framework.errors import (
+    BodyInvalidError,
+    ModelNotFoundError,
+    ParserUnavailableError,
+    RequestTooLargeError,
+    StoreUnavailableError,
+)
 from ml_framework.logging import configure_logging
-from ml_framework.manifest import MAX_INT32
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobStatus
 from producer.api_auth import DeletableJobId, KeyTable, MetricsReader, OwnedJobId, User
 from producer.api_bodies import (
     INLINE_PARSE_BYTES,
-    BodyInvalidError,
     BodyParser,
     DatasetJobRequest,
     JobFields,
@@ -87,9 +92,7 @@ from producer.api_bodies import (
     openapi_body,
 )
 from producer.api_errors import (
-    ParserUnavailableError,
     RequestIdMiddleware,
-    RequestTooLargeError,
     install_error_handlers,
     is_json,
     problem,
@@ -104,7 +107,6 @@ from producer.results import encode_results
 from producer.ui import router as ui_router
 
 MAX_PAGE_ROWS = 10_000
-READY_WORKER_MAX_AGE_S = 30.0
 LARGE_SUBMISSIONS = 1
 """Submissions of inline rows over :data:`~producer.api_bodies.INLINE_PARSE_BYTES` recorded
 and sent at a time per API process. Encoding and sending one holds the GIL in runs of tens
@@ -395,7 +397,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @api.get("/ready", tags=["operations"], responses={503: {"description": "Not ready; the checks say why."}})
     def ready(c: ClientDep, request: Request) -> JSONResponse:
         """Readiness: the broker and the results database are reachable and at least one
-        worker heartbeat is younger than 30 s. 503 with the failing checks otherwise (the
+        worker heartbeat is younger than 30 s (``WORKER_LIVE_S``). 503 with the failing checks otherwise (the
         reasons are in the log, under the request id given)."""
         checks: dict[str, str] = {}
         try:
@@ -410,8 +412,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 - any failure means not ready; the log says which
             checks["broker"] = problem(exc, request, "unreachable")
         if checks["database"] == "ok":
-            n = len(c.live_workers(READY_WORKER_MAX_AGE_S))
-            checks["workers"] = f"ok: {n} live" if n else "no worker heartbeat in the last 30 s"
+            n = len(c.live_workers(WORKER_LIVE_S))
+            checks["workers"] = f"ok: {n} live" if n else f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s"
         else:
             checks["workers"] = "unknown: the database is unreachable"
         ok = all(v.startswith("ok") for v in checks.values())
@@ -421,7 +423,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def gpu_status(c: ClientDep, _: User) -> dict[str, Any]:
         """Per-GPU telemetry from the live workers' heartbeats (NVML readings, loaded models,
         rows/s); an empty list and the reason on a CPU-only fleet."""
-        workers = c.workers(READY_WORKER_MAX_AGE_S)
+        workers = c.workers(WORKER_LIVE_S)
         gpus = [
             {"worker": w.hostname, "uuid": w.device_uuid, "name": w.device_name,
              "memory_used_bytes": w.device_memory_used_bytes, "memory_total_bytes": w.device_memory_total_bytes,
@@ -433,7 +435,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reason = None
         if not gpus:
             reason = (f"{len(workers)} live worker process(es), none on a GPU" if workers
-                      else "no worker heartbeat in the last 30 s")
+                      else f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s")
         return _finite({"gpus": gpus, "reason": reason, "checked_at": datetime.now(UTC).isoformat()})
 
     @api.get("/metrics", tags=["operations"], response_class=Response,

@@ -26,9 +26,9 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
-from ml_framework.errors import DatasetError
-from ml_framework.manifest import MAX_INT32, InputSpec
+from ml_framework.constants import MAX_INT32, MAX_PRIORITY, MIN_PRIORITY
+from ml_framework.errors import BodyInvalidError, DatasetError
+from ml_framework.manifest import InputSpec
 
 INLINE_PARSE_BYTES = 64 * 1024
 """Bodies up to this size are parsed on the event loop: about 0.3 ms for 64 KiB of rows."""
@@ -128,15 +128,6 @@ class ParsedBody:
             check_model()
             raise DatasetError(f"rows cannot be read: {self.rows_error or 'none given'}")
         return self.rows
-
-
-class BodyInvalidError(Exception):
-    """Raised when a body does not validate; ``errors`` holds ``(location, message)`` pairs
-    (the location starts with ``"body"``), the first :data:`MAX_ERRORS` of them."""
-
-    def __init__(self, errors: list[tuple[tuple, str]]) -> None:
-        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in errors))
-        self.errors = errors
 
 
 Parsed = tuple[str, dict, bytes | None, str | None]

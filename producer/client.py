@@ -25,18 +25,13 @@ from pathlib import Path
 import pandas as pd
 
 from ml_framework.celery_app import check_priority, create_app, message_priority
+from ml_framework.constants import MAX_INT32, MAX_MESSAGE_BYTES, SCORE_SHARD_TASK, WORKER_LIVE_S
 from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
 from ml_framework.endpoints import broker_errors, broker_unavailable, workers_warning
-from ml_framework.errors import DatasetError, JobTimeoutError
-from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
+from ml_framework.errors import JobOptionError, JobTimeoutError, MessageTooLargeError
+from ml_framework.manifest import ModelManifest, ModelRepository
 from ml_framework.paths import locate_dataset
-from ml_framework.protocol import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    SCORE_SHARD_TASK,
-    DatasetRef,
-    InlineRows,
-    ScoreShard,
-)
+from ml_framework.protocol import DatasetRef, InlineRows, ScoreShard
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, NewJob, PruneReport, ResultStore, WorkerInfo
 from ml_framework.store.idempotency import Idempotency, check_key, request_hash
@@ -256,7 +251,7 @@ class Client:
                 cache.close()
         return done
 
-    def live_workers(self, max_age_s: float = 30.0) -> list[str]:
+    def live_workers(self, max_age_s: float = WORKER_LIVE_S) -> list[str]:
         """Worker processes whose heartbeat reached the results store in the last ``max_age_s``."""
         return self.store.live_workers(max_age_s)
 
@@ -266,7 +261,7 @@ class Client:
         a live worker listens on this client's broker."""
         return workers_warning(self.settings, self.workers(30.0))
 
-    def workers(self, max_age_s: float | None = 30.0) -> list[WorkerInfo]:
+    def workers(self, max_age_s: float | None = WORKER_LIVE_S) -> list[WorkerInfo]:
         """Heartbeats and telemetry of the worker processes seen in the last ``max_age_s``
         seconds (every one ever recorded and not cleanly stopped when ``None``); see
         :class:`ml_framework.store.WorkerInfo`."""
@@ -314,7 +309,8 @@ class Client:
         Raises:
             IdempotencyKeyError: a malformed key.
             IdempotencyKeyReusedError: the key names a job submitted with another request.
-            ValueError: ``batch_size`` or ``priority`` out of range.
+            JobOptionError: ``batch_size`` or ``priority`` out of range (also a ``ValueError``).
+            MessageTooLargeError: a shard message (inline rows) over ``max_message_bytes``.
             ModelNotFoundError: unknown model or version.
             DatasetPathError: the path enters the data directory and leads out of it (a
                 symbolic link or '..'); refused before anything is read
@@ -372,8 +368,8 @@ class Client:
         Raises:
             DatasetSchemaError: missing columns, an array of the wrong width or shape, or
                 a column whose type can never feed the model.
-            ModelNotFoundError, ValueError, BrokerUnavailableError, IdempotencyKeyError:
-                as :meth:`score_dataset`.
+            ModelNotFoundError, JobOptionError, MessageTooLargeError, BrokerUnavailableError,
+                IdempotencyKeyError: as :meth:`score_dataset`.
         """
         check_priority(priority)
         if idempotency_key is not None:
@@ -449,6 +445,7 @@ class Client:
         Raises:
             JobTimeoutError: no answer within ``timeout_s`` (the request is cancelled).
             DatasetSchemaError, DatasetError, ModelNotFoundError: as :meth:`score_rows`.
+            MessageTooLargeError: the request is over ``max_message_bytes`` (nothing sent).
         """
         request = self._send_online(model, inputs, version)
         return self._online().result(request.job.job_id, request.answer, timeout_s)
@@ -467,8 +464,8 @@ class Client:
 
         Raises:
             JobTimeoutError: some request got no answer in time (those are cancelled).
-            DatasetSchemaError, DatasetError, ModelNotFoundError: a request is invalid
-                (raised before anything is sent).
+            DatasetSchemaError, DatasetError, ModelNotFoundError, MessageTooLargeError: a
+                request is invalid (raised before anything is sent).
         """
         plans = [self._plan_online(model, rows, version) for rows in inputs]
         online = self._online()
@@ -546,11 +543,11 @@ class Client:
         """Refuse a message of ``size`` bytes over the ``max_message_bytes`` setting.
 
         Raises:
-            DatasetError: naming ``what``, both sizes, ``advice`` and ``outcome``.
+            MessageTooLargeError: naming ``what``, both sizes, ``advice`` and ``outcome``.
         """
-        limit = getattr(self.settings, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        limit = getattr(self.settings, "max_message_bytes", MAX_MESSAGE_BYTES)
         if size > limit:
-            raise DatasetError(
+            raise MessageTooLargeError(
                 f"{what} is too large to send: its message would be {size / 2**20:.1f} MiB ({size} bytes), "
                 f"over the max_message_bytes limit of {limit / 2**20:.1f} MiB ({limit} bytes); {advice}. {outcome}"
             )
@@ -567,7 +564,7 @@ class Client:
 
     def _check(self, model: str, version: int | None, batch_size: int | None) -> tuple[ModelManifest, int]:
         if batch_size is not None and not 0 < batch_size <= MAX_INT32:
-            raise ValueError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
+            raise JobOptionError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
         manifest = self.repository.resolve(model, version)
         return manifest, batch_size or manifest.default_batch_size or self.settings.default_batch_size
 
@@ -596,7 +593,7 @@ class Client:
         later shard over the limit cancels the job as it is reached.
 
         Raises:
-            DatasetError: a shard message over ``max_message_bytes``.
+            MessageTooLargeError: a shard message over ``max_message_bytes``.
             BrokerUnavailableError: the broker cannot be reached (see :meth:`score_dataset`).
         """
         advice = f"use a smaller shard_size (now {self.settings.shard_size} rows)"

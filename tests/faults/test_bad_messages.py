@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from ml_framework.constants import SCORE_SHARD_TASK
 from ml_framework.errors import DatasetError
-from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, InlineRows, OnlineBatch, ScoreShard
+from ml_framework.protocol import DatasetRef, InlineRows, OnlineBatch, ScoreShard
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client

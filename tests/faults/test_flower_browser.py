@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from ml_framework.store import JobState
+from tests import browser as browser_tools
 from tests.conftest import (
     REDIS_URL,
     check_redis,
@@ -33,7 +34,6 @@ from tests.conftest import (
     start_workers,
     wait_for_http,
 )
-from tests import browser as browser_tools
 from tests.faults.conftest import Workers, wait_until
 
 pytestmark = pytest.mark.integration
