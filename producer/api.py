@@ -397,7 +397,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @api.get("/ready", tags=["operations"], responses={503: {"description": "Not ready; the checks say why."}})
     def ready(c: ClientDep, request: Request) -> JSONResponse:
         """Readiness: the broker and the results database are reachable and at least one
-        worker heartbeat is younger than 30 s (``WORKER_LIVE_S``). 503 with the failing checks otherwise (the
+        worker heartbeat is younger than 30 s. 503 with the failing checks otherwise (the
         reasons are in the log, under the request id given)."""
         checks: dict[str, str] = {}
         try:

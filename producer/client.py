@@ -259,7 +259,7 @@ class Client:
         """Why a job sent now may wait: no live worker process, or the live ones listen on
         another broker (see :func:`ml_framework.endpoints.workers_warning`); ``None`` when
         a live worker listens on this client's broker."""
-        return workers_warning(self.settings, self.workers(30.0))
+        return workers_warning(self.settings, self.workers(WORKER_LIVE_S))
 
     def workers(self, max_age_s: float | None = WORKER_LIVE_S) -> list[WorkerInfo]:
         """Heartbeats and telemetry of the worker processes seen in the last ``max_age_s``
