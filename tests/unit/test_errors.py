@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from ml_framework import errors
@@ -22,6 +21,7 @@ from ml_framework.settings import load_settings
 from producer.api import create_app
 from producer.api_errors import public_error
 from producer.client import Client
+from tests.unit.conftest import model_root
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("ml_framework", "producer", "worker")
@@ -83,15 +83,8 @@ def test_a_priority_out_of_range_raises_job_option_error(priority):
 
 @pytest.fixture()
 def root(tmp_path) -> Path:
-    """A models directory with one sklearn model's manifest (nothing is loaded: no worker),
-    a data directory and var/."""
-    version = tmp_path / "models" / "m" / "1"
-    version.mkdir(parents=True)
-    (version / "manifest.yaml").write_text(yaml.safe_dump({
-        "name": "m", "version": 1, "framework": "sklearn", "artifact": "model.skops",
-        "inputs": {"columns": ["a", "b"]}, "outputs": {"kind": "regression"}}))
-    (tmp_path / "data").mkdir()
-    return tmp_path
+    """One model's manifest (nothing is loaded: no worker), a data directory and var/."""
+    return model_root(tmp_path)
 
 
 def settings(root: Path, **extra):
