@@ -24,12 +24,18 @@ from pathlib import Path
 import pandas as pd
 
 from ml_framework.celery_app import create_app, message_priority
+from ml_framework.constants import (
+    MAX_MESSAGE_BYTES,
+    PREDICT_TIMEOUT_S,
+    SCORE_SHARD_TASK,
+    WORKER_LIVE_S,
+)
 from ml_framework.datasets import inspect
 from ml_framework.endpoints import broker_errors, broker_unavailable, workers_warning
 from ml_framework.errors import JobTimeoutError
 from ml_framework.manifest import ModelManifest, ModelRepository
 from ml_framework.paths import locate_dataset
-from ml_framework.protocol import DEFAULT_MAX_MESSAGE_BYTES, SCORE_SHARD_TASK, ScoreShard
+from ml_framework.protocol import ScoreShard
 from ml_framework.settings import Settings, get_settings
 from ml_framework.store import JobState, JobStatus, PruneReport, ResultStore, WorkerInfo
 from ml_framework.store.idempotency import Idempotency, check_key, request_hash
@@ -248,7 +254,7 @@ class Client:
                 cache.close()
         return done
 
-    def live_workers(self, max_age_s: float = 30.0) -> list[str]:
+    def live_workers(self, max_age_s: float = WORKER_LIVE_S) -> list[str]:
         """Worker processes whose heartbeat reached the results store in the last ``max_age_s``."""
         return self.store.live_workers(max_age_s)
 
@@ -256,9 +262,9 @@ class Client:
         """Why a job sent now may wait: no live worker process, or the live ones listen on
         another broker (see :func:`ml_framework.endpoints.workers_warning`); ``None`` when
         a live worker listens on this client's broker."""
-        return workers_warning(self.settings, self.workers(30.0))
+        return workers_warning(self.settings, self.workers(WORKER_LIVE_S))
 
-    def workers(self, max_age_s: float | None = 30.0) -> list[WorkerInfo]:
+    def workers(self, max_age_s: float | None = WORKER_LIVE_S) -> list[WorkerInfo]:
         """Heartbeats and telemetry of the worker processes seen in the last ``max_age_s``
         seconds (every one ever recorded and not cleanly stopped when ``None``); see
         :class:`ml_framework.store.WorkerInfo`."""
@@ -306,7 +312,8 @@ class Client:
         Raises:
             IdempotencyKeyError: a malformed key.
             IdempotencyKeyReusedError: the key names a job submitted with another request.
-            ValueError: ``batch_size`` or ``priority`` out of range (see :meth:`JobOptions.of`).
+            JobOptionError: ``batch_size`` or ``priority`` out of range (also a ``ValueError``).
+            MessageTooLargeError: a shard message (inline rows) over ``max_message_bytes``.
             ModelNotFoundError: unknown model or version.
             DatasetPathError: the path enters the data directory and leads out of it (a
                 symbolic link or '..'); refused before anything is read
@@ -365,8 +372,8 @@ class Client:
         Raises:
             DatasetSchemaError: missing columns, an array of the wrong width or shape, or
                 a column whose type can never feed the model.
-            ModelNotFoundError, ValueError, BrokerUnavailableError, IdempotencyKeyError:
-                as :meth:`score_dataset`.
+            ModelNotFoundError, JobOptionError, MessageTooLargeError, BrokerUnavailableError,
+                IdempotencyKeyError: as :meth:`score_dataset`.
         """
         options = JobOptions.of(model, version, batch_size, columns, priority)
         return self.submit_rows(rows, options, owner=owner, idempotency_key=idempotency_key)
@@ -418,7 +425,7 @@ class Client:
         return Job(self, request.job.job_id, answer=request.answer)
 
     def predict(self, model: str, inputs: RowsLike, version: int | None = None,
-                timeout_s: float = 30.0) -> pd.DataFrame:
+                timeout_s: float = PREDICT_TIMEOUT_S) -> pd.DataFrame:
         """Score a few rows and return their results, blocking at most ``timeout_s``.
 
         The request goes on the online queue (see :meth:`submit`). Requests made at the
@@ -437,12 +444,13 @@ class Client:
         Raises:
             JobTimeoutError: no answer within ``timeout_s`` (the request is cancelled).
             DatasetSchemaError, DatasetError, ModelNotFoundError: as :meth:`score_rows`.
+            MessageTooLargeError: the request is over ``max_message_bytes`` (nothing sent).
         """
         request = self._send_online(model, inputs, version)
         return self._online().result(request.job.job_id, request.answer, timeout_s)
 
     def predict_many(self, model: str, inputs: Sequence[RowsLike], version: int | None = None,
-                     timeout_s: float = 30.0) -> list[pd.DataFrame]:
+                     timeout_s: float = PREDICT_TIMEOUT_S) -> list[pd.DataFrame]:
         """Score many small requests at once (each as :meth:`predict`): all are sent
         before any is waited for, so workers batch them together.
 
@@ -455,8 +463,8 @@ class Client:
 
         Raises:
             JobTimeoutError: some request got no answer in time (those are cancelled).
-            DatasetSchemaError, DatasetError, ModelNotFoundError: a request is invalid
-                (raised before anything is sent).
+            DatasetSchemaError, DatasetError, ModelNotFoundError, MessageTooLargeError: a
+                request is invalid (raised before anything is sent).
         """
         plans = [self._plan_online(model, rows, version) for rows in inputs]
         online = self._online()
@@ -473,7 +481,7 @@ class Client:
         return answers
 
     async def apredict(self, model: str, inputs: RowsLike, version: int | None = None,
-                       timeout_s: float = 30.0, *, owner: str | None = None) -> pd.DataFrame:
+                       timeout_s: float = PREDICT_TIMEOUT_S, *, owner: str | None = None) -> pd.DataFrame:
         """:meth:`predict` for asyncio: awaits the answer without holding a thread, so one
         event loop can keep thousands of requests in flight. Inputs of more than
         :data:`ONLINE_INLINE_BYTES` are converted and encoded in a worker thread, so that a
@@ -530,9 +538,9 @@ class Client:
         (see :func:`producer.plan.check_message_bytes`).
 
         Raises:
-            DatasetError: naming ``what``, both sizes, ``advice`` and ``outcome``.
+            MessageTooLargeError: naming ``what``, both sizes, ``advice`` and ``outcome``.
         """
-        check_message_bytes(size, getattr(self.settings, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES), what,
+        check_message_bytes(size, getattr(self.settings, "max_message_bytes", MAX_MESSAGE_BYTES), what,
                             advice, outcome)
 
     def _send_online(self, model: str, inputs: RowsLike, version: int | None,
@@ -558,7 +566,7 @@ class Client:
         shard by shard), and a later shard over the limit cancels the job as it is reached.
 
         Raises:
-            DatasetError: a shard message over ``max_message_bytes``.
+            MessageTooLargeError: a shard message over ``max_message_bytes``.
             BrokerUnavailableError: the broker cannot be reached (see :meth:`score_dataset`).
         """
         advice = f"use a smaller shard_size (now {self.settings.shard_size} rows)"

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 from celery import Celery
 
+from ml_framework.constants import ONLINE_GROUP_BYTES, SCORE_ONLINE_TASK
 from ml_framework.endpoints import broker_errors, broker_unavailable
 from ml_framework.errors import JobNotFoundError, JobTimeoutError, RequestCancelledError
-from ml_framework.protocol import SCORE_ONLINE_TASK, OnlineBatch, done_channel
+from ml_framework.protocol import OnlineBatch, done_channel
 from ml_framework.settings import Settings
 from ml_framework.store import JobState, NewJob, ResultStore, results_frame
 from producer.plan import ShardPlan
@@ -48,8 +49,6 @@ log = logging.getLogger(__name__)
 
 MAX_GROUP = 256
 """Most requests recorded together, and carried by one message."""
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-"""Inline rows (base64) carried by one message, about; more go in further messages."""
 NOTIFIED_POLL_S = (0.2, 1.0)
 """Fallback poll of the store with Redis announcements: first and longest pause, seconds."""
 UNNOTIFIED_POLL_S = (0.005, 0.1)
@@ -349,12 +348,12 @@ class OnlineDispatcher:
 
 def _messages(requests: list[OnlineRequest]) -> Iterator[list[OnlineRequest]]:
     """Split ``requests`` into consecutive parts of at most :data:`MAX_GROUP` requests and
-    about :data:`MAX_MESSAGE_BYTES` of inline rows (a request larger than that goes alone)."""
+    about :data:`~ml_framework.constants.ONLINE_GROUP_BYTES` of inline rows (a request larger than that goes alone)."""
     part: list[OnlineRequest] = []
     size = 0
     for request in requests:
         n = request.plan.inline_bytes()
-        if part and (len(part) >= MAX_GROUP or size + n > MAX_MESSAGE_BYTES):
+        if part and (len(part) >= MAX_GROUP or size + n > ONLINE_GROUP_BYTES):
             yield part
             part, size = [], 0
         part.append(request)

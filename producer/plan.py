@@ -21,10 +21,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY, check_priority
+from ml_framework.celery_app import check_priority
+from ml_framework.constants import MAX_INT32, MAX_PRIORITY, MIN_PRIORITY
 from ml_framework.datasets import DatasetInfo, shard_ranges
-from ml_framework.errors import DatasetError
-from ml_framework.manifest import MAX_INT32, ModelManifest
+from ml_framework.errors import JobOptionError, MessageTooLargeError
+from ml_framework.manifest import ModelManifest
 from ml_framework.protocol import DatasetRef, InlineRows, ScoreShard
 from ml_framework.store import NewJob
 from ml_framework.store.outputs import output_schema
@@ -68,11 +69,12 @@ class JobOptions(BaseModel):
         """The options of a Python caller's submission, checked with the client's messages.
 
         Raises:
-            ValueError: ``batch_size`` outside 1 to 2**31 - 1, or ``priority`` outside 0 to 9.
+            JobOptionError: ``batch_size`` outside 1 to 2**31 - 1, or ``priority`` outside 0
+                to 9 (a ``ValueError`` too).
         """
         check_priority(priority)
         if batch_size is not None and not 0 < batch_size <= MAX_INT32:
-            raise ValueError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
+            raise JobOptionError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
         return cls.model_construct(model=model, version=version, batch_size=batch_size,
                                    columns=None if columns is None else list(columns), priority=priority)
 
@@ -222,10 +224,10 @@ def check_message_bytes(size: int, limit: int, what: str, advice: str, outcome: 
     """Refuse a message of ``size`` bytes over ``limit`` (the ``max_message_bytes`` setting).
 
     Raises:
-        DatasetError: naming ``what``, both sizes, ``advice`` and ``outcome``.
+        MessageTooLargeError: naming ``what``, both sizes, ``advice`` and ``outcome``.
     """
     if size > limit:
-        raise DatasetError(
+        raise MessageTooLargeError(
             f"{what} is too large to send: its message would be {size / 2**20:.1f} MiB ({size} bytes), "
             f"over the max_message_bytes limit of {limit / 2**20:.1f} MiB ({limit} bytes); {advice}. {outcome}"
         )

@@ -37,9 +37,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from ml_framework.credentials import key_digest
-from ml_framework.errors import JobNotFoundError, SettingsError
+from ml_framework.errors import ForbiddenError, JobNotFoundError, SettingsError, UnauthorizedError
 from ml_framework.settings import Settings
-from producer.api.errors import ForbiddenError, UnauthorizedError, public
+from producer.api.errors import public
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from ml_framework.errors import DatasetError
-from ml_framework.manifest import MAX_INT32, InputSpec
+from ml_framework.constants import MAX_INT32, PREDICT_TIMEOUT_S
+from ml_framework.errors import BodyInvalidError, DatasetError
+from ml_framework.manifest import InputSpec
 from producer.plan import JobOptions
 
 INLINE_PARSE_BYTES = 64 * 1024
@@ -71,14 +72,14 @@ class PredictRequest(BaseModel):
     rows: list[dict[str, Value]] = Field(description="One object of column -> value per row (a tensor as nested "
                                                      "lists); none: answered at once, with no rows.")
     version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
-    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait for the answer.")
+    timeout_s: float = Field(default=PREDICT_TIMEOUT_S, gt=0, le=600, description="Seconds to wait for the answer.")
 
 
 class PredictFields(BaseModel):
     """The fields of a :class:`PredictRequest` but its rows."""
 
     version: int | None = None
-    timeout_s: float = 30.0
+    timeout_s: float = PREDICT_TIMEOUT_S
 
 
 BODIES: dict[str, Any] = {"job": JobRequest, "predict": PredictRequest}
@@ -116,15 +117,6 @@ class ParsedBody:
             check_model()
             raise DatasetError(f"rows cannot be read: {self.rows_error or 'none given'}")
         return self.rows
-
-
-class BodyInvalidError(Exception):
-    """Raised when a body does not validate; ``errors`` holds ``(location, message)`` pairs
-    (the location starts with ``"body"``), the first :data:`MAX_ERRORS` of them."""
-
-    def __init__(self, errors: list[tuple[tuple, str]]) -> None:
-        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in errors))
-        self.errors = errors
 
 
 Parsed = tuple[str, dict, bytes | None, str | None]

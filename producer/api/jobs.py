@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
-from ml_framework.manifest import MAX_INT32
+from ml_framework.constants import MAX_INT32
 from producer.api.auth import DeletableJobId, OwnedJobId, User
 from producer.api.bodies import (
     INLINE_PARSE_BYTES,

@@ -48,12 +48,13 @@ from fastapi.routing import APIRoute, APIRouter
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ml_framework.constants import MAX_INT32, PREDICT_TIMEOUT_S, WORKER_LIVE_S
 from ml_framework.errors import (
     DatasetError,
     MLFrameworkError,
     ModelNotFoundError,
 )
-from ml_framework.manifest import MAX_INT32, ModelManifest
+from ml_framework.manifest import ModelManifest
 from producer.api.auth import User
 from producer.api.deps import ClientDep
 from producer.api.errors import (
@@ -78,14 +79,13 @@ __all__ = ["ErrorResponse", "InferenceRequest", "InferenceResponse", "ModelMetad
 
 log = logging.getLogger("producer.api")
 
-READY_WORKER_MAX_AGE_S = 30.0
 """A worker whose heartbeat is older than this does not make the server or a model ready,
 seconds (as ``/ready``)."""
 BINARY_HEADER = "Inference-Header-Content-Length"
 """Request header of the binary tensor data extension: bytes of JSON before the binary data."""
 PLATFORMS = {"torch": "pytorch", "tensorflow": "tensorflow", "sklearn": "sklearn"}
 """Model metadata's ``platform`` per manifest ``framework``."""
-DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = PREDICT_TIMEOUT_S
 MAX_TIMEOUT_S = 600.0
 
 
@@ -227,7 +227,7 @@ def _manifest(c: Client, name: str, version: str | None) -> ModelManifest:
 
 
 def _workers_alive(c: Client) -> int:
-    return len(c.live_workers(READY_WORKER_MAX_AGE_S))
+    return len(c.live_workers(WORKER_LIVE_S))
 
 
 @router.get("/health/live")
@@ -239,7 +239,7 @@ async def server_live() -> dict[str, bool]:
 @router.get("/health/ready", responses={400: {"description": "Not ready; 'reason' says why."}})
 def server_ready(c: ClientDep) -> JSONResponse:
     """Readiness (no key needed): the results database and the broker answer, and a worker's
-    heartbeat is younger than 30 s. 400 otherwise, as the spec answers false."""
+    heartbeat is younger than ``WORKER_LIVE_S`` (30 s). 400 otherwise, as the spec answers false."""
     reason = None
     try:
         c.store.ping()
@@ -249,7 +249,7 @@ def server_ready(c: ClientDep) -> JSONResponse:
         log.warning("v2 readiness: %s: %s", type(exc).__name__, exc)
         reason = "the broker or the results database is unreachable"
     if reason is None and not _workers_alive(c):
-        reason = "no worker heartbeat in the last 30 s"
+        reason = f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s"
     if reason:
         return JSONResponse({"ready": False, "reason": reason}, status_code=400)
     return JSONResponse({"ready": True})
@@ -290,7 +290,7 @@ def _model_ready(c: Client, name: str, version: str | None) -> JSONResponse:
     manifest = _manifest(c, name, version)
     ready = _workers_alive(c) > 0
     body = {"name": manifest.name, "version": str(manifest.version), "ready": ready}
-    return JSONResponse(body if ready else {**body, "reason": "no worker heartbeat in the last 30 s"},
+    return JSONResponse(body if ready else {**body, "reason": f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s"},
                         status_code=200 if ready else 400)
 
 

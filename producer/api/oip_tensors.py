@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ml_framework.errors import MLFrameworkError
+from ml_framework.errors import InferenceInputError
 from ml_framework.manifest import ModelManifest
 
 __all__ = [
@@ -72,11 +72,6 @@ COLUMNS_INPUT = "input"
 """Name of the one input tensor of a ``columns`` model."""
 BATCH = -1
 """A dimension of any size (the batch), as the spec writes it in metadata."""
-
-
-class InferenceInputError(MLFrameworkError):
-    """Raised when an inference request's tensors do not fit the model: wrong name,
-    datatype, shape or element count, or data of another type (answered 400)."""
 
 
 @dataclass(frozen=True)

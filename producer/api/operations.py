@@ -10,13 +10,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.errors import StoreUnavailableError
 from producer.api.auth import MetricsReader, User
 from producer.api.deps import ClientDep
 from producer.api.errors import problem
 from producer.api.schemas import finite
 
-READY_WORKER_MAX_AGE_S = 30.0
 """A worker whose heartbeat is younger than this, seconds, counts as live for ``/ready`` and
 ``/gpu-status``."""
 
@@ -34,7 +34,7 @@ async def health(request: Request) -> dict[str, Any]:
 @router.get("/ready", responses={503: {"description": "Not ready; the checks say why."}})
 def ready(c: ClientDep, request: Request) -> JSONResponse:
     """Readiness: the broker and the results database are reachable and at least one
-    worker heartbeat is younger than 30 s. 503 with the failing checks otherwise (the
+    worker heartbeat is younger than ``WORKER_LIVE_S`` (30 s). 503 with the failing checks otherwise (the
     reasons are in the log, under the request id given)."""
     checks: dict[str, str] = {}
     try:
@@ -49,8 +49,8 @@ def ready(c: ClientDep, request: Request) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001 - any failure means not ready; the log says which
         checks["broker"] = problem(exc, request, "unreachable")
     if checks["database"] == "ok":
-        n = len(c.live_workers(READY_WORKER_MAX_AGE_S))
-        checks["workers"] = f"ok: {n} live" if n else "no worker heartbeat in the last 30 s"
+        n = len(c.live_workers(WORKER_LIVE_S))
+        checks["workers"] = f"ok: {n} live" if n else f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s"
     else:
         checks["workers"] = "unknown: the database is unreachable"
     ok = all(v.startswith("ok") for v in checks.values())
@@ -61,7 +61,7 @@ def ready(c: ClientDep, request: Request) -> JSONResponse:
 def gpu_status(c: ClientDep, _: User) -> dict[str, Any]:
     """Per-GPU telemetry from the live workers' heartbeats (NVML readings, loaded models,
     rows/s); an empty list and the reason on a CPU-only fleet."""
-    workers = c.workers(READY_WORKER_MAX_AGE_S)
+    workers = c.workers(WORKER_LIVE_S)
     gpus = [
         {"worker": w.hostname, "uuid": w.device_uuid, "name": w.device_name,
          "memory_used_bytes": w.device_memory_used_bytes, "memory_total_bytes": w.device_memory_total_bytes,
@@ -73,7 +73,7 @@ def gpu_status(c: ClientDep, _: User) -> dict[str, Any]:
     reason = None
     if not gpus:
         reason = (f"{len(workers)} live worker process(es), none on a GPU" if workers
-                  else "no worker heartbeat in the last 30 s")
+                  else f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s")
     return finite({"gpus": gpus, "reason": reason, "checked_at": datetime.now(UTC).isoformat()})
 
 

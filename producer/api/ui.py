@@ -38,7 +38,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from ml_framework.errors import JobNotFoundError
+from ml_framework.constants import WORKER_LIVE_S
+from ml_framework.errors import JobNotFoundError, RequestTooLargeError, UnauthorizedError
 from ml_framework.store import JobState, JobStatus, RowError, WorkerInfo
 from producer.api.auth import (
     API_KEY,
@@ -51,7 +52,7 @@ from producer.api.auth import (
     owned_job_id,
 )
 from producer.api.deps import read_body
-from producer.api.errors import RequestTooLargeError, UnauthorizedError, scrub
+from producer.api.errors import scrub
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ ROW_ERRORS_SHOWN = 10
 """Row errors on a job's page, the first by row; the CSV download has them all."""
 REFRESH_S = 5
 """Seconds between refreshes of a page that can still change."""
-WORKER_MAX_AGE_S = 30.0
-"""Workers whose heartbeat (every 5 s) is younger than this are shown: ``/ready``'s rule."""
 MAX_LOGIN_BYTES = 4096
 """Largest sign-in form read, bytes."""
 
@@ -149,7 +148,7 @@ def _job_view(request: Request, status: JobStatus) -> JobView:
 
 
 def _workers(request: Request) -> list[WorkerInfo]:
-    return request.app.state.client.workers(WORKER_MAX_AGE_S)
+    return request.app.state.client.workers(WORKER_LIVE_S)
 
 
 def _page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:

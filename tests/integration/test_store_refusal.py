@@ -10,13 +10,13 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
+from ml_framework.errors import ShardFailed
 from ml_framework.protocol import DatasetRef, ScoreShard
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState, ResultStore
 from worker import tasks
 from worker.export import export_sklearn
 from worker.process import WorkerContext
-from worker.task_states import ShardFailed
 
 pytestmark = pytest.mark.integration
 

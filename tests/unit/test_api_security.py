@@ -9,12 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from ml_framework.errors import SettingsError
 from ml_framework.settings import load_settings
 from producer.api import create_app
+from tests.unit.conftest import model_root
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef",
         "ops": "ops-key-0123456789abcdef", "prom": "prom-key-0123456789abcdef"}
@@ -31,12 +31,7 @@ def root(tmp_path_factory) -> Path:
     a data directory with a CSV, a symlink leading out of it to a secret file, and var/."""
     root = tmp_path_factory.mktemp("api-security")
     for name in ("m-public", "m-other-tenant"):
-        version = root / "models" / name / "1"
-        version.mkdir(parents=True)
-        (version / "manifest.yaml").write_text(yaml.safe_dump({
-            "name": name, "version": 1, "framework": "sklearn", "artifact": "model.skops",
-            "inputs": {"columns": ["a", "b"]}, "outputs": {"kind": "regression"}}))
-    (root / "data").mkdir()
+        model_root(root, name)
     (root / "data" / "ok.csv").write_text("a,b\n1,2\n3,4\n")
     (root / "private.csv").write_text("a,b\nROOT-PASSWORD-LINE,x,y\n")
     (root / "data" / "planted.csv").symlink_to(root / "private.csv")

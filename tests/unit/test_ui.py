@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from ml_framework.settings import load_settings
 from ml_framework.store import RowError, WorkerInfo
 from producer.api import create_app
 from producer.api.auth import UI_COOKIE, UI_SESSION_S, KeyTable, Principal
+from tests.unit.conftest import model_root
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef",
         "ops": "ops-key-0123456789abcdef", "prom": "prom-key-0123456789abcdef"}
@@ -31,14 +31,7 @@ def hdr(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ui")
-    version = root / "models" / "m" / "1"
-    version.mkdir(parents=True)
-    (version / "manifest.yaml").write_text(yaml.safe_dump({
-        "name": "m", "version": 1, "framework": "sklearn", "artifact": "model.skops",
-        "inputs": {"columns": ["a", "b"]}, "outputs": {"kind": "regression"}}))
-    (root / "data").mkdir()
-    return root
+    return model_root(tmp_path_factory.mktemp("ui"))
 
 
 @pytest.fixture(scope="module")
