@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, insert, select, text
 
-from ml_framework.store.schema import (
+from ml_framework.store.models import (
     DeletedJobRow,
     JobRow,
     JobState,

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from ml_framework.store import JobState, ResultStore, RowError, ShardClaim, WorkerInfo
 from ml_framework.store.lifecycle import exclusive_pass, reclaim_space
-from ml_framework.store.schema import DeletedJobRow, JobRow, RowErrorRow, ShardOutputRow, ShardRow
+from ml_framework.store.models import DeletedJobRow, JobRow, RowErrorRow, ShardOutputRow, ShardRow
 
 OWNED = ((ShardRow, ShardRow.job_id), (ShardOutputRow, ShardOutputRow.job_id), (RowErrorRow, RowErrorRow.job_id),
          (JobRow, JobRow.id))

@@ -168,7 +168,7 @@ def test_job_id_prefix_resolves_when_unique(store):
 
     from sqlalchemy import insert
 
-    from ml_framework.store.schema import JobRow
+    from ml_framework.store.models import JobRow
 
     twins = ["abcd" + "0" * 28, "abcd" + "1" * 28]
     with store.engine.begin() as conn:
@@ -199,7 +199,7 @@ def test_worker_heartbeat_telemetry_round_trips(store):
     from sqlalchemy import update
 
     from ml_framework.store import WorkerInfo
-    from ml_framework.store.schema import WorkerRow
+    from ml_framework.store.models import WorkerRow
 
     started = datetime.now(UTC).replace(microsecond=0)
     info = WorkerInfo(hostname="gpu0@h", pid=42, started_at=started, shards_done=3, rows_done=3000,
