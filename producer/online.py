@@ -47,7 +47,8 @@ from ml_framework.protocol import (
     done_channel,
 )
 from ml_framework.settings import Settings
-from ml_framework.store import JobState, NewJob, ResultStore, results_frame
+from ml_framework.store import JobState, NewJob, ResultStore
+from producer.results import results_frame
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class OnlineDispatcher:
         """Block until ``answer`` completes, at most ``timeout_s`` seconds.
 
         Returns:
-            The answer (see :func:`~ml_framework.store.results_frame`), with
+            The answer (see :func:`~producer.results.results_frame`), with
             ``frame.attrs["job_id"]``.
 
         Raises:
