@@ -16,3 +16,17 @@ def test_producer_imports_no_framework_or_worker():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_the_store_returns_arrow_and_imports_no_pandas():
+    """Importing the results store (every module of it) pulls in no pandas: the DataFrame
+    view of results is the producer's (producer/results.py)."""
+    code = (
+        "import sys, pkgutil, importlib, ml_framework.store\n"
+        "for m in pkgutil.iter_modules(ml_framework.store.__path__):\n"
+        "    if m.name != 'migrations':\n"
+        "        importlib.import_module('ml_framework.store.' + m.name)\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -665,3 +665,21 @@ def test_a_job_without_rows_is_succeeded_at_once_with_its_output_columns(store, 
     assert list(results_frame(outputs, errors).columns) == ["prediction", "score", "probabilities", "error",
                                                             "error_field"]
     assert store.cancel(bulk).state is JobState.SUCCEEDED
+
+
+def test_state_literals_are_spelt_only_by_the_enums():
+    """The SQL the store runs names job and shard states through the enums of models.py
+    (``OPEN_JOB``, ``sql_in``...): no other module of the store spells a state as a quoted
+    SQL literal, so the state machine is written once."""
+    from pathlib import Path
+
+    import ml_framework.store
+    from ml_framework.store import ShardState
+
+    states = {s.value for s in JobState} | {s.value for s in ShardState}
+    found = []
+    for path in sorted(Path(ml_framework.store.__file__).parent.glob("*.py")):
+        if path.name != "models.py":
+            text = path.read_text()
+            found += [f"{path.name}: '{s}'" for s in sorted(states) if f"'{s}'" in text]
+    assert found == []
