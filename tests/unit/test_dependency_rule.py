@@ -1,9 +1,14 @@
-"""The producer side imports no ML framework and no worker code."""
+"""The producer side imports no ML framework and no worker code; the store imports no pandas."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints when run by a new interpreter (nothing imported before it)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_producer_imports_no_framework_or_worker():
@@ -14,8 +19,7 @@ def test_producer_imports_no_framework_or_worker():
         "{'torch', 'tensorflow', 'keras', 'sklearn', 'skops', 'worker'})\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    assert _fresh_python(code) == ""
 
 
 def test_the_store_returns_arrow_and_imports_no_pandas():
@@ -28,5 +32,4 @@ def test_the_store_returns_arrow_and_imports_no_pandas():
         "        importlib.import_module('ml_framework.store.' + m.name)\n"
         "print('pandas' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert _fresh_python(code) == "False"
