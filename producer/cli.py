@@ -345,7 +345,7 @@ def flower(
     if settings.flower_basic_auth and not no_auth:
         # in the environment, not on the command line, where ps shows it
         env["FLOWER_BASIC_AUTH"] = ",".join(e.get_secret_value() for e in settings.flower_basic_auth)
-    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", f"--port={port}", f"--address={address}",
+    argv = [sys.executable, "-m", "celery", "-A", "producer.flower", "flower", f"--port={port}", f"--address={address}",
             "--persistent=True", f"--db={db}", "--state_save_interval=60000",
             f"--purge_offline_workers={flower_purge_offline_s(settings)}", f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
     say(f"Flower on http://{address}:{port} ({'basic auth' if 'FLOWER_BASIC_AUTH' in env else 'NO auth'}; "

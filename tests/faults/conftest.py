@@ -228,11 +228,13 @@ def make_workers(trained, data_dir, tmp_path, own_pg_database) -> Iterator:
         workers.client.close()
 
 
-def wait_until(condition, timeout_s: float = WAIT_S, what: str = "condition", interval_s: float = 0.05):
-    """Poll ``condition()`` until it returns a truthy value, which is returned."""
+def wait_until(condition, timeout_s: float = WAIT_S, what="condition", interval_s: float = 0.05):
+    """Poll ``condition()`` until it returns a truthy value, which is returned. ``what``
+    names the condition in the timeout's message: a string, or a callable giving one (to
+    show what was seen at the time)."""
     deadline = time.monotonic() + timeout_s
     while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(interval_s)
     return value
 

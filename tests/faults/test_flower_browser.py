@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from ml_framework.store import JobState
+from tests import browser as browser_tools
 from tests.conftest import (
     REDIS_URL,
     check_redis,
@@ -33,11 +34,12 @@ from tests.conftest import (
     start_workers,
     wait_for_http,
 )
-from tests import browser as browser_tools
 from tests.faults.conftest import Workers, wait_until
 
 pytestmark = pytest.mark.integration
 AUTH = ("admin", "flower-test")
+PUBLIC_URL = "https://mlf.example.test"
+"""``api_public_url``: Flower's pages link job ids to ``<PUBLIC_URL>/ui/jobs/<id>``."""
 IDLE_STOP_S = 5.0
 """Bound of an idle worker set's stop on SIGTERM, seconds (generous: the machine may be loaded)."""
 
@@ -70,7 +72,8 @@ def stack(trained, data_dir, fault_models, tmp_path_factory):
     database = new_pg_database()
     values = {"models_dir": trained[0], "data_dir": data_dir, "var_dir": tmp / "var", **queues("mlf.flower."),
               "database_url": next(database), "broker_url": REDIS_URL, "worker_metrics_port": 0,
-              "shard_size": 500, "task_time_limit_s": 60, "broker_visibility_timeout_s": 70}
+              "shard_size": 500, "task_time_limit_s": 60, "broker_visibility_timeout_s": 70,
+              "api_public_url": PUBLIC_URL}
     workers = Workers(values, Client(load_settings(**values)), tmp / "workers.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
     env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
@@ -147,7 +150,8 @@ def test_busy_workers_stay_online_and_a_long_shard_shows_active(request, stack, 
     shot(browser, screenshots, f"{base}/tasks?state=STARTED", "flower-tasks-started",
          lambda b: job.id in b.find_element(By.ID, "tasks-table").text)
     assert job.wait(timeout_s=120).state is JobState.SUCCEEDED
-    done = wait_until(lambda: [t for t in flower_tasks(base, job.id) if t["state"] == "SUCCESS"], 30, "SUCCESS")
+    done = wait_until(lambda: [t for t in flower_tasks(base, job.id) if t["state"] == "SUCCESS"], 60,
+                      lambda: f"SUCCESS; Flower has {[(t['state'], t['kwargs']) for t in flower_tasks(base, job.id)]}")
     assert "'outcome': 'DONE', 'rows_ok': 1797, 'rows_failed': 0" in done[0]["result"]
 
 
@@ -216,6 +220,9 @@ def test_a_partial_shard_succeeds_with_its_counts_and_the_list_has_a_job_column(
     cells = [r.find_elements(By.TAG_NAME, "td")[column].text
              for r in browser.find_elements(By.CSS_SELECTOR, "#tasks-table tbody tr")]
     assert any(c.startswith(f"job={job.id} shard=") and "model=digits-sklearn/1 rows=" in c for c in cells), cells
+    # the job id links to the job's own page (producer/flower.py)
+    links = {a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#tasks-table a.mlf-job-link")}
+    assert f"{PUBLIC_URL}/ui/jobs/{job.id}" in links, links
 
 
 def test_an_idle_worker_set_stops_at_once_on_sigterm(stack):

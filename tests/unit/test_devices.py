@@ -113,7 +113,7 @@ def test_launcher_pins_one_process_per_gpu_by_uuid():
     assert [c.name.split("@")[0] for c in children] == ["gpu0-L", "gpu1-L", "gpu2-L", "gpu3-L"]
     assert [c.env["CUDA_VISIBLE_DEVICES"] for c in children] == [g.uuid for g in gpus]
     assert {c.env["OMP_NUM_THREADS"] for c in children} == {"4"}
-    assert all(c.argv[c.argv.index("--pool") + 1] == "solo" for c in children)
+    assert all(c.argv[c.argv.index("--pool") + 1] == "threads" for c in children)
 
 
 def test_launcher_processes_per_device_and_extra_cpu_processes():

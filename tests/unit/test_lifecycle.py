@@ -285,8 +285,9 @@ def test_a_shard_not_recorded_is_logged_with_its_real_cause(store):
     running = store.create_job(model="m", model_version=1, dataset="d.csv", n_rows=8, shard_ranges=ranges,
                                batch_size=4)
     assert store.claim_shard(running, 0, "w") is ShardClaim.RUN
-    assert not_recorded_because(store, running).startswith("already recorded by another delivery")
+    claim, why = not_recorded_because(store, running)
+    assert claim is ShardClaim.ALREADY_DONE and why.startswith("already recorded by another delivery")
     store.cancel(running)
-    assert not_recorded_because(store, running) == "the job was cancelled while the shard ran"
+    assert not_recorded_because(store, running) == (ShardClaim.CANCELLED, "the job was cancelled while the shard ran")
     store.delete_job(running)
-    assert not_recorded_because(store, running) == "the job was deleted while the shard ran"
+    assert not_recorded_because(store, running) == (ShardClaim.UNKNOWN_JOB, "the job was deleted while the shard ran")
