@@ -41,7 +41,7 @@ from ml_framework.store import JobState, JobStatus, PruneReport, ResultStore, Wo
 from ml_framework.store.idempotency import Idempotency, check_key, request_hash
 from producer.online import OnlineDispatcher, OnlineRequest
 from producer.plan import JobOptions, ShardPlan, check_message_bytes, plan_dataset, plan_rows
-from producer.results import write_results
+from producer.results import job_results, write_results
 from producer.rows import RowsLike, rows_nbytes
 
 POLL_START_S = 0.01
@@ -147,8 +147,8 @@ class Job:
                 bar.close()
 
     def results(self) -> pd.DataFrame:
-        """Outputs and row errors in input row order (see ``ResultStore.results``)."""
-        return self.client.store.results(self.id)
+        """Outputs and row errors in input row order (see :func:`producer.results.job_results`)."""
+        return job_results(self.client.store, self.id)
 
     def cancel(self) -> JobStatus:
         """Cancel the job: no further shard starts; recorded results stay."""

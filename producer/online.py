@@ -42,8 +42,9 @@ from ml_framework.endpoints import broker_errors, broker_unavailable
 from ml_framework.errors import JobNotFoundError, JobTimeoutError, RequestCancelledError
 from ml_framework.protocol import OnlineBatch, done_channel
 from ml_framework.settings import Settings
-from ml_framework.store import JobState, NewJob, ResultStore, results_frame
+from ml_framework.store import JobState, NewJob, ResultStore
 from producer.plan import ShardPlan
+from producer.results import results_frame
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class OnlineDispatcher:
         """Block until ``answer`` completes, at most ``timeout_s`` seconds.
 
         Returns:
-            The answer (see :func:`~ml_framework.store.results_frame`), with
+            The answer (see :func:`~producer.results.results_frame`), with
             ``frame.attrs["job_id"]``.
 
         Raises:

@@ -32,7 +32,7 @@ from sqlalchemy import inspect
 from ml_framework.celery_app import BROKER_TIMEOUT_S
 from ml_framework.constants import WORKER_GONE_S
 from ml_framework.store import ResultStore
-from ml_framework.store.schema import WorkerRow
+from ml_framework.store.models import WorkerRow
 
 log = logging.getLogger(__name__)
 
