@@ -56,10 +56,9 @@ from ml_framework.errors import (
 )
 from ml_framework.manifest import ModelManifest
 from producer.api.auth import User
-from producer.api.deps import ClientDep
+from producer.api.deps import ClientDep, read_body
 from producer.api.errors import (
     REQUEST_ID_HEADER,
-    RequestTooLargeError,
     is_json,
     public,
     public_error,
@@ -315,16 +314,7 @@ async def _read_request(request: Request, limit: int) -> tuple[InferenceRequest,
             do not add up.
     """
     header = request.headers.get(BINARY_HEADER)
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise RequestTooLargeError(f"request body of {length} bytes exceeds api_max_request_bytes ({limit})")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLargeError(f"request body exceeds api_max_request_bytes ({limit})")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read_body(request, limit)
     json_bytes = raw
     if header is not None:
         if not header.isdigit() or int(header) > len(raw):
