@@ -1,6 +1,6 @@
 """The one Celery app both sides use: broker, serializers, acknowledgement and queues.
 
-Producers send tasks by name (:mod:`ml_framework.protocol`); the worker package registers
+Producers send tasks by name (:mod:`ml_framework.constants`, bodies in :mod:`ml_framework.protocol`); the worker package registers
 the task bodies on this same app (``worker.app``).
 """
 
@@ -10,6 +10,8 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from ml_framework import broker  # noqa: F401 - registers the embedded transport
+from ml_framework.constants import MAX_PRIORITY, MIN_PRIORITY, SCORE_SHARD_TASK
+from ml_framework.errors import JobOptionError
 from ml_framework.settings import Settings, get_settings
 
 APP_NAME = "ml_framework"
@@ -18,15 +20,17 @@ APP_NAME = "ml_framework"
 BROKER_TIMEOUT_S = 3.0
 """Bound of a broker query made for monitoring or reconciliation, seconds."""
 
-MIN_PRIORITY, MAX_PRIORITY = 0, 9
-"""Bulk-job priorities: 0 (default) to 9 (most urgent), as AMQP message priorities."""
-
 
 def check_priority(priority: int) -> int:
-    """``priority`` if it is a bulk-job priority, else ``ValueError`` naming the range."""
+    """``priority`` if it is a bulk-job priority (an integer from :data:`~ml_framework.constants.MIN_PRIORITY`
+    to :data:`~ml_framework.constants.MAX_PRIORITY`).
+
+    Raises:
+        JobOptionError: anything else (a ``ValueError`` too); the message names the range.
+    """
     if not (isinstance(priority, int) and MIN_PRIORITY <= priority <= MAX_PRIORITY):
-        raise ValueError(f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} "
-                         f"({MAX_PRIORITY} most urgent), got {priority!r}")
+        raise JobOptionError(f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} "
+                             f"({MAX_PRIORITY} most urgent), got {priority!r}")
     return priority
 
 
@@ -93,7 +97,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         result_backend=None,
         task_default_queue=settings.bulk_queue,
         task_queues=declared_queues(settings),
-        task_routes={"mlf.score_shard": {"queue": settings.bulk_queue}},
+        task_routes={SCORE_SHARD_TASK: {"queue": settings.bulk_queue}},
         task_queue_max_priority=MAX_PRIORITY,  # RabbitMQ: declare queues with x-max-priority
         task_time_limit=settings.task_time_limit_s,
         broker_transport_options=transport_options,

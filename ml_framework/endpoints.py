@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.credentials import mask_url
 from ml_framework.errors import BrokerUnavailableError
 
@@ -72,11 +73,11 @@ def workers_warning(settings: Settings, live: Sequence[WorkerInfo]) -> str | Non
     same broker (or heartbeats of older workers do not say which broker they use).
 
     Returns:
-        ``no worker heartbeat in the last 30 s ...`` when ``live`` is empty, or a message
+        ``no worker heartbeat in the last 30 s ...`` (:data:`~ml_framework.constants.WORKER_LIVE_S`) when ``live`` is empty, or a message
         naming the brokers the live workers listen on and the one this job went to.
     """
     if not live:
-        return "no worker heartbeat in the last 30 s; the job waits until one runs (`mlf worker`)"
+        return f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s; the job waits until one runs (`mlf worker`)"
     ours = broker_label(settings)
     theirs = sorted({w.broker for w in live if w.broker is not None})
     if any(w.broker is None for w in live) or ours in theirs:

@@ -18,12 +18,24 @@ Hierarchy::
     │   ├── JobNotFoundError     no job with that id in the results store
     │   ├── JobTimeoutError      ``Job.wait`` ran out of time
     │   │   └── RequestCancelledError  an online request was cancelled before its answer
+    │   ├── JobOptionError       a batch size or priority out of range (also a ValueError)
+    │   ├── MessageTooLargeError a shard or online request over ``max_message_bytes``
     │   └── IdempotencyKeyError  a malformed idempotency key
     │       └── IdempotencyKeyReusedError  the key was used for a different request
+    ├── ApiRequestError          the HTTP API refuses one request (raised by the API only)
+    │   ├── UnauthorizedError    no API key, or an unknown one (401)
+    │   ├── ForbiddenError       the key's role does not allow the endpoint (403)
+    │   ├── RequestTooLargeError the body is over ``api_max_request_bytes`` (413)
+    │   ├── UnsupportedMediaTypeError  a JSON route got another type of body (415)
+    │   ├── BodyInvalidError     the body does not validate (422)
+    │   ├── InferenceInputError  a /v2 inference request's tensors do not fit the model (400)
+    │   └── ParserUnavailableError  the process parsing the body died (503)
     ├── StoreError               the results database refused an operation
     │   └── StoreUnavailableError    the results database cannot be reached (retry later)
-    └── BrokerError              the message broker refused an operation
-        └── BrokerUnavailableError   the broker cannot be reached (retry later)
+    ├── BrokerError              the message broker refused an operation
+    │   └── BrokerUnavailableError   the broker cannot be reached (retry later)
+    ├── ShardFailed              (worker) every row of a shard failed: its task's FAILURE
+    └── ImageRowError            (worker) one row's image cannot be prepared: that row fails
 
 Row-level problems (a non-numeric value in one row) are not exceptions: they are recorded
 as row errors and the rest of the job goes on.
@@ -114,6 +126,23 @@ class RequestCancelledError(JobTimeoutError):
     ``DELETE /v1/jobs/{id}``) before it was answered."""
 
 
+class JobOptionError(JobError, ValueError):
+    """Raised when a job option is out of range: a batch size outside 1 to
+    :data:`~ml_framework.constants.MAX_INT32`, or a priority that is not an integer from
+    :data:`~ml_framework.constants.MIN_PRIORITY` to
+    :data:`~ml_framework.constants.MAX_PRIORITY`. The message names the option, its range
+    and the value given. Also a :class:`ValueError`, as before it had a class of its own."""
+
+
+class MessageTooLargeError(JobError):
+    """Raised when a shard message or an online request would be larger than the
+    ``max_message_bytes`` setting (default :data:`~ml_framework.constants.MAX_MESSAGE_BYTES`),
+    whether its rows come from a file or were given in memory. Raised before the message
+    is sent; the message names both sizes, what to do instead (a smaller ``shard_size``,
+    fewer rows per request, a file under the data directory) and what was recorded. The
+    HTTP API answers it with 413."""
+
+
 class IdempotencyKeyError(JobError):
     """Raised when an idempotency key (``Idempotency-Key``, ``idempotency_key=``,
     ``--idempotency-key``) is empty, too long or holds characters other than printable ASCII."""
@@ -131,6 +160,50 @@ class IdempotencyKeyReusedError(IdempotencyKeyError):
     def __init__(self, message: str, job_id: str) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+class ApiRequestError(MLFrameworkError):
+    """Raised by the HTTP API when it refuses one request as sent; never by the Python
+    client. Each subclass has its HTTP status (``producer.api.errors.STATUS_BY_ERROR``)."""
+
+
+class UnauthorizedError(ApiRequestError):
+    """Raised when a request has no API key, or one the API does not know (401)."""
+
+
+class ForbiddenError(ApiRequestError):
+    """Raised when a key's role does not allow the endpoint (403)."""
+
+
+class RequestTooLargeError(ApiRequestError):
+    """Raised when a request body is over ``api_max_request_bytes`` (413)."""
+
+
+class UnsupportedMediaTypeError(ApiRequestError):
+    """Raised when a JSON route gets a body of another type, e.g. curl's default
+    ``application/x-www-form-urlencoded`` (415)."""
+
+
+class BodyInvalidError(ApiRequestError):
+    """Raised when a request body does not validate (422, answered as ``ValidationError``).
+
+    Attributes:
+        errors: ``(location, message)`` pairs, the location starting with ``"body"``; the
+            first ``producer.api.bodies.MAX_ERRORS`` of them.
+    """
+
+    def __init__(self, errors: list[tuple[tuple, str]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in errors))
+        self.errors = errors
+
+
+class InferenceInputError(ApiRequestError):
+    """Raised when an Open Inference Protocol (``/v2``) request's tensors do not fit the
+    model: wrong name, datatype, shape or element count, or data of another type (400)."""
+
+
+class ParserUnavailableError(ApiRequestError):
+    """Raised when the process parsing a request body died, e.g. killed for memory (503)."""
 
 
 class StoreError(MLFrameworkError):
@@ -166,3 +239,17 @@ class BrokerUnavailableError(BrokerError):
     def __init__(self, message: str, job_id: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+class ShardFailed(MLFrameworkError):  # not ...Error: the name Flower shows since issue 19
+    """Raised by a worker's shard task when every row of the shard failed, after the shard
+    was recorded; the message is the reason. Celery reports the task as ``FAILURE`` and
+    Flower shows ``ShardFailed('<reason>')`` (see :mod:`worker.task_states`)."""
+
+
+class ImageRowError(MLFrameworkError):
+    """Raised inside the worker's image converter (``worker.inputs.image``) when one row's
+    image cannot be prepared (no path, a path leaving the data directory, a missing,
+    unreadable or oversized image). Caught there: that row fails with the message as its
+    row error (it names the path as given, never the worker's absolute path), the other
+    rows go on."""

@@ -92,13 +92,15 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def locate_dataset(data_dir: Path | str, path: Path | str) -> DatasetLocation:
+def locate_dataset(data_dir: Path | str, path: Path | str, *, name: str | None = None) -> DatasetLocation:
     """Apply the module's rule to ``path`` for a producer (CLI, Python client).
 
     Args:
         data_dir: the data directory (``settings.data_dir``).
         path: the dataset as given; a relative path is taken relative to ``data_dir``
             (callers holding a path relative to the working directory pass it absolute).
+        name: how a refusal names the path (default: ``path`` as given; the HTTP API
+            passes it cut short).
 
     Returns:
         Its :class:`DatasetLocation`: inside the data directory, or outside it and named
@@ -108,8 +110,9 @@ def locate_dataset(data_dir: Path | str, path: Path | str) -> DatasetLocation:
         DatasetPathError: the path enters the data directory and leads out of it (a
             symbolic link or ``..``), or loops, or holds a NUL character. Nothing was opened.
     """
+    shown = os.fspath(path) if name is None else name
     if "\x00" in os.fspath(path):  # no file system takes it: os.lstat would raise ValueError
-        raise DatasetPathError(f"dataset {os.fspath(path)!r}: a path cannot contain a NUL character")
+        raise DatasetPathError(f"dataset {shown!r}: a path cannot contain a NUL character")
     root_written = os.path.abspath(data_dir)
     root, _ = _walk(root_written)
     written = os.path.normpath(os.path.join(root_written, os.fspath(path)))
@@ -118,19 +121,20 @@ def locate_dataset(data_dir: Path | str, path: Path | str) -> DatasetLocation:
         return DatasetLocation(Path(real), PurePosixPath(os.path.relpath(real, root)))
     if _inside(written, root_written) or any(_inside(v, root) for v in visited):
         raise DatasetPathError(
-            f"dataset {os.fspath(path)!r} leaves the data directory (a symbolic link or '..' on it leads "
+            f"dataset {shown!r} leaves the data directory (a symbolic link or '..' on it leads "
             "outside); refused without reading it. Copy the file into the data directory, or give its "
             "real path outside it")
     return DatasetLocation(Path(real), None)
 
 
-def resolve_under(data_dir: Path | str, path: Path | str) -> Path:
+def resolve_under(data_dir: Path | str, path: Path | str, *, name: str | None = None) -> Path:
     """The real path of ``path`` when it lies inside ``data_dir``, for the HTTP API and the
     worker, which read nothing else.
 
     Args:
         data_dir: the data directory.
         path: relative to ``data_dir`` (an absolute path is taken as it is).
+        name: how a refusal names the path (default: ``path`` as given).
 
     Returns:
         The real, absolute path (every symbolic link followed), inside the real data
@@ -139,10 +143,10 @@ def resolve_under(data_dir: Path | str, path: Path | str) -> Path:
     Raises:
         DatasetPathError: the path leaves the data directory, or lies outside it.
     """
-    location = locate_dataset(data_dir, path)
+    location = locate_dataset(data_dir, path, name=name)
     if location.relative is None:
-        raise DatasetPathError(f"dataset {os.fspath(path)!r} leaves the data directory (it lies outside "
-                               "it); refused without reading it")
+        raise DatasetPathError(f"dataset {os.fspath(path) if name is None else name!r} leaves the data directory "
+                               "(it lies outside it)")
     return location.path
 
 

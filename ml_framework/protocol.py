@@ -1,4 +1,5 @@
-"""Task names and message schemas: everything that travels on the broker.
+"""Message schemas: everything that travels on the broker (the task names are in
+:mod:`ml_framework.constants`).
 
 Messages are JSON. A shard names its rows either by reference (a dataset path relative
 to the workers' data directory plus a row range) or inline (Arrow IPC bytes, base64), for
@@ -10,20 +11,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
-
-SCORE_SHARD_TASK = "mlf.score_shard"
-"""Celery task name of the bulk-scoring task (one shard per message)."""
-SCORE_ONLINE_TASK = "mlf.score_online"
-"""Celery task name of online requests sent together (several shards per message)."""
-
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
-"""Default of the ``max_message_bytes`` setting: the largest task body (JSON, bytes) a
-producer sends, 64 MiB. Brokers cap a message well above it: Redis at 512 MB per string
-value (``proto-max-bulk-len``; kombu stores the message base64-encoded, 4/3 of the body,
-with its headers), RabbitMQ at 128 MiB by default (``max_message_size``, since 3.8).
-Shards bigger than this are also slow to send, hold worker memory and make a redelivery
-expensive; a smaller ``shard_size`` or a dataset under the data directory (sent by
-reference) avoids them."""
 
 DatasetFormat = Literal["csv", "parquet", "arrow", "npy"]
 """Formats a worker reads by reference (see :mod:`ml_framework.datasets`); a directory of

@@ -33,8 +33,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ml_framework import credentials
+from ml_framework.constants import MAX_INT32, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from ml_framework.errors import SettingsError
-from ml_framework.manifest import MAX_INT32, parse_model_ref
+from ml_framework.manifest import parse_model_ref
 from ml_framework.settings_sources import (
     CONFIG_ENV,
     ENV_PREFIX,
@@ -229,7 +230,7 @@ class Settings(BaseSettings):
     broker_password: SecretStr | None = None
     redis_password: SecretStr | None = None
     database_password: SecretStr | None = None
-    api_max_request_bytes: PositiveInt = 16 * 2**20
+    api_max_request_bytes: PositiveInt = MAX_REQUEST_BYTES
     api_public_url: str | None = None
     log_dir: Path | None = None
     log_to_file: bool = True
@@ -245,7 +246,7 @@ class Settings(BaseSettings):
     max_shard_attempts: PositiveInt = Field(default=3, le=1000)
     broker_queue_type: Literal["classic", "quorum"] = "classic"
     reconcile_interval_s: float = Field(default=60.0, ge=0)
-    max_message_bytes: PositiveInt = 64 * 2**20
+    max_message_bytes: PositiveInt = MAX_MESSAGE_BYTES
     results_retention: timedelta | None = None
     worker_heartbeat_retention: timedelta | None = timedelta(days=7)
     deleted_job_retention: timedelta | None = timedelta(days=30)

@@ -1,5 +1,6 @@
 """Producer side of ml-framework: submit jobs, follow them, read results."""
 
 from producer.client import Client, Job
+from producer.plan import JobOptions
 
-__all__ = ["Client", "Job"]
+__all__ = ["Client", "Job", "JobOptions"]

@@ -29,11 +29,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
+from ml_framework.constants import MAX_INT32, MAX_PRIORITY, MIN_PRIORITY, WORKER_LIVE_S
 from ml_framework.endpoints import where_line
 from ml_framework.errors import JobTimeoutError, MLFrameworkError
 from ml_framework.logging import configure_logging
-from ml_framework.manifest import MAX_INT32
 from ml_framework.store import JobState, JobStatus
 from producer.cli_console import EXIT_ERROR, err, fail, out, say, warn
 from producer.durations import duration, rows_per_s, when
@@ -97,12 +96,13 @@ def score(
             check_output_path(output)
         except ValueError as exc:
             raise fail(str(exc)) from None
+    from producer.plan import JobOptions
+
     try:
+        options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority)
         with client() as c:
             say(where_line(c.settings), console=err)
-            job = c.score_dataset(dataset, model, version=version, batch_size=batch_size,
-                                  columns=columns.split(",") if columns else None, priority=priority,
-                                  idempotency_key=idempotency_key)
+            job = c.submit_dataset(dataset, options, idempotency_key=idempotency_key)
             submitted = job.status()
             if job.replayed:
                 say(replay_line(submitted), console=err)
@@ -211,7 +211,7 @@ def _gib(n: int | None) -> str:
 
 @app.command()
 def workers(
-    all_: Annotated[bool, typer.Option("--all", help="Include workers whose heartbeat is older than 30 s.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help=f"Include workers whose heartbeat is older than {WORKER_LIVE_S:.0f} s.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines, one per worker process.")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every --interval seconds until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.5, help="Seconds between refreshes with --watch.")] = 2.0,
@@ -226,13 +226,13 @@ def workers(
     if as_json:
         try:
             with client() as c:
-                infos = c.workers(None if all_ else 30.0)
+                infos = c.workers(None if all_ else WORKER_LIVE_S)
         except MLFrameworkError as exc:
             raise fail(str(exc)) from None
         for info in infos:
             print(json.dumps(info.__dict__, default=str))
         return
-    _show(lambda c: _workers_table(c.workers(None if all_ else 30.0), all_), watch, interval)
+    _show(lambda c: _workers_table(c.workers(None if all_ else WORKER_LIVE_S), all_), watch, interval)
 
 
 def _workers_table(infos, all_: bool):
@@ -240,7 +240,7 @@ def _workers_table(infos, all_: bool):
 
     if not infos:
         return ("no worker heartbeat recorded (start workers with `mlf worker`)" if all_
-                else "no worker heartbeat in the last 30 s (start workers with `mlf worker`)")
+                else f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s (start workers with `mlf worker`)")
     now = datetime.now(UTC)
     table = Table("worker", "pid", "device", "models", "shards", "rows", "rows/s", "OOM splits",
                   "RSS GiB", "device mem GiB", "util %", "seen")

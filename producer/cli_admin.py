@@ -9,13 +9,9 @@ from typing import Annotated
 
 import typer
 
+from ml_framework.constants import WORKER_GONE_S, WORKER_LIVE_S
 from ml_framework.errors import MLFrameworkError
 from producer.cli import err, fail, out
-
-OWN_FRESH_S = 30.0
-"""A heartbeat (every 5 s) younger than this is fresh: the age /ready and `mlf workers` use."""
-OWN_RECENT_S = 300.0
-"""Heartbeats older than this are of processes of an earlier run, not this host's now."""
 
 
 def check_own_heartbeats() -> int:
@@ -34,7 +30,7 @@ def check_own_heartbeats() -> int:
     try:
         store = ResultStore(get_settings().effective_database_url, migrate=False)
         try:
-            infos = store.workers(OWN_RECENT_S)
+            infos = store.workers(WORKER_GONE_S)
         finally:
             store.close()
     except MLFrameworkError as exc:
@@ -44,9 +40,9 @@ def check_own_heartbeats() -> int:
     ages = {w.hostname: (now - w.last_seen_at).total_seconds() for w in infos if w.hostname.endswith(f"@{host}")}
     for name, age in sorted(ages.items()):
         out.print(f"{name}: heartbeat {age:.0f} s ago", markup=False, highlight=False)
-    stale = [name for name, age in ages.items() if age > OWN_FRESH_S]
+    stale = [name for name, age in ages.items() if age > WORKER_LIVE_S]
     if not ages or stale:
-        err.print(f"unhealthy: {'no worker heartbeat from ' + host if not ages else 'no heartbeat for over 30 s from ' + ', '.join(sorted(stale))}",
+        err.print(f"unhealthy: {'no worker heartbeat from ' + host if not ages else f'no heartbeat for over {WORKER_LIVE_S:.0f} s from ' + ', '.join(sorted(stale))}",
                   markup=False, highlight=False)
         return 1
     return 0

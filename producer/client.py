@@ -12,39 +12,37 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
 import pandas as pd
 
-from ml_framework.celery_app import check_priority, create_app, message_priority
-from ml_framework.datasets import DatasetInfo, encode_table, shard_ranges
-from ml_framework.endpoints import broker_errors, broker_label, broker_unavailable, workers_warning
-from ml_framework.errors import DatasetError, JobTimeoutError
-from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
-from ml_framework.paths import locate_dataset
-from ml_framework.protocol import (
-    DEFAULT_MAX_MESSAGE_BYTES,
+from ml_framework.celery_app import create_app, message_priority
+from ml_framework.constants import (
+    MAX_MESSAGE_BYTES,
+    PREDICT_TIMEOUT_S,
     SCORE_SHARD_TASK,
-    DatasetRef,
-    InlineRows,
-    ScoreShard,
+    WORKER_LIVE_S,
 )
+from ml_framework.datasets import inspect
+from ml_framework.endpoints import broker_errors, broker_label, broker_unavailable, workers_warning
+from ml_framework.errors import JobTimeoutError
+from ml_framework.manifest import ModelManifest, ModelRepository
+from ml_framework.paths import locate_dataset
+from ml_framework.protocol import ScoreShard
 from ml_framework.settings import Settings, get_settings
-from ml_framework.store import JobState, JobStatus, NewJob, PruneReport, ResultStore, WorkerInfo
+from ml_framework.store import JobState, JobStatus, PruneReport, ResultStore, WorkerInfo
 from ml_framework.store.idempotency import Idempotency, check_key, request_hash
-from ml_framework.store.outputs import output_schema
-from producer.datasets import inspect, plan_sources, resolve_columns
 from producer.online import OnlineDispatcher, OnlineRequest
-from producer.results import write_results
-from producer.rows import RowsLike, rows_nbytes, rows_to_table
+from producer.plan import JobOptions, ShardPlan, check_message_bytes, plan_dataset, plan_rows
+from producer.results import job_results, write_results
+from producer.rows import RowsLike, rows_nbytes
 
 POLL_START_S = 0.01
 POLL_MAX_S = 0.05
@@ -75,11 +73,11 @@ class Job:
             submitted before with that key, instead of submitting a new one.
     """
 
-    def __init__(self, client: Client, job_id: str, *, replayed: bool = False) -> None:
+    def __init__(self, client: Client, job_id: str, *, replayed: bool = False, answer: Future | None = None) -> None:
         self.client = client
         self.id = job_id
         self.replayed = replayed
-        self._answer: Future | None = None  # set for online requests sent by this client
+        self._answer = answer  # the online answer's future, for an online request this client sent
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -171,8 +169,8 @@ class Job:
                 "(`mlf worker --preload`)")
 
     def results(self) -> pd.DataFrame:
-        """Outputs and row errors in input row order (see ``ResultStore.results``)."""
-        return self.client.store.results(self.id)
+        """Outputs and row errors in input row order (see :func:`producer.results.job_results`)."""
+        return job_results(self.client.store, self.id)
 
     def cancel(self) -> JobStatus:
         """Cancel the job: no further shard starts; recorded results stay."""
@@ -278,7 +276,7 @@ class Client:
                 cache.close()
         return done
 
-    def live_workers(self, max_age_s: float = 30.0) -> list[str]:
+    def live_workers(self, max_age_s: float = WORKER_LIVE_S) -> list[str]:
         """Worker processes whose heartbeat reached the results store in the last ``max_age_s``."""
         return self.store.live_workers(max_age_s)
 
@@ -286,9 +284,9 @@ class Client:
         """Why a job sent now may wait: no live worker process, or the live ones listen on
         another broker (see :func:`ml_framework.endpoints.workers_warning`); ``None`` when
         a live worker listens on this client's broker."""
-        return workers_warning(self.settings, self.workers(30.0))
+        return workers_warning(self.settings, self.workers(WORKER_LIVE_S))
 
-    def workers(self, max_age_s: float | None = 30.0) -> list[WorkerInfo]:
+    def workers(self, max_age_s: float | None = WORKER_LIVE_S) -> list[WorkerInfo]:
         """Heartbeats and telemetry of the worker processes seen in the last ``max_age_s``
         seconds (every one ever recorded and not cleanly stopped when ``None``); see
         :class:`ml_framework.store.WorkerInfo`."""
@@ -336,7 +334,8 @@ class Client:
         Raises:
             IdempotencyKeyError: a malformed key.
             IdempotencyKeyReusedError: the key names a job submitted with another request.
-            ValueError: ``batch_size`` or ``priority`` out of range.
+            JobOptionError: ``batch_size`` or ``priority`` out of range (also a ``ValueError``).
+            MessageTooLargeError: a shard message (inline rows) over ``max_message_bytes``.
             ModelNotFoundError: unknown model or version.
             DatasetPathError: the path enters the data directory and leads out of it (a
                 symbolic link or '..'); refused before anything is read
@@ -346,20 +345,21 @@ class Client:
             BrokerUnavailableError: the broker cannot be reached; nothing was recorded, or
                 (the broker went away mid-send) the job named by its ``job_id`` was cancelled.
         """
-        check_priority(priority)
+        options = JobOptions.of(model, version, batch_size, columns, priority)
+        return self.submit_dataset(path, options, owner=owner, idempotency_key=idempotency_key)
+
+    def submit_dataset(self, path: Path | str, options: JobOptions, *, owner: str | None = None,
+                       idempotency_key: str | None = None) -> Job:
+        """:meth:`score_dataset` with the job's options as one :class:`~producer.plan.JobOptions`
+        (what ``mlf score`` and the HTTP API hold). Returns and raises as :meth:`score_dataset`."""
         location = locate_dataset(self.settings.data_dir, Path(path).absolute())
-        key = self._idempotency(idempotency_key, owner, dataset=str(location.relative or location.path),
-                                model=model, version=version, batch_size=batch_size, columns=columns,
-                                priority=priority)
+        key = self._idempotency(idempotency_key, owner, options, dataset=str(location.relative or location.path))
         if key is not None and (existing := self.store.idempotent_job(key)) is not None:
             return Job(self, existing, replayed=True)
-        manifest, batch = self._check(model, version, batch_size)
-        info = inspect(location.path)
-        use_columns = resolve_columns(info, manifest, columns)
-        ranges = shard_ranges(info.n_rows, self.settings.shard_size)
-        sources = plan_sources(info, ranges, use_columns, self.settings.data_dir)
-        return self._submit(manifest, str(info.path), info.n_rows, ranges, use_columns, sources, batch,
-                            priority=priority, owner=owner, idempotency=key)
+        manifest = self.repository.resolve(options.model, options.version)
+        plan = plan_dataset(manifest, options.options(), inspect(location.path), data_dir=self.settings.data_dir,
+                            shard_size=self.settings.shard_size, default_batch_size=self.settings.default_batch_size)
+        return self._submit(plan, owner, idempotency=key)
 
     def score_rows(
         self,
@@ -394,46 +394,43 @@ class Client:
         Raises:
             DatasetSchemaError: missing columns, an array of the wrong width or shape, or
                 a column whose type can never feed the model.
-            ModelNotFoundError, ValueError, BrokerUnavailableError, IdempotencyKeyError:
-                as :meth:`score_dataset`.
+            ModelNotFoundError, JobOptionError, MessageTooLargeError, BrokerUnavailableError,
+                IdempotencyKeyError: as :meth:`score_dataset`.
         """
-        check_priority(priority)
+        options = JobOptions.of(model, version, batch_size, columns, priority)
+        return self.submit_rows(rows, options, owner=owner, idempotency_key=idempotency_key)
+
+    def submit_rows(self, rows: RowsLike, options: JobOptions, *, owner: str | None = None,
+                    idempotency_key: str | None = None) -> Job:
+        """:meth:`score_rows` with the job's options as one :class:`~producer.plan.JobOptions`
+        (what the HTTP API holds). Returns and raises as :meth:`score_rows`."""
         if idempotency_key is not None:
             check_key(idempotency_key)
-        manifest, batch, use_columns, ranges, sources = self._plan_rows(rows, model, version, batch_size, columns)
+        plan = self._plan_rows(rows, options)
         digest = hashlib.sha256()
-        for source in sources if idempotency_key is not None else ():
+        for source in plan.sources if idempotency_key is not None else ():
             digest.update(f"{source.row_start}:{source.row_end}:".encode())
             digest.update(source.data_b64.encode())
-        key = self._idempotency(idempotency_key, owner, rows=digest.hexdigest(), model=model, version=version,
-                                batch_size=batch_size, columns=columns, priority=priority)
+        key = self._idempotency(idempotency_key, owner, options, rows=digest.hexdigest())
         if key is not None and (existing := self.store.idempotent_job(key)) is not None:
             return Job(self, existing, replayed=True)
-        n_rows = ranges[-1][1] if ranges else 0
-        return self._submit(manifest, f"<{n_rows} inline rows>", n_rows, ranges, use_columns,
-                            sources, batch, priority, owner, idempotency=key)
+        return self._submit(plan, owner, idempotency=key)
 
-    def _idempotency(self, key: str | None, owner: str | None, **request: object) -> Idempotency | None:
-        """The :class:`Idempotency` of a submission of ``request`` with ``key`` (``None``
-        without a key). Raises ``IdempotencyKeyError`` for a malformed key."""
+    def _idempotency(self, key: str | None, owner: str | None, options: JobOptions,
+                     **source: str) -> Idempotency | None:
+        """The :class:`Idempotency` of a submission of ``source`` (the dataset, or a digest
+        of the rows) with ``options`` and ``key`` (``None`` without a key).
+        Raises ``IdempotencyKeyError`` for a malformed key."""
         if key is None:
             return None
-        request["columns"] = list(request["columns"]) if request.get("columns") is not None else None
+        request = {**source, **options.request()}
         return Idempotency(check_key(key), request_hash(request), owner, self.settings.idempotency_window)
 
-    def _plan_rows(self, rows: RowsLike, model: str, version: int | None, batch_size: int | None,
-                   columns: Sequence[str] | None) -> tuple[ModelManifest, int, list[str], list, list[InlineRows]]:
-        """Check ``rows`` against the model and cut them into inline shards (see :meth:`score_rows`)."""
-        manifest, batch = self._check(model, version, batch_size)
-        table = rows_to_table(rows, manifest.inputs)
-        info = DatasetInfo(path=Path("<inline rows>"), format="inline", columns=table.column_names,
-                           n_rows=table.num_rows, schema=table.schema)
-        use_columns = resolve_columns(info, manifest, columns)
-        ranges = shard_ranges(table.num_rows, self.settings.shard_size)
-        selected = table.select(use_columns)
-        sources = [InlineRows(row_start=a, row_end=b, data_b64=encode_table(selected.slice(a, b - a)))
-                   for a, b in ranges]
-        return manifest, batch, use_columns, ranges, sources
+    def _plan_rows(self, rows: RowsLike, options: JobOptions, online: bool = False) -> ShardPlan:
+        """Check ``rows`` against the model and cut them into inline shards (see :func:`producer.plan.plan_rows`)."""
+        manifest = self.repository.resolve(options.model, options.version)
+        return plan_rows(manifest, options.options(), rows, shard_size=self.settings.shard_size,
+                         default_batch_size=self.settings.default_batch_size, online=online)
 
     def submit(self, model: str, inputs: RowsLike, version: int | None = None,
                batch_size: int | None = None) -> Job:
@@ -447,12 +444,10 @@ class Client:
         request.sent.wait()
         if request.send_error is not None:
             raise request.send_error
-        job = Job(self, request.job.job_id)
-        job._answer = request.answer
-        return job
+        return Job(self, request.job.job_id, answer=request.answer)
 
     def predict(self, model: str, inputs: RowsLike, version: int | None = None,
-                timeout_s: float = 30.0) -> pd.DataFrame:
+                timeout_s: float = PREDICT_TIMEOUT_S) -> pd.DataFrame:
         """Score a few rows and return their results, blocking at most ``timeout_s``.
 
         The request goes on the online queue (see :meth:`submit`). Requests made at the
@@ -471,12 +466,13 @@ class Client:
         Raises:
             JobTimeoutError: no answer within ``timeout_s`` (the request is cancelled).
             DatasetSchemaError, DatasetError, ModelNotFoundError: as :meth:`score_rows`.
+            MessageTooLargeError: the request is over ``max_message_bytes`` (nothing sent).
         """
         request = self._send_online(model, inputs, version)
         return self._online().result(request.job.job_id, request.answer, timeout_s)
 
     def predict_many(self, model: str, inputs: Sequence[RowsLike], version: int | None = None,
-                     timeout_s: float = 30.0) -> list[pd.DataFrame]:
+                     timeout_s: float = PREDICT_TIMEOUT_S) -> list[pd.DataFrame]:
         """Score many small requests at once (each as :meth:`predict`): all are sent
         before any is waited for, so workers batch them together.
 
@@ -489,8 +485,8 @@ class Client:
 
         Raises:
             JobTimeoutError: some request got no answer in time (those are cancelled).
-            DatasetSchemaError, DatasetError, ModelNotFoundError: a request is invalid
-                (raised before anything is sent).
+            DatasetSchemaError, DatasetError, ModelNotFoundError, MessageTooLargeError: a
+                request is invalid (raised before anything is sent).
         """
         plans = [self._plan_online(model, rows, version) for rows in inputs]
         online = self._online()
@@ -507,7 +503,7 @@ class Client:
         return answers
 
     async def apredict(self, model: str, inputs: RowsLike, version: int | None = None,
-                       timeout_s: float = 30.0, *, owner: str | None = None) -> pd.DataFrame:
+                       timeout_s: float = PREDICT_TIMEOUT_S, *, owner: str | None = None) -> pd.DataFrame:
         """:meth:`predict` for asyncio: awaits the answer without holding a thread, so one
         event loop can keep thousands of requests in flight. Inputs of more than
         :data:`ONLINE_INLINE_BYTES` are converted and encoded in a worker thread, so that a
@@ -551,31 +547,23 @@ class Client:
 
     def _plan_online(self, model: str, inputs: RowsLike, version: int | None,
                      batch_size: int | None = None, owner: str | None = None) -> OnlineRequest:
-        manifest, batch, use_columns, ranges, sources = self._plan_rows(inputs, model, version, batch_size, None)
-        n_rows = ranges[-1][1] if ranges else 0
-        job = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, f"<{n_rows} inline rows>",
-                     n_rows, ranges, batch, owner=owner, output_schema=output_schema(manifest.outputs))
-        size = sum(ScoreShard(job_id=job.job_id, shard_index=i, model=manifest.name, version=manifest.version,
-                              batch_size=batch, columns=use_columns, source=source, online=True,
-                              enqueued_at=time.time()).message_bytes()
-                   for i, source in enumerate(sources))
-        self._check_message_bytes(size, f"online request {job.job_id} ({n_rows} rows)",
+        plan = self._plan_rows(inputs, JobOptions.of(model, version, batch_size), online=True)
+        job = plan.new_job(uuid.uuid4().hex, owner)
+        self._check_message_bytes(sum(m.message_bytes() for m in plan.messages(job.job_id)),
+                                  f"online request {job.job_id} ({plan.n_rows} rows)",
                                   "send fewer rows per request, or score them as a bulk job (score_dataset) "
                                   "from a file under the data directory", "Nothing was recorded or sent.")
-        return OnlineRequest(job, use_columns, sources)
+        return OnlineRequest(job, plan)
 
     def _check_message_bytes(self, size: int, what: str, advice: str, outcome: str) -> None:
-        """Refuse a message of ``size`` bytes over the ``max_message_bytes`` setting.
+        """Refuse a message of ``size`` bytes over the ``max_message_bytes`` setting
+        (see :func:`producer.plan.check_message_bytes`).
 
         Raises:
-            DatasetError: naming ``what``, both sizes, ``advice`` and ``outcome``.
+            MessageTooLargeError: naming ``what``, both sizes, ``advice`` and ``outcome``.
         """
-        limit = getattr(self.settings, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
-        if size > limit:
-            raise DatasetError(
-                f"{what} is too large to send: its message would be {size / 2**20:.1f} MiB ({size} bytes), "
-                f"over the max_message_bytes limit of {limit / 2**20:.1f} MiB ({limit} bytes); {advice}. {outcome}"
-            )
+        check_message_bytes(size, getattr(self.settings, "max_message_bytes", MAX_MESSAGE_BYTES), what,
+                            advice, outcome)
 
     def _send_online(self, model: str, inputs: RowsLike, version: int | None,
                      batch_size: int | None = None, owner: str | None = None) -> OnlineRequest:
@@ -587,68 +575,44 @@ class Client:
                 self._dispatcher = OnlineDispatcher(self.settings, self.store, self.app)
             return self._dispatcher
 
-    def _check(self, model: str, version: int | None, batch_size: int | None) -> tuple[ModelManifest, int]:
-        if batch_size is not None and not 0 < batch_size <= MAX_INT32:
-            raise ValueError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
-        manifest = self.repository.resolve(model, version)
-        return manifest, batch_size or manifest.default_batch_size or self.settings.default_batch_size
-
-    def _submit(
-        self,
-        manifest: ModelManifest,
-        dataset: str,
-        n_rows: int,
-        ranges: list[tuple[int, int]],
-        columns: list[str],
-        sources: Iterable[DatasetRef | InlineRows],
-        batch: int,
-        priority: int = 0,
-        owner: str | None = None,
-        idempotency: Idempotency | None = None,
-    ) -> Job:
-        """Connect to the broker, record the job, then send one shard message per source;
-        cancel the job if sending fails. An unreachable broker records nothing.
+    def _submit(self, plan: ShardPlan, owner: str | None = None, idempotency: Idempotency | None = None) -> Job:
+        """Connect to the broker, record the job, then send one shard message per shard of
+        ``plan``; cancel the job if sending fails. An unreachable broker records nothing.
 
         With ``idempotency``, the job is recorded only if the key names none yet (else that
         job is returned, nothing sent); a job whose sending failed gives the key back.
 
         Every shard message is checked against ``max_message_bytes`` (only inline shards
-        come near it): ``sources`` given as a sequence are all checked before the job is
-        recorded; from an iterator (a file read once, shard by shard) the first is, and a
-        later shard over the limit cancels the job as it is reached.
+        come near it): the plan's :meth:`~producer.plan.ShardPlan.head` before the job is
+        recorded (every shard of rows given in memory; the first of a file read once,
+        shard by shard), and a later shard over the limit cancels the job as it is reached.
 
         Raises:
-            DatasetError: a shard message over ``max_message_bytes``.
+            MessageTooLargeError: a shard message over ``max_message_bytes``.
             BrokerUnavailableError: the broker cannot be reached (see :meth:`score_dataset`).
         """
         advice = f"use a smaller shard_size (now {self.settings.shard_size} rows)"
-        if not dataset.startswith("<"):  # a file, not rows given in memory
+        if not plan.inline:  # a file, not rows given in memory
             advice += (f", or put the file under the data directory ({self.settings.data_dir}) so that workers "
                        "read it by reference")
 
-        def shard(job_id: str, index: int, source: DatasetRef | InlineRows) -> ScoreShard:
-            return ScoreShard(job_id=job_id, shard_index=index, model=manifest.name, version=manifest.version,
-                              batch_size=batch, columns=columns, source=source, enqueued_at=time.time())
-
         def check(body: ScoreShard, job: str, outcome: str) -> None:
             self._check_message_bytes(body.message_bytes(), f"{job}shard {body.shard_index} (rows "
-                                      f"{body.source.row_start}-{body.source.row_end} of {dataset})", advice, outcome)
+                                      f"{body.source.row_start}-{body.source.row_end} of {plan.dataset})", advice,
+                                      outcome)
 
-        checked = list(sources) if isinstance(sources, Sequence) else list(itertools.islice(sources, 1))
-        for index, source in enumerate(checked):
-            check(shard(uuid.uuid4().hex, index, source), "", "Nothing was recorded or sent.")
-        sources = itertools.chain(checked, sources if not isinstance(sources, Sequence) else ())
+        for body in plan.head():
+            check(body, "", "Nothing was recorded or sent.")
 
         def record() -> tuple[str, bool]:
             """Record the job (under the idempotency key, if any): ``(job id, created)``."""
-            new = NewJob(uuid.uuid4().hex, manifest.name, manifest.version, dataset, n_rows, ranges, batch,
-                         priority, owner, output_schema(manifest.outputs))
+            new = plan.new_job(uuid.uuid4().hex, owner)
             if idempotency is None:
                 self.store.create_jobs([new])
                 return new.job_id, True
             return self.store.create_job_once(new, idempotency)
 
-        if not ranges:  # no rows: nothing to send; the store records the job SUCCEEDED
+        if not plan.ranges:  # no rows: nothing to send; the store records the job SUCCEEDED
             job_id, created = record()
             return Job(self, job_id, replayed=not created)
         job_id = None
@@ -662,13 +626,13 @@ class Client:
                 if not created:  # a submission with the key recorded its job first
                     return Job(self, job_id, replayed=True)
                 try:
-                    broker_priority = message_priority(self.settings, priority)
+                    broker_priority = message_priority(self.settings, plan.options.priority)
                     broker = broker_label(self.settings)  # kept with each message: where it went
                     sent: list[tuple[int, str]] = []  # kept in the store, to send again should the broker lose one
                     sent_bytes = 0
-                    for index, source in enumerate(sources):
-                        body = shard(job_id, index, source)
-                        if index >= len(checked):
+                    for body in plan.messages(job_id):
+                        index = body.shard_index
+                        if index >= plan.n_checked:
                             check(body, f"job {job_id} ", "The job was cancelled; no further shard is sent.")
                         kwargs = body.model_dump(mode="json")
                         self.app.send_task(SCORE_SHARD_TASK, kwargs=kwargs, argsrepr="()",
@@ -691,5 +655,5 @@ class Client:
             if job_id is None:
                 raise broker_unavailable(self.settings, exc, outcome="Nothing was recorded or sent.") from exc
             raise broker_unavailable(self.settings, exc, job_id, f"Job {job_id} was cancelled after {n_sent} of "
-                                     f"{len(ranges)} shard(s) were sent; submit it again.") from exc
+                                     f"{len(plan.ranges)} shard(s) were sent; submit it again.") from exc
         return Job(self, job_id)

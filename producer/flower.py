@@ -5,7 +5,7 @@ our queues declared so that Flower's Broker page lists them from the start); thi
 imports no worker code and no ML framework.
 
 When ``api_public_url`` is set, Flower's pages link each job id to the job's own page
-(``<api_public_url>/ui/jobs/<job id>``, :mod:`producer.ui`): every shard task's
+(``<api_public_url>/ui/jobs/<job id>``, :mod:`producer.api.ui`): every shard task's
 ``kwargs`` column reads ``job=<id> shard=… model=…`` (:meth:`ScoreShard.summary`), and a
 small script added to Flower's HTML pages turns that ``job=<id>`` into a link, in the task
 list (which Flower fills in the browser) and on a task's page. Flower has no setting for

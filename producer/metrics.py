@@ -10,7 +10,8 @@ Metrics (labels in braces):
 - ``mlf_jobs_by_owner{owner,state}`` (gauge): jobs by the name of the API key that
   submitted them (``owner="-"``: CLI and Python client), in each state present. Names,
   never keys; ``/metrics`` needs the ``metrics`` or ``admin`` role when keys are on.
-- ``mlf_workers_live`` (gauge): worker processes with a heartbeat younger than 30 s.
+- ``mlf_workers_live`` (gauge): worker processes with a heartbeat younger than 30 s
+  (:data:`~ml_framework.constants.WORKER_LIVE_S`).
 - ``mlf_worker_rows_per_second{worker}`` (gauge): rows/s of each worker over the last minute.
 - ``mlf_worker_rows_total{worker}`` (counter): rows recorded by each worker since it started.
 - ``mlf_worker_oom_splits_total{worker}`` (counter): out-of-memory batch splits since start.
@@ -43,11 +44,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ml_framework.constants import WORKER_LIVE_S
+
 if TYPE_CHECKING:
     from producer.client import Client
 
-LIVE_S = 30.0
-"""Longest a scrape waits for the broker's queue depths, per operation, seconds."""
 log = logging.getLogger(__name__)
 
 
@@ -69,8 +70,8 @@ class StoreCollector:
                                         key=lambda kv: (kv[0][0] or "", kv[0][1])):
             owned.add_metric([owner or "-", state], n)
         yield owned
-        workers = self.client.workers(LIVE_S)
-        yield GaugeMetricFamily("mlf_workers_live", "Worker processes with a heartbeat younger than 30 s.",
+        workers = self.client.workers(WORKER_LIVE_S)
+        yield GaugeMetricFamily("mlf_workers_live", f"Worker processes with a heartbeat younger than {WORKER_LIVE_S:.0f} s.",
                                 value=len(workers))
         rate = GaugeMetricFamily("mlf_worker_rows_per_second", "Rows/s over the last minute.", labels=["worker"])
         rows = CounterMetricFamily("mlf_worker_rows", "Rows recorded since the worker started.", labels=["worker"])

@@ -37,24 +37,19 @@ from dataclasses import dataclass, field
 import pandas as pd
 from celery import Celery
 
+from ml_framework.constants import ONLINE_GROUP_BYTES, SCORE_ONLINE_TASK
 from ml_framework.endpoints import broker_errors, broker_unavailable
 from ml_framework.errors import JobNotFoundError, JobTimeoutError, RequestCancelledError
-from ml_framework.protocol import (
-    SCORE_ONLINE_TASK,
-    InlineRows,
-    OnlineBatch,
-    ScoreShard,
-    done_channel,
-)
+from ml_framework.protocol import OnlineBatch, done_channel
 from ml_framework.settings import Settings
-from ml_framework.store import JobState, NewJob, ResultStore, results_frame
+from ml_framework.store import JobState, NewJob, ResultStore
+from producer.plan import ShardPlan
+from producer.results import results_frame
 
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 256
 """Most requests recorded together, and carried by one message."""
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-"""Inline rows (base64) carried by one message, about; more go in further messages."""
 NOTIFIED_POLL_S = (0.2, 1.0)
 """Fallback poll of the store with Redis announcements: first and longest pause, seconds."""
 UNNOTIFIED_POLL_S = (0.005, 0.1)
@@ -67,12 +62,12 @@ RECONNECT_S = (0.1, 5.0)
 
 @dataclass
 class OnlineRequest:
-    """One online request on its way: its job id, the future of its answer, and the event
-    set once its job is recorded and its messages are sent (or sending failed)."""
+    """One online request on its way: its job record, its shard plan (inline rows, online
+    set), the future of its answer, and the event set once its job is recorded and its
+    messages are sent (or sending failed)."""
 
     job: NewJob
-    columns: list[str]
-    shards: list[InlineRows]
+    plan: ShardPlan
     answer: Future = field(default_factory=Future)
     sent: threading.Event = field(default_factory=threading.Event)
     send_error: BaseException | None = None
@@ -137,7 +132,7 @@ class OnlineDispatcher:
         """Block until ``answer`` completes, at most ``timeout_s`` seconds.
 
         Returns:
-            The answer (see :func:`~ml_framework.store.results_frame`), with
+            The answer (see :func:`~producer.results.results_frame`), with
             ``frame.attrs["job_id"]``.
 
         Raises:
@@ -245,16 +240,13 @@ class OnlineDispatcher:
             self._poll_soon = self._poll[0] if self._poll_soon is None else min(self._poll_soon, self._poll[0])
         # a caller may time out while its job is recorded; a request without rows has no
         # message to send (its job is recorded SUCCEEDED: the next poll answers it)
-        unsent = [r for r in group if not r.answer.cancelled() and r.shards]
+        unsent = [r for r in group if not r.answer.cancelled() and r.plan.ranges]
         try:
             with self.app.producer_or_acquire() as producer:
                 for part in _messages(unsent):
                     sent_at = time.time()
-                    batch = OnlineBatch(requests=[
-                        ScoreShard(job_id=r.job.job_id, shard_index=index, model=r.job.model,
-                                   version=r.job.model_version, batch_size=r.job.batch_size, columns=r.columns,
-                                   source=source, online=True, enqueued_at=sent_at)
-                        for r in part for index, source in enumerate(r.shards)])
+                    batch = OnlineBatch(requests=[message for r in part
+                                                  for message in r.plan.messages(r.job.job_id, sent_at)])
                     self.app.send_task(SCORE_ONLINE_TASK, kwargs=batch.model_dump(mode="json"), argsrepr="()",
                                        kwargsrepr=batch.summary(), queue=self.settings.online_queue,
                                        producer=producer)
@@ -357,12 +349,12 @@ class OnlineDispatcher:
 
 def _messages(requests: list[OnlineRequest]) -> Iterator[list[OnlineRequest]]:
     """Split ``requests`` into consecutive parts of at most :data:`MAX_GROUP` requests and
-    about :data:`MAX_MESSAGE_BYTES` of inline rows (a request larger than that goes alone)."""
+    about :data:`~ml_framework.constants.ONLINE_GROUP_BYTES` of inline rows (a request larger than that goes alone)."""
     part: list[OnlineRequest] = []
     size = 0
     for request in requests:
-        n = sum(len(source.data_b64) for source in request.shards)
-        if part and (len(part) >= MAX_GROUP or size + n > MAX_MESSAGE_BYTES):
+        n = request.plan.inline_bytes()
+        if part and (len(part) >= MAX_GROUP or size + n > ONLINE_GROUP_BYTES):
             yield part
             part, size = [], 0
         part.append(request)

@@ -1,15 +1,25 @@
-"""Writing a job's results to Parquet or CSV, from the store's Arrow table (no pandas)."""
+"""A job's results out of the store's Arrow: written to Parquet or CSV (no pandas), or
+viewed as a DataFrame (:func:`results_frame`, :func:`job_results`: the one place besides
+``Job.results`` where pandas appears; the store itself returns Arrow)."""
 
 from __future__ import annotations
 
 import io
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+
+from ml_framework.store import outputs as shard_outputs
+
+if TYPE_CHECKING:
+    from ml_framework.store import ResultStore
 
 SUFFIXES = (".parquet", ".pq", ".csv")
 
@@ -82,3 +92,52 @@ def write_results(table: pa.Table, path: Path) -> Path:
         path.write_bytes(encode_results(table, fmt))
     return path
 
+
+
+def results_frame(outputs: pa.Table | Sequence[tuple[int, dict | str]] | None,
+                  errors: Sequence[tuple[int, str | None, str]]) -> pd.DataFrame:
+    """Recorded rows as a DataFrame (see :func:`job_results`).
+
+    Args:
+        outputs: the output table (``row`` first, see :mod:`ml_framework.store.outputs`),
+            or ``(row_index, output)`` pairs (a dict each), or ``None``.
+        errors: ``(row_index, field, message)`` triples.
+
+    Returns:
+        Indexed by ``row``, sorted; one column per output key, plus ``error`` and
+        ``error_field`` (object dtype, ``None`` on rows that succeeded). With no rows
+        and an output table without rows, that table's columns and types.
+    """
+    table = None if outputs is None else shard_outputs.as_table(outputs)
+    n_ok, n_failed = (0 if table is None else table.num_rows), len(errors)
+    if table is not None and not n_ok and not n_failed:  # a job without rows: its output columns, typed
+        frame = table.drop_columns([shard_outputs.ROW]).to_pandas()
+        frame.index = pd.Index([], dtype="int64", name="row")
+        return frame.assign(error=pd.Series(dtype=object), error_field=pd.Series(dtype=object))
+    rows = [] if table is None else table.column(shard_outputs.ROW).to_pylist()
+    columns: dict[str, list] = {k: v + [None] * n_failed for k, v in shard_outputs.to_columns(table).items()}
+    index = pd.Index(rows + [r for r, _, _ in errors], dtype="int64", name="row")
+    # object dtype, None where absent (pandas would infer a string dtype with NaN)
+    columns["error"] = pd.Series([None] * n_ok + [m for _, _, m in errors], index=index, dtype=object)
+    columns["error_field"] = pd.Series([None] * n_ok + [f for _, f, _ in errors], index=index, dtype=object)
+    frame = pd.DataFrame(columns, index=index)
+    if n_failed and table is not None:
+        # integer outputs (class labels) stay integers on the rows that failed, as nulls
+        for name in table.column_names:
+            if name != shard_outputs.ROW and pa.types.is_integer(table.schema.field(name).type):
+                frame[name] = frame[name].astype("Int64")
+    return frame if index.is_monotonic_increasing else frame.sort_index()
+
+
+def job_results(store: ResultStore, job_id: str) -> pd.DataFrame:
+    """Outputs and row errors of a job, in input row order.
+
+    Returns:
+        DataFrame indexed by ``row`` (0-based input row), one column per output key
+        (e.g. ``prediction``, ``score``, ``probabilities``), plus ``error`` and
+        ``error_field`` (``None`` on rows that succeeded). Rows not yet recorded are absent.
+
+    Raises:
+        JobNotFoundError: no such job.
+    """
+    return results_frame(*store.recorded_rows(job_id))

@@ -20,8 +20,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ml_framework.datasets import encode_table
 from ml_framework.errors import DatasetSchemaError
 from ml_framework.manifest import InputSpec
+from ml_framework.protocol import InlineRows
 from ml_framework.tensors import same_shape, tensor_table
 
 RowsLike = pd.DataFrame | pa.Table | np.ndarray | Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]] | Sequence[str]
@@ -71,6 +73,12 @@ def rows_to_table(rows: RowsLike, spec: InputSpec) -> pa.Table:
     else:
         raise DatasetSchemaError(f"cannot score rows of type {type(rows).__name__}")
     return table
+
+
+def inline_sources(table: pa.Table, ranges: Sequence[tuple[int, int]]) -> list[InlineRows]:
+    """The rows of ``table`` as one inline shard source (Arrow IPC, base64) per
+    ``[row_start, row_end)`` range of ``ranges``; ``table`` holds the columns to send."""
+    return [InlineRows(row_start=a, row_end=b, data_b64=encode_table(table.slice(a, b - a))) for a, b in ranges]
 
 
 def _nothing(rows: object) -> bool:

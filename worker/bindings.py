@@ -30,17 +30,15 @@ from celery import Celery, bootsteps
 from sqlalchemy import inspect
 
 from ml_framework.celery_app import BROKER_TIMEOUT_S
+from ml_framework.constants import WORKER_GONE_S
 from ml_framework.store import ResultStore
-from ml_framework.store.schema import WorkerRow
+from ml_framework.store.models import WorkerRow
 
 log = logging.getLogger(__name__)
 
 EVENTS_TABLE = "_kombu.binding.celeryev"
 CONTROL_TABLE = "_kombu.binding.celery.pidbox"
 SEP = "\x06\x16"  # kombu's field separator in a binding member
-STALE_S = 300.0
-"""A node whose heartbeat is older than this, seconds, is dead: its bindings go (a live
-process beats every 5 s, and `mlf workers` calls it absent after 30 s)."""
 
 
 class NodeNamedGossipQueue(bootsteps.StartStopStep):
@@ -68,7 +66,7 @@ def node_of(member: bytes | str) -> str | None:
     return None
 
 
-def pruner(app: Celery, stale_s: float = STALE_S) -> Callable[[ResultStore], int]:
+def pruner(app: Celery, stale_s: float = WORKER_GONE_S) -> Callable[[ResultStore], int]:
     """:func:`prune_dead_bindings` on ``app``'s Redis broker, as a function of the store
     (what :class:`worker.launcher.Supervisor` calls at start and with each reconciliation
     pass). Broker calls are bounded by :data:`~ml_framework.celery_app.BROKER_TIMEOUT_S`."""
@@ -84,7 +82,7 @@ def pruner(app: Celery, stale_s: float = STALE_S) -> Callable[[ResultStore], int
     return prune
 
 
-def prune_dead_bindings(redis_client, store: ResultStore, stale_s: float = STALE_S) -> int:
+def prune_dead_bindings(redis_client, store: ResultStore, stale_s: float = WORKER_GONE_S) -> int:
     """Remove the event and control binding members of dead worker processes.
 
     Args:

@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 import yaml
 
-from ml_framework.manifest import MAX_INT32, ModelManifest, ModelRepository
+from ml_framework.constants import MAX_INT32
+from ml_framework.manifest import ModelManifest, ModelRepository
 
 
 class LogLevel(str, enum.Enum):

@@ -186,15 +186,29 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def terminate(proc: subprocess.Popen, grace_s: float) -> int:
-    """SIGTERM ``proc`` (a warm shutdown for Celery and for ``mlf worker``), wait up to
-    ``grace_s`` seconds, then SIGKILL it. Returns its exit status."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+def terminate(*procs: subprocess.Popen, grace_s: float, names: Sequence[str] = ()) -> list[int]:
+    """SIGTERM every one of ``procs`` at once (a warm shutdown for Celery and for ``mlf
+    worker``), wait up to ``grace_s`` seconds for them all together, then SIGKILL those still
+    running (logged, by ``names[i]`` if given, else by pid). Processes that already ended
+    are only waited for. The launcher's shutdown and the tests' and demo's stop of ``mlf
+    worker`` share it.
+
+    Returns:
+        The exit status of each process, in the order given.
+    """
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for i, proc in enumerate(procs):
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            name = names[i] if i < len(names) else f"pid {proc.pid}"
+            log.warning("worker %s did not stop within %.0f s; killing it", name, grace_s)
+            proc.kill()
+            proc.wait()
+    return [proc.returncode for proc in procs]
 
 
 class Supervisor:
@@ -386,17 +400,7 @@ class Supervisor:
     def shutdown(self) -> int:
         """SIGTERM every child, wait ``grace_s``, then SIGKILL the rest."""
         self._stop_pruning.set()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        for name, proc in self.procs.items():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("worker %s did not stop within %.0f s; killing it", name, self.grace_s)
-                proc.kill()
-                proc.wait()
+        terminate(*self.procs.values(), grace_s=self.grace_s, names=list(self.procs))
         log.info("all workers stopped")
         for path in self.task_dir.glob("*"):
             path.unlink(missing_ok=True)

@@ -31,11 +31,10 @@ from kombu import Queue
 from kombu.message import Message
 from pydantic import ValidationError
 
+from ml_framework.constants import SCORE_ONLINE_TASK, SCORE_SHARD_TASK
 from ml_framework.errors import MLFrameworkError
 from ml_framework.logging import task_context
 from ml_framework.protocol import (
-    SCORE_ONLINE_TASK,
-    SCORE_SHARD_TASK,
     OnlineBatch,
     ScoreShard,
     done_channel,

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from celery import Celery
 
+from ml_framework.constants import HEARTBEAT_INTERVAL_S
 from ml_framework.endpoints import broker_label
 from ml_framework.protocol import DatasetRef, ScoreShard
 from ml_framework.settings import Settings, get_settings
@@ -27,7 +28,6 @@ from worker.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = 5.0
 RATE_WINDOW_S = 60.0
 
 

@@ -18,8 +18,8 @@ import logging
 from celery import Celery
 
 from ml_framework.celery_app import message_priority, queue_depths
+from ml_framework.constants import SCORE_SHARD_TASK
 from ml_framework.endpoints import broker_label
-from ml_framework.protocol import SCORE_SHARD_TASK
 from ml_framework.settings import Settings
 from ml_framework.store import ResultStore
 

@@ -19,12 +19,8 @@ from dataclasses import dataclass
 
 from celery.exceptions import Ignore
 
+from ml_framework.errors import ShardFailed
 from ml_framework.store import ShardClaim
-
-
-class ShardFailed(Exception):
-    """Every row of a shard failed; the message is the reason (Flower shows it as the
-    task's exception). Raised after the shard was recorded."""
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from ml_framework.errors import StoreUnavailableError
+from ml_framework.constants import SCORE_ONLINE_TASK, SCORE_SHARD_TASK
+from ml_framework.errors import ShardFailed, StoreUnavailableError
 from ml_framework.logging import task_context
-from ml_framework.protocol import SCORE_ONLINE_TASK, SCORE_SHARD_TASK, OnlineBatch, ScoreShard
+from ml_framework.protocol import OnlineBatch, ScoreShard
 from ml_framework.store import ShardClaim
 from ml_framework.store.outputs import outputs_table
 from worker import metrics, watchdog
@@ -26,7 +27,7 @@ from worker.outcomes import count_rows, every_row_failed, queue_wait, shard_erro
 from worker.pipeline import shard_source
 from worker.process import WorkerContext, context
 from worker.scoring import ShardOutcome, score_pieces
-from worker.task_states import Recorded, ShardFailed, finish
+from worker.task_states import Recorded, finish
 
 log = logging.getLogger(__name__)
 

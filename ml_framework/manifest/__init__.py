@@ -23,7 +23,6 @@ from ml_framework.manifest.repository import (
     parse_model_ref,
 )
 from ml_framework.manifest.specs import (
-    MAX_INT32,
     ONE_COLUMN_KINDS,
     BatchSize,
     DynamicBatching,
@@ -37,7 +36,7 @@ from ml_framework.manifest.specs import (
 )
 
 __all__ = [
-    "MANIFEST_FILE", "MAX_INT32", "NAME_PATTERN", "ONE_COLUMN_KINDS", "BatchSize", "DynamicBatching", "Framework",
+    "MANIFEST_FILE", "NAME_PATTERN", "ONE_COLUMN_KINDS", "BatchSize", "DynamicBatching", "Framework",
     "InputKind", "InputSpec", "ModelManifest", "ModelRepository", "OnnxSpec", "OutputSpec", "Preprocessing",
     "RuntimeOptions", "TokenizerSpec", "Version", "artifact_format", "artifact_kind", "artifact_name_mismatch",
     "check_artifact", "framework_mismatch",

@@ -8,9 +8,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
+from ml_framework.constants import MAX_INT32
 from ml_framework.errors import ManifestError
 from ml_framework.manifest.specs import (
-    MAX_INT32,
     BatchSize,
     DynamicBatching,
     InputSpec,

@@ -15,9 +15,9 @@ import re
 import zipfile
 from pathlib import Path
 
+from ml_framework.constants import MAX_INT32
 from ml_framework.errors import ManifestError, ModelNotFoundError
 from ml_framework.manifest.model import MANIFEST_FILE, NAME_PATTERN, ModelManifest
-from ml_framework.manifest.specs import MAX_INT32
 
 _FORMATS: dict[str, str] = {
     "sklearn": "a scikit-learn skops file",

@@ -30,7 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-MAX_INT32 = 2**31 - 1  # the results store keeps versions and batch sizes in INTEGER columns
+from ml_framework.constants import MAX_INT32
+
 FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 BatchSize = Annotated[PositiveInt, Field(le=MAX_INT32)]
 InputKind = Literal["columns", "tensor", "image", "text"]

@@ -1,15 +1,17 @@
-"""Engines for the results store and the Alembic upgrade that creates its tables."""
+"""Engines for the results store, the Alembic upgrade that creates its tables, and the two
+helpers every store module reads with (:func:`read`, :func:`chunks`)."""
 
 from __future__ import annotations
 
 import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 READ_ONLY = "mlf_read_only"
@@ -17,6 +19,20 @@ READ_ONLY = "mlf_read_only"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_MIGRATION_LOCK_ID = 72_616_001  # arbitrary constant key for pg_advisory_xact_lock
+IN_CHUNK = 500
+"""Ids per ``IN (...)`` list: well under SQLite's 32,766 bound parameters."""
+
+
+def read(engine: Engine) -> Connection:
+    """A connection for reading only (on SQLite a deferred transaction, see
+    :data:`READ_ONLY`); use it as a context manager."""
+    return engine.connect().execution_options(**{READ_ONLY: True})
+
+
+def chunks(items: list) -> Iterator[list]:
+    """``items`` in slices of :data:`IN_CHUNK`, one ``IN (...)`` list each."""
+    for lo in range(0, len(items), IN_CHUNK):
+        yield items[lo:lo + IN_CHUNK]
 
 
 def make_engine(url: str) -> Engine:

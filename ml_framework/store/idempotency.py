@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 
 from ml_framework.errors import IdempotencyKeyError, IdempotencyKeyReusedError
-from ml_framework.store.schema import JobRow
+from ml_framework.store.models import JobRow
 
 MAX_KEY_CHARS = 255
 """Longest key taken (``jobs.idempotency_key`` is ``VARCHAR(255)``); a UUID is 36."""

@@ -39,10 +39,11 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, insert, select, text
 
-from ml_framework.store.schema import (
+from ml_framework.store.models import (
+    FINISHED_JOB,
+    OPEN_JOB,
     DeletedJobRow,
     JobRow,
-    JobState,
     RowErrorRow,
     ShardOutputRow,
     ShardRow,
@@ -52,7 +53,7 @@ from ml_framework.store.schema import (
 )
 
 if TYPE_CHECKING:
-    from ml_framework.store.api import ResultStore
+    from ml_framework.store.result_store import ResultStore
 
 DELETE_SHARDS_PER_TXN = 16
 """Shards (with their output blobs and row errors) deleted per transaction: at the default
@@ -61,8 +62,6 @@ milliseconds."""
 PRUNE_JOBS_PER_PASS = 500
 """Most jobs one prune pass deletes; the next pass goes on where it stopped."""
 PG_PRUNE_LOCK_ID = 72_616_002  # arbitrary constant key for pg_try_advisory_lock
-FINISHED = tuple(s.value for s in JobState if s.terminal)
-_OPEN = (JobState.PENDING.value, JobState.RUNNING.value)
 TABLES = ("jobs", "shards", "shard_outputs", "row_errors", "workers", "deleted_jobs")
 
 
@@ -140,7 +139,7 @@ def delete_job(store: ResultStore, job_id: str) -> PruneReport | None:
         job = conn.execute(select(JobRow.state, JobRow.owner, JobRow.n_shards).where(JobRow.id == job_id)).one_or_none()
     if job is None:
         return None
-    if job.state in _OPEN:
+    if job.state in OPEN_JOB:
         from ml_framework.errors import JobNotFoundError
 
         try:
@@ -196,7 +195,7 @@ def deleted_owner(store: ResultStore, job_id: str) -> tuple[bool, str | None]:
 
 
 def _expired(cutoff: datetime):
-    return select(JobRow.id).where(JobRow.state.in_(FINISHED), JobRow.finished_at < cutoff)
+    return select(JobRow.id).where(JobRow.state.in_(FINISHED_JOB), JobRow.finished_at < cutoff)
 
 
 def prune(store: ResultStore, *, results_retention_s: float | None, worker_retention_s: float | None = None,
@@ -337,7 +336,7 @@ def stats(store: ResultStore) -> StoreStats:
     :class:`StoreStats`)."""
     path = _sqlite_path(store)
     with store._read() as conn:
-        oldest = conn.execute(select(func.min(JobRow.finished_at)).where(JobRow.state.in_(FINISHED))).scalar()
+        oldest = conn.execute(select(func.min(JobRow.finished_at)).where(JobRow.state.in_(FINISHED_JOB))).scalar()
         if store.engine.url.get_backend_name() == "postgresql":
             size = int(conn.execute(text(
                 "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "

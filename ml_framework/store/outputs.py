@@ -1,27 +1,61 @@
-"""Columnar shard outputs: how a shard's scored rows are held and stored.
+"""Shard results: how a shard's scored rows are held, stored and read back, as Arrow.
 
 A shard's outputs are one Arrow table: an ``int64`` ``row`` column (0-based input row),
 then one column per output key (``prediction``, ``score``, ``probabilities``,
 ``embedding``). The results store keeps it as one compressed Arrow IPC stream per shard
 (table ``shard_outputs``), not one JSON row per input row: on a 50,000-row tabular shard
 the per-row JSON INSERTs cost five times the model's own time (``bench/bulk.py``'s
-profile, see ``docs/benchmarks.md``), one blob costs a few milliseconds.
+profile, see ``docs/benchmarks.md``), one blob costs a few milliseconds. Row errors, rare,
+are one row each (table ``row_errors``, :class:`RowError`).
+
+The store hands results back as Arrow (:func:`results_table`, :func:`recorded_rows`) or
+plain dicts (:func:`results_page`), never pandas: the DataFrame view is the producer's
+(``producer.results``).
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
+from sqlalchemy import Connection, Engine, LargeBinary, bindparam, or_, select, text
 
+from ml_framework.errors import JobNotFoundError
 from ml_framework.manifest import OutputSpec
+from ml_framework.store.engine import chunks, read
+from ml_framework.store.models import (
+    FINISHED_JOB,
+    JobRow,
+    JobState,
+    RowErrorRow,
+    ShardOutputRow,
+    sql_in,
+)
 
 ROW = "row"
 CODEC = "lz4"
 """Arrow IPC buffer compression (LZ4 frame): fast enough that a 50,000-row shard
 compresses in about a millisecond; PostgreSQL's own TOAST compression then finds little
 left to do."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one row has no output.
+
+    Attributes:
+        row_index: 0-based row of the dataset (header excluded).
+        message: what was wrong, naming the value when there is one.
+        field: the column to blame, if any.
+    """
+
+    row_index: int
+    message: str
+    field: str | None = None
 
 
 def column(values: Sequence) -> pa.Array:
@@ -134,3 +168,168 @@ def to_columns(table: pa.Table | None) -> dict[str, list]:
     if table is None:
         return {}
     return {name: table.column(name).to_pylist() for name in table.column_names if name != ROW}
+
+
+# Prebuilt statements (see ml_framework.store.jobs for why text): datetimes and blobs are
+# bound with the column's type.
+_INSERT_OUTPUTS = text(
+    "INSERT INTO shard_outputs (job_id, shard_index, row_start, row_end, n_rows, data) "
+    "VALUES (:job_id, :shard_index, :row_start, :row_end, :n_rows, :data)"
+).bindparams(bindparam("data", type_=LargeBinary))
+_INSERT_ROW_ERROR = text(
+    "INSERT INTO row_errors (job_id, row_index, shard_index, field, message) "
+    "VALUES (:job_id, :row_index, :shard_index, :field, :message)")
+_FINISHED_STATES = text(
+    f"SELECT id, state FROM jobs WHERE id IN :job_ids AND state IN {sql_in(FINISHED_JOB)}"
+).bindparams(bindparam("job_ids", expanding=True))
+_FINISHED_OUTPUTS = text(
+    "SELECT job_id, data FROM shard_outputs WHERE job_id IN :job_ids ORDER BY job_id, shard_index"
+).bindparams(bindparam("job_ids", expanding=True))
+_FINISHED_ERRORS = text(
+    "SELECT job_id, row_index, field, message FROM row_errors WHERE job_id IN :job_ids"
+).bindparams(bindparam("job_ids", expanding=True))
+
+
+def insert(conn: Connection, shards: Sequence[tuple[str, int, pa.Table, Sequence[RowError]]]) -> None:
+    """Insert the outputs (one compressed Arrow blob per shard with rows) and the row
+    errors of ``shards`` (one multi-row INSERT each), on ``conn`` inside the caller's
+    transaction.
+
+    Args:
+        shards: ``(job_id, shard_index, outputs, errors)``; ``outputs`` as
+            :func:`as_table` gives it (``row`` first).
+    """
+    blobs = []
+    for job_id, shard_index, table, _ in shards:
+        if table.num_rows:
+            rows = table.column(ROW)
+            blobs.append({"job_id": job_id, "shard_index": shard_index, "row_start": pc.min(rows).as_py(),
+                          "row_end": pc.max(rows).as_py() + 1, "n_rows": table.num_rows, "data": encode(table)})
+    if blobs:
+        conn.execute(_INSERT_OUTPUTS, blobs)
+    errors = [{"job_id": job_id, "row_index": e.row_index, "shard_index": shard_index,
+               "field": e.field, "message": e.message}
+              for job_id, shard_index, _, errs in shards for e in errs]
+    if errors:
+        conn.execute(_INSERT_ROW_ERROR, errors)
+
+
+def insert_empty(conn: Connection, schemas: Sequence[tuple[str, pa.Schema]]) -> None:
+    """Store, for each ``(job_id, schema)`` of a job without rows, an empty output table
+    with the model's columns (shard 0, ``n_rows`` 0), so that its results still carry them."""
+    blobs = [{"job_id": job_id, "shard_index": 0, "row_start": 0, "row_end": 0, "n_rows": 0,
+              "data": encode(schema.empty_table())} for job_id, schema in schemas]
+    if blobs:
+        conn.execute(_INSERT_OUTPUTS, blobs)
+
+
+def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None) -> tuple[pa.Table | None, list]:
+    """The recorded rows of a job among input rows ``[lo, hi)`` (all when ``hi`` is ``None``).
+
+    Reads only the shards whose rows overlap the range.
+
+    Returns:
+        ``(outputs, errors)``: the output table (``row`` int64 first, then one column per
+        output key; ``None`` when no row succeeded), and ``(row_index, field, message)``
+        tuples of the rows that failed, unordered.
+
+    Raises:
+        JobNotFoundError: no such job.
+    """
+    outs = select(ShardOutputRow.data).where(ShardOutputRow.job_id == job_id,  # n_rows 0: a job without rows
+                                             or_(ShardOutputRow.row_end > lo, ShardOutputRow.n_rows == 0))
+    errs = select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message).where(
+        RowErrorRow.job_id == job_id, RowErrorRow.row_index >= lo)
+    if hi is not None:
+        outs, errs = outs.where(ShardOutputRow.row_start < hi), errs.where(RowErrorRow.row_index < hi)
+    with read(engine) as conn:
+        if conn.execute(select(JobRow.id).where(JobRow.id == job_id)).first() is None:
+            raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+        blobs = conn.execute(outs.order_by(ShardOutputRow.shard_index)).scalars().all()
+        errors = [tuple(e) for e in conn.execute(errs).all()]
+    table = concat([decode(b) for b in blobs])
+    if table is not None and (lo > 0 or hi is not None):
+        rows = table.column(ROW)
+        keep = pc.greater_equal(rows, lo)
+        if hi is not None:
+            keep = pc.and_(keep, pc.less(rows, hi))
+        table = table.filter(keep)
+    return table, errors
+
+
+def results_table(engine: Engine, job_id: str) -> pa.Table:
+    """Outputs and row errors of a job as one Arrow table, in input row order (what
+    ``mlf results -o`` and the API's downloads write, without a pandas round trip).
+
+    Returns:
+        ``row`` (int64) first, one column per output key (null on rows that failed;
+        integer labels stay integers), then ``error`` and ``error_field`` (text, null
+        on rows that succeeded). Rows not yet recorded are absent.
+
+    Raises:
+        JobNotFoundError: no such job.
+    """
+    table, errors = recorded_rows(engine, job_id)
+    failed = pa.table({ROW: pa.array([r for r, _, _ in errors], pa.int64()),
+                       "error": pa.array([m for _, _, m in errors], pa.string()),
+                       "error_field": pa.array([f for _, f, _ in errors], pa.string())})
+    if table is None:
+        return failed.sort_by(ROW)
+    nulls = pa.nulls(table.num_rows, pa.string())
+    scored = table.append_column("error", nulls).append_column("error_field", nulls)
+    merged = pa.concat_tables([scored, failed], promote_options="permissive") if errors else scored
+    return merged.sort_by(ROW)
+
+
+def results_page(engine: Engine, job_id: str, offset: int, limit: int) -> list[dict]:
+    """The recorded rows of a job among input rows ``[offset, offset + limit)``.
+
+    Returns:
+        One dict per recorded row, in row order: ``row``, the output keys (e.g.
+        ``prediction``, ``score``, ``probabilities``) for rows that succeeded, or
+        ``error`` and ``error_field`` for rows that failed. Rows not yet recorded are
+        absent. Reads only the shards whose rows overlap the page: a page costs the
+        same at any offset.
+
+    Raises:
+        JobNotFoundError: no such job.
+    """
+    table, errs = recorded_rows(engine, job_id, offset, offset + limit)
+    rows = [] if table is None else [{k: v for k, v in rec.items() if v is not None} for rec in table.to_pylist()]
+    rows += [{"row": r, "error": m, "error_field": f} for r, f, m in errs]
+    return sorted(rows, key=lambda d: d["row"])
+
+
+def finished(engine: Engine, job_ids: Sequence[str]) -> dict[str, tuple[JobState, pa.Table | None, list]]:
+    """The jobs among ``job_ids`` that have ended, with their recorded rows, in three
+    queries whatever their number (how waiting online callers get their answers).
+
+    Returns:
+        ``{job_id: (state, outputs, errors)}`` for each terminal job, where ``outputs``
+        is the output table (``row`` first) or ``None`` when no row succeeded, and
+        ``errors`` ``(row_index, field, message)`` tuples, as :func:`recorded_rows` gives
+        them. Unknown and unfinished jobs are absent.
+    """
+    states: dict[str, JobState] = {}
+    tables: dict[str, list[pa.Table]] = defaultdict(list)
+    errors: dict[str, list] = defaultdict(list)
+    with read(engine) as conn:
+        for chunk in chunks(list(job_ids)):
+            ended = {job_id: JobState(state) for job_id, state in conn.execute(_FINISHED_STATES, {"job_ids": chunk})}
+            if not ended:
+                continue
+            states.update(ended)
+            for job_id, data in conn.execute(_FINISHED_OUTPUTS, {"job_ids": list(ended)}):
+                tables[job_id].append(decode(data))
+            for job_id, row, field_, message in conn.execute(_FINISHED_ERRORS, {"job_ids": list(ended)}):
+                errors[job_id].append((row, field_, message))
+    return {j: (state, concat(tables.get(j, [])), errors.get(j, [])) for j, state in states.items()}
+
+
+def row_errors(engine: Engine, job_id: str, limit: int = 10) -> list[RowError]:
+    """The first ``limit`` row errors of a job, by row (an index range of the primary
+    key: cheap however many rows failed). Empty for an unknown job."""
+    query = (select(RowErrorRow.row_index, RowErrorRow.message, RowErrorRow.field)
+             .where(RowErrorRow.job_id == job_id).order_by(RowErrorRow.row_index).limit(limit))
+    with read(engine) as conn:
+        return [RowError(row, message, field_) for row, message, field_ in conn.execute(query)]

@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import text
 
 from ml_framework.store.outputs import decode
+from producer.results import job_results
 from tests.conftest import (
     RABBITMQ_URL,
     REDIS_URL,
@@ -72,7 +73,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def rows_recorded(store, job_id: str) -> tuple[int, int]:
     """``(rows recorded, duplicated rows)`` of a job: the rows of every stored shard output
     plus row errors, and how many row numbers appear more than once across both."""
-    rows = store.results(job_id).index
+    rows = job_results(store, job_id).index
     return len(rows), len(rows) - rows.nunique()
 
 

@@ -37,6 +37,7 @@ from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client
 from producer.datasets import plan_sources, resolve_columns
+from producer.plan import JobOptions, plan_rows
 from tests.conversion import to_inputs
 from worker.pipeline import read_all, shard_source
 from worker.scoring import score_table
@@ -362,7 +363,9 @@ def test_category_columns_of_numbers_as_text_score_like_plain_ones(client, job_s
     assert sorted(want[0]) == [0, 1, 2, 3] and want[1] == {4: ("a", "row 4, field 'a': 'x' is not a number")}
     for name in ("category.parquet", "category.arrow"):
         assert score(job_settings, runtime, data_dir / name) == want, name
-    *_, sources = client._plan_rows(category, "lr", None, None, None)  # rows given in memory, inlined
+    options = JobOptions.of("lr")
+    sources = plan_rows(client.repository.resolve("lr"), options, category, shard_size=SHARD_SIZE,
+                        default_batch_size=3).sources  # rows given in memory, inlined
     table = pa.concat_tables([read_all(shard_source(job_settings.data_dir, ScoreShard(
         job_id="j", shard_index=i, model="lr", version=1, batch_size=3, columns=COLUMNS, source=s)))
         for i, s in enumerate(sources)])

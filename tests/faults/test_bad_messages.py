@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from ml_framework.errors import DatasetError
-from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, InlineRows, OnlineBatch, ScoreShard
+from ml_framework.constants import SCORE_SHARD_TASK
+from ml_framework.errors import MessageTooLargeError
+from ml_framework.protocol import DatasetRef, InlineRows, OnlineBatch, ScoreShard
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client
@@ -178,7 +179,7 @@ def test_inline_rows_over_the_limit_are_refused_before_anything_is_recorded(smal
     both sizes and the remedies; no job is recorded and no message sent."""
     client = small_limit_client
     rows = pd.DataFrame({"a": padded(8, 20_000), "b": padded(8, 20_000)})
-    with pytest.raises(DatasetError) as err:
+    with pytest.raises(MessageTooLargeError) as err:
         client.score_rows(rows, "lr")
     message = str(err.value)
     assert message.startswith("shard 0 (rows 0-4 of <8 inline rows>) is too large to send: its message would be")
@@ -195,7 +196,7 @@ def test_a_later_shard_over_the_limit_cancels_the_job_naming_it(small_limit_clie
     client = small_limit_client
     path = tmp_path / "outside.csv"
     pd.DataFrame({"a": ["1"] * 4 + padded(4, 20_000), "b": ["2"] * 8}).to_csv(path, index=False)
-    with pytest.raises(DatasetError, match=r"^job [0-9a-f]{32} shard 1 \(rows 4-8 of .*outside.csv\) is too large") as err:
+    with pytest.raises(MessageTooLargeError, match=r"^job [0-9a-f]{32} shard 1 \(rows 4-8 of .*outside.csv\) is too large") as err:
         client.score_dataset(path, "lr")
     assert str(err.value).endswith("The job was cancelled; no further shard is sent.")
     job_id = str(err.value).split()[1]
@@ -215,7 +216,7 @@ def test_an_online_request_over_the_limit_is_refused_before_anything_is_recorded
     """An online request too big for one message is refused, naming the request and sizes."""
     client = small_limit_client
     rows = pd.DataFrame({"a": padded(3, 30_000), "b": padded(3, 30_000)})
-    with pytest.raises(DatasetError, match=r"^online request [0-9a-f]{32} \(3 rows\) is too large to send") as err:
+    with pytest.raises(MessageTooLargeError, match=r"^online request [0-9a-f]{32} \(3 rows\) is too large to send") as err:
         client.submit("lr", rows)
     assert "send fewer rows per request" in str(err.value)
     assert sum(client.store.job_counts().values()) == 0 and queued(client, "q.online") == 0

@@ -159,7 +159,7 @@ def test_retried_submissions_with_one_key_score_the_rows_once(backend, digits):
 
     from sqlalchemy import select
 
-    from ml_framework.store.schema import JobRow
+    from ml_framework.store.models import JobRow
 
     key = str(uuid.uuid4())
     clients = [api(backend.values).__enter__() for _ in range(3)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from kombu import Queue
 
+from ml_framework.errors import JobOptionError
 from ml_framework.settings import load_settings
 from producer.client import Client
 from tests.conftest import REDIS_URL, SHARD_SIZE, check_redis, queues
@@ -34,7 +35,7 @@ def test_urgent_bulk_job_overtakes_a_queued_one(trained, data_dir, tmp_path):
         urgent = client.score_dataset(data_dir / "digits.parquet", model="digits-sklearn", priority=9)
         middle = client.score_rows(_rows(data_dir), model="digits-sklearn",
                                    priority=5)
-        with pytest.raises(ValueError, match="priority must be an integer from 0 to 9"):
+        with pytest.raises(JobOptionError, match="priority must be an integer from 0 to 9"):
             client.score_dataset(data_dir / "digits.csv", model="digits-sklearn", priority=10)
         order = taken_in_order(client)
     jobs = [job_id for job_id, _ in order]

@@ -14,6 +14,7 @@ from ml_framework.errors import JobNotFoundError
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client
+from producer.results import job_results
 from tests.conftest import REDIS_URL, check_redis, queues, stop_workers
 from tests.integration.test_worker_processes import MLF, wait_for
 
@@ -66,7 +67,7 @@ def test_launcher_prunes_finished_jobs_while_a_worker_records(request, kind, tra
         while time.monotonic() < deadline:
             status = client.store.job(long.id)
             if status.state.terminal:
-                results = client.store.results(long.id)
+                results = job_results(client.store, long.id)
                 break
             time.sleep(0.02)
         n = 4 * len(digits.frame)

@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 
 from demo.digits import PIXELS, SCALE
+from ml_framework.constants import SCORE_SHARD_TASK
 from ml_framework.errors import DatasetNotFoundError, DatasetSchemaError, ModelNotFoundError
-from ml_framework.protocol import SCORE_SHARD_TASK, DatasetRef, ScoreShard
+from ml_framework.protocol import DatasetRef, ScoreShard
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from ml_framework.constants import SCORE_SHARD_TASK
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client
@@ -62,5 +63,5 @@ def test_store_retries_are_not_capped():
     """The shard task retries store outages for as long as they last."""
     from worker.app import app
 
-    task = app.tasks["mlf.score_shard"]
+    task = app.tasks[SCORE_SHARD_TASK]
     assert task.max_retries is None and task.retry_backoff_max == 60

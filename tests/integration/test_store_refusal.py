@@ -10,13 +10,14 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
+from ml_framework.errors import ShardFailed
 from ml_framework.protocol import DatasetRef, ScoreShard
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState, ResultStore
+from producer.results import job_results
 from worker import tasks
 from worker.export import export_sklearn
 from worker.process import WorkerContext
-from worker.task_states import ShardFailed
 
 pytestmark = pytest.mark.integration
 
@@ -46,5 +47,5 @@ def test_rows_the_database_refuses_fail_the_shard_with_the_reason(tmp_path, pg_d
     assert status.state is JobState.FAILED and status.rows_failed == len(x)
     shard = store.shards(job_id)[0]
     assert shard["state"] == "FAILED" and "results store refused" in shard["error"]
-    assert "NUL" in store.results(job_id).loc[0, "error"]
+    assert "NUL" in job_results(store, job_id).loc[0, "error"]
     store.close()

@@ -16,7 +16,7 @@ import pytest
 from demo.digits import PIXELS
 from ml_framework.settings import load_settings
 from producer.api import create_app
-from producer.api_auth import UI_COOKIE
+from producer.api.auth import UI_COOKIE
 from tests import browser
 from tests.conftest import SHARD_SIZE, free_port, service_unavailable
 

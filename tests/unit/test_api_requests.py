@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ml_framework.settings import load_settings
 from producer.api import create_app
-from producer.api_errors import install_error_handlers
+from producer.api.errors import install_error_handlers
 
 KEY = "requests-key-0123456789abcdef"
 FORM = {"Content-Type": "application/x-www-form-urlencoded", "X-API-Key": KEY}
@@ -48,7 +48,9 @@ def http(root):
 
 
 def error(r) -> str:
-    return r.json()["error"]["message"]
+    """The error message of ``r``: ``/v1``'s ``{"error": {"message"}}`` or ``/v2``'s ``{"error": "..."}``."""
+    body = r.json()["error"]
+    return body if isinstance(body, str) else body["message"]
 
 
 def test_the_cli_habit_data_prefix_is_answered_with_the_path_that_exists(http, root):

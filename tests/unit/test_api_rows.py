@@ -9,7 +9,7 @@ import pytest
 
 from ml_framework.errors import DatasetSchemaError
 from ml_framework.manifest import InputSpec
-from producer.api import _finite
+from producer.api.schemas import finite
 from producer.rows import rows_to_table as _rows_to_table
 
 
@@ -49,7 +49,7 @@ def test_no_rows_make_a_table_of_the_input_columns_without_rows():
 
 
 def test_json_rule_turns_nan_and_infinity_into_null():
-    assert _finite({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "x"}) == {
+    assert finite({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "x"}) == {
         "a": [1.0, None], "b": {"c": None}, "d": "x"}
 
 

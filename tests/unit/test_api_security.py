@@ -9,12 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from ml_framework.errors import SettingsError
 from ml_framework.settings import load_settings
 from producer.api import create_app
+from tests.unit.conftest import model_root
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef",
         "ops": "ops-key-0123456789abcdef", "prom": "prom-key-0123456789abcdef"}
@@ -31,12 +31,7 @@ def root(tmp_path_factory) -> Path:
     a data directory with a CSV, a symlink leading out of it to a secret file, and var/."""
     root = tmp_path_factory.mktemp("api-security")
     for name in ("m-public", "m-other-tenant"):
-        version = root / "models" / name / "1"
-        version.mkdir(parents=True)
-        (version / "manifest.yaml").write_text(yaml.safe_dump({
-            "name": name, "version": 1, "framework": "sklearn", "artifact": "model.skops",
-            "inputs": {"columns": ["a", "b"]}, "outputs": {"kind": "regression"}}))
-    (root / "data").mkdir()
+        model_root(root, name)
     (root / "data" / "ok.csv").write_text("a,b\n1,2\n3,4\n")
     (root / "private.csv").write_text("a,b\nROOT-PASSWORD-LINE,x,y\n")
     (root / "data" / "planted.csv").symlink_to(root / "private.csv")
@@ -95,9 +90,34 @@ def test_every_endpoint_but_health_and_ready_needs_a_known_key(http):
     assert http.get("/v1/models", headers=hdr("prom")).status_code == 403
 
 
+def test_v2_endpoints_need_a_key_as_v1_does_but_health(http, root):
+    """/v2 model endpoints answer 401 with the Open Inference Protocol's {"error": "..."} body
+    without a key or with a wrong one, 403 for a metrics key, and serve a user key; the
+    /v2 health endpoints are open, as /health and /ready; errors name no server path."""
+    infer = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}
+    for method, path in [("get", "/v2"), ("get", "/v2/models/m-public"), ("get", "/v2/models/m-public/ready"),
+                         ("get", "/v2/models/m-public/versions/1"), ("post", "/v2/models/m-public/infer")]:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
+            r = http.request(method.upper(), path, headers=headers, json=infer if method == "post" else None)
+            assert r.status_code == 401 and "WWW-Authenticate" in r.headers, (method, path, r.text)
+            assert r.json() == {"error": "missing or wrong API key (X-API-Key: <key> or Authorization: Bearer <key>)"}
+        assert http.request(method.upper(), path, headers=hdr("prom")).status_code == 403
+    meta = http.get("/v2/models/m-public", headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    assert meta.status_code == 200 and meta.json()["inputs"] == [{"name": "input", "datatype": "FP32",
+                                                                  "shape": [-1, 2]}]
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").status_code == 400  # no worker: the protocol's "not ready"
+    missing = http.get("/v2/models/nope/versions/3", headers=hdr("alice"))
+    assert missing.status_code == 404 and missing.json() == {"error": "model 'nope' version '3' not found"}
+    bad = http.post("/v2/models/m-public/infer", json={**infer, "inputs": [{**infer["inputs"][0], "shape": [1, 3]}]},
+                    headers=hdr("alice"))
+    assert bad.status_code == 400 and "shape [1, 3]; the model takes [-1, 2]" in bad.json()["error"]
+    assert str(root) not in missing.text + bad.text
+
+
 def test_the_openapi_schema_declares_the_security_schemes(http):
     """The schema declares the key header and the bearer scheme (the docs page's Authorize
-    button), on every operation but /health and /ready."""
+    button), on every operation but /health, /ready and their /v2 twins."""
     schema = http.get("/openapi.json").json()
     schemes = schema["components"]["securitySchemes"]
     assert schemes["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key",
@@ -106,7 +126,8 @@ def test_the_openapi_schema_declares_the_security_schemes(http):
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             secured = {name for requirement in operation.get("security", []) for name in requirement}
-            assert secured == (set() if path in ("/health", "/ready") else {"ApiKey", "Bearer"}), (method, path)
+            open_paths = ("/health", "/ready", "/v2/health/live", "/v2/health/ready")
+            assert secured == (set() if path in open_paths else {"ApiKey", "Bearer"}), (method, path)
     body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {r["$ref"] for r in body["anyOf"]} == {"#/components/schemas/DatasetJobRequest",
                                                   "#/components/schemas/RowsJobRequest"}

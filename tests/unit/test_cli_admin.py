@@ -13,7 +13,7 @@ from sqlalchemy import update
 
 from ml_framework.settings import load_settings
 from ml_framework.store import ResultStore, WorkerInfo
-from ml_framework.store.schema import WorkerRow
+from ml_framework.store.models import WorkerRow
 
 HOST = os.uname().nodename
 

@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from ml_framework.settings import load_settings
 from ml_framework.store import ResultStore, WorkerInfo
-from ml_framework.store.schema import JobRow, WorkerRow
+from ml_framework.store.models import JobRow, WorkerRow
 from tests.unit.test_cli_admin import mlf
 from tests.unit.test_lifecycle import finished_job, owned_rows
 

@@ -24,7 +24,7 @@ from ml_framework.errors import IdempotencyKeyError, IdempotencyKeyReusedError
 from ml_framework.settings import load_settings
 from ml_framework.store import NewJob, ResultStore
 from ml_framework.store.idempotency import Idempotency, request_hash
-from ml_framework.store.schema import JobRow
+from ml_framework.store.models import JobRow
 from producer.api import create_app
 from producer.client import Client
 
@@ -80,8 +80,8 @@ def test_a_submission_racing_an_uncommitted_one_returns_its_job(store):
     """The race made certain: a job with the key is inserted and not yet committed when a
     second submission with the key looks for it (and finds nothing); the unique index makes
     the second wait for the first to commit and then answer with its job, recording none."""
-    from ml_framework.store.api import _insert_jobs
-    from ml_framework.store.schema import utc_now
+    from ml_framework.store.jobs import insert_jobs as _insert_jobs
+    from ml_framework.store.models import utc_now
 
     key = Idempotency("racing", request_hash({"dataset": "d.csv"}))
     first = new_job()

@@ -182,3 +182,32 @@ def test_the_time_limit_kills_a_task_stuck_in_c_even_while_the_store_hangs(tmp_p
         if sup.poll() is None:
             sup.kill()
             sup.wait()
+
+
+def test_terminate_stops_several_processes_at_once_killing_those_that_ignore_sigterm(caplog):
+    """terminate SIGTERMs every process given, waits one grace period for them all, then
+    SIGKILLs the one that ignores SIGTERM, naming it (the supervisor's shutdown uses it)."""
+    import logging
+    import signal
+    import subprocess
+    import sys
+
+    from worker.launcher import terminate
+
+    stubborn = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    polite = "import sys, time; print('ready', flush=True); time.sleep(60)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for code in (stubborn, polite)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == "ready\n"  # the handler is in place before the signal
+        with caplog.at_level(logging.WARNING, logger="worker.launcher"):
+            codes = terminate(*procs, grace_s=1.0, names=["stubborn@t", "polite@t"])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    assert codes == [-signal.SIGKILL, -signal.SIGTERM]
+    assert [r.getMessage() for r in caplog.records] == ["worker stubborn@t did not stop within 1 s; killing it"]

@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from ml_framework.store import JobState, ResultStore, RowError, ShardClaim, WorkerInfo
 from ml_framework.store.lifecycle import exclusive_pass, reclaim_space
-from ml_framework.store.schema import DeletedJobRow, JobRow, RowErrorRow, ShardOutputRow, ShardRow
+from ml_framework.store.models import DeletedJobRow, JobRow, RowErrorRow, ShardOutputRow, ShardRow
+from producer.results import job_results
 
 OWNED = ((ShardRow, ShardRow.job_id), (ShardOutputRow, ShardOutputRow.job_id), (RowErrorRow, RowErrorRow.job_id),
          (JobRow, JobRow.id))
@@ -55,14 +56,14 @@ def test_delete_removes_every_row_of_the_job_and_nothing_else(store):
     and leaves other jobs whole; deleting it again finds nothing (idempotent)."""
     a, b, c = (finished_job(store, owner="alice") for _ in range(3))
     before = {j: owned_rows(store, j) for j in (a, c)}
-    results_a = store.results(a)
+    results_a = job_results(store, a)
     report = store.delete_job(b)
     assert report is not None and report.jobs == [b]
     assert (report.shards, report.shard_outputs, report.row_errors) == (3, 3, 3)
     assert report.result_bytes > 0
     assert owned_rows(store, b) == {"shards": 0, "shard_outputs": 0, "row_errors": 0, "jobs": 0}
     assert {j: owned_rows(store, j) for j in (a, c)} == before
-    assert store.results(a).equals(results_a)
+    assert job_results(store, a).equals(results_a)
     assert store.deleted_owner(b) == (True, "alice")
     assert store.deleted_owner(a) == (False, None)
     assert store.delete_job(b) is None
@@ -149,7 +150,7 @@ def test_prune_leaves_running_jobs_alone_while_a_worker_records(store):
     assert sorted(d for d in deleted if d != running) == sorted(done)
     st = store.job(running)
     assert (st.state, st.rows_ok) == (JobState.SUCCEEDED, 200)
-    assert len(store.results(running)) == 200
+    assert len(job_results(store, running)) == 200
 
 
 def test_sqlite_file_stops_growing_with_retention(tmp_path):

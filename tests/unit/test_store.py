@@ -18,8 +18,8 @@ from ml_framework.store import (
     RowError,
     ShardClaim,
     ShardOutcomeRecord,
-    results_frame,
 )
+from producer.results import job_results, results_frame
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -49,7 +49,7 @@ def test_job_lifecycle_to_partial(store):
     assert store.complete_shard(job, 1, [(2, {"p": 3})], [RowError(3, "row 3: bad", "x")])
     st = store.job(job)
     assert (st.state, st.rows_ok, st.rows_failed, st.shards_done) == (JobState.PARTIAL, 3, 1, 2)
-    res = store.results(job)
+    res = job_results(store, job)
     assert res.index.tolist() == [0, 1, 2, 3]
     assert res.loc[3, "error"] == "row 3: bad" and res.loc[3, "error_field"] == "x"
     assert res.loc[0, "error"] is None
@@ -77,7 +77,7 @@ def test_second_completion_of_a_shard_writes_nothing(store):
     assert not store.complete_shard(job, 0, [(0, {"p": 9}), (1, {"p": 9})], [])
     st = store.job(job)
     assert (st.rows_ok, st.shards_done) == (2, 1)
-    assert store.results(job)["p"].tolist() == [1, 1]
+    assert job_results(store, job)["p"].tolist() == [1, 1]
     assert store.shards(job)[0]["deliveries"] == 2
 
 
@@ -98,7 +98,7 @@ def test_concurrent_completions_record_the_shard_once(store):
     for t in threads:
         t.join()
     assert sorted(wins) == [False, False, False, True]
-    assert len(store.results(job)) == 200 and store.job(job).rows_ok == 200
+    assert len(job_results(store, job)) == 200 and store.job(job).rows_ok == 200
 
 
 def test_cancel_stops_pending_shards_and_keeps_results(store):
@@ -168,7 +168,7 @@ def test_job_id_prefix_resolves_when_unique(store):
 
     from sqlalchemy import insert
 
-    from ml_framework.store.schema import JobRow
+    from ml_framework.store.models import JobRow
 
     twins = ["abcd" + "0" * 28, "abcd" + "1" * 28]
     with store.engine.begin() as conn:
@@ -199,7 +199,7 @@ def test_worker_heartbeat_telemetry_round_trips(store):
     from sqlalchemy import update
 
     from ml_framework.store import WorkerInfo
-    from ml_framework.store.schema import WorkerRow
+    from ml_framework.store.models import WorkerRow
 
     started = datetime.now(UTC).replace(microsecond=0)
     info = WorkerInfo(hostname="gpu0@h", pid=42, started_at=started, shards_done=3, rows_done=3000,
@@ -287,8 +287,8 @@ def test_online_batch_is_recorded_once_with_per_job_states(store):
     shard = store.shards(failed)[0]
     assert (shard["state"], shard["worker"], shard["error"], shard["batch_rows"], shard["attempts"]) == (
         "FAILED", "w1", "boom", 8, 1)
-    assert store.results(ok)["p"].tolist() == [1, 2]
-    assert len(store.results(cancelled)) == 0
+    assert job_results(store, ok)["p"].tolist() == [1, 2]
+    assert len(job_results(store, cancelled)) == 0
     # a redelivery of the whole batch writes nothing
     assert store.record_online(records[:3], "w2") == [False, False, False]
     assert store.job(ok).rows_ok == 2 and store.shards(ok)[0]["worker"] == "w1"
@@ -325,16 +325,16 @@ def test_cancel_while_a_worker_records_the_same_job_does_not_deadlock(store, mon
     them with a deadlock."""
     import time
 
-    import ml_framework.store.api as api
+    import ml_framework.store.shards as ledger
 
     (job,) = online_jobs(store, 1)
-    insert_rows = api._insert_rows
+    insert_rows = ledger._insert_rows
 
     def slow_insert(conn, records):  # hold the shard's lock a while, as a big batch does
         time.sleep(0.5)
         insert_rows(conn, records)
 
-    monkeypatch.setattr(api, "_insert_rows", slow_insert)
+    monkeypatch.setattr(ledger, "_insert_rows", slow_insert)
     outcome: dict[str, object] = {}
 
     def record():
@@ -368,7 +368,7 @@ def test_a_shard_twice_in_one_batch_is_recorded_from_one_record(store):
     shard, status = store.shards(first)[0], store.job(first)
     winner = records[1] if recorded[1] else records[2]
     assert shard["oom_splits"] == status.oom_splits == winner.oom_splits
-    assert store.results(first)["p"].tolist() == [winner.outputs[0][1]["p"]]
+    assert job_results(store, first)["p"].tolist() == [winner.outputs[0][1]["p"]]
 
 
 def test_a_shard_started_max_attempts_times_is_given_up(store):
@@ -384,7 +384,7 @@ def test_a_shard_started_max_attempts_times_is_given_up(store):
     status, shard = store.job(job), store.shards(job)[0]
     assert (status.state, status.rows_ok, status.rows_failed) == (JobState.PARTIAL, 2, 2)
     assert (shard["state"], shard["attempts"], shard["deliveries"]) == ("FAILED", 3, 5)
-    errors = store.results(job).loc[[0, 1], "error"].tolist()
+    errors = job_results(store, job).loc[[0, 1], "error"].tolist()
     assert all(e.startswith(f"row {i}: worker lost: the shard was started 3 times") for i, e in enumerate(errors))
 
 
@@ -407,7 +407,7 @@ def test_a_live_lease_turns_a_second_delivery_away_and_guards_the_write(store):
     store.heartbeat(WorkerInfo(hostname="w1", pid=12, started_at=datetime.now(UTC)))  # w1 restarted
     assert store.claim_shard(job, 0, "w2", owner="w2:22", lease_s=60) is ShardClaim.RUN
     assert not store.complete_shard(job, 0, [(0, {"y": 1}), (1, {"y": 2})], [], owner="w1:11")
-    assert store.shards(job)[0]["state"] == "RUNNING" and store.results(job).empty
+    assert store.shards(job)[0]["state"] == "RUNNING" and job_results(store, job).empty
     assert store.complete_shard(job, 0, [(0, {"y": 3}), (1, {"y": 4})], [], owner="w2:22")
     shard = store.shards(job)[0]
     assert (shard["state"], shard["attempts"], shard["deliveries"], shard["lease_expires_at"]) == ("DONE", 2, 3, None)
@@ -436,7 +436,7 @@ def test_released_leases_and_the_time_limit_failure(store):
 
 
 def results_frame_errors(store: ResultStore, job: str) -> list[str]:
-    return store.results(job)["error"].dropna().tolist()
+    return job_results(store, job)["error"].dropna().tolist()
 
 
 def test_a_lease_given_up_after_a_store_failure_frees_the_shard_at_once(store):
@@ -470,7 +470,7 @@ def test_cancel_keeps_the_rows_of_a_shard_its_live_holder_is_running(store):
     assert store.claim_shard(job, 1, "w2", owner="w2:22", lease_s=60) is ShardClaim.CANCELLED
     assert store.complete_shard(job, 0, [(0, {"y": 1}), (1, {"y": 2})], [], owner="w1:11")
     assert [s["state"] for s in store.shards(job)] == ["DONE", "CANCELLED"]
-    assert store.job(job).state is JobState.CANCELLED and len(store.results(job)) == 2
+    assert store.job(job).state is JobState.CANCELLED and len(job_results(store, job)) == 2
 
 
 def test_kept_messages_are_dropped_with_their_shards(store):
@@ -507,7 +507,7 @@ def test_results_pages_cut_across_shard_outputs(store):
     assert page[0] == {"row": 3, "prediction": "c3", "probabilities": [0.3, 0.7]}
     assert page[2] == {"row": 5, "error": "row 5: bad", "error_field": "x"}
     assert store.results_page(job, 12, 5) == []
-    frame = store.results(job)
+    frame = job_results(store, job)
     assert frame.index.tolist() == list(range(12))
     assert frame.loc[11, "probabilities"] == [1.1, 1 - 1.1] and frame.loc[5, "error"] == "row 5: bad"
     assert frame["prediction"].tolist()[:3] == ["c0", "c1", "c2"]
@@ -551,11 +551,11 @@ def test_results_stored_row_by_row_before_revision_0006_are_converted(backend, r
     engine.dispose()
     store = ResultStore(url)
     try:
-        frame = store.results("j1")
+        frame = job_results(store, "j1")
         assert frame.index.tolist() == [0, 1, 2, 3]
         assert {i: {k: frame.loc[i, k] for k in rec} for i, rec in old.items()} == old
         assert frame.loc[2, "error"] == "row 2: bad"
-        assert store.results("j2")["prediction"].tolist() == ["other", "1"]
+        assert job_results(store, "j2")["prediction"].tolist() == ["other", "1"]
         with store.engine.connect() as conn:
             assert conn.execute(text("SELECT shard_index, n_rows FROM shard_outputs WHERE job_id = 'j1' "
                                      "ORDER BY shard_index")).all() == [
@@ -587,7 +587,7 @@ def test_integer_predictions_stay_integers_when_a_row_failed(store, tmp_path):
         assert store.claim_shard(j, 0, "w") is ShardClaim.RUN
     store.complete_shard(job, 0, [(0, {"prediction": 7}), (2, {"prediction": 9})], [RowError(1, "row 1: bad", "x")])
     store.complete_shard(clean, 0, [(0, {"prediction": 7})], [])
-    frame = store.results(job)
+    frame = job_results(store, job)
     assert str(frame["prediction"].dtype) == "Int64" and frame["prediction"].tolist() == [7, pd.NA, 9]
     table = pq.read_table(write_results(store.results_table(job), tmp_path / "r.parquet"))
     assert table.column_names == ["row", "prediction", "error", "error_field"]
@@ -607,7 +607,7 @@ def test_shards_storing_a_key_as_numbers_and_as_text_read_back_together(store):
     for s, value in enumerate([1, "other"]):
         assert store.claim_shard(job, s, "w") is ShardClaim.RUN
         store.complete_shard(job, s, [(s, {"prediction": value})], [])
-    assert store.results(job)["prediction"].tolist() == ["1", "other"]
+    assert job_results(store, job)["prediction"].tolist() == ["1", "other"]
 
 
 def test_a_job_keeps_its_longest_cold_start(store):
@@ -653,7 +653,7 @@ def test_a_job_without_rows_is_succeeded_at_once_with_its_output_columns(store, 
         assert table.schema.names == ["row", "prediction", "score", "probabilities", "error", "error_field"]
         assert table.schema.field("prediction").type == pa.int64()
         assert table.schema.field("probabilities").type == pa.list_(pa.float64(), 3)
-        frame = store.results(job_id)
+        frame = job_results(store, job_id)
         assert len(frame) == 0 and list(frame.columns) == ["prediction", "score", "probabilities", "error",
                                                            "error_field"]
         assert str(frame["prediction"].dtype) == "int64" and str(frame["score"].dtype) == "float64"
@@ -665,3 +665,21 @@ def test_a_job_without_rows_is_succeeded_at_once_with_its_output_columns(store, 
     assert list(results_frame(outputs, errors).columns) == ["prediction", "score", "probabilities", "error",
                                                             "error_field"]
     assert store.cancel(bulk).state is JobState.SUCCEEDED
+
+
+def test_state_literals_are_spelt_only_by_the_enums():
+    """The SQL the store runs names job and shard states through the enums of models.py
+    (``OPEN_JOB``, ``sql_in``...): no other module of the store spells a state as a quoted
+    SQL literal, so the state machine is written once."""
+    from pathlib import Path
+
+    import ml_framework.store
+    from ml_framework.store import ShardState
+
+    states = {s.value for s in JobState} | {s.value for s in ShardState}
+    found = []
+    for path in sorted(Path(ml_framework.store.__file__).parent.glob("*.py")):
+        if path.name != "models.py":
+            text = path.read_text()
+            found += [f"{path.name}: '{s}'" for s in sorted(states) if f"'{s}'" in text]
+    assert found == []

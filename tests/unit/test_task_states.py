@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 from celery.exceptions import Ignore
 
+from ml_framework.errors import ShardFailed
 from ml_framework.store import ShardClaim
-from worker.task_states import Recorded, ShardFailed, finish
+from worker.task_states import Recorded, finish
 
 
 class Task:

@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
 from ml_framework.settings import load_settings
 from ml_framework.store import RowError, WorkerInfo
 from producer.api import create_app
-from producer.api_auth import UI_COOKIE, UI_SESSION_S, KeyTable, Principal
+from producer.api.auth import UI_COOKIE, UI_SESSION_S, KeyTable, Principal
+from tests.unit.conftest import model_root
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef",
         "ops": "ops-key-0123456789abcdef", "prom": "prom-key-0123456789abcdef"}
@@ -31,14 +31,7 @@ def hdr(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ui")
-    version = root / "models" / "m" / "1"
-    version.mkdir(parents=True)
-    (version / "manifest.yaml").write_text(yaml.safe_dump({
-        "name": "m", "version": 1, "framework": "sklearn", "artifact": "model.skops",
-        "inputs": {"columns": ["a", "b"]}, "outputs": {"kind": "regression"}}))
-    (root / "data").mkdir()
-    return root
+    return model_root(tmp_path_factory.mktemp("ui"))
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +217,7 @@ def test_every_template_is_package_data():
     `pip wheel --no-deps .` holds producer/templates/ui/*.html)."""
     import tomllib
 
-    from producer.ui import template_dir
+    from producer.api.ui import template_dir
 
     package = template_dir().parent.parent
     globs = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
@@ -248,3 +241,27 @@ def test_a_job_without_rows_shows_full_bars(http):
     row = listed[listed.index(job):]
     found = re.search(r'<progress max="(\d+)" value="(\d+)"', row)
     assert found and found.group(1) == found.group(2)
+
+
+def test_a_sign_in_form_over_the_limit_is_read_no_further_even_without_a_length(http):
+    """The sign-in form is held to MAX_LOGIN_BYTES whether its length is declared or the
+    body is streamed in chunks without one: a form over it signs nobody in (before, a
+    chunked body was read whole, and a key in its first bytes signed in)."""
+    from producer.api.ui import MAX_LOGIN_BYTES
+
+    form = f"key={KEYS['alice']}&next=/ui/jobs&pad=".encode()
+    padding = b"x" * MAX_LOGIN_BYTES
+
+    def chunks():
+        yield form
+        yield padding
+
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    with TestClient(http.app) as browser:
+        streamed = browser.post("/ui/login", content=chunks(), headers=headers, follow_redirects=False)
+        assert "content-length" not in {k.lower() for k in streamed.request.headers}
+        assert streamed.status_code == 401 and UI_COOKIE not in streamed.cookies
+        declared = browser.post("/ui/login", content=form + padding, headers=headers, follow_redirects=False)
+        assert declared.status_code == 401 and UI_COOKIE not in declared.cookies
+        fits = browser.post("/ui/login", content=form + b"x", headers=headers, follow_redirects=False)
+        assert fits.status_code == 303 and UI_COOKIE in fits.cookies

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from ml_framework.errors import DatasetPathError
+from ml_framework.errors import DatasetPathError, ImageRowError
 from ml_framework.manifest import ModelManifest
 from ml_framework.paths import resolve_under
 from ml_framework.store import RowError
@@ -59,11 +59,6 @@ MAX_PIXELS = 89_478_485
 row before it is decoded (or resized), so that a small file cannot make a decoding thread
 allocate gigabytes. The number is Pillow's own decompression-bomb threshold
 (``PIL.Image.MAX_IMAGE_PIXELS``, about 0.25 GiB of 24-bit pixels), where Pillow only warns."""
-
-
-class ImageRowError(Exception):
-    """Raised inside :class:`ImageConverter` when one row's image cannot be prepared; the
-    message is the reason shown to the user (no absolute path of the worker)."""
 
 
 def output_size(width: int, height: int, resize: int | list[int] | None) -> tuple[int, int]:

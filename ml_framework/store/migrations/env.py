@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from ml_framework.store.schema import Base
+from ml_framework.store.models import Base
 
 config = context.config
 connection = config.attributes.get("connection")

@@ -9,7 +9,7 @@ against the SHA-256 digests of the configured keys in constant time; the caller 
 Roles (``api_key_roles``): ``user`` (default) sees its own jobs, the models and predict;
 ``admin`` sees every job and ``/metrics``; ``metrics`` only ``/metrics``.
 
-Browsers (the job pages, :mod:`producer.ui`): ``POST /ui/login`` with a key in the form
+Browsers (the job pages, :mod:`producer.api.ui`): ``POST /ui/login`` with a key in the form
 body sets the :data:`UI_COOKIE` cookie, HttpOnly and SameSite=Strict, holding a session
 token (:meth:`KeyTable.session_token`: the key's name, the time it was issued and an HMAC
 keyed by the key's digest), never the key. The token is taken on GET and HEAD requests only
@@ -37,9 +37,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from ml_framework.credentials import key_digest
-from ml_framework.errors import JobNotFoundError, SettingsError
+from ml_framework.errors import ForbiddenError, JobNotFoundError, SettingsError, UnauthorizedError
 from ml_framework.settings import Settings
-from producer.api_errors import ForbiddenError, UnauthorizedError, public
+from producer.api.errors import public
 
 log = logging.getLogger(__name__)
 

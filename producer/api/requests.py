@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 from ml_framework.errors import DatasetNotFoundError, DatasetPathError, IdempotencyKeyError
-from ml_framework.paths import exists, locate_dataset, suggest_under
+from ml_framework.paths import exists, resolve_under, suggest_under
 from ml_framework.store.idempotency import check_key
-from producer.api_errors import public
+from producer.api.errors import public
 
 _SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
 _SF_ESCAPE = re.compile(r'\\(["\\])')
@@ -41,6 +41,9 @@ def sf_string(value: str) -> str:
 def dataset_under(data_dir: Path, given: str) -> Path:
     """The real path of the dataset a request names (``given``, relative to ``data_dir``).
 
+    The path goes through :func:`ml_framework.paths.resolve_under`, the rule the workers
+    apply too.
+
     Raises:
         DatasetNotFoundError, DatasetPathError: public messages naming ``given`` (never a
             server path), saying that paths are relative to the data directory and which
@@ -53,9 +56,10 @@ def dataset_under(data_dir: Path, given: str) -> Path:
                                                                      if suggestion else "")
 
     shown = given if len(given) <= 200 else given[:200] + "..."
-    location = locate_dataset(data_dir, given)  # DatasetPathError: it leads out through a link or '..'
-    if location.relative is None:
-        raise public(DatasetPathError(f"dataset {shown!r} leaves the data directory (it lies outside it): {hint()}"))
-    if not exists(location.path):
+    try:
+        path = resolve_under(data_dir, given, name=shown)
+    except DatasetPathError as exc:  # outside, or leading out through a link or '..'
+        raise public(DatasetPathError(f"{exc}: {hint()}")) from exc
+    if not exists(path):
         raise public(DatasetNotFoundError(f"dataset {shown!r} not found: {hint()}"))
-    return location.path
+    return path

@@ -11,7 +11,7 @@
 ``POST /ui/logout``         forgets the session cookie
 ==========================  ==================================================================
 
-Who sees what is the API's rule (:mod:`producer.api_auth`): a key of role ``user`` sees its
+Who sees what is the API's rule (:mod:`producer.api.auth`): a key of role ``user`` sees its
 own jobs, ``admin`` every job, ``metrics`` none. A browser signs in once with its key in a
 form (a POST body, never a URL, so no access log holds it); the cookie it gets holds a
 session token, not the key, and is taken on GET requests only, so it also opens the result
@@ -38,9 +38,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from ml_framework.errors import JobNotFoundError
+from ml_framework.constants import WORKER_LIVE_S
+from ml_framework.errors import JobNotFoundError, RequestTooLargeError, UnauthorizedError
 from ml_framework.store import JobState, JobStatus, RowError, WorkerInfo
-from producer.api_auth import (
+from producer.api.auth import (
     API_KEY,
     BEARER,
     UI_COOKIE,
@@ -50,7 +51,8 @@ from producer.api_auth import (
     caller,
     owned_job_id,
 )
-from producer.api_errors import UnauthorizedError, scrub
+from producer.api.deps import read_body
+from producer.api.errors import scrub
 from producer.durations import duration, rows_per_s, when
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,6 @@ ROW_ERRORS_SHOWN = 10
 """Row errors on a job's page, the first by row; the CSV download has them all."""
 REFRESH_S = 5
 """Seconds between refreshes of a page that can still change."""
-WORKER_MAX_AGE_S = 30.0
-"""Workers whose heartbeat (every 5 s) is younger than this are shown: ``/ready``'s rule."""
 MAX_LOGIN_BYTES = 4096
 """Largest sign-in form read, bytes."""
 
@@ -83,7 +83,7 @@ class Refusal:
 
 
 async def _viewer(request: Request) -> Principal | Refusal:
-    """The caller, as :func:`~producer.api_auth.caller` finds it (header or session
+    """The caller, as :func:`~producer.api.auth.caller` finds it (header or session
     cookie), or why it is refused: the pages answer refusals with HTML, not JSON."""
     try:
         principal = await caller(request, await API_KEY(request), await BEARER(request))
@@ -134,7 +134,7 @@ def _job_view(request: Request, status: JobStatus) -> JobView:
 
 
 def _workers(request: Request) -> list[WorkerInfo]:
-    return request.app.state.client.workers(WORKER_MAX_AGE_S)
+    return request.app.state.client.workers(WORKER_LIVE_S)
 
 
 def _page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -203,7 +203,10 @@ async def login(request: Request) -> Response:
     if origin and urlsplit(origin).netloc != request.url.netloc:  # a form posted from another site
         return _page(request, "refused.html", 403, message="Sign in from this site's own form.", login=False,
                      next="")
-    body = await request.body() if int(request.headers.get("content-length") or 0) <= MAX_LOGIN_BYTES else b""
+    try:  # declared or streamed, a form over the limit is read no further: no key
+        body = await read_body(request, MAX_LOGIN_BYTES)
+    except RequestTooLargeError:
+        body = b""
     form = parse_qs(body.decode("utf-8", "replace")[:MAX_LOGIN_BYTES])
     key, target = (form.get("key") or [""])[0].strip(), _next((form.get("next") or [""])[0], request)
     table: KeyTable = request.app.state.keys
@@ -240,4 +243,4 @@ def _next(target: str, request: Request) -> str:
 
 def template_dir() -> Path:
     """Where the page templates are (packaged with :mod:`producer`)."""
-    return Path(__file__).parent / "templates" / "ui"
+    return Path(__file__).parent.parent / "templates" / "ui"

@@ -26,9 +26,10 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from ml_framework.celery_app import MAX_PRIORITY, MIN_PRIORITY
-from ml_framework.errors import DatasetError
-from ml_framework.manifest import MAX_INT32, InputSpec
+from ml_framework.constants import MAX_INT32, PREDICT_TIMEOUT_S
+from ml_framework.errors import BodyInvalidError, DatasetError
+from ml_framework.manifest import InputSpec
+from producer.plan import JobOptions
 
 INLINE_PARSE_BYTES = 64 * 1024
 """Bodies up to this size are parsed on the event loop: about 0.3 ms for 64 KiB of rows."""
@@ -43,32 +44,20 @@ Value = Scalar | list[Any]
 """A cell: a number, a text (or image path), or a tensor as nested lists."""
 
 
-class _JobFields(BaseModel):
-    model_config = {"extra": "forbid"}
-
-    model: str = Field(description="Model name in the repository.", min_length=1, max_length=128)
-    version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
-    batch_size: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Rows per forward pass.")
-    columns: list[str] | None = Field(default=None, max_length=65_536,
-                                      description="Dataset columns mapped onto the model inputs, in order.")
-    priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
-                          description="0 (default) to 9 (most urgent): shards of higher-priority jobs are taken first.")
-
-
-class DatasetJobRequest(_JobFields):
+class DatasetJobRequest(JobOptions):
     """A job over a CSV or Parquet file under the data directory (read by reference)."""
 
     dataset: str = Field(description="Path relative to the data directory.", min_length=1, max_length=4096)
 
 
-class RowsJobRequest(_JobFields):
+class RowsJobRequest(JobOptions):
     """A job over rows sent in the request."""
 
     rows: list[dict[str, Value]] = Field(description="One object of column -> value per row (a tensor as nested "
                                                      "lists); none: a job with nothing to score, SUCCEEDED at once.")
 
 
-class JobFields(_JobFields):
+class JobFields(JobOptions):
     """The fields of a :class:`RowsJobRequest` but its rows (which come as an Arrow table)."""
 
 
@@ -83,14 +72,14 @@ class PredictRequest(BaseModel):
     rows: list[dict[str, Value]] = Field(description="One object of column -> value per row (a tensor as nested "
                                                      "lists); none: answered at once, with no rows.")
     version: int | None = Field(default=None, ge=1, le=MAX_INT32, description="Model version; default latest.")
-    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait for the answer.")
+    timeout_s: float = Field(default=PREDICT_TIMEOUT_S, gt=0, le=600, description="Seconds to wait for the answer.")
 
 
 class PredictFields(BaseModel):
     """The fields of a :class:`PredictRequest` but its rows."""
 
     version: int | None = None
-    timeout_s: float = 30.0
+    timeout_s: float = PREDICT_TIMEOUT_S
 
 
 BODIES: dict[str, Any] = {"job": JobRequest, "predict": PredictRequest}
@@ -128,15 +117,6 @@ class ParsedBody:
             check_model()
             raise DatasetError(f"rows cannot be read: {self.rows_error or 'none given'}")
         return self.rows
-
-
-class BodyInvalidError(Exception):
-    """Raised when a body does not validate; ``errors`` holds ``(location, message)`` pairs
-    (the location starts with ``"body"``), the first :data:`MAX_ERRORS` of them."""
-
-    def __init__(self, errors: list[tuple[tuple, str]]) -> None:
-        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in errors))
-        self.errors = errors
 
 
 Parsed = tuple[str, dict, bytes | None, str | None]

@@ -1,8 +1,15 @@
-"""ORM tables of the results store (SQLAlchemy 2). Migrations in ``migrations/`` create them."""
+"""ORM tables of the results store (SQLAlchemy 2) and the one definition of each state.
+
+Migrations in ``migrations/`` create the tables. The states of jobs and shards are
+:class:`JobState` and :class:`ShardState`; which of them are open (may still change) is
+written once, in their ``terminal`` / ``open`` properties, and the SQL the store runs takes
+its state literals from them (:data:`OPEN_JOB`, :data:`OPEN_SHARD`, :func:`sql_in`).
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -49,7 +56,7 @@ class JobState(str, enum.Enum):
 
     @property
     def terminal(self) -> bool:
-        """True once the job can change no more."""
+        """True once the job can change no more (every state but PENDING and RUNNING)."""
         return self not in (JobState.PENDING, JobState.RUNNING)
 
 
@@ -61,6 +68,49 @@ class ShardState(str, enum.Enum):
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+
+    @property
+    def open(self) -> bool:
+        """True while the shard may still be claimed or recorded (PENDING, RUNNING)."""
+        return self in (ShardState.PENDING, ShardState.RUNNING)
+
+
+class ShardClaim(str, enum.Enum):
+    """What a worker should do with a shard message it received (the answer of
+    :func:`ml_framework.store.shards.claim`)."""
+
+    RUN = "RUN"
+    ALREADY_DONE = "ALREADY_DONE"
+    CANCELLED = "CANCELLED"
+    UNKNOWN_JOB = "UNKNOWN_JOB"
+    BUSY = "BUSY"
+    """Another live worker process holds the shard's lease (the broker redelivered a
+    message whose first delivery is still running): do not run it; look again later."""
+    GAVE_UP = "GAVE_UP"
+    """The shard was started ``max_attempts`` times and never recorded (each time its
+    worker died: a poison shard); it is now FAILED, every row with a "worker lost" error."""
+
+
+OPEN_JOB: tuple[str, ...] = tuple(s.value for s in JobState if not s.terminal)
+"""The ``jobs.state`` values of a job still open: ``('PENDING', 'RUNNING')``."""
+FINISHED_JOB: tuple[str, ...] = tuple(s.value for s in JobState if s.terminal)
+"""The ``jobs.state`` values of a job that has ended."""
+OPEN_SHARD: tuple[str, ...] = tuple(s.value for s in ShardState if s.open)
+"""The ``shards.state`` values of a shard not yet recorded: ``('PENDING', 'RUNNING')``."""
+
+
+def sql_in(values: Iterable[str]) -> str:
+    """``values`` as a SQL list of string literals, e.g. ``('PENDING', 'RUNNING')``: how
+    the store's prebuilt statements name states. Only for the fixed state values above
+    (no quoting of user data).
+
+    Raises:
+        ValueError: a value holding a quote.
+    """
+    values = list(values)
+    if any("'" in v for v in values):
+        raise ValueError(f"not a state value: {values!r}")
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
 
 
 class Base(DeclarativeBase):

@@ -25,55 +25,40 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ml_framework.errors import (
+    BodyInvalidError,
     BrokerUnavailableError,
     DatasetError,
     DatasetNotFoundError,
+    ForbiddenError,
     IdempotencyKeyReusedError,
     JobNotFoundError,
     JobTimeoutError,
     ManifestError,
+    MessageTooLargeError,
     MLFrameworkError,
     ModelError,
     ModelNotFoundError,
+    ParserUnavailableError,
+    RequestTooLargeError,
     SettingsError,
     StoreError,
     StoreUnavailableError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
 )
-from producer.api_bodies import BodyInvalidError
 
 log = logging.getLogger("producer.api")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]*")
-_ABS_PATH = re.compile(r"(?<![\w.:/-])/(?!v1/|health|ready|metrics|docs|openapi)[^\s'\",;:()]+")
+_ABS_PATH = re.compile(r"(?<![\w.:/-])/(?!v[12]/|health|ready|metrics|docs|openapi)[^\s'\",;:()]+")
 _MAX_MESSAGE_CHARS = 2000
 
 
 
-class UnauthorizedError(MLFrameworkError):
-    """Raised when a request has no API key, or one the API does not know (401)."""
-
-
-class ForbiddenError(MLFrameworkError):
-    """Raised when a key's role does not allow the endpoint (403)."""
-
-
-class RequestTooLargeError(MLFrameworkError):
-    """Raised when a request body is over ``api_max_request_bytes`` (413)."""
-
-
-class UnsupportedMediaTypeError(MLFrameworkError):
-    """Raised when a JSON route gets a body of another type, e.g. curl's default
-    ``application/x-www-form-urlencoded`` (415)."""
-
-
-class ParserUnavailableError(MLFrameworkError):
-    """Raised when the process parsing a request body died, e.g. killed for memory (503)."""
-
-
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
-    (UnauthorizedError, 401), (ForbiddenError, 403), (RequestTooLargeError, 413),
+    (UnauthorizedError, 401), (ForbiddenError, 403), (RequestTooLargeError, 413), (MessageTooLargeError, 413),
     (UnsupportedMediaTypeError, 415), (ParserUnavailableError, 503), (JobNotFoundError, 404), (ModelNotFoundError, 404),
     (DatasetNotFoundError, 404), (JobTimeoutError, 504), (ManifestError, 409), (DatasetError, 422),
     (IdempotencyKeyReusedError, 422),
