@@ -86,8 +86,9 @@ _BUMP_JOBS = text(  # SET expressions read the row as it was before the update (
 
 
 def set_messages(engine: Engine, job_id: str, messages: Sequence[tuple[int, str]]) -> None:
-    """Keep the message (JSON text, ``{"queue", "kwargs"}``) of each ``(shard_index,
-    message)`` sent, so that a shard whose message the broker lost can be sent again
+    """Keep the message (JSON text, ``{"queue", "kwargs", "broker"}``: the broker it was sent
+    to, passwords masked) of each ``(shard_index, message)`` sent, so that a shard whose
+    message the broker lost can be sent again
     (:func:`orphaned`); cleared when the shard is recorded."""
     if messages:
         with engine.begin() as conn:
