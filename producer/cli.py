@@ -236,12 +236,9 @@ def workers(
 
 
 def _workers_table(infos, all_: bool):
-    from datetime import UTC, datetime
-
     if not infos:
         return ("no worker heartbeat recorded (start workers with `mlf worker`)" if all_
                 else f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s (start workers with `mlf worker`)")
-    now = datetime.now(UTC)
     table = Table("worker", "pid", "device", "models", "shards", "rows", "rows/s", "OOM splits",
                   "RSS GiB", "device mem GiB", "util %", "seen")
     for w in infos:
@@ -249,7 +246,9 @@ def _workers_table(infos, all_: bool):
         device = f"{w.device_name} {w.device_uuid[:12]}" if w.device_uuid else f"CPU ({threads})"
         mem = f"{_gib(w.device_memory_used_bytes)}/{_gib(w.device_memory_total_bytes)}" if w.device_uuid else "-"
         util = "-" if w.device_utilization_pct is None else f"{w.device_utilization_pct:.0f}"
-        seen = f"{(now - w.last_seen_at).total_seconds():.0f} s ago" if w.last_seen_at else "-"
+        seen = "-" if w.age_s is None else f"{w.age_s:.0f} s ago"
+        if w.notable_skew_s is not None:  # ages are by the database's clock; a host off it is named
+            seen += f" (clock {w.notable_skew_s:+.0f} s)"
         table.add_row(w.hostname, str(w.pid), device, ", ".join(w.models) or "-", str(w.shards_done),
                       str(w.rows_done), f"{w.rows_per_s:.0f}", str(w.oom_splits), _gib(w.rss_bytes), mem, util, seen)
     return table

@@ -21,7 +21,6 @@ def check_own_heartbeats() -> int:
     Reads the results store directly (no broker, no migration), so it is light enough for
     a health check every 30 s."""
     import os
-    from datetime import UTC, datetime
 
     from ml_framework.settings import get_settings
     from ml_framework.store import ResultStore
@@ -36,8 +35,8 @@ def check_own_heartbeats() -> int:
     except MLFrameworkError as exc:
         err.print(f"unhealthy: {exc}", markup=False, highlight=False)
         return 1
-    now = datetime.now(UTC)
-    ages = {w.hostname: (now - w.last_seen_at).total_seconds() for w in infos if w.hostname.endswith(f"@{host}")}
+    # ages by the database server's clock (WorkerInfo.age_s), not this host's
+    ages = {w.hostname: w.age_s for w in infos if w.hostname.endswith(f"@{host}")}
     for name, age in sorted(ages.items()):
         out.print(f"{name}: heartbeat {age:.0f} s ago", markup=False, highlight=False)
     stale = [name for name, age in ages.items() if age > WORKER_LIVE_S]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from celery import Celery, bootsteps
 from sqlalchemy import inspect
@@ -98,8 +97,7 @@ def prune_dead_bindings(redis_client, store: ResultStore, stale_s: float = WORKE
     """
     if not inspect(store.engine).has_table(WorkerRow.__tablename__):
         return 0  # a new store, not migrated yet: no heartbeat, nobody known dead
-    now = datetime.now(UTC)
-    seen = {w.hostname: (now - w.last_seen_at).total_seconds() for w in store.workers(None)}
+    seen = {w.hostname: w.age_s for w in store.workers(None)}  # by the database server's clock
     dead = {name for name, age in seen.items() if age > stale_s}
     removed = 0
     for table in (EVENTS_TABLE, CONTROL_TABLE):

@@ -247,3 +247,4 @@ class WorkerRow(Base):
     device_temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
     device_power_w: Mapped[float | None] = mapped_column(Float, nullable=True)
     broker: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    clock_skew_s: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -114,9 +114,10 @@ def orphaned(engine: Engine, min_age_s: float, limit: int = 1000) -> list[tuple[
                    JobRow.created_at < now - timedelta(seconds=min_age_s))
             .order_by(JobRow.created_at, ShardRow.shard_index).limit(limit)
         ).all()
+        db_time = fleet.db_now(conn)  # leases and heartbeats are stamped by the database's clock
         lost = [r for r in rows if r.state == ShardState.PENDING.value or r.lease_owner is None
-                or r.lease_expires_at is None or as_utc(r.lease_expires_at) <= now
-                or not fleet.process_alive(conn, r.lease_owner, now, HOLDER_STALE_S)]
+                or r.lease_expires_at is None or as_utc(r.lease_expires_at) <= db_time
+                or not fleet.process_alive(conn, r.lease_owner, HOLDER_STALE_S, db_time)]
         out = []
         for r in lost:
             message = conn.execute(select(ShardRow.message).where(
@@ -169,10 +170,11 @@ def claim(engine: Engine, job_id: str, shard_index: int, worker: str, max_attemp
                    ShardRow.lease_owner, ShardRow.lease_expires_at)
             .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index)
         ).one_or_none()
+        db_time = fleet.db_now(conn)  # leases and heartbeats are stamped by the database's clock
         held = (shard is not None and shard.state == ShardState.RUNNING.value and shard.lease_owner
                 and shard.lease_owner != owner and shard.lease_expires_at is not None
-                and as_utc(shard.lease_expires_at) > now
-                and fleet.process_alive(conn, shard.lease_owner, now, HOLDER_STALE_S))
+                and as_utc(shard.lease_expires_at) > db_time
+                and fleet.process_alive(conn, shard.lease_owner, HOLDER_STALE_S, db_time))
         if job_state == JobState.CANCELLED.value:
             if not held:  # a shard its live holder still runs keeps its rows when recorded
                 conn.execute(
@@ -198,7 +200,7 @@ def claim(engine: Engine, job_id: str, shard_index: int, worker: str, max_attemp
                    ShardRow.state.in_(OPEN_SHARD))
             .values(state=ShardState.RUNNING.value, attempts=ShardRow.attempts + 1,
                     worker=worker, started_at=now, lease_owner=owner,
-                    lease_expires_at=None if lease_s is None else now + timedelta(seconds=lease_s))
+                    lease_expires_at=None if lease_s is None else db_time + timedelta(seconds=lease_s))
         ).rowcount
         if not claimed:
             return ShardClaim.ALREADY_DONE
@@ -220,7 +222,7 @@ def release_leases(engine: Engine, owner: str) -> int:
         return conn.execute(
             update(ShardRow)
             .where(ShardRow.lease_owner == owner, ShardRow.state == ShardState.RUNNING.value)
-            .values(lease_expires_at=utc_now())
+            .values(lease_expires_at=fleet.db_now(conn))
         ).rowcount
 
 
@@ -236,7 +238,7 @@ def release_lease(engine: Engine, job_id: str, shard_index: int, owner: str) -> 
             update(ShardRow)
             .where(ShardRow.job_id == job_id, ShardRow.shard_index == shard_index,
                    ShardRow.lease_owner == owner, ShardRow.state == ShardState.RUNNING.value)
-            .values(lease_expires_at=utc_now(), attempts=ShardRow.attempts - 1)
+            .values(lease_expires_at=fleet.db_now(conn), attempts=ShardRow.attempts - 1)
         ).rowcount)
 
 

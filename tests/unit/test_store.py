@@ -216,7 +216,8 @@ def test_worker_heartbeat_telemetry_round_trips(store):
     assert set(got) == mine
     gpu = got["gpu0@h"]
     assert gpu.last_seen_at is not None and gpu.started_at == started
-    gpu.last_seen_at = None
+    assert gpu.age_s is not None and 0 <= gpu.age_s < 30 and abs(gpu.clock_skew_s) < 5  # same host as the store
+    gpu.last_seen_at = gpu.age_s = gpu.clock_skew_s = None
     assert gpu == WorkerInfo(**{**info.__dict__, "last_seen_at": None})
     assert got["cpu0@h"].device_uuid is None and got["cpu0@h"].models == []
     with store.engine.begin() as conn:
@@ -683,3 +684,76 @@ def test_state_literals_are_spelt_only_by_the_enums():
             text = path.read_text()
             found += [f"{path.name}: '{s}'" for s in sorted(states) if f"'{s}'" in text]
     assert found == []
+
+
+class _ShiftedDatetime(datetime):
+    """``datetime`` whose ``now()`` runs ``SHIFT_S`` seconds off the real clock."""
+
+    SHIFT_S = 0.0
+
+    @classmethod
+    def now(cls, tz=None):
+        from datetime import timedelta
+
+        return datetime.now(tz) + timedelta(seconds=cls.SHIFT_S)
+
+
+def _host_clock_off(monkeypatch, shift_s: float) -> None:
+    """Make this process's clock, as the store code reads it (``time.time`` and
+    ``datetime.now``), run ``shift_s`` seconds off; the database server's is untouched."""
+    import time
+
+    from ml_framework.store import models
+
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + shift_s)
+    monkeypatch.setattr(_ShiftedDatetime, "SHIFT_S", shift_s)
+    monkeypatch.setattr(models, "datetime", _ShiftedDatetime)
+
+
+def test_liveness_is_judged_by_the_database_clock_not_the_worker_hosts(store, monkeypatch):
+    """Issue 18: a worker whose host clock runs 120 s behind beats and is live (its skew
+    recorded); a beat 40 s old by the database's clock is dead even to a reader whose own
+    clock runs 120 s behind (regression: both were judged by the local clock)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from ml_framework.store import WorkerInfo
+    from ml_framework.store.models import WorkerRow
+
+    name, stale = f"behind-{uuid.uuid4().hex[:8]}@h", f"stale-{uuid.uuid4().hex[:8]}@h"
+    with monkeypatch.context() as m:  # the worker host's clock is 120 s behind
+        _host_clock_off(m, -120.0)
+        store.heartbeat(WorkerInfo(hostname=name, pid=1, started_at=datetime.now(UTC)))
+    assert name in store.live_workers(30.0)
+    (info,) = [w for w in store.workers(30.0) if w.hostname == name]
+    assert info.clock_skew_s == pytest.approx(-120.0, abs=5.0) and info.notable_skew_s == info.clock_skew_s
+    assert 0.0 <= info.age_s < 30.0
+
+    store.heartbeat(WorkerInfo(hostname=stale, pid=2, started_at=datetime.now(UTC)))
+    with store.engine.begin() as conn:  # its last beat was 40 s ago (this host's clock is the database's)
+        conn.execute(update(WorkerRow).where(WorkerRow.hostname == stale)
+                     .values(last_seen_at=datetime.now(UTC) - timedelta(seconds=40)))
+    with monkeypatch.context() as m:  # read from a host whose clock is 120 s behind
+        _host_clock_off(m, -120.0)
+        assert stale not in store.live_workers(30.0)
+        assert stale not in {w.hostname for w in store.workers(30.0)}
+        assert name in store.live_workers(30.0)
+
+
+def test_a_lease_holder_whose_clock_runs_behind_keeps_its_shard(store, monkeypatch):
+    """A holder whose host clock runs 120 s behind beats and takes a 60 s lease: another
+    process's claim is turned away (regression: its beat looked 120 s old and its lease
+    already over, so the shard ran twice); once its lease is released the claim passes."""
+    from ml_framework.store import WorkerInfo
+
+    job = new_job(store, ranges=((0, 2),))
+    holder = f"slow-{uuid.uuid4().hex[:8]}@h"
+    with monkeypatch.context() as m:
+        _host_clock_off(m, -120.0)
+        store.heartbeat(WorkerInfo(hostname=holder, pid=11, started_at=datetime.now(UTC)))
+        assert store.claim_shard(job, 0, holder, owner=f"{holder}:11", lease_s=60) is ShardClaim.RUN
+    assert store.claim_shard(job, 0, "w2", owner="w2:22", lease_s=60) is ShardClaim.BUSY
+    assert store.release_leases(f"{holder}:11") == 1
+    assert store.claim_shard(job, 0, "w2", owner="w2:22", lease_s=60) is ShardClaim.RUN
