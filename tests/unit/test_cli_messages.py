@@ -106,6 +106,32 @@ def test_tables_show_worker_and_model_names_as_typed(mlf, tmp_path):
     assert "cpu0@[bold]box" in run.stdout and "odd[/]name/1" in run.stdout
 
 
+def test_workers_shows_a_host_clock_off_the_databases(mlf, tmp_path, monkeypatch):
+    """`mlf workers` lists a worker whose host clock runs 120 s behind as seen just now
+    (ages are by the database's clock) and names its skew; a worker within 5 s shows none."""
+    import json
+    import time
+
+    store = ResultStore(load_settings(var_dir=tmp_path / "var").effective_database_url)
+    try:
+        store.heartbeat(WorkerInfo(hostname="cpu0@fine", pid=8, started_at=datetime.now(UTC)))
+        real_time = time.time
+        with monkeypatch.context() as m:
+            m.setattr(time, "time", lambda: real_time() - 120.0)
+            store.heartbeat(WorkerInfo(hostname="cpu0@behind", pid=7, started_at=datetime.now(UTC)))
+    finally:
+        store.close()
+    run = mlf("workers", "--json")
+    assert run.exit_code == 0, run.output
+    got = {w["hostname"]: w for w in map(json.loads, run.stdout.splitlines())}
+    assert set(got) == {"cpu0@fine", "cpu0@behind"}
+    assert abs(got["cpu0@behind"]["clock_skew_s"] + 120.0) < 5.0 and got["cpu0@behind"]["age_s"] < 30.0
+    run = mlf("workers", COLUMNS="250")
+    assert run.exit_code == 0, run.output
+    lines = {line.split()[1]: line for line in run.stdout.splitlines() if "cpu0@" in line}
+    assert "(clock -120 s)" in lines["cpu0@behind"] and "clock" not in lines["cpu0@fine"]
+
+
 def test_score_names_broker_and_store_and_warns_once_without_workers(mlf, tmp_path, monkeypatch, caplog):
     """`mlf score --wait` says which broker and store it uses, then warns once (not also in
     the log) that no worker has a heartbeat, however long it waits."""
