@@ -231,7 +231,9 @@ class ResultStore:
 
     # -------------------------------------------------------------------- fleet
     def heartbeat(self, info: WorkerInfo) -> None:
-        """Record that worker process ``info.hostname`` is alive now, with its telemetry."""
+        """Record that worker process ``info.hostname`` is alive now (by the database
+        server's clock), with its telemetry and its host's clock skew
+        (:func:`~ml_framework.store.fleet.heartbeat`)."""
         fleet.heartbeat(self.engine, info)
 
     def remove_worker(self, hostname: str) -> None:
@@ -239,11 +241,12 @@ class ResultStore:
         fleet.remove_worker(self.engine, hostname)
 
     def live_workers(self, max_age_s: float = WORKER_LIVE_S) -> list[str]:
-        """Hostnames of worker processes whose heartbeat is younger than ``max_age_s``."""
+        """Hostnames of worker processes whose heartbeat is younger than ``max_age_s``
+        seconds by the database server's clock."""
         return fleet.live_workers(self.engine, max_age_s)
 
     def workers(self, max_age_s: float | None = WORKER_LIVE_S) -> list[WorkerInfo]:
-        """Worker processes whose heartbeat is younger than ``max_age_s`` seconds (all
-        when ``None``), by hostname."""
+        """Worker processes whose heartbeat is younger than ``max_age_s`` seconds by the
+        database server's clock (all when ``None``), by hostname, each with ``age_s``."""
         return fleet.workers(self.engine, max_age_s)
 
