@@ -1,12 +1,116 @@
-"""Fixtures shared by the unit tests."""
+"""Fixtures shared by the unit tests, and the two guards that keep them unit tests.
+
+The unit tests run without services and without waiting. Two autouse guards enforce it:
+
+- a unit test that opens a TCP connection to a Redis, PostgreSQL or RabbitMQ port (6379,
+  5432, 5672, and the ports of ``MLF_TEST_REDIS_URL`` / ``MLF_TEST_PG_URL`` /
+  ``MLF_TEST_RABBITMQ_URL``) fails: the connection is refused at once
+  (``ConnectionRefusedError``), and the test fails at teardown even where the code under
+  test caught that error. Tests that need a service belong in ``tests/integration``;
+- a unit test whose own code calls ``time.sleep`` for longer than
+  :data:`MAX_TEST_SLEEP_S` fails at teardown: wait on an event, a counter or a fake
+  clock instead. Sleeps inside the code under test (poll loops) are left alone.
+
+Only this process is guarded; a test's child processes are not.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+MAX_TEST_SLEEP_S = 0.05
+"""The longest ``time.sleep`` (seconds) a unit test's own code may call."""
+
+TESTS_DIR = Path(__file__).resolve().parent.parent
+
+
+def service_ports() -> frozenset[int]:
+    """The TCP ports of the services the unit tests must not use: the default ports of
+    Redis, PostgreSQL and RabbitMQ, and those of the ``MLF_TEST_*_URL`` variables."""
+    ports = {6379, 5432, 5672}
+    for name in ("MLF_TEST_REDIS_URL", "MLF_TEST_PG_URL", "MLF_TEST_RABBITMQ_URL"):
+        try:
+            port = urlsplit(os.environ.get(name, "")).port
+        except ValueError:
+            port = None
+        if port:
+            ports.add(port)
+    return frozenset(ports)
+
+
+@pytest.fixture(autouse=True)
+def no_service_connections(monkeypatch):
+    """Refuse, and fail the test for, any connection to a service port (module docstring)."""
+    ports = service_ports()
+    attempts: list[str] = []
+
+    def refused(where: str) -> ConnectionRefusedError:
+        attempts.append(where)
+        return ConnectionRefusedError(f"unit tests must not connect to a service ({where}); "
+                                      "move the test to tests/integration")
+
+    def guarded(real):
+        def connect(sock, address, *args, **kwargs):
+            if (sock.family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple)
+                    and len(address) >= 2 and address[1] in ports):
+                raise refused(f"{address[0]}:{address[1]}")
+            return real(sock, address, *args, **kwargs)
+
+        return connect
+
+    monkeypatch.setattr(socket.socket, "connect", guarded(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded(socket.socket.connect_ex))
+    try:  # libpq opens its own sockets, out of Python's reach: guard psycopg's entry point
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        psycopg = None
+    if psycopg is not None:
+        real_connect = psycopg.Connection.connect.__func__
+
+        def pg_connect(cls, conninfo: str = "", **kwargs):
+            params = {**conninfo_to_dict(conninfo), **{k: kwargs[k] for k in ("host", "port") if k in kwargs}}
+            port = int(str(params.get("port") or 5432).split(",")[0])
+            if port in ports:
+                raise refused(f"PostgreSQL at {params.get('host', 'localhost')}:{port}")
+            return real_connect(cls, conninfo, **kwargs)
+
+        monkeypatch.setattr(psycopg.Connection, "connect", classmethod(pg_connect))
+        monkeypatch.setattr(psycopg, "connect", psycopg.Connection.connect)  # an alias bound on import
+    yield
+    if attempts:
+        pytest.fail(f"a unit test connected to a service: {', '.join(attempts)}; "
+                    "move it to tests/integration", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_long_sleeps(monkeypatch):
+    """Fail a test whose own code sleeps longer than :data:`MAX_TEST_SLEEP_S` (module
+    docstring). The sleep itself still happens, so the code under test is unchanged."""
+    real_sleep = time.sleep
+    long_sleeps: list[str] = []
+
+    def sleep(seconds: float) -> None:
+        if seconds > MAX_TEST_SLEEP_S:
+            caller = sys._getframe(1)
+            path = Path(caller.f_code.co_filename).resolve()
+            if path.is_relative_to(TESTS_DIR):
+                long_sleeps.append(f"time.sleep({seconds}) at {path.name}:{caller.f_lineno}")
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    yield
+    if long_sleeps:
+        pytest.fail(f"unit tests do not sleep (longest allowed {MAX_TEST_SLEEP_S} s): "
+                    f"{'; '.join(long_sleeps)}; wait on an event or a counter instead", pytrace=False)
 
 
 @pytest.fixture()
