@@ -7,6 +7,7 @@ Backends: ``embedded`` (SQLite broker transport + SQLite results) and ``redis-po
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -125,6 +126,34 @@ def own_pg_database() -> Any:
     """A PostgreSQL database for one test, for tests that start workers of their own: the
     session's workers write heartbeats into the shared one."""
     yield from new_pg_database()
+
+
+@pytest.fixture()
+def db_url(db_kind: str, request, tmp_path: Path) -> str:
+    """A fresh results store's SQLAlchemy URL, of kind ``db_kind``: a SQLite file under
+    ``tmp_path``, or a PostgreSQL database of this test's own (``own_pg_database``).
+
+    ``db_kind`` is ``sqlite`` under ``tests/unit`` and ``postgresql`` under
+    ``tests/integration`` (each directory's conftest), so one test written once runs on
+    SQLite with the unit tests and on PostgreSQL with the integration tests (see
+    :func:`database_tests`)."""
+    if db_kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'r.sqlite'}"
+    return request.getfixturevalue("own_pg_database")
+
+
+DATABASE_FIXTURES = frozenset({"db_kind", "db_url", "store"})
+"""Fixtures whose tests run on each kind of results store (``db_kind``)."""
+
+
+def database_tests(module) -> dict[str, Any]:
+    """The test functions of a unit-test ``module`` that take a results store (a fixture of
+    :data:`DATABASE_FIXTURES`), by name: an integration module puts them in its namespace
+    (``globals().update(...)``), where pytest collects them again over its own directory's
+    ``db_kind`` (PostgreSQL). A ``store`` fixture of ``module`` must be imported too."""
+    return {name: value for name, value in vars(module).items()
+            if name.startswith("test_") and inspect.isfunction(value)
+            and DATABASE_FIXTURES & set(inspect.signature(value).parameters)}
 
 
 @pytest.fixture(scope="session")

@@ -133,3 +133,10 @@ def model_root(root: Path, name: str = "m") -> Path:
         "inputs": {"columns": ["a", "b"]}, "outputs": {"kind": "regression"}}))
     (root / "data").mkdir(exist_ok=True)
     return root
+
+
+@pytest.fixture(params=["sqlite"])
+def db_kind(request) -> str:
+    """The results store of the unit tests: SQLite (``tests/integration`` runs the same
+    tests on PostgreSQL; see :func:`tests.conftest.database_tests`)."""
+    return request.param

@@ -31,11 +31,11 @@ from producer.client import Client
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = f"sqlite:///{tmp_path / 'r.sqlite'}" if request.param == "sqlite" else request.getfixturevalue(
-        "own_pg_database")
-    s = ResultStore(url)
+@pytest.fixture()
+def store(db_url):
+    """A fresh store: a SQLite file here, a PostgreSQL database of this test's own in
+    tests/integration/test_idempotency_postgresql.py, which runs these tests again."""
+    s = ResultStore(db_url)
     yield s
     s.close()
 

@@ -19,12 +19,11 @@ OWNED = ((ShardRow, ShardRow.job_id), (ShardOutputRow, ShardOutputRow.job_id), (
          (JobRow, JobRow.id))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    """A fresh store: a SQLite file, or a PostgreSQL database of this test's own."""
-    url = (f"sqlite:///{tmp_path / 'r.sqlite'}" if request.param == "sqlite"
-           else request.getfixturevalue("own_pg_database"))
-    s = ResultStore(url)
+@pytest.fixture()
+def store(db_url):
+    """A fresh store: a SQLite file here, a PostgreSQL database of this test's own in
+    tests/integration/test_lifecycle_postgresql.py, which runs these tests again."""
+    s = ResultStore(db_url)
     yield s
     s.close()
 
@@ -122,9 +121,9 @@ def test_prune_deletes_expired_finished_jobs_only(store):
 
 def test_prune_leaves_running_jobs_alone_while_a_worker_records(store):
     """Pruning with a 1 s retention over 20 finished jobs deletes exactly those, while a
-    thread records the shards of a running job concurrently; the running job ends whole."""
-    import time
-
+    thread records the shards of a running job concurrently; the running job ends whole.
+    The prune's clock is set 1 s past the moment the 20 jobs had finished, instead of
+    waiting that second out: they are expired, the running job (finished later) is not."""
     done = [finished_job(store, n_shards=2) for _ in range(20)]
     running = store.create_job(model="m", model_version=1, dataset="d", n_rows=200,
                                shard_ranges=[(i, i + 1) for i in range(200)], batch_size=1)
@@ -138,14 +137,14 @@ def test_prune_leaves_running_jobs_alone_while_a_worker_records(store):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    time.sleep(1.1)
+    now = datetime.now(UTC) + timedelta(seconds=1)  # the 20 jobs ended 1 s ago or more
     recorder = threading.Thread(target=record)
     recorder.start()
     deleted: list[str] = []
     while recorder.is_alive() or not deleted:
-        deleted += store.prune(results_retention_s=1.0, limit=3).jobs
+        deleted += store.prune(results_retention_s=1.0, limit=3, now=now).jobs
     recorder.join()
-    deleted += store.prune(results_retention_s=1.0).jobs  # the rest, if the recorder was quicker
+    deleted += store.prune(results_retention_s=1.0, now=now).jobs  # the rest, if the recorder was quicker
     assert not errors
     assert sorted(d for d in deleted if d != running) == sorted(done)
     st = store.job(running)
@@ -248,30 +247,6 @@ def test_a_retention_too_long_to_compute_with_is_refused_not_overflowed(text):
     with pytest.raises(SettingsError, match="out of range: a duration is 0 to 100 years"):
         load_settings(results_retention=text)
     assert parse_duration("36500d").days == 36500
-
-
-def test_deleting_forgets_the_cached_renderings_of_the_job(tmp_path):
-    """``Client.delete_jobs`` with ``cache_backend: redis`` drops the job's cached results
-    (every rendering) and no other job's."""
-    import redis
-
-    from ml_framework.settings import load_settings
-    from producer.cache import ResultsCache
-    from producer.client import Client
-    from tests.conftest import REDIS_URL, check_redis
-
-    check_redis()
-    settings = load_settings(var_dir=tmp_path / "var", redis_url=REDIS_URL, cache_backend="redis")
-    with Client(settings) as client:
-        job, other = finished_job(client.store), finished_job(client.store)
-        r = redis.Redis.from_url(REDIS_URL)
-        keys = [ResultsCache.key(j, *parts) for j in (job, other) for parts in (("csv",), ("json", 0, 100))]
-        for key in keys:
-            r.set(key, b"x", ex=60)
-        client.delete_jobs([job])
-        assert [bool(r.exists(k)) for k in keys] == [False, False, True, True]
-        r.delete(*keys)
-        r.close()
 
 
 def test_a_shard_not_recorded_is_logged_with_its_real_cause(store):

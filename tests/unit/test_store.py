@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -22,9 +20,11 @@ from ml_framework.store import (
 from producer.results import job_results, results_frame
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
+@pytest.fixture()
+def store(db_kind, request, tmp_path):
+    """A store on SQLite here, on PostgreSQL (the session's database) in
+    tests/integration/test_store_postgresql.py, which runs these tests again."""
+    if db_kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'r.sqlite'}"
     else:
         url = request.getfixturevalue("pg_database")
@@ -132,26 +132,6 @@ def test_unknown_job(store):
     assert store.claim_shard("x", 0, "w") is ShardClaim.UNKNOWN_JOB
 
 
-def test_concurrent_first_open_migrates_once(tmp_path, pg_database):
-    """Several processes opening a fresh store at once all succeed (migration lock)."""
-    for url in (f"sqlite:///{tmp_path / 'fresh.sqlite'}", pg_database.replace("/mlf_test_", "/mlf_test_m")):
-        if url.startswith("postgresql"):
-            import psycopg
-
-            from tests.conftest import PG_ADMIN_URL
-
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{url.rsplit("/", 1)[1]}"')
-        code = "import sys; from ml_framework.store import ResultStore; ResultStore(sys.argv[1]); print('ok')"
-        procs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
-        outs = [p.communicate(timeout=120) for p in procs]
-        assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
-        if url.startswith("postgresql"):
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-
-
 def test_job_id_prefix_resolves_when_unique(store):
     """A unique id prefix finds the job; unknown, too short or ambiguous prefixes are refused."""
     from ml_framework.errors import JobNotFoundError
@@ -227,8 +207,7 @@ def test_worker_heartbeat_telemetry_round_trips(store):
     assert {w.hostname for w in store.workers(max_age_s=None)} >= mine
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_store_created_by_the_first_release_upgrades_in_place(backend, request, tmp_path):
+def test_store_created_by_the_first_release_upgrades_in_place(db_url):
     """A database at revision 0001 (the first release) with a finished job upgrades on open:
     its job reads back unchanged, with 0 OOM splits, and new columns work."""
     from alembic import command
@@ -236,7 +215,7 @@ def test_store_created_by_the_first_release_upgrades_in_place(backend, request, 
     from ml_framework.store import WorkerInfo
     from ml_framework.store.engine import _alembic_config, make_engine
 
-    url = f"sqlite:///{tmp_path / 'old.sqlite'}" if backend == "sqlite" else request.getfixturevalue("own_pg_database")
+    url = db_url
     engine = make_engine(url)
     cfg = _alembic_config()
     with engine.begin() as conn:
@@ -323,16 +302,20 @@ def test_cancel_while_a_worker_records_the_same_job_does_not_deadlock(store, mon
     """A caller's timeout cancels the job while a worker's recording of it is mid-way
     (shard flipped, job not yet updated). Both lock the shard before the job, so one
     waits for the other; before, cancel took the job first and PostgreSQL aborted one of
-    them with a deadlock."""
+    them with a deadlock. Events order the two: the worker is inside its recording (the
+    shard's lock held) before cancel starts, and stays there until cancel has begun."""
     import time
 
     import ml_framework.store.shards as ledger
 
     (job,) = online_jobs(store, 1)
     insert_rows = ledger._insert_rows
+    inside, cancelling = threading.Event(), threading.Event()
 
-    def slow_insert(conn, records):  # hold the shard's lock a while, as a big batch does
-        time.sleep(0.5)
+    def slow_insert(conn, records):  # hold the shard's lock until cancel has begun, as a big batch does
+        inside.set()
+        assert cancelling.wait(30)
+        time.sleep(0.05)  # a moment more, for cancel to reach the lock
         insert_rows(conn, records)
 
     monkeypatch.setattr(ledger, "_insert_rows", slow_insert)
@@ -341,12 +324,13 @@ def test_cancel_while_a_worker_records_the_same_job_does_not_deadlock(store, mon
     def record():
         try:
             outcome["record"] = store.record_online([ShardOutcomeRecord(job, 0, [(0, {"p": 1})], [])], "w")
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # noqa: BLE001 - reported below
             outcome["record"] = exc
 
     worker = threading.Thread(target=record)
     worker.start()
-    time.sleep(0.2)
+    assert inside.wait(30)
+    cancelling.set()
     try:
         outcome["cancel"] = store.cancel(job).state
     except Exception as exc:  # noqa: BLE001 - reported below
@@ -514,8 +498,7 @@ def test_results_pages_cut_across_shard_outputs(store):
     assert frame["prediction"].tolist()[:3] == ["c0", "c1", "c2"]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_results_stored_row_by_row_before_revision_0006_are_converted(backend, request, tmp_path):
+def test_results_stored_row_by_row_before_revision_0006_are_converted(db_url):
     """A database at revision 0005 holds one JSON row per result: the upgrade turns each
     shard's into one blob, and the job's results read back with the same values; a
     downgrade writes the JSON rows back."""
@@ -524,7 +507,7 @@ def test_results_stored_row_by_row_before_revision_0006_are_converted(backend, r
 
     from ml_framework.store.engine import _alembic_config, make_engine
 
-    url = f"sqlite:///{tmp_path / 'old.sqlite'}" if backend == "sqlite" else request.getfixturevalue("own_pg_database")
+    url = db_url
     engine = make_engine(url)
     cfg = _alembic_config()
     old = {0: {"prediction": "a", "score": 0.5, "probabilities": [0.5, 0.5]},
