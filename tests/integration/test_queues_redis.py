@@ -9,7 +9,10 @@ import uuid
 import redis
 
 from tests.conftest import REDIS_URL, check_redis
-from tests.unit.test_queues import mlf, models, send_to_a_queue_nobody_reads  # noqa: F401 - models: a fixture
+from tests.unit import test_queues
+from tests.unit.test_queues import mlf, send_to_a_queue_nobody_reads
+
+models = test_queues.models  # the fixture
 
 
 def test_redis_flags_a_queue_without_consumer_in_mlf_queues_and_mlf_status(tmp_path, models):
