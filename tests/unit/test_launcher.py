@@ -79,6 +79,9 @@ def test_embedded_broker_disables_broadcast_features():
     assert redis[redis.index("-Q") + 1] == "mlf.online,mlf.bulk"  # online requests first
 
 
+POLL_S = 0.02
+"""How often the tests look at their child processes' progress, seconds."""
+
 SUPERVISE = """
 import os, sys
 from worker.launcher import ChildSpec, Supervisor
@@ -101,7 +104,7 @@ def test_supervisor_restarts_dead_children_and_stops_on_sigterm(tmp_path):
     deadline = time.monotonic() + 30
     while not (log.exists() and log.read_text().count("start") >= 2):
         assert time.monotonic() < deadline and sup.poll() is None
-        time.sleep(0.1)
+        time.sleep(POLL_S)
     sup.send_signal(signal.SIGTERM)
     assert sup.wait(timeout=30) == 0
 
@@ -128,7 +131,7 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
     deadline = time.monotonic() + 30
     while not (pid_file.exists() and pid_file.read_text()):
         assert time.monotonic() < deadline
-        time.sleep(0.1)
+        time.sleep(POLL_S)
     child = int(pid_file.read_text())
     sup.send_signal(signal.SIGKILL)
     sup.wait(timeout=10)
@@ -141,7 +144,7 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
         if time.monotonic() > deadline:
             os.kill(child, signal.SIGKILL)
             raise AssertionError("child outlived its killed supervisor")
-        time.sleep(0.1)
+        time.sleep(POLL_S)
 
 
 HUNG = """
@@ -175,7 +178,7 @@ def test_the_time_limit_kills_a_task_stuck_in_c_even_while_the_store_hangs(tmp_p
         deadline = time.monotonic() + 40
         while not (log.exists() and log.read_text().count("start") >= 3):
             assert time.monotonic() < deadline and sup.poll() is None, log.read_text() if log.exists() else "no start"
-            time.sleep(0.1)
+            time.sleep(POLL_S)
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=30) == 0  # the hung store call does not hold the exit either
     finally:

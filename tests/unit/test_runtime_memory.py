@@ -182,9 +182,10 @@ def test_a_failed_load_does_not_evict_a_healthy_model(iris_models, tmp_path):
 
 def test_loaded_models_can_be_read_while_a_load_runs(iris_models, monkeypatch):
     """The heartbeat's view of loaded models never waits for a load in progress
-    (regression: heartbeats stopped for the whole load and warm-up)."""
+    (regression: heartbeats stopped for the whole load and warm-up). The load is held
+    until ``loaded()`` has answered, so a ``loaded()`` that waited for it would never
+    answer: events, no clock."""
     import threading
-    import time
 
     import worker.registry as registry
 
@@ -192,19 +193,25 @@ def test_loaded_models_can_be_read_while_a_load_runs(iris_models, monkeypatch):
     reg = ModelRegistry(models_dir, max_models=4)
     reg.get("iris", 1)
     original = registry.load_runtime
+    loading_started, release = threading.Event(), threading.Event()
 
-    def slow(*args, **kwargs):
-        time.sleep(2)
+    def held(*args, **kwargs):
+        loading_started.set()
+        assert release.wait(60)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "load_runtime", slow)
+    monkeypatch.setattr(registry, "load_runtime", held)
     loading = threading.Thread(target=reg.get, args=("iris", 2))
     loading.start()
-    time.sleep(0.3)
-    started = time.monotonic()
-    assert reg.loaded() == ["iris/1"]
-    assert time.monotonic() - started < 0.5
+    assert loading_started.wait(30)
+    seen: list[list[str]] = []
+    reader = threading.Thread(target=lambda: seen.append(reg.loaded()), daemon=True)
+    reader.start()
+    reader.join(30)
+    answered_during_the_load = not reader.is_alive()
+    release.set()
     loading.join()
+    assert answered_during_the_load and seen == [["iris/1"]]
     assert reg.loaded() == ["iris/1", "iris/2"]
 
 
