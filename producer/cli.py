@@ -406,7 +406,10 @@ def models(ctx: typer.Context) -> None:
     out.print(table)
 
 
-def _load_plugins() -> None:
+def load_plugins() -> None:
+    """Register the admin and lifecycle commands, and those of installed ``mlf.commands``
+    entry points, on :data:`app` (:func:`main` does it before running a command; tests
+    that invoke :data:`app` directly call it first)."""
     from producer import (  # they import this module, so they are registered here
         cli_admin,
         cli_lifecycle,
@@ -431,7 +434,7 @@ def main() -> None:
     except MLFrameworkError as exc:
         fail(str(exc))
         raise SystemExit(EXIT_ERROR) from None
-    _load_plugins()
+    load_plugins()
     try:
         app()
     except Exception as exc:  # e.g. broker unreachable, unknown URL scheme

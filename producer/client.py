@@ -569,6 +569,11 @@ class Client:
                      batch_size: int | None = None, owner: str | None = None) -> OnlineRequest:
         return self._online().send(self._plan_online(model, inputs, version, batch_size, owner))
 
+    @property
+    def online(self) -> OnlineDispatcher:
+        """This client's online dispatcher (:mod:`producer.online`), started on first use."""
+        return self._online()
+
     def _online(self) -> OnlineDispatcher:
         with self._lock:
             if self._dispatcher is None:

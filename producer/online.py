@@ -107,6 +107,13 @@ class OnlineDispatcher:
         for thread in self._threads:
             thread.start()
 
+    @property
+    def waiting(self) -> int:
+        """How many online requests wait for their answer now (0 once each one is
+        answered, timed out or abandoned)."""
+        with self._lock:
+            return len(self._waiting)
+
     # ------------------------------------------------------------------ caller side
     def send(self, request: OnlineRequest) -> OnlineRequest:
         """Queue ``request`` for the sender; returns it (wait on ``request.sent`` for the

@@ -194,7 +194,7 @@ def test_announcements_resume_after_redis_drops_the_subscriber(backend, trained,
     bystander.get_message(timeout=1.0)
     channel = done_channel(client.settings.online_queue)
     assert dict(r.pubsub_numsub(channel))[channel.encode()] == 1
-    ours = [c["id"] for c in r.client_list(_type="pubsub") if c["name"] == client._online().subscriber_name]
+    ours = [c["id"] for c in r.client_list(_type="pubsub") if c["name"] == client.online.subscriber_name]
     assert len(ours) == 1, r.client_list(_type="pubsub")
     assert r.client_kill_filter(_id=ours[0]) == 1
     deadline = time.monotonic() + 10
@@ -219,7 +219,7 @@ def test_every_unanswered_request_of_predict_many_is_cancelled(backend, trained,
                                 timeout_s=1.0)
         after = lonely.store.job_counts()
         assert after["CANCELLED"] - before["CANCELLED"] == 3 and after["PENDING"] == before["PENDING"]
-        assert not lonely._online()._waiting
+        assert lonely.online.waiting == 0
 
 
 def test_an_apredict_cancelled_by_its_caller_cancels_its_job(backend, trained, digits):
@@ -244,7 +244,7 @@ def test_an_apredict_cancelled_by_its_caller_cancels_its_job(backend, trained, d
             assert time.monotonic() < deadline, "the abandoned request's job was not cancelled"
             time.sleep(0.1)
         assert lonely.store.job_counts()["PENDING"] == before["PENDING"]
-        assert not lonely._online()._waiting
+        assert lonely.online.waiting == 0
 
 
 def test_each_model_in_a_group_keeps_its_own_batch_limit(backend, trained, digits):
@@ -264,7 +264,7 @@ def test_each_model_in_a_group_keeps_its_own_batch_limit(backend, trained, digit
         (target / "manifest.yaml").write_text(yaml.safe_dump(manifest))
     rows = [digits.frame[PIXELS].iloc[i:i + 1] for i in range(13)]
     client = backend.client
-    online = client._online()
+    online = client.online
     plans = [client._plan_online("digits-sklearn", rows[0], None)]
     plans += [client._plan_online("digits-small-batches", r, None) for r in rows[1:]]
     requests = [online.send(p) for p in plans]  # queued together: recorded and sent as one group

@@ -45,7 +45,7 @@ def mlf(monkeypatch, tmp_path, model_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ML_FRAMEWORK_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("ML_FRAMEWORK_MODELS_DIR", str(model_dir))
-    cli_module._load_plugins()
+    cli_module.load_plugins()
 
     def run(*args: str, **extra_env: str):
         for key, value in extra_env.items():

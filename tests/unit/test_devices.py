@@ -142,9 +142,9 @@ def test_processes_sharing_a_gpu_each_get_their_share_of_its_memory(monkeypatch)
     monkeypatch.setenv(devices.MEMORY_FRACTION_ENV, shared[0].env[devices.MEMORY_FRACTION_ENV])
     monkeypatch.setattr(tf_runtime, "discover", lambda: devices.discover(FakeNVML(1), use_env=False))
     assert devices.memory_fraction() == 0.25
-    assert tf_runtime._memory_limit_mb() == 141 * 1024 // 4
+    assert tf_runtime.memory_limit_mb() == 141 * 1024 // 4
     monkeypatch.delenv(devices.MEMORY_FRACTION_ENV)
-    assert devices.memory_fraction() is None and tf_runtime._memory_limit_mb() is None
+    assert devices.memory_fraction() is None and tf_runtime.memory_limit_mb() is None
 
 
 def test_no_gpu_means_one_cpu_process_per_core():
@@ -161,6 +161,8 @@ def test_heartbeat_reports_the_pinned_gpu_by_uuid(monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0002-aaaa-bbbb")
     monkeypatch.setattr(process, "discover", lambda: worker.devices.discover(FakeNVML(4)))
+    clock = {"now_s": 1000.0}  # the heartbeat's monotonic clock, moved by the test
+    monkeypatch.setattr(process, "time", SimpleNamespace(monotonic=lambda: clock["now_s"]))
     beat = process.Heartbeat(process.WorkerContext(load_settings(), "gpu2@host"))
     first = beat.sample()
     assert (first.device_uuid, first.device_name, first.device_memory_used_bytes, first.device_utilization_pct,
@@ -173,8 +175,8 @@ def test_heartbeat_reports_the_pinned_gpu_by_uuid(monkeypatch):
     assert REGISTRY.get_sample_value("mlf_gpu_memory_used_bytes", {"device": metrics.DEVICE}) == 3 * 2**30
     assert REGISTRY.get_sample_value("mlf_gpu_utilization_ratio", {"device": metrics.DEVICE}) == 0.2
     beat.info.rows_done += 500
-    beat._samples[0] = (beat._samples[0][0] - 2.0, 0)  # the previous beat was 2 s ago
-    assert 200 < beat.sample().rows_per_s <= 250
+    clock["now_s"] += 2.0  # the next beat, 2 s later
+    assert beat.sample().rows_per_s == 250.0
 
 
 def test_heartbeat_on_a_cpu_host_reports_no_device(monkeypatch):

@@ -82,7 +82,7 @@ def models_add(monkeypatch, tmp_path):
                           inputs={"columns": ["a", "b", "c", "d"]})
     (tmp_path / "export" / "iris" / "1" / made.artifact).rename(tmp_path / "flowers.skops")
     fields = {k: v for k, v in made.model_dump(mode="json").items() if k not in ("version", "artifact")}
-    cli_module._load_plugins()
+    cli_module.load_plugins()
 
     def run(manifest: dict, *args: str):
         path = tmp_path / "flowers.yaml"

@@ -53,7 +53,7 @@ class TensorFlowRuntime(Runtime):
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError:
                 pass  # TF already initialised in this process; keep its thread pools
-        limit_mb = _memory_limit_mb()
+        limit_mb = memory_limit_mb()
         for gpu in tf.config.list_physical_devices("GPU"):
             # RuntimeError: devices already initialised by an earlier model; set then
             with contextlib.suppress(RuntimeError):
@@ -108,7 +108,7 @@ class TensorFlowRuntime(Runtime):
         gc.collect()
 
 
-def _memory_limit_mb() -> int | None:
+def memory_limit_mb() -> int | None:
     """This process's share of its GPU's memory in MiB, when several processes share the
     device (see :func:`worker.devices.memory_fraction`), from NVML's total."""
     fraction = memory_fraction()
