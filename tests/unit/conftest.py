@@ -48,7 +48,8 @@ def service_ports() -> frozenset[int]:
 
 @pytest.fixture(autouse=True)
 def no_service_connections(monkeypatch):
-    """Refuse, and fail the test for, any connection to a service port (module docstring)."""
+    """Refuse, and fail the test for, any connection to a service port (module docstring).
+    Yields the list of the attempts so far (``host:port``), checked at teardown."""
     ports = service_ports()
     attempts: list[str] = []
 
@@ -85,7 +86,7 @@ def no_service_connections(monkeypatch):
 
         monkeypatch.setattr(psycopg.Connection, "connect", classmethod(pg_connect))
         monkeypatch.setattr(psycopg, "connect", psycopg.Connection.connect)  # an alias bound on import
-    yield
+    yield attempts
     if attempts:
         pytest.fail(f"a unit test connected to a service: {', '.join(attempts)}; "
                     "move it to tests/integration", pytrace=False)
@@ -94,7 +95,8 @@ def no_service_connections(monkeypatch):
 @pytest.fixture(autouse=True)
 def no_long_sleeps(monkeypatch):
     """Fail a test whose own code sleeps longer than :data:`MAX_TEST_SLEEP_S` (module
-    docstring). The sleep itself still happens, so the code under test is unchanged."""
+    docstring). The sleep itself still happens, so the code under test is unchanged.
+    Yields the list of the long sleeps so far, checked at teardown."""
     real_sleep = time.sleep
     long_sleeps: list[str] = []
 
@@ -107,7 +109,7 @@ def no_long_sleeps(monkeypatch):
         real_sleep(seconds)
 
     monkeypatch.setattr(time, "sleep", sleep)
-    yield
+    yield long_sleeps
     if long_sleeps:
         pytest.fail(f"unit tests do not sleep (longest allowed {MAX_TEST_SLEEP_S} s): "
                     f"{'; '.join(long_sleeps)}; wait on an event or a counter instead", pytrace=False)
