@@ -354,7 +354,8 @@ def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS
     asked for: input rows ``[0, page_rows)``, ``[page_rows, 2 * page_rows)``, ... up to
     the job's ``n_rows``, every page with the columns of :func:`results_schema` (the first page
     is read after it). Memory holds one page and the shards it overlaps, never the whole
-    result. A page without recorded rows is skipped.
+    result. A page without recorded rows is skipped; a job without any yields one
+    page without rows (its columns).
 
     Yields:
         Tables of at most ``page_rows`` rows, in row order; concatenated, they equal
@@ -368,11 +369,13 @@ def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS
         n_rows = conn.execute(select(JobRow.n_rows).where(JobRow.id == job_id)).scalar()
     if n_rows is None:
         raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+    empty = True
     for lo in range(0, n_rows, page_rows):
         page = results_table(engine, job_id, lo, lo + page_rows)
         if page.num_rows:
+            empty = False
             yield conform(page, schema)
-    if not n_rows:
+    if empty:
         yield schema.empty_table()
 
 
