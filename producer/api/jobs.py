@@ -30,7 +30,14 @@ from producer.api.bodies import (
 from producer.api.deps import ClientDep, json_body, model_named
 from producer.api.requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, dataset_under, sf_string
 from producer.api.schemas import ApiError, JobOut, ResultsPage, finite
-from producer.api.streams import ARROW_MEDIA, NDJSON_MEDIA, SSE_MEDIA, arrow_stream, job_events, ndjson_stream
+from producer.api.streams import (
+    ARROW_MEDIA,
+    NDJSON_MEDIA,
+    SSE_MEDIA,
+    arrow_stream,
+    job_events,
+    ndjson_stream,
+)
 from producer.cache import ResultsCache
 from producer.results import encode_results
 
