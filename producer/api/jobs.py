@@ -128,7 +128,7 @@ def job_events_stream(job_id: OwnedJobId, c: ClientDep, request: Request) -> Str
     async def read() -> JobOut:
         return JobOut.of(await run_in_threadpool(c.store.job, job_id), data_dir)
 
-    return StreamingResponse(job_events(read, request.is_disconnected), media_type=SSE_MEDIA,
+    return StreamingResponse(job_events(read, request.is_disconnected, job_id=job_id), media_type=SSE_MEDIA,
                              headers=STREAM_HEADERS)
 
 

@@ -41,7 +41,7 @@ def sse(event: str, data: str) -> str:
 
 
 async def job_events(read: Callable[[], Awaitable[JobOut]], disconnected: Callable[[], Awaitable[bool]], *,
-                     poll_s: float = EVENTS_POLL_S, keepalive_s: float = KEEPALIVE_S,
+                     job_id: str = "-", poll_s: float = EVENTS_POLL_S, keepalive_s: float = KEEPALIVE_S,
                      clock: Callable[[], float] = time.monotonic) -> AsyncIterator[str]:
     """A job's progress as Server-Sent Events, until it ends or the client goes.
 
@@ -54,27 +54,36 @@ async def job_events(read: Callable[[], Awaitable[JobOut]], disconnected: Callab
 
     Args:
         read: the job's current answer (reads the store off the event loop).
-        disconnected: whether the client has gone; checked before each read.
+        disconnected: whether the client has gone; checked before each read (Starlette
+            also cancels the stream when it sees the client go).
+        job_id: named in the log line when the client goes.
     """
-    last, sent_at = None, clock()
-    while not await disconnected():
-        try:
-            job = await read()
-        except JobNotFoundError:
-            yield sse("error", json.dumps({"error": {"type": "JobNotFoundError", "message": "the job was deleted"}}))
-            return
-        seen = (job.state, job.rows_ok, job.rows_failed, job.shards_done, job.started_at, job.finished_at)
-        body = job.model_dump_json()
-        if seen != last:
-            yield sse("progress", body)
-            last, sent_at = seen, clock()
-        elif clock() - sent_at >= keepalive_s:
-            yield ": keep-alive\n\n"
-            sent_at = clock()
-        if job.state not in ("PENDING", "RUNNING"):
-            yield sse("end", body)
-            return
-        await asyncio.sleep(poll_s)
+    last, sent_at, ended = None, clock(), False
+    try:
+        while not await disconnected():
+            try:
+                job = await read()
+            except JobNotFoundError:
+                ended = True
+                yield sse("error", json.dumps({"error": {"type": "JobNotFoundError",
+                                                         "message": "the job was deleted"}}))
+                return
+            seen = (job.state, job.rows_ok, job.rows_failed, job.shards_done, job.started_at, job.finished_at)
+            body = job.model_dump_json()
+            if seen != last:
+                yield sse("progress", body)
+                last, sent_at = seen, clock()
+            elif clock() - sent_at >= keepalive_s:
+                yield ": keep-alive\n\n"
+                sent_at = clock()
+            if job.state not in ("PENDING", "RUNNING"):
+                ended = True
+                yield sse("end", body)
+                return
+            await asyncio.sleep(poll_s)
+    finally:  # also when Starlette cancels the stream on the client's disconnect
+        if not ended:
+            log.info("job %s: event stream closed by the client", job_id)
 
 
 class _Chunk(io.RawIOBase):

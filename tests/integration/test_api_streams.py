@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ TIMEOUT_S = 240
 @pytest.fixture
 def api(backend, tmp_path: Path):
     """``uvicorn producer.api:app`` over the backend, with two user keys; yields an
-    ``httpx.Client`` on its base URL."""
+    ``httpx.Client`` on its base URL (its log file as ``client.log_path``)."""
     port = free_port()
     keys = f"owner={OWNER['X-API-Key']},other={OTHER['X-API-Key']}"
     env = {**backend.env, "ML_FRAMEWORK_API_KEYS": keys, "ML_FRAMEWORK_LOG_TO_FILE": "false"}
@@ -38,6 +39,7 @@ def api(backend, tmp_path: Path):
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT_S) as client:
+            client.log_path = tmp_path / "api.log"
             yield client
     finally:
         proc.terminate()
@@ -102,3 +104,20 @@ def test_arrow_and_ndjson_streams_equal_the_parquet_download(api, digits):
     assert lines[7]["error_field"] == "pixel_3" and lines[7]["prediction"] is None
     for fmt in ("arrow", "ndjson"):
         assert api.get(url, params={"format": fmt}, headers=OTHER).status_code == 404
+
+
+def test_event_stream_stops_when_the_client_goes(api):
+    """A client that closes the event stream of a long job: the API stops reading the job
+    for it within a second or so (it says so in its log)."""
+    r = api.post("/v1/jobs", json={"model": "digits-torch", "dataset": "digits.csv", "batch_size": 1},
+                 headers=OWNER)
+    job_id = r.json()["job_id"]
+    try:
+        with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=OWNER) as events:
+            assert next(events.iter_lines()) == "event: progress"
+        deadline = time.monotonic() + 10
+        while f"job {job_id}: event stream closed by the client" not in api.log_path.read_text():
+            assert time.monotonic() < deadline, api.log_path.read_text()[-2000:]
+            time.sleep(0.2)
+    finally:
+        api.post(f"/v1/jobs/{job_id}/cancel", headers=OWNER)
