@@ -124,12 +124,21 @@ def arrow_stream(pages: Iterable[pa.Table], job_id: str) -> Iterator[bytes]:
         yield sink.take()
 
 
+def _json_line(rec: dict) -> str:
+    """One NDJSON line; :func:`~producer.api.schemas.finite` walks the row only when it
+    holds a NaN or an infinity (stored outputs never do: the walk costs most of the time)."""
+    try:
+        return json.dumps(rec, allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(finite(rec)) + "\n"
+
+
 def ndjson_stream(pages: Iterable[pa.Table], job_id: str) -> Iterator[bytes]:
     """``pages`` as newline-delimited JSON: one object per row with every column of the
     table (``null`` where a row has no value), one chunk per page. NaN and infinities are
     written as ``null`` (the JSON rule of :mod:`producer.api.schemas`)."""
     try:
         for page in pages:
-            yield "".join(json.dumps(finite(rec)) + "\n" for rec in page.to_pylist()).encode()
+            yield "".join(_json_line(rec) for rec in page.to_pylist()).encode()
     except JobNotFoundError:
         log.info("job %s deleted while its results streamed", job_id)

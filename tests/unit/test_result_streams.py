@@ -120,3 +120,12 @@ def test_job_events_send_changes_keep_alives_and_end():
         return True
 
     assert asyncio.run(collect(gone)) == []
+
+
+def test_ndjson_writes_nan_and_infinity_as_null():
+    """The JSON rule holds on the fast path too: a NaN or an infinity is written as null."""
+    page = pa.table({"row": pa.array([0, 1], pa.int64()), "score": [float("nan"), 0.5],
+                     "v": pa.array([[float("inf"), 1.0], [2.0, 3.0]], pa.list_(pa.float64(), 2))})
+    lines = b"".join(ndjson_stream([page], "j")).decode().splitlines()
+    assert [json.loads(line) for line in lines] == [{"row": 0, "score": None, "v": [None, 1.0]},
+                                                   {"row": 1, "score": 0.5, "v": [2.0, 3.0]}]
