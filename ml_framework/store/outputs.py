@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Engine, LargeBinary, bindparam, or_, select, text
+from sqlalchemy import Connection, Engine, LargeBinary, bindparam, func, or_, select, text
 
 from ml_framework.errors import JobNotFoundError
 from ml_framework.manifest import OutputSpec
@@ -37,6 +37,8 @@ from ml_framework.store.models import (
 )
 
 ROW = "row"
+STREAM_PAGE_ROWS = 10_000
+"""Input rows per page of a streamed result (:func:`results_pages`)."""
 CODEC = "lz4"
 """Arrow IPC buffer compression (LZ4 frame): fast enough that a 50,000-row shard
 compresses in about a millisecond; PostgreSQL's own TOAST compression then finds little
@@ -257,9 +259,13 @@ def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
     return table, errors
 
 
-def results_table(engine: Engine, job_id: str) -> pa.Table:
+def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None) -> pa.Table:
     """Outputs and row errors of a job as one Arrow table, in input row order (what
     ``mlf results -o`` and the API's downloads write, without a pandas round trip).
+
+    Args:
+        lo, hi: only input rows ``[lo, hi)`` (all when ``hi`` is ``None``; see
+            :func:`recorded_rows`).
 
     Returns:
         ``row`` (int64) first, one column per output key (null on rows that failed;
@@ -269,7 +275,7 @@ def results_table(engine: Engine, job_id: str) -> pa.Table:
     Raises:
         JobNotFoundError: no such job.
     """
-    table, errors = recorded_rows(engine, job_id)
+    table, errors = recorded_rows(engine, job_id, lo, hi)
     failed = pa.table({ROW: pa.array([r for r, _, _ in errors], pa.int64()),
                        "error": pa.array([m for _, _, m in errors], pa.string()),
                        "error_field": pa.array([f for _, f, _ in errors], pa.string())})
@@ -279,6 +285,98 @@ def results_table(engine: Engine, job_id: str) -> pa.Table:
     scored = table.append_column("error", nulls).append_column("error_field", nulls)
     merged = pa.concat_tables([scored, failed], promote_options="permissive") if errors else scored
     return merged.sort_by(ROW)
+
+
+SCHEMA_PREFIX_BYTES = 65_536
+"""Bytes of each stored shard blob read to learn its columns: an Arrow IPC stream opens
+with its schema message (a few hundred bytes for the output columns)."""
+_ERROR_FIELDS = [pa.field("error", pa.string()), pa.field("error_field", pa.string())]
+
+
+def results_schema(engine: Engine, job_id: str) -> pa.Schema:
+    """The columns :func:`results_table` gives for the whole job, learnt from the head of
+    each stored shard blob (:data:`SCHEMA_PREFIX_BYTES`), not from its rows.
+
+    Types are merged as :func:`concat` merges them (a key numeric in one shard and text in
+    another becomes text).
+
+    Raises:
+        JobNotFoundError: no such job.
+    """
+    query = (select(ShardOutputRow.shard_index, ShardOutputRow.n_rows,
+                    func.substr(ShardOutputRow.data, 1, SCHEMA_PREFIX_BYTES))
+             .where(ShardOutputRow.job_id == job_id).order_by(ShardOutputRow.shard_index))
+    schemas = []
+    with read(engine) as conn:
+        if conn.execute(select(JobRow.id).where(JobRow.id == job_id)).first() is None:
+            raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+        for shard_index, n, head in conn.execute(query).all():
+            try:
+                schemas.append((n, pa.ipc.open_stream(pa.py_buffer(bytes(head))).schema))
+            except (pa.ArrowInvalid, OSError):  # a schema message longer than the head: read the blob
+                whole = conn.execute(select(ShardOutputRow.data).where(
+                    ShardOutputRow.job_id == job_id, ShardOutputRow.shard_index == shard_index)).scalar_one()
+                schemas.append((n, decode(whole).schema))
+    kept = [s for n, s in schemas if n] or [s for _, s in schemas[:1]]
+    if not kept:
+        return pa.schema([pa.field(ROW, pa.int64()), *_ERROR_FIELDS])
+    try:
+        merged = pa.unify_schemas(kept, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        types: dict[str, set] = {}
+        for s in kept:
+            for f in s:
+                types.setdefault(f.name, set()).add(f.type)
+        mixed = {name for name, ts in types.items() if len(ts - {pa.null()}) > 1}
+        merged = pa.unify_schemas([pa.schema([pa.field(f.name, pa.string()) if f.name in mixed else f for f in s])
+                                   for s in kept], promote_options="permissive")
+    return pa.schema([*merged, *_ERROR_FIELDS])
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly the columns of ``schema``, in its order and types: a column
+    it lacks is null, one ``schema`` lacks is dropped, a number where ``schema`` has text
+    becomes text as :func:`column` writes it, any other type is cast."""
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, f.type))
+            continue
+        col = table.column(f.name)
+        if col.type != f.type:
+            col = _text(col.to_pylist()) if pa.types.is_string(f.type) else col.cast(f.type)
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS) -> Iterator[pa.Table]:
+    """A job's :func:`results_table` page by page, each page read from the store when it is
+    asked for: input rows ``[0, page_rows)``, ``[page_rows, 2 * page_rows)``, ... up to
+    the job's ``n_rows``, every page with the columns of :func:`results_schema` (the first page
+    is read after it). Memory holds one page and the shards it overlaps, never the whole
+    result. A page without recorded rows is skipped; a job without any yields one
+    page without rows (its columns).
+
+    Yields:
+        Tables of at most ``page_rows`` rows, in row order; concatenated, they equal
+        :func:`results_table` of a job that has ended.
+
+    Raises:
+        JobNotFoundError: no such job (also when it is deleted between pages).
+    """
+    schema = results_schema(engine, job_id)
+    with read(engine) as conn:
+        n_rows = conn.execute(select(JobRow.n_rows).where(JobRow.id == job_id)).scalar()
+    if n_rows is None:
+        raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+    empty = True
+    for lo in range(0, n_rows, page_rows):
+        page = results_table(engine, job_id, lo, lo + page_rows)
+        if page.num_rows:
+            empty = False
+            yield conform(page, schema)
+    if empty:
+        yield schema.empty_table()
 
 
 def results_page(engine: Engine, job_id: str, offset: int, limit: int) -> list[dict]:

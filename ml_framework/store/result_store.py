@@ -11,7 +11,7 @@ completion), :mod:`~ml_framework.store.fleet` (worker heartbeats),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 import pyarrow as pa
@@ -162,6 +162,11 @@ class ResultStore:
         """Outputs and row errors of a job as one Arrow table, in input row order
         (:func:`~ml_framework.store.outputs.results_table`)."""
         return outputs.results_table(self.engine, job_id)
+
+    def results_pages(self, job_id: str, page_rows: int = outputs.STREAM_PAGE_ROWS) -> Iterator[pa.Table]:
+        """:meth:`results_table` in pages of at most ``page_rows`` input rows, each read when
+        it is asked for, all with the same columns (:func:`~ml_framework.store.outputs.results_pages`)."""
+        return outputs.results_pages(self.engine, job_id, page_rows)
 
     def results_page(self, job_id: str, offset: int, limit: int) -> list[dict]:
         """The recorded rows among input rows ``[offset, offset + limit)``, one dict each

@@ -1,5 +1,7 @@
-"""The jobs resource: ``/v1/jobs`` (submit), ``/v1/jobs/{id}`` (status, cancel, delete) and
-``/v1/jobs/{id}/results``.
+"""The jobs resource: ``/v1/jobs`` (submit), ``/v1/jobs/{id}`` (status, cancel, delete),
+``/v1/jobs/{id}/events`` (progress as Server-Sent Events) and ``/v1/jobs/{id}/results``
+(JSON pages, CSV / Parquet downloads, Arrow IPC / NDJSON streams; the streamed answers are
+written by :mod:`producer.api.streams`).
 
 A route taking a ``{job_id}`` resolves it among the caller's own jobs
 (:data:`~producer.api.auth.OwnedJobId`). ``POST /v1/jobs`` takes an ``Idempotency-Key``
@@ -13,7 +15,8 @@ from contextlib import nullcontext
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ml_framework.constants import MAX_INT32
 from producer.api.auth import DeletableJobId, OwnedJobId, User
@@ -27,6 +30,14 @@ from producer.api.bodies import (
 from producer.api.deps import ClientDep, json_body, model_named
 from producer.api.requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, dataset_under, sf_string
 from producer.api.schemas import ApiError, JobOut, ResultsPage, finite
+from producer.api.streams import (
+    ARROW_MEDIA,
+    NDJSON_MEDIA,
+    SSE_MEDIA,
+    arrow_stream,
+    job_events,
+    ndjson_stream,
+)
 from producer.cache import ResultsCache
 from producer.results import encode_results
 
@@ -101,17 +112,49 @@ def delete_job(job_id: DeletableJobId, c: ClientDep, request: Request) -> Respon
     return Response(status_code=204)
 
 
+EVENTS_DOC = ("Server-Sent Events: `event: progress` (data: the job, as GET /v1/jobs/{job_id} answers) at once and "
+              "whenever its state or counts change, read every 0.5 s; a `: keep-alive` comment after 15 s without "
+              "one; `event: end` (the same data) once the job has ended, then the stream closes.")
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {SSE_MEDIA: {"schema": {"type": "string"}}}, "description": EVENTS_DOC},
+                       404: {"model": ApiError}})
+def job_events_stream(job_id: OwnedJobId, c: ClientDep, request: Request) -> StreamingResponse:
+    """A job's progress as Server-Sent Events, until it ends or the client disconnects."""
+    data_dir = c.settings.data_dir
+
+    async def read() -> JobOut:
+        return JobOut.of(await run_in_threadpool(c.store.job, job_id), data_dir)
+
+    return StreamingResponse(job_events(read, request.is_disconnected, job_id=job_id), media_type=SSE_MEDIA,
+                             headers=STREAM_HEADERS)
+
+
 @router.get("/{job_id}/results", response_model=ResultsPage,
             responses={404: {"model": ApiError},
-                       200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
+                       200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {},
+                                         ARROW_MEDIA: {}, NDJSON_MEDIA: {}}}})
 def job_results(
     job_id: OwnedJobId, c: ClientDep, request: Request,
     offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_ROWS)] = 1000,
-    format: Annotated[Literal["json", "csv", "parquet"], Query()] = "json",
+    format: Annotated[Literal["json", "csv", "parquet", "arrow", "ndjson"], Query(
+        description="json: one page (offset, limit). csv, parquet: the whole result as a file. arrow (Arrow IPC "
+                    "stream), ndjson (one JSON object per row): the whole result, streamed page by page.")] = "json",
 ) -> Any:
-    """Results in input-row order: a JSON page, or the whole result as CSV / Parquet."""
+    """Results in input-row order: a JSON page, the whole result as CSV / Parquet, or the
+    whole result streamed as Arrow IPC / NDJSON (the columns of the CSV and Parquet files;
+    rows recorded when each page is read)."""
     job = c.get_job(job_id)
+    if format in ("arrow", "ndjson"):
+        pages = c.store.results_pages(job.id)
+        body, media = (arrow_stream(pages, job.id), ARROW_MEDIA) if format == "arrow" \
+            else (ndjson_stream(pages, job.id), NDJSON_MEDIA)
+        ext = "arrows" if format == "arrow" else "ndjson"
+        return StreamingResponse(body, media_type=media, headers={
+            **STREAM_HEADERS, "Content-Disposition": f'attachment; filename="{job.id}.{ext}"'})
     status = job.status()
     cache: ResultsCache = request.app.state.cache
     if format != "json":
