@@ -47,7 +47,8 @@ Value = Scalar | list[Any]
 class DatasetJobRequest(JobOptions):
     """A job over a CSV or Parquet file under the data directory (read by reference)."""
 
-    dataset: str = Field(description="Path relative to the data directory.", min_length=1, max_length=4096)
+    dataset: str = Field(description="Path relative to the data directory (no NUL character: no file "
+                                     "system takes one).", min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
 
 
 class RowsJobRequest(JobOptions):

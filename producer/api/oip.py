@@ -217,7 +217,7 @@ def _manifest(c: Client, name: str, version: str | None) -> ModelManifest:
         ModelNotFoundError: no such model or version (the message names only what was asked).
     """
     wanted = f"model {name[:128]!r}" + (f" version {version[:32]!r}" if version is not None else "")
-    if version is not None and (not version.isdigit() or not 1 <= int(version) <= MAX_INT32):
+    if version is not None and (not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= MAX_INT32):
         raise public(ModelNotFoundError(f"{wanted} not found: versions are positive integers"))
     try:
         return c.repository.resolve(name, None if version is None else int(version))

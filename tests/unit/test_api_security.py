@@ -109,6 +109,9 @@ def test_v2_endpoints_need_a_key_as_v1_does_but_health(http, root):
     assert http.get("/v2/health/ready").status_code == 400  # no worker: the protocol's "not ready"
     missing = http.get("/v2/models/nope/versions/3", headers=hdr("alice"))
     assert missing.status_code == 404 and missing.json() == {"error": "model 'nope' version '3' not found"}
+    for odd in ("³", "٣", "0", "x"):  # digits that int() refuses or reads another way (schemathesis found '³': 500)
+        answer = http.get(f"/v2/models/m-public/versions/{odd}", headers=hdr("alice"))
+        assert answer.status_code == 404 and "versions are positive integers" in answer.json()["error"], answer.text
     bad = http.post("/v2/models/m-public/infer", json={**infer, "inputs": [{**infer["inputs"][0], "shape": [1, 3]}]},
                     headers=hdr("alice"))
     assert bad.status_code == 400 and "shape [1, 3]; the model takes [-1, 2]" in bad.json()["error"]
