@@ -42,7 +42,7 @@ from ml_framework.protocol import (
 from ml_framework.settings import get_settings
 from ml_framework.store import ShardOutcomeRecord
 from worker import metrics
-from worker.outcomes import count_rows, every_row_failed, queue_wait, shard_failed
+from worker.outcomes import count_rows, every_row_failed, hide_roots, queue_wait, shard_failed
 from worker.pipeline import read_all, shard_source
 from worker.process import WorkerContext
 from worker.runtimes.batching import BatchRun
@@ -169,7 +169,7 @@ def _score_group(ctx: WorkerContext, requests: list[ScoreShard], hostname: str) 
         runtime = ctx.registry.get(model, version)
     except MLFrameworkError as exc:
         for request in requests:
-            fail(request, f"shard failed: {exc}", exc)
+            fail(request, f"shard failed: {hide_roots(str(exc), (ctx.settings.models_dir, ctx.settings.data_dir))}", exc)
         return _record(ctx, records, hostname, model, version, failures)
     parts = []
     for request in requests:
@@ -177,7 +177,7 @@ def _score_group(ctx: WorkerContext, requests: list[ScoreShard], hostname: str) 
             table = read_all(shard_source(ctx.settings.data_dir, request))
             piece = runtime.converter.convert(table, request.columns, request.source.row_start)
         except MLFrameworkError as exc:
-            fail(request, f"shard failed: {exc}", exc)
+            fail(request, f"shard failed: {hide_roots(str(exc), (ctx.settings.models_dir, ctx.settings.data_dir))}", exc)
             continue
         parts.append((request, piece))
     if parts:

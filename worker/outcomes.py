@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from ml_framework.errors import MLFrameworkError
 from ml_framework.protocol import ScoreShard
@@ -42,10 +44,22 @@ def every_row_failed(msg: ScoreShard, reason: str) -> list[RowError]:
     return [RowError(r, f"row {r}: {reason}") for r in range(msg.source.row_start, msg.source.row_end)]
 
 
-def shard_error_text(exc: Exception, msg: ScoreShard) -> str:
+def shard_error_text(exc: Exception, msg: ScoreShard, roots: Sequence[Path] = ()) -> str:
     """What a shard that failed as a whole records: our errors as they are, others with
-    their class (and the traceback in the log)."""
+    their class (and the traceback in the log), with the worker's ``roots`` (the models
+    and data directories) cut from the paths in it (:func:`hide_roots`): the reason is
+    shown to the job's submitter, who must not learn the server's paths."""
     if isinstance(exc, MLFrameworkError):
-        return str(exc)
+        return hide_roots(str(exc), roots)
     log.error("job %s shard %d failed", msg.job_id, msg.shard_index, exc_info=exc)
-    return f"{type(exc).__name__}: {exc}"
+    return hide_roots(f"{type(exc).__name__}: {exc}", roots)
+
+
+def hide_roots(text: str, roots: Sequence[Path]) -> str:
+    """``text`` with each of ``roots`` removed from the front of the paths under it, both
+    as given and resolved, e.g. ``/srv/models/digits/2/model.onnx`` to
+    ``digits/2/model.onnx``: what the user named, not where the server keeps it."""
+    for root in roots:
+        for form in {str(Path(root).absolute()), str(Path(root).resolve())}:
+            text = text.replace(form.rstrip("/") + "/", "")
+    return text

@@ -147,7 +147,7 @@ def _run_claimed_shard(ctx: WorkerContext, msg: ScoreShard, owner: str) -> Recor
         outcome = score_message(ctx, msg)
     except Exception as exc:  # noqa: BLE001 - the shard fails as a whole, the worker goes on
         failure = exc
-        shard_error = shard_error_text(exc, msg)
+        shard_error = shard_error_text(exc, msg, (ctx.settings.models_dir, ctx.settings.data_dir))
         outcome = ShardOutcome(outputs_table([]), every_row_failed(msg, f"shard failed: {shard_error}"))
     store = ctx.store
     outputs, errors = outcome.outputs, outcome.errors

@@ -140,7 +140,7 @@ class KeyTable:
         key's digest and at most :data:`UI_SESSION_S` old; else ``None``."""
         name, _, rest = token.partition(".")
         issued, _, mac = rest.partition(".")
-        if not issued.isdigit() or not 0 <= (time.time() if now_s is None else now_s) - int(issued) <= UI_SESSION_S:
+        if not (issued.isascii() and issued.isdigit()) or not 0 <= (time.time() if now_s is None else now_s) - int(issued) <= UI_SESSION_S:
             return None
         try:
             wanted = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()

@@ -46,7 +46,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             bytes streamed, exceed ``limit`` (413); nothing past the limit is kept.
     """
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > limit):
         raise RequestTooLargeError(f"request body of {length} bytes exceeds api_max_request_bytes ({limit})")
     chunks, size = [], 0
     async for chunk in request.stream():

@@ -317,7 +317,7 @@ async def _read_request(request: Request, limit: int) -> tuple[InferenceRequest,
     raw = await read_body(request, limit)
     json_bytes = raw
     if header is not None:
-        if not header.isdigit() or int(header) > len(raw):
+        if not (header.isascii() and header.isdigit()) or int(header) > len(raw):
             raise InferenceInputError(f"{BINARY_HEADER} {header[:20]!r} is not a size within the body")
         json_bytes = raw[:int(header)]
     try:

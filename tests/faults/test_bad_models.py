@@ -123,18 +123,18 @@ def test_a_framework_that_is_not_the_artifacts_is_refused_naming_the_field(repo,
 
 
 def test_an_unknown_framework_is_refused_at_submit_and_at_load(repo, tmp_path):
-    """framework: onnx is refused by the producer at submit and by the worker at load,
-    both naming the manifest file and the field."""
-    path = variant(repo, "lr", "onnx-model", framework="onnx")
+    """An unknown framework (mxnet) is refused by the producer at submit and by the worker
+    at load, both naming the manifest file and the field."""
+    path = variant(repo, "lr", "mxnet-model", framework="mxnet")
     client = Client(load_settings(models_dir=repo, var_dir=tmp_path, data_dir=tmp_path))
     try:
         with pytest.raises(ManifestError, match=rf"^{path}: invalid manifest: framework: Input should be"):
-            client.score_rows(np.zeros((2, 64)), "onnx-model")
+            client.score_rows(np.zeros((2, 64)), "mxnet-model")
         assert sum(client.store.job_counts().values()) == 0
     finally:
         client.close()
     with pytest.raises(ManifestError, match=rf"^{path}: invalid manifest: framework"):
-        ModelRegistry(repo, threads=1).get("onnx-model")
+        ModelRegistry(repo, threads=1).get("mxnet-model")
 
 
 @pytest.mark.parametrize("artifact", [None, "other.skops"])
