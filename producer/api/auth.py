@@ -10,7 +10,7 @@ Roles (``api_key_roles``): ``user`` (default) sees its own jobs, the models and 
 ``admin`` sees every job and ``/metrics``; ``metrics`` only ``/metrics``.
 
 Browsers (the job pages, :mod:`producer.api.ui`): ``POST /ui/login`` with a key in the form
-body sets the :data:`UI_COOKIE` cookie, HttpOnly and SameSite=Strict, holding a session
+body sets the :data:`UI_COOKIE` cookie, HttpOnly and SameSite=Lax, holding a session
 token (:meth:`KeyTable.session_token`: the key's name, the time it was issued and an HMAC
 keyed by the key's digest), never the key. The token is taken on GET and HEAD requests only
 (so that it reads pages and downloads results but cancels or submits nothing), for
