@@ -135,9 +135,9 @@ def test_workers_shows_a_host_clock_off_the_databases(mlf, tmp_path, monkeypatch
 def test_score_names_broker_and_store_and_warns_once_without_workers(mlf, tmp_path, monkeypatch, caplog):
     """`mlf score --wait` says which broker and store it uses, then warns once (not also in
     the log) that no worker has a heartbeat, however long it waits."""
-    from producer import client as client_module
+    from producer import job as job_module
 
-    monkeypatch.setattr(client_module, "NO_WORKER_WARNING_S", 0.0)  # the wait's own check comes at once
+    monkeypatch.setattr(job_module, "NO_WORKER_WARNING_S", 0.0)  # the wait's own check comes at once
     iris_frame().to_csv(tmp_path / "iris.csv", index=False)
     run = mlf("score", "iris.csv", "--model", "iris", "--wait", "--timeout", "1")
     assert run.exit_code == 6, run.output

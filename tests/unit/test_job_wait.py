@@ -6,8 +6,9 @@ from dataclasses import replace
 
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
-from producer import client as client_module
-from producer.client import Client, Job
+from producer import job as job_module
+from producer.client import Client
+from producer.job import Job
 
 
 def test_wait_polls_often_enough_to_return_within_100_ms(tmp_path, monkeypatch):
@@ -25,7 +26,7 @@ def test_wait_polls_often_enough_to_return_within_100_ms(tmp_path, monkeypatch):
             return pending if next(polls) < 199 else replace(pending, state=JobState.SUCCEEDED)
 
         monkeypatch.setattr(Job, "status", status)
-        monkeypatch.setattr(client_module.time, "sleep", pauses.append)
+        monkeypatch.setattr(job_module.time, "sleep", pauses.append)
         monkeypatch.setattr(Client, "live_workers", lambda self, max_age_s=30.0: ["w"])
         assert Job(client, job_id).wait().state is JobState.SUCCEEDED
     assert len(pauses) == 199 and pauses[0] <= 0.01 and max(pauses) <= 0.05
@@ -46,7 +47,7 @@ def test_wait_gives_each_warning_once_and_its_timeout_refers_to_it(tmp_path, mon
 
     from ml_framework.errors import JobTimeoutError
 
-    monkeypatch.setattr(client_module, "NO_WORKER_WARNING_S", 0.0)
+    monkeypatch.setattr(job_module, "NO_WORKER_WARNING_S", 0.0)
     client, job = _pending_job(tmp_path)
     with client:
         said: list[str] = []
@@ -60,7 +61,7 @@ def test_wait_gives_each_warning_once_and_its_timeout_refers_to_it(tmp_path, mon
             job.wait(timeout_s=0.3, warned="no worker heartbeat ...", on_warning=said.append)
         assert said == [] and "as the warning above says" in str(raised.value)
 
-        monkeypatch.setattr(client_module, "NO_WORKER_WARNING_S", 60.0)  # the timeout comes first
+        monkeypatch.setattr(job_module, "NO_WORKER_WARNING_S", 60.0)  # the timeout comes first
         with pytest.raises(JobTimeoutError) as raised:
             job.wait(timeout_s=0.2, on_warning=said.append)
         assert said == [] and "(0/3 rows): no worker heartbeat in the last 30 s" in str(raised.value)
