@@ -132,3 +132,22 @@ def db_kind(request) -> str:
     """The results store of the unit tests: SQLite (``tests/integration`` runs the same
     tests on PostgreSQL; see :func:`tests.conftest.database_tests`)."""
     return request.param
+
+
+SERVICE_FIXTURES = frozenset({"pg_database", "own_pg_database", "backend", "redis_backend"})
+"""Fixtures that start or reach a server. A unit test that takes one would fail on the
+guard above, and a session-scoped one failing there stays failed for the whole run: every
+integration test after it that needs it errors (seen in CI: one unit test's PostgreSQL case
+took down every Redis + PostgreSQL test)."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Refuse, at collection, a unit test that takes a service fixture, directly or through
+    a parameter named ``postgresql`` (those belong in ``tests/integration``)."""
+    unit_dir = Path(__file__).parent
+    wrong = [item.nodeid for item in items if unit_dir in Path(str(item.fspath)).parents
+             and (SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
+                  or "postgresql" in getattr(getattr(item, "callspec", None), "params", {}).values())]
+    if wrong:
+        raise pytest.UsageError("unit tests take a service fixture (move them to tests/integration, or run them "
+                                f"there again with tests.conftest.database_tests): {', '.join(wrong[:10])}")

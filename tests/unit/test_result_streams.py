@@ -20,10 +20,11 @@ SHARD_ROWS = 300
 N_SHARDS = 4
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = f"sqlite:///{tmp_path / 'r.sqlite'}" if request.param == "sqlite" else request.getfixturevalue("pg_database")
-    s = ResultStore(url)
+@pytest.fixture()
+def store(db_url):
+    """A store on SQLite here, on PostgreSQL in tests/integration/test_result_streams_postgresql.py,
+    which runs these tests again (``db_kind``)."""
+    s = ResultStore(db_url)
     yield s
     s.close()
 
