@@ -36,13 +36,13 @@ def demo(
     from worker.launcher import terminate
 
     settings = get_settings()
-    console.print(where_line(settings))
     with Client(settings) as client:
         workers = None
         live = client.store.live_workers()
         if live:
+            console.print(where_line(settings))
             console.print(f"using running workers: {', '.join(live)}")
-        else:
+        else:  # `mlf worker` names the broker and results store itself: said once
             console.print("no worker running: starting workers for the demo (`mlf worker`)")
             workers = _start_workers(processes)
         try:

@@ -56,6 +56,42 @@ def broker_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+BROKER_CONNECT_RETRIES = 2
+"""Connection attempts after the first that :func:`reach_broker` makes before giving up
+(about 0.5 s in all): a submit records its job only once the broker answers."""
+
+
+def reach_broker(connection) -> None:
+    """Connect ``connection`` (a kombu ``Connection``), retrying :data:`BROKER_CONNECT_RETRIES`
+    times 0.2-0.5 s apart: what ``mlf score`` does before it records a job, and ``mlf worker``
+    before it starts a process (:func:`check_broker`).
+
+    Raises:
+        the transport's connection errors (:func:`broker_errors`) when the broker cannot be
+        reached; callers wrap them with :func:`broker_unavailable`.
+    """
+    connection.ensure_connection(max_retries=BROKER_CONNECT_RETRIES, interval_start=0, interval_step=0.2,
+                                 interval_max=0.5)
+
+
+def check_broker(settings: Settings) -> None:
+    """Reach ``settings``' broker once (:func:`reach_broker`) and close the connection. The
+    embedded SQLite broker needs no server and is not checked.
+
+    Raises:
+        BrokerUnavailableError: the broker cannot be reached.
+    """
+    if settings.embedded_broker:
+        return
+    from ml_framework.celery_app import create_app
+
+    try:
+        with create_app(settings).connection_for_write() as conn:
+            reach_broker(conn)
+    except broker_errors() as exc:
+        raise broker_unavailable(settings, exc) from exc
+
+
 def broker_unavailable(settings: Settings, exc: BaseException, job_id: str | None = None,
                        outcome: str = "") -> BrokerUnavailableError:
     """A :class:`BrokerUnavailableError` for ``exc``: ``cannot reach the broker at <label>:

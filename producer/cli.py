@@ -223,16 +223,29 @@ def workers(
         from producer.cli_admin import check_own_heartbeats
 
         raise typer.Exit(check_own_heartbeats())
+    from ml_framework.endpoints import workers_warning
+
+    elsewhere: list[str] = []  # the live workers listen on another broker than ours
+
+    def listed(c) -> list:
+        infos = c.workers(None if all_ else WORKER_LIVE_S)
+        live = c.workers(WORKER_LIVE_S) if all_ else infos
+        elsewhere[:] = [w for w in [workers_warning(c.settings, live) if live else None] if w]
+        return infos
+
     if as_json:
         try:
             with client() as c:
-                infos = c.workers(None if all_ else WORKER_LIVE_S)
+                infos = listed(c)
         except MLFrameworkError as exc:
             raise fail(str(exc)) from None
         for info in infos:
             print(json.dumps(info.__dict__, default=str))
-        return
-    _show(lambda c: _workers_table(c.workers(None if all_ else WORKER_LIVE_S), all_), watch, interval)
+    else:
+        _show(lambda c: _workers_table(listed(c), all_), watch, interval)
+    if not watch:
+        for warning in elsewhere:
+            err.print(f"warning: {warning}", markup=False, highlight=False)
 
 
 def _workers_table(infos, all_: bool):
@@ -261,6 +274,7 @@ def queues(
 ) -> None:
     """Every queue of ours: the online and bulk queues, and any other holding messages or
     PENDING jobs (a queue no worker consumes is flagged); jobs by state, oldest pending job."""
+    from ml_framework.endpoints import broker_errors, broker_label, broker_unavailable
     from producer.queues import list_queues, unserved_warning
 
     unreachable: list[str] = []
@@ -279,8 +293,12 @@ def queues(
                 if q.unserved:
                     unserved.append(unserved_warning(q))
         except Exception as exc:  # noqa: BLE001 - shown, the watch goes on
-            unreachable.append(f"{type(exc).__name__}: {exc}")
-            t.add_row("(broker unreachable)", Text(f"{type(exc).__name__}: {exc}"[:80]), "", "")
+            message = (str(broker_unavailable(c.settings, exc)) if isinstance(exc, broker_errors()) else
+                       f"cannot read the queues from the broker at {broker_label(c.settings)}: "
+                       f"{str(exc).strip() or type(exc).__name__}")
+            unreachable.append(message)
+            if watch:  # once the watch ends, the error says it once, on stderr
+                t.add_row("(broker unreachable)", Text(message[:80]), "", "")
         counts = c.store.job_counts()
         age = c.store.oldest_pending_age_s()
         t.caption = (", ".join(f"{state} {n}" for state, n in counts.items() if n) or "no jobs") + (
@@ -292,7 +310,7 @@ def queues(
         for warning in unserved:
             err.print(f"warning: {warning}", markup=False, highlight=False)
     if unreachable and not watch:
-        raise fail(f"cannot read the queues from the broker: {unreachable[-1]}")
+        raise fail(unreachable[-1])
 
 
 CONSUMER_MARKS = {"?": "the broker cannot tell", "+": "some live worker did not answer (busy), so maybe more"}

@@ -30,7 +30,7 @@ from ml_framework.constants import (
     WORKER_LIVE_S,
 )
 from ml_framework.datasets import inspect
-from ml_framework.endpoints import broker_errors, broker_label, broker_unavailable, workers_warning
+from ml_framework.endpoints import broker_errors, broker_label, broker_unavailable, reach_broker, workers_warning
 from ml_framework.manifest import ModelManifest, ModelRepository
 from ml_framework.paths import locate_dataset
 from ml_framework.protocol import ScoreShard
@@ -42,9 +42,6 @@ from producer.online import OnlineDispatcher, OnlineRequest
 from producer.plan import JobOptions, ShardPlan, check_message_bytes, plan_dataset, plan_rows
 from producer.rows import RowsLike, rows_nbytes
 
-BROKER_CONNECT_RETRIES = 2
-"""Connection attempts after the first before a submit gives up on the broker (about 0.5 s
-in all): the job is recorded only once the broker answers."""
 MESSAGES_PER_WRITE = 1000
 MESSAGE_BYTES_PER_WRITE = 16 * 2**20
 """Sent shard messages kept in the store per write (see ``ResultStore.set_shard_messages``):
@@ -463,8 +460,7 @@ class Client:
         try:
             with self.app.producer_or_acquire() as producer:
                 # Reach the broker before recording the job: an unreachable broker leaves no job behind.
-                producer.connection.ensure_connection(max_retries=BROKER_CONNECT_RETRIES, interval_start=0,
-                                                      interval_step=0.2, interval_max=0.5)
+                reach_broker(producer.connection)
                 job_id, created = record()
                 if not created:  # a submission with the key recorded its job first
                     return Job(self, job_id, replayed=True)

@@ -37,7 +37,7 @@ def worker(
     them until SIGTERM / Ctrl-C."""
     import os
 
-    from ml_framework.endpoints import where_line
+    from ml_framework.endpoints import check_broker, where_line
     from ml_framework.errors import MLFrameworkError
     from ml_framework.logging import configure_logging
     from ml_framework.manifest import ModelRepository, parse_model_ref
@@ -59,6 +59,10 @@ def worker(
             repository.resolve(*parse_model_ref(ref))
         except (ValueError, MLFrameworkError) as exc:
             raise fail(f"--preload {ref}: {exc}") from None
+    try:  # once, before any process starts: Celery would otherwise retry for many minutes
+        check_broker(settings)
+    except MLFrameworkError as exc:
+        raise fail(f"{exc} No worker process was started.") from None
     report = discover()
     gpus = report.gpus
     if devices is not None:
@@ -106,26 +110,31 @@ def worker(
 
 
 def note_other_launchers(settings, children) -> None:
-    """Say so on stderr when worker processes of another launcher on this host beat in
-    the results store, and that this launcher's processes have names of their own
-    (nothing when the store cannot be read yet: the launcher starts anyway)."""
+    """Say so on stderr when worker processes of another launcher on this host and this
+    broker beat in the results store, and that this launcher's processes have names of
+    their own (nothing when the store cannot be read yet: the launcher starts anyway).
+    Processes whose heartbeat names another broker are not counted: they take no work
+    from this one (heartbeats of older workers, which name none, are)."""
     import os
 
+    from ml_framework.endpoints import broker_label
     from ml_framework.store import ResultStore
 
     host = os.uname().nodename
     ours = {c.name for c in children}
+    broker = broker_label(settings)
     try:
         store = ResultStore(settings.effective_database_url, migrate=False)
         try:
             others = sorted(w.hostname for w in store.workers() if w.hostname.endswith(f"@{host}")
-                            and w.hostname not in ours)
+                            and w.hostname not in ours and w.broker in (None, broker))
         finally:
             store.close()
     except Exception:  # noqa: BLE001 - a fresh or unreachable store: nothing to compare with
         return
     if others:
         typer.echo(f"note: {len(others)} worker process(es) of another `mlf worker` already run on this host "
+                   "with this broker "
                    f"({', '.join(others[:4])}{' ...' if len(others) > 4 else ''}); this launcher's are "
                    f"{', '.join(sorted(ours))}, and `mlf workers` lists both", err=True)
 

@@ -294,7 +294,7 @@ class Supervisor:
         if self.metrics_address is not None:
             self._serve_metrics(*self.metrics_address)
         if self.at_start is not None:
-            self._with_store(self.at_start, "remove the broker bindings of dead workers")
+            self._with_store(self.at_start, "remove the broker bindings of dead workers from the broker")
         for child in self.children:
             self._start(child)
         if self.prune is not None and self.store_url is not None and self.prune_interval_s > 0:
@@ -325,7 +325,7 @@ class Supervisor:
                     and not self._reconciling.is_set()):
                 self._next_reconcile = now + self.reconcile_interval_s
                 self._reconciling.set()  # one pass at a time, however long the store or broker takes
-                self._with_store(self._reconcile_once, "look for shards the broker lost")
+                self._with_store(self._reconcile_once, "look for shards the broker lost (results store and broker)")
             self._stopping.wait(LOOP_INTERVAL_S)
         return self.shutdown()
 
@@ -345,7 +345,7 @@ class Supervisor:
             reason = (f"hard time limit exceeded: the shard ran longer than task_time_limit_s "
                       f"({self.time_limit_s:.0f} s) and its worker process was killed")
             self._with_store(lambda store: store.fail_running_shard(task.job_id, task.shard_index, task.owner,
-                                                                    reason), "record the shard as failed")
+                                                                    reason), "record the shard as failed in the results store")
 
     def _run_background(self) -> None:
         while True:
@@ -375,12 +375,13 @@ class Supervisor:
 
     def _release_leases(self, child: ChildSpec, pid: int) -> None:
         """Release the shard leases of ``child``'s dead process ``pid``."""
-        self._with_store(lambda store: store.release_leases(f"{child.name}:{pid}"), "release its shard leases")
+        self._with_store(lambda store: store.release_leases(f"{child.name}:{pid}"), "release its shard leases in the results store")
 
     def _with_store(self, action: Callable[[ResultStore], object], what: str) -> None:
         """Run ``action(store)`` on the supervisor's background thread, in order: a store
         that hangs must not stop the loop from killing and restarting processes. An
-        unreachable store is logged (the broker's redelivery and the leases' heartbeat
+        unreachable store or broker is logged as ``could not <what>: <error>``, ``what``
+        saying where (the broker's redelivery and the leases' heartbeat
         check still recover the shard, only later)."""
         if self.store_url is None:
             return
@@ -393,7 +394,7 @@ class Supervisor:
                     self._store = ResultStore(self.store_url, migrate=False)
                 action(self._store)
             except Exception as exc:  # noqa: BLE001 - the supervisor must keep supervising
-                log.warning("could not %s in the results store: %s", what, exc)
+                log.warning("could not %s: %s", what, exc)
 
         self._background.put(run)
 
