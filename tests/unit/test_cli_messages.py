@@ -259,3 +259,125 @@ def test_heartbeat_records_the_broker_masked(tmp_path):
         assert [w.broker for w in store.workers()] == ["redis://:**********@broker.example:6379/2"]
     finally:
         store.close()
+
+
+def test_queues_says_an_unreachable_broker_once_naming_it_masked(mlf, tmp_path):
+    """`mlf queues` with the broker down: one error line, naming the broker with its
+    password masked and without the exception's class name; no table row repeating it."""
+    url = f"redis://:s3cret-pw@127.0.0.1:{unused_port()}/3"
+    run = mlf("queues", ML_FRAMEWORK_BROKER_URL=url)
+    assert run.exit_code == 1, run.output
+    masked = url.replace("s3cret-pw", "**********")
+    assert f"error: cannot reach the broker at {masked}: " in run.stderr
+    assert run.output.count("cannot reach the broker") == 1, run.output
+    assert run.output.count("onnection refused") == 1, run.output
+    assert "OperationalError" not in run.output and "broker unreachable" not in run.output
+    assert "s3cret-pw" not in run.output
+
+
+def test_worker_starts_no_process_when_the_broker_is_unreachable(mlf, monkeypatch):
+    """`mlf worker` with the broker down: one `error: cannot reach the broker at <masked>`
+    line, exit 1, and no worker process started (rather than Celery's minutes of retries)."""
+    from worker import launcher
+
+    started = []
+    monkeypatch.setattr(launcher, "Supervisor", lambda *a, **k: started.append(k) or pytest.fail("a process starts"))
+    url = f"redis://:s3cret-pw@127.0.0.1:{unused_port()}/3"
+    run = mlf("worker", "--processes", "1", ML_FRAMEWORK_BROKER_URL=url)
+    assert run.exit_code == 1, run.output
+    masked = url.replace("s3cret-pw", "**********")
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot reach the broker at {masked}: "), run.stderr
+    assert "No worker process was started." in errors[0]
+    assert not started and "starting" not in run.stderr and "s3cret-pw" not in run.output
+
+
+def test_worker_on_the_embedded_broker_needs_no_server_check(mlf, monkeypatch):
+    """The embedded SQLite broker is not checked: `mlf worker` goes on to start its processes."""
+    from worker import launcher
+
+    class Started(Exception):
+        pass
+
+    class FakeSupervisor:
+        def __init__(self, children, **_kwargs):
+            self.children = children
+
+        def run(self):
+            raise Started(len(self.children))
+
+    monkeypatch.setattr(launcher, "Supervisor", FakeSupervisor)
+    run = mlf("worker", "--processes", "1")
+    assert isinstance(run.exception, Started), run.output
+    assert "starting 1 worker process(es)" in run.stderr and "broker: embedded SQLite (" in run.stderr
+
+
+def test_other_launchers_note_counts_only_workers_on_this_broker(tmp_path, capsys):
+    """Another launcher's processes on this host count only if they beat on this broker
+    (or name none, as older workers do): those on another broker take none of its work."""
+    from worker.cli import note_other_launchers
+    from worker.launcher import ChildSpec
+
+    settings = load_settings(var_dir=tmp_path / "var", broker_url="redis://:s3cret-pw@127.0.0.1:6390/3")
+    host = os.uname().nodename
+    store = ResultStore(settings.effective_database_url)
+    try:
+        for name, broker in [("cpu0-1", "redis://127.0.0.1:6379/0"), ("cpu1-1", "redis://127.0.0.1:6379/0"),
+                             ("cpu0-2", broker_label(settings))]:
+            store.heartbeat(WorkerInfo(hostname=f"{name}@{host}", pid=1, started_at=datetime.now(UTC), broker=broker))
+    finally:
+        store.close()
+    note_other_launchers(settings, [ChildSpec(name=f"cpu0-9@{host}", argv=[], env={})])
+    said = capsys.readouterr().err
+    assert f"note: 1 worker process(es) of another `mlf worker` already run on this host with this broker " \
+           f"(cpu0-2@{host})" in said, said
+
+
+def test_workers_warns_once_when_the_live_workers_listen_on_another_broker(mlf, tmp_path):
+    """`mlf workers` lists live workers of another broker than its own with one warning
+    naming both brokers; none when a live worker shares its broker."""
+    settings = load_settings(var_dir=tmp_path / "var")
+    store = ResultStore(settings.effective_database_url)
+    try:
+        store.heartbeat(WorkerInfo(hostname="cpu0@elsewhere", pid=7, started_at=datetime.now(UTC),
+                                   broker="redis://:**********@redis:6379/0"))
+    finally:
+        store.close()
+    for args in [("workers",), ("workers", "--json"), ("workers", "--all")]:
+        run = mlf(*args)
+        assert run.exit_code == 0, run.output
+        assert run.stderr.count("warning: ") == 1, run.stderr
+        assert ("warning: 1 live worker process(es) listen on redis://:**********@redis:6379/0, but this job went "
+                f"to {broker_label(settings)}") in run.stderr
+    store = ResultStore(settings.effective_database_url)
+    try:
+        store.heartbeat(WorkerInfo(hostname="cpu0@here", pid=8, started_at=datetime.now(UTC),
+                                   broker=broker_label(settings)))
+    finally:
+        store.close()
+    run = mlf("workers")
+    assert run.exit_code == 0 and "warning" not in run.stderr, run.output
+
+
+def test_launcher_says_bindings_cleanup_failed_in_the_broker_not_the_store(tmp_path, caplog):
+    """A broker error while removing dead workers' bindings is logged as the broker's, not
+    as a results-store failure."""
+    import logging
+    import threading
+
+    import redis
+
+    from worker.launcher import Supervisor
+
+    def refused(_store):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6390. Connection refused.")
+
+    supervisor = Supervisor([], store_url=load_settings(var_dir=tmp_path / "var").effective_database_url)
+    done = threading.Event()
+    with caplog.at_level(logging.WARNING, logger="worker.launcher"):
+        supervisor._with_store(refused, "remove the broker bindings of dead workers from the broker")
+        supervisor._background.put(done.set)
+        assert done.wait(30)
+    assert ("could not remove the broker bindings of dead workers from the broker: Error 111 connecting to "
+            "127.0.0.1:6390. Connection refused.") in caplog.text
+    assert "results store" not in caplog.text
