@@ -30,7 +30,13 @@ from ml_framework.constants import (
     WORKER_LIVE_S,
 )
 from ml_framework.datasets import inspect
-from ml_framework.endpoints import broker_errors, broker_label, broker_unavailable, reach_broker, workers_warning
+from ml_framework.endpoints import (
+    broker_errors,
+    broker_label,
+    broker_unavailable,
+    reach_broker,
+    workers_warning,
+)
 from ml_framework.manifest import ModelManifest, ModelRepository
 from ml_framework.paths import locate_dataset
 from ml_framework.protocol import ScoreShard
