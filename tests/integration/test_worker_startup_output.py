@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -56,6 +57,28 @@ def test_each_worker_process_says_one_line_when_ready(tmp_path):
     for noise in ("[queues]", "[tasks]", "-------------- ", "superuser privileges", ".> transport:"):
         assert noise not in output, output
 
+
+
+def test_an_unreachable_broker_stops_the_launcher_at_once(tmp_path):
+    """`python -m worker` with a Redis broker on a closed port: one `error: cannot reach the
+    broker at <masked URL>` line and exit 1 within seconds, no process started (Celery's
+    own connection retries took many minutes), and no misleading store log line."""
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update(ML_FRAMEWORK_VAR_DIR=str(tmp_path / "var"), ML_FRAMEWORK_MODELS_DIR=str(tmp_path / "models"),
+               ML_FRAMEWORK_WORKER_METRICS_PORT="0", ML_FRAMEWORK_BROKER_URL=f"redis://:s3cretpw@127.0.0.1:{port}/3")
+    run = subprocess.run([sys.executable, "-m", "worker", "--processes", "1"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    output = run.stdout + run.stderr
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, output
+    assert errors[0].startswith(f"error: cannot reach the broker at redis://:**********@127.0.0.1:{port}/3: "), output
+    assert "No worker process was started." in errors[0]
+    for absent in ("s3cretpw", "starting ", " ready: ", "results store:", "OperationalError", "note:"):
+        assert absent not in output, output
 
 IDLE_STOP_S = 2.0
 """Bound of an idle worker set's stop on SIGTERM, seconds: the target. Measured 0.2 to 0.6 s
