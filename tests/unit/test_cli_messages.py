@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ml_framework.endpoints import broker_label, workers_warning
 from ml_framework.errors import BrokerUnavailableError
-from ml_framework.settings import get_settings, load_settings
+from ml_framework.settings import Settings, get_settings, load_settings
 from ml_framework.store import ResultStore, WorkerInfo
 from producer import cli as cli_module
 from producer.cli import app
@@ -215,9 +215,9 @@ def test_http_api_answers_503_naming_no_secret_when_the_broker_is_down(tmp_path,
     assert "s3cret" not in r.text and "127.0.0.1" not in r.text
 
 
-def test_score_warns_when_live_workers_listen_on_another_broker(mlf, tmp_path):
-    """A live worker whose heartbeat names another broker: `mlf score` (embedded broker
-    here) says where the workers listen and where the job went."""
+def beat_on_another_broker(tmp_path) -> Settings:
+    """Record a live worker ``cpu0@elsewhere`` whose heartbeat names another broker, in the
+    store the CLI under test uses (``var_dir`` under ``tmp_path``); return those settings."""
     settings = load_settings(var_dir=tmp_path / "var")
     store = ResultStore(settings.effective_database_url)
     try:
@@ -225,6 +225,13 @@ def test_score_warns_when_live_workers_listen_on_another_broker(mlf, tmp_path):
                                    broker="redis://:**********@redis:6379/0"))
     finally:
         store.close()
+    return settings
+
+
+def test_score_warns_when_live_workers_listen_on_another_broker(mlf, tmp_path):
+    """A live worker whose heartbeat names another broker: `mlf score` (embedded broker
+    here) says where the workers listen and where the job went."""
+    settings = beat_on_another_broker(tmp_path)
     iris_frame().to_csv(tmp_path / "iris.csv", index=False)
     run = mlf("score", "iris.csv", "--model", "iris")
     assert run.exit_code == 0, run.output
@@ -336,13 +343,7 @@ def test_other_launchers_note_counts_only_workers_on_this_broker(tmp_path, capsy
 def test_workers_warns_once_when_the_live_workers_listen_on_another_broker(mlf, tmp_path):
     """`mlf workers` lists live workers of another broker than its own with one warning
     naming both brokers; none when a live worker shares its broker."""
-    settings = load_settings(var_dir=tmp_path / "var")
-    store = ResultStore(settings.effective_database_url)
-    try:
-        store.heartbeat(WorkerInfo(hostname="cpu0@elsewhere", pid=7, started_at=datetime.now(UTC),
-                                   broker="redis://:**********@redis:6379/0"))
-    finally:
-        store.close()
+    settings = beat_on_another_broker(tmp_path)
     for args in [("workers",), ("workers", "--json"), ("workers", "--all")]:
         run = mlf(*args)
         assert run.exit_code == 0, run.output
