@@ -100,6 +100,12 @@ class DatasetSchemaError(DatasetError):
     """Raised when a dataset lacks the columns a model needs."""
 
 
+class ObjectStoreError(MLFrameworkError):
+    """Raised when object storage (``s3://``) cannot be used: a malformed URI, no endpoint
+    or credentials the server accepts, or the server cannot be reached. The message names
+    the URI, never a credential."""
+
+
 class JobError(MLFrameworkError):
     """Raised for job-level problems on the producer side."""
 

