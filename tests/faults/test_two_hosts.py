@@ -40,13 +40,13 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = "slow"
 COPIES = 3
 """Copies of the digits (1,797 rows each) in the dataset."""
-SHARD_SIZE = 200
+SHARD_SIZE = 300
 BATCH_SIZE = 50
 DELAY_S = 0.15
-"""Seconds the model sleeps per batch: a shard of 4 batches takes 0.6 s and more, the job
-of 27 shards several seconds on two processes, so the kill lands mid-job."""
-TIME_LIMIT_S = 15
-VISIBILITY_S = 17
+"""Seconds the model sleeps per batch: a shard of 6 batches takes 0.9 s and more, the job
+of 18 shards several seconds on two processes, so the kill lands mid-job and mid-shard."""
+TIME_LIMIT_S = 20
+VISIBILITY_S = 22
 """The dead host's unacknowledged shards go back to the queue after this many seconds
 (it must exceed the time limit); the same on every worker host."""
 
@@ -117,16 +117,6 @@ def test_a_host_killed_mid_job_leaves_every_row_recorded_once(dataset, own_pg_da
         out = add.communicate(timeout=120)[0]
         assert add.returncode == 0 and f"added {MODEL}/1" in out, out
 
-    producer = tmp_path / "producer"  # plans jobs from the manifests alone: it gets no artifact
-    write_config(producer, {**shared, "models_dir": "models", "data_dir": "data", "var_dir": "var",
-                            "shard_size": SHARD_SIZE})
-    (producer / "data").mkdir()
-    (producer / "models" / MODEL / "1").mkdir(parents=True)
-    shutil.copy(hosts["hosta"] / "models" / MODEL / "1" / "manifest.yaml", producer / "models" / MODEL / "1")
-    frame = pd.concat([digits.frame] * COPIES, ignore_index=True)
-    n = len(frame)
-    source, producer_env = dataset(frame, producer, s3_server)
-
     logs = {name: directory / "launcher.log" for name, directory in hosts.items()}
     nodes = {name: f"cpu0-{name}@{os.uname().nodename}" for name in hosts}
 
@@ -136,15 +126,30 @@ def test_a_host_killed_mid_job_leaves_every_row_recorded_once(dataset, own_pg_da
 
     def launch(name: str) -> subprocess.Popen:
         with open(logs[name], "wb") as sink:
-            return subprocess.Popen([*MLF, "worker", "--cpu-processes", "1", "--name", name, "--grace", "20"],
+            return subprocess.Popen([*MLF, "worker", "--cpu-processes", "1", "--name", name, "--preload", MODEL,
+                                     "--grace", "20"],
                                     cwd=hosts[name], env=host_env, stdout=sink, stderr=subprocess.STDOUT,
                                     start_new_session=True)
 
-    client = Client(load_settings(**shared))
     launchers = {name: launch(name) for name in hosts}
+    client = Client(load_settings(**shared))
     try:
-        wait_until(lambda: set(client.store.live_workers()) == set(nodes.values()), 120,
-                   lambda: f"both hosts' worker processes; logs:\n{tails()}", 0.2)
+        producer = tmp_path / "producer"  # plans jobs from the manifests alone: it gets no artifact
+        write_config(producer, {**shared, "models_dir": "models", "data_dir": "data", "var_dir": "var",
+                                "shard_size": SHARD_SIZE})
+        (producer / "data").mkdir()
+        (producer / "models" / MODEL / "1").mkdir(parents=True)
+        shutil.copy(hosts["hosta"] / "models" / MODEL / "1" / "manifest.yaml", producer / "models" / MODEL / "1")
+        frame = pd.concat([digits.frame] * COPIES, ignore_index=True)
+        n = len(frame)
+        source, producer_env = dataset(frame, producer, s3_server)
+
+        def ready() -> bool:  # the model is loaded first: a cold start counts against the time limit
+            beats = client.workers()
+            return {w.hostname for w in beats} == set(nodes.values()) and all(w.models == [f"{MODEL}/1"]
+                                                                             for w in beats)
+
+        wait_until(ready, 120, lambda: f"both hosts' worker processes, {MODEL} loaded; logs:\n{tails()}", 0.2)
         score = subprocess.run([*MLF, "score", source, "--model", MODEL, "--batch-size", str(BATCH_SIZE)],
                                cwd=producer, env={**base_env, **producer_env}, capture_output=True, text=True,
                                timeout=120)
@@ -152,17 +157,20 @@ def test_a_host_killed_mid_job_leaves_every_row_recorded_once(dataset, own_pg_da
         job = client.get_job(score.stdout.strip())
         victim = nodes["hostb"]
 
-        def victim_mid_job() -> tuple[list[dict], dict] | None:
-            """Shards once host B recorded one and runs another (with more to come)."""
+        def victim_mid_job() -> list[dict] | None:
+            """The shards, once host B has recorded one and has just started another."""
             shards = client.store.shards(job.id)
-            running = next((s for s in shards if s["state"] == "RUNNING" and s["worker"] == victim), None)
-            done = [s for s in shards if s["state"] == "DONE" and s["worker"] == victim]
-            return (shards, running) if running and done else None
+            running = any(s["state"] == "RUNNING" and s["worker"] == victim for s in shards)
+            done = any(s["state"] == "DONE" and s["worker"] == victim for s in shards)
+            return shards if running and done else None
 
-        before, hit = wait_until(victim_mid_job, 120, lambda: f"host B mid-job; logs:\n{tails()}")
+        before = wait_until(victim_mid_job, 120, lambda: f"host B mid-job; logs:\n{tails()}")
         os.killpg(launchers["hostb"].pid, signal.SIGKILL)
         launchers["hostb"].wait()
         killed_at = time.monotonic()
+        at_kill = client.store.shards(job.id)  # B's shards cannot change now
+        hit = [s for s in at_kill if s["state"] == "RUNNING" and s["worker"] == victim]
+        assert len(hit) == 1, at_kill  # killed mid-shard
         assert sum(s["state"] != "DONE" for s in before) > 1, before  # mid-job: more than B's shard was left
 
         status = job.wait(timeout_s=120)
@@ -176,9 +184,9 @@ def test_a_host_killed_mid_job_leaves_every_row_recorded_once(dataset, own_pg_da
         assert list(job.results().index) == list(range(n))
         assert {s["worker"] for s in shards} == set(nodes.values())  # the job ran on both hosts
         by_index = {s["shard_index"]: s for s in shards}
-        redone = by_index[hit["shard_index"]]
+        redone = by_index[hit[0]["shard_index"]]
         assert (redone["worker"], redone["attempts"]) == (nodes["hosta"], 2), redone
-        kept = [s["shard_index"] for s in before if s["state"] == "DONE" and s["worker"] == victim]
+        kept = [s["shard_index"] for s in at_kill if s["state"] == "DONE" and s["worker"] == victim]
         assert all(by_index[i]["worker"] == victim and by_index[i]["attempts"] == 1 for i in kept), shards
     finally:
         stop_workers(launchers["hosta"])
