@@ -24,6 +24,8 @@ PG_ADMIN_URL = os.environ.get("MLF_TEST_PG_URL", "postgresql://postgres@127.0.0.
 SHARD_SIZE = 500
 WORKER_PROCESSES = 2
 WORKER_START_TIMEOUT_S = 120
+MLF = [sys.executable, "-c", "from producer.cli import main; main()"]
+"""The ``mlf`` command, run by this interpreter (argv prefix for :mod:`subprocess`)."""
 
 
 _DEFAULT_VAR_DIR: list[Path] = []
@@ -47,6 +49,15 @@ def pytest_unconfigure(config) -> None:
 
     for path in _DEFAULT_VAR_DIR:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def settings_env(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """This process's environment without its ``ML_FRAMEWORK_*`` variables, plus ``values``
+    as ``ML_FRAMEWORK_<KEY>`` variables: the environment of a CLI or worker process that
+    reads its settings from nothing else (or from its own ``configs/`` file)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+    env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in (values or {}).items()})
+    return env
 
 
 def queues(prefix: str) -> dict[str, str]:
@@ -221,15 +232,12 @@ class Backend:
     @property
     def env(self) -> dict[str, str]:
         """Environment for another process (CLI, worker) using the same backend."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
-        env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in self.values.items()})
-        return env
+        return settings_env(self.values)
 
 
 def start_workers(values: dict[str, Any], log_path: Path, processes: int = WORKER_PROCESSES) -> subprocess.Popen:
     """``python -m worker`` with the backend's settings in its environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
-    env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
+    env = settings_env(values)
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "worker", "--processes", str(processes), "--grace", "20"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)

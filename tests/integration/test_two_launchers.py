@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
@@ -20,11 +19,18 @@ import redis
 from ml_framework.errors import JobTimeoutError
 from ml_framework.settings import load_settings
 from producer.client import Client
-from tests.conftest import REDIS_URL, check_redis, free_port, queues, stop_workers
+from tests.conftest import (
+    MLF,
+    REDIS_URL,
+    check_redis,
+    free_port,
+    queues,
+    settings_env,
+    stop_workers,
+)
 from worker.bindings import CONTROL_TABLE, EVENTS_TABLE, node_of, prune_dead_bindings
 
 pytestmark = pytest.mark.integration
-MLF = [sys.executable, "-c", "from producer.cli import main; main()"]
 STALE_S = 12.0
 """Heartbeat age that marks a process dead here (the launcher's default is 300 s)."""
 
@@ -43,8 +49,7 @@ def test_two_launchers_on_one_host_keep_their_names_metrics_and_bindings_apart(o
     check_redis()
     values = {"models_dir": trained[0], "var_dir": tmp_path / "var", "broker_url": REDIS_URL,
               "database_url": own_pg_database, "worker_metrics_port": free_port(), **queues("mlf.test.two.")}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
-    env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
+    env = settings_env(values)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     client = Client(load_settings(**values))
     r = redis.Redis.from_url(REDIS_URL)

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -17,11 +16,10 @@ import pytest
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState
 from producer.client import Client
-from tests.conftest import REDIS_URL, check_redis, queues, stop_workers
+from tests.conftest import MLF, REDIS_URL, check_redis, queues, settings_env, stop_workers
 
 pytestmark = pytest.mark.integration
 VISIBILITY_TIMEOUT_S = 8
-MLF = [sys.executable, "-c", "from producer.cli import main; main()"]
 
 
 def wait_for(predicate, timeout_s: float, what: str, log) -> object:
@@ -43,8 +41,7 @@ def test_two_cpu_processes_share_a_job_and_a_killed_one_is_restarted(request, tr
         "database_url": request.getfixturevalue("own_pg_database"),
         "task_time_limit_s": VISIBILITY_TIMEOUT_S - 1, "broker_visibility_timeout_s": VISIBILITY_TIMEOUT_S,
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
-    env.update({f"ML_FRAMEWORK_{k.upper()}": str(v) for k, v in values.items()})
+    env = settings_env(values)
     log = tmp_path / "workers.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen([*MLF, "worker", "--cpu-processes", "2", "--preload", "digits-torch", "--grace", "20"],
