@@ -46,9 +46,24 @@ from ml_framework.constants import (
 )
 from ml_framework.errors import CallbackError
 
-__all__ = ["EVENT_TYPE", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_HEADER", "DEFAULT_SECRET",
-           "HostRule", "backoff_s", "check_callback_url", "delivery_id", "event_body", "headers", "host_allowed",
-           "parse_host_rule", "public_url", "sign", "verify_signature"]
+__all__ = [
+    "DEFAULT_SECRET",
+    "DELIVERY_HEADER",
+    "EVENT_TYPE",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "HostRule",
+    "backoff_s",
+    "check_callback_url",
+    "delivery_id",
+    "event_body",
+    "headers",
+    "host_allowed",
+    "parse_host_rule",
+    "public_url",
+    "sign",
+    "verify_signature",
+]
 
 EVENT_TYPE = "job.finished"
 SIGNATURE_HEADER = "X-MLF-Signature"
@@ -171,7 +186,7 @@ def check_callback_url(url: str, allowed: Iterable[HostRule | str]) -> str:
         raise CallbackError(f"callback_url is not a valid URL ({exc})") from None
     if parts.scheme not in _DEFAULT_PORTS:
         scheme = parts.scheme[:20] or "no scheme"
-        raise CallbackError(f"callback_url must be an http:// or https:// URL, not {scheme!r}")
+        raise CallbackError(f"callback_url must use the http or https scheme, not {scheme!r}")
     if not host:
         raise CallbackError("callback_url has no host")
     if parts.username is not None or parts.password is not None:

@@ -34,7 +34,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ml_framework import credentials
 from ml_framework.callbacks import parse_host_rule
-from ml_framework.constants import CALLBACK_MAX_ATTEMPTS, MAX_INT32, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
+from ml_framework.constants import (
+    CALLBACK_MAX_ATTEMPTS,
+    MAX_INT32,
+    MAX_MESSAGE_BYTES,
+    MAX_REQUEST_BYTES,
+)
 from ml_framework.errors import SettingsError
 from ml_framework.manifest import parse_model_ref
 from ml_framework.settings_sources import (

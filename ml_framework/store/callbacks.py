@@ -19,22 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import DateTime, Engine, bindparam, case, text, update
+from sqlalchemy import Engine, and_, case, or_, select, update
 
 from ml_framework.store import fleet
 from ml_framework.store.models import CallbackState, JobRow, as_utc
 
-_TS = DateTime(timezone=True)
 _PENDING = CallbackState.PENDING.value
 DUE_WHEN_FINISHED = f"CASE WHEN callback_url IS NOT NULL THEN '{_PENDING}' ELSE callback_state END"
 """The SQL value of ``callback_state`` for a job the statement ends: ``pending`` when it has
 a callback (used by the statements that set ``finished_at``)."""
-_DUE = f"callback_state = '{_PENDING}' AND (callback_next_at IS NULL OR callback_next_at <= :now)"
-_CLAIM = text(
-    "UPDATE jobs SET callback_next_at = :until, callback_attempts = callback_attempts + 1 "
-    f"WHERE id IN (SELECT id FROM jobs WHERE {_DUE} ORDER BY finished_at LIMIT :limit) AND {_DUE} "
-    "RETURNING id, callback_url, callback_attempts, owner, state, rows_ok, rows_failed, n_rows, finished_at"
-).bindparams(bindparam("now", type_=_TS), bindparam("until", type_=_TS))
+
+
+def _due(table, now: datetime):
+    """Callbacks of ``table`` (the jobs table or an alias) due at ``now``."""
+    return and_(table.c.callback_state == _PENDING,
+                or_(table.c.callback_next_at.is_(None), table.c.callback_next_at <= now))
 
 
 def due_when_finished():
@@ -73,9 +72,18 @@ def claim(engine: Engine, lease_s: float, limit: int) -> list[DueCallback]:
     Returns:
         The claimed callbacks; only their claimer posts them.
     """
+    jobs, candidates = JobRow.__table__, JobRow.__table__.alias("due")
     with engine.begin() as conn:
         now = fleet.db_now(conn)
-        rows = conn.execute(_CLAIM, {"now": now, "until": now + timedelta(seconds=lease_s), "limit": limit}).all()
+        # the condition again on the row itself: a row another process claimed since the
+        # subquery read it (PostgreSQL re-reads a row it waited for) no longer matches
+        first = select(candidates.c.id).where(_due(candidates, now)).order_by(candidates.c.finished_at).limit(limit)
+        rows = conn.execute(
+            update(jobs).where(jobs.c.id.in_(first), _due(jobs, now))
+            .values(callback_next_at=now + timedelta(seconds=lease_s), callback_attempts=jobs.c.callback_attempts + 1)
+            .returning(jobs.c.id, jobs.c.callback_url, jobs.c.callback_attempts, jobs.c.owner, jobs.c.state,
+                       jobs.c.rows_ok, jobs.c.rows_failed, jobs.c.n_rows, jobs.c.finished_at)
+        ).all()
     return [DueCallback(r.id, r.callback_url, r.callback_attempts, r.owner, r.state, r.rows_ok, r.rows_failed,
                         r.n_rows, as_utc(r.finished_at)) for r in rows]
 

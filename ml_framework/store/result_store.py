@@ -23,11 +23,11 @@ from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.errors import StoreError, StoreUnavailableError
 from ml_framework.store import callbacks, fleet, idempotency, jobs, lifecycle, outputs
 from ml_framework.store import shards as ledger
+from ml_framework.store.callbacks import DueCallback
 from ml_framework.store.engine import make_engine, read, upgrade
 from ml_framework.store.fleet import WorkerInfo
 from ml_framework.store.jobs import JobStatus, NewJob
 from ml_framework.store.lifecycle import PruneReport, StoreStats
-from ml_framework.store.callbacks import DueCallback
 from ml_framework.store.models import CallbackState, JobState, ShardClaim
 from ml_framework.store.outputs import RowError, as_table
 from ml_framework.store.shards import ShardOutcomeRecord

@@ -23,7 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from ml_framework.callbacks import DEFAULT_SECRET, backoff_s, check_callback_url, event_body, headers, public_url
+from ml_framework.callbacks import (
+    DEFAULT_SECRET,
+    backoff_s,
+    check_callback_url,
+    event_body,
+    headers,
+    public_url,
+)
 from ml_framework.constants import (
     CALLBACK_BACKOFF_BASE_S,
     CALLBACK_BATCH,
@@ -88,7 +95,7 @@ class CallbackSender:
         while not self._stop.is_set():
             try:
                 busy = self.run_once() == CALLBACK_BATCH  # a full batch: more may be due
-            except Exception:  # noqa: BLE001 - a store outage must not end deliveries
+            except Exception:  # a store outage must not end deliveries
                 log.exception("callbacks: cannot claim due callbacks; trying again in %.0f s", CALLBACK_POLL_S)
                 busy = False
             if not busy:
