@@ -23,24 +23,32 @@ from producer.api import create_app
 from producer.api.callbacks import CallbackSender
 from producer.client import Client
 from tests.unit.conftest import model_root
-from tests.unit.test_store import store  # noqa: F401 - the fixture, over this directory's db_kind
 
 HOOK = "http://hooks.example.com/mlf?token=t0k3n"
 SECRETS = {"default": "default-secret-0123456789", "alice": "alice-secret-0123456789"}
 KEY = "alice-api-key-0123456789abcdef"
 
 
-def new_job(store: ResultStore, shards: int = 1, url: str | None = HOOK, owner: str | None = None) -> str:
+@pytest.fixture()
+def store(db_url):
+    """A results store of this directory's kind (SQLite here, PostgreSQL in tests/integration)."""
+    rs = ResultStore(db_url)
+    yield rs
+    rs.close()
+
+
+def new_job(rs: ResultStore, shards: int = 1, url: str | None = HOOK, owner: str | None = None) -> str:
     """Record a job of ``shards`` one-row shards with ``url`` as its callback; its id."""
     job = NewJob(uuid.uuid4().hex, "m", 1, "<rows>", shards, [(i, i + 1) for i in range(shards)], 8, owner=owner,
                  callback_url=url)
-    store.create_jobs([job])
+    rs.create_jobs([job])
     return job.job_id
 
 
-def finish(store: ResultStore, job_id: str, shards: int = 1) -> None:
+def finish(rs: ResultStore, job_id: str, shards: int = 1) -> None:
+    """Record every shard of ``job_id``, each with one output row."""
     for i in range(shards):
-        assert store.complete_shard(job_id, i, [(i, {"prediction": 1.0})], [])
+        assert rs.complete_shard(job_id, i, [(i, {"prediction": 1.0})], [])
 
 
 def test_a_callback_becomes_due_when_its_job_ends_and_is_claimed_once(store):
@@ -129,10 +137,11 @@ class Receiver:
         return httpx.Response(self.statuses.pop(0) if self.statuses else 200)
 
 
-def sender(store: ResultStore, receiver: Receiver, tmp_path: Path, **settings) -> CallbackSender:
+def sender(rs: ResultStore, receiver: Receiver, tmp_path: Path, **settings) -> CallbackSender:
+    """A sender over ``rs`` posting to ``receiver``, with a fixed clock and no backoff delay."""
     cfg = load_settings(var_dir=tmp_path / "var", callback_allowed_hosts=["hooks.example.com"],
                         callback_secrets=SECRETS, api_public_url="https://mlf.example.com", **settings)
-    return CallbackSender(cfg, store, transport=httpx.MockTransport(receiver), clock=lambda: 1_700_000_000,
+    return CallbackSender(cfg, rs, transport=httpx.MockTransport(receiver), clock=lambda: 1_700_000_000,
                           rng=lambda: 0.0, backoff_base_s=0.0)
 
 
@@ -200,9 +209,9 @@ def test_the_client_refuses_a_callback_without_a_secret_or_allowed_host(tmp_path
     base = {"models_dir": root / "models", "data_dir": root / "data", "var_dir": root / "var",
             "bulk_queue": "mlf.cb.bulk", "online_queue": "mlf.cb.online"}
     rows = pd.DataFrame({"a": [1.0], "b": [2.0]})
-    with Client(load_settings(**base, callback_secrets=SECRETS)) as client:
-        with pytest.raises(CallbackError, match="callback_allowed_hosts"):
-            client.score_rows(rows, "m", callback_url=HOOK)
+    with Client(load_settings(**base, callback_secrets=SECRETS)) as client, \
+            pytest.raises(CallbackError, match="callback_allowed_hosts"):
+        client.score_rows(rows, "m", callback_url=HOOK)
     with Client(load_settings(**base, callback_allowed_hosts=["hooks.example.com"])) as client:
         with pytest.raises(CallbackError, match=r"jobs submitted without an API key.*default=<secret>"):
             client.score_rows(rows, "m", callback_url=HOOK)
