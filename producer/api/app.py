@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     (:class:`~producer.cache.ResultsCache`), ``bodies`` (:class:`~producer.api.bodies.BodyParser`),
     ``large_submissions`` (see :data:`producer.api.jobs.LARGE_SUBMISSIONS`) and ``callbacks``
     (:class:`~producer.api.callbacks.CallbackSender`, delivering completion callbacks in a
-    thread of its own).
+    thread of its own; ``None`` without ``callback_allowed_hosts``).
 
     Args:
         settings: default :func:`~ml_framework.settings.get_settings`, read at start-up.
@@ -64,12 +64,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.cache = ResultsCache(cfg)
         app.state.bodies = BodyParser()
         app.state.large_submissions = threading.BoundedSemaphore(jobs.LARGE_SUBMISSIONS)
-        app.state.callbacks = CallbackSender(cfg, app.state.client.store)
-        app.state.callbacks.start()
+        # without allowed hosts no job can carry a callback: nothing to deliver (and a
+        # process configured so never fails the callbacks of replicas configured otherwise)
+        app.state.callbacks = CallbackSender(cfg, app.state.client.store) if cfg.callback_allowed_hosts else None
+        if app.state.callbacks is not None:
+            app.state.callbacks.start()
         try:
             yield
         finally:
-            app.state.callbacks.stop()
+            if app.state.callbacks is not None:
+                app.state.callbacks.stop()
             app.state.bodies.close()
             app.state.cache.close()
             app.state.client.close()
