@@ -14,13 +14,15 @@ import httpx
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from ml_framework.callbacks import delivery_id, verify_signature
 from ml_framework.errors import CallbackError
-from ml_framework.settings import load_settings
+from ml_framework.settings import get_settings, load_settings
 from ml_framework.store import JobState, NewJob, ResultStore
 from producer.api import create_app
 from producer.api.callbacks import CallbackSender
+from producer.cli import app
 from producer.client import Client
 from tests.unit.conftest import model_root
 
@@ -243,3 +245,33 @@ def test_the_api_answers_400_for_a_refused_callback_url(tmp_path):
         r = http.post("/v1/jobs", json={**body, "callback_url": HOOK})
         assert r.status_code == 202, r.text
         assert (r.json()["callback_state"], r.json()["callback_attempts"]) == (None, 0)
+
+
+def test_mlf_score_takes_a_callback_url_and_mlf_status_shows_its_delivery(clean_env, monkeypatch, tmp_path):
+    """`mlf score --callback-url` records the URL with the job (refused, exit 1, naming the
+    setting, when no host is allowed); `mlf status` prints the callback's state."""
+    root = model_root(tmp_path)
+    pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}).to_csv(root / "data" / "d.csv", index=False)
+    for key, value in {"MODELS_DIR": root / "models", "DATA_DIR": root / "data", "VAR_DIR": root / "var",
+                       "BULK_QUEUE": "mlf.cb.bulk", "ONLINE_QUEUE": "mlf.cb.online",
+                       "CALLBACK_SECRETS": "default=cli-secret-0123456789"}.items():
+        monkeypatch.setenv(f"ML_FRAMEWORK_{key}", str(value))
+    get_settings.cache_clear()
+    refused = CliRunner().invoke(app, ["score", "data/d.csv", "-m", "m", "--callback-url", HOOK])
+    assert refused.exit_code == 1 and "callback_allowed_hosts" in refused.stderr, refused.output
+    monkeypatch.setenv("ML_FRAMEWORK_CALLBACK_ALLOWED_HOSTS", "hooks.example.com")
+    get_settings.cache_clear()
+    try:
+        done = CliRunner().invoke(app, ["score", "data/d.csv", "-m", "m", "--callback-url", HOOK])
+        assert done.exit_code == 0, done.output
+        job_id = done.stdout.strip().splitlines()[-1]
+        rs = ResultStore(get_settings().effective_database_url)
+        rs.cancel(job_id)
+        [claimed] = rs.claim_callbacks(60, 10)
+        assert (claimed.job_id, claimed.url, claimed.owner) == (job_id, HOOK, None)
+        rs.callback_delivered(job_id, 1)
+        rs.close()
+        status = CliRunner().invoke(app, ["status", job_id])
+        assert "callback delivered (1 attempt(s))" in status.stdout, status.output
+    finally:
+        get_settings.cache_clear()
