@@ -73,3 +73,33 @@ MAX_PRIORITY = 9
 """Highest (most urgent) bulk-job priority: queues are declared with this
 ``x-max-priority`` on RabbitMQ (which advises few levels: each costs memory and CPU), and
 kombu's Redis transport maps 0-9 onto its ``priority_steps``."""
+
+# --- Completion callbacks (see ml_framework.callbacks) ---
+
+CALLBACK_URL_MAX_CHARS = 2048
+"""Longest ``callback_url`` accepted at submit, characters: the de facto limit of URLs
+that browsers, proxies and servers all take (RFC 9110 section 4.1 asks for at least 8000,
+but many servers stop at 2 to 8 KiB)."""
+CALLBACK_TIMEOUT_S = 10.0
+"""How long one delivery attempt waits for the receiver's answer, seconds (connect and
+read): GitHub waits 10 s for a webhook receiver before it counts the delivery failed."""
+CALLBACK_POLL_S = 1.0
+"""How often an API process looks for due callbacks, seconds: one indexed UPDATE a second
+per API process."""
+CALLBACK_LEASE_S = 60.0
+"""How long a claimed delivery is its claimer's, seconds: six times
+:data:`CALLBACK_TIMEOUT_S`, so that a claim outlives its attempt; an API process that dies
+mid-attempt leaves the callback to another after this."""
+CALLBACK_BATCH = 8
+"""Callbacks one API process claims per pass and posts at once (one thread each)."""
+CALLBACK_BACKOFF_BASE_S = 1.0
+"""Delay before the second attempt, seconds; doubled for each later one (1, 2, 4 ...)."""
+CALLBACK_BACKOFF_MAX_S = 300.0
+"""Longest delay between two attempts, seconds (5 minutes)."""
+CALLBACK_MAX_ATTEMPTS = 8
+"""Default of the ``callback_max_attempts`` setting: with :data:`CALLBACK_BACKOFF_BASE_S`
+doubling, the eighth attempt comes about two minutes after the first (1 + 2 + ... + 64 s,
+jittered down to half), long enough to ride out a receiver's restart."""
+CALLBACK_TOLERANCE_S = 300
+"""Default age, seconds, past which :func:`ml_framework.callbacks.verify_signature` refuses
+an event's timestamp (a replay): Stripe's default tolerance, 5 minutes."""

@@ -166,6 +166,29 @@ def parse_pairs(value: Any) -> dict[str, str]:
     return out
 
 
+def parse_secret_entries(value: Any, setting: str) -> dict[str, Any]:
+    """``name=secret`` entries (:func:`parse_pairs`; a mapping's values kept as given, so
+    that a ``SecretStr`` stays one), each name a :data:`KEY_NAME` and each secret non-empty.
+
+    Raises:
+        ValueError: a malformed entry, name or empty secret, naming ``setting`` and the
+            entry's name, never a secret.
+    """
+    if isinstance(value, Mapping):
+        pairs = {str(k): v for k, v in value.items()}
+    else:
+        try:
+            pairs = parse_pairs(value)
+        except ValueError:  # parse_pairs names the entry, which holds the secret
+            raise ValueError(f"{setting}: give name=secret entries, comma-separated") from None
+    for name, secret in pairs.items():
+        if not KEY_NAME.match(name):
+            raise ValueError(f"{setting}: name {name[:70]!r}: use 1 to 64 letters, digits, '_', '.' or '-'")
+        if not _plain(secret).strip():
+            raise ValueError(f"{setting}: the secret of {name!r} is empty")
+    return pairs
+
+
 def masked(value: Any) -> Any:
     """``value`` as it may be shown: secrets as :data:`MASK`, URL passwords masked,
     containers walked."""
@@ -217,6 +240,8 @@ def weak_secrets(settings: Any) -> list[str]:
     named = [(f"the password in {key}", password) for key in ("broker_url", "redis_url", "database_url")
              if (url := getattr(settings, key)) and (password := url_password(url)) is not None]
     named += [(f"api_keys[{name}]", key.get_secret_value()) for name, key in settings.api_keys.items()]
+    named += [(f"callback_secrets[{name}]", secret.get_secret_value())
+              for name, secret in getattr(settings, "callback_secrets", {}).items()]
     for entry in settings.flower_basic_auth:
         user, _, password = entry.get_secret_value().partition(":")
         named.append((f"flower_basic_auth[{user}]", password))

@@ -21,6 +21,7 @@ Hierarchy::
     │   │   └── RequestCancelledError  an online request was cancelled before its answer
     │   ├── JobOptionError       a batch size or priority out of range (also a ValueError)
     │   ├── MessageTooLargeError a shard or online request over ``max_message_bytes``
+    │   ├── CallbackError        a callback_url refused at submit (scheme, host, no secret)
     │   └── IdempotencyKeyError  a malformed idempotency key
     │       └── IdempotencyKeyReusedError  the key was used for a different request
     ├── ApiRequestError          the HTTP API refuses one request (raised by the API only)
@@ -148,6 +149,14 @@ class MessageTooLargeError(JobError):
     is sent; the message names both sizes, what to do instead (a smaller ``shard_size``,
     fewer rows per request, a file under the data directory) and what was recorded. The
     HTTP API answers it with 413."""
+
+
+class CallbackError(JobError):
+    """Raised at submit when a job's ``callback_url`` cannot be accepted: not ``http`` /
+    ``https``, credentials in it, too long, a host ``callback_allowed_hosts`` does not
+    allow, or no ``callback_secrets`` entry to sign the submitter's events with. The
+    message names the host and the setting to change, never the whole URL; the HTTP API
+    answers 400."""
 
 
 class IdempotencyKeyError(JobError):

@@ -33,7 +33,13 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ml_framework import credentials
-from ml_framework.constants import MAX_INT32, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
+from ml_framework.callbacks import parse_host_rule
+from ml_framework.constants import (
+    CALLBACK_MAX_ATTEMPTS,
+    MAX_INT32,
+    MAX_MESSAGE_BYTES,
+    MAX_REQUEST_BYTES,
+)
 from ml_framework.errors import SettingsError
 from ml_framework.manifest import parse_model_ref
 from ml_framework.settings_sources import (
@@ -49,7 +55,7 @@ from ml_framework.settings_sources import config_path as default_config_path
 
 SECRET_FIELDS = frozenset({"api_keys", "flower_basic_auth", "broker_password", "redis_password",
                            "database_password", "broker_url", "redis_url", "database_url",
-                           "s3_access_key_id", "s3_secret_access_key"})
+                           "s3_access_key_id", "s3_secret_access_key", "callback_secrets"})
 """Settings that hold secrets or may (URLs with a password): masked wherever shown, and
 each readable from the file named by ``ML_FRAMEWORK_<KEY>_FILE``."""
 _URL_PASSWORDS = (("broker_url", "broker_password"), ("redis_url", "redis_password"),
@@ -209,6 +215,17 @@ class Settings(BaseSettings):
         s3_access_key_id / s3_secret_access_key: its credentials (masked; each can come from
             ``ML_FRAMEWORK_S3_SECRET_ACCESS_KEY_FILE``); unset: the AWS SDK's default chain
             (``AWS_ACCESS_KEY_ID``..., an instance role).
+        callback_allowed_hosts: the hosts a job's ``callback_url`` may name: host names
+            (``hooks.example.com``, ``*.example.com``), ``host:port``, IP addresses or CIDR
+            networks (matched against IP addresses written in the URL). Empty (default):
+            every ``callback_url`` is refused at submit. In the environment, comma-separated.
+            See docs/security.md.
+        callback_secrets: ``{api key name: secret}`` (masked; also from
+            ``ML_FRAMEWORK_CALLBACK_SECRETS_FILE``): the completion event of a job is signed
+            with its owner's secret, ``default`` for jobs submitted without a key (Python
+            client, ``mlf score``). In the environment, ``name=secret`` comma-separated.
+        callback_max_attempts: delivery attempts of a completion event before it is marked
+            ``failed`` (1 s, 2 s, 4 s ... apart, at most 5 minutes, jittered).
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -264,6 +281,9 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
+    callback_allowed_hosts: Annotated[list[str], NoDecode] = []
+    callback_secrets: Annotated[dict[str, SecretStr], NoDecode] = {}
+    callback_max_attempts: PositiveInt = Field(default=CALLBACK_MAX_ATTEMPTS, le=100)
 
     @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention",
                      "idempotency_window", mode="before")
@@ -295,7 +315,7 @@ class Settings(BaseSettings):
         """Whether a pruning pass has anything to do (some retention is set)."""
         return any(v is not None for v in self.retention_s.values())
 
-    @field_validator("worker_preload_models", "flower_basic_auth", mode="before")
+    @field_validator("worker_preload_models", "flower_basic_auth", "callback_allowed_hosts", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -306,6 +326,18 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_keys(cls, value: Any) -> dict[str, str]:
         return credentials.parse_key_entries(value)
+
+    @field_validator("callback_allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_host_rule(entry)
+        return value
+
+    @field_validator("callback_secrets", mode="before")
+    @classmethod
+    def _parse_callback_secrets(cls, value: Any) -> dict[str, Any]:
+        return credentials.parse_secret_entries(value, "callback_secrets")
 
     @field_validator("api_key_roles", mode="before")
     @classmethod

@@ -69,6 +69,8 @@ def print_status(status: JobStatus) -> None:
     if status.model_load_s is not None:
         out.print(f"  model    loaded cold in {status.model_load_s:.1f} s (load and warm-up before the first shard; "
                   "`mlf worker --preload` loads it at start)")
+    if status.callback_state is not None:
+        out.print(f"  callback {status.callback_state} ({status.callback_attempts} attempt(s))")
     if status.elapsed_s is not None:
         rate = rows_per_s(status.rows_done, status.elapsed_s)
         out.print(f"  elapsed  {duration(status.elapsed_s)}" + (f" ({rate:.0f} rows/s)" if rate is not None else ""))
@@ -89,6 +91,9 @@ def score(
     idempotency_key: Annotated[str | None, typer.Option(
         help="Makes a retry safe: the same command with the same key within idempotency_window (default 24h) "
              "prints the job it submitted instead of submitting another (e.g. a UUID).")] = None,
+    callback_url: Annotated[str | None, typer.Option(
+        help="POST a signed job.finished event here once the job ends (its host must be in "
+             "callback_allowed_hosts; signed with callback_secrets' default entry).")] = None,
 ) -> None:
     """Submit a bulk-scoring job; prints the job id (and waits with --wait / -o)."""
     if output is not None:
@@ -99,7 +104,8 @@ def score(
     from producer.plan import JobOptions
 
     try:
-        options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority)
+        options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority,
+                                callback_url)
         with client() as c:
             say(where_line(c.settings), console=err)
             job = c.submit_dataset(dataset, options, idempotency_key=idempotency_key)

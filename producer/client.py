@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ml_framework.callbacks import DEFAULT_SECRET, check_callback_url
 from ml_framework.celery_app import create_app, message_priority
 from ml_framework.constants import (
     MAX_MESSAGE_BYTES,
@@ -37,6 +38,7 @@ from ml_framework.endpoints import (
     reach_broker,
     workers_warning,
 )
+from ml_framework.errors import CallbackError
 from ml_framework.manifest import ModelManifest, ModelRepository
 from ml_framework.paths import locate_dataset
 from ml_framework.protocol import ScoreShard
@@ -144,6 +146,7 @@ class Client:
         *,
         owner: str | None = None,
         idempotency_key: str | None = None,
+        callback_url: str | None = None,
     ) -> Job:
         """Submit a bulk-scoring job over a CSV or Parquet file.
 
@@ -166,6 +169,11 @@ class Client:
                 ``settings.idempotency_window`` returns the job the key first submitted
                 (``job.replayed`` is ``True``; nothing is read or sent again). 1 to 255
                 printable ASCII characters; a UUID is a good one.
+            callback_url: once the job ends, the HTTP API's side POSTs a signed
+                ``job.finished`` event there, once (see :mod:`ml_framework.callbacks`; an API
+                process must be running). Its host must be in ``callback_allowed_hosts``,
+                and ``callback_secrets`` must hold the owner's secret (``default`` without
+                an owner).
 
         Returns:
             The new :class:`Job` (state PENDING; SUCCEEDED at once when the dataset has
@@ -176,6 +184,7 @@ class Client:
             IdempotencyKeyError: a malformed key.
             IdempotencyKeyReusedError: the key names a job submitted with another request.
             JobOptionError: ``batch_size`` or ``priority`` out of range (also a ``ValueError``).
+            CallbackError: a ``callback_url`` refused (see :meth:`check_callback`).
             MessageTooLargeError: a shard message (inline rows) over ``max_message_bytes``.
             ModelNotFoundError: unknown model or version.
             DatasetPathError: the path enters the data directory and leads out of it (a
@@ -186,13 +195,14 @@ class Client:
             BrokerUnavailableError: the broker cannot be reached; nothing was recorded, or
                 (the broker went away mid-send) the job named by its ``job_id`` was cancelled.
         """
-        options = JobOptions.of(model, version, batch_size, columns, priority)
+        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url)
         return self.submit_dataset(path, options, owner=owner, idempotency_key=idempotency_key)
 
     def submit_dataset(self, path: Path | str, options: JobOptions, *, owner: str | None = None,
                        idempotency_key: str | None = None) -> Job:
         """:meth:`score_dataset` with the job's options as one :class:`~producer.plan.JobOptions`
         (what ``mlf score`` and the HTTP API hold). Returns and raises as :meth:`score_dataset`."""
+        self.check_callback(options.callback_url, owner)
         location = locate_dataset(self.settings.data_dir, Path(path).absolute())
         key = self._idempotency(idempotency_key, owner, options, dataset=str(location.relative or location.path))
         if key is not None and (existing := self.store.idempotent_job(key)) is not None:
@@ -213,6 +223,7 @@ class Client:
         *,
         owner: str | None = None,
         idempotency_key: str | None = None,
+        callback_url: str | None = None,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
 
@@ -224,7 +235,7 @@ class Client:
                 (text and image inputs). See :mod:`producer.rows`. Values that are not
                 numbers become row errors on the worker, naming the row and field; they do
                 not fail the job.
-            model, version, batch_size, columns, priority, owner: as :meth:`score_dataset`.
+            model, version, batch_size, columns, priority, owner, callback_url: as :meth:`score_dataset`.
             idempotency_key: as :meth:`score_dataset`; the request compared is the rows
                 as they would be sent (their values and column order) and the options.
 
@@ -238,7 +249,7 @@ class Client:
             ModelNotFoundError, JobOptionError, MessageTooLargeError, BrokerUnavailableError,
                 IdempotencyKeyError: as :meth:`score_dataset`.
         """
-        options = JobOptions.of(model, version, batch_size, columns, priority)
+        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url)
         return self.submit_rows(rows, options, owner=owner, idempotency_key=idempotency_key)
 
     def submit_rows(self, rows: RowsLike, options: JobOptions, *, owner: str | None = None,
@@ -247,6 +258,7 @@ class Client:
         (what the HTTP API holds). Returns and raises as :meth:`score_rows`."""
         if idempotency_key is not None:
             check_key(idempotency_key)
+        self.check_callback(options.callback_url, owner)
         plan = self._plan_rows(rows, options)
         digest = hashlib.sha256()
         for source in plan.sources if idempotency_key is not None else ():
@@ -256,6 +268,24 @@ class Client:
         if key is not None and (existing := self.store.idempotent_job(key)) is not None:
             return Job(self, existing, replayed=True)
         return self._submit(plan, owner, idempotency=key)
+
+    def check_callback(self, url: str | None, owner: str | None) -> None:
+        """Refuse a job's ``callback_url`` that could not be delivered, before anything is
+        recorded: see :func:`ml_framework.callbacks.check_callback_url`; and the owner (the
+        API key name; ``None``: the ``default`` entry) must have a ``callback_secrets`` entry
+        to sign it with. ``None``: no callback, nothing to check.
+
+        Raises:
+            CallbackError: naming what is wrong and the setting that would allow it.
+        """
+        if url is None:
+            return
+        check_callback_url(url, self.settings.callback_allowed_hosts)
+        name = owner or DEFAULT_SECRET
+        if name not in self.settings.callback_secrets:
+            whose = f"API key {name!r}" if owner else "jobs submitted without an API key"
+            raise CallbackError(f"no callback secret for {whose}: the operator adds {name}=<secret> to "
+                                "callback_secrets (ML_FRAMEWORK_CALLBACK_SECRETS) to sign its callbacks")
 
     def _idempotency(self, key: str | None, owner: str | None, options: JobOptions,
                      **source: str) -> Idempotency | None:

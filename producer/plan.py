@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ml_framework.celery_app import check_priority
-from ml_framework.constants import MAX_INT32, MAX_PRIORITY, MIN_PRIORITY
+from ml_framework.constants import CALLBACK_URL_MAX_CHARS, MAX_INT32, MAX_PRIORITY, MIN_PRIORITY
 from ml_framework.datasets import DatasetInfo, shard_ranges
 from ml_framework.errors import JobOptionError, MessageTooLargeError
 from ml_framework.manifest import ModelManifest
@@ -51,6 +51,9 @@ class JobOptions(BaseModel):
             ``None``: the manifest's column names.
         priority: 0 (default) to 9 (most urgent), see
             :func:`~ml_framework.celery_app.message_priority`.
+        callback_url: where the job's ``job.finished`` event is POSTed, signed, once it
+            ends (see :mod:`ml_framework.callbacks`); checked at submit
+            (:meth:`producer.client.Client.check_callback`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,10 +65,13 @@ class JobOptions(BaseModel):
                                       description="Dataset columns mapped onto the model inputs, in order.")
     priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
                           description="0 (default) to 9 (most urgent): shards of higher-priority jobs are taken first.")
+    callback_url: str | None = Field(default=None, description=(
+        "http(s) URL the signed job.finished event is POSTed to once the job ends (a host the server allows, "
+        f"at most {CALLBACK_URL_MAX_CHARS} characters, no credentials); see docs/security.md."))
 
     @classmethod
     def of(cls, model: str, version: int | None = None, batch_size: int | None = None,
-           columns: Sequence[str] | None = None, priority: int = 0) -> JobOptions:
+           columns: Sequence[str] | None = None, priority: int = 0, callback_url: str | None = None) -> JobOptions:
         """The options of a Python caller's submission, checked with the client's messages.
 
         Raises:
@@ -76,7 +82,8 @@ class JobOptions(BaseModel):
         if batch_size is not None and not 0 < batch_size <= MAX_INT32:
             raise JobOptionError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
         return cls.model_construct(model=model, version=version, batch_size=batch_size,
-                                   columns=None if columns is None else list(columns), priority=priority)
+                                   columns=None if columns is None else list(columns), priority=priority,
+                                   callback_url=callback_url)
 
     def options(self) -> JobOptions:
         """These options alone (a request body that extends them drops its other fields)."""
@@ -164,7 +171,8 @@ class ShardPlan:
     def new_job(self, job_id: str, owner: str | None = None) -> NewJob:
         """The store's record of this plan as job ``job_id``, submitted by ``owner``."""
         return NewJob(job_id, self.manifest.name, self.manifest.version, self.dataset, self.n_rows, self.ranges,
-                      self.batch_size, self.options.priority, owner, output_schema(self.manifest.outputs))
+                      self.batch_size, self.options.priority, owner, output_schema(self.manifest.outputs),
+                      callback_url=self.options.callback_url)
 
 
 def _batch_size(manifest: ModelManifest, options: JobOptions, default_batch_size: int) -> int:

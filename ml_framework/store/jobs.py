@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from ml_framework.errors import JobNotFoundError
 from ml_framework.store import idempotency
 from ml_framework.store import outputs as shard_outputs
+from ml_framework.store.callbacks import DUE_WHEN_FINISHED, due_when_finished
 from ml_framework.store.engine import read
 from ml_framework.store.models import (
     OPEN_JOB,
@@ -38,6 +39,8 @@ class NewJob:
     """A job for :func:`create_jobs` (see :func:`create_job`).
 
     Attributes:
+        callback_url: where the job's completion event is POSTed once it ends (see
+            :mod:`ml_framework.store.callbacks`); ``None``: no callback.
         output_schema: the columns the model's outputs become
             (:func:`~ml_framework.store.outputs.output_schema`); kept for a job without
             shards, whose results then still carry them.
@@ -55,6 +58,7 @@ class NewJob:
     output_schema: pa.Schema | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class JobStatus:
             loaded.
         owner: name of the API key that submitted the job; ``None`` from the CLI or the
             Python client.
+        callback_state: delivery of the completion callback: ``None`` (no callback, or
+            the job has not ended), ``pending``, ``delivered`` or ``failed``.
+        callback_attempts: delivery attempts made so far.
     """
 
     job_id: str
@@ -91,6 +98,8 @@ class JobStatus:
     priority: int = 0
     model_load_s: float | None = None
     owner: str | None = None
+    callback_state: str | None = None
+    callback_attempts: int = 0
 
     @property
     def rows_done(self) -> int:
@@ -113,17 +122,17 @@ class JobStatus:
 _TS = DateTime(timezone=True)
 _INSERT_JOB = text(
     "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, rows_ok, "
-    "rows_failed, batch_size, oom_splits, priority, owner, created_at, idempotency_key, request_hash) VALUES (:id, "
-    f":model, :model_version, :dataset, '{JobState.PENDING.value}', :n_rows, :n_shards, 0, 0, 0, :batch_size, 0, "
-    ":priority, :owner, :now, :idempotency_key, :request_hash)"
+    "rows_failed, batch_size, oom_splits, priority, owner, created_at, idempotency_key, request_hash, callback_url) "
+    f"VALUES (:id, :model, :model_version, :dataset, '{JobState.PENDING.value}', :n_rows, :n_shards, 0, 0, 0, "
+    ":batch_size, 0, :priority, :owner, :now, :idempotency_key, :request_hash, :callback_url)"
 ).bindparams(bindparam("now", type_=_TS))
 _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
     f"oom_splits) VALUES (:job_id, :shard_index, :row_start, :row_end, '{ShardState.PENDING.value}', 0, 0, 0, 0, 0)"
 )
 _FINISH_EMPTY_JOBS = text(  # a job without shards has nothing to wait for
-    f"UPDATE jobs SET state = '{JobState.SUCCEEDED.value}', started_at = :now, finished_at = :now "
-    "WHERE id IN :job_ids"
+    f"UPDATE jobs SET state = '{JobState.SUCCEEDED.value}', started_at = :now, finished_at = :now, "
+    f"callback_state = {DUE_WHEN_FINISHED} WHERE id IN :job_ids"
 ).bindparams(bindparam("now", type_=_TS), bindparam("job_ids", expanding=True))
 
 
@@ -136,6 +145,7 @@ def status_of(row) -> JobStatus:
         batch_size=row.batch_size, created_at=as_utc(row.created_at),
         started_at=as_utc(row.started_at), finished_at=as_utc(row.finished_at),
         oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s, owner=row.owner,
+        callback_state=row.callback_state, callback_attempts=row.callback_attempts or 0,
     )
 
 
@@ -146,7 +156,7 @@ def insert_jobs(conn, jobs: Sequence[NewJob], now: datetime) -> None:
         "id": j.job_id, "model": j.model, "model_version": j.model_version, "dataset": j.dataset,
         "n_rows": j.n_rows, "n_shards": len(j.shard_ranges), "batch_size": j.batch_size, "now": now,
         "priority": j.priority, "owner": j.owner, "idempotency_key": j.idempotency_key,
-        "request_hash": j.request_hash,
+        "request_hash": j.request_hash, "callback_url": j.callback_url,
     } for j in jobs])
     shards = [{"job_id": j.job_id, "shard_index": i, "row_start": a, "row_end": b}
               for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
@@ -323,7 +333,7 @@ def cancel(engine: Engine, job_id: str) -> JobStatus:
         )
         conn.execute(
             update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(OPEN_JOB))
-            .values(state=JobState.CANCELLED.value, finished_at=utc_now())
+            .values(state=JobState.CANCELLED.value, finished_at=utc_now(), callback_state=due_when_finished())
         )
     return job(engine, job_id)
 

@@ -91,6 +91,20 @@ class ShardClaim(str, enum.Enum):
     worker died: a poison shard); it is now FAILED, every row with a "worker lost" error."""
 
 
+class CallbackState(str, enum.Enum):
+    """Delivery of a job's completion callback (``jobs.callback_state``; ``NULL``: no
+    callback, or the job has not ended)."""
+
+    PENDING = "pending"
+    """Due (``callback_next_at`` ``NULL`` or passed), or being attempted by the API process
+    that claimed it until ``callback_next_at``."""
+    DELIVERED = "delivered"
+    """The receiver answered 2xx."""
+    FAILED = "failed"
+    """Every attempt failed (``callback_max_attempts``), or the callback can no longer be
+    sent (its host is no longer allowed, its owner has no secret)."""
+
+
 OPEN_JOB: tuple[str, ...] = tuple(s.value for s in JobState if not s.terminal)
 """The ``jobs.state`` values of a job still open: ``('PENDING', 'RUNNING')``."""
 FINISHED_JOB: tuple[str, ...] = tuple(s.value for s in JobState if s.terminal)

@@ -5,7 +5,8 @@ Each method delegates to the module that owns the concept, where the details are
 documented: :mod:`~ml_framework.store.jobs` (recording, reading, listing and cancelling
 jobs), :mod:`~ml_framework.store.shards` (the shard ledger: claims, leases, idempotent
 completion), :mod:`~ml_framework.store.fleet` (worker heartbeats),
-:mod:`~ml_framework.store.outputs` (results, as Arrow) and
+:mod:`~ml_framework.store.outputs` (results, as Arrow),
+:mod:`~ml_framework.store.callbacks` (completion callbacks) and
 :mod:`~ml_framework.store.lifecycle` (deletion, retention, size).
 """
 
@@ -20,13 +21,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.errors import StoreError, StoreUnavailableError
-from ml_framework.store import fleet, idempotency, jobs, lifecycle, outputs
+from ml_framework.store import callbacks, fleet, idempotency, jobs, lifecycle, outputs
 from ml_framework.store import shards as ledger
+from ml_framework.store.callbacks import DueCallback
 from ml_framework.store.engine import make_engine, read, upgrade
 from ml_framework.store.fleet import WorkerInfo
 from ml_framework.store.jobs import JobStatus, NewJob
 from ml_framework.store.lifecycle import PruneReport, StoreStats
-from ml_framework.store.models import JobState, ShardClaim
+from ml_framework.store.models import CallbackState, JobState, ShardClaim
 from ml_framework.store.outputs import RowError, as_table
 from ml_framework.store.shards import ShardOutcomeRecord
 
@@ -233,6 +235,21 @@ class ResultStore:
         """Record several online requests' shards in one transaction; per record, whether
         this call recorded it (:func:`~ml_framework.store.shards.record_online`)."""
         return ledger.record_online(self.engine, records, worker)
+
+    # ---------------------------------------------------------------- callbacks
+    def claim_callbacks(self, lease_s: float, limit: int) -> list[DueCallback]:
+        """Claim due completion callbacks for one attempt each, so that no other process
+        posts them (:func:`~ml_framework.store.callbacks.claim`)."""
+        return callbacks.claim(self.engine, lease_s, limit)
+
+    def callback_delivered(self, job_id: str, attempt: int) -> bool:
+        """Record a callback attempt answered 2xx (:func:`~ml_framework.store.callbacks.delivered`)."""
+        return callbacks.delivered(self.engine, job_id, attempt)
+
+    def callback_failed(self, job_id: str, attempt: int, retry_in_s: float | None) -> CallbackState | None:
+        """Record a failed callback attempt, due again in ``retry_in_s`` seconds or, with
+        ``None``, failed for good (:func:`~ml_framework.store.callbacks.failed_attempt`)."""
+        return callbacks.failed_attempt(self.engine, job_id, attempt, retry_in_s)
 
     # -------------------------------------------------------------------- fleet
     def heartbeat(self, info: WorkerInfo) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy import Boolean, DateTime, Engine, bindparam, or_, select, text, 
 
 from ml_framework.store import fleet
 from ml_framework.store import outputs as shard_outputs
+from ml_framework.store.callbacks import DUE_WHEN_FINISHED
 from ml_framework.store.engine import chunks, read
 from ml_framework.store.models import (
     OPEN_JOB,
@@ -80,6 +81,8 @@ _BUMP_JOBS = text(  # SET expressions read the row as it was before the update (
     f"THEN '{JobState.PARTIAL.value}' ELSE '{JobState.SUCCEEDED.value}' END, "
     f"finished_at = CASE WHEN state IN {_OPEN_JOB_SQL} AND shards_done + :shards >= n_shards THEN :now "
     "ELSE finished_at END, "
+    f"callback_state = CASE WHEN state IN {_OPEN_JOB_SQL} AND shards_done + :shards >= n_shards "
+    f"THEN {DUE_WHEN_FINISHED} ELSE callback_state END, "
     "started_at = CASE WHEN :started THEN COALESCE(started_at, :now) ELSE started_at END "
     "WHERE id IN :job_ids"
 ).bindparams(bindparam("now", type_=_TS), bindparam("started", type_=Boolean), bindparam("job_ids", expanding=True))

@@ -15,6 +15,7 @@ from ml_framework.settings import Settings, get_settings
 from producer.api import jobs, models, oip, operations, ui
 from producer.api.auth import KeyTable
 from producer.api.bodies import BodyParser, add_body_schemas
+from producer.api.callbacks import CallbackSender
 from producer.api.errors import RequestIdMiddleware, install_error_handlers
 from producer.api.schemas import ApiError
 from producer.cache import ResultsCache
@@ -40,8 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     The process's shared state lives on ``app.state`` from start-up to shutdown: ``keys``
     (:class:`~producer.api.auth.KeyTable`), ``client``, ``cache``
-    (:class:`~producer.cache.ResultsCache`), ``bodies`` (:class:`~producer.api.bodies.BodyParser`)
-    and ``large_submissions`` (see :data:`producer.api.jobs.LARGE_SUBMISSIONS`).
+    (:class:`~producer.cache.ResultsCache`), ``bodies`` (:class:`~producer.api.bodies.BodyParser`),
+    ``large_submissions`` (see :data:`producer.api.jobs.LARGE_SUBMISSIONS`) and ``callbacks``
+    (:class:`~producer.api.callbacks.CallbackSender`, delivering completion callbacks in a
+    thread of its own; ``None`` without ``callback_allowed_hosts``).
 
     Args:
         settings: default :func:`~ml_framework.settings.get_settings`, read at start-up.
@@ -61,9 +64,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.cache = ResultsCache(cfg)
         app.state.bodies = BodyParser()
         app.state.large_submissions = threading.BoundedSemaphore(jobs.LARGE_SUBMISSIONS)
+        # without allowed hosts no job can carry a callback: nothing to deliver (and a
+        # process configured so never fails the callbacks of replicas configured otherwise)
+        app.state.callbacks = CallbackSender(cfg, app.state.client.store) if cfg.callback_allowed_hosts else None
+        if app.state.callbacks is not None:
+            app.state.callbacks.start()
         try:
             yield
         finally:
+            if app.state.callbacks is not None:
+                app.state.callbacks.stop()
             app.state.bodies.close()
             app.state.cache.close()
             app.state.client.close()

@@ -65,6 +65,11 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    callback_state: Literal["pending", "delivered", "failed"] | None = Field(
+        default=None, description="Delivery of the job's callback_url event: null (no callback, or the job has not "
+                                  "ended), pending (being delivered or retried), delivered (2xx), failed (attempts "
+                                  "exhausted).")
+    callback_attempts: int = Field(default=0, description="Delivery attempts of the callback so far.")
 
     @computed_field(description="Fraction of rows recorded, 0 to 1.")  # type: ignore[prop-decorator]
     @property

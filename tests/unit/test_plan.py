@@ -127,7 +127,7 @@ def test_job_out_is_validated_from_the_status_with_the_dataset_relative(tmp_path
         "job_id": "j" * 32, "model": "m", "model_version": 3, "dataset": "sub/d.csv", "owner": "alice",
         "state": "RUNNING", "n_rows": 10, "rows_ok": 3, "rows_failed": 1, "n_shards": 2, "shards_done": 1,
         "batch_size": 8, "oom_splits": 2, "priority": 7, "model_load_s": 1.5, "created_at": now,
-        "started_at": now, "finished_at": None, "progress": 0.4}
+        "started_at": now, "finished_at": None, "callback_state": None, "callback_attempts": 0, "progress": 0.4}
     empty = JobOut.of(JobStatus(**{**status.__dict__, "n_rows": 0, "rows_ok": 0, "rows_failed": 0}), tmp_path)
     assert empty.progress == 1.0
 
