@@ -12,6 +12,11 @@ Exit codes (for shell scripts):
 6     ``--timeout`` reached before the job finished
 ====  ===========================================================
 
+``mlf --api URL`` (or ``MLF_API_URL``) makes ``score``, ``status JOB``, ``results``,
+``cancel``, ``jobs delete`` and ``models`` talk to the HTTP API with an API key
+(``--api-key`` or ``MLF_API_KEY``) instead of the broker and the database; the other
+commands need those and refuse ``--api``.
+
 Commands that live outside the producer (``mlf worker``, ``mlf models add``, ``mlf demo``)
 are plugged in through the ``mlf.commands`` entry-point group, so a producer-only
 install never imports the worker or an ML framework.
@@ -48,11 +53,63 @@ models_app = typer.Typer(help="The model repository.", invoke_without_command=Tr
 app.add_typer(models_app, name="models")
 
 
+REMOTE_COMMANDS = frozenset({"score", "status", "results", "cancel", "jobs", "models"})
+"""Commands that work over the HTTP API (``mlf --api URL``)."""
+_remote: dict[str, str | None] = {"url": None, "key": None}  # set by the global options, per invocation
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    api: Annotated[str | None, typer.Option(
+        "--api", envvar="MLF_API_URL", metavar="URL",
+        help="Talk to the HTTP API at URL (e.g. http://api:8000) instead of the broker and the database: "
+             "score, status JOB, results, cancel, jobs delete and models.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="MLF_API_KEY", metavar="KEY",
+        help="API key for --api (prefer the MLF_API_KEY variable: a command line shows in ps).")] = None,
+) -> None:
+    """ml-framework: batch inference on Celery workers."""
+    _remote.update(url=api, key=api_key)
+    if api and ctx.invoked_subcommand not in REMOTE_COMMANDS:
+        raise fail(f"`mlf {ctx.invoked_subcommand}` needs direct access to the broker and the database; it does "
+                   f"not work over the HTTP API (--api / MLF_API_URL). Commands that do: "
+                   f"{', '.join(sorted(REMOTE_COMMANDS))}.", 2)
+
+
+def remote() -> bool:
+    """Whether this invocation talks to the HTTP API (``--api``)."""
+    return _remote["url"] is not None
+
+
+def refuse_remote(what: str) -> None:
+    """Exit with a clear message when ``what`` is asked for over the HTTP API.
+
+    Raises:
+        typer.Exit: status 2 under ``--api``.
+    """
+    if remote():
+        raise fail(f"{what} needs direct access to the broker and the database; it does not work over the "
+                   "HTTP API (--api / MLF_API_URL)", 2)
+
+
 def client():
-    """A :class:`producer.Client` from the current settings."""
+    """A :class:`producer.Client` from the current settings, or under ``--api`` the HTTP
+    client (:meth:`producer.Client.connect`) of that API."""
     from producer.client import Client
 
+    if remote():
+        try:
+            return Client.connect(_remote["url"], api_key=_remote["key"])
+        except MLFrameworkError as exc:
+            raise fail(str(exc), 2) from None
     return Client()
+
+
+def where(c) -> str:
+    """The line saying what ``c`` talks to: the broker and the store, or the API."""
+    url = getattr(c, "url", None)
+    return f"API {url}" if url is not None else where_line(c.settings)
 
 
 def print_status(status: JobStatus) -> None:
@@ -101,7 +158,7 @@ def score(
     try:
         options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority)
         with client() as c:
-            say(where_line(c.settings), console=err)
+            say(where(c), console=err)
             job = c.submit_dataset(dataset, options, idempotency_key=idempotency_key)
             submitted = job.status()
             if job.replayed:
@@ -146,6 +203,7 @@ def status(
     if job_id is None:
         from producer.cli_lifecycle import print_store_status
 
+        refuse_remote("`mlf status` without a job id (the results store's size)")
         print_store_status(as_json)
         return
     try:
@@ -168,6 +226,12 @@ def _warn_unserved(job_id: str) -> None:
     from ml_framework.endpoints import workers_warning
     from producer.queues import job_queue_warning
 
+    if remote():
+        with client() as c:
+            warning = c.worker_warning()
+        if warning:
+            warn(warning)
+        return
     with client() as c:
         live = c.workers(30.0)
         elsewhere = workers_warning(c.settings, live) if live else None  # live workers, on another broker
@@ -404,16 +468,21 @@ def flower(
 def models(ctx: typer.Context) -> None:
     """List the models in the repository (``mlf models add`` adds one)."""
     if ctx.invoked_subcommand is not None:
+        refuse_remote(f"`mlf models {ctx.invoked_subcommand}`")
         return
     from ml_framework.manifest import ModelRepository
     from ml_framework.settings import get_settings
 
     try:
-        manifests = ModelRepository(get_settings().models_dir).list()
+        if remote():
+            with client() as c:
+                manifests, where_ = c.models(), f"the API's repository ({_remote['url']})"
+        else:
+            manifests, where_ = ModelRepository(get_settings().models_dir).list(), str(get_settings().models_dir)
     except MLFrameworkError as exc:
         raise fail(str(exc)) from None
     if not manifests:
-        out.print(f"no models in {get_settings().models_dir} (try `mlf demo` or `mlf models add`)")
+        out.print(f"no models in {where_} (try `mlf demo` or `mlf models add`)", markup=False)
         return
     table = Table("name", "version", "framework", "inputs", "outputs", "batch")
     for m in manifests:
