@@ -194,3 +194,20 @@ def test_predict_reads_the_answer_as_the_direct_client_does():
     assert [list(r) for r in sent[0]["rows"]] == [["a", "b"]] * 2 and sent[0]["timeout_s"] == 5
     assert frame.attrs["job_id"] == JOB and frame["prediction"].tolist() == [1, pd.NA]
     assert frame.loc[1, "error_field"] == "b" and str(frame["prediction"].dtype) == "Int64"
+
+
+def test_mlf_refuses_api_for_commands_that_need_the_broker_and_database(tmp_path):
+    """Under MLF_API_URL, commands needing direct access exit 2 saying so (nothing is
+    opened); an unreachable API is one error line naming its URL, never the key."""
+    from tests.unit.test_cli_admin import mlf
+
+    env = {"MLF_API_URL": "http://127.0.0.1:1", "MLF_API_KEY": SECRET}
+    for args, what in ((["prune"], "`mlf prune` needs direct access"),
+                       (["status"], "`mlf status` without a job id"),
+                       (["models", "add", "x.onnx"], "`mlf models add` needs direct access")):
+        run = mlf(tmp_path, *args, env=env)
+        assert run.returncode == 2 and what in run.stderr, (args, run.stderr)
+    run = mlf(tmp_path, "status", JOB, env=env)
+    assert run.returncode == 1 and "the API at http://127.0.0.1:1 cannot be reached" in run.stderr, run.stderr
+    assert not (tmp_path / "var").exists()  # no embedded store or broker was made
+    assert SECRET not in run.stdout + run.stderr
