@@ -40,6 +40,7 @@ from ml_framework.errors import JobTimeoutError, MLFrameworkError
 from ml_framework.logging import configure_logging
 from ml_framework.store import JobState, JobStatus
 from producer.cli_console import EXIT_ERROR, err, fail, out, say, warn
+from producer.cli_remote import global_options, refuse_remote, remote, remote_client, remote_url
 from producer.durations import duration, rows_per_s, when
 from producer.results import check_output_path
 
@@ -51,46 +52,7 @@ app = typer.Typer(help="ml-framework: batch inference on Celery workers.", no_ar
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="The model repository.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-
-
-REMOTE_COMMANDS = frozenset({"score", "status", "results", "cancel", "jobs", "models"})
-"""Commands that work over the HTTP API (``mlf --api URL``)."""
-_remote: dict[str, str | None] = {"url": None, "key": None}  # set by the global options, per invocation
-
-
-@app.callback()
-def _global_options(
-    ctx: typer.Context,
-    api: Annotated[str | None, typer.Option(
-        "--api", envvar="MLF_API_URL", metavar="URL",
-        help="Talk to the HTTP API at URL (e.g. http://api:8000) instead of the broker and the database: "
-             "score, status JOB, results, cancel, jobs delete and models.")] = None,
-    api_key: Annotated[str | None, typer.Option(
-        "--api-key", envvar="MLF_API_KEY", metavar="KEY",
-        help="API key for --api (prefer the MLF_API_KEY variable: a command line shows in ps).")] = None,
-) -> None:
-    """ml-framework: batch inference on Celery workers."""
-    _remote.update(url=api, key=api_key)
-    if api and ctx.invoked_subcommand not in REMOTE_COMMANDS:
-        raise fail(f"`mlf {ctx.invoked_subcommand}` needs direct access to the broker and the database; it does "
-                   f"not work over the HTTP API (--api / MLF_API_URL). Commands that do: "
-                   f"{', '.join(sorted(REMOTE_COMMANDS))}.", 2)
-
-
-def remote() -> bool:
-    """Whether this invocation talks to the HTTP API (``--api``)."""
-    return _remote["url"] is not None
-
-
-def refuse_remote(what: str) -> None:
-    """Exit with a clear message when ``what`` is asked for over the HTTP API.
-
-    Raises:
-        typer.Exit: status 2 under ``--api``.
-    """
-    if remote():
-        raise fail(f"{what} needs direct access to the broker and the database; it does not work over the "
-                   "HTTP API (--api / MLF_API_URL)", 2)
+app.callback()(global_options)  # --api URL, --api-key KEY (producer.cli_remote)
 
 
 def client():
@@ -98,12 +60,7 @@ def client():
     client (:meth:`producer.Client.connect`) of that API."""
     from producer.client import Client
 
-    if remote():
-        try:
-            return Client.connect(_remote["url"], api_key=_remote["key"])
-        except MLFrameworkError as exc:
-            raise fail(str(exc), 2) from None
-    return Client()
+    return remote_client() if remote() else Client()
 
 
 def where(c) -> str:
@@ -476,7 +433,7 @@ def models(ctx: typer.Context) -> None:
     try:
         if remote():
             with client() as c:
-                manifests, where_ = c.models(), f"the API's repository ({_remote['url']})"
+                manifests, where_ = c.models(), f"the API's repository ({remote_url()})"
         else:
             manifests, where_ = ModelRepository(get_settings().models_dir).list(), str(get_settings().models_dir)
     except MLFrameworkError as exc:
