@@ -114,8 +114,7 @@ class HttpClient:
         self.url = str(parsed.copy_with(username=None, password=None, query=None, fragment=None)).rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, transport=transport,
-                                  auth=None)
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, transport=transport)
         self._manifests: list[ModelManifest] | None = None
 
     def __repr__(self) -> str:

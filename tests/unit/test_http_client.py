@@ -211,3 +211,21 @@ def test_mlf_refuses_api_for_commands_that_need_the_broker_and_database(tmp_path
     assert run.returncode == 1 and "the API at http://127.0.0.1:1 cannot be reached" in run.stderr, run.stderr
     assert not (tmp_path / "var").exists()  # no embedded store or broker was made
     assert SECRET not in run.stdout + run.stderr
+
+
+def test_both_clients_have_the_same_interface_and_job_protocol():
+    """HttpClient has Client's producer methods with the same parameters, and both provide
+    every member of the JobClient protocol that Job reads through."""
+    import inspect
+
+    from producer.job import JobClient
+
+    shared = ("score_dataset", "submit_dataset", "score_rows", "submit_rows", "submit", "answer", "predict",
+              "predict_many", "models", "get_job", "delete_jobs", "was_deleted", "worker_warning", "close")
+    for name in shared:
+        direct, http = (list(inspect.signature(getattr(c, name)).parameters) for c in (Client, HttpClient))
+        assert http == direct, name
+    members = [n for n in vars(JobClient) if callable(vars(JobClient)[n]) and not n.startswith("__")] + ["poll_s"]
+    assert "_results_table" in members and "worker_warning" in members
+    for member in members:
+        assert hasattr(Client, member) and hasattr(HttpClient, member), member
