@@ -24,14 +24,17 @@ Hierarchy::
     │   ├── CallbackError        a callback_url refused at submit (scheme, host, no secret)
     │   └── IdempotencyKeyError  a malformed idempotency key
     │       └── IdempotencyKeyReusedError  the key was used for a different request
-    ├── ApiRequestError          the HTTP API refuses one request (raised by the API only)
+    ├── ApiRequestError          the HTTP API refuses one request (raised by the API, and by
+    │   │                        the HTTP client for the API's answer)
     │   ├── UnauthorizedError    no API key, or an unknown one (401)
     │   ├── ForbiddenError       the key's role does not allow the endpoint (403)
     │   ├── RequestTooLargeError the body is over ``api_max_request_bytes`` (413)
     │   ├── UnsupportedMediaTypeError  a JSON route got another type of body (415)
     │   ├── BodyInvalidError     the body does not validate (422)
     │   ├── InferenceInputError  a /v2 inference request's tensors do not fit the model (400)
-    │   └── ParserUnavailableError  the process parsing the body died (503)
+    │   ├── ParserUnavailableError  the process parsing the body died (503)
+    │   └── ApiResponseError     (HTTP client) an error answer no other class names
+    ├── ApiUnavailableError      (HTTP client) the HTTP API cannot be reached (retry later)
     ├── StoreError               the results database refused an operation
     │   └── StoreUnavailableError    the results database cannot be reached (retry later)
     ├── BrokerError              the message broker refused an operation
@@ -179,7 +182,8 @@ class IdempotencyKeyReusedError(IdempotencyKeyError):
 
 
 class ApiRequestError(MLFrameworkError):
-    """Raised by the HTTP API when it refuses one request as sent; never by the Python
+    """Raised by the HTTP API when it refuses one request as sent, and by the Python
+    client over HTTP (``Client.connect``) when the API answered so; never by the direct
     client. Each subclass has its HTTP status (``producer.api.errors.STATUS_BY_ERROR``)."""
 
 
@@ -220,6 +224,28 @@ class InferenceInputError(ApiRequestError):
 
 class ParserUnavailableError(ApiRequestError):
     """Raised when the process parsing a request body died, e.g. killed for memory (503)."""
+
+
+class ApiResponseError(ApiRequestError):
+    """Raised by the Python client over HTTP (``Client.connect``) when the API answers an
+    error that no other class of this tree names (a 500, a proxy's 502, an unknown route).
+    The message is the API's (never a server path: see ``producer.api.errors``).
+
+    Attributes:
+        status: the HTTP status code.
+        request_id: the answer's ``X-Request-ID``, under which the API's log has the detail.
+    """
+
+    def __init__(self, message: str, status: int = 0, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.request_id = request_id
+
+
+class ApiUnavailableError(MLFrameworkError):
+    """Raised by the Python client over HTTP (``Client.connect``) when the API cannot be
+    reached: connection refused, a timeout, a TLS failure. The message names the API's URL,
+    never the API key. Transient: retry once the API is back."""
 
 
 class StoreError(MLFrameworkError):

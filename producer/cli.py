@@ -12,6 +12,11 @@ Exit codes (for shell scripts):
 6     ``--timeout`` reached before the job finished
 ====  ===========================================================
 
+``mlf --api URL`` (or ``MLF_API_URL``) makes ``score``, ``status JOB``, ``results``,
+``cancel``, ``jobs delete`` and ``models`` talk to the HTTP API with an API key
+(``--api-key`` or ``MLF_API_KEY``) instead of the broker and the database; the other
+commands need those and refuse ``--api``.
+
 Commands that live outside the producer (``mlf worker``, ``mlf models add``, ``mlf demo``)
 are plugged in through the ``mlf.commands`` entry-point group, so a producer-only
 install never imports the worker or an ML framework.
@@ -35,6 +40,7 @@ from ml_framework.errors import JobTimeoutError, MLFrameworkError
 from ml_framework.logging import configure_logging
 from ml_framework.store import JobState, JobStatus
 from producer.cli_console import EXIT_ERROR, err, fail, out, say, warn
+from producer.cli_remote import global_options, refuse_remote, remote, remote_client, remote_url
 from producer.durations import duration, rows_per_s, when
 from producer.results import check_output_path
 
@@ -46,13 +52,21 @@ app = typer.Typer(help="ml-framework: batch inference on Celery workers.", no_ar
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="The model repository.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
+app.callback()(global_options)  # --api URL, --api-key KEY (producer.cli_remote)
 
 
 def client():
-    """A :class:`producer.Client` from the current settings."""
+    """A :class:`producer.Client` from the current settings, or under ``--api`` the HTTP
+    client (:meth:`producer.Client.connect`) of that API."""
     from producer.client import Client
 
-    return Client()
+    return remote_client() if remote() else Client()
+
+
+def where(c) -> str:
+    """The line saying what ``c`` talks to: the broker and the store, or the API."""
+    url = getattr(c, "url", None)
+    return f"API {url}" if url is not None else where_line(c.settings)
 
 
 def print_status(status: JobStatus) -> None:
@@ -107,7 +121,7 @@ def score(
         options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority,
                                 callback_url)
         with client() as c:
-            say(where_line(c.settings), console=err)
+            say(where(c), console=err)
             job = c.submit_dataset(dataset, options, idempotency_key=idempotency_key)
             submitted = job.status()
             if job.replayed:
@@ -152,6 +166,7 @@ def status(
     if job_id is None:
         from producer.cli_lifecycle import print_store_status
 
+        refuse_remote("`mlf status` without a job id (the results store's size)")
         print_store_status(as_json)
         return
     try:
@@ -174,6 +189,12 @@ def _warn_unserved(job_id: str) -> None:
     from ml_framework.endpoints import workers_warning
     from producer.queues import job_queue_warning
 
+    if remote():
+        with client() as c:
+            warning = c.worker_warning()
+        if warning:
+            warn(warning)
+        return
     with client() as c:
         live = c.workers(30.0)
         elsewhere = workers_warning(c.settings, live) if live else None  # live workers, on another broker
@@ -410,16 +431,21 @@ def flower(
 def models(ctx: typer.Context) -> None:
     """List the models in the repository (``mlf models add`` adds one)."""
     if ctx.invoked_subcommand is not None:
+        refuse_remote(f"`mlf models {ctx.invoked_subcommand}`")
         return
     from ml_framework.manifest import ModelRepository
     from ml_framework.settings import get_settings
 
     try:
-        manifests = ModelRepository(get_settings().models_dir).list()
+        if remote():
+            with client() as c:
+                manifests, where_ = c.models(), f"the API's repository ({remote_url()})"
+        else:
+            manifests, where_ = ModelRepository(get_settings().models_dir).list(), str(get_settings().models_dir)
     except MLFrameworkError as exc:
         raise fail(str(exc)) from None
     if not manifests:
-        out.print(f"no models in {get_settings().models_dir} (try `mlf demo` or `mlf models add`)")
+        out.print(f"no models in {where_} (try `mlf demo` or `mlf models add`)", markup=False)
         return
     table = Table("name", "version", "framework", "inputs", "outputs", "batch")
     for m in manifests:

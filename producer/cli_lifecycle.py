@@ -46,9 +46,9 @@ def delete_jobs(
     with client() as c:
         for job_id in job_ids:
             try:
-                full = c.store.resolve_job_id(job_id)
+                full = c.get_job(job_id).id
             except JobNotFoundError as exc:
-                if c.store.deleted_owner(job_id.strip().lower())[0]:
+                if len(job_id.strip()) == 32 and c.was_deleted(job_id):
                     _say(f"job {job_id.strip().lower()} was deleted already")
                     continue
                 err.print(f"error: {exc}", markup=False, highlight=False)
@@ -58,8 +58,8 @@ def delete_jobs(
             if report is None:
                 _say(f"job {full} was deleted already")
             else:
-                _say(f"deleted job {full}: {report.shards} shard(s), {report.row_errors} row error(s), "
-                     f"{_mb(report.result_bytes)} of results")
+                _say(f"deleted job {full}: {report.shards} shard(s), {report.row_errors} row error(s)"
+                     + (f", {_mb(report.result_bytes)} of results" if report.result_bytes else ""))
     if failed:
         raise typer.Exit(1)
 

@@ -7,6 +7,10 @@ Example::
     job = client.score_dataset("data/digits.csv", model="digits-sklearn")
     job.wait(timeout_s=600, progress=True)
     df = job.results()            # one row per input row, in input order
+
+Over the HTTP API instead (an API key, no broker or database credentials):
+``Client.connect("http://api:8000", api_key=...)`` returns an
+:class:`~producer.http_client.HttpClient` with the same methods and :class:`Job`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+import pyarrow as pa
 
 from ml_framework.callbacks import DEFAULT_SECRET, check_callback_url
 from ml_framework.celery_app import create_app, message_priority
@@ -43,12 +49,16 @@ from ml_framework.manifest import ModelManifest, ModelRepository
 from ml_framework.paths import locate_dataset
 from ml_framework.protocol import ScoreShard
 from ml_framework.settings import Settings, get_settings
-from ml_framework.store import PruneReport, ResultStore, WorkerInfo
+from ml_framework.store import JobStatus, PruneReport, ResultStore, WorkerInfo
 from ml_framework.store.idempotency import Idempotency, check_key, request_hash
-from producer.job import Job
+from producer.job import POLL_MAX_S, POLL_START_S, Job
 from producer.online import OnlineDispatcher, OnlineRequest
 from producer.plan import JobOptions, ShardPlan, check_message_bytes, plan_dataset, plan_rows
+from producer.results import job_results
 from producer.rows import RowsLike, rows_nbytes
+
+if TYPE_CHECKING:
+    from producer.http_client import HttpClient
 
 MESSAGES_PER_WRITE = 1000
 MESSAGE_BYTES_PER_WRITE = 16 * 2**20
@@ -66,7 +76,12 @@ class Client:
 
     Args:
         settings: default :func:`~ml_framework.settings.get_settings`.
+
+    Attributes:
+        poll_s: first and longest pause of :meth:`Job.wait` between two reads, seconds.
     """
+
+    poll_s = (POLL_START_S, POLL_MAX_S)
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
@@ -75,6 +90,26 @@ class Client:
         self.app = create_app(self.settings)
         self._dispatcher: OnlineDispatcher | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, url: str, api_key: str | None = None, timeout_s: float | None = None) -> HttpClient:
+        """A client of the HTTP API at ``url`` (``uvicorn producer.api:app``), with this
+        class's methods and the same :class:`Job`: the host needs an API key, not the
+        broker's or the database's credentials (see :mod:`producer.http_client`).
+
+        Args:
+            url: the API's base URL, e.g. ``http://api:8000``.
+            api_key: sent as ``Authorization: Bearer``; never shown in a repr or an error.
+            timeout_s: seconds to wait for one HTTP answer (default
+                :data:`~producer.http_client.HTTP_TIMEOUT_S`).
+
+        Raises:
+            ApiUnavailableError: ``url`` is not an ``http://`` or ``https://`` URL (nothing
+                is sent before the first call).
+        """
+        from producer.http_client import HTTP_TIMEOUT_S, HttpClient
+
+        return HttpClient(url, api_key, HTTP_TIMEOUT_S if timeout_s is None else timeout_s)
 
     def close(self) -> None:
         """Release broker and database connections."""
@@ -118,6 +153,28 @@ class Client:
             finally:
                 cache.close()
         return done
+
+    def was_deleted(self, job_id: str) -> bool:
+        """Whether job ``job_id`` (a full id) was deleted and its tombstone is still kept."""
+        return self.store.deleted_owner(job_id.strip().lower())[0]
+
+    # The JobClient protocol (producer.job): what a Job reads through.
+    def _job_status(self, job_id: str) -> JobStatus:
+        return self.store.job(job_id)
+
+    def _cancel_job(self, job_id: str) -> JobStatus:
+        return self.store.cancel(job_id)
+
+    def _results_table(self, job_id: str) -> pa.Table:
+        return self.store.results_table(job_id)
+
+    def _results_frame(self, job_id: str) -> pd.DataFrame:
+        return job_results(self.store, job_id)
+
+    def _queue_warning(self, job_id: str) -> str | None:
+        from producer.queues import job_queue_warning
+
+        return job_queue_warning(self, job_id, prefix=False)
 
     def live_workers(self, max_age_s: float = WORKER_LIVE_S) -> list[str]:
         """Worker processes whose heartbeat reached the results store in the last ``max_age_s``."""

@@ -1,26 +1,26 @@
 """A handle on one scoring job (:class:`Job`): its status, waiting for it with warnings
-that say why it waits, its results, cancelling and deleting it. Made by
-:class:`producer.client.Client`, whose results store and broker it reads through."""
+that say why it waits, its results, cancelling and deleting it. Made by a client, direct
+(:class:`producer.client.Client`: the results store and the broker) or over HTTP
+(:class:`producer.http_client.HttpClient`), through whose small :class:`JobClient`
+protocol it reads."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import pandas as pd
+import pyarrow as pa
 
 from ml_framework.errors import JobTimeoutError
 from ml_framework.store import JobState, JobStatus, PruneReport
-from producer.results import job_results, write_results
+from producer.results import write_results
 
-if TYPE_CHECKING:
-    from producer.client import Client
-
-__all__ = ["Job"]
+__all__ = ["Job", "JobClient"]
 
 POLL_START_S = 0.01
 POLL_MAX_S = 0.05
@@ -32,8 +32,45 @@ NO_WORKER_WARNING_S = 5.0
 log = logging.getLogger("producer.client")
 
 
+class JobClient(Protocol):
+    """What a :class:`Job` asks of the client that made it; the direct client and the
+    HTTP client both provide it, so that ``Job`` has one code path.
+
+    Attributes:
+        poll_s: ``(first, longest)`` pause between two status reads of :meth:`Job.wait`,
+            seconds.
+    """
+
+    poll_s: tuple[float, float]
+
+    def _job_status(self, job_id: str) -> JobStatus:
+        """The job's state and counters. Raises ``JobNotFoundError``."""
+
+    def _cancel_job(self, job_id: str) -> JobStatus:
+        """Cancel the job; its status after. Raises ``JobNotFoundError``."""
+
+    def _results_table(self, job_id: str) -> pa.Table:
+        """``ResultStore.results_table`` of the job. Raises ``JobNotFoundError``."""
+
+    def _results_frame(self, job_id: str) -> pd.DataFrame:
+        """:func:`producer.results.job_results` of the job. Raises ``JobNotFoundError``."""
+
+    def _queue_warning(self, job_id: str) -> str | None:
+        """Why the PENDING job waits when live workers consume no queue of it, else ``None``."""
+
+    def worker_warning(self) -> str | None:
+        """Why a job sent now may wait (no live worker...), or ``None``."""
+
+    def delete_jobs(self, job_ids: Sequence[str]) -> dict[str, PruneReport | None]:
+        """Delete jobs by full id."""
+
+    def answer(self, job: Job, timeout_s: float) -> Job:
+        """Wait for an online request."""
+
+
 class Job:
-    """Handle on one scoring job; every method reads the results store.
+    """Handle on one scoring job; every method reads through the client that made it
+    (the results store, or the HTTP API).
 
     Attributes:
         id: the job id (32 hex characters).
@@ -41,7 +78,7 @@ class Job:
             submitted before with that key, instead of submitting a new one.
     """
 
-    def __init__(self, client: Client, job_id: str, *, replayed: bool = False, answer: Future | None = None) -> None:
+    def __init__(self, client: JobClient, job_id: str, *, replayed: bool = False, answer: Future | None = None) -> None:
         self.client = client
         self.id = job_id
         self.replayed = replayed
@@ -52,15 +89,17 @@ class Job:
 
     def status(self) -> JobStatus:
         """Current state and counters. Raises ``JobNotFoundError``."""
-        return self.client.store.job(self.id)
+        return self.client._job_status(self.id)
 
     def wait(self, timeout_s: float | None = None, progress: bool = False, *,
-             poll_start_s: float = POLL_START_S, poll_max_s: float = POLL_MAX_S, warned: str | None = None,
+             poll_start_s: float | None = None, poll_max_s: float | None = None, warned: str | None = None,
              on_warning: Callable[[str], object] | None = None) -> JobStatus:
         """Block until the job is finished (any terminal state).
 
-        Polls the store with backoff (x1.5 per poll) from ``poll_start_s`` to ``poll_max_s``
-        (by default 10 ms to 50 ms: the call returns within 100 ms of the job finishing).
+        Polls the job's status with backoff (x1.5 per poll) from ``poll_start_s`` to
+        ``poll_max_s`` (by default the client's ``poll_s``: 10 ms to 50 ms from the store, so
+        the call returns within 100 ms of the job finishing; over HTTP see
+        :data:`producer.http_client.POLL_S`).
         Warns once when the job is still PENDING after 5 s and no worker heartbeat is live,
         or the live workers listen on another broker (see :meth:`Client.worker_warning`),
         or none of them consumes the job's queue.
@@ -68,7 +107,8 @@ class Job:
         Args:
             timeout_s: give up after this many seconds (``None``: wait forever).
             progress: show a progress bar of rows done on the terminal.
-            poll_start_s / poll_max_s: first and longest pause between polls, seconds.
+            poll_start_s / poll_max_s: first and longest pause between polls, seconds
+                (default: the client's ``poll_s``).
             warned: why the job may wait, as the caller has already told the user (``mlf
                 score`` warns at submit): not said again, and a timeout refers to it.
             on_warning: called with each warning's text; default: logged at WARNING on
@@ -84,7 +124,9 @@ class Job:
         """
         started = time.monotonic()
         deadline = None if timeout_s is None else started + timeout_s
-        delay = poll_start_s
+        first_s, longest_s = self.client.poll_s
+        delay = first_s if poll_start_s is None else poll_start_s
+        poll_max_s = longest_s if poll_max_s is None else poll_max_s
         reason = warned  # why the job waits, when known
         told = checked = warned is not None
         queue_checked = False
@@ -106,10 +148,8 @@ class Job:
                             reason = warning
                             queue_checked = True  # no worker here to consume any queue
                     if not queue_checked:  # live workers, but none consumes the job's queue
-                        from producer.queues import job_queue_warning
-
                         queue_checked = True  # asked once: the workers take up to a second to say what they consume
-                        reason = job_queue_warning(self.client, self.id, prefix=False)
+                        reason = self.client._queue_warning(self.id)
                     if reason is not None and not timed_out:  # at the timeout, the error says it
                         told = True
                         say(f"job {self.id} is still PENDING: {reason}")
@@ -138,11 +178,11 @@ class Job:
 
     def results(self) -> pd.DataFrame:
         """Outputs and row errors in input row order (see :func:`producer.results.job_results`)."""
-        return job_results(self.client.store, self.id)
+        return self.client._results_frame(self.id)
 
     def cancel(self) -> JobStatus:
         """Cancel the job: no further shard starts; recorded results stay."""
-        return self.client.store.cancel(self.id)
+        return self.client._cancel_job(self.id)
 
     def delete(self) -> PruneReport | None:
         """Delete the job and everything the store holds of it (shards, results, row
@@ -158,7 +198,7 @@ class Job:
     def save_results(self, path: Path | str) -> Path:
         """Write the results (as :meth:`results`, ``row`` as the first column) to
         ``.parquet`` or ``.csv`` (list values as JSON in CSV), straight from Arrow."""
-        return write_results(self.client.store.results_table(self.id), Path(path))
+        return write_results(self.client._results_table(self.id), Path(path))
 
 
 class _ProgressBar:

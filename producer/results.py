@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -141,3 +142,25 @@ def job_results(store: ResultStore, job_id: str) -> pd.DataFrame:
         JobNotFoundError: no such job.
     """
     return results_frame(*store.recorded_rows(job_id))
+
+
+def table_frame(table: pa.Table) -> pd.DataFrame:
+    """A results table (``ResultStore.results_table``'s columns: ``row``, the outputs,
+    ``error``, ``error_field``; e.g. read back from the HTTP API's Arrow stream) as the
+    DataFrame :func:`job_results` gives for the same rows: same columns, dtypes and order.
+
+    Raises:
+        ValueError: ``table`` lacks the ``row`` or ``error`` column.
+    """
+    for name in (shard_outputs.ROW, "error"):
+        if name not in table.column_names:
+            raise ValueError(f"a results table needs a {name!r} column; got {table.column_names}")
+    failed = table.column("error").is_valid()
+    bad = table.filter(failed)
+    fields = bad.column("error_field").to_pylist() if "error_field" in bad.column_names else [None] * bad.num_rows
+    errors = list(zip(bad.column(shard_outputs.ROW).to_pylist(), fields, bad.column("error").to_pylist(),
+                      strict=True))
+    ok = table.filter(pc.invert(failed)).drop_columns(
+        [c for c in ("error", "error_field") if c in table.column_names])
+    # no row succeeded: the store gives no output table (job_results' frame then has no output columns)
+    return results_frame(None if errors and not ok.num_rows else ok, errors)

@@ -18,8 +18,9 @@ from ml_framework.store.models import WorkerRow
 HOST = os.uname().nodename
 
 
-def mlf(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
+def mlf(tmp_path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``mlf ARGS`` in a new process, its settings only a ``var_dir`` under ``tmp_path`` (plus ``env``)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ML_FRAMEWORK_", "MLF_API"))}, **(env or {})}
     env["ML_FRAMEWORK_VAR_DIR"] = str(tmp_path / "var")
     return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", *args], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)

@@ -1,0 +1,72 @@
+"""``mlf --api URL``: the global options that make the producer commands talk to the HTTP
+API (:meth:`producer.Client.connect`) instead of the broker and the database, and the
+refusal of the commands that need those."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ml_framework.errors import MLFrameworkError
+from producer.cli_console import fail
+
+__all__ = ["REMOTE_COMMANDS", "global_options", "refuse_remote", "remote", "remote_client", "remote_url"]
+
+REMOTE_COMMANDS = frozenset({"score", "status", "results", "cancel", "jobs", "models"})
+"""Commands that work over the HTTP API (``mlf --api URL``); ``status`` and ``models`` refuse
+their forms that need the store or the repository's directory (:func:`refuse_remote`)."""
+_remote: dict[str, str | None] = {"url": None, "key": None}  # set by the global options, per invocation
+
+
+def global_options(
+    ctx: typer.Context,
+    api: Annotated[str | None, typer.Option(
+        "--api", envvar="MLF_API_URL", metavar="URL",
+        help="Talk to the HTTP API at URL (e.g. http://api:8000) instead of the broker and the database: "
+             "score, status JOB, results, cancel, jobs delete and models.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="MLF_API_KEY", metavar="KEY",
+        help="API key for --api (prefer the MLF_API_KEY variable: a command line shows in ps).")] = None,
+) -> None:
+    """ml-framework: batch inference on Celery workers."""
+    _remote.update(url=api, key=api_key)
+    if api and ctx.invoked_subcommand not in REMOTE_COMMANDS:
+        raise fail(f"`mlf {ctx.invoked_subcommand}` needs direct access to the broker and the database; it does "
+                   f"not work over the HTTP API (--api / MLF_API_URL). Commands that do: "
+                   f"{', '.join(sorted(REMOTE_COMMANDS))}.", 2)
+
+
+def remote() -> bool:
+    """Whether this invocation talks to the HTTP API (``--api``)."""
+    return _remote["url"] is not None
+
+
+def remote_url() -> str | None:
+    """The API's URL given with ``--api`` (``None`` without)."""
+    return _remote["url"]
+
+
+def remote_client():
+    """The HTTP client of the ``--api`` URL, with the ``--api-key`` key.
+
+    Raises:
+        typer.Exit: status 2 when the URL is no http(s) URL (said on stderr).
+    """
+    from producer.client import Client
+
+    try:
+        return Client.connect(_remote["url"] or "", api_key=_remote["key"])
+    except MLFrameworkError as exc:
+        raise fail(str(exc), 2) from None
+
+
+def refuse_remote(what: str) -> None:
+    """Exit with a clear message when ``what`` is asked for over the HTTP API.
+
+    Raises:
+        typer.Exit: status 2 under ``--api``.
+    """
+    if remote():
+        raise fail(f"{what} needs direct access to the broker and the database; it does not work over the "
+                   "HTTP API (--api / MLF_API_URL)", 2)

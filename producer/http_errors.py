@@ -1,0 +1,92 @@
+"""The HTTP API's error answers as the exceptions the direct client raises.
+
+The API answers every error as ``{"error": {"type", "message", "request_id"}}`` (see
+:mod:`producer.api.errors`), ``type`` being the class name of :mod:`ml_framework.errors`
+(``JobNotFoundError``, ``DatasetPathError``, ``UnauthorizedError`` ...) or
+``ValidationError`` (a body that does not validate). :func:`error_of` raises that same class
+with the API's message, so that code written against :class:`producer.client.Client` catches
+the same errors over HTTP. Nothing here holds or prints the API key.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import httpx
+
+from ml_framework import errors
+from ml_framework.errors import (
+    ApiResponseError,
+    ApiUnavailableError,
+    BodyInvalidError,
+    ForbiddenError,
+    JobNotFoundError,
+    MLFrameworkError,
+    UnauthorizedError,
+)
+
+__all__ = ["error_of", "unreachable"]
+
+BY_STATUS: dict[int, type[MLFrameworkError]] = {401: UnauthorizedError, 403: ForbiddenError}
+"""Classes of error answers whose body names none (say, a proxy's own 401 page)."""
+_MAX_TEXT = 300
+"""Characters of a body that is not the API's JSON error kept in the message."""
+
+
+def _error_class(kind: str | None, status: int) -> type[MLFrameworkError]:
+    """The class named ``kind`` in :mod:`ml_framework.errors` (``ValidationError``:
+    :class:`BodyInvalidError`), else by ``status``, else :class:`ApiResponseError`."""
+    if kind == "ValidationError":
+        return BodyInvalidError
+    cls = getattr(errors, kind, None) if kind and kind.isidentifier() else None
+    if isinstance(cls, type) and issubclass(cls, MLFrameworkError):
+        return cls
+    return BY_STATUS.get(status, ApiResponseError)
+
+
+def error_of(response: httpx.Response, *, job_id: str | None = None) -> MLFrameworkError:
+    """The exception an error ``response`` (status 400 or more) stands for.
+
+    Args:
+        response: the API's answer; its body is read if it was streamed.
+        job_id: the job the request named, kept as ``job_id`` on errors that have one
+            (``JobTimeoutError``, ``BrokerUnavailableError``...).
+
+    Returns:
+        An instance of the class the body's ``error.type`` names, with its ``message``
+        (a 404 without the API's body, say a wrong base URL, is an :class:`ApiResponseError`);
+        every one carries ``status`` and ``request_id`` attributes.
+    """
+    response.read()
+    kind, message = None, None
+    try:
+        detail = response.json().get("error")
+        if isinstance(detail, dict):
+            kind, message = detail.get("type"), detail.get("message")
+    except (ValueError, AttributeError):  # not the API's JSON: a proxy's page, a wrong URL
+        pass
+    request_id = response.headers.get("x-request-id")
+    if message is None:
+        text = response.text.strip()[:_MAX_TEXT]
+        message = (f"HTTP {response.status_code} {response.reason_phrase} from {response.request.url.copy_with(query=None)}"
+                   + (f": {text}" if text else ""))
+    cls = _error_class(kind, response.status_code)
+    if cls is JobNotFoundError and kind is None:  # a 404 that is not the API's: not a job's absence
+        cls = ApiResponseError
+    exc = cls.__new__(cls, message)  # the API's message as it is; constructors differ in their extra arguments
+    exc.args = (message,)
+    if isinstance(exc, BodyInvalidError):
+        exc.errors = []
+    if "job_id" in inspect.signature(cls.__init__).parameters:
+        exc.job_id = job_id
+    exc.status = response.status_code
+    exc.request_id = request_id
+    return exc
+
+
+def unreachable(url: str, exc: httpx.TransportError) -> ApiUnavailableError:
+    """The error for an API that could not be reached at ``url`` (names the URL and what
+    failed; an ``httpx`` error never holds request headers, so no key)."""
+    what = str(exc).strip() or type(exc).__name__
+    return ApiUnavailableError(f"the API at {url} cannot be reached ({type(exc).__name__}: {what}); is it running, "
+                               "and is the URL right?")
