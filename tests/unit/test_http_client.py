@@ -116,7 +116,10 @@ def test_owner_is_refused_and_options_travel_whole():
     job = client.score_dataset("sub/d.csv", model="m", batch_size=8, columns=["a"], priority=3,
                                idempotency_key='k"1')
     assert job.id == JOB and not job.replayed
-    assert bodies == [({"model": "m", "version": None, "batch_size": 8, "columns": ["a"], "priority": 3,
+    from producer.plan import JobOptions
+
+    unset = dict.fromkeys(JobOptions.model_fields)  # options not given travel as null
+    assert bodies == [({**unset, "model": "m", "version": None, "batch_size": 8, "columns": ["a"], "priority": 3,
                         "dataset": "sub/d.csv"}, '"k\\"1"')]
     with pytest.raises(JobOptionError, match="owner"):
         client.score_dataset("d.csv", model="m", owner="bob")
