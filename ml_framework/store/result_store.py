@@ -16,13 +16,13 @@ from datetime import datetime
 
 import pyarrow as pa
 from sqlalchemy import Connection, Engine, select
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.errors import StoreError, StoreUnavailableError
 from ml_framework.store import fleet, idempotency, jobs, lifecycle, outputs
 from ml_framework.store import shards as ledger
-from ml_framework.store.engine import make_engine, read, upgrade
+from ml_framework.store.engine import CONNECTION_ERRORS, make_engine, read, upgrade
 from ml_framework.store.fleet import WorkerInfo
 from ml_framework.store.jobs import JobStatus, NewJob
 from ml_framework.store.lifecycle import PruneReport, StoreStats
@@ -49,7 +49,7 @@ class ResultStore:
         if migrate:
             try:
                 upgrade(self.engine)
-            except (OperationalError, InterfaceError) as exc:
+            except CONNECTION_ERRORS as exc:
                 raise StoreUnavailableError(f"cannot reach results store {self.engine.url!r}: {exc}") from exc
             except SQLAlchemyError as exc:
                 raise StoreError(f"cannot open results store {self.engine.url!r}: {exc}") from exc

@@ -59,6 +59,7 @@ from producer.api.auth import User
 from producer.api.deps import ClientDep, read_body
 from producer.api.errors import (
     REQUEST_ID_HEADER,
+    framework_error_of,
     is_json,
     public,
     public_error,
@@ -161,6 +162,7 @@ _REQUEST = TypeAdapter(InferenceRequest)
 def _status_and_message(exc: Exception, roots: list[Path]) -> tuple[int, str]:
     """What to answer for ``exc``: a request that does not fit the model is 400 (the spec's
     "bad request"), not ``/v1``'s 422; everything else as ``/v1`` answers it."""
+    exc = framework_error_of(exc)
     if isinstance(exc, MLFrameworkError):
         status, message = public_error(exc, roots)
         return (400 if isinstance(exc, InferenceInputError | DatasetError) else status), message
