@@ -73,6 +73,7 @@ from producer.api.oip_tensors import (
     input_spec,
     output_specs,
 )
+from producer.api.operations import all_ok, ready_checks
 from producer.client import Client
 
 __all__ = ["ErrorResponse", "InferenceRequest", "InferenceResponse", "ModelMetadata", "OipRoute", "router"]
@@ -238,22 +239,18 @@ async def server_live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", responses={400: {"description": "Not ready; 'reason' says why."}})
-def server_ready(c: ClientDep) -> JSONResponse:
+def server_ready(c: ClientDep, request: Request) -> JSONResponse:
     """Readiness (no key needed): the results database and the broker answer, and a worker's
-    heartbeat is younger than ``WORKER_LIVE_S`` (30 s). 400 otherwise, as the spec answers false."""
-    reason = None
-    try:
-        c.store.ping()
-        with c.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the log says which
-        log.warning("v2 readiness: %s: %s", type(exc).__name__, exc)
+    heartbeat is younger than ``WORKER_LIVE_S`` (30 s): the checks of ``/ready``
+    (:func:`~producer.api.operations.ready_checks`). 400 otherwise, as the spec answers false."""
+    checks = ready_checks(c, request)
+    if all_ok(checks):
+        return JSONResponse({"ready": True})
+    if checks["database"] != "ok" or checks["broker"] != "ok":
         reason = "the broker or the results database is unreachable"
-    if reason is None and not _workers_alive(c):
-        reason = f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s"
-    if reason:
-        return JSONResponse({"ready": False, "reason": reason}, status_code=400)
-    return JSONResponse({"ready": True})
+    else:
+        reason = checks["workers"]
+    return JSONResponse({"ready": False, "reason": reason}, status_code=400)
 
 
 @router.get("")
