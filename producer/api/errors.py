@@ -38,6 +38,7 @@ from ml_framework.errors import (
     MLFrameworkError,
     ModelError,
     ModelNotFoundError,
+    ModelUnavailableError,
     ParserUnavailableError,
     RequestTooLargeError,
     SettingsError,
@@ -66,7 +67,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (DatasetNotFoundError, 404), (JobTimeoutError, 504), (ManifestError, 409), (DatasetError, 422),
     (IdempotencyKeyReusedError, 422),
     (StoreUnavailableError, 503),
-    (BrokerUnavailableError, 503),
+    (BrokerUnavailableError, 503), (ModelUnavailableError, 503),
     (MLFrameworkError, 400),
 ]
 """HTTP status of each error class (the first that matches)."""

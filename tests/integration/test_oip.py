@@ -72,7 +72,7 @@ def test_server_live_ready_and_metadata(server):
     assert bare.is_server_live() and bare.is_server_ready()
     assert client.is_model_ready("digits-torch", headers=auth())
     meta = client.get_model_metadata("digits-torch", headers=auth())
-    assert meta["name"] == "digits-torch" and meta["platform"] == "pytorch" and "1" in meta["versions"]
+    assert meta["name"] == "digits-torch" and meta["platform"] == "pytorch_libtorch" and "1" in meta["versions"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert meta["outputs"] == [{"name": "prediction", "datatype": "INT64", "shape": [-1]},
                                {"name": "score", "datatype": "FP64", "shape": [-1]},
