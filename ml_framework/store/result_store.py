@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.errors import StoreError, StoreUnavailableError
-from ml_framework.store import fleet, idempotency, jobs, lifecycle, outputs
+from ml_framework.store import fleet, idempotency, jobs, lifecycle, outputs, sessions
 from ml_framework.store import shards as ledger
 from ml_framework.store.engine import CONNECTION_ERRORS, make_engine, read, upgrade
 from ml_framework.store.fleet import WorkerInfo
@@ -68,6 +68,15 @@ class ResultStore:
                 conn.execute(select(1))
         except SQLAlchemyError as exc:
             raise StoreUnavailableError(f"results store {self.engine.url!r} unreachable: {exc}") from exc
+
+    # --------------------------------------------------------------- sessions
+    def revoke_session(self, token: str, expires_at: datetime) -> None:
+        """Refuse browser session ``token`` until ``expires_at`` (:func:`~ml_framework.store.sessions.revoke`)."""
+        sessions.revoke(self.engine, token, expires_at)
+
+    def session_revoked(self, token: str) -> bool:
+        """Whether browser session ``token`` was signed out (:func:`~ml_framework.store.sessions.revoked`)."""
+        return sessions.revoked(self.engine, token)
 
     # ------------------------------------------------------------------- jobs
     def create_job(self, *, model: str, model_version: int, dataset: str, n_rows: int,

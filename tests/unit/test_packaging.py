@@ -214,7 +214,7 @@ def test_the_api_trusts_forwarded_headers_from_the_tls_proxy_only():
     spec = compose()
     api, tls, edge = spec["services"]["ml-api"], spec["services"]["tls"], spec["networks"]["edge"]["ipam"]["config"][0]
     proxy = tls["networks"]["edge"]["ipv4_address"]
-    assert api["environment"]["FORWARDED_ALLOW_IPS"] == "${MLF_FORWARDED_ALLOW_IPS:-%s}" % proxy
+    assert api["environment"]["FORWARDED_ALLOW_IPS"] == "${MLF_FORWARDED_ALLOW_IPS:-" + proxy + "}"
     assert list(tls["networks"]) == ["edge"] and "edge" in api["networks"] and "edge" in spec["services"]["flower"]["networks"]
     assert ipaddress.ip_address(proxy) in ipaddress.ip_network(edge["subnet"])
     assert ipaddress.ip_address(proxy) not in ipaddress.ip_network(edge["ip_range"])
