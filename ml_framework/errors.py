@@ -8,6 +8,7 @@ Hierarchy::
     │   ├── ModelNotFoundError   no such model / version in the model repository
     │   ├── ManifestError        manifest missing, malformed or inconsistent with its artifact
     │   ├── ModelLoadError       the runtime could not load the artifact
+    │   ├── ModelUnavailableError  (API) the model failed a request as a whole: not servable now
     │   └── BatchContractError   a batch returned outputs its manifest does not allow
     ├── DatasetError
     │   ├── DatasetNotFoundError the dataset path does not exist
@@ -74,6 +75,13 @@ class ManifestError(ModelError):
 
 class ModelLoadError(ModelError):
     """Raised when a runtime fails to load a model artifact."""
+
+
+class ModelUnavailableError(ModelError):
+    """Raised by the HTTP API's ``/v2`` inference when the workers failed a request as a
+    whole (the model could not be loaded or run: the shard's error, not the rows'): the
+    request was fine, the model is not servable now (503, as Triton answers a model that
+    is not ready)."""
 
 
 class BatchContractError(ModelError):

@@ -12,6 +12,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from ml_framework.errors import StoreUnavailableError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 READ_ONLY = "mlf_read_only"
@@ -19,6 +23,11 @@ READ_ONLY = "mlf_read_only"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_MIGRATION_LOCK_ID = 72_616_001  # arbitrary constant key for pg_advisory_xact_lock
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, DisconnectionError,
+                                                 PoolTimeoutError)
+"""SQLAlchemy errors that mean the database cannot be reached or cannot serve now (refused
+or dropped connections, a database that admits no connection, an exhausted pool), as
+opposed to a statement it refused: the callers' "retry later"."""
 IN_CHUNK = 500
 """Ids per ``IN (...)`` list: well under SQLite's 32,766 bound parameters."""
 
@@ -27,6 +36,17 @@ def read(engine: Engine) -> Connection:
     """A connection for reading only (on SQLite a deferred transaction, see
     :data:`READ_ONLY`); use it as a context manager."""
     return engine.connect().execution_options(**{READ_ONLY: True})
+
+
+def unavailable(exc: BaseException, what: str = "results store") -> StoreUnavailableError | None:
+    """``exc`` as a :class:`~ml_framework.errors.StoreUnavailableError` (its cause) when it is
+    one of :data:`CONNECTION_ERRORS`, else ``None``. The message names ``what`` and the
+    driver's error, not the database URL (callers log it; answers use a fixed text)."""
+    if not isinstance(exc, CONNECTION_ERRORS):
+        return None
+    error = StoreUnavailableError(f"{what} unreachable: {type(exc).__name__}")
+    error.__cause__ = exc
+    return error
 
 
 def chunks(items: list) -> Iterator[list]:

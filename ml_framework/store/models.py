@@ -189,6 +189,16 @@ class DeletedJobRow(Base):
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
+class RevokedSessionRow(Base):
+    """A browser session token (:mod:`producer.api.auth`) signed out before it expired, by
+    the SHA-256 of the token (hex): refused until ``expires_at``, then pruned."""
+
+    __tablename__ = "revoked_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class ShardRow(Base):
     """One shard of a job: a row range and who ran it."""
 

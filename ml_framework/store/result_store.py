@@ -17,14 +17,14 @@ from datetime import datetime
 
 import pyarrow as pa
 from sqlalchemy import Connection, Engine, select
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.errors import StoreError, StoreUnavailableError
-from ml_framework.store import callbacks, fleet, idempotency, jobs, lifecycle, outputs
+from ml_framework.store import callbacks, fleet, idempotency, jobs, lifecycle, outputs, sessions
 from ml_framework.store import shards as ledger
 from ml_framework.store.callbacks import DueCallback
-from ml_framework.store.engine import make_engine, read, upgrade
+from ml_framework.store.engine import CONNECTION_ERRORS, make_engine, read, upgrade
 from ml_framework.store.fleet import WorkerInfo
 from ml_framework.store.jobs import JobStatus, NewJob
 from ml_framework.store.lifecycle import PruneReport, StoreStats
@@ -51,7 +51,7 @@ class ResultStore:
         if migrate:
             try:
                 upgrade(self.engine)
-            except (OperationalError, InterfaceError) as exc:
+            except CONNECTION_ERRORS as exc:
                 raise StoreUnavailableError(f"cannot reach results store {self.engine.url!r}: {exc}") from exc
             except SQLAlchemyError as exc:
                 raise StoreError(f"cannot open results store {self.engine.url!r}: {exc}") from exc
@@ -70,6 +70,15 @@ class ResultStore:
                 conn.execute(select(1))
         except SQLAlchemyError as exc:
             raise StoreUnavailableError(f"results store {self.engine.url!r} unreachable: {exc}") from exc
+
+    # --------------------------------------------------------------- sessions
+    def revoke_session(self, token: str, expires_at: datetime) -> None:
+        """Refuse browser session ``token`` until ``expires_at`` (:func:`~ml_framework.store.sessions.revoke`)."""
+        sessions.revoke(self.engine, token, expires_at)
+
+    def session_revoked(self, token: str) -> bool:
+        """Whether browser session ``token`` was signed out (:func:`~ml_framework.store.sessions.revoked`)."""
+        return sessions.revoked(self.engine, token)
 
     # ------------------------------------------------------------------- jobs
     def create_job(self, *, model: str, model_version: int, dataset: str, n_rows: int,

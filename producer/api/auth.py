@@ -11,10 +11,12 @@ Roles (``api_key_roles``): ``user`` (default) sees its own jobs, the models and 
 
 Browsers (the job pages, :mod:`producer.api.ui`): ``POST /ui/login`` with a key in the form
 body sets the :data:`UI_COOKIE` cookie, HttpOnly and SameSite=Lax, holding a session
-token (:meth:`KeyTable.session_token`: the key's name, the time it was issued and an HMAC
-keyed by the key's digest), never the key. The token is taken on GET and HEAD requests only
+token (:meth:`KeyTable.session_token`: the key's name, the time it was issued, a random
+nonce and an HMAC keyed by the key's digest), never the key. The token is taken on GET and HEAD requests only
 (so that it reads pages and downloads results but cancels or submits nothing), for
-:data:`UI_SESSION_S`, and dies with its key.
+:data:`UI_SESSION_S`, and dies with its key or when its browser signs out (``POST
+/ui/logout`` records it in the results store, :mod:`ml_framework.store.sessions`, which
+every API process reads).
 
 Ownership: a job belongs to the name of the key that submitted it. :func:`owned_job_id`
 resolves a job id or prefix (8 characters at least) among the caller's own jobs (every job
@@ -29,12 +31,14 @@ import binascii
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from ml_framework.credentials import key_digest
 from ml_framework.errors import ForbiddenError, JobNotFoundError, SettingsError, UnauthorizedError
@@ -121,9 +125,10 @@ class KeyTable:
 
     def session_token(self, principal: Principal, now_s: float | None = None) -> str:
         """A browser session token for ``principal`` (a configured key's), issued at
-        ``now_s`` (Unix seconds; default now): ``<name, base64url>.<issued_s>.<HMAC-SHA256
-        hex>``, the HMAC keyed by the key's digest, so the token holds no key and cannot
-        be made without the configuration.
+        ``now_s`` (Unix seconds; default now): ``<name, base64url>.<issued_s>.<nonce, 16
+        hex>.<HMAC-SHA256 hex>``, the HMAC keyed by the key's digest, so the token holds no
+        key and cannot be made without the configuration. The random nonce makes each
+        sign-in's token its own, so that signing one out ends no other.
 
         Raises:
             KeyError: ``principal`` is no configured key's.
@@ -133,13 +138,16 @@ class KeyTable:
         if digest is None or principal.name is None:
             raise KeyError("no configured key of that name")
         name = base64.urlsafe_b64encode(principal.name.encode()).decode().rstrip("=")
-        return f"{name}.{issued}.{self._sign(digest, name, issued)}"
+        nonce = secrets.token_hex(8)
+        return f"{name}.{issued}.{nonce}.{self._sign(digest, name, issued, nonce)}"
 
     def lookup_session(self, token: str, now_s: float | None = None) -> Principal | None:
         """The principal of a session token that is well-formed, signed by a configured
         key's digest and at most :data:`UI_SESSION_S` old; else ``None``."""
-        name, _, rest = token.partition(".")
-        issued, _, mac = rest.partition(".")
+        parts = token.split(".")
+        if len(parts) != 4:
+            return None
+        name, issued, nonce, mac = parts
         if not (issued.isascii() and issued.isdigit()) or not 0 <= (time.time() if now_s is None else now_s) - int(issued) <= UI_SESSION_S:
             return None
         try:
@@ -148,13 +156,20 @@ class KeyTable:
             return None
         found = None
         for digest, principal in self._keys:  # every digest compared, as in lookup
-            if hmac.compare_digest(self._sign(digest, name, int(issued)), mac) and principal.name == wanted:
+            if hmac.compare_digest(self._sign(digest, name, int(issued), nonce), mac) and principal.name == wanted:
                 found = principal
         return found
 
+    def session_expires_s(self, token: str, now_s: float | None = None) -> float | None:
+        """When a valid session token (:meth:`lookup_session`) stops being taken, Unix
+        seconds; ``None`` for a token that is not taken now."""
+        if self.lookup_session(token, now_s) is None:
+            return None
+        return int(token.split(".")[1]) + UI_SESSION_S
+
     @staticmethod
-    def _sign(digest: bytes, name: str, issued: int) -> str:
-        return hmac.new(digest, f"mlf-ui:{name}:{issued}".encode(), hashlib.sha256).hexdigest()
+    def _sign(digest: bytes, name: str, issued: int, nonce: str) -> str:
+        return hmac.new(digest, f"mlf-ui:{name}:{issued}:{nonce}".encode(), hashlib.sha256).hexdigest()
 
 
 async def caller(request: Request, key: Annotated[str | None, Security(API_KEY)] = None,
@@ -172,6 +187,8 @@ async def caller(request: Request, key: Annotated[str | None, Security(API_KEY)]
     principal = table.lookup(given) if given else None
     if not given and request.method in ("GET", "HEAD") and (token := request.cookies.get(UI_COOKIE)):
         given, principal = token, table.lookup_session(token)
+        if principal is not None and await run_in_threadpool(request.app.state.client.store.session_revoked, token):
+            principal = None  # signed out (POST /ui/logout) before it expired
     if principal is None:
         log.warning("request %s: %s key from %s for %s %s", getattr(request.state, "request_id", "-"),
                     "unknown" if given else "no", request.client.host if request.client else "-",

@@ -38,6 +38,7 @@ from ml_framework.errors import (
     MLFrameworkError,
     ModelError,
     ModelNotFoundError,
+    ModelUnavailableError,
     ParserUnavailableError,
     RequestTooLargeError,
     SettingsError,
@@ -46,6 +47,7 @@ from ml_framework.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
+from ml_framework.store.engine import CONNECTION_ERRORS, unavailable
 
 log = logging.getLogger("producer.api")
 
@@ -65,7 +67,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (DatasetNotFoundError, 404), (JobTimeoutError, 504), (ManifestError, 409), (DatasetError, 422),
     (IdempotencyKeyReusedError, 422),
     (StoreUnavailableError, 503),
-    (BrokerUnavailableError, 503),
+    (BrokerUnavailableError, 503), (ModelUnavailableError, 503),
     (MLFrameworkError, 400),
 ]
 """HTTP status of each error class (the first that matches)."""
@@ -170,6 +172,13 @@ def _detail(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" + (f" (from {type(cause).__name__}: {cause})" if cause else "")
 
 
+def framework_error_of(exc: Exception) -> Exception:
+    """``exc``, or the :class:`~ml_framework.errors.StoreUnavailableError` it means when it is
+    a connection error of the results database (a raw SQLAlchemy ``OperationalError`` from a
+    store read): the one translation of store outages every route answers 503 with."""
+    return unavailable(exc) or exc
+
+
 def public_error(exc: MLFrameworkError, roots: list[Path]) -> tuple[int, str]:
     """``(status, message)`` to answer for ``exc``: a fixed message for errors that may
     name server internals (:data:`FIXED_MESSAGES`), else its text scrubbed."""
@@ -196,6 +205,12 @@ def install_error_handlers(api: FastAPI) -> None:
                 _detail(exc))
         headers = {"WWW-Authenticate": 'Bearer, ApiKey header="X-API-Key"'} if status == 401 else None
         return error_response(request, status, type(exc).__name__, message, headers)
+
+    async def store_down(request: Request, exc: Exception) -> JSONResponse:
+        return await framework_error(request, framework_error_of(exc))  # type: ignore[arg-type]
+
+    for kind in CONNECTION_ERRORS:  # a store read of any route during a database outage: 503, not 500
+        api.add_exception_handler(kind, store_down)
 
     @api.exception_handler(BodyInvalidError)
     async def body_error(request: Request, exc: BodyInvalidError) -> JSONResponse:

@@ -23,7 +23,9 @@ Authentication is that of ``/v1`` (:mod:`producer.api.auth`: ``X-API-Key`` or ``
 Bearer``; role ``user`` or ``admin``); the two health endpoints are open, as ``/health`` and
 ``/ready`` are. Errors are the spec's ``{"error": "<message>"}`` (401 without a key, 404 for
 an unknown model or version, 400 for a request that does not fit the model: a wrong input
-name, datatype, shape or element count; 504 when no answer comes in time), with the same
+name, datatype, shape or element count, or an input sent both as ``data`` and as binary
+data; 503 when the workers could not load or run the model, or the results database is
+unreachable; 504 when no answer comes in time), with the same
 ``X-Request-ID`` and message rules as ``/v1`` (:mod:`producer.api.errors`).
 
 An inference request's ``parameters`` are accepted and ignored but ``timeout_s`` (seconds
@@ -34,6 +36,7 @@ asked for, which the binary extension allows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError
@@ -41,6 +44,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 
+import pandas as pd
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -53,12 +57,14 @@ from ml_framework.errors import (
     DatasetError,
     MLFrameworkError,
     ModelNotFoundError,
+    ModelUnavailableError,
 )
 from ml_framework.manifest import ModelManifest
 from producer.api.auth import User
 from producer.api.deps import ClientDep, read_body
 from producer.api.errors import (
     REQUEST_ID_HEADER,
+    framework_error_of,
     is_json,
     public,
     public_error,
@@ -72,6 +78,7 @@ from producer.api.oip_tensors import (
     input_spec,
     output_specs,
 )
+from producer.api.operations import all_ok, ready_checks
 from producer.client import Client
 
 __all__ = ["ErrorResponse", "InferenceRequest", "InferenceResponse", "ModelMetadata", "OipRoute", "router"]
@@ -82,8 +89,13 @@ log = logging.getLogger("producer.api")
 seconds (as ``/ready``)."""
 BINARY_HEADER = "Inference-Header-Content-Length"
 """Request header of the binary tensor data extension: bytes of JSON before the binary data."""
-PLATFORMS = {"torch": "pytorch", "tensorflow": "tensorflow", "sklearn": "sklearn"}
-"""Model metadata's ``platform`` per manifest ``framework``."""
+PLATFORMS = {"torch": "pytorch_libtorch", "tensorflow": "tensorflow_savedmodel", "onnx": "onnxruntime_onnx",
+             "sklearn": "sklearn"}
+"""Model metadata's ``platform`` per manifest ``framework``. KServe leaves the value to the
+server; these are Triton's platform names (docs/user_guide/model_repository.md of
+github.com/triton-inference-server/server: ``pytorch_libtorch``, ``tensorflow_savedmodel``,
+``onnxruntime_onnx``), so clients written against Triton recognise them. Triton has no
+scikit-learn platform (its FIL backend sets ``backend``, not ``platform``): ``sklearn``."""
 DEFAULT_TIMEOUT_S = PREDICT_TIMEOUT_S
 MAX_TIMEOUT_S = 600.0
 
@@ -161,6 +173,7 @@ _REQUEST = TypeAdapter(InferenceRequest)
 def _status_and_message(exc: Exception, roots: list[Path]) -> tuple[int, str]:
     """What to answer for ``exc``: a request that does not fit the model is 400 (the spec's
     "bad request"), not ``/v1``'s 422; everything else as ``/v1`` answers it."""
+    exc = framework_error_of(exc)
     if isinstance(exc, MLFrameworkError):
         status, message = public_error(exc, roots)
         return (400 if isinstance(exc, InferenceInputError | DatasetError) else status), message
@@ -236,22 +249,18 @@ async def server_live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", responses={400: {"description": "Not ready; 'reason' says why."}})
-def server_ready(c: ClientDep) -> JSONResponse:
+def server_ready(c: ClientDep, request: Request) -> JSONResponse:
     """Readiness (no key needed): the results database and the broker answer, and a worker's
-    heartbeat is younger than ``WORKER_LIVE_S`` (30 s). 400 otherwise, as the spec answers false."""
-    reason = None
-    try:
-        c.store.ping()
-        with c.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the log says which
-        log.warning("v2 readiness: %s: %s", type(exc).__name__, exc)
+    heartbeat is younger than ``WORKER_LIVE_S`` (30 s): the checks of ``/ready``
+    (:func:`~producer.api.operations.ready_checks`). 400 otherwise, as the spec answers false."""
+    checks = ready_checks(c, request)
+    if all_ok(checks):
+        return JSONResponse({"ready": True})
+    if checks["database"] != "ok" or checks["broker"] != "ok":
         reason = "the broker or the results database is unreachable"
-    if reason is None and not _workers_alive(c):
-        reason = f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s"
-    if reason:
-        return JSONResponse({"ready": False, "reason": reason}, status_code=400)
-    return JSONResponse({"ready": True})
+    else:
+        reason = checks["workers"]
+    return JSONResponse({"ready": False, "reason": reason}, status_code=400)
 
 
 @router.get("")
@@ -332,6 +341,9 @@ async def _read_request(request: Request, limit: int) -> tuple[InferenceRequest,
         if n is None:
             blobs.append(None)
             continue
+        if given.data is not None:  # which one would be meant: refuse rather than drop one
+            raise InferenceInputError(f"input {given.name[:64]!r}: both 'data' and the 'binary_data_size' "
+                                      "parameter; send the tensor one way")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0 or at + n > len(raw):
             raise InferenceInputError(f"input {given.name[:64]!r}: binary_data_size {n!r} is not a size "
                                       "within the body's binary data")
@@ -368,8 +380,29 @@ async def _infer(request: Request, c: Client, caller: Any, name: str, version: s
         specs = [by_name[o.name] for o in body.outputs]
     rows = decode_input(body.inputs[0].model_dump(), want, blobs[0])
     answer = await c.apredict(manifest.name, rows, manifest.version, timeout_s=_timeout_s(body), owner=caller.name)
+    await _check_served(c, manifest, answer)
     return InferenceResponse(model_name=manifest.name, model_version=str(manifest.version), id=body.id,
                              outputs=[ResponseOutput(**o) for o in encode_outputs(answer, specs)])
+
+
+async def _check_served(c: Client, manifest: ModelManifest, answer: pd.DataFrame) -> None:
+    """Raise when the workers failed the request as a whole rather than row by row.
+
+    Raises:
+        ModelUnavailableError: every row failed and the request's shard records an error of
+            its own (the model could not be loaded or run), public with that reason: 503,
+            where Triton answers UNAVAILABLE (HTTP 503, ``HttpCodeFromError`` in its
+            ``src/http_server.cc``) for a model that is not ready. Rows failing on their own
+            data stay 400 (:func:`~producer.api.oip_tensors.encode_outputs`).
+    """
+    job_id = answer.attrs.get("job_id")
+    if job_id is None or not len(answer) or "error" not in answer or not answer["error"].notna().all():
+        return
+    shards = await asyncio.to_thread(c.store.shards, job_id)
+    reason = next((s["error"] for s in shards if s.get("error")), None)
+    if reason:
+        raise public(ModelUnavailableError(f"model {manifest.name[:128]!r} version {manifest.version} could not "
+                                           f"serve the request: {reason}"))
 
 
 def _inlined(schema: Any, defs: dict[str, Any]) -> Any:

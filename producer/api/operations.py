@@ -16,9 +16,9 @@ from producer.api.auth import MetricsReader, User
 from producer.api.deps import ClientDep
 from producer.api.errors import problem
 from producer.api.schemas import finite
+from producer.client import Client
 
-"""A worker whose heartbeat is younger than this, seconds, counts as live for ``/ready`` and
-``/gpu-status``."""
+__all__ = ["all_ok", "ready_checks", "router"]
 
 router = APIRouter(tags=["operations"])
 
@@ -31,11 +31,19 @@ async def health(request: Request) -> dict[str, Any]:
     return {"status": "ok", "warnings": [warning]} if warning else {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "Not ready; the checks say why."}})
-def ready(c: ClientDep, request: Request) -> JSONResponse:
-    """Readiness: the broker and the results database are reachable and at least one
-    worker heartbeat is younger than ``WORKER_LIVE_S`` (30 s). 503 with the failing checks otherwise (the
-    reasons are in the log, under the request id given)."""
+def ready_checks(c: Client, request: Request) -> dict[str, str]:
+    """The readiness checks ``/ready`` and ``/v2/health/ready`` both answer from.
+
+    Args:
+        c: the API's client (its results store and broker connection).
+        request: the request, whose id the log lines of failed checks carry.
+
+    Returns:
+        ``{"database", "broker", "workers": text}``: each text starts with ``ok`` when the
+        check passed (``workers``: ``ok: <n> live``, a heartbeat younger than
+        ``WORKER_LIVE_S``), else says why, naming no server (the reason is logged under
+        the request id). Workers are ``unknown`` while the database is unreachable.
+    """
     checks: dict[str, str] = {}
     try:
         c.store.ping()
@@ -53,7 +61,21 @@ def ready(c: ClientDep, request: Request) -> JSONResponse:
         checks["workers"] = f"ok: {n} live" if n else f"no worker heartbeat in the last {WORKER_LIVE_S:.0f} s"
     else:
         checks["workers"] = "unknown: the database is unreachable"
-    ok = all(v.startswith("ok") for v in checks.values())
+    return checks
+
+
+def all_ok(checks: dict[str, str]) -> bool:
+    """Whether every check of :func:`ready_checks` passed."""
+    return all(v.startswith("ok") for v in checks.values())
+
+
+@router.get("/ready", responses={503: {"description": "Not ready; the checks say why."}})
+def ready(c: ClientDep, request: Request) -> JSONResponse:
+    """Readiness: the broker and the results database are reachable and at least one
+    worker heartbeat is younger than ``WORKER_LIVE_S`` (30 s). 503 with the failing checks otherwise (the
+    reasons are in the log, under the request id given)."""
+    checks = ready_checks(c, request)
+    ok = all_ok(checks)
     return JSONResponse(status_code=200 if ok else 503, content={"ready": ok, "checks": checks})
 
 

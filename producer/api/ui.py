@@ -8,7 +8,7 @@
                             model and version, links to the result downloads; and the workers
 ``GET /ui/login``           a form taking an API key; ``POST /ui/login`` sets the session
                             cookie and goes on to the page asked for
-``POST /ui/logout``         forgets the session cookie
+``POST /ui/logout``         ends the session: its token is refused from then on
 ==========================  ==================================================================
 
 Who sees what is the API's rule (:mod:`producer.api.auth`): a key of role ``user`` sees its
@@ -226,7 +226,14 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout", response_class=RedirectResponse)
 def logout(request: Request) -> RedirectResponse:
-    """Forget the session cookie; back to the sign-in form."""
+    """End the session: its token is refused from now on, by every API process (recorded
+    in the results store until it would have expired), and the cookie is deleted; back
+    to the sign-in form."""
+    token = request.cookies.get(UI_COOKIE)
+    table: KeyTable = request.app.state.keys
+    expires_s = table.session_expires_s(token) if token and table.enabled else None
+    if expires_s is not None:
+        request.app.state.client.store.revoke_session(token, datetime.fromtimestamp(expires_s, UTC))
     response = RedirectResponse(_path(request, "login_form"), status_code=303)
     response.delete_cookie(UI_COOKIE, path=request.scope.get("root_path") or "/")
     return response

@@ -33,6 +33,10 @@ API_KEY = "compose-" + uuid.uuid4().hex
 ENV_FILE = {"ML_FRAMEWORK_API_KEYS": f"tester={hash_key(API_KEY)}"}  # what .env.prod gives: names and hashes
 SECRETS = {"redis_password": "r3dis-" + uuid.uuid4().hex[:8], "postgres_password": "unused-with-trust-auth",
            "flower_basic_auth": "admin:fl0wer-" + uuid.uuid4().hex[:6]}  # the Docker secret files
+TLS_PROXY = "172.31.250.2"
+"""The tls service's address on the compose network (the one the API trusts for X-Forwarded-*)."""
+PROXY_HERE = "127.0.0.2"
+"""What stands for it here: requests sent from this loopback address act as the proxy."""
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
@@ -94,6 +98,7 @@ def deployment(trained, data_dir, tmp_path):
         (tmp_path / "secrets" / name).write_text(value + "\n")
         dirs[f"/run/secrets/{name}"] = tmp_path / "secrets" / name
     mapping = {"redis://redis:6379": f"redis://127.0.0.1:{redis_port}", "@postgres:5432/mlf": f"@127.0.0.1:5432/{db}",
+               TLS_PROXY: PROXY_HERE,
                **{k: str(v) for k, v in dirs.items()}}
     yield mapping, tmp_path
     redis.terminate()
@@ -135,7 +140,9 @@ def health_check(name: str, mapping: dict[str, str], ports: dict[str, int]) -> s
 
 def test_api_worker_and_flower_run_as_composed_and_score_a_job(deployment, digits):
     """The api, worker and flower services start as composed; each one's own health check
-    passes (the worker's reads its own heartbeats); the API needs the key; a job is scored."""
+    passes (the worker's reads its own heartbeats); the API needs the key; a job is scored.
+    Signing in through the TLS proxy (X-Forwarded-Proto: https from its address) gives a
+    Secure cookie; the same header from another address is not trusted."""
     mapping, tmp_path = deployment
     ports = {"8000": free_port(), "5555": free_port(), "9191": free_port()}
     procs = {}
@@ -147,6 +154,12 @@ def test_api_worker_and_flower_run_as_composed_and_score_a_job(deployment, digit
         api = f"http://127.0.0.1:{ports['8000']}"
         wait_for_http(f"{api}/health", timeout_s=120)
         assert health_check("ml-api", mapping, ports).returncode == 0
+        for source, secure in ((PROXY_HERE, True), ("127.0.0.1", False)):  # the TLS proxy; anyone else
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as browser:
+                signed_in = browser.post(f"{api}/ui/login", data={"key": API_KEY}, timeout=30,
+                                         headers={"X-Forwarded-Proto": "https"})
+            assert signed_in.status_code == 303, signed_in.text
+            assert ("; secure" in signed_in.headers["set-cookie"].lower()) is secure, (source, signed_in.headers)
 
         deadline = time.monotonic() + 120
         while httpx.get(f"{api}/ready", timeout=10).status_code != 200:  # broker, database and workers up

@@ -5,6 +5,7 @@ backends)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from demo.digits import PIXELS
 from tests.conftest import free_port, wait_for_http
@@ -23,6 +25,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402 - after th
 pytestmark = pytest.mark.integration
 KEY = "oip-user-key-0123456789abcdef"
 INT_MODEL = "digits-int64"
+BROKEN_MODEL = "digits-broken"
 
 
 def auth() -> dict[str, str]:
@@ -43,6 +46,19 @@ def int64_model(trained, digits):
     clf = LogisticRegression(max_iter=3000, random_state=0).fit(train[PIXELS].to_numpy(np.int64), train["label"])
     export_sklearn(clf, trained[0], INT_MODEL, inputs={"columns": PIXELS, "dtype": "int64", "shape": [64]})
     return clf
+
+
+@pytest.fixture(scope="session")
+def broken_model(trained) -> str:
+    """``digits-sklearn`` published again as ``digits-broken`` with its artifact's bytes
+    garbled: manifest and file name pass the producer's checks, the workers cannot load it."""
+    target = trained[0] / BROKEN_MODEL
+    shutil.copytree(trained[0] / "digits-sklearn", target)
+    for manifest in target.glob("*/manifest.yaml"):
+        spec = yaml.safe_load(manifest.read_text())
+        manifest.write_text(yaml.safe_dump({**spec, "name": BROKEN_MODEL}))
+        (manifest.parent / spec["artifact"]).write_bytes(b"not a model " * 100)
+    return BROKEN_MODEL
 
 
 @pytest.fixture
@@ -72,7 +88,7 @@ def test_server_live_ready_and_metadata(server):
     assert bare.is_server_live() and bare.is_server_ready()
     assert client.is_model_ready("digits-torch", headers=auth())
     meta = client.get_model_metadata("digits-torch", headers=auth())
-    assert meta["name"] == "digits-torch" and meta["platform"] == "pytorch" and "1" in meta["versions"]
+    assert meta["name"] == "digits-torch" and meta["platform"] == "pytorch_libtorch" and "1" in meta["versions"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert meta["outputs"] == [{"name": "prediction", "datatype": "INT64", "shape": [-1]},
                                {"name": "score", "datatype": "FP64", "shape": [-1]},
@@ -131,3 +147,18 @@ def test_a_wrong_shape_datatype_or_name_is_400_naming_it(server):
         with pytest.raises(InferenceServerException) as exc:
             client.infer(INT_MODEL, [given], request_id=uuid.uuid4().hex, headers=auth())
         assert exc.value.status() == "400" and message in exc.value.message(), exc.value.message()
+
+
+def test_a_model_the_workers_cannot_load_is_503_naming_the_model(server, broken_model):
+    """Inference on a model whose artifact fails to load on the workers: 503, as Triton
+    answers a model that is not ready (the request was fine: not 400), naming the model."""
+    client = httpclient.InferenceServerClient(server)
+    spec = client.get_model_metadata(broken_model, headers=auth())["inputs"][0]
+    dtypes = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64}
+    shape = [2, *spec["shape"][1:]]
+    given = httpclient.InferInput(spec["name"], shape, spec["datatype"])
+    given.set_data_from_numpy(np.zeros(shape, dtypes[spec["datatype"]]), binary_data=False)
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer(broken_model, [given], headers=auth())
+    assert exc.value.status() == "503", exc.value.message()
+    assert f"model {broken_model!r} version 1 could not serve the request" in exc.value.message()

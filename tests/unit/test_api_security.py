@@ -234,12 +234,17 @@ def test_the_api_refuses_a_symlink_leaving_the_data_directory_unread(http):
 
 
 def test_ready_names_no_server_url_when_the_broker_is_down(root):
-    """/ready, which needs no key, says what is down, not where it is."""
+    """/ready and its /v2 twin (one set of checks), which need no key, say what is down,
+    not where it is."""
     bad = settings(root, api_keys=KEYS, broker_url="redis://:hunter2@127.0.0.1:1/0")
     with TestClient(create_app(bad)) as http:
         r = http.get("/ready")
+        v2 = http.get("/v2/health/ready")
     assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("unreachable (request id ")
-    assert "127.0.0.1" not in r.text and "hunter2" not in r.text and "redis" not in r.text
+    assert v2.status_code == 400
+    assert v2.json() == {"ready": False, "reason": "the broker or the results database is unreachable"}
+    for answer in (r, v2):
+        assert "127.0.0.1" not in answer.text and "hunter2" not in answer.text and "redis" not in answer.text
 
 
 def test_bodies_over_the_limit_are_refused_declared_or_streamed(root):

@@ -6,6 +6,7 @@ resolution against the package registry: tests/integration/test_packaging_tools.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -49,8 +50,9 @@ def test_final_stage_is_small_and_safe():
     for env in ("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", "ML_FRAMEWORK_CONFIG=/app/configs/production.yaml"):
         assert env in final
     assert 'VOLUME ["/app/models", "/app/data", "/app/configs", "/app/logs"]' in final
-    assert final.rstrip().endswith(
-        'CMD ["uvicorn", "producer.api:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]')
+    assert final.rstrip().endswith('CMD ["uvicorn", "producer.api:app", "--host", "0.0.0.0", "--port", "8000", '
+                                   '"--workers", "4", "--proxy-headers"]')
+    assert "FORWARDED_ALLOW_IPS=127.0.0.1" in final  # uvicorn's own default, stated: compose sets the proxy's
     assert "rm -rf /var/lib/apt/lists/*" in final
 
 
@@ -203,6 +205,20 @@ def test_every_service_runs_without_new_privileges_or_capabilities():
     assert added == {"redis": {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"},
                      "postgres": {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"},
                      "tls": {"NET_BIND_SERVICE"}}
+
+
+def test_the_api_trusts_forwarded_headers_from_the_tls_proxy_only():
+    """Behind the tls profile's Caddy, uvicorn takes X-Forwarded-Proto/-For (so the sign-in
+    cookie is Secure over HTTPS) from Caddy's fixed address only, which lies outside the
+    range the other containers of its network get; MLF_FORWARDED_ALLOW_IPS overrides it."""
+    spec = compose()
+    api, tls, edge = spec["services"]["ml-api"], spec["services"]["tls"], spec["networks"]["edge"]["ipam"]["config"][0]
+    proxy = tls["networks"]["edge"]["ipv4_address"]
+    assert api["environment"]["FORWARDED_ALLOW_IPS"] == "${MLF_FORWARDED_ALLOW_IPS:-" + proxy + "}"
+    assert list(tls["networks"]) == ["edge"] and "edge" in api["networks"] and "edge" in spec["services"]["flower"]["networks"]
+    assert ipaddress.ip_address(proxy) in ipaddress.ip_network(edge["subnet"])
+    assert ipaddress.ip_address(proxy) not in ipaddress.ip_network(edge["ip_range"])
+    assert "MLF_FORWARDED_ALLOW_IPS" in (REPO / ".env.prod.example").read_text()
 
 
 def test_flower_and_prometheus_are_published_on_loopback_by_default():

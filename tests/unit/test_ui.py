@@ -180,6 +180,24 @@ def test_signing_in_gives_a_cookie_that_reads_pages_and_downloads_but_changes_no
         assert browser.get("/ui/jobs").status_code == 401
 
 
+def test_signing_out_ends_the_session_token_before_it_expires(http):
+    """After POST /ui/logout, the signed-out token is refused (401) even when a client
+    kept it and sends it again; a session signed in later still reads the pages."""
+    job = partial_job(http)
+    with TestClient(http.app) as browser:
+        browser.post("/ui/login", data={"key": KEYS["alice"]}, follow_redirects=False)
+        token = browser.cookies[UI_COOKIE]
+        assert browser.get("/ui/jobs").status_code == 200
+        assert browser.post("/ui/logout", follow_redirects=False).status_code == 303
+    assert store(http).session_revoked(token)
+    with TestClient(http.app, cookies={UI_COOKIE: token}) as replay:
+        assert replay.get("/ui/jobs").status_code == 401
+        assert replay.get(f"/v1/jobs/{job}").status_code == 401
+    later = KeyTable(http.app.state.client.settings).session_token(Principal("alice", "user"))
+    with TestClient(http.app, cookies={UI_COOKIE: later}) as other:
+        assert other.get("/ui/jobs").status_code == 200
+
+
 def test_session_tokens_expire_and_cannot_be_forged(root, clean_env):
     """A token is taken for UI_SESSION_S after it was issued; one whose name, time or MAC
     was changed, or signed for a key since removed, is not."""
@@ -189,10 +207,12 @@ def test_session_tokens_expire_and_cannot_be_forged(root, clean_env):
     token = table.session_token(alice, now_s=1_000_000)
     assert table.lookup_session(token, now_s=1_000_000 + UI_SESSION_S) == alice
     assert table.lookup_session(token, now_s=1_000_001 + UI_SESSION_S) is None
-    name, issued, mac = token.split(".")
+    name, issued, nonce, mac = token.split(".")
     bob_name = table.session_token(table.lookup(KEYS["bob"]), now_s=1_000_000).split(".")[0]
-    for forged in (f"{bob_name}.{issued}.{mac}", f"{name}.{int(issued) + 1}.{mac}", f"{name}.{issued}.{'0' * 64}",
-                   "garbage", f"{name}.{issued}"):
+    assert table.session_token(alice, now_s=1_000_000) != token  # each sign-in its own token (its nonce)
+    for forged in (f"{bob_name}.{issued}.{nonce}.{mac}", f"{name}.{int(issued) + 1}.{nonce}.{mac}",
+                   f"{name}.{issued}.{'0' * 16}.{mac}", f"{name}.{issued}.{nonce}.{'0' * 64}",
+                   "garbage", f"{name}.{issued}.{mac}", f"{name}.{issued}"):
         assert table.lookup_session(forged, now_s=1_000_000) is None, forged
     without_alice = KeyTable(load_settings(models_dir=root / "models", api_keys={"bob": KEYS["bob"]}))
     assert without_alice.lookup_session(token, now_s=1_000_000) is None
