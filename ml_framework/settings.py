@@ -34,8 +34,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ml_framework import credentials
 from ml_framework.constants import MAX_INT32, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
-from ml_framework.errors import SettingsError
+from ml_framework.errors import ObjectStoreError, SettingsError
 from ml_framework.manifest import parse_model_ref
+from ml_framework.objectstore import parse_uri
 from ml_framework.settings_sources import (
     CONFIG_ENV,
     ENV_PREFIX,
@@ -209,6 +210,10 @@ class Settings(BaseSettings):
         s3_access_key_id / s3_secret_access_key: its credentials (masked; each can come from
             ``ML_FRAMEWORK_S3_SECRET_ACCESS_KEY_FILE``); unset: the AWS SDK's default chain
             (``AWS_ACCESS_KEY_ID``..., an instance role).
+        api_output_prefixes: the ``s3://bucket/prefix`` locations under which HTTP API
+            callers may have a job's results written (the job option ``output_uri``); empty
+            (default): the API refuses ``output_uri``. The CLI and Python client are not
+            bound by it. In the environment, comma-separated.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -264,6 +269,7 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
+    api_output_prefixes: Annotated[list[str], NoDecode] = []
 
     @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention",
                      "idempotency_window", mode="before")
@@ -294,6 +300,21 @@ class Settings(BaseSettings):
     def prunes(self) -> bool:
         """Whether a pruning pass has anything to do (some retention is set)."""
         return any(v is not None for v in self.retention_s.values())
+
+    @field_validator("api_output_prefixes", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("api_output_prefixes")
+    @classmethod
+    def _check_output_prefixes(cls, value: list[str]) -> list[str]:
+        try:
+            return [parse_uri(p).uri for p in value]
+        except ObjectStoreError as exc:
+            raise ValueError(f"api_output_prefixes: give s3://bucket/prefix locations: {exc}") from None
 
     @field_validator("worker_preload_models", "flower_basic_auth", mode="before")
     @classmethod

@@ -60,6 +60,8 @@ def print_status(status: JobStatus) -> None:
     pct = 100.0 * status.rows_done / status.n_rows if status.n_rows else 100.0
     say(f"job {status.job_id}  ", (status.state.value, "bold"), f"  model {status.model}/{status.model_version}")
     out.print(f"  dataset  {status.dataset}")
+    if status.output_uri is not None:
+        out.print(f"  results  {status.output_uri.rstrip('/')}/{status.job_id}/ (Parquet, one file per shard)")
     out.print(f"  rows     {status.rows_done}/{status.n_rows} ({pct:.1f}%): {status.rows_ok} ok, "
               f"{status.rows_failed} failed")
     out.print(f"  shards   {status.shards_done}/{status.n_shards}" + (f"  (priority {status.priority})"
@@ -89,6 +91,10 @@ def score(
     idempotency_key: Annotated[str | None, typer.Option(
         help="Makes a retry safe: the same command with the same key within idempotency_window (default 24h) "
              "prints the job it submitted instead of submitting another (e.g. a UUID).")] = None,
+    output_uri: Annotated[str | None, typer.Option(
+        help="Keep the results as Parquet files, one per shard, under this prefix (s3://bucket/prefix, or a "
+             "local directory when the workers run on this host) instead of the results database; "
+             "`mlf results` reads them back the same.")] = None,
 ) -> None:
     """Submit a bulk-scoring job; prints the job id (and waits with --wait / -o)."""
     if output is not None:
@@ -99,7 +105,8 @@ def score(
     from producer.plan import JobOptions
 
     try:
-        options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority)
+        options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority,
+                                output_uri)
         with client() as c:
             say(where_line(c.settings), console=err)
             job = c.submit_dataset(dataset, options, idempotency_key=idempotency_key)

@@ -51,6 +51,10 @@ class JobOptions(BaseModel):
             ``None``: the manifest's column names.
         priority: 0 (default) to 9 (most urgent), see
             :func:`~ml_framework.celery_app.message_priority`.
+        output_uri: write each shard's results as one Parquet file under this prefix
+            (``s3://bucket/prefix``, or a local directory on a single host) instead of the
+            results database; see :mod:`ml_framework.store.output_files`. ``None``: the
+            database.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,10 +66,15 @@ class JobOptions(BaseModel):
                                       description="Dataset columns mapped onto the model inputs, in order.")
     priority: int = Field(default=0, ge=MIN_PRIORITY, le=MAX_PRIORITY,
                           description="0 (default) to 9 (most urgent): shards of higher-priority jobs are taken first.")
+    output_uri: str | None = Field(
+        default=None, min_length=1, max_length=2048,
+        description="Write the results as Parquet files, one per shard, under this prefix "
+                    "(s3://bucket/prefix, under a prefix the operator allows) instead of the results database; "
+                    "reading them back is unchanged.")
 
     @classmethod
     def of(cls, model: str, version: int | None = None, batch_size: int | None = None,
-           columns: Sequence[str] | None = None, priority: int = 0) -> JobOptions:
+           columns: Sequence[str] | None = None, priority: int = 0, output_uri: str | None = None) -> JobOptions:
         """The options of a Python caller's submission, checked with the client's messages.
 
         Raises:
@@ -76,7 +85,8 @@ class JobOptions(BaseModel):
         if batch_size is not None and not 0 < batch_size <= MAX_INT32:
             raise JobOptionError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
         return cls.model_construct(model=model, version=version, batch_size=batch_size,
-                                   columns=None if columns is None else list(columns), priority=priority)
+                                   columns=None if columns is None else list(columns), priority=priority,
+                                   output_uri=output_uri)
 
     def options(self) -> JobOptions:
         """These options alone (a request body that extends them drops its other fields)."""
@@ -86,8 +96,12 @@ class JobOptions(BaseModel):
 
     def request(self) -> dict[str, Any]:
         """The options as the idempotency hash of a submission takes them
-        (:func:`~ml_framework.store.idempotency.request_hash`)."""
-        return {name: getattr(self, name) for name in JobOptions.model_fields}
+        (:func:`~ml_framework.store.idempotency.request_hash`). ``output_uri`` counts only
+        when set: a request without it hashes as before the option existed."""
+        fields = {name: getattr(self, name) for name in JobOptions.model_fields}
+        if fields["output_uri"] is None:
+            del fields["output_uri"]
+        return fields
 
 
 @dataclass
@@ -164,7 +178,8 @@ class ShardPlan:
     def new_job(self, job_id: str, owner: str | None = None) -> NewJob:
         """The store's record of this plan as job ``job_id``, submitted by ``owner``."""
         return NewJob(job_id, self.manifest.name, self.manifest.version, self.dataset, self.n_rows, self.ranges,
-                      self.batch_size, self.options.priority, owner, output_schema(self.manifest.outputs))
+                      self.batch_size, self.options.priority, owner, output_schema(self.manifest.outputs),
+                      output_uri=self.options.output_uri)
 
 
 def _batch_size(manifest: ModelManifest, options: JobOptions, default_batch_size: int) -> int:

@@ -41,6 +41,8 @@ class NewJob:
         output_schema: the columns the model's outputs become
             (:func:`~ml_framework.store.outputs.output_schema`); kept for a job without
             shards, whose results then still carry them.
+        output_uri: where the job's shard results go instead of the database (a prefix,
+            see :mod:`~ml_framework.store.output_files`); ``None``: the database.
     """
 
     job_id: str
@@ -55,6 +57,7 @@ class NewJob:
     output_schema: pa.Schema | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    output_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class JobStatus:
             loaded.
         owner: name of the API key that submitted the job; ``None`` from the CLI or the
             Python client.
+        output_uri: the prefix holding the job's results as Parquet files (one per shard,
+            see :mod:`~ml_framework.store.output_files`); ``None``: in the database.
     """
 
     job_id: str
@@ -91,6 +96,7 @@ class JobStatus:
     priority: int = 0
     model_load_s: float | None = None
     owner: str | None = None
+    output_uri: str | None = None
 
     @property
     def rows_done(self) -> int:
@@ -113,9 +119,9 @@ class JobStatus:
 _TS = DateTime(timezone=True)
 _INSERT_JOB = text(
     "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, rows_ok, "
-    "rows_failed, batch_size, oom_splits, priority, owner, created_at, idempotency_key, request_hash) VALUES (:id, "
-    f":model, :model_version, :dataset, '{JobState.PENDING.value}', :n_rows, :n_shards, 0, 0, 0, :batch_size, 0, "
-    ":priority, :owner, :now, :idempotency_key, :request_hash)"
+    "rows_failed, batch_size, oom_splits, priority, owner, created_at, idempotency_key, request_hash, output_uri) "
+    f"VALUES (:id, :model, :model_version, :dataset, '{JobState.PENDING.value}', :n_rows, :n_shards, 0, 0, 0, "
+    ":batch_size, 0, :priority, :owner, :now, :idempotency_key, :request_hash, :output_uri)"
 ).bindparams(bindparam("now", type_=_TS))
 _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
@@ -136,6 +142,7 @@ def status_of(row) -> JobStatus:
         batch_size=row.batch_size, created_at=as_utc(row.created_at),
         started_at=as_utc(row.started_at), finished_at=as_utc(row.finished_at),
         oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s, owner=row.owner,
+        output_uri=row.output_uri,
     )
 
 
@@ -146,7 +153,7 @@ def insert_jobs(conn, jobs: Sequence[NewJob], now: datetime) -> None:
         "id": j.job_id, "model": j.model, "model_version": j.model_version, "dataset": j.dataset,
         "n_rows": j.n_rows, "n_shards": len(j.shard_ranges), "batch_size": j.batch_size, "now": now,
         "priority": j.priority, "owner": j.owner, "idempotency_key": j.idempotency_key,
-        "request_hash": j.request_hash,
+        "request_hash": j.request_hash, "output_uri": j.output_uri,
     } for j in jobs])
     shards = [{"job_id": j.job_id, "shard_index": i, "row_start": a, "row_end": b}
               for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
@@ -248,6 +255,13 @@ def job(engine: Engine, job_id: str) -> JobStatus:
     if row is None:
         raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
     return status_of(row)
+
+
+def output_uri(engine: Engine, job_id: str) -> tuple[bool, str | None]:
+    """Whether job ``job_id`` exists, and its ``output_uri`` (``None``: results in the database)."""
+    with read(engine) as conn:
+        row = conn.execute(select(JobRow.output_uri).where(JobRow.id == job_id)).first()
+    return (False, None) if row is None else (True, row.output_uri)
 
 
 def recent_jobs(engine: Engine, limit: int = 50, *, owned_by: str | None = None) -> list[JobStatus]:

@@ -10,7 +10,9 @@ are one row each (table ``row_errors``, :class:`RowError`).
 
 The store hands results back as Arrow (:func:`results_table`, :func:`recorded_rows`) or
 plain dicts (:func:`results_page`), never pandas: the DataFrame view is the producer's
-(``producer.results``).
+(``producer.results``). A job with an ``output_uri`` keeps its shards' tables as Parquet
+files instead (:mod:`ml_framework.store.output_files`); the readers here read them back
+through the ``files`` they are given, transparently.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from ml_framework.store.models import (
     JobState,
     RowErrorRow,
     ShardOutputRow,
+    ShardRow,
     sql_in,
 )
+from ml_framework.store.output_files import OutputFiles
 
 ROW = "row"
 STREAM_PAGE_ROWS = 10_000
@@ -225,10 +229,12 @@ def insert_empty(conn: Connection, schemas: Sequence[tuple[str, pa.Schema]]) -> 
         conn.execute(_INSERT_OUTPUTS, blobs)
 
 
-def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None) -> tuple[pa.Table | None, list]:
+def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None,
+                  files: OutputFiles | None = None) -> tuple[pa.Table | None, list]:
     """The recorded rows of a job among input rows ``[lo, hi)`` (all when ``hi`` is ``None``).
 
-    Reads only the shards whose rows overlap the range.
+    Reads only the shards whose rows overlap the range: their blobs, or for a job with an
+    ``output_uri`` the part files of its recorded shards (through ``files``).
 
     Returns:
         ``(outputs, errors)``: the output table (``row`` int64 first, then one column per
@@ -237,19 +243,26 @@ def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
 
     Raises:
         JobNotFoundError: no such job.
+        ObjectStoreError: a part file of the job cannot be read.
     """
     outs = select(ShardOutputRow.data).where(ShardOutputRow.job_id == job_id,  # n_rows 0: a job without rows
                                              or_(ShardOutputRow.row_end > lo, ShardOutputRow.n_rows == 0))
+    parts = select(ShardRow.shard_index).where(ShardRow.job_id == job_id, ShardRow.rows_ok > 0,
+                                               ShardRow.row_end > lo)
     errs = select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message).where(
         RowErrorRow.job_id == job_id, RowErrorRow.row_index >= lo)
     if hi is not None:
         outs, errs = outs.where(ShardOutputRow.row_start < hi), errs.where(RowErrorRow.row_index < hi)
+        parts = parts.where(ShardRow.row_start < hi)
     with read(engine) as conn:
-        if conn.execute(select(JobRow.id).where(JobRow.id == job_id)).first() is None:
-            raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+        output_uri = _output_uri(conn, engine, job_id)
         blobs = conn.execute(outs.order_by(ShardOutputRow.shard_index)).scalars().all()
+        indices = [] if output_uri is None else conn.execute(parts.order_by(ShardRow.shard_index)).scalars().all()
         errors = [tuple(e) for e in conn.execute(errs).all()]
-    table = concat([decode(b) for b in blobs])
+    tables = [decode(b) for b in blobs]
+    if indices:
+        tables += _files(files).open(output_uri).read(job_id, indices)
+    table = concat(tables)
     if table is not None and (lo > 0 or hi is not None):
         rows = table.column(ROW)
         keep = pc.greater_equal(rows, lo)
@@ -259,13 +272,31 @@ def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
     return table, errors
 
 
-def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None) -> pa.Table:
+def _output_uri(conn: Connection, engine: Engine, job_id: str) -> str | None:
+    """The job's ``output_uri`` (``None``: results in the database).
+
+    Raises:
+        JobNotFoundError: no such job.
+    """
+    row = conn.execute(select(JobRow.output_uri).where(JobRow.id == job_id)).first()
+    if row is None:
+        raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+    return row.output_uri
+
+
+def _files(files: OutputFiles | None) -> OutputFiles:
+    return OutputFiles() if files is None else files
+
+
+def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None,
+                  files: OutputFiles | None = None) -> pa.Table:
     """Outputs and row errors of a job as one Arrow table, in input row order (what
     ``mlf results -o`` and the API's downloads write, without a pandas round trip).
 
     Args:
         lo, hi: only input rows ``[lo, hi)`` (all when ``hi`` is ``None``; see
             :func:`recorded_rows`).
+        files: opens the part files of a job with an ``output_uri``.
 
     Returns:
         ``row`` (int64) first, one column per output key (null on rows that failed;
@@ -275,7 +306,7 @@ def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
     Raises:
         JobNotFoundError: no such job.
     """
-    table, errors = recorded_rows(engine, job_id, lo, hi)
+    table, errors = recorded_rows(engine, job_id, lo, hi, files)
     failed = pa.table({ROW: pa.array([r for r, _, _ in errors], pa.int64()),
                        "error": pa.array([m for _, _, m in errors], pa.string()),
                        "error_field": pa.array([f for _, f, _ in errors], pa.string())})
@@ -293,23 +324,24 @@ with its schema message (a few hundred bytes for the output columns)."""
 _ERROR_FIELDS = [pa.field("error", pa.string()), pa.field("error_field", pa.string())]
 
 
-def results_schema(engine: Engine, job_id: str) -> pa.Schema:
+def results_schema(engine: Engine, job_id: str, files: OutputFiles | None = None) -> pa.Schema:
     """The columns :func:`results_table` gives for the whole job, learnt from the head of
-    each stored shard blob (:data:`SCHEMA_PREFIX_BYTES`), not from its rows.
+    each stored shard blob (:data:`SCHEMA_PREFIX_BYTES`), or the footer of each part file
+    of a job with an ``output_uri``, not from its rows.
 
     Types are merged as :func:`concat` merges them (a key numeric in one shard and text in
     another becomes text).
 
     Raises:
         JobNotFoundError: no such job.
+        ObjectStoreError: a part file of the job cannot be read.
     """
     query = (select(ShardOutputRow.shard_index, ShardOutputRow.n_rows,
                     func.substr(ShardOutputRow.data, 1, SCHEMA_PREFIX_BYTES))
              .where(ShardOutputRow.job_id == job_id).order_by(ShardOutputRow.shard_index))
     schemas = []
     with read(engine) as conn:
-        if conn.execute(select(JobRow.id).where(JobRow.id == job_id)).first() is None:
-            raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+        output_uri = _output_uri(conn, engine, job_id)
         for shard_index, n, head in conn.execute(query).all():
             try:
                 schemas.append((n, pa.ipc.open_stream(pa.py_buffer(bytes(head))).schema))
@@ -317,6 +349,12 @@ def results_schema(engine: Engine, job_id: str) -> pa.Schema:
                 whole = conn.execute(select(ShardOutputRow.data).where(
                     ShardOutputRow.job_id == job_id, ShardOutputRow.shard_index == shard_index)).scalar_one()
                 schemas.append((n, decode(whole).schema))
+        parts = [] if output_uri is None else conn.execute(
+            select(ShardRow.shard_index, ShardRow.rows_ok).where(ShardRow.job_id == job_id, ShardRow.rows_ok > 0)
+            .order_by(ShardRow.shard_index)).all()
+    if parts:
+        prefix = _files(files).open(output_uri)
+        schemas += [(n, prefix.schema(job_id, index)) for index, n in parts]
     kept = [s for n, s in schemas if n] or [s for _, s in schemas[:1]]
     if not kept:
         return pa.schema([pa.field(ROW, pa.int64()), *_ERROR_FIELDS])
@@ -349,7 +387,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS) -> Iterator[pa.Table]:
+def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS,
+                  files: OutputFiles | None = None) -> Iterator[pa.Table]:
     """A job's :func:`results_table` page by page, each page read from the store when it is
     asked for: input rows ``[0, page_rows)``, ``[page_rows, 2 * page_rows)``, ... up to
     the job's ``n_rows``, every page with the columns of :func:`results_schema` (the first page
@@ -364,14 +403,14 @@ def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS
     Raises:
         JobNotFoundError: no such job (also when it is deleted between pages).
     """
-    schema = results_schema(engine, job_id)
+    schema = results_schema(engine, job_id, files)
     with read(engine) as conn:
         n_rows = conn.execute(select(JobRow.n_rows).where(JobRow.id == job_id)).scalar()
     if n_rows is None:
         raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
     empty = True
     for lo in range(0, n_rows, page_rows):
-        page = results_table(engine, job_id, lo, lo + page_rows)
+        page = results_table(engine, job_id, lo, lo + page_rows, files)
         if page.num_rows:
             empty = False
             yield conform(page, schema)
@@ -379,7 +418,8 @@ def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS
         yield schema.empty_table()
 
 
-def results_page(engine: Engine, job_id: str, offset: int, limit: int) -> list[dict]:
+def results_page(engine: Engine, job_id: str, offset: int, limit: int,
+                 files: OutputFiles | None = None) -> list[dict]:
     """The recorded rows of a job among input rows ``[offset, offset + limit)``.
 
     Returns:
@@ -392,7 +432,7 @@ def results_page(engine: Engine, job_id: str, offset: int, limit: int) -> list[d
     Raises:
         JobNotFoundError: no such job.
     """
-    table, errs = recorded_rows(engine, job_id, offset, offset + limit)
+    table, errs = recorded_rows(engine, job_id, offset, offset + limit, files)
     rows = [] if table is None else [{k: v for k, v in rec.items() if v is not None} for rec in table.to_pylist()]
     rows += [{"row": r, "error": m, "error_field": f} for r, f, m in errs]
     return sorted(rows, key=lambda d: d["row"])
