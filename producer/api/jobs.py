@@ -65,7 +65,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=202, response_model=JobOut, openapi_extra=openapi_body("job"),
              responses={200: {"model": JobOut, "description": "Repeated with an Idempotency-Key: the key's job, "
-                                                              "submitted before (header Idempotent-Replayed: true)."}})
+                                                              "submitted before (header Idempotent-Replayed: true)."},
+                        400: {"model": ApiError, "description": "An option out of range, or an output_uri this "
+                                                                "server does not allow or cannot write to."}})
 def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("job"))], c: ClientDep,
                request: Request, response: Response,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description=IDEMPOTENCY_DOC,
@@ -78,9 +80,10 @@ def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("jo
     body = parsed.request
     assert isinstance(body, DatasetJobRequest | JobFields)
     key = None if idempotency_key is None else sf_string(idempotency_key)
-    if body.output_uri is not None:
-        output_uri_allowed(body.output_uri, c.settings.api_output_prefixes)
     with model_named(body.model, body.version):
+        if body.output_uri is not None:  # an unknown model is answered as such first
+            c.repository.resolve(body.model, body.version)
+            output_uri_allowed(body.output_uri, c.settings.api_output_prefixes)
         if isinstance(body, DatasetJobRequest):
             path = dataset_under(c.settings.data_dir, body.dataset)
             job = c.submit_dataset(path, body.options(), owner=caller.name, idempotency_key=key)
