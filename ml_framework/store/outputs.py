@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Engine, LargeBinary, bindparam, func, or_, select, text
+from sqlalchemy import Connection, Engine, LargeBinary, bindparam, or_, select, text
 
 from ml_framework.errors import JobNotFoundError
 from ml_framework.manifest import OutputSpec
@@ -41,8 +41,6 @@ from ml_framework.store.models import (
 from ml_framework.store.output_files import OutputFiles
 
 ROW = "row"
-STREAM_PAGE_ROWS = 10_000
-"""Input rows per page of a streamed result (:func:`results_pages`)."""
 CODEC = "lz4"
 """Arrow IPC buffer compression (LZ4 frame): fast enough that a 50,000-row shard
 compresses in about a millisecond; PostgreSQL's own TOAST compression then finds little
@@ -71,10 +69,10 @@ def column(values: Sequence) -> pa.Array:
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return _text(values)
+        return text_column(values)
 
 
-def _text(values: Sequence) -> pa.Array:
+def text_column(values: Sequence) -> pa.Array:
     """``values`` as a string column: text as is, other values as their JSON."""
     return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
@@ -158,13 +156,13 @@ def concat(tables: Sequence[pa.Table]) -> pa.Table | None:
             for f in t.schema:
                 types.setdefault(f.name, set()).add(f.type)
         mixed = [name for name, ts in types.items() if len(ts - {pa.null()}) > 1]
-        return pa.concat_tables([_as_text(t, mixed) for t in tables], promote_options="permissive")
+        return pa.concat_tables([_astext_column(t, mixed) for t in tables], promote_options="permissive")
 
 
-def _as_text(table: pa.Table, names: Sequence[str]) -> pa.Table:
+def _astext_column(table: pa.Table, names: Sequence[str]) -> pa.Table:
     for name in names:
         if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, _text(table.column(name).to_pylist()))
+            table = table.set_column(table.column_names.index(name), name, text_column(table.column(name).to_pylist()))
     return table
 
 
@@ -255,13 +253,13 @@ def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
         outs, errs = outs.where(ShardOutputRow.row_start < hi), errs.where(RowErrorRow.row_index < hi)
         parts = parts.where(ShardRow.row_start < hi)
     with read(engine) as conn:
-        output_uri = _output_uri(conn, engine, job_id)
+        output_uri = job_output_uri(conn, engine, job_id)
         blobs = conn.execute(outs.order_by(ShardOutputRow.shard_index)).scalars().all()
         indices = [] if output_uri is None else conn.execute(parts.order_by(ShardRow.shard_index)).scalars().all()
         errors = [tuple(e) for e in conn.execute(errs).all()]
     tables = [decode(b) for b in blobs]
     if indices:
-        tables += _files(files).open(output_uri).read(job_id, indices)
+        tables += output_files(files).open(output_uri).read(job_id, indices)
     table = concat(tables)
     if table is not None and (lo > 0 or hi is not None):
         rows = table.column(ROW)
@@ -272,8 +270,8 @@ def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
     return table, errors
 
 
-def _output_uri(conn: Connection, engine: Engine, job_id: str) -> str | None:
-    """The job's ``output_uri`` (``None``: results in the database).
+def job_output_uri(conn: Connection, engine: Engine, job_id: str) -> str | None:
+    """The ``output_uri`` of job ``job_id`` (``None``: results in the database), on ``conn``.
 
     Raises:
         JobNotFoundError: no such job.
@@ -284,7 +282,8 @@ def _output_uri(conn: Connection, engine: Engine, job_id: str) -> str | None:
     return row.output_uri
 
 
-def _files(files: OutputFiles | None) -> OutputFiles:
+def output_files(files: OutputFiles | None) -> OutputFiles:
+    """``files``, or the process's own (:class:`OutputFiles` on the process's settings) when ``None``."""
     return OutputFiles() if files is None else files
 
 
@@ -316,106 +315,6 @@ def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
     scored = table.append_column("error", nulls).append_column("error_field", nulls)
     merged = pa.concat_tables([scored, failed], promote_options="permissive") if errors else scored
     return merged.sort_by(ROW)
-
-
-SCHEMA_PREFIX_BYTES = 65_536
-"""Bytes of each stored shard blob read to learn its columns: an Arrow IPC stream opens
-with its schema message (a few hundred bytes for the output columns)."""
-_ERROR_FIELDS = [pa.field("error", pa.string()), pa.field("error_field", pa.string())]
-
-
-def results_schema(engine: Engine, job_id: str, files: OutputFiles | None = None) -> pa.Schema:
-    """The columns :func:`results_table` gives for the whole job, learnt from the head of
-    each stored shard blob (:data:`SCHEMA_PREFIX_BYTES`), or the footer of each part file
-    of a job with an ``output_uri``, not from its rows.
-
-    Types are merged as :func:`concat` merges them (a key numeric in one shard and text in
-    another becomes text).
-
-    Raises:
-        JobNotFoundError: no such job.
-        ObjectStoreError: a part file of the job cannot be read.
-    """
-    query = (select(ShardOutputRow.shard_index, ShardOutputRow.n_rows,
-                    func.substr(ShardOutputRow.data, 1, SCHEMA_PREFIX_BYTES))
-             .where(ShardOutputRow.job_id == job_id).order_by(ShardOutputRow.shard_index))
-    schemas = []
-    with read(engine) as conn:
-        output_uri = _output_uri(conn, engine, job_id)
-        for shard_index, n, head in conn.execute(query).all():
-            try:
-                schemas.append((n, pa.ipc.open_stream(pa.py_buffer(bytes(head))).schema))
-            except (pa.ArrowInvalid, OSError):  # a schema message longer than the head: read the blob
-                whole = conn.execute(select(ShardOutputRow.data).where(
-                    ShardOutputRow.job_id == job_id, ShardOutputRow.shard_index == shard_index)).scalar_one()
-                schemas.append((n, decode(whole).schema))
-        parts = [] if output_uri is None else conn.execute(
-            select(ShardRow.shard_index, ShardRow.rows_ok).where(ShardRow.job_id == job_id, ShardRow.rows_ok > 0)
-            .order_by(ShardRow.shard_index)).all()
-    if parts:
-        prefix = _files(files).open(output_uri)
-        schemas += [(n, prefix.schema(job_id, index)) for index, n in parts]
-    kept = [s for n, s in schemas if n] or [s for _, s in schemas[:1]]
-    if not kept:
-        return pa.schema([pa.field(ROW, pa.int64()), *_ERROR_FIELDS])
-    try:
-        merged = pa.unify_schemas(kept, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        types: dict[str, set] = {}
-        for s in kept:
-            for f in s:
-                types.setdefault(f.name, set()).add(f.type)
-        mixed = {name for name, ts in types.items() if len(ts - {pa.null()}) > 1}
-        merged = pa.unify_schemas([pa.schema([pa.field(f.name, pa.string()) if f.name in mixed else f for f in s])
-                                   for s in kept], promote_options="permissive")
-    return pa.schema([*merged, *_ERROR_FIELDS])
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly the columns of ``schema``, in its order and types: a column
-    it lacks is null, one ``schema`` lacks is dropped, a number where ``schema`` has text
-    becomes text as :func:`column` writes it, any other type is cast."""
-    columns = []
-    for f in schema:
-        if f.name not in table.column_names:
-            columns.append(pa.nulls(table.num_rows, f.type))
-            continue
-        col = table.column(f.name)
-        if col.type != f.type:
-            col = _text(col.to_pylist()) if pa.types.is_string(f.type) else col.cast(f.type)
-        columns.append(col)
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS,
-                  files: OutputFiles | None = None) -> Iterator[pa.Table]:
-    """A job's :func:`results_table` page by page, each page read from the store when it is
-    asked for: input rows ``[0, page_rows)``, ``[page_rows, 2 * page_rows)``, ... up to
-    the job's ``n_rows``, every page with the columns of :func:`results_schema` (the first page
-    is read after it). Memory holds one page and the shards it overlaps, never the whole
-    result. A page without recorded rows is skipped; a job without any yields one
-    page without rows (its columns).
-
-    Yields:
-        Tables of at most ``page_rows`` rows, in row order; concatenated, they equal
-        :func:`results_table` of a job that has ended.
-
-    Raises:
-        JobNotFoundError: no such job (also when it is deleted between pages).
-    """
-    schema = results_schema(engine, job_id, files)
-    with read(engine) as conn:
-        n_rows = conn.execute(select(JobRow.n_rows).where(JobRow.id == job_id)).scalar()
-    if n_rows is None:
-        raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
-    empty = True
-    for lo in range(0, n_rows, page_rows):
-        page = results_table(engine, job_id, lo, lo + page_rows, files)
-        if page.num_rows:
-            empty = False
-            yield conform(page, schema)
-    if empty:
-        yield schema.empty_table()
 
 
 def results_page(engine: Engine, job_id: str, offset: int, limit: int,

@@ -22,7 +22,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.errors import StoreError, StoreUnavailableError
-from ml_framework.store import fleet, idempotency, jobs, lifecycle, outputs
+from ml_framework.store import fleet, idempotency, jobs, lifecycle, outputs, pages
 from ml_framework.store import shards as ledger
 from ml_framework.store.engine import make_engine, read, upgrade
 from ml_framework.store.fleet import WorkerInfo
@@ -172,10 +172,10 @@ class ResultStore:
         (:func:`~ml_framework.store.outputs.results_table`)."""
         return outputs.results_table(self.engine, job_id, files=self.files)
 
-    def results_pages(self, job_id: str, page_rows: int = outputs.STREAM_PAGE_ROWS) -> Iterator[pa.Table]:
+    def results_pages(self, job_id: str, page_rows: int = pages.STREAM_PAGE_ROWS) -> Iterator[pa.Table]:
         """:meth:`results_table` in pages of at most ``page_rows`` input rows, each read when
-        it is asked for, all with the same columns (:func:`~ml_framework.store.outputs.results_pages`)."""
-        return outputs.results_pages(self.engine, job_id, page_rows, files=self.files)
+        it is asked for, all with the same columns (:func:`~ml_framework.store.pages.results_pages`)."""
+        return pages.results_pages(self.engine, job_id, page_rows, files=self.files)
 
     def results_page(self, job_id: str, offset: int, limit: int) -> list[dict]:
         """The recorded rows among input rows ``[offset, offset + limit)``, one dict each
