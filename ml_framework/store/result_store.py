@@ -36,6 +36,9 @@ from ml_framework.store.shards import ShardOutcomeRecord
 if TYPE_CHECKING:
     from ml_framework.settings import Settings
 
+OUTPUT_URIS_KEPT = 1024
+"""Jobs whose ``output_uri`` a store handle remembers (a worker records many shards of few jobs)."""
+
 
 class ResultStore:
     """Jobs, shards, results and row errors in a SQL database.
@@ -55,6 +58,7 @@ class ResultStore:
         self.url = url
         self.engine: Engine = make_engine(url)
         self.files = OutputFiles(settings)
+        self._output_uris: dict[str, str | None] = {}  # job id -> output_uri, which never changes
         if migrate:
             try:
                 upgrade(self.engine)
@@ -245,7 +249,7 @@ class ResultStore:
             ObjectStoreError: the part file could not be written (nothing was recorded).
         """
         table = as_table(outputs)
-        output_uri = jobs.output_uri(self.engine, job_id)[1] if table.num_rows else None
+        output_uri = self._output_uri(job_id) if table.num_rows else None
         prefix = None if output_uri is None else self.files.open(output_uri)
         if prefix is not None:
             prefix.write(job_id, shard_index, table)
@@ -255,6 +259,17 @@ class ResultStore:
         if prefix is not None and not recorded and not jobs.output_uri(self.engine, job_id)[0]:
             prefix.delete_part(job_id, shard_index)  # the job was deleted while the shard ran
         return recorded
+
+    def _output_uri(self, job_id: str) -> str | None:
+        """Job ``job_id``'s ``output_uri``, read once per job (at most :data:`OUTPUT_URIS_KEPT` kept)."""
+        if job_id not in self._output_uris:
+            found, uri = jobs.output_uri(self.engine, job_id)
+            if not found:
+                return None
+            if len(self._output_uris) >= OUTPUT_URIS_KEPT:
+                self._output_uris.clear()
+            self._output_uris[job_id] = uri
+        return self._output_uris[job_id]
 
     def record_online(self, records: Sequence[ShardOutcomeRecord], worker: str) -> list[bool]:
         """Record several online requests' shards in one transaction; per record, whether

@@ -156,13 +156,16 @@ def test_a_job_without_rows_carries_its_columns(store, tmp_path):
 
 
 def test_a_part_written_for_a_deleted_job_is_removed(store, tmp_path):
-    """A shard whose job was deleted while it ran leaves no part file behind."""
-    job_id = record_job(store, str(tmp_path), order=(0,))
-    store.create_jobs([NewJob("f" * 32, "m", 1, "d.csv", 3, [(0, 3)], 4, output_uri=str(tmp_path))])
-    assert store.delete_job("f" * 32) is not None
-    assert not store.complete_shard("f" * 32, 0, shard_table([0, 1, 2]), [])
-    assert not (tmp_path / ("f" * 32) / part_name(0)).exists()
-    assert (tmp_path / job_id / part_name(0)).exists()
+    """A shard whose job was deleted while it ran (its store handle knew the job) leaves no
+    part file behind; other jobs' parts stay."""
+    other = record_job(store, str(tmp_path), order=(0,))
+    job_id = "f" * 32
+    store.create_jobs([NewJob(job_id, "m", 1, "d.csv", 6, [(0, 3), (3, 6)], 4, output_uri=str(tmp_path))])
+    assert store.complete_shard(job_id, 0, shard_table([0, 1, 2]), [])
+    assert store.delete_job(job_id).output_files == 1
+    assert not store.complete_shard(job_id, 1, shard_table([3, 4, 5]), [])
+    assert not (tmp_path / job_id / part_name(1)).exists()
+    assert (tmp_path / other / part_name(0)).exists()
 
 
 def test_api_output_prefixes_rule():
