@@ -15,7 +15,7 @@ Hierarchy::
     │   ├── DatasetPathError     the path leaves the data directory: refused unread
     │   ├── DatasetFormatError   unsupported or unreadable file
     │   └── DatasetSchemaError   columns the model needs are missing
-    ├── ObjectStoreError         object storage (s3://) unusable: bad URI, credentials, endpoint
+    ├── ObjectStoreError         an s3:// location is malformed, unknown, refused or unreachable
     ├── JobError
     │   ├── JobNotFoundError     no job with that id in the results store
     │   ├── JobTimeoutError      ``Job.wait`` ran out of time

@@ -74,6 +74,8 @@ def print_status(status: JobStatus) -> None:
     pct = 100.0 * status.rows_done / status.n_rows if status.n_rows else 100.0
     say(f"job {status.job_id}  ", (status.state.value, "bold"), f"  model {status.model}/{status.model_version}")
     out.print(f"  dataset  {status.dataset}")
+    if status.output_uri is not None:
+        out.print(f"  results  {status.output_uri.rstrip('/')}/{status.job_id}/ (Parquet, one file per shard)")
     out.print(f"  rows     {status.rows_done}/{status.n_rows} ({pct:.1f}%): {status.rows_ok} ok, "
               f"{status.rows_failed} failed")
     out.print(f"  shards   {status.shards_done}/{status.n_shards}" + (f"  (priority {status.priority})"
@@ -108,6 +110,10 @@ def score(
     callback_url: Annotated[str | None, typer.Option(
         help="POST a signed job.finished event here once the job ends (its host must be in "
              "callback_allowed_hosts; signed with callback_secrets' default entry).")] = None,
+    output_uri: Annotated[str | None, typer.Option(
+        help="Keep the results as Parquet files, one per shard, under this prefix (s3://bucket/prefix, or a "
+             "local directory when the workers run on this host) instead of the results database; "
+             "`mlf results` reads them back the same.")] = None,
 ) -> None:
     """Submit a bulk-scoring job; prints the job id (and waits with --wait / -o)."""
     if output is not None:
@@ -119,7 +125,7 @@ def score(
 
     try:
         options = JobOptions.of(model, version, batch_size, columns.split(",") if columns else None, priority,
-                                callback_url)
+                                callback_url=callback_url, output_uri=output_uri)
         with client() as c:
             say(where(c), console=err)
             job = c.submit_dataset(dataset, options, idempotency_key=idempotency_key)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ml_framework.errors import JobNotFoundError, MLFrameworkError
+from ml_framework.errors import JobNotFoundError, MLFrameworkError, ObjectStoreError
 from producer.cli import client, err, fail, out
 
 jobs_app = typer.Typer(help="Jobs: delete them (see also `mlf status`, `mlf results`, `mlf cancel`).",
@@ -39,9 +39,10 @@ def _age(seconds: float | None) -> str:
 def delete_jobs(
     job_ids: Annotated[list[str], typer.Argument(help="Job ids (or unique prefixes of 4+ characters).")],
 ) -> None:
-    """Delete jobs and everything the store holds of them (shards, results, row errors); a
-    running job is cancelled first. A job deleted already is reported, not an error. Files
-    written with `mlf results -o` are yours: they stay."""
+    """Delete jobs and everything the store holds of them (shards, results, row errors, and
+    the Parquet files of a job scored with --output-uri); a running job is cancelled first. A
+    job deleted already is reported, not an error. Files written with `mlf results -o` are
+    yours: they stay."""
     failed = 0
     with client() as c:
         for job_id in job_ids:
@@ -54,12 +55,18 @@ def delete_jobs(
                 err.print(f"error: {exc}", markup=False, highlight=False)
                 failed += 1
                 continue
-            report = c.delete_jobs([full])[full]
+            try:
+                report = c.delete_jobs([full])[full]
+            except ObjectStoreError as exc:  # its results files stay, and so does the job
+                err.print(f"error: job {full} not deleted: {exc}", markup=False, highlight=False)
+                failed += 1
+                continue
             if report is None:
                 _say(f"job {full} was deleted already")
             else:
+                files = f", {report.output_files} results file(s)" if report.output_files else ""
                 _say(f"deleted job {full}: {report.shards} shard(s), {report.row_errors} row error(s)"
-                     + (f", {_mb(report.result_bytes)} of results" if report.result_bytes else ""))
+                     + (f", {_mb(report.result_bytes)} of results" if report.result_bytes else "") + files)
     if failed:
         raise typer.Exit(1)
 

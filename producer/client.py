@@ -85,7 +85,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self.store = ResultStore(self.settings.effective_database_url)
+        self.store = ResultStore(self.settings.effective_database_url, settings=self.settings)
         self.repository = ModelRepository(self.settings.models_dir)
         self.app = create_app(self.settings)
         self._dispatcher: OnlineDispatcher | None = None
@@ -204,6 +204,7 @@ class Client:
         owner: str | None = None,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        output_uri: str | None = None,
     ) -> Job:
         """Submit a bulk-scoring job over a CSV or Parquet file.
 
@@ -231,6 +232,11 @@ class Client:
                 process must be running). Its host must be in ``callback_allowed_hosts``,
                 and ``callback_secrets`` must hold the owner's secret (``default`` without
                 an owner).
+            output_uri: keep the results as Parquet files, one per shard, under this
+                prefix (``s3://bucket/prefix``, or a local directory when every worker runs
+                on this host) instead of the results database; :meth:`Job.results` and
+                the other readers read them back the same. The bucket must exist (a local
+                directory is created).
 
         Returns:
             The new :class:`Job` (state PENDING; SUCCEEDED at once when the dataset has
@@ -242,6 +248,8 @@ class Client:
             IdempotencyKeyReusedError: the key names a job submitted with another request.
             JobOptionError: ``batch_size`` or ``priority`` out of range (also a ``ValueError``).
             CallbackError: a ``callback_url`` refused (see :meth:`check_callback`).
+            ObjectStoreError: ``output_uri`` is malformed, its bucket unknown or unreachable,
+                or its directory cannot be written (nothing was recorded or sent).
             MessageTooLargeError: a shard message (inline rows) over ``max_message_bytes``.
             ModelNotFoundError: unknown model or version.
             DatasetPathError: the path enters the data directory and leads out of it (a
@@ -252,7 +260,8 @@ class Client:
             BrokerUnavailableError: the broker cannot be reached; nothing was recorded, or
                 (the broker went away mid-send) the job named by its ``job_id`` was cancelled.
         """
-        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url)
+        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url=callback_url,
+                                output_uri=output_uri)
         return self.submit_dataset(path, options, owner=owner, idempotency_key=idempotency_key)
 
     def submit_dataset(self, path: Path | str, options: JobOptions, *, owner: str | None = None,
@@ -260,6 +269,7 @@ class Client:
         """:meth:`score_dataset` with the job's options as one :class:`~producer.plan.JobOptions`
         (what ``mlf score`` and the HTTP API hold). Returns and raises as :meth:`score_dataset`."""
         self.check_callback(options.callback_url, owner)
+        options = self._check_output(options)
         location = locate_dataset(self.settings.data_dir, Path(path).absolute())
         key = self._idempotency(idempotency_key, owner, options, dataset=str(location.relative or location.path))
         if key is not None and (existing := self.store.idempotent_job(key)) is not None:
@@ -281,6 +291,7 @@ class Client:
         owner: str | None = None,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        output_uri: str | None = None,
     ) -> Job:
         """Submit rows held in memory; they travel inside the shard messages.
 
@@ -292,7 +303,7 @@ class Client:
                 (text and image inputs). See :mod:`producer.rows`. Values that are not
                 numbers become row errors on the worker, naming the row and field; they do
                 not fail the job.
-            model, version, batch_size, columns, priority, owner, callback_url: as :meth:`score_dataset`.
+            model, version, batch_size, columns, priority, owner, callback_url, output_uri: as :meth:`score_dataset`.
             idempotency_key: as :meth:`score_dataset`; the request compared is the rows
                 as they would be sent (their values and column order) and the options.
 
@@ -304,9 +315,10 @@ class Client:
             DatasetSchemaError: missing columns, an array of the wrong width or shape, or
                 a column whose type can never feed the model.
             ModelNotFoundError, JobOptionError, MessageTooLargeError, BrokerUnavailableError,
-                IdempotencyKeyError: as :meth:`score_dataset`.
+                IdempotencyKeyError, ObjectStoreError: as :meth:`score_dataset`.
         """
-        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url)
+        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url=callback_url,
+                                output_uri=output_uri)
         return self.submit_rows(rows, options, owner=owner, idempotency_key=idempotency_key)
 
     def submit_rows(self, rows: RowsLike, options: JobOptions, *, owner: str | None = None,
@@ -316,6 +328,7 @@ class Client:
         if idempotency_key is not None:
             check_key(idempotency_key)
         self.check_callback(options.callback_url, owner)
+        options = self._check_output(options)
         plan = self._plan_rows(rows, options)
         digest = hashlib.sha256()
         for source in plan.sources if idempotency_key is not None else ():
@@ -343,6 +356,18 @@ class Client:
             whose = f"API key {name!r}" if owner else "jobs submitted without an API key"
             raise CallbackError(f"no callback secret for {whose}: the operator adds {name}=<secret> to "
                                 "callback_secrets (ML_FRAMEWORK_CALLBACK_SECRETS) to sign its callbacks")
+
+    def _check_output(self, options: JobOptions) -> JobOptions:
+        """``options`` with ``output_uri`` checked and as the job records it (see
+        :meth:`OutputFiles.check <ml_framework.store.output_files.OutputFiles.check>`).
+
+        Raises:
+            ObjectStoreError: malformed, unknown bucket, unreachable, not writable.
+        """
+        if options.output_uri is None:
+            return options
+        uri = self.store.files.check(options.output_uri)
+        return options.options().model_copy(update={"output_uri": uri})
 
     def _idempotency(self, key: str | None, owner: str | None, options: JobOptions,
                      **source: str) -> Idempotency | None:

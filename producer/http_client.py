@@ -204,14 +204,16 @@ class HttpClient:
 
     def score_dataset(self, path: Path | str, model: str, version: int | None = None, batch_size: int | None = None,
                       columns: Sequence[str] | None = None, priority: int = 0, *, owner: str | None = None,
-                      idempotency_key: str | None = None, callback_url: str | None = None) -> Job:
+                      idempotency_key: str | None = None, callback_url: str | None = None,
+                      output_uri: str | None = None) -> Job:
         """Submit a bulk-scoring job over a dataset the API reads (``POST /v1/jobs``).
 
         Args:
             path: the dataset's path relative to the API's data directory.
-            model, version, batch_size, columns, priority, idempotency_key, callback_url: as
-                :meth:`producer.client.Client.score_dataset` (the API checks the callback URL
-                against its own ``callback_allowed_hosts`` and signs with the key's secret).
+            model, version, batch_size, columns, priority, idempotency_key, callback_url, output_uri:
+                as :meth:`producer.client.Client.score_dataset` (the API checks the callback URL
+                against its own ``callback_allowed_hosts`` and signs with the key's secret, and
+                an ``output_uri`` against ``api_output_prefixes``).
             owner: must be ``None``: the API key names the job's owner.
 
         Raises:
@@ -222,7 +224,8 @@ class HttpClient:
                 IdempotencyKeyError, MessageTooLargeError, BrokerUnavailableError: as the
                 direct client; UnauthorizedError, ApiUnavailableError.
         """
-        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url)
+        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url=callback_url,
+                                output_uri=output_uri)
         return self.submit_dataset(path, options, owner=owner, idempotency_key=idempotency_key)
 
     def submit_dataset(self, path: Path | str, options: JobOptions, *, owner: str | None = None,
@@ -234,14 +237,16 @@ class HttpClient:
 
     def score_rows(self, rows: RowsLike, model: str, version: int | None = None, batch_size: int | None = None,
                    columns: Sequence[str] | None = None, priority: int = 0, *, owner: str | None = None,
-                   idempotency_key: str | None = None, callback_url: str | None = None) -> Job:
+                   idempotency_key: str | None = None, callback_url: str | None = None,
+                   output_uri: str | None = None) -> Job:
         """Submit rows held in memory; they travel in the request's JSON body (``rows``).
 
         Args and errors: as :meth:`producer.client.Client.score_rows` (an array or list of
         lists is named by the model's input columns, read from ``GET /v1/models``);
         ``owner`` as :meth:`score_dataset`.
         """
-        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url)
+        options = JobOptions.of(model, version, batch_size, columns, priority, callback_url=callback_url,
+                                output_uri=output_uri)
         return self.submit_rows(rows, options, owner=owner, idempotency_key=idempotency_key)
 
     def submit_rows(self, rows: RowsLike, options: JobOptions, *, owner: str | None = None,

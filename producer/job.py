@@ -186,12 +186,15 @@ class Job:
 
     def delete(self) -> PruneReport | None:
         """Delete the job and everything the store holds of it (shards, results, row
-        errors, the API's cached renderings); a PENDING or RUNNING job is cancelled first.
-        Idempotent. Result files written with :meth:`save_results` are the caller's: the
-        store does not know them, and they stay.
+        errors, the API's cached renderings, and the Parquet files under its ``output_uri``);
+        a PENDING or RUNNING job is cancelled first. Idempotent. Result files written with
+        :meth:`save_results` are the caller's: the store does not know them, and they stay.
 
         Returns:
-            The rows and bytes deleted; ``None`` when the job was already deleted.
+            The rows, bytes and files deleted; ``None`` when the job was already deleted.
+
+        Raises:
+            ObjectStoreError: the job's Parquet files could not be deleted; the job is kept.
         """
         return self.client.delete_jobs([self.id])[self.id]
 

@@ -54,6 +54,10 @@ class JobOptions(BaseModel):
         callback_url: where the job's ``job.finished`` event is POSTed, signed, once it
             ends (see :mod:`ml_framework.callbacks`); checked at submit
             (:meth:`producer.client.Client.check_callback`).
+        output_uri: write each shard's results as one Parquet file under this prefix
+            (``s3://bucket/prefix``, or a local directory on a single host) instead of the
+            results database; see :mod:`ml_framework.store.output_files`. ``None``: the
+            database.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -69,9 +73,16 @@ class JobOptions(BaseModel):
         "http(s) URL the signed job.finished event is POSTed to once the job ends (a host the server allows, "
         f"at most {CALLBACK_URL_MAX_CHARS} characters, no credentials); see docs/security.md."))
 
+    output_uri: str | None = Field(
+        default=None, min_length=1, max_length=2048,
+        description="Write the results as Parquet files, one per shard, under this prefix "
+                    "(s3://bucket/prefix, under a prefix the operator allows) instead of the results database; "
+                    "reading them back is unchanged.")
+
     @classmethod
     def of(cls, model: str, version: int | None = None, batch_size: int | None = None,
-           columns: Sequence[str] | None = None, priority: int = 0, callback_url: str | None = None) -> JobOptions:
+           columns: Sequence[str] | None = None, priority: int = 0, *, callback_url: str | None = None,
+           output_uri: str | None = None) -> JobOptions:
         """The options of a Python caller's submission, checked with the client's messages.
 
         Raises:
@@ -83,7 +94,7 @@ class JobOptions(BaseModel):
             raise JobOptionError(f"batch_size must be between 1 and {MAX_INT32}, got {batch_size}")
         return cls.model_construct(model=model, version=version, batch_size=batch_size,
                                    columns=None if columns is None else list(columns), priority=priority,
-                                   callback_url=callback_url)
+                                   callback_url=callback_url, output_uri=output_uri)
 
     def options(self) -> JobOptions:
         """These options alone (a request body that extends them drops its other fields)."""
@@ -93,8 +104,18 @@ class JobOptions(BaseModel):
 
     def request(self) -> dict[str, Any]:
         """The options as the idempotency hash of a submission takes them
-        (:func:`~ml_framework.store.idempotency.request_hash`)."""
-        return {name: getattr(self, name) for name in JobOptions.model_fields}
+        (:func:`~ml_framework.store.idempotency.request_hash`). Options added after the
+        first release (:data:`LATER_OPTIONS`) count only when set: a request without them
+        hashes as it did before they existed, so a retry across an upgrade replays."""
+        fields = {name: getattr(self, name) for name in JobOptions.model_fields}
+        for name in LATER_OPTIONS:
+            if fields[name] is None:
+                del fields[name]
+        return fields
+
+
+LATER_OPTIONS = ("callback_url", "output_uri")
+"""Job options that entered after idempotency keys did (see :meth:`JobOptions.request`)."""
 
 
 @dataclass
@@ -172,7 +193,8 @@ class ShardPlan:
         """The store's record of this plan as job ``job_id``, submitted by ``owner``."""
         return NewJob(job_id, self.manifest.name, self.manifest.version, self.dataset, self.n_rows, self.ranges,
                       self.batch_size, self.options.priority, owner, output_schema(self.manifest.outputs),
-                      callback_url=self.options.callback_url)
+                      callback_url=self.options.callback_url,
+                      output_uri=self.options.output_uri)
 
 
 def _batch_size(manifest: ModelManifest, options: JobOptions, default_batch_size: int) -> int:

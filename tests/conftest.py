@@ -277,9 +277,17 @@ def _backends() -> Any:
         cleanup()
 
 
+def session_uses_s3(request) -> bool:
+    """Whether a test of this session takes the ``s3_server`` fixture: then the shared
+    backends' workers and clients get its ``s3_*`` settings (the server is started first);
+    otherwise no server is started for them."""
+    return any("s3_server" in getattr(item, "fixturenames", ()) for item in request.session.items)
+
+
 def shared_backend(request) -> Backend:
     """The running backend of kind ``request.param`` (``embedded``, ``redis-postgres`` or
-    ``rabbitmq-postgres``), started if it is not yet."""
+    ``rabbitmq-postgres``), started if it is not yet; with the S3 server's settings when the
+    session uses it (:func:`session_uses_s3`)."""
     from ml_framework.settings import load_settings
     from producer.client import Client
 
@@ -294,6 +302,8 @@ def shared_backend(request) -> Backend:
         "broker_polling_interval_s": 0.1,
         "worker_metrics_port": free_port(),
     }
+    if session_uses_s3(request):  # workers read and write s3:// locations with the test server's settings
+        values.update(request.getfixturevalue("s3_server").settings)
     if kind == "redis-postgres":
         check_redis()
         values["broker_url"] = REDIS_URL

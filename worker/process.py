@@ -73,7 +73,7 @@ class WorkerContext:
         """The results-store handle (opened, and migrated, on first use)."""
         with self._store_lock:
             if self._store is None:
-                self._store = ResultStore(self.settings.effective_database_url)
+                self._store = ResultStore(self.settings.effective_database_url, settings=self.settings)
             return self._store
 
     @property

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ml_framework.constants import SCORE_ONLINE_TASK, SCORE_SHARD_TASK
-from ml_framework.errors import ShardFailed, StoreUnavailableError
+from ml_framework.errors import ObjectStoreError, ShardFailed, StoreUnavailableError
 from ml_framework.logging import task_context
 from ml_framework.protocol import OnlineBatch, ScoreShard
 from ml_framework.store import ShardClaim
@@ -158,8 +158,11 @@ def _run_claimed_shard(ctx: WorkerContext, msg: ScoreShard, owner: str) -> Recor
     except TRANSIENT_STORE_ERRORS:
         raise  # the store is unreachable: retried with backoff (see register)
     except Exception as exc:
-        log.exception("job %s shard %d: the results store refused the shard's rows", msg.job_id, msg.shard_index)
-        shard_error = f"results store refused the shard's rows: {type(exc).__name__}: {exc}"[:2000]
+        # the job's output prefix refused the part file (ObjectStoreError, naming it), or the database the rows
+        what = "could not write the shard's results" if isinstance(exc, ObjectStoreError) \
+            else "results store refused the shard's rows"
+        log.exception("job %s shard %d: %s", msg.job_id, msg.shard_index, what)
+        shard_error = f"{what}: {type(exc).__name__}: {exc}"[:2000]
         failure = "StoreRefused"
         outputs, errors = outputs_table([]), every_row_failed(msg, shard_error)
         recorded = store.complete_shard(msg.job_id, msg.shard_index, outputs, errors, shard_error=shard_error,

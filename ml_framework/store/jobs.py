@@ -44,6 +44,8 @@ class NewJob:
         output_schema: the columns the model's outputs become
             (:func:`~ml_framework.store.outputs.output_schema`); kept for a job without
             shards, whose results then still carry them.
+        output_uri: where the job's shard results go instead of the database (a prefix,
+            see :mod:`~ml_framework.store.output_files`); ``None``: the database.
     """
 
     job_id: str
@@ -59,6 +61,7 @@ class NewJob:
     idempotency_key: str | None = None
     request_hash: str | None = None
     callback_url: str | None = None
+    output_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class JobStatus:
         callback_state: delivery of the completion callback: ``None`` (no callback, or
             the job has not ended), ``pending``, ``delivered`` or ``failed``.
         callback_attempts: delivery attempts made so far.
+        output_uri: the prefix holding the job's results as Parquet files (one per shard,
+            see :mod:`~ml_framework.store.output_files`); ``None``: in the database.
     """
 
     job_id: str
@@ -100,6 +105,7 @@ class JobStatus:
     owner: str | None = None
     callback_state: str | None = None
     callback_attempts: int = 0
+    output_uri: str | None = None
 
     @property
     def rows_done(self) -> int:
@@ -122,9 +128,10 @@ class JobStatus:
 _TS = DateTime(timezone=True)
 _INSERT_JOB = text(
     "INSERT INTO jobs (id, model, model_version, dataset, state, n_rows, n_shards, shards_done, rows_ok, "
-    "rows_failed, batch_size, oom_splits, priority, owner, created_at, idempotency_key, request_hash, callback_url) "
+    "rows_failed, batch_size, oom_splits, priority, owner, created_at, idempotency_key, request_hash, callback_url, "
+    "output_uri) "
     f"VALUES (:id, :model, :model_version, :dataset, '{JobState.PENDING.value}', :n_rows, :n_shards, 0, 0, 0, "
-    ":batch_size, 0, :priority, :owner, :now, :idempotency_key, :request_hash, :callback_url)"
+    ":batch_size, 0, :priority, :owner, :now, :idempotency_key, :request_hash, :callback_url, :output_uri)"
 ).bindparams(bindparam("now", type_=_TS))
 _INSERT_SHARD = text(
     "INSERT INTO shards (job_id, shard_index, row_start, row_end, state, attempts, deliveries, rows_ok, rows_failed, "
@@ -146,6 +153,7 @@ def status_of(row) -> JobStatus:
         started_at=as_utc(row.started_at), finished_at=as_utc(row.finished_at),
         oom_splits=row.oom_splits, priority=row.priority, model_load_s=row.model_load_s, owner=row.owner,
         callback_state=row.callback_state, callback_attempts=row.callback_attempts or 0,
+        output_uri=row.output_uri,
     )
 
 
@@ -156,7 +164,7 @@ def insert_jobs(conn, jobs: Sequence[NewJob], now: datetime) -> None:
         "id": j.job_id, "model": j.model, "model_version": j.model_version, "dataset": j.dataset,
         "n_rows": j.n_rows, "n_shards": len(j.shard_ranges), "batch_size": j.batch_size, "now": now,
         "priority": j.priority, "owner": j.owner, "idempotency_key": j.idempotency_key,
-        "request_hash": j.request_hash, "callback_url": j.callback_url,
+        "request_hash": j.request_hash, "callback_url": j.callback_url, "output_uri": j.output_uri,
     } for j in jobs])
     shards = [{"job_id": j.job_id, "shard_index": i, "row_start": a, "row_end": b}
               for j in jobs for i, (a, b) in enumerate(j.shard_ranges)]
@@ -258,6 +266,13 @@ def job(engine: Engine, job_id: str) -> JobStatus:
     if row is None:
         raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
     return status_of(row)
+
+
+def output_uri(engine: Engine, job_id: str) -> tuple[bool, str | None]:
+    """Whether job ``job_id`` exists, and its ``output_uri`` (``None``: results in the database)."""
+    with read(engine) as conn:
+        row = conn.execute(select(JobRow.output_uri).where(JobRow.id == job_id)).first()
+    return (False, None) if row is None else (True, row.output_uri)
 
 
 def recent_jobs(engine: Engine, limit: int = 50, *, owned_by: str | None = None) -> list[JobStatus]:

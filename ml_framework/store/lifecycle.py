@@ -23,6 +23,12 @@ since revision 0010) :func:`reclaim_space` also hands them back to the file syst
 truncates the WAL. PostgreSQL's autovacuum marks the deleted rows' space (the blobs' TOAST
 chunks included) reusable; the files do not shrink (see docs/operations.md).
 
+A job with an ``output_uri`` also has its part files (``<output_uri>/<job_id>/``, see
+:mod:`~ml_framework.store.output_files`): they are deleted before its rows (a failure there
+keeps the job, to be deleted again: the error says why), and swept once more after them, for
+a shard that a worker was writing meanwhile (a failure of that sweep is logged). A dry run
+does not count them.
+
 Result files a job's user wrote (``mlf results -o``, ``Job.save_results``) are not recorded
 in the store, so deleting a job cannot remove them.
 """
@@ -30,6 +36,7 @@ in the store, so deleting a job cannot remove them.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +46,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, insert, select, text
 
+from ml_framework.errors import ObjectStoreError
 from ml_framework.store.models import (
     FINISHED_JOB,
     OPEN_JOB,
@@ -54,6 +62,8 @@ from ml_framework.store.models import (
 
 if TYPE_CHECKING:
     from ml_framework.store.result_store import ResultStore
+
+log = logging.getLogger(__name__)
 
 DELETE_SHARDS_PER_TXN = 16
 """Shards (with their output blobs and row errors) deleted per transaction: at the default
@@ -78,6 +88,7 @@ class PruneReport:
         shards / shard_outputs / row_errors: rows deleted from each table.
         result_bytes: bytes of result data in those rows (output blobs and row-error
             messages); the database's own overhead (indexes, page slack) comes on top.
+        output_files: part files deleted from jobs' output prefixes (``output_uri``).
         workers: hostnames of the dead workers' heartbeats deleted.
         tombstones: tombstones of deleted jobs that expired.
         dry_run: nothing was deleted; the counts say what would be.
@@ -89,6 +100,7 @@ class PruneReport:
     shard_outputs: int = 0
     row_errors: int = 0
     result_bytes: int = 0
+    output_files: int = 0
     workers: list[str] = field(default_factory=list)
     tombstones: int = 0
     dry_run: bool = False
@@ -101,6 +113,7 @@ class PruneReport:
         self.shard_outputs += other.shard_outputs
         self.row_errors += other.row_errors
         self.result_bytes += other.result_bytes
+        self.output_files += other.output_files
         self.workers += other.workers
         self.tombstones += other.tombstones
 
@@ -134,9 +147,14 @@ def delete_job(store: ResultStore, job_id: str) -> PruneReport | None:
     Returns:
         What was deleted, or ``None`` when there was no such job (already deleted:
         deleting is idempotent).
+
+    Raises:
+        ObjectStoreError: the job's part files could not be deleted; the job is kept
+            (cancelled, if it was open).
     """
     with store._read() as conn:
-        job = conn.execute(select(JobRow.state, JobRow.owner, JobRow.n_shards).where(JobRow.id == job_id)).one_or_none()
+        job = conn.execute(select(JobRow.state, JobRow.owner, JobRow.n_shards, JobRow.output_uri)
+                           .where(JobRow.id == job_id)).one_or_none()
     if job is None:
         return None
     if job.state in OPEN_JOB:
@@ -147,6 +165,9 @@ def delete_job(store: ResultStore, job_id: str) -> PruneReport | None:
         except JobNotFoundError:  # deleted meanwhile by another caller
             return None
     report = PruneReport(jobs=[job_id])
+    prefix = None if job.output_uri is None else store.files.open(job.output_uri)
+    if prefix is not None:
+        report.output_files += prefix.delete_job(job_id)
     for lo in range(0, max(job.n_shards, 1), DELETE_SHARDS_PER_TXN):
         with store.engine.begin() as conn:
             ranges = conn.execute(
@@ -161,6 +182,11 @@ def delete_job(store: ResultStore, job_id: str) -> PruneReport | None:
             return None  # another caller deleted it meanwhile
         conn.execute(delete(DeletedJobRow).where(DeletedJobRow.id == job_id))
         conn.execute(insert(DeletedJobRow).values(id=job_id, owner=job.owner, deleted_at=_now()))
+    if prefix is not None:
+        try:  # a part a worker wrote while the rows went (its recording then found no shard)
+            report.output_files += prefix.delete_job(job_id)
+        except ObjectStoreError as exc:
+            log.warning("job %s deleted, but a results file written meanwhile may remain: %s", job_id, exc)
     return report
 
 
@@ -228,7 +254,11 @@ def prune(store: ResultStore, *, results_retention_s: float | None, worker_reten
             with store._read() as conn:
                 ids = conn.execute(_expired(cutoff).order_by(JobRow.finished_at).limit(limit)).scalars().all()
             for job_id in ids:
-                done = delete_job(store, job_id)
+                try:
+                    done = delete_job(store, job_id)
+                except ObjectStoreError as exc:  # kept; the next pass tries again
+                    log.warning("expired job %s kept: its results files could not be deleted: %s", job_id, exc)
+                    continue
                 if done is not None:
                     report.add(done)
     if worker_retention_s is not None:

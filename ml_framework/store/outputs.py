@@ -10,19 +10,21 @@ are one row each (table ``row_errors``, :class:`RowError`).
 
 The store hands results back as Arrow (:func:`results_table`, :func:`recorded_rows`) or
 plain dicts (:func:`results_page`), never pandas: the DataFrame view is the producer's
-(``producer.results``).
+(``producer.results``). A job with an ``output_uri`` keeps its shards' tables as Parquet
+files instead (:mod:`ml_framework.store.output_files`); the readers here read them back
+through the ``files`` they are given, transparently.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Engine, LargeBinary, bindparam, func, or_, select, text
+from sqlalchemy import Connection, Engine, LargeBinary, bindparam, or_, select, text
 
 from ml_framework.errors import JobNotFoundError
 from ml_framework.manifest import OutputSpec
@@ -33,12 +35,12 @@ from ml_framework.store.models import (
     JobState,
     RowErrorRow,
     ShardOutputRow,
+    ShardRow,
     sql_in,
 )
+from ml_framework.store.output_files import OutputFiles
 
 ROW = "row"
-STREAM_PAGE_ROWS = 10_000
-"""Input rows per page of a streamed result (:func:`results_pages`)."""
 CODEC = "lz4"
 """Arrow IPC buffer compression (LZ4 frame): fast enough that a 50,000-row shard
 compresses in about a millisecond; PostgreSQL's own TOAST compression then finds little
@@ -67,10 +69,10 @@ def column(values: Sequence) -> pa.Array:
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return _text(values)
+        return text_column(values)
 
 
-def _text(values: Sequence) -> pa.Array:
+def text_column(values: Sequence) -> pa.Array:
     """``values`` as a string column: text as is, other values as their JSON."""
     return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
@@ -154,13 +156,13 @@ def concat(tables: Sequence[pa.Table]) -> pa.Table | None:
             for f in t.schema:
                 types.setdefault(f.name, set()).add(f.type)
         mixed = [name for name, ts in types.items() if len(ts - {pa.null()}) > 1]
-        return pa.concat_tables([_as_text(t, mixed) for t in tables], promote_options="permissive")
+        return pa.concat_tables([_astext_column(t, mixed) for t in tables], promote_options="permissive")
 
 
-def _as_text(table: pa.Table, names: Sequence[str]) -> pa.Table:
+def _astext_column(table: pa.Table, names: Sequence[str]) -> pa.Table:
     for name in names:
         if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, _text(table.column(name).to_pylist()))
+            table = table.set_column(table.column_names.index(name), name, text_column(table.column(name).to_pylist()))
     return table
 
 
@@ -225,10 +227,12 @@ def insert_empty(conn: Connection, schemas: Sequence[tuple[str, pa.Schema]]) -> 
         conn.execute(_INSERT_OUTPUTS, blobs)
 
 
-def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None) -> tuple[pa.Table | None, list]:
+def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None,
+                  files: OutputFiles | None = None) -> tuple[pa.Table | None, list]:
     """The recorded rows of a job among input rows ``[lo, hi)`` (all when ``hi`` is ``None``).
 
-    Reads only the shards whose rows overlap the range.
+    Reads only the shards whose rows overlap the range: their blobs, or for a job with an
+    ``output_uri`` the part files of its recorded shards (through ``files``).
 
     Returns:
         ``(outputs, errors)``: the output table (``row`` int64 first, then one column per
@@ -237,19 +241,26 @@ def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
 
     Raises:
         JobNotFoundError: no such job.
+        ObjectStoreError: a part file of the job cannot be read.
     """
     outs = select(ShardOutputRow.data).where(ShardOutputRow.job_id == job_id,  # n_rows 0: a job without rows
                                              or_(ShardOutputRow.row_end > lo, ShardOutputRow.n_rows == 0))
+    parts = select(ShardRow.shard_index).where(ShardRow.job_id == job_id, ShardRow.rows_ok > 0,
+                                               ShardRow.row_end > lo)
     errs = select(RowErrorRow.row_index, RowErrorRow.field, RowErrorRow.message).where(
         RowErrorRow.job_id == job_id, RowErrorRow.row_index >= lo)
     if hi is not None:
         outs, errs = outs.where(ShardOutputRow.row_start < hi), errs.where(RowErrorRow.row_index < hi)
+        parts = parts.where(ShardRow.row_start < hi)
     with read(engine) as conn:
-        if conn.execute(select(JobRow.id).where(JobRow.id == job_id)).first() is None:
-            raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+        output_uri = job_output_uri(conn, engine, job_id)
         blobs = conn.execute(outs.order_by(ShardOutputRow.shard_index)).scalars().all()
+        indices = [] if output_uri is None else conn.execute(parts.order_by(ShardRow.shard_index)).scalars().all()
         errors = [tuple(e) for e in conn.execute(errs).all()]
-    table = concat([decode(b) for b in blobs])
+    tables = [decode(b) for b in blobs]
+    if indices:
+        tables += output_files(files).open(output_uri).read(job_id, indices)
+    table = concat(tables)
     if table is not None and (lo > 0 or hi is not None):
         rows = table.column(ROW)
         keep = pc.greater_equal(rows, lo)
@@ -259,13 +270,32 @@ def recorded_rows(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
     return table, errors
 
 
-def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None) -> pa.Table:
+def job_output_uri(conn: Connection, engine: Engine, job_id: str) -> str | None:
+    """The ``output_uri`` of job ``job_id`` (``None``: results in the database), on ``conn``.
+
+    Raises:
+        JobNotFoundError: no such job.
+    """
+    row = conn.execute(select(JobRow.output_uri).where(JobRow.id == job_id)).first()
+    if row is None:
+        raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
+    return row.output_uri
+
+
+def output_files(files: OutputFiles | None) -> OutputFiles:
+    """``files``, or the process's own (:class:`OutputFiles` on the process's settings) when ``None``."""
+    return OutputFiles() if files is None else files
+
+
+def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = None,
+                  files: OutputFiles | None = None) -> pa.Table:
     """Outputs and row errors of a job as one Arrow table, in input row order (what
     ``mlf results -o`` and the API's downloads write, without a pandas round trip).
 
     Args:
         lo, hi: only input rows ``[lo, hi)`` (all when ``hi`` is ``None``; see
             :func:`recorded_rows`).
+        files: opens the part files of a job with an ``output_uri``.
 
     Returns:
         ``row`` (int64) first, one column per output key (null on rows that failed;
@@ -275,7 +305,7 @@ def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
     Raises:
         JobNotFoundError: no such job.
     """
-    table, errors = recorded_rows(engine, job_id, lo, hi)
+    table, errors = recorded_rows(engine, job_id, lo, hi, files)
     failed = pa.table({ROW: pa.array([r for r, _, _ in errors], pa.int64()),
                        "error": pa.array([m for _, _, m in errors], pa.string()),
                        "error_field": pa.array([f for _, f, _ in errors], pa.string())})
@@ -287,99 +317,8 @@ def results_table(engine: Engine, job_id: str, lo: int = 0, hi: int | None = Non
     return merged.sort_by(ROW)
 
 
-SCHEMA_PREFIX_BYTES = 65_536
-"""Bytes of each stored shard blob read to learn its columns: an Arrow IPC stream opens
-with its schema message (a few hundred bytes for the output columns)."""
-_ERROR_FIELDS = [pa.field("error", pa.string()), pa.field("error_field", pa.string())]
-
-
-def results_schema(engine: Engine, job_id: str) -> pa.Schema:
-    """The columns :func:`results_table` gives for the whole job, learnt from the head of
-    each stored shard blob (:data:`SCHEMA_PREFIX_BYTES`), not from its rows.
-
-    Types are merged as :func:`concat` merges them (a key numeric in one shard and text in
-    another becomes text).
-
-    Raises:
-        JobNotFoundError: no such job.
-    """
-    query = (select(ShardOutputRow.shard_index, ShardOutputRow.n_rows,
-                    func.substr(ShardOutputRow.data, 1, SCHEMA_PREFIX_BYTES))
-             .where(ShardOutputRow.job_id == job_id).order_by(ShardOutputRow.shard_index))
-    schemas = []
-    with read(engine) as conn:
-        if conn.execute(select(JobRow.id).where(JobRow.id == job_id)).first() is None:
-            raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
-        for shard_index, n, head in conn.execute(query).all():
-            try:
-                schemas.append((n, pa.ipc.open_stream(pa.py_buffer(bytes(head))).schema))
-            except (pa.ArrowInvalid, OSError):  # a schema message longer than the head: read the blob
-                whole = conn.execute(select(ShardOutputRow.data).where(
-                    ShardOutputRow.job_id == job_id, ShardOutputRow.shard_index == shard_index)).scalar_one()
-                schemas.append((n, decode(whole).schema))
-    kept = [s for n, s in schemas if n] or [s for _, s in schemas[:1]]
-    if not kept:
-        return pa.schema([pa.field(ROW, pa.int64()), *_ERROR_FIELDS])
-    try:
-        merged = pa.unify_schemas(kept, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        types: dict[str, set] = {}
-        for s in kept:
-            for f in s:
-                types.setdefault(f.name, set()).add(f.type)
-        mixed = {name for name, ts in types.items() if len(ts - {pa.null()}) > 1}
-        merged = pa.unify_schemas([pa.schema([pa.field(f.name, pa.string()) if f.name in mixed else f for f in s])
-                                   for s in kept], promote_options="permissive")
-    return pa.schema([*merged, *_ERROR_FIELDS])
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly the columns of ``schema``, in its order and types: a column
-    it lacks is null, one ``schema`` lacks is dropped, a number where ``schema`` has text
-    becomes text as :func:`column` writes it, any other type is cast."""
-    columns = []
-    for f in schema:
-        if f.name not in table.column_names:
-            columns.append(pa.nulls(table.num_rows, f.type))
-            continue
-        col = table.column(f.name)
-        if col.type != f.type:
-            col = _text(col.to_pylist()) if pa.types.is_string(f.type) else col.cast(f.type)
-        columns.append(col)
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def results_pages(engine: Engine, job_id: str, page_rows: int = STREAM_PAGE_ROWS) -> Iterator[pa.Table]:
-    """A job's :func:`results_table` page by page, each page read from the store when it is
-    asked for: input rows ``[0, page_rows)``, ``[page_rows, 2 * page_rows)``, ... up to
-    the job's ``n_rows``, every page with the columns of :func:`results_schema` (the first page
-    is read after it). Memory holds one page and the shards it overlaps, never the whole
-    result. A page without recorded rows is skipped; a job without any yields one
-    page without rows (its columns).
-
-    Yields:
-        Tables of at most ``page_rows`` rows, in row order; concatenated, they equal
-        :func:`results_table` of a job that has ended.
-
-    Raises:
-        JobNotFoundError: no such job (also when it is deleted between pages).
-    """
-    schema = results_schema(engine, job_id)
-    with read(engine) as conn:
-        n_rows = conn.execute(select(JobRow.n_rows).where(JobRow.id == job_id)).scalar()
-    if n_rows is None:
-        raise JobNotFoundError(f"no job {job_id!r} in results store {engine.url!r}")
-    empty = True
-    for lo in range(0, n_rows, page_rows):
-        page = results_table(engine, job_id, lo, lo + page_rows)
-        if page.num_rows:
-            empty = False
-            yield conform(page, schema)
-    if empty:
-        yield schema.empty_table()
-
-
-def results_page(engine: Engine, job_id: str, offset: int, limit: int) -> list[dict]:
+def results_page(engine: Engine, job_id: str, offset: int, limit: int,
+                 files: OutputFiles | None = None) -> list[dict]:
     """The recorded rows of a job among input rows ``[offset, offset + limit)``.
 
     Returns:
@@ -392,7 +331,7 @@ def results_page(engine: Engine, job_id: str, offset: int, limit: int) -> list[d
     Raises:
         JobNotFoundError: no such job.
     """
-    table, errs = recorded_rows(engine, job_id, offset, offset + limit)
+    table, errs = recorded_rows(engine, job_id, offset, offset + limit, files)
     rows = [] if table is None else [{k: v for k, v in rec.items() if v is not None} for rec in table.to_pylist()]
     rows += [{"row": r, "error": m, "error_field": f} for r, f, m in errs]
     return sorted(rows, key=lambda d: d["row"])

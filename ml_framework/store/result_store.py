@@ -6,14 +6,16 @@ documented: :mod:`~ml_framework.store.jobs` (recording, reading, listing and can
 jobs), :mod:`~ml_framework.store.shards` (the shard ledger: claims, leases, idempotent
 completion), :mod:`~ml_framework.store.fleet` (worker heartbeats),
 :mod:`~ml_framework.store.outputs` (results, as Arrow),
-:mod:`~ml_framework.store.callbacks` (completion callbacks) and
-:mod:`~ml_framework.store.lifecycle` (deletion, retention, size).
+:mod:`~ml_framework.store.callbacks` (completion callbacks),
+:mod:`~ml_framework.store.output_files` (results of jobs with an ``output_uri``, as Parquet
+files under that prefix) and :mod:`~ml_framework.store.lifecycle` (deletion, retention, size).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 from sqlalchemy import Connection, Engine, select
@@ -21,7 +23,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ml_framework.constants import WORKER_LIVE_S
 from ml_framework.errors import StoreError, StoreUnavailableError
-from ml_framework.store import callbacks, fleet, idempotency, jobs, lifecycle, outputs, sessions
+from ml_framework.store import (
+    callbacks,
+    fleet,
+    idempotency,
+    jobs,
+    lifecycle,
+    outputs,
+    pages,
+    sessions,
+)
 from ml_framework.store import shards as ledger
 from ml_framework.store.callbacks import DueCallback
 from ml_framework.store.engine import CONNECTION_ERRORS, make_engine, read, upgrade
@@ -29,8 +40,15 @@ from ml_framework.store.fleet import WorkerInfo
 from ml_framework.store.jobs import JobStatus, NewJob
 from ml_framework.store.lifecycle import PruneReport, StoreStats
 from ml_framework.store.models import CallbackState, JobState, ShardClaim
+from ml_framework.store.output_files import OutputFiles
 from ml_framework.store.outputs import RowError, as_table
 from ml_framework.store.shards import ShardOutcomeRecord
+
+if TYPE_CHECKING:
+    from ml_framework.settings import Settings
+
+OUTPUT_URIS_KEPT = 1024
+"""Jobs whose ``output_uri`` a store handle remembers (a worker records many shards of few jobs)."""
 
 
 class ResultStore:
@@ -39,15 +57,19 @@ class ResultStore:
     Args:
         url: SQLAlchemy URL (SQLite or PostgreSQL).
         migrate: run the Alembic upgrade to the newest schema on open (idempotent).
+        settings: the ``s3_*`` settings with which jobs' ``s3://`` output prefixes are
+            reached (:attr:`files`); ``None``: the process's settings, read when first needed.
 
     Raises:
         StoreUnavailableError: ``migrate`` and the database cannot be reached.
         StoreError: ``migrate`` and the schema cannot be brought up to date.
     """
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, settings: Settings | None = None) -> None:
         self.url = url
         self.engine: Engine = make_engine(url)
+        self.files = OutputFiles(settings)
+        self._output_uris: dict[str, str | None] = {}  # job id -> output_uri, which never changes
         if migrate:
             try:
                 upgrade(self.engine)
@@ -167,22 +189,22 @@ class ResultStore:
     def recorded_rows(self, job_id: str, lo: int = 0, hi: int | None = None) -> tuple[pa.Table | None, list]:
         """The output table and ``(row_index, field, message)`` row errors of a job among
         rows ``[lo, hi)`` (:func:`~ml_framework.store.outputs.recorded_rows`)."""
-        return outputs.recorded_rows(self.engine, job_id, lo, hi)
+        return outputs.recorded_rows(self.engine, job_id, lo, hi, files=self.files)
 
     def results_table(self, job_id: str) -> pa.Table:
         """Outputs and row errors of a job as one Arrow table, in input row order
         (:func:`~ml_framework.store.outputs.results_table`)."""
-        return outputs.results_table(self.engine, job_id)
+        return outputs.results_table(self.engine, job_id, files=self.files)
 
-    def results_pages(self, job_id: str, page_rows: int = outputs.STREAM_PAGE_ROWS) -> Iterator[pa.Table]:
+    def results_pages(self, job_id: str, page_rows: int = pages.STREAM_PAGE_ROWS) -> Iterator[pa.Table]:
         """:meth:`results_table` in pages of at most ``page_rows`` input rows, each read when
-        it is asked for, all with the same columns (:func:`~ml_framework.store.outputs.results_pages`)."""
-        return outputs.results_pages(self.engine, job_id, page_rows)
+        it is asked for, all with the same columns (:func:`~ml_framework.store.pages.results_pages`)."""
+        return pages.results_pages(self.engine, job_id, page_rows, files=self.files)
 
     def results_page(self, job_id: str, offset: int, limit: int) -> list[dict]:
         """The recorded rows among input rows ``[offset, offset + limit)``, one dict each
         (:func:`~ml_framework.store.outputs.results_page`)."""
-        return outputs.results_page(self.engine, job_id, offset, limit)
+        return outputs.results_page(self.engine, job_id, offset, limit, files=self.files)
 
     def finished(self, job_ids: Sequence[str]) -> dict[str, tuple[JobState, pa.Table | None, list]]:
         """The jobs among ``job_ids`` that have ended, with their recorded rows
@@ -235,10 +257,39 @@ class ResultStore:
                        model_load_s: float | None = None) -> bool:
         """Record a shard's outputs and row errors in one transaction; False when it was
         recorded already or its lease passed on (:func:`~ml_framework.store.shards.complete`
-        documents the arguments)."""
-        record = ShardOutcomeRecord(job_id, shard_index, as_table(outputs), list(errors), shard_error, oom_splits,
-                                    batch_rows, model_load_s)
-        return ledger.complete(self.engine, record, owner=owner)
+        documents the arguments).
+
+        For a job with an ``output_uri`` the outputs are first written as the shard's part
+        file (:meth:`OutputPrefix.write <ml_framework.store.output_files.OutputPrefix.write>`:
+        idempotent, a redelivery overwrites it with the same rows); the database records
+        their count and the row errors. A part written for a job deleted meanwhile is
+        removed again.
+
+        Raises:
+            ObjectStoreError: the part file could not be written (nothing was recorded).
+        """
+        table = as_table(outputs)
+        output_uri = self._output_uri(job_id) if table.num_rows else None
+        prefix = None if output_uri is None else self.files.open(output_uri)
+        if prefix is not None:
+            prefix.write(job_id, shard_index, table)
+        record = ShardOutcomeRecord(job_id, shard_index, table, list(errors), shard_error, oom_splits,
+                                    batch_rows, model_load_s, outputs_in_file=prefix is not None)
+        recorded = ledger.complete(self.engine, record, owner=owner)
+        if prefix is not None and not recorded and not jobs.output_uri(self.engine, job_id)[0]:
+            prefix.delete_part(job_id, shard_index)  # the job was deleted while the shard ran
+        return recorded
+
+    def _output_uri(self, job_id: str) -> str | None:
+        """Job ``job_id``'s ``output_uri``, read once per job (at most :data:`OUTPUT_URIS_KEPT` kept)."""
+        if job_id not in self._output_uris:
+            found, uri = jobs.output_uri(self.engine, job_id)
+            if not found:
+                return None
+            if len(self._output_uris) >= OUTPUT_URIS_KEPT:
+                self._output_uris.clear()
+            self._output_uris[job_id] = uri
+        return self._output_uris[job_id]
 
     def record_online(self, records: Sequence[ShardOutcomeRecord], worker: str) -> list[bool]:
         """Record several online requests' shards in one transaction; per record, whether

@@ -57,6 +57,9 @@ class ShardOutcomeRecord:
     oom_splits: int = 0
     batch_rows: int | None = None
     model_load_s: float | None = None
+    outputs_in_file: bool = False
+    """The outputs went to the job's output prefix as a part file
+    (:mod:`~ml_framework.store.output_files`): only their count is recorded here."""
 
 
 # Prebuilt statements of the hot paths (see ml_framework.store.jobs for why text); state
@@ -383,8 +386,13 @@ def _online_values(r: ShardOutcomeRecord) -> tuple:
 def _insert_rows(conn, records: Sequence[ShardOutcomeRecord]) -> None:
     """Insert the outputs and row errors of ``records`` (see
     :func:`ml_framework.store.outputs.insert`)."""
-    shard_outputs.insert(conn, [(r.job_id, r.shard_index, shard_outputs.as_table(r.outputs), r.errors)
-                                for r in records])
+    shard_outputs.insert(conn, [(r.job_id, r.shard_index, _stored(r), r.errors) for r in records])
+
+
+def _stored(r: ShardOutcomeRecord) -> pa.Table:
+    """The output table of ``r`` the database keeps: none (no rows) when it is in a file."""
+    table = shard_outputs.as_table(r.outputs)
+    return table.slice(0, 0) if r.outputs_in_file else table
 
 
 def _bump_jobs(conn, job_ids: list[str], n_shards: int, ok: int, failed: int, oom_splits: int, now: datetime,

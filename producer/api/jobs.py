@@ -28,7 +28,13 @@ from producer.api.bodies import (
     openapi_body,
 )
 from producer.api.deps import ClientDep, json_body, model_named
-from producer.api.requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, dataset_under, sf_string
+from producer.api.requests import (
+    IDEMPOTENCY_DOC,
+    IDEMPOTENCY_KEY_PATTERN,
+    dataset_under,
+    output_uri_allowed,
+    sf_string,
+)
 from producer.api.schemas import ApiError, JobOut, ResultsPage, finite
 from producer.api.streams import (
     ARROW_MEDIA,
@@ -59,7 +65,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=202, response_model=JobOut, openapi_extra=openapi_body("job"),
              responses={200: {"model": JobOut, "description": "Repeated with an Idempotency-Key: the key's job, "
-                                                              "submitted before (header Idempotent-Replayed: true)."}})
+                                                              "submitted before (header Idempotent-Replayed: true)."},
+                        400: {"model": ApiError, "description": "An option out of range, or an output_uri this "
+                                                                "server does not allow or cannot write to."}})
 def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("job"))], c: ClientDep,
                request: Request, response: Response,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description=IDEMPOTENCY_DOC,
@@ -67,11 +75,15 @@ def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("jo
                = None) -> JobOut:  # the caller first: no body is read for an unknown one
     """Submit a scoring job over a dataset file under the data directory, or inline rows
     (``DatasetJobRequest`` or ``RowsJobRequest``). With an ``Idempotency-Key``, a repeat
-    answers 200 with the job the key submitted; the same key with a different body, 422."""
+    answers 200 with the job the key submitted; the same key with a different body, 422.
+    ``output_uri`` must lie under a prefix of the ``api_output_prefixes`` setting (400 otherwise)."""
     body = parsed.request
     assert isinstance(body, DatasetJobRequest | JobFields)
     key = None if idempotency_key is None else sf_string(idempotency_key)
     with model_named(body.model, body.version):
+        if body.output_uri is not None:  # an unknown model is answered as such first
+            c.repository.resolve(body.model, body.version)
+            output_uri_allowed(body.output_uri, c.settings.api_output_prefixes)
         if isinstance(body, DatasetJobRequest):
             path = dataset_under(c.settings.data_dir, body.dataset)
             job = c.submit_dataset(path, body.options(), owner=caller.name, idempotency_key=key)

@@ -1,12 +1,21 @@
 """What a request to the HTTP API names, checked before anything is read: the dataset path
-(relative to the data directory) and the ``Idempotency-Key`` header."""
+(relative to the data directory), the job's ``output_uri`` (under an operator-allowed
+prefix) and the ``Idempotency-Key`` header."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
-from ml_framework.errors import DatasetNotFoundError, DatasetPathError, IdempotencyKeyError
+from ml_framework.errors import (
+    DatasetNotFoundError,
+    DatasetPathError,
+    IdempotencyKeyError,
+    JobOptionError,
+    ObjectStoreError,
+)
+from ml_framework.objectstore import is_object_uri, parse_uri
 from ml_framework.paths import exists, resolve_under, suggest_under
 from ml_framework.store.idempotency import check_key
 from producer.api.errors import public
@@ -63,3 +72,35 @@ def dataset_under(data_dir: Path, given: str) -> Path:
     if not exists(path):
         raise public(DatasetNotFoundError(f"dataset {shown!r} not found: {hint()}"))
     return path
+
+
+def output_uri_allowed(given: str, prefixes: Sequence[str]) -> str:
+    """The ``output_uri`` a request names, if the HTTP API may write results there: an
+    ``s3://`` URI equal to or under one of ``prefixes`` (the ``api_output_prefixes``
+    setting, ``s3://bucket/prefix`` each), compared part by part (``s3://b/out`` allows
+    ``s3://b/out/x``, not ``s3://b/out-x``). Local paths are never allowed over HTTP: a
+    caller must not make the server write where it likes.
+
+    Messages name the location as ``bucket/key`` (the API's error bodies show no URLs).
+
+    Raises:
+        JobOptionError: (400) no prefix is allowed, a local path or another scheme, a
+            malformed URI, or a location outside every allowed prefix.
+    """
+    shown = given if len(given) <= 200 else given[:200] + "..."
+    if not prefixes:
+        raise public(JobOptionError("output_uri: this server does not accept output_uri (the operator allows no "
+                                    "prefix: api_output_prefixes); leave it out to keep results in the database"))
+    if not is_object_uri(given):
+        raise public(JobOptionError("output_uri: only s3://bucket/prefix locations are accepted over HTTP"))
+    try:
+        location = parse_uri(given)
+    except ObjectStoreError:
+        raise public(JobOptionError(f"output_uri: {shown[5:]!r} is not an s3://bucket/prefix location")) from None
+    for prefix in prefixes:
+        allowed = parse_uri(prefix)
+        if location.bucket == allowed.bucket and (
+                not allowed.key or location.key == allowed.key or location.key.startswith(allowed.key + "/")):
+            return location.uri
+    raise public(JobOptionError(f"output_uri: {location.path!r} is not under a prefix this server allows "
+                                "(api_output_prefixes)"))

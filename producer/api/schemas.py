@@ -62,6 +62,9 @@ class JobOut(BaseModel):
     priority: int = Field(description="0 to 9 (9 most urgent), as submitted.")
     model_load_s: float | None = Field(description="Longest cold start (model load and warm-up) a shard waited for, "
                                                    "seconds; null when every shard found its model loaded.")
+    output_uri: str | None = Field(default=None, description="Where the results are kept as Parquet files, one per "
+                                                          "shard (s3://bucket/prefix/<job_id>/); null: the results "
+                                                          "database. Read them through /results either way.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -83,6 +86,12 @@ class JobOut(BaseModel):
         """The dataset's server path relative to the data directory (``context["data_dir"]``)."""
         data_dir = (info.context or {}).get("data_dir")
         return scrub(dataset, [Path(data_dir)]) if data_dir is not None else dataset
+
+    @field_validator("output_uri")
+    @classmethod
+    def _no_server_path(cls, output_uri: str | None) -> str | None:
+        """A local output directory (set from the CLI) is a server path: not shown."""
+        return output_uri if output_uri is None or output_uri.startswith("s3://") else "<local directory>"
 
     @classmethod
     def of(cls, status: JobStatus, data_dir: Path) -> JobOut:

@@ -116,18 +116,21 @@ def test_a_plan_of_no_rows_has_no_messages():
 
 def test_job_out_is_validated_from_the_status_with_the_dataset_relative(tmp_path: Path):
     """JobOut takes every field from the store's JobStatus, shows the dataset relative to
-    the data directory and computes the progress."""
+    the data directory, an output prefix only when it is in object storage (a local one is a
+    server path), and computes the progress."""
     now = datetime(2026, 1, 2, tzinfo=UTC)
     status = JobStatus(job_id="j" * 32, model="m", model_version=3, dataset=str(tmp_path / "sub" / "d.csv"),
                        state=JobState.RUNNING, n_rows=10, n_shards=2, shards_done=1, rows_ok=3, rows_failed=1,
                        batch_size=8, created_at=now, started_at=now, finished_at=None, oom_splits=2, priority=7,
-                       model_load_s=1.5, owner="alice")
+                       model_load_s=1.5, owner="alice", output_uri=str(tmp_path / "out"))
     out = JobOut.of(status, tmp_path)
     assert out.model_dump() == {
         "job_id": "j" * 32, "model": "m", "model_version": 3, "dataset": "sub/d.csv", "owner": "alice",
         "state": "RUNNING", "n_rows": 10, "rows_ok": 3, "rows_failed": 1, "n_shards": 2, "shards_done": 1,
         "batch_size": 8, "oom_splits": 2, "priority": 7, "model_load_s": 1.5, "created_at": now,
-        "started_at": now, "finished_at": None, "callback_state": None, "callback_attempts": 0, "progress": 0.4}
+        "started_at": now, "finished_at": None, "callback_state": None, "callback_attempts": 0, "progress": 0.4,
+        "output_uri": "<local directory>"}
+    assert JobOut.of(JobStatus(**{**status.__dict__, "output_uri": "s3://b-1/x"}), tmp_path).output_uri == "s3://b-1/x"
     empty = JobOut.of(JobStatus(**{**status.__dict__, "n_rows": 0, "rows_ok": 0, "rows_failed": 0}), tmp_path)
     assert empty.progress == 1.0
 
