@@ -61,9 +61,27 @@ from ml_framework.datasets.source import Source, as_source, object_source, requi
 from ml_framework.errors import DatasetFormatError, DatasetNotFoundError
 
 __all__ = [
-    "CSV_BLOCK_BYTES", "FORMATS", "IMAGE_COLUMN", "IMAGE_SUFFIXES", "NPY_COLUMN", "ROW_ERROR", "DatasetInfo",
-    "decode_dictionaries", "decode_table", "detect_format", "encode_table", "inspect", "iter_pieces", "iter_shards",
-    "Source", "names_summary", "object_source", "parquet_files", "read_rows", "shard_ranges", "value_type",
+    "CSV_BLOCK_BYTES",
+    "FORMATS",
+    "IMAGE_COLUMN",
+    "IMAGE_SUFFIXES",
+    "NPY_COLUMN",
+    "ROW_ERROR",
+    "DatasetInfo",
+    "Source",
+    "decode_dictionaries",
+    "decode_table",
+    "detect_format",
+    "encode_table",
+    "inspect",
+    "iter_pieces",
+    "iter_shards",
+    "names_summary",
+    "object_source",
+    "parquet_files",
+    "read_rows",
+    "shard_ranges",
+    "value_type",
 ]
 
 FORMATS = {".csv": "csv", **dict.fromkeys(PARQUET_SUFFIXES, "parquet"), **dict.fromkeys(ARROW_SUFFIXES, "arrow"),
