@@ -34,8 +34,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ml_framework import credentials
 from ml_framework.constants import MAX_INT32, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
-from ml_framework.errors import SettingsError
+from ml_framework.errors import ObjectStoreError, SettingsError
 from ml_framework.manifest import parse_model_ref
+from ml_framework.objectstore import parse_uri
 from ml_framework.settings_sources import (
     CONFIG_ENV,
     ENV_PREFIX,
@@ -209,6 +210,11 @@ class Settings(BaseSettings):
         s3_access_key_id / s3_secret_access_key: its credentials (masked; each can come from
             ``ML_FRAMEWORK_S3_SECRET_ACCESS_KEY_FILE``); unset: the AWS SDK's default chain
             (``AWS_ACCESS_KEY_ID``..., an instance role).
+        api_object_prefixes: the ``s3://bucket/prefix`` locations whose objects the HTTP
+            API may be asked to score (a job's ``dataset`` naming an ``s3://`` URI under one
+            of them); empty (default): every ``s3://`` dataset is refused by the API. In the
+            environment, a comma-separated list. The Python client and ``mlf score`` are
+            not limited (they run with the caller's own settings).
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -264,6 +270,7 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
+    api_object_prefixes: Annotated[list[str], NoDecode] = []
 
     @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention",
                      "idempotency_window", mode="before")
@@ -295,7 +302,7 @@ class Settings(BaseSettings):
         """Whether a pruning pass has anything to do (some retention is set)."""
         return any(v is not None for v in self.retention_s.values())
 
-    @field_validator("worker_preload_models", "flower_basic_auth", mode="before")
+    @field_validator("worker_preload_models", "flower_basic_auth", "api_object_prefixes", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -375,6 +382,14 @@ class Settings(BaseSettings):
         """Field values for ``repr``: secrets masked, passwords in URLs masked."""
         for name, value in super().__repr_args__():
             yield name, credentials.masked(value) if name in SECRET_FIELDS else value
+
+    @field_validator("api_object_prefixes")
+    @classmethod
+    def _check_object_prefixes(cls, value: list[str]) -> list[str]:
+        try:
+            return [parse_uri(entry).uri for entry in value]
+        except ObjectStoreError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("worker_preload_models")
     @classmethod

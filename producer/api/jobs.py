@@ -28,7 +28,7 @@ from producer.api.bodies import (
     openapi_body,
 )
 from producer.api.deps import ClientDep, json_body, model_named
-from producer.api.requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, dataset_under, sf_string
+from producer.api.requests import IDEMPOTENCY_DOC, IDEMPOTENCY_KEY_PATTERN, dataset_of, sf_string
 from producer.api.schemas import ApiError, JobOut, ResultsPage, finite
 from producer.api.streams import (
     ARROW_MEDIA,
@@ -73,7 +73,7 @@ def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("jo
     key = None if idempotency_key is None else sf_string(idempotency_key)
     with model_named(body.model, body.version):
         if isinstance(body, DatasetJobRequest):
-            path = dataset_under(c.settings.data_dir, body.dataset)
+            path = dataset_of(c.settings, body.dataset)
             job = c.submit_dataset(path, body.options(), owner=caller.name, idempotency_key=key)
         else:
             rows = parsed.table(lambda: c.repository.resolve(body.model, body.version))
