@@ -7,7 +7,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ml_framework.errors import DatasetNotFoundError, DatasetPathError, IdempotencyKeyError, ObjectStoreError
+from ml_framework.errors import (
+    DatasetNotFoundError,
+    DatasetPathError,
+    IdempotencyKeyError,
+    ObjectStoreError,
+)
 from ml_framework.objectstore import is_object_uri, parse_uri
 from ml_framework.paths import exists, resolve_under, suggest_under
 from ml_framework.settings import Settings
