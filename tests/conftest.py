@@ -269,13 +269,14 @@ def _backends() -> Any:
         cleanup()
 
 
-def shared_backend(request) -> Backend:
-    """The running backend of kind ``request.param`` (``embedded``, ``redis-postgres`` or
-    ``rabbitmq-postgres``), started if it is not yet."""
+def shared_backend(request, kind: str | None = None) -> Backend:
+    """The running backend of kind ``kind`` (default ``request.param``: ``embedded``,
+    ``redis-postgres`` or ``rabbitmq-postgres``; or ``embedded-s3``, the embedded one whose
+    workers and client reach the session's S3 server), started if it is not yet."""
     from ml_framework.settings import load_settings
     from producer.client import Client
 
-    kind = request.param
+    kind = kind or request.param
     started, cleanups = request.getfixturevalue("_backends")
     if kind in started:
         return started[kind]
@@ -296,6 +297,8 @@ def shared_backend(request) -> Backend:
         database = new_pg_database()  # its own: the other workers' heartbeats live in pg_database
         values["database_url"] = next(database)
         cleanups.append(lambda: next(database, None))
+    elif kind == "embedded-s3":
+        values.update(request.getfixturevalue("s3_server").settings)
     client = Client(load_settings(**values))
     log_path = var_dir / "workers.log"
     proc = start_workers(values, log_path)
@@ -313,3 +316,10 @@ def shared_backend(request) -> Backend:
 def backend(request) -> Backend:
     """Real worker processes on one backend, and a Client configured like them."""
     return shared_backend(request)
+
+
+@pytest.fixture(scope="session")
+def s3_backend(request) -> Backend:
+    """Real worker processes on the embedded backend whose settings (``s3_*``) reach the
+    session's S3 server (:func:`s3_server`), and a Client configured like them."""
+    return shared_backend(request, "embedded-s3")
