@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from ml_framework.datasets import Source, decode_table, iter_pieces, object_source, read_rows
-from ml_framework.errors import DatasetError, DatasetNotFoundError
+from ml_framework.datasets.source import require
+from ml_framework.errors import DatasetError
 from ml_framework.objectstore import is_object_uri
 from ml_framework.paths import resolve_under
 from ml_framework.protocol import DatasetRef, ScoreShard
@@ -94,8 +95,7 @@ def shard_source(data_dir: Path, msg: ScoreShard, settings: Settings | None = No
     src, key = msg.source, f"{msg.model}/{msg.version}"
     if isinstance(src, DatasetRef) and is_object_uri(src.path):
         source = object_source(src.path, settings or get_settings())
-        if source.info().type.name == "NotFound":
-            raise DatasetNotFoundError(f"dataset {source} not found in object storage")
+        require(source)  # gone since submit: say so, naming the URI
         return ShardSource(src.row_start, src.row_end, tuple(msg.columns), source, src.format, key=key)
     if isinstance(src, DatasetRef):
         path = resolve_under(data_dir, src.path)

@@ -141,7 +141,7 @@ def test_a_bad_row_of_an_s3_csv_fails_alone(s3_backend, trained, digits, s3_serv
 
 def test_mlf_score_reads_an_s3_dataset(s3_backend, trained, uploaded, tmp_path):
     """`mlf score s3://... -o out.parquet` writes the results of the object."""
-    local, uri = uploaded["digits.parquet"]
+    uri = uploaded["digits.parquet"][1]
     out = tmp_path / "scores.parquet"
     done = subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "score", uri,
                            "-m", trained[1]["sklearn"][1].name, "-o", str(out), "--timeout", str(TIMEOUT_S)],
@@ -175,3 +175,33 @@ def test_wrong_credentials_and_a_dead_endpoint_give_clear_errors_without_secrets
             client.score_dataset(uri, model)
         message = str(err.value)
         assert message.startswith(uri) and wrong not in message and SECRET_KEY not in message
+
+
+def test_an_object_gone_after_submit_fails_its_shards_naming_it(s3_backend, trained, digits, s3_server, tmp_path,
+                                                                monkeypatch):
+    """The object is deleted between submit and the workers' reads: every shard fails, its
+    reason naming the URI; the workers go on."""
+    import producer.client
+
+    digits.frame.iloc[:30].to_parquet(tmp_path / "gone.parquet")
+    uri = s3_server.upload(tmp_path / "gone.parquet", f"{BUCKET}/gone.parquet")
+    real_inspect = producer.client.inspect
+
+    def inspect_then_delete(source):
+        info = real_inspect(source)
+        s3_server.filesystem().delete_file(uri[len("s3://"):])
+        return info
+
+    monkeypatch.setattr(producer.client, "inspect", inspect_then_delete)
+    job = s3_backend.client.score_dataset(uri, trained[1]["sklearn"][1].name)
+    status = job.wait(timeout_s=TIMEOUT_S)
+    assert (status.state, status.rows_failed) == (JobState.FAILED, 30)
+    assert set(job.results()["error"]) == {f"shard failed: dataset not found: {uri}"}
+    monkeypatch.undo()
+    assert len(scored(s3_backend, uploaded_csv(s3_server, digits, tmp_path), trained[1]["sklearn"][1].name)) == 5
+
+
+def uploaded_csv(s3_server, digits, tmp_path) -> str:
+    """Five rows of the digits as a CSV object; its URI."""
+    digits.frame.iloc[:5].to_csv(tmp_path / "five.csv", index=False)
+    return s3_server.upload(tmp_path / "five.csv", f"{BUCKET}/five.csv")

@@ -14,14 +14,20 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from ml_framework.datasets import Source, decode_table, inspect, iter_shards, read_rows, shard_ranges
+from ml_framework.datasets import (
+    Source,
+    decode_table,
+    inspect,
+    iter_shards,
+    read_rows,
+    shard_ranges,
+)
 from ml_framework.datasets import arrow as arrow_reader
 from ml_framework.errors import DatasetFormatError, DatasetNotFoundError, ObjectStoreError
 from ml_framework.protocol import DatasetRef, InlineRows
 from ml_framework.settings import load_settings
 from producer.api.requests import object_allowed
 from producer.datasets import plan_sources
-
 
 
 @pytest.fixture()
