@@ -205,3 +205,21 @@ def uploaded_csv(s3_server, digits, tmp_path) -> str:
     """Five rows of the digits as a CSV object; its URI."""
     digits.frame.iloc[:5].to_csv(tmp_path / "five.csv", index=False)
     return s3_server.upload(tmp_path / "five.csv", f"{BUCKET}/five.csv")
+
+
+def test_the_api_scores_an_s3_dataset_under_an_allowed_prefix_only(s3_backend, trained, uploaded):
+    """POST /v1/jobs with an s3:// dataset: scored when api_object_prefixes allows it (the
+    job names the URI), refused with 400 outside it; a missing object under it is 404."""
+    from tests.integration.test_api import api, wait_done
+
+    model = trained[1]["sklearn"][1].name
+    uri = uploaded["digits.parquet"][1]
+    with api({**s3_backend.values, "api_object_prefixes": f"{BUCKET}/digits"}) as http:
+        r = http.post("/v1/jobs", json={"model": model, "dataset": uri})
+        assert r.status_code == 202 and r.json()["dataset"] == uri, r.text
+        done = wait_done(http, r.json()["job_id"])
+        assert (done["state"], done["rows_ok"]) == ("SUCCEEDED", 1797)
+        r = http.post("/v1/jobs", json={"model": model, "dataset": f"{BUCKET}/bad.csv"})
+        assert r.status_code == 400 and "api_object_prefixes" in r.json()["error"]["message"], r.text
+        r = http.post("/v1/jobs", json={"model": model, "dataset": f"{BUCKET}/digits/none.csv"})
+        assert r.status_code == 404 and r.json()["error"]["message"] == f"dataset not found: {BUCKET}/digits/none.csv"
