@@ -28,7 +28,7 @@ from ml_framework.objectstore import describe_error, filesystem, is_object_uri, 
 if TYPE_CHECKING:
     from ml_framework.settings import Settings
 
-__all__ = ["Source", "as_source", "object_source"]
+__all__ = ["Source", "as_source", "object_source", "require"]
 
 _LOCAL = pafs.LocalFileSystem()
 

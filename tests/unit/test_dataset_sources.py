@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from ml_framework.datasets import (
+    ROW_ERROR,
     Source,
     decode_table,
     inspect,
@@ -194,3 +195,14 @@ def test_the_api_refuses_every_uri_by_default():
 def test_a_malformed_prefix_setting_is_refused():
     with pytest.raises(Exception, match="api_object_prefixes"):
         load_settings(api_object_prefixes="s3://UPPER/x")
+
+
+def test_a_ragged_line_of_a_csv_object_fails_its_row_alone(bucket):
+    """A CSV object's record with a field too many is a row of its own, named by its line."""
+    directory, source_of = bucket
+    (directory / "r.csv").write_text("a,b\n1,2\n3,4,5\n6,7\n")
+    info = inspect(source_of("r.csv"))
+    assert info.n_rows == 3
+    table = read_rows(source_of("r.csv"), "csv", 0, 3, ["a", "b"])
+    assert table.column("a").to_pylist() == [b"1", None, b"6"]
+    assert table.column(ROW_ERROR).to_pylist() == [None, "line 3: expected 2 fields, found 3", None]
