@@ -38,6 +38,7 @@ Hierarchy::
     ├── ApiUnavailableError      (HTTP client) the HTTP API cannot be reached (retry later)
     ├── StoreError               the results database refused an operation
     │   └── StoreUnavailableError    the results database cannot be reached (retry later)
+    ├── ObjectStoreError         object storage (s3://) refused or cannot be reached; a bad URI
     ├── BrokerError              the message broker refused an operation
     │   └── BrokerUnavailableError   the broker cannot be reached (retry later)
     ├── ShardFailed              (worker) every row of a shard failed: its task's FAILURE

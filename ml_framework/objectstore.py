@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -71,6 +72,21 @@ class ObjectLocation:
         """The location ``relative`` (``a/b.parquet``) under this prefix."""
         relative = relative.strip("/")
         return ObjectLocation(self.bucket, f"{self.key}/{relative}" if self.key else relative)
+
+    def under_any(self, prefixes: Iterable[str]) -> bool:
+        """Whether this location is one of ``prefixes`` (``s3://bucket/prefix`` each) or lies
+        under one, compared by whole key parts: ``s3://b/data`` holds ``s3://b/data/x.csv``,
+        not ``s3://b/database.csv``; ``s3://b`` holds the whole bucket.
+
+        Raises:
+            ObjectStoreError: an entry of ``prefixes`` is not an ``s3://`` URI.
+        """
+        for entry in prefixes:
+            allowed = parse_uri(entry)
+            if self.bucket == allowed.bucket and (
+                    not allowed.key or self.key == allowed.key or self.key.startswith(allowed.key + "/")):
+                return True
+        return False
 
     def __str__(self) -> str:
         return self.uri

@@ -36,7 +36,8 @@ class DatasetRef(_Rows):
     """Rows ``[row_start, row_end)`` of a dataset file under the workers' data directory.
 
     Attributes:
-        path: POSIX path relative to the data directory.
+        path: POSIX path relative to the data directory, or the ``s3://`` URI of an
+            object or prefix (read by the worker from object storage).
         format: ``csv``, ``parquet``, ``arrow`` (Arrow IPC / Feather) or ``npy``.
         row_start: first row (0-based, header excluded), inclusive.
         row_end: last row, exclusive.

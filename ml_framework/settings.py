@@ -40,9 +40,8 @@ from ml_framework.constants import (
     MAX_MESSAGE_BYTES,
     MAX_REQUEST_BYTES,
 )
-from ml_framework.errors import ObjectStoreError, SettingsError
+from ml_framework.errors import SettingsError
 from ml_framework.manifest import parse_model_ref
-from ml_framework.objectstore import parse_uri
 from ml_framework.settings_sources import (
     CONFIG_ENV,
     ENV_PREFIX,
@@ -231,6 +230,11 @@ class Settings(BaseSettings):
             callers may have a job's results written (the job option ``output_uri``); empty
             (default): the API refuses ``output_uri``. The CLI and Python client are not
             bound by it. In the environment, comma-separated.
+        api_object_prefixes: the ``s3://bucket/prefix`` locations whose objects the HTTP
+            API may be asked to score (a job's ``dataset`` naming an ``s3://`` URI under one
+            of them); empty (default): every ``s3://`` dataset is refused by the API. In the
+            environment, a comma-separated list. The Python client and ``mlf score`` are
+            not limited (they run with the caller's own settings).
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -290,6 +294,7 @@ class Settings(BaseSettings):
     callback_secrets: Annotated[dict[str, SecretStr], NoDecode] = {}
     callback_max_attempts: PositiveInt = Field(default=CALLBACK_MAX_ATTEMPTS, le=100)
     api_output_prefixes: Annotated[list[str], NoDecode] = []
+    api_object_prefixes: Annotated[list[str], NoDecode] = []
 
     @field_validator("results_retention", "worker_heartbeat_retention", "deleted_job_retention",
                      "idempotency_window", mode="before")
@@ -321,16 +326,8 @@ class Settings(BaseSettings):
         """Whether a pruning pass has anything to do (some retention is set)."""
         return any(v is not None for v in self.retention_s.values())
 
-    @field_validator("api_output_prefixes")
-    @classmethod
-    def _check_output_prefixes(cls, value: list[str]) -> list[str]:
-        try:
-            return [parse_uri(p).uri for p in value]
-        except ObjectStoreError as exc:
-            raise ValueError(f"api_output_prefixes: give s3://bucket/prefix locations: {exc}") from None
-
     @field_validator("worker_preload_models", "flower_basic_auth", "callback_allowed_hosts", "api_output_prefixes",
-                     mode="before")
+                     "api_object_prefixes", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):

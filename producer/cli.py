@@ -94,7 +94,8 @@ def print_status(status: JobStatus) -> None:
 
 @app.command()
 def score(
-    dataset: Annotated[Path, typer.Argument(help="CSV or Parquet file.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset file or directory (CSV, Parquet, Arrow, .npy, images), "
+                                               "or s3://bucket/key in object storage.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name.")],
     version: Annotated[int | None, typer.Option(min=1, max=MAX_INT32, help="Model version (default: latest).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_INT32, help="Rows per forward pass.")] = None,

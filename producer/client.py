@@ -36,7 +36,7 @@ from ml_framework.constants import (
     SCORE_SHARD_TASK,
     WORKER_LIVE_S,
 )
-from ml_framework.datasets import inspect
+from ml_framework.datasets import inspect, object_source
 from ml_framework.endpoints import (
     broker_errors,
     broker_label,
@@ -46,6 +46,7 @@ from ml_framework.endpoints import (
 )
 from ml_framework.errors import CallbackError
 from ml_framework.manifest import ModelManifest, ModelRepository
+from ml_framework.objectstore import is_object_uri
 from ml_framework.paths import locate_dataset
 from ml_framework.protocol import ScoreShard
 from ml_framework.settings import Settings, get_settings
@@ -212,7 +213,11 @@ class Client:
         (dataset under ``settings.data_dir``) or inlined per shard, one pass over the file.
 
         Args:
-            path: dataset file (``.csv``, ``.parquet``).
+            path: dataset file (``.csv``, ``.parquet``, ``.arrow`` / ``.feather``,
+                ``.npy``), a directory of Parquet parts or images, or the same in object
+                storage: ``s3://bucket/key`` (an object, or a prefix of Parquet parts or
+                images; read through the ``s3_*`` settings, workers read their rows from
+                the store).
             model: model name in the repository.
             version: model version; default the highest.
             batch_size: rows per forward pass; default the manifest's, then settings'.
@@ -257,6 +262,8 @@ class Client:
                 (see :mod:`ml_framework.paths`).
             DatasetNotFoundError, DatasetFormatError, DatasetSchemaError: the file is
                 missing, unreadable, or lacks columns.
+            ObjectStoreError: an ``s3://`` dataset whose URI is malformed, or that the store
+                refuses (credentials, bucket) or that cannot be reached; names the URI.
             BrokerUnavailableError: the broker cannot be reached; nothing was recorded, or
                 (the broker went away mid-send) the job named by its ``job_id`` was cancelled.
         """
@@ -270,12 +277,17 @@ class Client:
         (what ``mlf score`` and the HTTP API hold). Returns and raises as :meth:`score_dataset`."""
         self.check_callback(options.callback_url, owner)
         options = self._check_output(options)
-        location = locate_dataset(self.settings.data_dir, Path(path).absolute())
-        key = self._idempotency(idempotency_key, owner, options, dataset=str(location.relative or location.path))
+        if is_object_uri(path):
+            source = object_source(str(path), self.settings)
+            dataset = str(source)
+        else:
+            location = locate_dataset(self.settings.data_dir, Path(path).absolute())
+            source, dataset = location.path, str(location.relative or location.path)
+        key = self._idempotency(idempotency_key, owner, options, dataset=dataset)
         if key is not None and (existing := self.store.idempotent_job(key)) is not None:
             return Job(self, existing, replayed=True)
         manifest = self.repository.resolve(options.model, options.version)
-        plan = plan_dataset(manifest, options.options(), inspect(location.path), data_dir=self.settings.data_dir,
+        plan = plan_dataset(manifest, options.options(), inspect(source), data_dir=self.settings.data_dir,
                             shard_size=self.settings.shard_size, default_batch_size=self.settings.default_batch_size)
         return self._submit(plan, owner, idempotency=key)
 

@@ -1,5 +1,6 @@
-"""Turn a dataset into shard messages: by reference when workers can read the file,
-inline (Arrow IPC) otherwise. Reads only the schema and row count up front."""
+"""Turn a dataset into shard messages: by reference when workers can read the file (it
+lies under the data directory, or in object storage), inline (Arrow IPC) otherwise. Reads
+only the schema and row count up front."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ml_framework.datasets import (
 )
 from ml_framework.errors import DatasetFormatError, DatasetSchemaError
 from ml_framework.manifest import ModelManifest
+from ml_framework.objectstore import is_object_uri
 from ml_framework.paths import locate_dataset
 from ml_framework.protocol import DatasetRef, InlineRows
 from ml_framework.tensors import describe_mismatch
@@ -92,9 +94,11 @@ def plan_sources(
     info: DatasetInfo, ranges: Sequence[tuple[int, int]], columns: Sequence[str], data_dir: Path
 ) -> Iterator[DatasetRef | InlineRows]:
     """One shard source per row range: a reference if the file (or directory of Parquet
-    parts) lies under ``data_dir`` (workers mount it), else the rows inlined, reading the
+    parts) lies under ``data_dir`` (workers mount it) or in object storage (its ``s3://``
+    URI: workers read their rows from the store), else the rows inlined, reading the
     dataset once. A directory of images is always inlined as its paths (relative to
-    ``data_dir``: the workers read the images there), so its rows stay the files listed now.
+    ``data_dir``: the workers read the images there; under an object prefix, the images'
+    full URIs), so its rows stay the files listed now.
 
     The path goes through :func:`ml_framework.paths.locate_dataset`: one that enters the
     data directory and leads out of it is refused, never inlined.
@@ -104,6 +108,9 @@ def plan_sources(
         DatasetFormatError: while inlining, the file cannot be read (naming it); a
             directory of images outside the data directory.
     """
+    if isinstance(info.path, str) and is_object_uri(info.path):
+        yield from _object_sources(info, ranges, columns)
+        return
     relative = locate_dataset(data_dir, info.path).relative
     if info.format == "images":
         if relative is None:
@@ -120,3 +127,17 @@ def plan_sources(
         return
     for (a, b), table in zip(ranges, iter_shards(info, ranges, columns), strict=True):
         yield InlineRows(row_start=a, row_end=b, data_b64=encode_table(table))
+
+
+def _object_sources(info: DatasetInfo, ranges: Sequence[tuple[int, int]],
+                    columns: Sequence[str]) -> Iterator[DatasetRef | InlineRows]:
+    """Shard sources of a dataset in object storage: references by URI; an image prefix's
+    shards inline the URIs of their images."""
+    if info.format == "images":
+        prefix = info.path.rstrip("/") + "/"
+        for (a, b), table in zip(ranges, iter_shards(info, ranges, columns), strict=True):
+            uris = pc.binary_join_element_wise(prefix, table.column(IMAGE_COLUMN), "")
+            yield InlineRows(row_start=a, row_end=b, data_b64=encode_table(pa.table({columns[0]: uris})))
+        return
+    for a, b in ranges:
+        yield DatasetRef(path=info.path, format=info.format, row_start=a, row_end=b)

@@ -284,14 +284,14 @@ def session_uses_s3(request) -> bool:
     return any("s3_server" in getattr(item, "fixturenames", ()) for item in request.session.items)
 
 
-def shared_backend(request) -> Backend:
-    """The running backend of kind ``request.param`` (``embedded``, ``redis-postgres`` or
-    ``rabbitmq-postgres``), started if it is not yet; with the S3 server's settings when the
-    session uses it (:func:`session_uses_s3`)."""
+def shared_backend(request, kind: str | None = None) -> Backend:
+    """The running backend of kind ``kind`` (default ``request.param``: ``embedded``,
+    ``redis-postgres`` or ``rabbitmq-postgres``), started if it is not yet; with the S3
+    server's settings when the session uses it (:func:`session_uses_s3`)."""
     from ml_framework.settings import load_settings
     from producer.client import Client
 
-    kind = request.param
+    kind = kind or request.param
     started, cleanups = request.getfixturevalue("_backends")
     if kind in started:
         return started[kind]
@@ -331,3 +331,11 @@ def shared_backend(request) -> Backend:
 def backend(request) -> Backend:
     """Real worker processes on one backend, and a Client configured like them."""
     return shared_backend(request)
+
+
+@pytest.fixture(scope="session")
+def s3_backend(request) -> Backend:
+    """Real worker processes on the embedded backend whose settings (``s3_*``) reach the
+    session's S3 server (:func:`s3_server`; every shared backend has them in a session that
+    uses it), and a Client configured like them."""
+    return shared_backend(request, "embedded")

@@ -174,7 +174,7 @@ def _score_group(ctx: WorkerContext, requests: list[ScoreShard], hostname: str) 
     parts = []
     for request in requests:
         try:
-            table = read_all(shard_source(ctx.settings.data_dir, request))
+            table = read_all(shard_source(ctx.settings.data_dir, request, ctx.settings))
             piece = runtime.converter.convert(table, request.columns, request.source.row_start)
         except MLFrameworkError as exc:
             fail(request, f"shard failed: {hide_roots(str(exc), (ctx.settings.models_dir, ctx.settings.data_dir))}", exc)

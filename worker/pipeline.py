@@ -28,10 +28,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ml_framework.datasets import decode_table, iter_pieces, read_rows
+from ml_framework.datasets import Source, decode_table, iter_pieces, object_source, read_rows
+from ml_framework.datasets.source import require
 from ml_framework.errors import DatasetError
+from ml_framework.objectstore import is_object_uri
 from ml_framework.paths import resolve_under
 from ml_framework.protocol import DatasetRef, ScoreShard
+from ml_framework.settings import Settings, get_settings
 from worker.inputs import Converted
 from worker.inputs.base import take_rows
 
@@ -53,7 +56,8 @@ class ShardSource:
     Attributes:
         row_start / row_end: the rows, ``[row_start, row_end)``.
         columns: the columns that feed the model.
-        path / format: a dataset file under the data directory (by reference), or
+        path / format: a dataset file under the data directory, or an object (a
+            :class:`~ml_framework.datasets.Source`), read by reference; or
         table: the rows themselves (inline in the message); exactly one of the two.
         key: what identifies the conversion (model name and version): a prefetched piece
             is used only by a shard of the same key.
@@ -62,7 +66,7 @@ class ShardSource:
     row_start: int
     row_end: int
     columns: tuple[str, ...]
-    path: Path | None = None
+    path: Path | Source | None = None
     format: str | None = None
     table: pa.Table | None = None
     key: str = ""
@@ -73,16 +77,26 @@ class ShardSource:
                 self.row_start) == (other.path, other.format, other.columns, other.key, other.row_start))
 
 
-def shard_source(data_dir: Path, msg: ScoreShard) -> ShardSource:
-    """Where ``msg``'s rows are: a file under ``data_dir`` (by reference) or the message
-    itself (inline rows, decoded here).
+def shard_source(data_dir: Path, msg: ScoreShard, settings: Settings | None = None) -> ShardSource:
+    """Where ``msg``'s rows are: a file under ``data_dir`` or an object (by reference), or
+    the message itself (inline rows, decoded here).
+
+    Args:
+        settings: the worker's settings, whose ``s3_*`` reach object storage (default:
+            the process's).
 
     Raises:
         DatasetPathError: the path leaves the data directory (checked before reading,
             :func:`ml_framework.paths.resolve_under`).
-        DatasetError: the file is missing, or an inline shard holds the wrong number of rows.
+        DatasetError: the file or object is missing, or an inline shard holds the wrong
+            number of rows.
+        ObjectStoreError: the object store refuses the worker or cannot be reached.
     """
     src, key = msg.source, f"{msg.model}/{msg.version}"
+    if isinstance(src, DatasetRef) and is_object_uri(src.path):
+        source = object_source(src.path, settings or get_settings())
+        require(source)  # gone since submit: say so, naming the URI
+        return ShardSource(src.row_start, src.row_end, tuple(msg.columns), source, src.format, key=key)
     if isinstance(src, DatasetRef):
         path = resolve_under(data_dir, src.path)
         if not (path.is_file() or path.is_dir()):

@@ -128,7 +128,7 @@ def score_message(ctx: WorkerContext, msg: ScoreShard) -> ShardOutcome:
         MLFrameworkError: the model or the rows cannot be read (the shard fails as a whole).
     """
     runtime, load_s = ctx.registry.fetch(msg.model, msg.version)
-    source = shard_source(ctx.settings.data_dir, msg)
+    source = shard_source(ctx.settings.data_dir, msg, ctx.settings)
     converter = runtime.converter
     pieces = ctx.prefetcher.pieces(
         source, lambda table, row_start: converter.convert(table, msg.columns, row_start),

@@ -6,10 +6,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from ml_framework.errors import DatasetFormatError, DatasetSchemaError
+
+if TYPE_CHECKING:
+    from ml_framework.datasets.source import Source
 
 MAX_CSV_BLOCK_BYTES = 1 << 30
 """Largest pyarrow CSV block a record may need; a longer record is refused (see
@@ -39,7 +43,8 @@ class DatasetInfo:
     """Schema and size of a dataset, read without loading its rows.
 
     Attributes:
-        path: absolute path of the file (or of the directory of Parquet parts or images).
+        path: absolute path of the file (or of the directory of Parquet parts or images);
+            for an object, its ``s3://`` URI (text).
         format: ``csv``, ``parquet``, ``arrow`` (Arrow IPC / Feather), ``npy``,
             ``images`` (a directory of image files) or ``inline`` (rows given in memory).
         columns: column names in file order (an ``.npy`` array is one column, ``array``;
@@ -49,14 +54,17 @@ class DatasetInfo:
         schema: the columns' Arrow types where the format stores them (Parquet, Arrow,
             ``.npy``); ``None`` for CSV, whose cells are text until a worker converts them.
         files: a directory of images: its image files, relative to it, in row order.
+        source: where the rows are read from (see :mod:`ml_framework.datasets.source`);
+            ``None`` for rows given in memory.
     """
 
-    path: Path
+    path: Path | str
     format: str
     columns: list[str]
     n_rows: int
     schema: pa.Schema | None = field(default=None, compare=False)
     files: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    source: Source | None = field(default=None, repr=False, compare=False)
 
     def require_columns(self, needed: Sequence[str]) -> None:
         """Raise :class:`DatasetSchemaError` naming every column of ``needed`` not in the file."""
@@ -71,8 +79,11 @@ class DatasetInfo:
 
     @property
     def _kind(self) -> str:
-        """What the dataset is, for messages: ``file`` or ``directory``."""
-        return "directory" if self.format == "images" or self.path.is_dir() else "file"
+        """What the dataset is, for messages: ``file`` or ``directory`` (``object`` or
+        ``prefix`` in object storage)."""
+        if self.source is not None and self.source.local is None:
+            return "prefix" if self.format == "images" or self.source.info().is_file is False else "object"
+        return "directory" if self.format == "images" or Path(self.path).is_dir() else "file"
 
     def _delimiter_hint(self) -> str:
         if self.format != "csv":
@@ -103,7 +114,7 @@ def value_type(data_type: pa.DataType) -> pa.DataType:
     return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
 
 
-def check_unique(path: Path, names: list[str]) -> list[str]:
+def check_unique(path: object, names: list[str]) -> list[str]:
     """``names``, or :class:`DatasetFormatError` naming the duplicates."""
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -116,7 +127,7 @@ def too_long(exc: Exception) -> bool:
     return "straddl" in str(exc)  # pyarrow: "straddling object straddles two block boundaries"
 
 
-def format_error(path: Path, exc: Exception, doing: str) -> DatasetFormatError:
+def format_error(path: object, exc: Exception, doing: str) -> DatasetFormatError:
     """A :class:`DatasetFormatError` naming ``path`` for a reader's exception."""
     detail = None
     if isinstance(exc, UnicodeDecodeError):
@@ -128,7 +139,7 @@ def format_error(path: Path, exc: Exception, doing: str) -> DatasetFormatError:
 
 
 @contextmanager
-def reading(path: Path, doing: str) -> Iterator[None]:
+def reading(path: object, doing: str) -> Iterator[None]:
     """Turn pyarrow's and the OS's errors while reading ``path`` into a
     :class:`DatasetFormatError` naming it."""
     try:

@@ -19,7 +19,6 @@ import re
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,6 +32,7 @@ from ml_framework.datasets.common import (
     reading,
     too_long,
 )
+from ml_framework.datasets.source import Source
 from ml_framework.errors import DatasetFormatError
 
 CSV_BLOCK_BYTES = 4 << 20
@@ -83,7 +83,7 @@ def _quiet_undecodable_records() -> None:
         sys.unraisablehook = hook
 
 
-def ragged_records(path: Path) -> Iterator[tuple[int, str]]:
+def ragged_records(path: Source) -> Iterator[tuple[int, str]]:
     """The records whose field count differs from the header's, in file order, as
     ``(row number, reason)``; the reason names the record's first line and both counts
     (``line 5: expected 2 fields, found 3``).
@@ -98,7 +98,7 @@ def ragged_records(path: Path) -> Iterator[tuple[int, str]]:
             :data:`MAX_CSV_BLOCK_BYTES` here).
     """
     csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_BLOCK_BYTES))
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with path.text("utf-8", "replace") as f:
         reader = csv.reader(f)
         try:
             expected = len(next(reader))
@@ -115,15 +115,15 @@ def ragged_records(path: Path) -> Iterator[tuple[int, str]]:
             raise DatasetFormatError(f"{path}: line {reader.line_num}: {exc}") from exc
 
 
-def _check_encoding(path: Path) -> None:
-    with open(path, "rb") as f:
+def _check_encoding(path: Source) -> None:
+    with path.open_stream() as f:
         head = f.read(4)
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DatasetFormatError(f"{path}: the file is UTF-16 or UTF-32 encoded (it starts with that "
                                  "byte-order mark); save it as UTF-8: CSV datasets are read as UTF-8")
 
 
-def _csv_names(path: Path) -> list[str]:
+def _csv_names(path: Source) -> list[str]:
     """Header names: the first record, read with Python's csv module (pyarrow would parse a
     whole block, or the whole file when no later record has the header's width).
 
@@ -132,7 +132,7 @@ def _csv_names(path: Path) -> list[str]:
             or duplicate names.
     """
     # surrogateescape: bytes that are not UTF-8 after the header must not stop its reading
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    with path.text("utf-8-sig", "surrogateescape") as f:
         reader = csv.reader(f)
         try:
             header = next((r for r in reader if r), None)
@@ -146,7 +146,7 @@ def _csv_names(path: Path) -> list[str]:
     return check_unique(path, header)
 
 
-def _csv_reader(path: Path, columns: Sequence[str], block: int, skipped: list[int],
+def _csv_reader(path: Source, data: str | pa.NativeFile, columns: Sequence[str], block: int, skipped: list[int],
                 latin1: bool = False) -> pa_csv.CSVStreamingReader:
     """pyarrow's streaming reader of ``columns`` as binary; with ``latin1``, of the file
     taken as Latin-1 text (every byte a character: see :func:`_parsed_batches`), its header
@@ -156,7 +156,7 @@ def _csv_reader(path: Path, columns: Sequence[str], block: int, skipped: list[in
         read = pa_csv.ReadOptions(block_size=block, encoding="latin-1", skip_rows=1,
                                   column_names=_csv_names(path))
     return pa_csv.open_csv(
-        path,
+        data,
         read_options=read,
         parse_options=_parse_options(skipped),
         convert_options=pa_csv.ConvertOptions(
@@ -186,7 +186,7 @@ def _raw_bytes(batch: pa.RecordBatch) -> pa.RecordBatch:
     return pa.record_batch(columns, schema=batch.schema)
 
 
-def _parsed_batches(path: Path, columns: Sequence[str], skipped: list[int]) -> Iterator[pa.RecordBatch]:
+def _parsed_batches(path: Source, columns: Sequence[str], skipped: list[int]) -> Iterator[pa.RecordBatch]:
     """The records pyarrow parses, in order, ``columns`` as binary, in batches of about a
     block; records with too many or too few fields are left out, and counted in
     ``skipped`` (which restarts with each parse of the file).
@@ -203,20 +203,26 @@ def _parsed_batches(path: Path, columns: Sequence[str], skipped: list[int]) -> I
         seen = 0
         skipped.clear()
         try:
+            # an object is streamed front to back; a local file is opened by pyarrow itself
+            data = str(path.local) if path.local is not None else path.open_stream()
             try:
-                reader = _csv_reader(path, columns, block, skipped, latin1)
-            except pa.ArrowInvalid as exc:
-                if "Empty CSV file" in str(exc):  # a header without a line end: no records
-                    return
-                raise
-            try:
-                for batch in reader:
-                    if seen + batch.num_rows > done:
-                        yield _raw_bytes(batch.slice(done - seen)) if latin1 else batch.slice(done - seen)
-                        done = seen + batch.num_rows
-                    seen += batch.num_rows
+                try:
+                    reader = _csv_reader(path, data, columns, block, skipped, latin1)
+                except pa.ArrowInvalid as exc:
+                    if "Empty CSV file" in str(exc):  # a header without a line end: no records
+                        return
+                    raise
+                try:
+                    for batch in reader:
+                        if seen + batch.num_rows > done:
+                            yield _raw_bytes(batch.slice(done - seen)) if latin1 else batch.slice(done - seen)
+                            done = seen + batch.num_rows
+                        seen += batch.num_rows
+                finally:
+                    reader.close()
             finally:
-                reader.close()
+                if not isinstance(data, str):
+                    data.close()
             return
         except pa.ArrowInvalid as exc:
             if _undecodable_record(exc) and not latin1:
@@ -227,7 +233,7 @@ def _parsed_batches(path: Path, columns: Sequence[str], skipped: list[int]) -> I
             block *= 4
 
 
-def csv_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+def csv_batches(path: Source, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
     """The file's records in order, ``columns`` as binary, in batches of about a block.
 
     A record whose field count differs from the header's stays a row: its cells are null
@@ -322,16 +328,16 @@ def _table(batches: Sequence[pa.RecordBatch], columns: Sequence[str]) -> pa.Tabl
     return pa.Table.from_batches(batches, schema=csv_schema(columns))
 
 
-def inspect_csv(path: Path) -> DatasetInfo:
+def inspect_csv(path: Source) -> DatasetInfo:
     """Columns and row count of a CSV file, in one streaming pass."""
     with reading(path, "read as csv"):
         _check_encoding(path)
         names = _csv_names(path)
         n_rows = sum(batch.num_rows for batch in csv_batches(path, names[:1]))
-    return DatasetInfo(path, "csv", names, n_rows)
+    return DatasetInfo(path.shown, "csv", names, n_rows, source=path)
 
 
-def csv_pieces(path: Path, row_start: int, row_end: int, columns: Sequence[str]) -> Iterator[pa.Table]:
+def csv_pieces(path: Source, row_start: int, row_end: int, columns: Sequence[str]) -> Iterator[pa.Table]:
     """Rows ``[row_start, row_end)`` as consecutive tables of about a block each; the
     records before ``row_start`` are parsed and dropped, so that row numbers agree with
     :func:`inspect_csv` whatever blank lines or multi-line fields the file holds."""
@@ -346,7 +352,7 @@ def csv_pieces(path: Path, row_start: int, row_end: int, columns: Sequence[str])
             return
 
 
-def csv_shards(path: Path, ranges: Sequence[tuple[int, int]], columns: Sequence[str]) -> Iterator[pa.Table]:
+def csv_shards(path: Source, ranges: Sequence[tuple[int, int]], columns: Sequence[str]) -> Iterator[pa.Table]:
     """One table per range (ascending, contiguous) in a single pass over the file."""
     batches = csv_batches(path, columns)
     pending: list[pa.RecordBatch] = []

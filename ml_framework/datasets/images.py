@@ -2,16 +2,16 @@
 
 Such a dataset has one column, :data:`IMAGE_COLUMN`, of paths. The producer lists the
 directory once, at submit, and sends each shard's paths in its message (relative to the
-data directory), so a file added later does not shift the rows of a running job. Workers
-read and decode the files themselves (see ``worker.inputs.image``), so the directory must
-lie under the data directory.
+data directory; the full ``s3://`` URIs of images under an object prefix), so a file added
+later does not shift the rows of a running job. Workers read and decode the files
+themselves (see ``worker.inputs.image``), so a local directory must lie under the data
+directory.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ml_framework.datasets.common import DatasetInfo
+from ml_framework.datasets.source import Source
 from ml_framework.errors import DatasetFormatError
 
 IMAGE_COLUMN = "path"
@@ -20,18 +20,23 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 """Files taken as images (case-insensitive); Pillow decodes each of these formats."""
 
 
-def image_files(path: Path) -> list[str]:
+def skipped(relative: str) -> bool:
+    """Whether a file of a dataset directory is left out: a part of its path (relative to
+    the directory) starts with ``.`` or ``_`` (as Spark and pyarrow skip such files)."""
+    return any(s.startswith((".", "_")) for s in relative.split("/"))
+
+
+def image_files(path: Source) -> list[str]:
     """The image files under directory ``path`` at any depth, relative to it, in path
     order (names starting with ``.`` or ``_`` skipped, as for Parquet parts)."""
-    files = []
-    for p in path.rglob("*"):
-        rel = p.relative_to(path)
-        if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith((".", "_")) for s in rel.parts) and p.is_file():
-            files.append(rel.as_posix())
-    return sorted(files)
+    if path.local is not None:
+        root = path.local
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        return sorted(f for f in files if not skipped(f) and (root / f).is_file())
+    return [rel for rel, file in path.listing() if file.suffix in IMAGE_SUFFIXES and not skipped(rel)]
 
 
-def inspect_images(path: Path) -> DatasetInfo:
+def inspect_images(path: Source) -> DatasetInfo:
     """The image files of a directory, as a one-column dataset.
 
     Raises:
@@ -42,4 +47,4 @@ def inspect_images(path: Path) -> DatasetInfo:
         raise DatasetFormatError(f"{path}: is a directory holding no Parquet parts (.parquet, .pq) and no image "
                                  f"files ({', '.join(IMAGE_SUFFIXES)}); a dataset is a CSV, Parquet, Arrow or .npy "
                                  "file, a directory of Parquet parts, or a directory of images")
-    return DatasetInfo(path, "images", [IMAGE_COLUMN], len(files), files=tuple(files))
+    return DatasetInfo(path.shown, "images", [IMAGE_COLUMN], len(files), files=tuple(files), source=path)

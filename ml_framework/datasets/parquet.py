@@ -4,7 +4,9 @@ Parts are ``*.parquet`` / ``*.pq`` at any depth; names starting with ``.`` or ``
 skipped. Columns keep their stored types; a row range reads only the row groups that
 overlap it. The worker reads a shard row group by row group, decoding the next row group
 on a thread while the current one is converted (see :func:`parquet_pieces`), and keeps the
-reader of a row group open between shards (see :func:`_read_segment`).
+reader of a row group open between shards (see :func:`_read_segment`). A Parquet object,
+or a prefix of parts, is read the same way with ranged GETs: its footer, then the column
+chunks of the row groups a shard needs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ml_framework.datasets.common import DatasetInfo, check_unique, reading, slices
+from ml_framework.datasets.images import skipped
+from ml_framework.datasets.source import Source
 from ml_framework.errors import DatasetFormatError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -38,7 +42,7 @@ STREAM_CACHE_SIZE = 4
 MIN_BATCH_ROWS = 1024
 """Rows per batch of a row-group reader at least (narrow rows make small pieces)."""
 
-_FOOTERS: OrderedDict[Path, tuple[tuple[int, ...], pq.FileMetaData]] = OrderedDict()
+_FOOTERS: OrderedDict[Source, tuple[tuple, pq.FileMetaData]] = OrderedDict()
 _STREAMS: OrderedDict[tuple, _Stream] = OrderedDict()
 _STREAMS_LOCK = threading.Lock()
 _FOOTERS_LOCK = threading.Lock()  # the HTTP API inspects datasets from a thread pool
@@ -56,44 +60,58 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def parquet_files(path: Path) -> list[Path]:
+def parquet_files(path: Source) -> list[Source]:
     """``[path]`` for a file; a directory's Parquet parts in path order.
 
     Raises:
         DatasetFormatError: a directory with no parts, or a part (a symlink) whose target
             lies outside the directory: workers must not be led out of the data directory.
     """
-    if not path.is_dir():
+    if path.local is None:
+        info = path.info()
+        if info.is_file:
+            return [Source(path.fs, path.path, path.shown, (info.size, info.mtime_ns))]
+        parts = [part for rel, part in path.listing() if part.suffix in PARQUET_SUFFIXES and not skipped(rel)]
+    elif not path.local.is_dir():
         return [path]
-    root = path.resolve()
-    parts = sorted(
-        (p for p in path.rglob("*")
-         if p.suffix.lower() in PARQUET_SUFFIXES and not any(s.startswith((".", "_")) for s in p.relative_to(path).parts)
-         and p.is_file()),
-        key=lambda p: p.relative_to(path).as_posix(),
-    )
+    else:
+        parts = _local_parts(path.local)
     if not parts:
         raise DatasetFormatError(f"{path}: is a directory holding no Parquet parts ({', '.join(PARQUET_SUFFIXES)}); "
                                  "a dataset is a CSV, Parquet, Arrow or .npy file, a directory of Parquet parts, "
                                  "or a directory of images")
-    for part in parts:
-        if not part.resolve().is_relative_to(root):
-            raise DatasetFormatError(f"{part}: Parquet part leads out of the dataset directory {path}")
     return parts
 
 
-def footer(path: Path) -> pq.FileMetaData:
-    """The footer of one Parquet file, cached while the file is the same: same inode,
-    size, mtime and ctime (a copy that keeps the mtime, ``cp -p`` or ``rsync -a``, still
-    changes the ctime, which no user call can set)."""
-    st = path.stat()
-    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def _local_parts(path: Path) -> list[Source]:
+    """The Parquet parts of local directory ``path``, in path order.
+
+    Raises:
+        DatasetFormatError: a part (a symlink) leads out of the directory.
+    """
+    root = path.resolve()
+    parts = sorted(
+        (p for p in path.rglob("*")
+         if p.suffix.lower() in PARQUET_SUFFIXES and not skipped(p.relative_to(path).as_posix()) and p.is_file()),
+        key=lambda p: p.relative_to(path).as_posix(),
+    )
+    for part in parts:
+        if not part.resolve().is_relative_to(root):
+            raise DatasetFormatError(f"{part}: Parquet part leads out of the dataset directory {path}")
+    return [Source.of_path(p) for p in parts]
+
+
+def footer(path: Source) -> pq.FileMetaData:
+    """The footer of one Parquet file, cached while the file is the same (see
+    :meth:`Source.version`: same inode, size, mtime and ctime of a local file; size and
+    mtime of an object)."""
+    key = path.version()
     with _FOOTERS_LOCK:
         hit = _FOOTERS.get(path)
         if hit is not None and hit[0] == key:
             _FOOTERS.move_to_end(path)
             return hit[1]
-    meta = pq.read_metadata(path)
+    meta = pq.read_metadata(path.local) if path.local is not None else _object_footer(path)
     with _FOOTERS_LOCK:
         _FOOTERS[path] = (key, meta)
         while len(_FOOTERS) > FOOTER_CACHE_SIZE:
@@ -101,7 +119,12 @@ def footer(path: Path) -> pq.FileMetaData:
     return meta
 
 
-def footers(paths: Sequence[Path]) -> list[tuple[Path, pq.FileMetaData]]:
+def _object_footer(path: Source) -> pq.FileMetaData:
+    with path.open_file() as f:
+        return pq.read_metadata(f)
+
+
+def footers(paths: Sequence[Source]) -> list[tuple[Source, pq.FileMetaData]]:
     """Each part's footer, read without keeping the file open (a directory may hold thousands)."""
     out = []
     for p in paths:
@@ -110,7 +133,7 @@ def footers(paths: Sequence[Path]) -> list[tuple[Path, pq.FileMetaData]]:
     return out
 
 
-def inspect_parquet(path: Path) -> DatasetInfo:
+def inspect_parquet(path: Source) -> DatasetInfo:
     """Columns, types and row count of a Parquet file or directory, from the footers."""
     names: list[str] | None = None
     schema = None
@@ -126,7 +149,7 @@ def inspect_parquet(path: Path) -> DatasetInfo:
             raise DatasetFormatError(
                 f"{part}: columns differ from those of {first.name}: "
                 f"missing {sorted(set(names) - set(part_names))[:10]}, extra {sorted(set(part_names) - set(names))[:10]}")
-    return DatasetInfo(path, "parquet", names or [], n_rows, schema=schema)
+    return DatasetInfo(path.shown, "parquet", names or [], n_rows, schema=schema, source=path)
 
 
 def _groups(meta: pq.FileMetaData, a: int, b: int) -> Iterator[tuple[int, int, int, int]]:
@@ -153,12 +176,12 @@ class _Stream:
     leftover: pa.RecordBatch | None = None  # rows from ``position`` already taken from ``batches``
 
 
-def _open_stream(part: Path, meta: pq.FileMetaData, group: int, columns: Sequence[str], batch_rows: int) -> _Stream:
-    pf = pq.ParquetFile(part, metadata=meta)
+def _open_stream(part: Source, meta: pq.FileMetaData, group: int, columns: Sequence[str], batch_rows: int) -> _Stream:
+    pf = pq.ParquetFile(part.local if part.local is not None else part.open_file(), metadata=meta)
     return _Stream(pf, pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=list(columns)))
 
 
-def _read_segment(part: Path, meta: pq.FileMetaData, group: int, offset: int, first: int, end: int,
+def _read_segment(part: Source, meta: pq.FileMetaData, group: int, offset: int, first: int, end: int,
                   columns: Sequence[str], several_parts: bool, batch_rows: int) -> pa.Table:
     """Rows ``[first, end)`` of row group ``group`` (which starts at row ``offset`` of the part).
 
@@ -198,7 +221,7 @@ def _read_segment(part: Path, meta: pq.FileMetaData, group: int, offset: int, fi
     return pa.Table.from_batches(pieces)
 
 
-def parquet_pieces(path: Path, row_start: int, row_end: int, columns: Sequence[str],
+def parquet_pieces(path: Source, row_start: int, row_end: int, columns: Sequence[str],
                    piece_rows: int) -> Iterator[pa.Table]:
     """Rows ``[row_start, row_end)`` as consecutive tables of at most ``piece_rows`` rows.
 
@@ -210,7 +233,7 @@ def parquet_pieces(path: Path, row_start: int, row_end: int, columns: Sequence[s
     """
     parts = footers(parquet_files(path))
     several = len(parts) > 1
-    plan: list[tuple[Path, pq.FileMetaData, int, int, int, int]] = []
+    plan: list[tuple[Source, pq.FileMetaData, int, int, int, int]] = []
     offset = 0
     for part, meta in parts:
         for group, group_offset, first, end in _groups(meta, row_start - offset, row_end - offset):
@@ -230,7 +253,7 @@ def parquet_pieces(path: Path, row_start: int, row_end: int, columns: Sequence[s
             future.cancel()
 
 
-def parquet_rows(path: Path, row_start: int, row_end: int, columns: Sequence[str]) -> pa.Table:
+def parquet_rows(path: Source, row_start: int, row_end: int, columns: Sequence[str]) -> pa.Table:
     """Rows ``[row_start, row_end)`` as one table (a column whose type differs between
     parts comes back as text)."""
     pieces = list(parquet_pieces(path, row_start, row_end, columns, max(row_end - row_start, 1)))

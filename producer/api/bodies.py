@@ -48,7 +48,8 @@ class DatasetJobRequest(JobOptions):
     """A job over a CSV or Parquet file under the data directory (read by reference)."""
 
     dataset: str = Field(description="Path relative to the data directory (no NUL character: no file "
-                                     "system takes one).", min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+                                     "system takes one), or an s3://bucket/key URI under a prefix the "
+                                     "operator allows (setting api_object_prefixes).", min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
 
 
 class RowsJobRequest(JobOptions):

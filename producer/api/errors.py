@@ -53,7 +53,9 @@ log = logging.getLogger("producer.api")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]*")
+_URL = re.compile(r"\b(?![sS]3://)[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]*")
+"""A URL, shown as ``<url>``: a server's (the broker's, the store's, an endpoint's). An
+``s3://bucket/key`` URI is not one: it names a dataset the caller gave, and is echoed."""
 _ABS_PATH = re.compile(r"(?:^|(?<=[\s'\"(=]))/(?!v[12]/|health|ready|metrics|docs|openapi)[^\s'\",;:()]+")
 """An absolute path: a ``/`` at the start or after a space, quote, ``(`` or ``=``, so that a
 name such as ``a[/]`` (a column, a model) is echoed as the user sent it."""

@@ -31,7 +31,7 @@ from producer.api.deps import ClientDep, json_body, model_named
 from producer.api.requests import (
     IDEMPOTENCY_DOC,
     IDEMPOTENCY_KEY_PATTERN,
-    dataset_under,
+    dataset_of,
     output_uri_allowed,
     sf_string,
 )
@@ -85,7 +85,7 @@ def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("jo
             c.repository.resolve(body.model, body.version)
             output_uri_allowed(body.output_uri, c.settings.api_output_prefixes)
         if isinstance(body, DatasetJobRequest):
-            path = dataset_under(c.settings.data_dir, body.dataset)
+            path = dataset_of(c.settings, body.dataset)
             job = c.submit_dataset(path, body.options(), owner=caller.name, idempotency_key=key)
         else:
             rows = parsed.table(lambda: c.repository.resolve(body.model, body.version))

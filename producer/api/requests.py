@@ -1,6 +1,6 @@
 """What a request to the HTTP API names, checked before anything is read: the dataset path
-(relative to the data directory), the job's ``output_uri`` (under an operator-allowed
-prefix) and the ``Idempotency-Key`` header."""
+(relative to the data directory, or an ``s3://`` URI under an allowed prefix), the job's
+``output_uri`` (under an operator-allowed prefix) and the ``Idempotency-Key`` header."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ml_framework.errors import (
 )
 from ml_framework.objectstore import is_object_uri, parse_uri
 from ml_framework.paths import exists, resolve_under, suggest_under
+from ml_framework.settings import Settings
 from ml_framework.store.idempotency import check_key
 from producer.api.errors import public
 
@@ -45,6 +46,41 @@ def sf_string(value: str) -> str:
                                       "'\\\\' inside with a backslash")
         value = _SF_ESCAPE.sub(r"\1", quoted.group(1))
     return check_key(value)
+
+
+def dataset_of(settings: Settings, given: str) -> Path | str:
+    """The dataset a request names: the real path under the data directory
+    (:func:`dataset_under`), or an ``s3://`` URI under one of the operator's
+    ``api_object_prefixes`` (:func:`object_allowed`).
+
+    Raises:
+        DatasetNotFoundError, DatasetPathError, ObjectStoreError: public messages naming
+            ``given``.
+    """
+    if is_object_uri(given):
+        return object_allowed(settings.api_object_prefixes, given)
+    return dataset_under(settings.data_dir, given)
+
+
+def object_allowed(prefixes: list[str], given: str) -> str:
+    """``given`` (``s3://bucket/key``), when it lies under one of ``prefixes``
+    (``s3://bucket/prefix`` entries, whole path parts: ``s3://b/data`` admits
+    ``s3://b/data/x.csv``, not ``s3://b/database.csv``).
+
+    Raises:
+        ObjectStoreError: a public message: a malformed URI, or one under no prefix (the
+            prefixes are not listed: they are the operator's).
+    """
+    shown = given if len(given) <= 200 else given[:200] + "..."
+    try:
+        location = parse_uri(given)
+    except ObjectStoreError as exc:
+        raise public(ObjectStoreError(str(exc)[:300])) from None
+    if location.under_any(prefixes):
+        return location.uri
+    raise public(ObjectStoreError(
+        f"dataset {shown!r}: this server reads no object storage location outside the prefixes its operator "
+        "allows (setting api_object_prefixes" + ("; none is set)" if not prefixes else ")")))
 
 
 def dataset_under(data_dir: Path, given: str) -> Path:
@@ -97,10 +133,7 @@ def output_uri_allowed(given: str, prefixes: Sequence[str]) -> str:
         location = parse_uri(given)
     except ObjectStoreError:
         raise public(JobOptionError(f"output_uri: {shown[5:]!r} is not an s3://bucket/prefix location")) from None
-    for prefix in prefixes:
-        allowed = parse_uri(prefix)
-        if location.bucket == allowed.bucket and (
-                not allowed.key or location.key == allowed.key or location.key.startswith(allowed.key + "/")):
-            return location.uri
+    if location.under_any(prefixes):
+        return location.uri
     raise public(JobOptionError(f"output_uri: {location.path!r} is not under a prefix this server allows "
                                 "(api_output_prefixes)"))

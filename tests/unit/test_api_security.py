@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from ml_framework.errors import SettingsError
 from ml_framework.settings import load_settings
 from producer.api import create_app
+from producer.api.errors import scrub
 from tests.unit.conftest import model_root
 
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef",
@@ -231,6 +232,25 @@ def test_the_api_refuses_a_symlink_leaving_the_data_directory_unread(http):
     for dataset in ("../private.csv", "/etc/passwd"):
         r = http.post("/v1/jobs", json={"model": "m-public", "dataset": dataset}, headers=hdr("alice"))
         assert r.status_code == 422 and "leaves the data directory" in r.text
+
+
+def test_the_api_refuses_s3_datasets_outside_the_allowed_prefixes(http, root):
+    """An s3:// dataset: 400 by default, and outside api_object_prefixes; never listing them."""
+    r = http.post("/v1/jobs", json={"model": "m-public", "dataset": "s3://mlf-data/x.csv"}, headers=hdr("alice"))
+    assert r.status_code == 400 and r.json()["error"]["type"] == "ObjectStoreError", r.text
+    assert "'s3://mlf-data/x.csv'" in r.text and "api_object_prefixes; none is set" in r.text
+    allowing = settings(root, api_keys=KEYS, api_object_prefixes="s3://secret-bucket/team-a")
+    with TestClient(create_app(allowing)) as other:
+        for dataset in ("s3://mlf-data/team-a/x.csv", "s3://secret-bucket/team-ab/x.csv", "s3://Bad/x"):
+            r = other.post("/v1/jobs", json={"model": "m-public", "dataset": dataset}, headers=hdr("alice"))
+            assert r.status_code == 400 and r.json()["error"]["type"] == "ObjectStoreError", r.text
+            assert "secret-bucket/team-a'" not in r.text.replace(dataset, "")
+
+
+def test_error_bodies_and_jobs_echo_s3_uris_but_hide_server_urls():
+    """An s3:// dataset the caller named stays in error bodies; a server URL becomes <url>."""
+    message = "s3://mlf-data/x.csv: cannot read: connecting to http://minio:9000 failed"
+    assert scrub(message, []) == "s3://mlf-data/x.csv: cannot read: connecting to <url> failed"
 
 
 def test_ready_names_no_server_url_when_the_broker_is_down(root):

@@ -54,3 +54,11 @@ def test_an_endpoint_that_is_not_a_base_url_is_refused(endpoint):
 
     with pytest.raises(SettingsError, match="s3_endpoint_url"):
         load_settings(s3_endpoint_url=endpoint)
+
+
+def test_a_location_is_under_a_prefix_by_whole_key_parts():
+    loc = objectstore.parse_uri("s3://b-1/data/x.csv")
+    assert loc.under_any(["s3://b-1/data"]) and loc.under_any(["s3://other", "s3://b-1"])
+    assert objectstore.parse_uri("s3://b-1/data").under_any(["s3://b-1/data"])
+    assert not objectstore.parse_uri("s3://b-1/database.csv").under_any(["s3://b-1/data"])
+    assert not loc.under_any(["s3://b-2/data"]) and not loc.under_any([])

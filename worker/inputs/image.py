@@ -1,4 +1,6 @@
-"""``image`` inputs: one column of image file paths under the workers' data directory.
+"""``image`` inputs: one column of image file paths under the workers' data directory, or
+of ``s3://bucket/key`` URIs of images in object storage (read whole, one GET each, through
+the worker's ``s3_*`` settings).
 
 Each path is resolved by the project's one path rule (:func:`ml_framework.paths.resolve_under`:
 relative to the data directory, symbolic links followed without opening anything); a path
@@ -33,6 +35,7 @@ are scaled to 8 bits before step 2.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections.abc import Sequence
@@ -43,9 +46,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from ml_framework.errors import DatasetPathError, ImageRowError
+from ml_framework.errors import DatasetPathError, ImageRowError, ObjectStoreError
 from ml_framework.manifest import ModelManifest
+from ml_framework.objectstore import describe_error, filesystem, is_object_uri, parse_uri
 from ml_framework.paths import resolve_under
+from ml_framework.settings import get_settings
 from ml_framework.store import RowError
 from worker.inputs.base import Converted, InputConverter
 
@@ -175,6 +180,19 @@ class ImageConverter(InputConverter):
                 raise ImageRowError(f"image path {value[:60]!r} is not UTF-8 text") from None
         if not isinstance(value, str) or not value:
             raise ImageRowError("empty image path")
+        if is_object_uri(value):
+            data = self._object(value)
+            try:
+                with Image.open(data) as im:
+                    return self._prepared(im, value)
+            except ImageRowError:
+                raise
+            except UnidentifiedImageError:
+                raise ImageRowError(f"image {value!r}: not an image file Pillow can read (corrupt, or "
+                                    "another kind of file)") from None
+            except Exception as exc:  # noqa: BLE001 - any decoder failure fails this row only
+                raise ImageRowError(f"image {value!r}: cannot be decoded: {self._reason(exc, Path(value), value)}") \
+                    from None
         if self.data_dir is None:
             raise ImageRowError(f"image {value!r}: this worker has no data directory to read it from")
         try:
@@ -236,6 +254,27 @@ class ImageConverter(InputConverter):
             raise ImageRowError(f"image {value!r}: {pixels.shape[1]}x{pixels.shape[0]} after preparing, the "
                                 f"model takes {self.size[1]}x{self.size[0]}")
         return pixels
+
+    @staticmethod
+    def _object(value: str) -> io.BytesIO:
+        """The bytes of the image object ``value`` (``s3://bucket/key``), read whole.
+
+        Raises:
+            ImageRowError: a malformed URI, a missing object, a file that is not an image,
+                or the store refused or could not be reached (naming the URI, never a
+                credential).
+        """
+        try:
+            location = parse_uri(value)
+            with filesystem(get_settings()).open_input_file(location.path) as f:
+                data = io.BytesIO(f.read())
+        except ObjectStoreError as exc:
+            raise ImageRowError(str(exc)) from None
+        except FileNotFoundError:
+            raise ImageRowError(f"image {value!r}: not found in object storage") from None
+        except OSError as exc:
+            raise ImageRowError(describe_error(value, exc, "read the image")[:MAX_REASON_CHARS + 80]) from None
+        return data
 
     @staticmethod
     def _to_8_bits(im: Image.Image, value: str) -> Image.Image:
