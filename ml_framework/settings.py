@@ -27,6 +27,7 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -40,8 +41,9 @@ from ml_framework.constants import (
     MAX_MESSAGE_BYTES,
     MAX_REQUEST_BYTES,
 )
-from ml_framework.errors import SettingsError
+from ml_framework.errors import ObjectStoreError, SettingsError
 from ml_framework.manifest import parse_model_ref
+from ml_framework.objectstore import parse_uri
 from ml_framework.settings_sources import (
     CONFIG_ENV,
     ENV_PREFIX,
@@ -325,6 +327,14 @@ class Settings(BaseSettings):
     def prunes(self) -> bool:
         """Whether a pruning pass has anything to do (some retention is set)."""
         return any(v is not None for v in self.retention_s.values())
+
+    @field_validator("api_object_prefixes", "api_output_prefixes")
+    @classmethod
+    def _check_prefixes(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        try:
+            return [parse_uri(p).uri for p in value]
+        except ObjectStoreError as exc:
+            raise ValueError(f"{info.field_name}: give s3://bucket/prefix locations: {exc}") from None
 
     @field_validator("worker_preload_models", "flower_basic_auth", "callback_allowed_hosts", "api_output_prefixes",
                      "api_object_prefixes", mode="before")

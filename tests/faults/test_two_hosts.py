@@ -51,16 +51,6 @@ VISIBILITY_S = 22
 (it must exceed the time limit); the same on every worker host."""
 
 
-def inline_dataset(frame: pd.DataFrame, producer: Path, s3) -> tuple[str, dict[str, str]]:
-    """The dataset as a CSV file in the producer's directory, outside every data
-    directory: the producer inlines its rows into the shard messages, which need no
-    shared file system. Returns ``(what mlf score is given, extra producer environment)``."""
-    path = producer / "input" / "digits.csv"
-    path.parent.mkdir()
-    frame.to_csv(path, index=False)
-    return str(path), {}
-
-
 def s3_dataset(frame: pd.DataFrame, producer: Path, s3) -> tuple[str, dict[str, str]]:
     """The dataset as a CSV object in the object store: the producer reads its schema
     there and sends references, which each host's workers read with their own
@@ -89,11 +79,7 @@ def release(digits, directory: Path) -> tuple[Path, Path]:
     return directory / MODEL / "1" / "model.skops", directory / MODEL / "1" / "manifest.yaml"
 
 
-@pytest.mark.parametrize("dataset", [
-    pytest.param(inline_dataset, id="inline"),
-    pytest.param(s3_dataset, id="s3", marks=pytest.mark.skip(reason="needs s3 datasets")),
-])
-def test_a_host_killed_mid_job_leaves_every_row_recorded_once(dataset, own_pg_database, s3_server, digits, tmp_path):
+def test_a_host_killed_mid_job_leaves_every_row_recorded_once(own_pg_database, s3_server, digits, tmp_path):
     """Shards of one job run on two hosts; the host killed mid-shard has that shard redone
     by the other, its finished shards kept: SUCCEEDED, every row once, no gap."""
     check_redis()
@@ -142,7 +128,7 @@ def test_a_host_killed_mid_job_leaves_every_row_recorded_once(dataset, own_pg_da
         shutil.copy(hosts["hosta"] / "models" / MODEL / "1" / "manifest.yaml", producer / "models" / MODEL / "1")
         frame = pd.concat([digits.frame] * COPIES, ignore_index=True)
         n = len(frame)
-        source, producer_env = dataset(frame, producer, s3_server)
+        source, producer_env = s3_dataset(frame, producer, s3_server)
 
         def ready() -> bool:  # the model is loaded first: a cold start counts against the time limit
             beats = client.workers()
