@@ -78,7 +78,7 @@ def child(spec: dict) -> None:
         out = {}
         for name in spec["workloads"]:
             started = time.perf_counter()
-            build_data(root, WORKLOADS[name], WORKLOADS[name].n_rows(spec["quick"]))
+            build_data(root, WORKLOADS[name], spec.get("rows") or WORKLOADS[name].n_rows(spec["quick"]))
             build_model(root, WORKLOADS[name])
             out[name] = time.perf_counter() - started
         print("RESULT " + json.dumps(out), flush=True)
@@ -152,8 +152,13 @@ def write_outputs(rows: list[dict], extras: dict, out: Path, stem: str) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """One group of bars per workload: each system's rows/s relative to raw (log scale)."""
-    import matplotlib
+    """One group of bars per workload: each system's rows/s relative to raw (log scale);
+    nothing without matplotlib (the ``bench`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no chart ({path.name}): matplotlib is not installed (pip install -e .[bench])", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,6 +203,11 @@ def targets(rows: list[dict]) -> list[str]:
         if two and s3:
             out.append(f"{wl}: ours from s3:// / ours from the data directory (2 processes) = {s3 / two:.2f} "
                        "(target >= 0.9)")
+            server = by[(wl, OBJECT_STORE[0])].get("object_store_cpu_s")
+            if server:
+                job_s = statistics.median(by[(wl, OBJECT_STORE[0])]["seconds"])
+                out.append(f"{wl}: the object store server (SeaweedFS, on the same {os.cpu_count()} cores) used "
+                           f"{statistics.median(server):.2f} CPU s per job of {job_s:.2f} s")
         if raw and one and wl != "tabular":
             out.append(f"{wl}: ours 1 process / raw = {one / raw:.2f} (target >= 0.95)")
         if one and two:
@@ -228,6 +238,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, help="repetitions per system (default 3, or 1 with --quick)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--systems", default="raw,ours,naive,ray", help="comma-separated subset")
+    parser.add_argument("--rows", type=int, help="rows per run for every workload (default: the workload's own)")
     parser.add_argument("--object-store", action="store_true",
                         help="also score the same file from object storage (s3://, SeaweedFS on loopback)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -248,7 +259,7 @@ def main() -> int:
     rows: list[dict] = []
     with open(args.out / f"{stem}.log", "w", encoding="utf-8") as log:
         prep = spawn({"system": "prepare", "root": str(root), "workload": names[0], "workloads": names,
-                      "quick": args.quick}, log)
+                      "quick": args.quick, "rows": args.rows}, log)
         print(f"data and models built in {sum(prep.values()):.0f} s under {root}", flush=True)
         for name in names:
             w = WORKLOADS[name]
@@ -257,7 +268,7 @@ def main() -> int:
                     continue  # --quick: ours on Redis + PostgreSQL only (each run starts workers: ~15 s)
                 if args.quick:
                     options = {k: v for k, v in options.items() if k != "profile"}
-                n = w.n_naive(args.quick) if system == "naive" else w.n_rows(args.quick)
+                n = w.n_naive(args.quick) if system == "naive" else (args.rows or w.n_rows(args.quick))
                 t0 = time.monotonic()
                 res = spawn({"system": system, "root": str(root), "workload": name, "rows": n, "reps": reps,
                              "options": options}, log)
@@ -272,7 +283,8 @@ def main() -> int:
     extras = {"quick": args.quick, "reps": reps, "wall_s": time.monotonic() - started, "table": table,
               "targets": checked, "bench_peak_rss": peak_rss(), "cpus": os.cpu_count()}
     write_outputs(rows, extras, args.out, stem)
-    print(f"\nwrote {args.out}/{stem}.csv, .json, .png in {time.monotonic() - started:.0f} s", flush=True)
+    print(f"\nwrote {args.out}/{stem}.csv and .json (.png with matplotlib) in {time.monotonic() - started:.0f} s",
+          flush=True)
     if args.keep:
         print(f"kept {root}")
     else:

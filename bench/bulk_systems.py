@@ -41,6 +41,14 @@ def peak_rss(pid: int | str = "self") -> int | None:
     return None
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its children so far."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+
+
 def _env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
     env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}, **extra)
@@ -121,9 +129,11 @@ def run_ours(root: Path, w: Workload, n: int, reps: int, *, backend: str, proces
         _wait_for(lambda: sum(bool(x.models) for x in client.workers()) >= processes, "mlf worker", proc, log)
         pids = [x.pid for x in client.workers()]
         seconds, submits, rss_growth = [], [], []
+        store_cpu = []  # the object store server's CPU seconds per repetition (it shares these cores)
         for rep in range(reps + (1 if profile else 0)):
             spy = _start_py_spy(root, w, pids[0]) if rep == reps else None
             rss0 = psutil.Process().memory_info().rss
+            s3_cpu0 = _cpu_s(s3.proc.pid) if s3 is not None else 0.0
             started = time.perf_counter()
             job = client.score_dataset(path, model=w.name, batch_size=w.batch_size)
             submitted = time.perf_counter()
@@ -136,6 +146,8 @@ def run_ours(root: Path, w: Workload, n: int, reps: int, *, backend: str, proces
                 profile_stats = _stop_py_spy(*spy)
                 continue
             seconds.append(elapsed)
+            if s3 is not None:
+                store_cpu.append(_cpu_s(s3.proc.pid) - s3_cpu0)
             submits.append(submitted - started)
             rss_growth.append(rss1 - rss0)
         worker_rss = [peak_rss(pid) for pid in pids]
@@ -147,6 +159,8 @@ def run_ours(root: Path, w: Workload, n: int, reps: int, *, backend: str, proces
     result = {"seconds": seconds, "rows": n, "producer_rss": peak_rss(), "worker_rss": worker_rss,
               "submit_s": submits, "submit_rss_growth": rss_growth,
               "shards": -(-n // w.shard_size)}
+    if store_cpu:
+        result["object_store_cpu_s"] = store_cpu
     if profile:
         result["profile"] = profile_stats
     shutil.rmtree(var_dir, ignore_errors=True)

@@ -63,6 +63,13 @@ each readable from the file named by ``ML_FRAMEWORK_<KEY>_FILE``."""
 _URL_PASSWORDS = (("broker_url", "broker_password"), ("redis_url", "redis_password"),
                   ("database_url", "database_password"))
 ApiRole = Literal["user", "admin", "metrics"]
+_BASE_URLS = {
+    "api_public_url": (r"https?://[^\s/?#@]+(/[^\s?#]*)?",
+                       "the API's base URL as browsers reach it, e.g. https://mlf.example.com"),
+    "s3_endpoint_url": (r"https?://[^\s/?#@]+/?", "the server's base URL, e.g. http://127.0.0.1:8333"),
+}
+"""URL settings checked by one rule: ``(full-match pattern, what to give)`` (no credentials,
+query or fragment; the endpoint no path either)."""
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 
@@ -375,24 +382,14 @@ class Settings(BaseSettings):
                 raise ValueError("flower_basic_auth: give user:password pairs, comma-separated")
         return value
 
-    @field_validator("api_public_url")
+    @field_validator("api_public_url", "s3_endpoint_url")
     @classmethod
-    def _check_public_url(cls, value: str | None) -> str | None:
+    def _check_base_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", value):
-            raise ValueError(f"api_public_url: give the API's base URL as browsers reach it, e.g. "
-                             f"https://mlf.example.com, not {value[:200]!r}")
-        return value.rstrip("/")
-
-    @field_validator("s3_endpoint_url")
-    @classmethod
-    def _check_s3_endpoint(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not re.fullmatch(r"https?://[^\s/?#@]+/?", value):
-            raise ValueError(f"s3_endpoint_url: give the server's base URL, e.g. http://127.0.0.1:8333, "
-                             f"not {value[:200]!r}")
+        pattern, what = _BASE_URLS[info.field_name]
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"{info.field_name}: give {what}, not {value[:200]!r}")
         return value.rstrip("/")
 
     def job_page_url(self, job_id: str) -> str | None:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,24 @@ def wait_for_http(url: str, timeout_s: float = 60.0, **kwargs: Any):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+@contextmanager
+def api_server(env: dict[str, str], log_path: Path, *, cwd: str | Path | None = None) -> Iterator[tuple[str, Any]]:
+    """A real ``uvicorn producer.api:app`` process on a free loopback port with ``env``,
+    its output in ``log_path``; yields ``(base URL, process)`` once ``/health`` answers,
+    and stops it (SIGTERM) on exit."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "producer.api:app", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=cwd or os.getcwd())
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
+            yield f"http://127.0.0.1:{port}", proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 def service_unavailable(what: str, exc: Exception) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from ml_framework.datasets import Source, decode_table, iter_pieces, object_source, read_rows
 from ml_framework.datasets.source import require
@@ -95,7 +96,9 @@ def shard_source(data_dir: Path, msg: ScoreShard, settings: Settings | None = No
     src, key = msg.source, f"{msg.model}/{msg.version}"
     if isinstance(src, DatasetRef) and is_object_uri(src.path):
         source = object_source(src.path, settings or get_settings())
-        require(source)  # gone since submit: say so, naming the URI
+        info = require(source)  # gone since submit: say so, naming the URI
+        if info.type == pafs.FileType.File:  # its version is known now: readers' caches ask no HEAD again
+            source = replace(source, stamp=(info.size, info.mtime_ns))
         return ShardSource(src.row_start, src.row_end, tuple(msg.columns), source, src.format, key=key)
     if isinstance(src, DatasetRef):
         path = resolve_under(data_dir, src.path)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -18,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import api_server
 
 pytestmark = pytest.mark.integration
 KEY = "latency-test-key-0123456789"
@@ -50,23 +48,14 @@ def api(tmp_path):
         "name": "wide", "version": 1, "framework": "sklearn", "artifact": "model.skops",
         "inputs": {"columns": COLUMNS}, "outputs": {"kind": "regression"}}))
     (tmp_path / "data").mkdir()
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
     tag = uuid.uuid4().hex[:8]
     env.update({"ML_FRAMEWORK_MODELS_DIR": str(tmp_path / "models"), "ML_FRAMEWORK_DATA_DIR": str(tmp_path / "data"),
                 "ML_FRAMEWORK_VAR_DIR": str(tmp_path / "var"), "ML_FRAMEWORK_API_KEYS": f"t={KEY}",
                 "ML_FRAMEWORK_BULK_QUEUE": f"mlf.lat.{tag}", "ML_FRAMEWORK_ONLINE_QUEUE": f"mlf.lat.{tag}.online",
                 "ML_FRAMEWORK_LOG_TO_FILE": "false"})
-    log = (tmp_path / "api.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "producer.api:app", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
-        yield f"http://127.0.0.1:{port}", proc, tmp_path / "api.log"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+    with api_server(env, tmp_path / "api.log") as (url, proc):
+        yield url, proc, tmp_path / "api.log"
 
 
 def peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:

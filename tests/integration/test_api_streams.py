@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import api_server
 
 pytestmark = pytest.mark.integration
 OWNER = {"X-API-Key": "streams-owner-key-0123456789"}
@@ -30,21 +27,11 @@ TIMEOUT_S = 240
 def api(backend, tmp_path: Path):
     """``uvicorn producer.api:app`` over the backend, with two user keys; yields an
     ``httpx.Client`` on its base URL (its log file as ``client.log_path``)."""
-    port = free_port()
     keys = f"owner={OWNER['X-API-Key']},other={OTHER['X-API-Key']}"
     env = {**backend.env, "ML_FRAMEWORK_API_KEYS": keys, "ML_FRAMEWORK_LOG_TO_FILE": "false"}
-    log = (tmp_path / "api.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "producer.api:app", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT_S) as client:
-            client.log_path = tmp_path / "api.log"
-            yield client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+    with api_server(env, tmp_path / "api.log") as (url, _), httpx.Client(base_url=url, timeout=TIMEOUT_S) as client:
+        client.log_path = tmp_path / "api.log"
+        yield client
 
 
 def read_events(api: httpx.Client, job_id: str) -> list[tuple[str, dict]]:

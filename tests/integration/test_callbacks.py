@@ -7,10 +7,8 @@ job once, and a host not allowed is refused with 400. The store tests of
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,7 +19,7 @@ import pytest
 
 from demo.digits import PIXELS
 from ml_framework.callbacks import verify_signature
-from tests.conftest import database_tests, free_port, shared_backend, wait_for_http
+from tests.conftest import api_server, database_tests, shared_backend
 from tests.unit import test_callbacks_store
 from tests.unit.test_callbacks_store import store  # noqa: F401 - the fixture, over this directory's db_kind
 
@@ -89,30 +87,19 @@ def setup(redis_pg, tmp_path_factory):
     logs = tmp_path_factory.mktemp("callback-apis")
     env = {**redis_pg.env, "ML_FRAMEWORK_API_KEYS": f"cb={KEY['X-API-Key']}", "ML_FRAMEWORK_LOG_TO_FILE": "false",
            "ML_FRAMEWORK_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "ML_FRAMEWORK_CALLBACK_SECRETS": f"cb={SECRET}"}
-    procs, clients = [], []
-    try:
+    with contextlib.ExitStack() as stack:
+        clients = []
         for i in range(2):
-            port = free_port()
-            log = (logs / f"api{i}.log").open("wb")
-            procs.append((subprocess.Popen([sys.executable, "-m", "uvicorn", "producer.api:app", "--host", "127.0.0.1",
-                                            "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           cwd=os.getcwd()), log))
-            clients.append(httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=KEY, timeout=60))
-        for c in clients:
-            wait_for_http(str(c.base_url.join("/health")), timeout_s=120)
-        yield receiver, clients
-    finally:
-        for c in clients:
-            c.close()
-        for proc, log in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
-            log.close()
-        receiver.close()
-        for i in range(2):
-            path = logs / f"api{i}.log"
-            if path.exists():
-                print(f"--- api{i}.log (tail)\n{path.read_text(errors='replace')[-3000:]}")
+            url, _ = stack.enter_context(api_server(env, logs / f"api{i}.log"))
+            clients.append(stack.enter_context(httpx.Client(base_url=url, headers=KEY, timeout=60)))
+        try:
+            yield receiver, clients
+        finally:
+            receiver.close()
+            for i in range(2):
+                path = logs / f"api{i}.log"
+                if path.exists():
+                    print(f"--- api{i}.log (tail)\n{path.read_text(errors='replace')[-3000:]}")
 
 
 def submit(api: httpx.Client, url: str, rows: int = 5) -> str:

@@ -27,7 +27,7 @@ from ml_framework.errors import (
 )
 from producer import Client
 from producer.http_client import HttpClient
-from tests.conftest import free_port, shared_backend, wait_for_http
+from tests.conftest import api_server, shared_backend
 
 pytestmark = pytest.mark.integration
 KEY = "transports-owner-key-0123456789"
@@ -46,18 +46,9 @@ def stack(request):
 @pytest.fixture(scope="module")
 def api_url(stack, tmp_path_factory) -> str:
     """``uvicorn producer.api:app`` over the backend with one user key; its base URL."""
-    port = free_port()
     env = {**stack.env, "ML_FRAMEWORK_API_KEYS": f"owner={KEY}", "ML_FRAMEWORK_LOG_TO_FILE": "false"}
-    log_path = tmp_path_factory.mktemp("api") / "api.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "producer.api:app", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    with api_server(env, tmp_path_factory.mktemp("api") / "api.log") as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

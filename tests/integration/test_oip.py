@@ -4,10 +4,7 @@ backends)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 import yaml
 
 from demo.digits import PIXELS
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import api_server
 from tests.integration.test_online import expected_labels
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -65,19 +62,9 @@ def broken_model(trained) -> str:
 def server(backend, int64_model, tmp_path: Path):
     """``uvicorn producer.api:app`` over the backend's broker, store and models, with one
     user key; yields its ``host:port``."""
-    port = free_port()
     env = {**backend.env, "ML_FRAMEWORK_API_KEYS": f"tests={KEY}", "ML_FRAMEWORK_LOG_TO_FILE": "false"}
-    log = (tmp_path / "api.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "producer.api:app", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=os.getcwd())
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+    with api_server(env, tmp_path / "api.log") as (url, _):
+        yield url.removeprefix("http://")
 
 
 def test_server_live_ready_and_metadata(server):

@@ -23,15 +23,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from demo.digits import PIXELS
-from ml_framework.constants import SCORE_SHARD_TASK
 from ml_framework.errors import ObjectStoreError
-from ml_framework.protocol import DatasetRef, ScoreShard
 from ml_framework.settings import load_settings
 from ml_framework.store import JobState, NewJob
 from ml_framework.store.output_files import part_name
 from producer.api import create_app
 from tests import s3server
 from tests.conftest import database_tests
+from tests.integration.test_scoring import send_each_shard_twice
 from tests.unit import test_output_files
 from tests.unit.test_output_files import store  # noqa: F401 - the fixture, over this directory's db_kind
 
@@ -137,13 +136,7 @@ def test_redelivered_shard_writes_its_part_once(backend, s3_server, trained):
     job_id = uuid.uuid4().hex
     client.store.create_jobs([NewJob(job_id, manifest.name, manifest.version, "digits.csv", 1000, ranges, 128,
                                      output_uri=uri)])
-    for index, (a, b) in enumerate(ranges):
-        body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name, version=manifest.version,
-                          batch_size=128, columns=PIXELS,
-                          source=DatasetRef(path="digits.csv", format="csv", row_start=a, row_end=b))
-        for _ in range(2):
-            client.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
-                                 queue=backend.values["bulk_queue"])
+    send_each_shard_twice(backend, job_id, manifest, ranges)
     job = client.get_job(job_id)
     job.wait(timeout_s=TIMEOUT_S)
     deadline = time.monotonic() + TIMEOUT_S

@@ -76,6 +76,18 @@ def test_dataset_outside_data_dir_is_inlined(backend, trained, digits, tmp_path)
     assert (got == clf.predict(digits.frame[PIXELS].iloc[:700].to_numpy(np.float32) * SCALE)).all()
 
 
+def send_each_shard_twice(backend, job_id: str, manifest, ranges: list[tuple[int, int]]) -> None:
+    """Send every shard of job ``job_id`` (``digits.csv`` rows ``ranges``, model ``manifest``)
+    to the backend's workers twice, as a broker that redelivers each message would."""
+    for index, (a, b) in enumerate(ranges):
+        body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name, version=manifest.version,
+                          batch_size=128, columns=PIXELS,
+                          source=DatasetRef(path="digits.csv", format="csv", row_start=a, row_end=b))
+        for _ in range(2):
+            backend.client.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
+                                         queue=backend.values["bulk_queue"])
+
+
 def test_redelivered_shard_records_each_row_once(backend, trained):
     """Each shard message delivered twice: every row is recorded once, counters count once."""
     manifest = trained[1]["sklearn"][1]
@@ -83,13 +95,7 @@ def test_redelivered_shard_records_each_row_once(backend, trained):
     ranges = [(0, 500), (500, 1000)]
     job_id = client.store.create_job(model=manifest.name, model_version=manifest.version,
                                      dataset="digits.csv", n_rows=1000, shard_ranges=ranges, batch_size=128)
-    for index, (a, b) in enumerate(ranges):
-        body = ScoreShard(job_id=job_id, shard_index=index, model=manifest.name, version=manifest.version,
-                          batch_size=128, columns=PIXELS,
-                          source=DatasetRef(path="digits.csv", format="csv", row_start=a, row_end=b))
-        for _ in range(2):
-            client.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"),
-                                 queue=backend.values["bulk_queue"])
+    send_each_shard_twice(backend, job_id, manifest, ranges)
     job = client.get_job(job_id)
     status = job.wait(timeout_s=TIMEOUT_S)
     deadline = time.monotonic() + TIMEOUT_S
