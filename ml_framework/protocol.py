@@ -41,11 +41,17 @@ class DatasetRef(_Rows):
         format: ``csv``, ``parquet``, ``arrow`` (Arrow IPC / Feather) or ``npy``.
         row_start: first row (0-based, header excluded), inclusive.
         row_end: last row, exclusive.
+        fingerprint: the dataset as the producer planned it
+            (:func:`ml_framework.datasets.source.fingerprint`: size and modification time,
+            or a digest of a directory's listing); a worker that finds another fails the
+            shard instead of scoring rows that are not the job's. ``None`` (messages of
+            earlier releases): not checked.
     """
 
     kind: Literal["ref"] = "ref"
     path: str
     format: DatasetFormat
+    fingerprint: str | None = Field(default=None, max_length=64)
 
 
 class InlineRows(_Rows):

@@ -19,6 +19,8 @@ from ml_framework.datasets import (
     names_summary,
     value_type,
 )
+from ml_framework.datasets.common import reading
+from ml_framework.datasets.source import Source, fingerprint
 from ml_framework.errors import DatasetFormatError, DatasetSchemaError
 from ml_framework.manifest import ModelManifest
 from ml_framework.objectstore import is_object_uri
@@ -122,8 +124,9 @@ def plan_sources(
             yield InlineRows(row_start=a, row_end=b, data_b64=encode_table(pa.table({columns[0]: paths})))
         return
     if relative is not None:
+        stamp = _fingerprint(info)
         for a, b in ranges:
-            yield DatasetRef(path=relative.as_posix(), format=info.format, row_start=a, row_end=b)
+            yield DatasetRef(path=relative.as_posix(), format=info.format, row_start=a, row_end=b, fingerprint=stamp)
         return
     for (a, b), table in zip(ranges, iter_shards(info, ranges, columns), strict=True):
         yield InlineRows(row_start=a, row_end=b, data_b64=encode_table(table))
@@ -139,5 +142,14 @@ def _object_sources(info: DatasetInfo, ranges: Sequence[tuple[int, int]],
             uris = pc.binary_join_element_wise(prefix, table.column(IMAGE_COLUMN), "")
             yield InlineRows(row_start=a, row_end=b, data_b64=encode_table(pa.table({columns[0]: uris})))
         return
+    stamp = _fingerprint(info)
     for a, b in ranges:
-        yield DatasetRef(path=info.path, format=info.format, row_start=a, row_end=b)
+        yield DatasetRef(path=info.path, format=info.format, row_start=a, row_end=b, fingerprint=stamp)
+
+
+def _fingerprint(info: DatasetInfo) -> str:
+    """The dataset's :func:`~ml_framework.datasets.source.fingerprint` now, which every
+    by-reference shard carries (its workers refuse rows of a dataset changed since)."""
+    source = info.source or Source.of_path(info.path)
+    with reading(source, "examine"):
+        return fingerprint(source)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ml_framework.datasets import Source, decode_table, iter_pieces, object_source, read_rows
-from ml_framework.datasets.source import require
+from ml_framework.datasets.source import fingerprint, require
 from ml_framework.errors import DatasetError
 from ml_framework.objectstore import is_object_uri
 from ml_framework.paths import resolve_under
@@ -99,16 +99,31 @@ def shard_source(data_dir: Path, msg: ScoreShard, settings: Settings | None = No
         info = require(source)  # gone since submit: say so, naming the URI
         if info.type == pafs.FileType.File:  # its version is known now: readers' caches ask no HEAD again
             source = replace(source, stamp=(info.size, info.mtime_ns))
+        check_unchanged(source, src)
         return ShardSource(src.row_start, src.row_end, tuple(msg.columns), source, src.format, key=key)
     if isinstance(src, DatasetRef):
         path = resolve_under(data_dir, src.path)
         if not (path.is_file() or path.is_dir()):
             raise DatasetError(f"dataset {src.path!r} not found in the worker's data directory")
+        check_unchanged(Source.of_path(path), src)
         return ShardSource(src.row_start, src.row_end, tuple(msg.columns), path, src.format, key=key)
     table = decode_table(src.data_b64)
     if table.num_rows != msg.n_rows:
         raise DatasetError(f"inline shard holds {table.num_rows} rows, expected {msg.n_rows}")
     return ShardSource(src.row_start, src.row_end, tuple(msg.columns), table=table, key=key)
+
+
+def check_unchanged(source: Source, ref: DatasetRef) -> None:
+    """Refuse a shard whose dataset changed since its job was planned (replaced, rewritten,
+    truncated: another size or modification time): its row range would name other rows, or
+    none, and they would be recorded as the job's.
+
+    Raises:
+        DatasetError: naming the dataset as the job names it.
+    """
+    if ref.fingerprint is not None and fingerprint(source) != ref.fingerprint:
+        raise DatasetError(f"dataset {ref.path!r} changed since the job was submitted (its size or modification "
+                           "time differ): its rows are no longer the job's; submit the job again")
 
 
 def read_all(source: ShardSource) -> pa.Table:

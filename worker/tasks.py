@@ -19,8 +19,8 @@ from ml_framework.constants import SCORE_ONLINE_TASK, SCORE_SHARD_TASK
 from ml_framework.errors import ObjectStoreError, ShardFailed, StoreUnavailableError
 from ml_framework.logging import task_context
 from ml_framework.protocol import OnlineBatch, ScoreShard
-from ml_framework.store import ShardClaim
-from ml_framework.store.outputs import outputs_table
+from ml_framework.store import RowError, ShardClaim
+from ml_framework.store.outputs import ROW, outputs_table
 from worker import metrics, watchdog
 from worker.online import score_online
 from worker.outcomes import count_rows, every_row_failed, queue_wait, shard_error_text, shard_failed
@@ -135,7 +135,22 @@ def score_message(ctx: WorkerContext, msg: ScoreShard) -> ShardOutcome:
         converter.piece_rows(msg.batch_size), guess=ctx.guess_next(msg, source))
     outcome = score_pieces(runtime, pieces, msg.batch_size)
     outcome.model_load_s = load_s
+    missing = missing_rows(msg, outcome)
+    if missing:  # the file ended early: these rows fail, none is left without an outcome
+        outcome.errors = sorted(outcome.errors + [RowError(r, f"row {r}: the dataset ended before this row (it "
+                                                              "holds fewer rows than when the job was submitted)")
+                                                  for r in missing], key=lambda e: e.row_index)
     return outcome
+
+
+def missing_rows(msg: ScoreShard, outcome: ShardOutcome) -> list[int]:
+    """Rows of ``msg``'s range that have neither an output nor an error in ``outcome``
+    (a dataset shorter than its job's plan); ascending."""
+    expected = msg.source.row_end - msg.source.row_start
+    if len(outcome.outputs) + len(outcome.errors) >= expected:
+        return []
+    done = set(outcome.outputs.column(ROW).to_pylist()) | {e.row_index for e in outcome.errors}
+    return [r for r in range(msg.source.row_start, msg.source.row_end) if r not in done]
 
 
 def _run_claimed_shard(ctx: WorkerContext, msg: ScoreShard, owner: str) -> Recorded | ShardClaim:

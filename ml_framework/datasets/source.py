@@ -12,6 +12,7 @@ mtime and ctime of a local file; size and modification time of an object.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from ml_framework.objectstore import describe_error, filesystem, is_object_uri, 
 if TYPE_CHECKING:
     from ml_framework.settings import Settings
 
-__all__ = ["Source", "as_source", "object_source", "require"]
+__all__ = ["Source", "as_source", "fingerprint", "object_source", "require"]
 
 _LOCAL = pafs.LocalFileSystem()
 
@@ -103,6 +104,12 @@ class Source:
             raise FileNotFoundError(f"{self.shown}: no such object")
         return info.size, info.mtime_ns
 
+    def is_dir(self) -> bool:
+        """Whether this is a directory (a prefix of objects) rather than one file."""
+        if self.local is not None:
+            return self.local.is_dir()
+        return self.stamp is None and self.info().type == pafs.FileType.Directory
+
     def open_file(self) -> pa.NativeFile:
         """The file for random access (an object: ranged GETs as it is read)."""
         if self.local is not None:
@@ -146,6 +153,31 @@ class Source:
                 rel = info.path[len(self.path.rstrip("/")) + 1:]
                 out.append((rel, self.child(rel, (info.size, info.mtime_ns))))
         return sorted(out, key=lambda item: item[0])
+
+
+def fingerprint(source: Source) -> str:
+    """What identifies the dataset's bytes as they are now, for a worker to check that the
+    rows of its shard are still the rows the job was planned over: ``size-mtime_ns`` of a
+    file or object (pyarrow exposes no ETag), or for a directory or prefix ``dir-`` and the
+    first 16 hex digits of the SHA-256 of every file's path, size and modification time
+    (one listing).
+
+    Raises:
+        OSError, ObjectStoreError: the file cannot be examined (readers name it).
+    """
+    if source.is_dir():
+        digest = hashlib.sha256()
+        for rel, part in source.listing():
+            size, mtime = _size_mtime(part)
+            digest.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        return "dir-" + digest.hexdigest()[:16]
+    size, mtime = _size_mtime(source)
+    return f"{size}-{mtime}"
+
+
+def _size_mtime(source: Source) -> tuple[int, int]:
+    version = source.version()  # local: (inode, size, mtime_ns, ctime_ns); object: (size, mtime_ns)
+    return (version[1], version[2]) if source.local is not None else (version[0], version[1])
 
 
 def object_source(uri: str, settings: Settings) -> Source:

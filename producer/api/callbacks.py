@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import httpx
 
@@ -92,14 +92,31 @@ class CallbackSender:
         self._http.close()
 
     def _loop(self) -> None:
+        """Keep up to :data:`~ml_framework.constants.CALLBACK_BATCH` attempts in flight:
+        claim only as many callbacks as there are free threads, and never wait for a batch
+        to finish, so that a receiver that hangs holds one thread (up to its timeout), not
+        every other job's delivery."""
+        in_flight: set[Future] = set()
         while not self._stop.is_set():
+            in_flight = {f for f in in_flight if not f.done()}
+            free = CALLBACK_BATCH - len(in_flight)
+            if not free:  # every thread busy: go on when one is done
+                wait(in_flight, timeout=CALLBACK_POLL_S, return_when=FIRST_COMPLETED)
+                continue
             try:
-                busy = self.run_once() == CALLBACK_BATCH  # a full batch: more may be due
+                due = self.store.claim_callbacks(CALLBACK_LEASE_S, free)
             except Exception:  # a store outage must not end deliveries
                 log.exception("callbacks: cannot claim due callbacks; trying again in %.0f s", CALLBACK_POLL_S)
-                busy = False
-            if not busy:
+                due = []
+            in_flight |= {self._pool.submit(self._attempt_logged, cb) for cb in due}
+            if len(due) < free:  # nothing more is due now
                 self._stop.wait(CALLBACK_POLL_S)
+
+    def _attempt_logged(self, cb: DueCallback) -> None:
+        try:
+            self.attempt(cb)
+        except Exception:  # the store's errors: the lease passes and the callback is claimed again
+            log.exception("callback of job %s: its outcome could not be recorded; it will be tried again", cb.job_id)
 
     def run_once(self) -> int:
         """Claim up to :data:`~ml_framework.constants.CALLBACK_BATCH` due callbacks and

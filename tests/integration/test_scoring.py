@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -305,3 +306,37 @@ def test_a_shard_whose_worker_died_max_attempts_times_is_failed_not_rerun(backen
     assert "worker lost" in shard0["error"] and shard1["state"] == "DONE"
     results = client.get_job(job_id).results()
     assert results.loc[0:499, "error"].str.contains("worker lost").all() and results.loc[500:, "error"].isna().all()
+
+
+def test_a_dataset_changed_after_submit_fails_its_shards_and_a_short_one_loses_no_row(backend, trained, data_dir,
+                                                                                     digits):
+    """A shard whose dataset is no longer the one planned (another fingerprint) fails as a
+    whole, naming the dataset; a shard of a message without a fingerprint (earlier
+    releases) over a file that ended early fails the rows past its end: every row of the
+    job ends with an outcome (rows_ok + rows_failed == n_rows)."""
+    from ml_framework.datasets import Source
+    from ml_framework.datasets.source import fingerprint
+
+    manifest = trained[1]["sklearn"][1]
+    client = backend.client
+    path = data_dir / f"changing-{backend.name}-{uuid.uuid4().hex[:6]}.csv"
+    digits.frame.iloc[:300].to_csv(path, index=False)
+    planned = fingerprint(Source.of_path(path))
+    digits.frame.iloc[:200].to_csv(path, index=False)  # rewritten (shorter) after the plan
+    assert fingerprint(Source.of_path(path)) != planned
+    for stamp, state, (ok, failed) in [(planned, JobState.FAILED, (0, 300)), (None, JobState.PARTIAL, (200, 100))]:
+        job_id = client.store.create_job(model=manifest.name, model_version=manifest.version, dataset=path.name,
+                                         n_rows=300, shard_ranges=[(0, 300)], batch_size=128)
+        body = ScoreShard(job_id=job_id, shard_index=0, model=manifest.name, version=manifest.version,
+                          batch_size=128, columns=PIXELS, source=DatasetRef(path=path.name, format="csv", row_start=0,
+                                                                            row_end=300, fingerprint=stamp))
+        client.app.send_task(SCORE_SHARD_TASK, kwargs=body.model_dump(mode="json"), queue=backend.values["bulk_queue"])
+        status = client.get_job(job_id).wait(timeout_s=TIMEOUT_S)
+        assert (status.state, status.rows_ok, status.rows_failed) == (state, ok, failed), status
+        errors = client.store.row_errors(job_id, limit=1000)
+        reason = "changed since the job was submitted" if stamp else "the dataset ended before this row"
+        assert len(errors) == failed and all(reason in e.message for e in errors), errors[:2]
+        if stamp:
+            assert path.name in errors[0].message and str(data_dir) not in errors[0].message
+        else:
+            assert [e.row_index for e in errors] == list(range(200, 300))

@@ -275,3 +275,40 @@ def test_mlf_score_takes_a_callback_url_and_mlf_status_shows_its_delivery(clean_
         assert "callback delivered (1 attempt(s))" in status.stdout, status.output
     finally:
         get_settings.cache_clear()
+
+
+def test_a_receiver_that_hangs_holds_up_no_other_jobs_callback(store, tmp_path):
+    """The sender's loop keeps attempts in flight on their own threads: while one receiver
+    hangs, another job's callback is delivered."""
+    slow_job, fast_job = new_job(store, url="http://hooks.example.com/slow"), new_job(store)
+    finish(store, slow_job)
+    release, fast_done = threading.Event(), threading.Event()
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/slow":
+            release.wait(5)
+        else:
+            fast_done.set()
+        return httpx.Response(200)
+
+    cfg = load_settings(var_dir=tmp_path / "var", callback_allowed_hosts=["hooks.example.com"], callback_secrets=SECRETS)
+    s = CallbackSender(cfg, store, transport=httpx.MockTransport(receiver), backoff_base_s=0.0)
+    tick = threading.Event()  # never set: its wait is a short pause
+
+    def until(predicate) -> bool:
+        for _ in range(500):
+            if predicate():
+                return True
+            tick.wait(0.01)
+        return False
+
+    s.start()
+    try:
+        assert until(lambda: store.job(slow_job).callback_attempts == 1)  # the slow receiver holds its attempt
+        finish(store, fast_job)  # due while the slow attempt is still under way
+        assert fast_done.wait(5), "the second callback waited for the receiver that hangs"
+        assert until(lambda: store.job(fast_job).callback_state == "delivered")
+        assert store.job(slow_job).callback_state == "pending" and not release.is_set()
+    finally:
+        release.set()
+        s.stop()

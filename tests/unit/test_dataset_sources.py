@@ -24,6 +24,7 @@ from ml_framework.datasets import (
     shard_ranges,
 )
 from ml_framework.datasets import arrow as arrow_reader
+from ml_framework.datasets.source import fingerprint
 from ml_framework.errors import DatasetFormatError, DatasetNotFoundError, ObjectStoreError
 from ml_framework.protocol import DatasetRef, InlineRows
 from ml_framework.settings import load_settings
@@ -143,8 +144,10 @@ def test_an_object_dataset_is_planned_by_reference_to_its_uri(bucket, frame, tmp
     directory, source_of = bucket
     info = inspect(source_of(write("parquet", frame, directory)))
     shards = list(plan_sources(info, shard_ranges(700, 300), ["x"], tmp_path / "data"))
-    assert shards == [DatasetRef(path="s3://mlf-data/d.parquet", format="parquet", row_start=a, row_end=b)
-                      for a, b in [(0, 300), (300, 600), (600, 700)]]
+    stamp = fingerprint(info.source)
+    assert stamp == f"{(directory / 'd.parquet').stat().st_size}-{(directory / 'd.parquet').stat().st_mtime_ns}"
+    assert shards == [DatasetRef(path="s3://mlf-data/d.parquet", format="parquet", row_start=a, row_end=b,
+                                 fingerprint=stamp) for a, b in [(0, 300), (300, 600), (600, 700)]]
 
 
 def test_a_missing_object_is_not_found_naming_its_uri(bucket):
@@ -206,3 +209,46 @@ def test_a_ragged_line_of_a_csv_object_fails_its_row_alone(bucket):
     table = read_rows(source_of("r.csv"), "csv", 0, 3, ["a", "b"])
     assert table.column("a").to_pylist() == [b"1", None, b"6"]
     assert table.column(ROW_ERROR).to_pylist() == [None, "line 3: expected 2 fields, found 3", None]
+
+
+def test_a_fingerprint_changes_with_the_dataset_and_a_worker_refuses_a_changed_one(tmp_path, bucket):
+    """Rewritten (even at the same size), truncated, or a part added to a prefix: another
+    fingerprint; a shard planned over the old one is refused, naming the dataset as given."""
+    import os
+
+    from ml_framework.errors import DatasetError
+    from worker.pipeline import check_unchanged
+
+    path = tmp_path / "d.csv"
+    path.write_text("a\n1\n2\n")
+    before = fingerprint(Source.of_path(path))
+    assert fingerprint(Source.of_path(path)) == before
+    path.write_text("a\n3\n4\n")  # same size, another modification time
+    os.utime(path, ns=(1, 1))
+    assert fingerprint(Source.of_path(path)) != before
+    ref = DatasetRef(path="d.csv", format="csv", row_start=0, row_end=2, fingerprint=before)
+    with pytest.raises(DatasetError, match="'d.csv' changed since the job was submitted"):
+        check_unchanged(Source.of_path(path), ref)
+    check_unchanged(Source.of_path(path), ref.model_copy(update={"fingerprint": None}))  # earlier releases
+    directory, source_of = bucket
+    (directory / "parts").mkdir()
+    pd.DataFrame({"a": [1]}).to_parquet(directory / "parts" / "p0.parquet")
+    prefix = fingerprint(source_of("parts"))
+    assert prefix.startswith("dir-") and fingerprint(source_of("parts")) == prefix
+    pd.DataFrame({"a": [2]}).to_parquet(directory / "parts" / "p1.parquet")
+    assert fingerprint(source_of("parts")) != prefix
+
+
+def test_missing_rows_are_those_without_an_outcome():
+    from ml_framework.protocol import ScoreShard
+    from ml_framework.store import RowError
+    from ml_framework.store.outputs import ROW
+    from worker.scoring import ShardOutcome
+    from worker.tasks import missing_rows
+
+    msg = ScoreShard(job_id="j", shard_index=0, model="m", version=1, batch_size=2, columns=["a"],
+                     source=DatasetRef(path="d.csv", format="csv", row_start=10, row_end=16))
+    full = ShardOutcome(pa.table({ROW: pa.array([10, 11, 13, 14, 15], pa.int64())}), [RowError(12, "bad")])
+    assert missing_rows(msg, full) == []
+    short = ShardOutcome(pa.table({ROW: pa.array([10, 11], pa.int64())}), [RowError(12, "bad")])
+    assert missing_rows(msg, short) == [13, 14, 15]

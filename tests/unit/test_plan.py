@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from ml_framework.datasets import inspect
+from ml_framework.datasets.source import Source, fingerprint
 from ml_framework.errors import DatasetPathError
 from ml_framework.manifest import InputSpec, ModelManifest, OutputSpec
 from ml_framework.paths import resolve_under
@@ -86,8 +87,9 @@ def test_a_file_under_the_data_directory_is_planned_by_reference(tmp_path: Path)
                         shard_size=2, default_batch_size=64)
     assert not plan.inline and plan.batch_size == 64
     sources = [m.source for m in plan.messages("j" * 32)]
-    assert sources == [DatasetRef(path="d.csv", format="csv", row_start=0, row_end=2),
-                       DatasetRef(path="d.csv", format="csv", row_start=2, row_end=3)]
+    stamp = fingerprint(Source.of_path(tmp_path / "d.csv"))  # the file as planned: workers check it
+    assert sources == [DatasetRef(path="d.csv", format="csv", row_start=0, row_end=2, fingerprint=stamp),
+                       DatasetRef(path="d.csv", format="csv", row_start=2, row_end=3, fingerprint=stamp)]
 
 
 def test_a_file_read_once_is_checked_by_its_first_shard_and_sent_in_one_pass(tmp_path: Path):
