@@ -272,13 +272,18 @@ def verify_signature(secret: str | bytes, body: bytes, timestamp: str | int, sig
     Returns:
         True if genuine. The comparison takes constant time (``hmac.compare_digest``).
     """
+    if not isinstance(body, bytes | bytearray) or not isinstance(signature, str):
+        return False  # a decoded body was not what was signed
+    if isinstance(timestamp, str) and not (timestamp.strip().isascii() and timestamp.strip().isdigit()):
+        return False  # only plain digits, as sent
     try:
         sent_at = int(timestamp)
     except (TypeError, ValueError):
         return False
-    if abs((time.time() if now is None else now) - sent_at) > tolerance_s:
+    age = abs((time.time() if now is None else now) - sent_at)
+    if not age <= tolerance_s:  # also False for a NaN tolerance: never "no check" by accident
         return False
-    return hmac.compare_digest(sign(secret, body, sent_at).encode(), str(signature).strip().encode())
+    return hmac.compare_digest(sign(secret, bytes(body), sent_at).encode(), signature.strip().encode())
 
 
 # --------------------------------------------------------------------- retries

@@ -53,6 +53,16 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]*@")
+
+
+def scrub_userinfo(text: str) -> str:
+    """``text`` with the user and password of every URL in it replaced by ``***``
+    (``http://***@host``): for messages that quote a value given for a setting that is not
+    itself a secret (an endpoint, a prefix) but where someone put credentials."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def with_password(url: str, password: str) -> str:
     """``url`` with ``password`` put into its user information, URL-quoted.
 

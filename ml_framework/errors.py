@@ -16,6 +16,8 @@ Hierarchy::
     │   ├── DatasetFormatError   unsupported or unreadable file
     │   └── DatasetSchemaError   columns the model needs are missing
     ├── ObjectStoreError         an s3:// location is malformed, unknown, refused or unreachable
+    │   └── ObjectStoreUnavailableError  the store refuses this server or cannot be reached, or
+    │                            results it held are gone: the server's fault (503)
     ├── JobError
     │   ├── JobNotFoundError     no job with that id in the results store
     │   ├── JobTimeoutError      ``Job.wait`` ran out of time
@@ -38,7 +40,6 @@ Hierarchy::
     ├── ApiUnavailableError      (HTTP client) the HTTP API cannot be reached (retry later)
     ├── StoreError               the results database refused an operation
     │   └── StoreUnavailableError    the results database cannot be reached (retry later)
-    ├── ObjectStoreError         object storage (s3://) refused or cannot be reached; a bad URI
     ├── BrokerError              the message broker refused an operation
     │   └── BrokerUnavailableError   the broker cannot be reached (retry later)
     ├── ShardFailed              (worker) every row of a shard failed: its task's FAILURE
@@ -118,6 +119,12 @@ class ObjectStoreError(MLFrameworkError):
     """Raised when object storage (``s3://``) cannot be used: a malformed URI, no endpoint
     or credentials the server accepts, or the server cannot be reached. The message names
     the URI, never a credential."""
+
+
+class ObjectStoreUnavailableError(ObjectStoreError):
+    """Raised when the object store refuses the process's own credentials, cannot be
+    reached or fails, or a results file it held is gone: nothing the caller can change
+    (the HTTP API answers 503), as opposed to a URI or bucket the caller named wrong."""
 
 
 class JobError(MLFrameworkError):

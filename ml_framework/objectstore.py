@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ml_framework.errors import ObjectStoreError
+from ml_framework.errors import ObjectStoreError, ObjectStoreUnavailableError
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 SCHEME = "s3://"
 DEFAULT_REGION = "us-east-1"
 """The region sent to an S3-compatible server when none is set (what such servers accept)."""
+MAX_KEY_BYTES = 1024
+"""The longest object key S3 takes, in UTF-8 bytes (AWS S3 User Guide, "Naming Amazon S3
+objects")."""
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
 
@@ -112,6 +115,9 @@ def parse_uri(uri: str) -> ObjectLocation:
         raise ObjectStoreError(f"{uri}: an object URI is s3://bucket/key, without query or fragment")
     if not bucket or not (3 <= len(bucket) <= 63) or not all(c.islower() or c.isdigit() or c in ".-" for c in bucket):
         raise ObjectStoreError(f"{uri}: {bucket!r} is not a bucket name (3-63 lower-case letters, digits, '.', '-')")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise ObjectStoreError(f"{uri[:200]}...: a key is at most {MAX_KEY_BYTES} bytes (S3's limit), this one "
+                               f"{len(key.encode())}")
     if any(p in ("", ".", "..") for p in key.split("/")) and key:
         raise ObjectStoreError(f"{uri}: empty, '.' or '..' parts in the key")
     return ObjectLocation(bucket, key)
@@ -151,6 +157,23 @@ def _make(endpoint: str | None, region: str | None, key_id: str | None, secret: 
     if key_id is not None:
         kwargs.update(access_key=key_id, secret_key=secret)
     return S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+_SERVER_FAULTS = ("ACCESS_DENIED", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "NETWORK_CONNECTION",
+                  "connect", "Connection", "Timeout", "timed out", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+                  "SlowDown", "HTTP response code: 5")
+"""Words of pyarrow's (AWS SDK's) error text that mean the store refused this process's
+credentials, could not be reached or failed: not the caller's doing."""
+
+
+def store_error(location: ObjectLocation | str, exc: BaseException, doing: str) -> ObjectStoreError:
+    """The error to raise for a failed ``doing`` on ``location``:
+    :class:`~ml_framework.errors.ObjectStoreUnavailableError` when the store refused this
+    process's credentials, could not be reached or failed (:data:`_SERVER_FAULTS`), else
+    :class:`~ml_framework.errors.ObjectStoreError`; the message as :func:`describe_error`."""
+    text = str(exc)
+    kind = ObjectStoreUnavailableError if any(word in text for word in _SERVER_FAULTS) else ObjectStoreError
+    return kind(describe_error(location, exc, doing))
 
 
 def describe_error(location: ObjectLocation | str, exc: BaseException, doing: str) -> str:

@@ -549,8 +549,8 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         for err in exc.errors():
             if err["loc"]:
                 key = str(err["loc"][0])
-                shown = "<hidden>" if key in SECRET_FIELDS else repr(err.get("input"))
-                lines.append(f"{source(key)}: {key}: {err['msg']} (got {shown})")
+                shown = "<hidden>" if key in SECRET_FIELDS else credentials.scrub_userinfo(repr(err.get("input")))
+                lines.append(f"{source(key)}: {key}: {credentials.scrub_userinfo(err['msg'])} (got {shown})")
             else:  # a rule across keys: name where each key involved came from
                 involved = [k for k in fields if k in err["msg"]]
                 where = "; ".join(f"{k} from {source(k)}" for k in involved) or str(path or "settings")

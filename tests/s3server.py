@@ -87,7 +87,8 @@ class S3Server:
                 f"-master.port.grpc={master_grpc}", f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
                 f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}", f"-admin.port={admin}",
                 f"-admin.port.grpc={admin_grpc}", "-admin.ui=false", f"-metricsPort={metrics}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", f"-s3.config={config}"]
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", f"-s3.config={config}",
+                "-s3.autoCreateBucket=false"]  # as AWS S3: a write into a missing bucket fails
         self.log = self.directory / "weed.log"
         self.proc = subprocess.Popen(args, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
                                      cwd=self.directory, start_new_session=True)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ml_framework.errors import DatasetNotFoundError, ObjectStoreError
-from ml_framework.objectstore import describe_error, filesystem, is_object_uri, parse_uri
+from ml_framework.objectstore import filesystem, is_object_uri, parse_uri, store_error
 
 if TYPE_CHECKING:
     from ml_framework.settings import Settings
@@ -84,7 +84,7 @@ class Source:
         try:
             return self.fs.get_file_info(self.path)
         except OSError as exc:
-            raise ObjectStoreError(describe_error(self.shown, exc, "read")) from exc
+            raise store_error(self.shown, exc, "read") from exc
 
     def version(self) -> tuple:
         """What changes when the file does: ``(inode, size, mtime_ns, ctime_ns)`` of a local
@@ -146,7 +146,7 @@ class Source:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
         except OSError as exc:
-            raise ObjectStoreError(describe_error(self.shown, exc, "list")) from exc
+            raise store_error(self.shown, exc, "list") from exc
         out = []
         for info in infos:
             if info.type == pafs.FileType.File:

@@ -30,8 +30,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ml_framework.errors import ObjectStoreError
-from ml_framework.objectstore import describe_error, filesystem, is_object_uri, parse_uri
+from ml_framework.errors import ObjectStoreError, ObjectStoreUnavailableError
+from ml_framework.objectstore import (
+    describe_error,
+    filesystem,
+    is_object_uri,
+    parse_uri,
+    store_error,
+)
 
 if TYPE_CHECKING:
     from ml_framework.settings import Settings
@@ -121,7 +127,7 @@ class OutputPrefix:
             else:
                 pq.write_table(table, path, filesystem=self.filesystem)
         except (OSError, pa.ArrowException) as exc:
-            raise ObjectStoreError(describe_error(self.part_uri(job_id, shard_index), exc, "write results")) from exc
+            raise store_error(self.part_uri(job_id, shard_index), exc, "write results") from exc
 
     def read(self, job_id: str, shard_indices: Sequence[int]) -> list[pa.Table]:
         """The output tables of these shards, in the order given (several read at once).
@@ -133,7 +139,9 @@ class OutputPrefix:
             try:
                 return pq.read_table(self.part_path(job_id, index), filesystem=self.filesystem)
             except (OSError, pa.ArrowException) as exc:
-                raise ObjectStoreError(describe_error(self.part_uri(job_id, index), exc, "read results")) from exc
+                # a part of a recorded shard: gone or unreadable is the server's fault, whatever the cause
+                raise ObjectStoreUnavailableError(describe_error(self.part_uri(job_id, index), exc,
+                                                                 "read results")) from exc
 
         if len(shard_indices) <= 1:
             return [one(i) for i in shard_indices]
@@ -150,8 +158,8 @@ class OutputPrefix:
             with self.filesystem.open_input_file(self.part_path(job_id, shard_index)) as f:
                 return pq.read_schema(f)
         except (OSError, pa.ArrowException) as exc:
-            raise ObjectStoreError(describe_error(self.part_uri(job_id, shard_index), exc,
-                                                  "read results")) from exc
+            raise ObjectStoreUnavailableError(describe_error(self.part_uri(job_id, shard_index), exc,
+                                                             "read results")) from exc
 
     def delete_part(self, job_id: str, shard_index: int) -> None:
         """Remove one shard's part file, if it is there."""
@@ -160,8 +168,7 @@ class OutputPrefix:
         except FileNotFoundError:
             pass
         except (OSError, pa.ArrowException) as exc:
-            raise ObjectStoreError(describe_error(self.part_uri(job_id, shard_index), exc,
-                                                  "delete results")) from exc
+            raise store_error(self.part_uri(job_id, shard_index), exc, "delete results") from exc
 
     def delete_job(self, job_id: str) -> int:
         """Remove every file under the job's directory, and the directory.
@@ -182,8 +189,7 @@ class OutputPrefix:
         except FileNotFoundError:
             return 0
         except (OSError, pa.ArrowException) as exc:
-            raise ObjectStoreError(describe_error(f"{self.uri.rstrip('/')}/{job_id}", exc,
-                                                  "delete results")) from exc
+            raise store_error(f"{self.uri.rstrip('/')}/{job_id}", exc, "delete results") from exc
 
 
 class OutputFiles:
@@ -252,7 +258,8 @@ class OutputFiles:
         try:
             info = prefix.filesystem.get_file_info(bucket)
         except (OSError, pa.ArrowException) as exc:
-            raise ObjectStoreError(f"output_uri {describe_error(value, exc, 'reach the bucket')}") from None
+            error = store_error(value, exc, "reach the bucket")
+            raise type(error)(f"output_uri {error}") from None
         if info.type != pafs.FileType.Directory:
             raise ObjectStoreError(f"output_uri {value}: no bucket {bucket!r} on the object store "
                                    "(create it, or name another)")

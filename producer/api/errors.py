@@ -39,6 +39,7 @@ from ml_framework.errors import (
     ModelError,
     ModelNotFoundError,
     ModelUnavailableError,
+    ObjectStoreUnavailableError,
     ParserUnavailableError,
     RequestTooLargeError,
     SettingsError,
@@ -69,7 +70,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (DatasetNotFoundError, 404), (JobTimeoutError, 504), (ManifestError, 409), (DatasetError, 422),
     (IdempotencyKeyReusedError, 422),
     (StoreUnavailableError, 503),
-    (BrokerUnavailableError, 503), (ModelUnavailableError, 503),
+    (BrokerUnavailableError, 503), (ModelUnavailableError, 503), (ObjectStoreUnavailableError, 503),
     (MLFrameworkError, 400),
 ]
 """HTTP status of each error class (the first that matches)."""

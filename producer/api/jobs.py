@@ -10,6 +10,7 @@ A route taking a ``{job_id}`` resolves it among the caller's own jobs
 
 from __future__ import annotations
 
+import itertools
 import logging
 from contextlib import nullcontext
 from typing import Annotated, Any, Literal
@@ -162,6 +163,9 @@ def job_results(
     job = c.get_job(job_id)
     if format in ("arrow", "ndjson"):
         pages = c.store.results_pages(job.id)
+        # the first page reads every part's footer (a job with an output_uri): a part gone or
+        # unreadable is answered as an error here, before the stream starts, not cut mid-body
+        pages = itertools.chain([next(pages)], pages)
         body, media = (arrow_stream(pages, job.id), ARROW_MEDIA) if format == "arrow" \
             else (ndjson_stream(pages, job.id), NDJSON_MEDIA)
         ext = "arrows" if format == "arrow" else "ndjson"

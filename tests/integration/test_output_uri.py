@@ -203,3 +203,26 @@ def test_results_frame_of_s3_job(backend, s3_server, trained):
     job = backend.client.score_rows(rows, "digits-sklearn", output_uri=prefix(backend))
     assert job.wait(timeout_s=TIMEOUT_S).state is JobState.SUCCEEDED
     assert job.results().index.tolist() == list(range(7))
+
+
+def test_a_part_gone_is_a_503_naming_it_before_any_stream_starts(backend, s3_server, trained, data_dir, digits):
+    """A recorded shard's part removed from the store: every results format answers 503
+    (the server's fault, not the caller's) naming the part, the streamed ones before their
+    first byte (not a body cut off), and the clients raise ObjectStoreUnavailableError."""
+    from ml_framework.errors import ObjectStoreUnavailableError
+
+    path = bad_rows_dataset(backend, data_dir, digits)
+    uri = prefix(backend)
+    job = backend.client.score_dataset(path, "digits-sklearn", batch_size=128, output_uri=uri)
+    job.wait(timeout_s=TIMEOUT_S)
+    gone = f"{uri[len('s3://'):]}/{job.id}/{part_name(1)}"
+    s3_server.filesystem().delete_file(gone)
+    with pytest.raises(ObjectStoreUnavailableError, match=part_name(1)):
+        job.results()
+    values = {**backend.values, "api_keys": {"tests": KEY}, "api_key_roles": {"tests": "admin"}}
+    with TestClient(create_app(load_settings(**values)), headers={"X-API-Key": KEY}) as http:
+        for params in ({"format": "arrow"}, {"format": "ndjson"}, {"format": "csv"}, {"offset": 600, "limit": 10}):
+            r = http.get(f"/v1/jobs/{job.id}/results", params=params)
+            assert r.status_code == 503, (params, r.status_code, r.text[:300])
+            error = r.json()["error"]
+            assert error["type"] == "ObjectStoreUnavailableError" and part_name(1) in error["message"], error

@@ -57,6 +57,18 @@ def test_verify_refuses_a_timestamp_outside_the_tolerance():
     assert not verify_signature(SECRET, BODY, NOW, sig, now=NOW + 301)
     assert not verify_signature(SECRET, BODY, NOW, sig, now=NOW - 301)
     assert verify_signature(SECRET, BODY, NOW, sig, tolerance_s=3600, now=NOW + 3000)
+    # a NaN tolerance (a bad config value) refuses, rather than turning replay protection off
+    assert not verify_signature(SECRET, BODY, NOW, sig, tolerance_s=float("nan"), now=NOW + 10**9)
+
+
+def test_verify_refuses_a_decoded_body_and_a_timestamp_that_is_not_plain_digits():
+    """A body already decoded to text, or a timestamp like ``+1_000``, is refused (False),
+    never an exception."""
+    sig = sign(SECRET, BODY, NOW)
+    assert not verify_signature(SECRET, BODY.decode(), NOW, sig, now=NOW)
+    assert verify_signature(SECRET, bytearray(BODY), f" {NOW} ", sig, now=NOW)
+    for odd in (f"+{NOW}", f"{NOW:_}", "\u0661\u0662"):
+        assert not verify_signature(SECRET, BODY, odd, sign(SECRET, BODY, NOW), now=NOW)
 
 
 def test_headers_name_the_delivery_and_sign_the_body():

@@ -62,3 +62,22 @@ def test_a_location_is_under_a_prefix_by_whole_key_parts():
     assert objectstore.parse_uri("s3://b-1/data").under_any(["s3://b-1/data"])
     assert not objectstore.parse_uri("s3://b-1/database.csv").under_any(["s3://b-1/data"])
     assert not loc.under_any(["s3://b-2/data"]) and not loc.under_any([])
+
+
+@pytest.mark.parametrize("key, value", [("s3_endpoint_url", "http://user:URLPASS@127.0.0.1:1"),
+                                        ("api_object_prefixes", "s3://AKIAXXX:URLPASS@bucket/x"),
+                                        ("api_output_prefixes", "s3://AKIAXXX:URLPASS@bucket/x")])
+def test_credentials_put_into_a_url_setting_are_not_echoed_by_its_error(key, value):
+    from ml_framework.errors import SettingsError
+
+    with pytest.raises(SettingsError) as err:
+        load_settings(**{key: value})
+    assert "URLPASS" not in str(err.value) and "***@" in str(err.value) and key in str(err.value)
+
+
+def test_a_key_longer_than_s3_allows_is_refused_shortened():
+    long_key = "k" * 1025
+    with pytest.raises(ObjectStoreError, match="1024") as err:
+        objectstore.parse_uri(f"s3://b-1/{long_key}")
+    assert long_key not in str(err.value)
+    assert objectstore.parse_uri(f"s3://b-1/{'k' * 1024}").key == "k" * 1024
