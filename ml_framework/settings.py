@@ -435,6 +435,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_s3_credentials(self) -> Settings:
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            given, missing = ("s3_access_key_id", "s3_secret_access_key") if self.s3_secret_access_key is None \
+                else ("s3_secret_access_key", "s3_access_key_id")
+            raise ValueError(f"{given} is set but {missing} is not: set both (or {missing}_FILE), or neither "
+                             "(the AWS SDK's default chain)")
+        return self
+
+    @model_validator(mode="after")
     def _check_cache(self) -> Settings:
         if self.cache_backend == "redis" and not self.cache_url:
             raise ValueError("cache_backend: redis needs redis_url (or a redis:// broker_url)")

@@ -132,8 +132,8 @@ def output_uri_allowed(given: str, prefixes: Sequence[str]) -> str:
     try:
         location = parse_uri(given)
     except ObjectStoreError:
-        raise public(JobOptionError(f"output_uri: {shown[5:]!r} is not an s3://bucket/prefix location")) from None
+        raise public(JobOptionError(f"output_uri: {shown!r} is not an s3://bucket/prefix location")) from None
     if location.under_any(prefixes):
         return location.uri
-    raise public(JobOptionError(f"output_uri: {location.path!r} is not under a prefix this server allows "
+    raise public(JobOptionError(f"output_uri: {location.uri!r} is not under a prefix this server allows "
                                 "(api_output_prefixes)"))

@@ -43,9 +43,16 @@ def test_s3_credentials_are_masked_and_come_from_files(tmp_path, monkeypatch):
     assert "very-secret-value-123" not in shown and "AKIAEXAMPLE" not in shown
 
 
-def test_one_credential_without_the_other_is_refused():
-    with pytest.raises(ObjectStoreError, match="go together"):
-        objectstore.filesystem(load_settings(s3_access_key_id="AKIAEXAMPLE"))
+def test_one_credential_without_the_other_is_refused_when_settings_load():
+    """A host given the key id but not the secret (a missing *_FILE) fails at start, naming
+    both, instead of failing every shard it takes later."""
+    from ml_framework.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="s3_access_key_id is set but s3_secret_access_key is not") as err:
+        load_settings(s3_access_key_id="AKIAEXAMPLE")
+    assert "AKIAEXAMPLE" not in str(err.value)
+    with pytest.raises(SettingsError, match="s3_secret_access_key is set but s3_access_key_id is not"):
+        load_settings(s3_secret_access_key="very-secret")
 
 
 @pytest.mark.parametrize("endpoint", ["127.0.0.1:8333", "ftp://host", "http://user:pw@host", "http://host/path"])
