@@ -21,7 +21,7 @@ from ml_framework.datasets import (
 )
 from ml_framework.datasets.common import reading
 from ml_framework.datasets.source import Source, fingerprint
-from ml_framework.errors import DatasetFormatError, DatasetSchemaError
+from ml_framework.errors import DatasetFormatError, DatasetNotFoundError, DatasetSchemaError
 from ml_framework.manifest import ModelManifest
 from ml_framework.objectstore import is_object_uri
 from ml_framework.paths import locate_dataset
@@ -151,5 +151,10 @@ def _fingerprint(info: DatasetInfo) -> str:
     """The dataset's :func:`~ml_framework.datasets.source.fingerprint` now, which every
     by-reference shard carries (its workers refuse rows of a dataset changed since)."""
     source = info.source or Source.of_path(info.path)
-    with reading(source, "examine"):
-        return fingerprint(source)
+    try:
+        with reading(source, "examine"):
+            return fingerprint(source)
+    except DatasetFormatError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):  # gone since it was inspected
+            raise DatasetNotFoundError(f"dataset not found: {source}") from None
+        raise

@@ -126,6 +126,12 @@ def test_flower_lists_workers_and_shard_tasks_behind_basic_auth(redis_backend, d
     base = f"http://127.0.0.1:{port}"
     try:
         assert wait_for_http(f"{base}/healthcheck").text == "OK"
+        # Flower answers before its event receiver is connected, and events are not kept for a
+        # late receiver: wait until it has heard the workers' heartbeats
+        heard = time.monotonic() + 60
+        while not total(httpx.get(f"{base}/metrics", timeout=10).text, "flower_worker_online"):
+            assert time.monotonic() < heard, (tmp_path / "flower.log").read_text()[-2000:]
+            time.sleep(0.5)
         job = backend.client.score_dataset(data_dir / "digits.csv", model="digits-sklearn")
         assert job.wait(timeout_s=TIMEOUT_S).state.value == "SUCCEEDED"
         deadline = time.monotonic() + 60

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ml_framework.datasets import inspect, object_source
+from ml_framework.datasets.source import fingerprint
 from ml_framework.errors import DatasetNotFoundError, ObjectStoreError
 from ml_framework.protocol import DatasetRef
 from ml_framework.settings import load_settings
@@ -89,8 +90,9 @@ def test_object_datasets_travel_by_reference(s3_backend, trained, uploaded):
         plan = plan_dataset(manifest, JobOptions.of(manifest.name, columns=columns), info,
                             data_dir=client.settings.data_dir, shard_size=500, default_batch_size=64)
         messages = list(plan.messages("job"))
+        stamp = fingerprint(info.source)  # the object (or prefix) as planned: workers check it
         assert [m.source for m in messages] == [
-            DatasetRef(path=uri, format=info.format, row_start=a, row_end=min(a + 500, 1797))
+            DatasetRef(path=uri, format=info.format, row_start=a, row_end=min(a + 500, 1797), fingerprint=stamp)
             for a in range(0, 1797, 500)]
 
 
@@ -181,18 +183,17 @@ def test_an_object_gone_after_submit_fails_its_shards_naming_it(s3_backend, trai
                                                                 monkeypatch):
     """The object is deleted between submit and the workers' reads: every shard fails, its
     reason naming the URI; the workers go on."""
-    import producer.client
-
     digits.frame.iloc[:30].to_parquet(tmp_path / "gone.parquet")
     uri = s3_server.upload(tmp_path / "gone.parquet", f"{BUCKET}/gone.parquet")
-    real_inspect = producer.client.inspect
+    app = s3_backend.client.app
+    real_send = app.send_task
 
-    def inspect_then_delete(source):
-        info = real_inspect(source)
+    def delete_then_send(*args, **kwargs):  # planned and recorded; gone before its message leaves
         s3_server.filesystem().delete_file(uri[len("s3://"):])
-        return info
+        monkeypatch.setattr(app, "send_task", real_send)
+        return real_send(*args, **kwargs)
 
-    monkeypatch.setattr(producer.client, "inspect", inspect_then_delete)
+    monkeypatch.setattr(app, "send_task", delete_then_send)
     job = s3_backend.client.score_dataset(uri, trained[1]["sklearn"][1].name)
     status = job.wait(timeout_s=TIMEOUT_S)
     assert (status.state, status.rows_failed) == (JobState.FAILED, 30)
