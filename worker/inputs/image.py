@@ -181,26 +181,18 @@ class ImageConverter(InputConverter):
         if not isinstance(value, str) or not value:
             raise ImageRowError("empty image path")
         if is_object_uri(value):
-            data = self._object(value)
+            source: Path | io.BytesIO = self._object(value)
+            where = Path(value)  # nothing of the worker's to hide in a reason
+        else:
+            if self.data_dir is None:
+                raise ImageRowError(f"image {value!r}: this worker has no data directory to read it from")
             try:
-                with Image.open(data) as im:
-                    return self._prepared(im, value)
-            except ImageRowError:
-                raise
-            except UnidentifiedImageError:
-                raise ImageRowError(f"image {value!r}: not an image file Pillow can read (corrupt, or "
-                                    "another kind of file)") from None
-            except Exception as exc:  # noqa: BLE001 - any decoder failure fails this row only
-                raise ImageRowError(f"image {value!r}: cannot be decoded: {self._reason(exc, Path(value), value)}") \
+                source = where = resolve_under(self.data_dir, value)
+            except DatasetPathError:
+                raise ImageRowError(f"image {value!r}: leaves the data directory; refused without reading it") \
                     from None
-        if self.data_dir is None:
-            raise ImageRowError(f"image {value!r}: this worker has no data directory to read it from")
         try:
-            path = resolve_under(self.data_dir, value)
-        except DatasetPathError:
-            raise ImageRowError(f"image {value!r}: leaves the data directory; refused without reading it") from None
-        try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 return self._prepared(im, value)
         except ImageRowError:
             raise
@@ -214,7 +206,7 @@ class ImageConverter(InputConverter):
             raise ImageRowError(f"image {value!r}: not an image file Pillow can read (corrupt, or "
                                 "another kind of file)") from None
         except Exception as exc:  # noqa: BLE001 - any decoder failure fails this row only
-            raise ImageRowError(f"image {value!r}: cannot be decoded: {self._reason(exc, path, value)}") from None
+            raise ImageRowError(f"image {value!r}: cannot be decoded: {self._reason(exc, where, value)}") from None
 
     def _prepared(self, im: Image.Image, value: str) -> np.ndarray:
         prep = self.preprocessing
