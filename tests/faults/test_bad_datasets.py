@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -394,7 +395,7 @@ def test_category_columns_feed_text_and_image_models(job_settings, text_runtime,
     texts = ["first", "second", "first", None]
     pd.DataFrame({"t": texts}).to_parquet(data_dir / "plain_text.parquet")
     pd.DataFrame({"t": pd.Categorical(texts)}).to_parquet(data_dir / "category_text.parquet")
-    pa.feather.write_feather(pa.table({"t": pa.array([t.encode() if t else None for t in texts]).dictionary_encode()}),
+    feather.write_feather(pa.table({"t": pa.array([t.encode() if t else None for t in texts]).dictionary_encode()}),
                              data_dir / "category_bytes.arrow")
     want = score(job_settings, text_runtime, data_dir / "plain_text.parquet")
     assert sorted(want[0]) == [0, 1, 2]
