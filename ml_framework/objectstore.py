@@ -127,15 +127,13 @@ def filesystem(settings: Settings) -> pafs.S3FileSystem:
     """The process's ``pyarrow.fs.S3FileSystem`` for these settings (made once per set of
     endpoint, region and credentials; thread-safe).
 
+    The settings hold both credentials or neither (refused at load otherwise).
+
     Raises:
-        ObjectStoreError: pyarrow was built without S3 support, or the settings give one
-            credential without the other.
+        ObjectStoreError: pyarrow was built without S3 support.
     """
     key_id = settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None
     secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-    if (key_id is None) != (secret is None):
-        raise ObjectStoreError("s3_access_key_id and s3_secret_access_key go together: set both, or neither "
-                               "(the AWS SDK's default chain)")
     ident = (settings.s3_endpoint_url, settings.s3_region, key_id, secret)
     with _LOCK:
         fs = _FILESYSTEMS.get(ident)
