@@ -11,6 +11,12 @@ processes sharing one SQLite file:
   the loser now finds what the winner created instead of crashing.
 - SQLite connections wait up to 30 s for a lock instead of kombu's 5 s default, and use
   write-ahead logging (see :func:`_sqlite_pragmas`).
+- One channel is used from two threads: a Celery worker's main thread polls it while
+  its threads pool acknowledges the finished task's message. kombu's channel has one
+  SQLAlchemy session, which is not thread-safe (the worker died with "This session is in
+  'prepared' state", or an acknowledgement was lost); every use of it here holds the
+  channel's lock, and a failed transaction is rolled back so that the session is never
+  left holding SQLite's write lock.
 - Acknowledgement semantics like Redis': kombu's transport marks a delivered message
   invisible and never looks at it again, so the shard of a worker killed mid-task was
   lost. Here an acked message is deleted, a rejected or restored one made visible again,
@@ -22,6 +28,8 @@ It is registered as the ``mlfsqla`` alias: ``mlfsqla+sqlite:////abs/path/broker.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from datetime import datetime, timedelta
 from queue import Empty
@@ -52,11 +60,32 @@ class InOrderCycle(FairCycle):
         return super().get(callback, **kwargs)
 
 
+def _locked(method):
+    """Run a channel method holding the channel's lock, rolling its session back when the
+    method fails (see :class:`SQLiteChannel`)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            try:
+                return method(self, *args, **kwargs)
+            except Empty:
+                raise
+            except BaseException:
+                if self._session is not None:
+                    self._session.rollback()
+                raise
+
+    return run
+
+
 class SQLiteChannel(kombu_sqla.Channel):
     """kombu SQLAlchemy channel: safe concurrent first use, real acks, visibility timeout,
-    queues polled in priority order (:class:`InOrderCycle`)."""
+    queues polled in priority order (:class:`InOrderCycle`), safe use from several threads
+    (every use of the channel's session holds ``_lock``)."""
 
     def __init__(self, *args, **kwargs) -> None:
+        self._lock = threading.RLock()
         super().__init__(*args, **kwargs)
         self._rows: dict[str, int] = {}  # delivery tag -> kombu_message.id, while unacked
 
@@ -67,6 +96,7 @@ class SQLiteChannel(kombu_sqla.Channel):
     def _visibility_timeout_s(self) -> float | None:
         return self.connection.client.transport_options.get("visibility_timeout")
 
+    @_locked
     def _get(self, queue):
         obj = self._get_or_create(queue)
         message = self.message_cls
@@ -92,6 +122,7 @@ class SQLiteChannel(kombu_sqla.Channel):
         finally:
             self.session.commit()
 
+    @_locked
     def _set_row(self, delivery_tag: str, *, delete: bool) -> bool:
         row_id = self._rows.pop(delivery_tag, None)
         if row_id is None:
@@ -140,6 +171,19 @@ class SQLiteChannel(kombu_sqla.Channel):
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    @_locked
+    def _put(self, queue, payload, **kwargs):
+        return super()._put(queue, payload, **kwargs)
+
+    @_locked
+    def _purge(self, queue):
+        return super()._purge(queue)
+
+    @_locked
+    def _size(self, queue):
+        return super()._size(queue)
+
+    @_locked
     def _get_or_create(self, queue):
         try:
             return super()._get_or_create(queue)

@@ -184,6 +184,22 @@ class Workers:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def diagnose(self, job_id: str) -> str:
+        """What a failure message needs to explain a job that did not end: its shard
+        ledger, the heartbeats, the embedded broker's messages (when it runs on one) and
+        the worker log's tail."""
+        import sqlite3
+
+        lines = ["shards:", *map(str, self.client.store.shards(job_id)),
+                 "workers:", *(str(w) for w in self.client.store.workers(None))]
+        broker = self.client.settings.var_dir / "broker.sqlite"
+        if self.client.settings.embedded_broker and broker.exists():
+            with contextlib.closing(sqlite3.connect(broker, timeout=30)) as con:
+                lines += ["broker messages (id, queue, visible, timestamp):",
+                          *map(str, con.execute("SELECT m.id, q.name, m.visible, m.timestamp FROM kombu_message m "
+                                                "JOIN kombu_queue q ON q.id = m.queue_id").fetchall())]
+        return "\n".join([*lines, "log:", self.tail(12000)])
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_workers(self.proc)

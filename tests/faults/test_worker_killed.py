@@ -20,6 +20,7 @@ import time
 import psycopg
 import pytest
 
+from ml_framework.errors import JobTimeoutError
 from ml_framework.store import JobState
 from tests.faults.conftest import (
     broker_url,
@@ -55,7 +56,10 @@ def test_a_worker_killed_mid_shard_has_its_shard_redone_once(kind, make_workers,
     time.sleep(0.4)
     os.kill(worker_pid(workers.client, shard["worker"]), signal.SIGKILL)
     killed_at = time.monotonic()
-    status = job.wait(timeout_s=240)
+    try:
+        status = job.wait(timeout_s=240)
+    except JobTimeoutError as exc:
+        raise AssertionError(f"{exc}\n{workers.diagnose(job.id)}") from exc
     recover_s = time.monotonic() - killed_at
     n = 2 * len(digits.frame)
     found, dups = report(f"1. SIGKILL mid-shard ({kind})", workers.client.store, job.id, n, recover_s,

@@ -100,3 +100,63 @@ def test_an_idle_drain_ends_soon_after_the_worker_is_asked_to_stop(tmp_path, mon
         took = time.monotonic() - started
         assert asked.is_set()
         assert took < 0.2 + DRAIN_SLICE_S + 1.0, took  # not the 5 s asked for
+
+
+def test_acks_from_a_pool_thread_while_the_consumer_polls_lose_nothing(tmp_path):
+    """Celery's threads pool acknowledges a message from the task's thread while the
+    worker's main thread polls the same channel (regression: both used the channel's one
+    SQLAlchemy session at once; the worker died with "This session is in 'prepared'
+    state" or "database is locked", or an ack was lost). 300 messages, each acked from a
+    pool thread: every one delivered once, every ack applied, no error."""
+    import queue as queue_mod
+    import sqlite3
+    import threading
+
+    from kombu import Connection, Consumer, Queue
+
+    import ml_framework.broker  # noqa: F401 - registers the transport
+
+    path = tmp_path / "broker.sqlite"
+    n = 300
+    bulk = Queue("t.acks")
+    got: list[int] = []
+    errors: list[BaseException] = []
+    to_ack: queue_mod.Queue = queue_mod.Queue()
+
+    def pool_thread() -> None:  # acks as Celery's threads pool does, off the consumer's thread
+        while (message := to_ack.get()) is not None:
+            try:
+                message.ack()
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+    acker = threading.Thread(target=pool_thread)
+    acker.start()
+    try:
+        with Connection(f"mlfsqla+sqlite:///{path}", transport_options={"polling_interval": 0.001}) as conn:
+            producer = conn.Producer()
+            for i in range(n):
+                producer.publish({"n": i}, routing_key="t.acks", declare=[bulk])
+
+            def on_message(body, message):
+                got.append(body["n"])
+                to_ack.put(message)
+
+            deadline = time.monotonic() + 60
+            with Consumer(conn, [bulk], callbacks=[on_message], prefetch_count=4):
+                while len(got) < n and time.monotonic() < deadline:
+                    try:
+                        conn.drain_events(timeout=0.05)
+                    except TimeoutError:
+                        pass
+                    except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                        errors.append(exc)
+                        break
+            to_ack.put(None)
+            acker.join(timeout=30)
+    finally:
+        to_ack.put(None)
+    assert errors == [], errors[:3]
+    assert sorted(got) == list(range(n))
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        assert con.execute("SELECT count(*) FROM kombu_message").fetchone()[0] == 0  # every ack applied
