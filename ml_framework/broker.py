@@ -135,18 +135,31 @@ class SQLiteChannel(kombu_sqla.Channel):
         self.session.commit()
         return True
 
+    @_locked
     def basic_ack(self, delivery_tag, multiple=False):
         super().basic_ack(delivery_tag, multiple)
         self._set_row(delivery_tag, delete=True)
 
+    @_locked
     def basic_reject(self, delivery_tag, requeue=False):
-        super().basic_reject(delivery_tag, requeue)  # requeue goes through _restore_at_beginning
-        self._set_row(delivery_tag, delete=True)
+        # Under the lock from start to end: once a requeued row is visible, a poll may
+        # deliver it again (same delivery tag); the rest of this reject must not settle
+        # that new delivery (it deleted its row: lost if that worker then died).
+        super().basic_reject(delivery_tag, requeue)  # requeue goes through _restore
+        if not requeue:
+            self._set_row(delivery_tag, delete=True)
 
     def _restore(self, message):
-        # Make the original row visible again instead of publishing a copy of it.
-        if not self._set_row(message.delivery_tag, delete=False):
-            super()._restore(message)
+        # Make the original row visible again instead of publishing a copy of it (kombu's
+        # way). A tag that no channel of this connection holds was settled meanwhile: an
+        # ack from the task's thread can land after Channel.close() took the message for
+        # restoring (kombu's QoS.restore_unacked allows for it); a copy would run an
+        # acknowledged task again.
+        tag = message.delivery_tag
+        transport = self.connection
+        for channel in [self, *(transport.channels if transport is not None else ())]:
+            if isinstance(channel, SQLiteChannel) and channel._set_row(tag, delete=False):
+                return
 
     def _engine_from_config(self):
         client = self.connection.client

@@ -160,3 +160,105 @@ def test_acks_from_a_pool_thread_while_the_consumer_polls_lose_nothing(tmp_path)
     assert sorted(got) == list(range(n))
     with contextlib.closing(sqlite3.connect(path)) as con:
         assert con.execute("SELECT count(*) FROM kombu_message").fetchone()[0] == 0  # every ack applied
+
+
+def test_acks_racing_the_restore_of_a_closing_channel_republish_nothing(tmp_path):
+    """A connection that closes (lost, or the worker stopping) restores its unacknowledged
+    messages while the task threads still acknowledge theirs (regression: a message acked
+    after close() took it for restoring had no row left to show again, so a copy of it was
+    published: an acknowledged task ran again). 300 messages held, acked from another
+    thread while the connection closes: none comes back as a copy, and every message is
+    either deleted (acked) or visible again (restored), none left invisible."""
+    import sqlite3
+    import threading
+
+    from kombu import Connection, Queue
+
+    import ml_framework.broker  # noqa: F401 - registers the transport
+
+    path = tmp_path / "broker.sqlite"
+    n = 300
+    queue = Queue("t.close")
+    conn = Connection(f"mlfsqla+sqlite:///{path}", transport_options={"polling_interval": 0.01})
+    try:
+        producer = conn.Producer()
+        for i in range(n):
+            producer.publish({"n": i}, routing_key="t.close", declare=[queue])
+        channel = conn.default_channel
+        held = [channel.basic_get("t.close") for _ in range(n)]
+        errors: list[BaseException] = []
+
+        def pool_thread() -> None:  # acks once close() has started restoring
+            deadline = time.monotonic() + 10
+            while len(channel.qos._delivered) == n and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            for message in held:
+                try:
+                    message.ack()
+                except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                    errors.append(exc)
+
+        acker = threading.Thread(target=pool_thread)
+        acker.start()
+    finally:
+        conn.close()
+    acker.join(timeout=20)
+    assert errors == [], errors[:3]
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        rows = con.execute("SELECT id, visible FROM kombu_message").fetchall()
+    copies = [row_id for row_id, _visible in rows if row_id > n]
+    assert copies == [], f"{len(copies)} acknowledged messages published again"
+    assert all(visible for _row_id, visible in rows), rows
+
+
+def test_a_requeued_message_delivered_again_before_its_reject_returns_keeps_its_row(tmp_path):
+    """A task thread rejects its message with requeue while the main thread polls: once the
+    row is visible again the poll may deliver it anew (same delivery tag) before the reject
+    returns (regression: the reject then deleted the row of that new, unacknowledged
+    delivery, so a worker killed while running it lost the message). The task thread is
+    held for up to 1 s just after the row became visible: the new delivery's row is still
+    in the broker while it runs, and visible again once the connection closes."""
+    import sqlite3
+    import threading
+
+    from kombu import Connection, Consumer, Queue
+
+    from ml_framework.broker import SQLiteChannel
+
+    path = tmp_path / "broker.sqlite"
+    queue = Queue("t.requeue")
+    deliveries: list = []
+    rejecters: list[threading.Thread] = []
+    delivered_again = threading.Event()
+    with Connection(f"mlfsqla+sqlite:///{path}", transport_options={"polling_interval": 0.01}) as conn:
+        conn.Producer().publish({"n": 1}, routing_key="t.requeue", declare=[queue])
+        channel = conn.default_channel
+
+        def set_row(self, delivery_tag, *, delete):
+            done = SQLiteChannel._set_row(self, delivery_tag, delete=delete)
+            if not delete and threading.current_thread() is not threading.main_thread():
+                delivered_again.wait(1.0)  # the task thread descheduled right after the requeue
+            return done
+
+        channel._set_row = set_row.__get__(channel)
+
+        def on_message(body, message):
+            deliveries.append(message)
+            if len(deliveries) == 1:
+                rejecters.append(threading.Thread(target=message.reject, kwargs={"requeue": True}))
+                rejecters[0].start()
+            else:
+                delivered_again.set()
+
+        with Consumer(conn, [queue], callbacks=[on_message], prefetch_count=2):
+            deadline = time.monotonic() + 10
+            while len(deliveries) < 2 and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.1)
+            rejecters[0].join(timeout=5)
+            with contextlib.closing(sqlite3.connect(path)) as con:
+                running = con.execute("SELECT visible FROM kombu_message").fetchall()
+        assert len(deliveries) == 2
+        assert running == [(0,)]  # delivered, unacknowledged: kept, invisible
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        assert con.execute("SELECT id, visible FROM kombu_message").fetchall() == [(1, 1)]  # restored, no copy
