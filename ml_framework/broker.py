@@ -127,12 +127,18 @@ class SQLiteChannel(kombu_sqla.Channel):
         row_id = self._rows.pop(delivery_tag, None)
         if row_id is None:
             return False
-        query = self.session.query(self.message_cls).filter(self.message_cls.id == row_id)
-        if delete:
-            query.delete(synchronize_session=False)
-        else:
-            query.update({self.message_cls.visible: True}, synchronize_session=False)
-        self.session.commit()
+        try:
+            query = self.session.query(self.message_cls).filter(self.message_cls.id == row_id)
+            if delete:
+                query.delete(synchronize_session=False)
+            else:
+                query.update({self.message_cls.visible: True}, synchronize_session=False)
+            self.session.commit()
+        except BaseException:
+            # Not settled (e.g. "database is locked"): keep the row known, so that
+            # restoring the message when the connection closes still shows it again.
+            self._rows[delivery_tag] = row_id
+            raise
         return True
 
     @_locked

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 DECLARE = """
 import sys, time
 from kombu import Connection, Queue
@@ -262,3 +264,39 @@ def test_a_requeued_message_delivered_again_before_its_reject_returns_keeps_its_
         assert running == [(0,)]  # delivered, unacknowledged: kept, invisible
     with contextlib.closing(sqlite3.connect(path)) as con:
         assert con.execute("SELECT id, visible FROM kombu_message").fetchall() == [(1, 1)]  # restored, no copy
+
+
+def test_a_requeue_that_failed_on_a_locked_database_is_restored_when_the_connection_closes(tmp_path, monkeypatch):
+    """Another connection holds SQLite's write lock past the lock timeout: a poll and a
+    requeue fail with "database is locked" (Celery then drops the connection). Once the
+    lock is gone the channel works again, and closing it shows the message whose requeue
+    failed again at once (regression: its row was forgotten, so it stayed invisible until
+    the visibility timeout, or a copy of it was published)."""
+    import sqlite3
+
+    from kombu import Connection, Queue
+    from sqlalchemy.exc import OperationalError
+
+    import ml_framework.broker as broker
+
+    monkeypatch.setattr(broker, "SQLITE_LOCK_TIMEOUT_S", 0.2)
+    path = tmp_path / "broker.sqlite"
+    queue = Queue("t.locked")
+    with Connection(f"mlfsqla+sqlite:///{path}", transport_options={"polling_interval": 0.01}) as conn:
+        producer = conn.Producer()
+        for i in range(2):
+            producer.publish({"n": i}, routing_key="t.locked", declare=[queue])
+        channel = conn.default_channel
+        first = channel.basic_get("t.locked")
+        with contextlib.closing(sqlite3.connect(path, timeout=0)) as locker:
+            locker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(OperationalError, match="database is locked"):
+                channel.basic_get("t.locked")
+            with pytest.raises(OperationalError, match="database is locked"):
+                first.requeue()
+            locker.rollback()
+        second = channel.basic_get("t.locked")  # usable again: no failed transaction left open
+        assert second.payload == {"n": 1}
+        second.ack()
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        assert con.execute("SELECT id, visible FROM kombu_message").fetchall() == [(1, 1)]
