@@ -300,3 +300,81 @@ def test_a_requeue_that_failed_on_a_locked_database_is_restored_when_the_connect
         second.ack()
     with contextlib.closing(sqlite3.connect(path)) as con:
         assert con.execute("SELECT id, visible FROM kombu_message").fetchall() == [(1, 1)]
+
+
+CONSUMER = """
+import json, os, signal, sys
+from kombu import Connection, Consumer, Queue
+import ml_framework.broker as broker
+url, queue, stop_file, victim = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "victim"
+if victim:  # stops itself inside its first poll's BEGIN IMMEDIATE, a row taken, nothing committed
+    broker.loads = lambda payload: os.kill(os.getpid(), signal.SIGSTOP)
+with Connection(url, transport_options={"polling_interval": 0.005}) as conn, Consumer(
+        conn, [Queue(queue)], callbacks=[lambda body, message: (print(body["n"], flush=True), message.ack())],
+        prefetch_count=1):
+    print("ready", flush=True)
+    while not os.path.exists(stop_file):
+        try:
+            conn.drain_events(timeout=0.05)
+        except TimeoutError:
+            pass
+"""
+
+
+def test_a_consumer_killed_while_holding_the_write_lock_loses_and_duplicates_nothing(tmp_path):
+    """Three processes on one broker file; one is stopped (SIGSTOP) inside a poll's write
+    transaction, after taking a message, then SIGKILLed: the others wait on the lock
+    meanwhile, then take every message exactly once (the dead one's uncommitted take is
+    rolled back: nothing waits for the visibility timeout)."""
+    import os
+    import signal
+    import sqlite3
+
+    from kombu import Connection, Queue
+
+    import ml_framework.broker  # noqa: F401 - registers the transport
+
+    path, stop_file, n = tmp_path / "broker.sqlite", tmp_path / "stop", 100
+    url = f"mlfsqla+sqlite:///{path}"
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for i in range(n):
+            producer.publish({"n": i}, routing_key="t.kill", declare=[Queue("t.kill")])
+
+    def consumer(role: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", CONSUMER, url, "t.kill", str(stop_file), role],
+                                stdout=subprocess.PIPE, text=True)
+
+    def count(sql: str) -> int:
+        with contextlib.closing(sqlite3.connect(path, timeout=0)) as con:
+            return con.execute(sql).fetchone()[0]
+
+    def wait_for(condition, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    def stopped(proc: subprocess.Popen) -> bool:
+        with open(f"/proc/{proc.pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    victim = consumer("victim")
+    others: list[subprocess.Popen] = []
+    try:
+        assert victim.stdout.readline() == "ready\n"
+        wait_for(lambda: stopped(victim), 10)
+        others = [consumer("other") for _ in range(2)]
+        assert [p.stdout.readline() for p in others] == ["ready\n"] * 2
+        started = time.monotonic()
+        wait_for(lambda: time.monotonic() - started > 0.5, 1)
+        assert count("SELECT count(*) FROM kombu_message WHERE visible") == n  # all waited on the lock
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_for(lambda: count("SELECT count(*) FROM kombu_message") == 0, 20)
+    finally:
+        stop_file.touch()
+        victim.kill()
+        outputs = [p.communicate(timeout=20)[0] for p in others]
+        victim.wait(timeout=10)
+    got = sorted(int(line) for out in outputs for line in out.split())  # "ready" already read
+    assert got == list(range(n))
