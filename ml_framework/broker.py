@@ -16,7 +16,11 @@ processes sharing one SQLite file:
   SQLAlchemy session, which is not thread-safe (the worker died with "This session is in
   'prepared' state", or an acknowledgement was lost); every use of it here holds the
   channel's lock, and a failed transaction is rolled back so that the session is never
-  left holding SQLite's write lock.
+  left holding SQLite's write lock. A requeue holds the lock from start to end, and a
+  message acked by the task's thread while the closing channel restores its unacked ones
+  is not published again.
+- A closed channel gives its database connection back to the pool (kombu kept it until
+  the channel was garbage-collected; see :meth:`SQLiteChannel.close`).
 - Acknowledgement semantics like Redis': kombu's transport marks a delivered message
   invisible and never looks at it again, so the shard of a worker killed mid-task was
   lost. Here an acked message is deleted, a rejected or restored one made visible again,
@@ -166,6 +170,18 @@ class SQLiteChannel(kombu_sqla.Channel):
         for channel in [self, *(transport.channels if transport is not None else ())]:
             if isinstance(channel, SQLiteChannel) and channel._set_row(tag, delete=False):
                 return
+
+    def close(self):
+        """kombu's close (which restores the unacknowledged messages), then the session
+        gives its database connection back to the engine's pool. kombu kept it checked out
+        until the garbage collector freed the channel: a process opening connections over
+        and over (``queue_depths`` per status request) ran out of the pool's 15
+        connections and waited 30 s for one (``sqlalchemy.exc.TimeoutError``). The session
+        stays usable: a late ack from a task thread checks a connection out again."""
+        super().close()
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
 
     def _engine_from_config(self):
         client = self.connection.client

@@ -1,4 +1,5 @@
-"""The embedded SQLite broker under concurrent first use by several processes."""
+"""The embedded SQLite broker under concurrent use: several processes on one file, and
+one channel used from a worker's main thread and its pool thread at once."""
 
 from __future__ import annotations
 
@@ -378,3 +379,95 @@ def test_a_consumer_killed_while_holding_the_write_lock_loses_and_duplicates_not
         victim.wait(timeout=10)
     got = sorted(int(line) for out in outputs for line in out.split())  # "ready" already read
     assert got == list(range(n))
+
+
+def test_queue_depths_read_while_a_worker_polls_and_acks(tmp_path):
+    """``queue_depths`` (the API's and ``mlf status``'s view of the broker) is called over
+    and over from another thread while the consumer polls and a pool thread acks: no
+    error, each depth only goes down, both end at 0, every message delivered once."""
+    import queue as queue_mod
+    import threading
+
+    from kombu import Consumer
+
+    from ml_framework.celery_app import create_app, declared_queues, queue_depths
+    from ml_framework.settings import load_settings
+
+    settings = load_settings(var_dir=tmp_path / "var", broker_polling_interval_s=0.001)
+    app = create_app(settings)
+    online, bulk = declared_queues(settings)
+    n = 200
+    got: list[int] = []
+    depths: list[dict[str, int]] = []
+    errors: list[BaseException] = []
+    to_ack: queue_mod.Queue = queue_mod.Queue()
+    done = threading.Event()
+
+    def pool_thread() -> None:
+        while (message := to_ack.get()) is not None:
+            message.ack()
+
+    def status_thread() -> None:
+        while not done.is_set():
+            try:
+                depths.append(queue_depths(app, settings))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+                return
+
+    with app.connection_for_write() as conn:
+        producer = conn.Producer()
+        for i in range(n):
+            target = online if i % 4 == 0 else bulk
+            producer.publish({"n": i}, exchange=target.exchange, routing_key=target.routing_key, declare=[target])
+        threads = [threading.Thread(target=pool_thread), threading.Thread(target=status_thread)]
+        for thread in threads:
+            thread.start()
+        try:
+            with Consumer(conn, [online, bulk], callbacks=[lambda body, message: (got.append(body["n"]),
+                                                                                  to_ack.put(message))],
+                          prefetch_count=1):
+                deadline = time.monotonic() + 25
+                while len(got) < n and time.monotonic() < deadline and not errors:
+                    with contextlib.suppress(TimeoutError):
+                        conn.drain_events(timeout=0.05)
+        finally:
+            to_ack.put(None)
+            threads[0].join(timeout=10)
+            done.set()
+            threads[1].join(timeout=10)
+    assert errors == [], errors[:3]
+    assert sorted(got) == list(range(n))
+    assert len(depths) > 5, depths  # read many times while the worker ran
+    for name in (settings.online_queue, settings.bulk_queue):
+        seen = [d[name] for d in depths]
+        assert seen == sorted(seen, reverse=True), (name, seen)
+    assert queue_depths(app, settings) == {settings.online_queue: 0, settings.bulk_queue: 0}
+
+
+def test_closed_connections_give_their_database_connections_back(tmp_path):
+    """A process that opens and closes broker connections over and over (``queue_depths``
+    on every status request) keeps none of their SQLite connections checked out
+    (regression: a closed channel's session kept its connection until the garbage
+    collector freed the channel; 15 were the pool's limit, then ``queue_depths`` waited
+    30 s and failed with ``sqlalchemy.exc.TimeoutError``). Garbage collection is off here,
+    as it may not run in time under load."""
+    import gc
+
+    from kombu import Connection
+
+    import ml_framework.broker  # noqa: F401 - registers the transport
+
+    url = f"mlfsqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    gc.disable()
+    try:
+        for _ in range(6):  # 12 connections leaked before the fix: under the limit, no 30 s wait
+            with Connection(url) as conn:
+                conn.ensure_connection(max_retries=1)
+                with conn.channel() as channel:
+                    assert channel.queue_declare(queue="t.depth", passive=True).message_count == 0
+        with Connection(url) as conn:
+            engine, _session_factory = conn.default_channel._open()
+            assert engine.pool.checkedout() == 0
+    finally:
+        gc.enable()
