@@ -175,7 +175,7 @@ class SQLiteChannel(kombu_sqla.Channel):
         """kombu's close (which restores the unacknowledged messages), then the session
         gives its database connection back to the engine's pool. kombu kept it checked out
         until the garbage collector freed the channel: a process opening connections over
-        and over (``queue_depths`` per status request) ran out of the pool's 15
+        and over (``list_queues`` on every metrics scrape) ran out of the pool's 15
         connections and waited 30 s for one (``sqlalchemy.exc.TimeoutError``). The session
         stays usable: a late ack from a task thread checks a connection out again."""
         super().close()

@@ -446,12 +446,12 @@ def test_queue_depths_read_while_a_worker_polls_and_acks(tmp_path):
 
 
 def test_closed_connections_give_their_database_connections_back(tmp_path):
-    """A process that opens and closes broker connections over and over (``queue_depths``
-    on every status request) keeps none of their SQLite connections checked out
-    (regression: a closed channel's session kept its connection until the garbage
-    collector freed the channel; 15 were the pool's limit, then ``queue_depths`` waited
-    30 s and failed with ``sqlalchemy.exc.TimeoutError``). Garbage collection is off here,
-    as it may not run in time under load."""
+    """A process that opens and closes broker connections over and over (the API's
+    ``list_queues`` on every metrics scrape, ``queue_depths``) keeps none of their SQLite
+    connections checked out (regression: a closed channel's session kept its connection
+    until the garbage collector freed the channel; past the pool's 15 the next caller
+    waited 30 s and failed with ``sqlalchemy.exc.TimeoutError``). Garbage collection is
+    off here, as it may not run in time under load."""
     import gc
 
     from kombu import Connection
