@@ -16,7 +16,11 @@ processes sharing one SQLite file:
   SQLAlchemy session, which is not thread-safe (the worker died with "This session is in
   'prepared' state", or an acknowledgement was lost); every use of it here holds the
   channel's lock, and a failed transaction is rolled back so that the session is never
-  left holding SQLite's write lock.
+  left holding SQLite's write lock. A requeue holds the lock from start to end, and a
+  message acked by the task's thread while the closing channel restores its unacked ones
+  is not published again.
+- A closed channel gives its database connection back to the pool (kombu kept it until
+  the channel was garbage-collected; see :meth:`SQLiteChannel.close`).
 - Acknowledgement semantics like Redis': kombu's transport marks a delivered message
   invisible and never looks at it again, so the shard of a worker killed mid-task was
   lost. Here an acked message is deleted, a rejected or restored one made visible again,
@@ -127,26 +131,57 @@ class SQLiteChannel(kombu_sqla.Channel):
         row_id = self._rows.pop(delivery_tag, None)
         if row_id is None:
             return False
-        query = self.session.query(self.message_cls).filter(self.message_cls.id == row_id)
-        if delete:
-            query.delete(synchronize_session=False)
-        else:
-            query.update({self.message_cls.visible: True}, synchronize_session=False)
-        self.session.commit()
+        try:
+            query = self.session.query(self.message_cls).filter(self.message_cls.id == row_id)
+            if delete:
+                query.delete(synchronize_session=False)
+            else:
+                query.update({self.message_cls.visible: True}, synchronize_session=False)
+            self.session.commit()
+        except BaseException:
+            # Not settled (e.g. "database is locked"): keep the row known, so that
+            # restoring the message when the connection closes still shows it again.
+            self._rows[delivery_tag] = row_id
+            raise
         return True
 
+    @_locked
     def basic_ack(self, delivery_tag, multiple=False):
         super().basic_ack(delivery_tag, multiple)
         self._set_row(delivery_tag, delete=True)
 
+    @_locked
     def basic_reject(self, delivery_tag, requeue=False):
-        super().basic_reject(delivery_tag, requeue)  # requeue goes through _restore_at_beginning
-        self._set_row(delivery_tag, delete=True)
+        # Under the lock from start to end: once a requeued row is visible, a poll may
+        # deliver it again (same delivery tag); the rest of this reject must not settle
+        # that new delivery (it deleted its row: lost if that worker then died).
+        super().basic_reject(delivery_tag, requeue)  # requeue goes through _restore
+        if not requeue:
+            self._set_row(delivery_tag, delete=True)
 
     def _restore(self, message):
-        # Make the original row visible again instead of publishing a copy of it.
-        if not self._set_row(message.delivery_tag, delete=False):
-            super()._restore(message)
+        # Make the original row visible again instead of publishing a copy of it (kombu's
+        # way). A tag that no channel of this connection holds was settled meanwhile: an
+        # ack from the task's thread can land after Channel.close() took the message for
+        # restoring (kombu's QoS.restore_unacked allows for it); a copy would run an
+        # acknowledged task again.
+        tag = message.delivery_tag
+        transport = self.connection
+        for channel in [self, *(transport.channels if transport is not None else ())]:
+            if isinstance(channel, SQLiteChannel) and channel._set_row(tag, delete=False):
+                return
+
+    def close(self):
+        """kombu's close (which restores the unacknowledged messages), then the session
+        gives its database connection back to the engine's pool. kombu kept it checked out
+        until the garbage collector freed the channel: a process opening connections over
+        and over (``list_queues`` on every metrics scrape) ran out of the pool's 15
+        connections and waited 30 s for one (``sqlalchemy.exc.TimeoutError``). The session
+        stays usable: a late ack from a task thread checks a connection out again."""
+        super().close()
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
 
     def _engine_from_config(self):
         client = self.connection.client

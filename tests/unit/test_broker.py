@@ -1,4 +1,5 @@
-"""The embedded SQLite broker under concurrent first use by several processes."""
+"""The embedded SQLite broker under concurrent use: several processes on one file, and
+one channel used from a worker's main thread and its pool thread at once."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import subprocess
 import sys
 import time
+
+import pytest
 
 DECLARE = """
 import sys, time
@@ -160,3 +163,311 @@ def test_acks_from_a_pool_thread_while_the_consumer_polls_lose_nothing(tmp_path)
     assert sorted(got) == list(range(n))
     with contextlib.closing(sqlite3.connect(path)) as con:
         assert con.execute("SELECT count(*) FROM kombu_message").fetchone()[0] == 0  # every ack applied
+
+
+def test_acks_racing_the_restore_of_a_closing_channel_republish_nothing(tmp_path):
+    """A connection that closes (lost, or the worker stopping) restores its unacknowledged
+    messages while the task threads still acknowledge theirs (regression: a message acked
+    after close() took it for restoring had no row left to show again, so a copy of it was
+    published: an acknowledged task ran again). 300 messages held, acked from another
+    thread while the connection closes: none comes back as a copy, and every message is
+    either deleted (acked) or visible again (restored), none left invisible."""
+    import sqlite3
+    import threading
+
+    from kombu import Connection, Queue
+
+    import ml_framework.broker  # noqa: F401 - registers the transport
+
+    path = tmp_path / "broker.sqlite"
+    n = 300
+    queue = Queue("t.close")
+    conn = Connection(f"mlfsqla+sqlite:///{path}", transport_options={"polling_interval": 0.01})
+    try:
+        producer = conn.Producer()
+        for i in range(n):
+            producer.publish({"n": i}, routing_key="t.close", declare=[queue])
+        channel = conn.default_channel
+        held = [channel.basic_get("t.close") for _ in range(n)]
+        errors: list[BaseException] = []
+
+        def pool_thread() -> None:  # acks once close() has started restoring
+            deadline = time.monotonic() + 10
+            while len(channel.qos._delivered) == n and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            for message in held:
+                try:
+                    message.ack()
+                except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                    errors.append(exc)
+
+        acker = threading.Thread(target=pool_thread)
+        acker.start()
+    finally:
+        conn.close()
+    acker.join(timeout=20)
+    assert errors == [], errors[:3]
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        rows = con.execute("SELECT id, visible FROM kombu_message").fetchall()
+    copies = [row_id for row_id, _visible in rows if row_id > n]
+    assert copies == [], f"{len(copies)} acknowledged messages published again"
+    assert all(visible for _row_id, visible in rows), rows
+
+
+def test_a_requeued_message_delivered_again_before_its_reject_returns_keeps_its_row(tmp_path):
+    """A task thread rejects its message with requeue while the main thread polls: once the
+    row is visible again the poll may deliver it anew (same delivery tag) before the reject
+    returns (regression: the reject then deleted the row of that new, unacknowledged
+    delivery, so a worker killed while running it lost the message). The task thread is
+    held for up to 1 s just after the row became visible: the new delivery's row is still
+    in the broker while it runs, and visible again once the connection closes."""
+    import sqlite3
+    import threading
+
+    from kombu import Connection, Consumer, Queue
+
+    from ml_framework.broker import SQLiteChannel
+
+    path = tmp_path / "broker.sqlite"
+    queue = Queue("t.requeue")
+    deliveries: list = []
+    rejecters: list[threading.Thread] = []
+    delivered_again = threading.Event()
+    with Connection(f"mlfsqla+sqlite:///{path}", transport_options={"polling_interval": 0.01}) as conn:
+        conn.Producer().publish({"n": 1}, routing_key="t.requeue", declare=[queue])
+        channel = conn.default_channel
+
+        def set_row(self, delivery_tag, *, delete):
+            done = SQLiteChannel._set_row(self, delivery_tag, delete=delete)
+            if not delete and threading.current_thread() is not threading.main_thread():
+                delivered_again.wait(1.0)  # the task thread descheduled right after the requeue
+            return done
+
+        channel._set_row = set_row.__get__(channel)
+
+        def on_message(body, message):
+            deliveries.append(message)
+            if len(deliveries) == 1:
+                rejecters.append(threading.Thread(target=message.reject, kwargs={"requeue": True}))
+                rejecters[0].start()
+            else:
+                delivered_again.set()
+
+        with Consumer(conn, [queue], callbacks=[on_message], prefetch_count=2):
+            deadline = time.monotonic() + 10
+            while len(deliveries) < 2 and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.1)
+            rejecters[0].join(timeout=5)
+            with contextlib.closing(sqlite3.connect(path)) as con:
+                running = con.execute("SELECT visible FROM kombu_message").fetchall()
+        assert len(deliveries) == 2
+        assert running == [(0,)]  # delivered, unacknowledged: kept, invisible
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        assert con.execute("SELECT id, visible FROM kombu_message").fetchall() == [(1, 1)]  # restored, no copy
+
+
+def test_a_requeue_that_failed_on_a_locked_database_is_restored_when_the_connection_closes(tmp_path, monkeypatch):
+    """Another connection holds SQLite's write lock past the lock timeout: a poll and a
+    requeue fail with "database is locked" (Celery then drops the connection). Once the
+    lock is gone the channel works again, and closing it shows the message whose requeue
+    failed again at once (regression: its row was forgotten, so it stayed invisible until
+    the visibility timeout, or a copy of it was published)."""
+    import sqlite3
+
+    from kombu import Connection, Queue
+    from sqlalchemy.exc import OperationalError
+
+    import ml_framework.broker as broker
+
+    monkeypatch.setattr(broker, "SQLITE_LOCK_TIMEOUT_S", 0.2)
+    path = tmp_path / "broker.sqlite"
+    queue = Queue("t.locked")
+    with Connection(f"mlfsqla+sqlite:///{path}", transport_options={"polling_interval": 0.01}) as conn:
+        producer = conn.Producer()
+        for i in range(2):
+            producer.publish({"n": i}, routing_key="t.locked", declare=[queue])
+        channel = conn.default_channel
+        first = channel.basic_get("t.locked")
+        with contextlib.closing(sqlite3.connect(path, timeout=0)) as locker:
+            locker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(OperationalError, match="database is locked"):
+                channel.basic_get("t.locked")
+            with pytest.raises(OperationalError, match="database is locked"):
+                first.requeue()
+            locker.rollback()
+        second = channel.basic_get("t.locked")  # usable again: no failed transaction left open
+        assert second.payload == {"n": 1}
+        second.ack()
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        assert con.execute("SELECT id, visible FROM kombu_message").fetchall() == [(1, 1)]
+
+
+CONSUMER = """
+import json, os, signal, sys
+from kombu import Connection, Consumer, Queue
+import ml_framework.broker as broker
+url, queue, stop_file, victim = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "victim"
+if victim:  # stops itself inside its first poll's BEGIN IMMEDIATE, a row taken, nothing committed
+    broker.loads = lambda payload: os.kill(os.getpid(), signal.SIGSTOP)
+with Connection(url, transport_options={"polling_interval": 0.005}) as conn, Consumer(
+        conn, [Queue(queue)], callbacks=[lambda body, message: (print(body["n"], flush=True), message.ack())],
+        prefetch_count=1):
+    print("ready", flush=True)
+    while not os.path.exists(stop_file):
+        try:
+            conn.drain_events(timeout=0.05)
+        except TimeoutError:
+            pass
+"""
+
+
+def test_a_consumer_killed_while_holding_the_write_lock_loses_and_duplicates_nothing(tmp_path):
+    """Three processes on one broker file; one is stopped (SIGSTOP) inside a poll's write
+    transaction, after taking a message, then SIGKILLed: the others wait on the lock
+    meanwhile, then take every message exactly once (the dead one's uncommitted take is
+    rolled back: nothing waits for the visibility timeout)."""
+    import os
+    import signal
+    import sqlite3
+
+    from kombu import Connection, Queue
+
+    import ml_framework.broker  # noqa: F401 - registers the transport
+
+    path, stop_file, n = tmp_path / "broker.sqlite", tmp_path / "stop", 100
+    url = f"mlfsqla+sqlite:///{path}"
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for i in range(n):
+            producer.publish({"n": i}, routing_key="t.kill", declare=[Queue("t.kill")])
+
+    def consumer(role: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", CONSUMER, url, "t.kill", str(stop_file), role],
+                                stdout=subprocess.PIPE, text=True)
+
+    def count(sql: str) -> int:
+        with contextlib.closing(sqlite3.connect(path, timeout=0)) as con:
+            return con.execute(sql).fetchone()[0]
+
+    def wait_for(condition, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    def stopped(proc: subprocess.Popen) -> bool:
+        with open(f"/proc/{proc.pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    victim = consumer("victim")
+    others: list[subprocess.Popen] = []
+    try:
+        assert victim.stdout.readline() == "ready\n"
+        wait_for(lambda: stopped(victim), 10)
+        others = [consumer("other") for _ in range(2)]
+        assert [p.stdout.readline() for p in others] == ["ready\n"] * 2
+        started = time.monotonic()
+        wait_for(lambda: time.monotonic() - started > 0.5, 1)
+        assert count("SELECT count(*) FROM kombu_message WHERE visible") == n  # all waited on the lock
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_for(lambda: count("SELECT count(*) FROM kombu_message") == 0, 20)
+    finally:
+        stop_file.touch()
+        victim.kill()
+        outputs = [p.communicate(timeout=20)[0] for p in others]
+        victim.wait(timeout=10)
+    got = sorted(int(line) for out in outputs for line in out.split())  # "ready" already read
+    assert got == list(range(n))
+
+
+def test_queue_depths_read_while_a_worker_polls_and_acks(tmp_path):
+    """``queue_depths`` (the API's and ``mlf status``'s view of the broker) is called over
+    and over from another thread while the consumer polls and a pool thread acks: no
+    error, each depth only goes down, both end at 0, every message delivered once."""
+    import queue as queue_mod
+    import threading
+
+    from kombu import Consumer
+
+    from ml_framework.celery_app import create_app, declared_queues, queue_depths
+    from ml_framework.settings import load_settings
+
+    settings = load_settings(var_dir=tmp_path / "var", broker_polling_interval_s=0.001)
+    app = create_app(settings)
+    online, bulk = declared_queues(settings)
+    n = 200
+    got: list[int] = []
+    depths: list[dict[str, int]] = []
+    errors: list[BaseException] = []
+    to_ack: queue_mod.Queue = queue_mod.Queue()
+    done = threading.Event()
+
+    def pool_thread() -> None:
+        while (message := to_ack.get()) is not None:
+            message.ack()
+
+    def status_thread() -> None:
+        while not done.is_set():
+            try:
+                depths.append(queue_depths(app, settings))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+                return
+
+    with app.connection_for_write() as conn:
+        producer = conn.Producer()
+        for i in range(n):
+            target = online if i % 4 == 0 else bulk
+            producer.publish({"n": i}, exchange=target.exchange, routing_key=target.routing_key, declare=[target])
+        threads = [threading.Thread(target=pool_thread), threading.Thread(target=status_thread)]
+        for thread in threads:
+            thread.start()
+        try:
+            with Consumer(conn, [online, bulk], callbacks=[lambda body, message: (got.append(body["n"]),
+                                                                                  to_ack.put(message))],
+                          prefetch_count=1):
+                deadline = time.monotonic() + 25
+                while len(got) < n and time.monotonic() < deadline and not errors:
+                    with contextlib.suppress(TimeoutError):
+                        conn.drain_events(timeout=0.05)
+        finally:
+            to_ack.put(None)
+            threads[0].join(timeout=10)
+            done.set()
+            threads[1].join(timeout=10)
+    assert errors == [], errors[:3]
+    assert sorted(got) == list(range(n))
+    assert len(depths) > 5, depths  # read many times while the worker ran
+    for name in (settings.online_queue, settings.bulk_queue):
+        seen = [d[name] for d in depths]
+        assert seen == sorted(seen, reverse=True), (name, seen)
+    assert queue_depths(app, settings) == {settings.online_queue: 0, settings.bulk_queue: 0}
+
+
+def test_closed_connections_give_their_database_connections_back(tmp_path):
+    """A process that opens and closes broker connections over and over (the API's
+    ``list_queues`` on every metrics scrape, ``queue_depths``) keeps none of their SQLite
+    connections checked out (regression: a closed channel's session kept its connection
+    until the garbage collector freed the channel; past the pool's 15 the next caller
+    waited 30 s and failed with ``sqlalchemy.exc.TimeoutError``). Garbage collection is
+    off here, as it may not run in time under load."""
+    import gc
+
+    from kombu import Connection
+
+    import ml_framework.broker  # noqa: F401 - registers the transport
+
+    url = f"mlfsqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    gc.disable()
+    try:
+        for _ in range(6):  # 12 connections leaked before the fix: under the limit, no 30 s wait
+            with Connection(url) as conn:
+                conn.ensure_connection(max_retries=1)
+                with conn.channel() as channel:
+                    assert channel.queue_declare(queue="t.depth", passive=True).message_count == 0
+        with Connection(url) as conn:
+            engine, _session_factory = conn.default_channel._open()
+            assert engine.pool.checkedout() == 0
+    finally:
+        gc.enable()
