@@ -41,7 +41,7 @@ from ml_framework.logging import configure_logging
 from ml_framework.store import JobState, JobStatus
 from producer.cli_console import EXIT_ERROR, err, fail, out, say, warn
 from producer.cli_remote import global_options, refuse_remote, remote, remote_client, remote_url
-from producer.durations import duration, rows_per_s, when
+from producer.durations import duration, job_rows_per_s, when
 from producer.results import check_output_path
 
 __all__ = ["app", "err", "fail", "main", "out", "say", "warn"]  # the consoles, for the other cli modules
@@ -88,7 +88,7 @@ def print_status(status: JobStatus) -> None:
     if status.callback_state is not None:
         out.print(f"  callback {status.callback_state} ({status.callback_attempts} attempt(s))")
     if status.elapsed_s is not None:
-        rate = rows_per_s(status.rows_done, status.elapsed_s)
+        rate = job_rows_per_s(status)
         out.print(f"  elapsed  {duration(status.elapsed_s)}" + (f" ({rate:.0f} rows/s)" if rate is not None else ""))
 
 
