@@ -32,7 +32,7 @@ def demo(
     from ml_framework.settings import get_settings
     from producer.cli_console import fail
     from producer.client import Client
-    from producer.durations import rows_per_s
+    from producer.durations import job_rows_per_s
     from worker.launcher import terminate
 
     settings = get_settings()
@@ -72,7 +72,7 @@ def demo(
                 frame = job.results().join(data.frame[["label", "split"]])
                 correct = frame["prediction"] == frame["label"]
                 test = frame["split"] == "test"
-                rate = rows_per_s(status.rows_done, status.elapsed_s)
+                rate = job_rows_per_s(status)
                 report.add_row(manifests[fw].name, fw, status.state.value, f"{correct[test].mean():.3f}",
                                f"{correct.mean():.3f}", str(status.rows_done), "-" if rate is None else f"{rate:,.0f}", job.id)
                 job.save_results(out_dir / f"{manifests[fw].name}.csv")

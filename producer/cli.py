@@ -28,7 +28,7 @@ import json
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -41,8 +41,11 @@ from ml_framework.logging import configure_logging
 from ml_framework.store import JobState, JobStatus
 from producer.cli_console import EXIT_ERROR, err, fail, out, say, warn
 from producer.cli_remote import global_options, refuse_remote, remote, remote_client, remote_url
-from producer.durations import duration, rows_per_s, when
+from producer.durations import duration, job_rows_per_s, when
 from producer.results import check_output_path
+
+if TYPE_CHECKING:
+    from ml_framework.manifest import ModelManifest
 
 __all__ = ["app", "err", "fail", "main", "out", "say", "warn"]  # the consoles, for the other cli modules
 EXIT_BY_STATE = {JobState.SUCCEEDED: 0, JobState.PARTIAL: 3, JobState.FAILED: 4, JobState.CANCELLED: 5}
@@ -88,7 +91,7 @@ def print_status(status: JobStatus) -> None:
     if status.callback_state is not None:
         out.print(f"  callback {status.callback_state} ({status.callback_attempts} attempt(s))")
     if status.elapsed_s is not None:
-        rate = rows_per_s(status.rows_done, status.elapsed_s)
+        rate = job_rows_per_s(status)
         out.print(f"  elapsed  {duration(status.elapsed_s)}" + (f" ({rate:.0f} rows/s)" if rate is not None else ""))
 
 
@@ -458,9 +461,27 @@ def models(ctx: typer.Context) -> None:
     for m in manifests:
         outputs = m.outputs.kind + (f" ({len(m.outputs.labels)} labels)" if m.outputs.labels else "")
         table.add_row(m.name, str(m.version), m.framework,
-                      f"{len(m.inputs.columns)} cols -> {list(m.inputs.row_shape)} {m.inputs.dtype}",
+                      inputs_line(m),
                       outputs, str(m.default_batch_size or "-"))
     out.print(table)
+
+
+def inputs_line(m: ModelManifest) -> str:
+    """What ``mlf models`` says model ``m`` takes per row, and the tensor it becomes
+    (batch dimension excluded): ``4 cols -> [4] float32``, ``images 224x224 (HxW) RGB
+    -> [3, 224, 224] float32``, ``text (128 tokens at most) -> [128] int64``, ``tensor ->
+    [3, 32, 32] float32``."""
+    inputs, shape = m.inputs, list(m.row_shape)
+    if inputs.kind == "image":
+        height, width = m.preprocessing.image_size or (0, 0)  # fixed for every image model (manifest check)
+        takes = f"images {height}x{width} (HxW) {m.preprocessing.color}"
+    elif inputs.kind == "text":
+        takes = f"text ({shape[0]} tokens at most)"
+    elif inputs.kind == "tensor":
+        takes = "tensor"
+    else:
+        takes = f"{len(inputs.columns)} cols"
+    return f"{takes} -> {shape} {inputs.dtype}"
 
 
 def load_plugins() -> None:

@@ -11,12 +11,14 @@ import typer
 from ml_framework.errors import MLFrameworkError
 from producer.cli_console import fail
 
-__all__ = ["REMOTE_COMMANDS", "global_options", "refuse_remote", "remote", "remote_client", "remote_url"]
+__all__ = ["NO_KEY_HINT", "REMOTE_COMMANDS", "global_options", "refuse_remote", "remote", "remote_client", "remote_url"]
 
 REMOTE_COMMANDS = frozenset({"score", "status", "results", "cancel", "jobs", "models"})
 """Commands that work over the HTTP API (``mlf --api URL``); ``status`` and ``models`` refuse
 their forms that need the store or the repository's directory (:func:`refuse_remote`)."""
 _remote: dict[str, str | None] = {"url": None, "key": None}  # set by the global options, per invocation
+NO_KEY_HINT = "set the MLF_API_KEY variable, or pass --api-key KEY (a command line shows in ps)"
+"""What ``mlf --api`` says when the API answers 401 to a command sent without a key."""
 
 
 def global_options(
@@ -48,15 +50,17 @@ def remote_url() -> str | None:
 
 
 def remote_client():
-    """The HTTP client of the ``--api`` URL, with the ``--api-key`` key.
+    """The HTTP client of the ``--api`` URL, with the ``--api-key`` key. Without a key it
+    still sends (an API may run with ``api_auth: none``); a 401 then says how to give one
+    (:data:`NO_KEY_HINT`).
 
     Raises:
         typer.Exit: status 2 when the URL is no http(s) URL (said on stderr).
     """
-    from producer.client import Client
+    from producer.http_client import HTTP_TIMEOUT_S, HttpClient
 
     try:
-        return Client.connect(_remote["url"] or "", api_key=_remote["key"])
+        return HttpClient(_remote["url"] or "", _remote["key"], HTTP_TIMEOUT_S, no_key_hint=NO_KEY_HINT)
     except MLFrameworkError as exc:
         raise fail(str(exc), 2) from None
 

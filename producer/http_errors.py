@@ -44,13 +44,17 @@ def _error_class(kind: str | None, status: int) -> type[MLFrameworkError]:
     return BY_STATUS.get(status, ApiResponseError)
 
 
-def error_of(response: httpx.Response, *, job_id: str | None = None) -> MLFrameworkError:
+def error_of(response: httpx.Response, *, job_id: str | None = None,
+             no_key_hint: str | None = None) -> MLFrameworkError:
     """The exception an error ``response`` (status 400 or more) stands for.
 
     Args:
         response: the API's answer; its body is read if it was streamed.
         job_id: the job the request named, kept as ``job_id`` on errors that have one
             (``JobTimeoutError``, ``BrokerUnavailableError``...).
+        no_key_hint: the request carried no API key: how to give one, said after the
+            message of an :class:`UnauthorizedError` (the API's own message names
+            headers, not the caller's options).
 
     Returns:
         An instance of the class the body's ``error.type`` names, with its ``message``
@@ -73,6 +77,8 @@ def error_of(response: httpx.Response, *, job_id: str | None = None) -> MLFramew
     cls = _error_class(kind, response.status_code)
     if cls is JobNotFoundError and kind is None:  # a 404 that is not the API's: not a job's absence
         cls = ApiResponseError
+    if cls is UnauthorizedError and no_key_hint:
+        message = f"the API at {_base(response)} requires an API key and none was sent: {no_key_hint}. It said: {message}"
     exc = cls.__new__(cls, message)  # the API's message as it is; constructors differ in their extra arguments
     exc.args = (message,)
     if isinstance(exc, BodyInvalidError):
@@ -82,6 +88,12 @@ def error_of(response: httpx.Response, *, job_id: str | None = None) -> MLFramew
     exc.status = response.status_code
     exc.request_id = request_id
     return exc
+
+
+def _base(response: httpx.Response) -> str:
+    """``scheme://host[:port]`` the request went to (no path, query or credentials)."""
+    url = response.request.url
+    return str(url.copy_with(username=None, password=None, path="/", query=None, fragment=None)).rstrip("/")
 
 
 def unreachable(url: str, exc: httpx.TransportError) -> ApiUnavailableError:

@@ -60,7 +60,7 @@ class WorkerContext:
         self.hostname = hostname
         self.registry = ModelRegistry(settings.models_dir, settings.worker_threads, settings.worker_max_cached_models,
                                       warmup_batch_size=min(settings.default_batch_size, 256),
-                                      data_dir=settings.data_dir)
+                                      data_dir=settings.data_dir, settings=settings)
         self.prefetcher = Prefetcher()
         self.heartbeat: Heartbeat | None = None
         self.abandoned: set[tuple[str, int, str]] = set()

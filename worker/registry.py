@@ -19,6 +19,7 @@ from ml_framework.manifest import (
     check_artifact,
     parse_model_ref,
 )
+from ml_framework.settings import Settings
 from worker import metrics
 from worker.inputs import converter_for
 from worker.outputs import check_outputs
@@ -28,13 +29,15 @@ log = logging.getLogger(__name__)
 
 
 def load_runtime(manifest: ModelManifest, directory: Path, threads: int | None = None,
-                 data_dir: Path | None = None) -> Runtime:
+                 data_dir: Path | None = None, settings: Settings | None = None) -> Runtime:
     """Instantiate and load the runtime for ``manifest`` (framework imported lazily), with
     its input converter.
 
     Args:
         threads: framework intra-op threads, also the decoding threads of image inputs.
         data_dir: where image inputs' files lie (the workers' data directory).
+        settings: the worker's settings, handed to the input converter (image inputs'
+            object storage); ``None``: the process's.
 
     Raises:
         ManifestError: the artifact is missing or another framework's file (checked
@@ -43,7 +46,7 @@ def load_runtime(manifest: ModelManifest, directory: Path, threads: int | None =
         ModelLoadError: the framework could not load the artifact.
     """
     check_artifact(manifest, directory)
-    converter = converter_for(manifest, directory, data_dir, threads)
+    converter = converter_for(manifest, directory, data_dir, threads, settings)
     runtime = runtime_class(manifest.framework)(manifest, directory, threads)
     runtime.converter = converter
     runtime.load()
@@ -163,6 +166,8 @@ class ModelRegistry:
         models_dir: root of the model repository.
         threads: framework intra-op threads for every runtime this process loads.
         data_dir: the workers' data directory (image inputs' files).
+        settings: the worker's settings, handed to every input converter (image inputs'
+            object storage); ``None``: the process's.
         max_models: loaded versions kept; loading one more unloads the least recently
             used, freeing its host and device memory.
         warmup_batch_size: rows of the warm-up batch run after each load (for manifests
@@ -170,10 +175,12 @@ class ModelRegistry:
     """
 
     def __init__(self, models_dir: Path, threads: int | None = None, max_models: int = 4,
-                 warmup_batch_size: int = 32, data_dir: Path | None = None) -> None:
+                 warmup_batch_size: int = 32, data_dir: Path | None = None,
+                 settings: Settings | None = None) -> None:
         self.repository = ModelRepository(models_dir)
         self.threads = threads
         self.data_dir = data_dir
+        self.settings = settings
         self.max_models = max_models
         self.warmup_batch_size = warmup_batch_size
         self.load_seconds: dict[tuple[str, int], float] = {}
@@ -206,7 +213,8 @@ class ModelRegistry:
                 self._names = tuple(f"{n}/{v}" for n, v in self._cache)
                 return runtime, None
             started = time.perf_counter()
-            runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads, self.data_dir)
+            runtime = load_runtime(manifest, self.repository.version_dir(*key), self.threads, self.data_dir,
+                                   self.settings)
             try:
                 check_signature(runtime)
                 problem = warm_up(runtime, min(manifest.default_batch_size or self.warmup_batch_size, 1024)) \

@@ -53,7 +53,7 @@ from producer.api.auth import (
 )
 from producer.api.deps import read_body
 from producer.api.errors import scrub
-from producer.durations import duration, rows_per_s, when
+from producer.durations import duration, job_rows_per_s, when
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class JobView:
         status: the store's snapshot.
         dataset: the dataset relative to the data directory (no server path).
         rows_per_s: rows recorded per second since the first shard started; ``None``
-            before it did.
+            before it did or while no row was scored ok (:func:`job_rows_per_s`).
         url: the job page's path.
     """
 
@@ -127,9 +127,7 @@ def _path(request: Request, name: str, **params: Any) -> str:
 
 def _job_view(request: Request, status: JobStatus) -> JobView:
     settings = request.app.state.client.settings
-    elapsed = status.elapsed_s
-    rate = rows_per_s(status.rows_done, elapsed)
-    return JobView(status, scrub(status.dataset, [settings.data_dir]), rate,
+    return JobView(status, scrub(status.dataset, [settings.data_dir]), job_rows_per_s(status),
                    _path(request, "job_page", job_id=status.job_id))
 
 

@@ -186,10 +186,11 @@ def test_the_http_transport_needs_no_broker_or_database(api_url, stack):
     assert run.stdout.split() == ["SUCCEEDED", "5", "0", "0"]
 
 
-def mlf(*args: str, url: str, key: str = KEY) -> subprocess.CompletedProcess:
-    """``mlf --api URL ...`` with the key in MLF_API_KEY and no reachable broker or database."""
+def mlf(*args: str, url: str, key: str | None = KEY) -> subprocess.CompletedProcess:
+    """``mlf --api URL ...`` with the key in MLF_API_KEY (none: no key at all) and no
+    reachable broker or database."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ML_FRAMEWORK_", "MLF_"))}, **CLOSED,
-           "MLF_API_KEY": key}
+           **({} if key is None else {"MLF_API_KEY": key})}
     return subprocess.run([sys.executable, "-c", "from producer.cli import main; main()", "--api", url, *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -217,3 +218,14 @@ def test_cli_over_the_api(api_url, digits, tmp_path):
     assert wrong.returncode == 1 and "API key" in wrong.stderr
     for run in (score, status, results, models, delete, refused, wrong):
         assert KEY not in run.stdout + run.stderr and "not-the-key-0123" not in run.stdout + run.stderr
+
+
+def test_cli_without_a_key_says_how_to_give_one(api_url):
+    """``mlf --api`` with neither --api-key nor MLF_API_KEY still asks the API (it may run
+    without auth); this API's 401 exits 1, as a wrong key does, naming both ways to give one."""
+    for args in (["models"], ["status", "ab" * 16]):
+        run = mlf(*args, url=api_url, key=None)
+        assert run.returncode == 1, run.stderr
+        assert run.stderr.startswith(f"error: the API at {api_url} requires an API key and none was sent: "
+                                     "set the MLF_API_KEY variable, or pass --api-key KEY"), run.stderr
+        assert KEY not in run.stdout + run.stderr and "Traceback" not in run.stderr

@@ -5,6 +5,7 @@ reached (and no job left behind), and one warning, not two, when no worker will 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from datetime import UTC, datetime
 
@@ -382,3 +383,29 @@ def test_launcher_says_bindings_cleanup_failed_in_the_broker_not_the_store(tmp_p
     assert ("could not remove the broker bindings of dead workers from the broker: Error 111 connecting to "
             "127.0.0.1:6390. Connection refused.") in caplog.text
     assert "results store" not in caplog.text
+
+
+def test_mlf_models_says_what_image_and_text_models_take(mlf, tmp_path, model_dir):
+    """An image model was listed as taking `1 cols -> [1] float32` (its one path column):
+    it takes images of its prepared size, and text models take tokens."""
+    from ml_framework.manifest import ModelManifest
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    for name, inputs, extra in (
+            ("photos", {"kind": "image", "columns": ["path"]}, {"preprocessing": {"resize": 256, "crop": 224}}),
+            ("gray", {"kind": "image", "columns": ["path"]},
+             {"preprocessing": {"resize": [32, 48], "layout": "NHWC", "color": "L"}}),
+            ("reviews", {"kind": "text", "columns": ["review"]}, {"tokenizer": {"max_length": 128}})):
+        (models / name / "1").mkdir(parents=True)
+        ModelManifest.model_validate({"name": name, "version": 1, "framework": "torch", "artifact": "model.pt2",
+                                      "inputs": inputs, "outputs": {"kind": "embedding"}, **extra}
+                                     ).write(models / name / "1")
+    run = mlf("models", ML_FRAMEWORK_MODELS_DIR=str(models))
+    assert run.exit_code == 0, run.output
+    rows = {line.split()[1]: line for line in run.stdout.splitlines() if line.startswith("│")}
+    assert "images 224x224 (HxW) RGB -> [3, 224, 224] float32" in rows["photos"], run.stdout
+    assert "images 32x48 (HxW) L -> [32, 48, 1] float32" in rows["gray"], run.stdout
+    assert "text (128 tokens at most) -> [128] int64" in rows["reviews"], run.stdout
+    assert "4 cols -> [4] float32" in rows["iris"], run.stdout
+    assert "1 cols" not in run.stdout

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from ml_framework.store import JobState, JobStatus
-from producer.durations import MIN_RATE_S, duration, rows_per_s
+from producer.durations import MIN_RATE_S, duration, job_rows_per_s, rows_per_s
 
 
 def test_durations_keep_their_precision():
@@ -34,3 +34,20 @@ def test_mlf_status_of_a_tiny_job_prints_milliseconds_and_no_rate(capsys):
     assert "  elapsed  15 ms\n" in capsys.readouterr().out
     print_status(replace(status, finished_at=start + timedelta(seconds=2)))
     assert "  elapsed  2.0 s (5 rows/s)\n" in capsys.readouterr().out
+
+
+def test_mlf_status_prints_no_rate_before_a_row_is_scored_ok(capsys):
+    """`elapsed 2.0 s (5 rows/s)` was printed for a job whose 10 rows all failed, and
+    `(0 rows/s)` for one with nothing done yet: no throughput without a row scored ok."""
+    from producer.cli import print_status
+
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    failed = JobStatus(job_id="j", model="m", model_version=1, dataset="d.csv", state=JobState.FAILED, n_rows=10,
+                       n_shards=1, shards_done=1, rows_ok=0, rows_failed=10, batch_size=256, created_at=start,
+                       started_at=start, finished_at=start + timedelta(seconds=2))
+    running = replace(failed, state=JobState.RUNNING, shards_done=0, rows_failed=0)
+    for status in (failed, running):
+        assert job_rows_per_s(status) is None
+        print_status(status)
+        assert "  elapsed  2.0 s\n" in capsys.readouterr().out
+    assert job_rows_per_s(replace(failed, rows_ok=4, rows_failed=6)) == 5.0  # rows recorded, failed ones included

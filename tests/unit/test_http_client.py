@@ -96,6 +96,30 @@ def test_the_key_is_sent_as_bearer_and_never_shown():
         assert SECRET not in text, text
 
 
+def test_a_401_to_a_client_without_a_key_says_how_to_give_one():
+    """Without a key the client still sends (an API may run without auth), with no
+    Authorization header; the API's 401 then says no key was sent and how to give one,
+    the API's own message after it. With a key, the 401 is the API's message alone."""
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return error(401, "UnauthorizedError", "missing or wrong API key")
+
+    keyless = HttpClient("http://user:pw@api.test:8000/", None, transport=httpx.MockTransport(handler),
+                         no_key_hint="set THE_KEY_VARIABLE")
+    with pytest.raises(UnauthorizedError) as raised:
+        keyless.models()
+    assert "Authorization" not in seen[0].headers and "X-API-Key" not in seen[0].headers
+    assert str(raised.value) == ("the API at http://api.test:8000 requires an API key and none was sent: "
+                                 "set THE_KEY_VARIABLE. It said: missing or wrong API key")
+    with pytest.raises(UnauthorizedError, match="pass api_key to Client.connect"):
+        HttpClient("http://api.test:8000", transport=httpx.MockTransport(handler)).models()
+    with pytest.raises(UnauthorizedError) as raised:
+        fake(handler).models()
+    assert str(raised.value) == "missing or wrong API key"
+
+
 def test_connect_refuses_a_url_that_is_no_http_url():
     """Client.connect takes http(s) URLs with a host; credentials in the URL are dropped from repr."""
     with pytest.raises(ApiUnavailableError, match="http://HOST"):

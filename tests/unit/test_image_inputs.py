@@ -209,3 +209,43 @@ def test_images_too_big_as_stored_or_once_resized_fail_their_rows_before_decodin
     assert list(out.rows) == [0]
     assert out.errors[0].message == ("row 1, field 'path': image 'sub/b.png': 30x50 (width x height) is 1,500 "
                                      "pixels, more than the 1,499 a worker decodes")
+
+
+def test_s3_images_are_read_through_the_settings_the_converter_was_built_with(data_dir, tmp_path, monkeypatch):
+    """An s3:// image went through get_settings() (the process global), not the worker's
+    settings: a converter built with another s3 endpoint reads from that one, and the
+    worker's context hands its settings through the registry to every converter."""
+    import pyarrow.fs as pafs
+
+    import worker.inputs.image as image_module
+    from ml_framework.settings import load_settings
+    from worker.process import WorkerContext
+
+    stores = {url: tmp_path / name for name, url in (("own", "http://own-s3:8333"), ("global", "http://global-s3:8333"))}
+    for root in stores.values():  # each a directory standing for the object store at that endpoint
+        (root / "bucket").mkdir(parents=True)
+    (data_dir / "a.png").rename(stores["http://own-s3:8333"] / "bucket" / "a.png")
+    monkeypatch.setattr(image_module, "filesystem", lambda settings: pafs.SubTreeFileSystem(
+        str(stores[settings.s3_endpoint_url]), pafs.LocalFileSystem()))
+    monkeypatch.setattr(image_module, "get_settings", lambda: load_settings(s3_endpoint_url="http://global-s3:8333"))
+    own = load_settings(s3_endpoint_url="http://own-s3:8333", models_dir=tmp_path / "models", data_dir=data_dir)
+
+    out = convert(converter_for(manifest(resize=20, crop=16), data_dir, data_dir, threads=1, settings=own),
+                  ["s3://bucket/a.png"])
+    assert out.errors == [] and out.x.shape == (1, 3, 16, 16)
+
+    import worker.registry as registry_module
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(converter_for(*args, **kwargs))
+        raise RuntimeError("converter built; no runtime needed")
+
+    (tmp_path / "models" / "img" / "1").mkdir(parents=True)
+    manifest(resize=20, crop=16).write(tmp_path / "models" / "img" / "1")
+    monkeypatch.setattr(registry_module, "check_artifact", lambda *_: None)
+    monkeypatch.setattr(registry_module, "converter_for", spy)
+    with pytest.raises(RuntimeError, match="converter built"):
+        WorkerContext(own).registry.get("img")
+    assert built[0].settings is own

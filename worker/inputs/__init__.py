@@ -13,6 +13,7 @@ from importlib import import_module
 from pathlib import Path
 
 from ml_framework.manifest import ModelManifest
+from ml_framework.settings import Settings
 from worker.inputs.base import Converted, InputConverter, finite_rows
 
 _CONVERTERS = {
@@ -24,19 +25,21 @@ _CONVERTERS = {
 
 
 def converter_for(manifest: ModelManifest, directory: Path, data_dir: Path | None = None,
-                  threads: int | None = None) -> InputConverter:
+                  threads: int | None = None, settings: Settings | None = None) -> InputConverter:
     """The input converter of a model version (its module imported on first use).
 
     Args:
         data_dir: the workers' data directory (image inputs' files).
         threads: decoding threads of image inputs (``None``: the CPU count).
+        settings: the worker's settings (image inputs' object storage; ``None``: the
+            process's).
 
     Raises:
         ManifestError: the converter cannot be set up (a tokenizer file that is missing
             or unreadable).
     """
     module, name = _CONVERTERS[manifest.inputs.kind]
-    return getattr(import_module(module), name)(manifest, directory, data_dir, threads=threads)
+    return getattr(import_module(module), name)(manifest, directory, data_dir, threads=threads, settings=settings)
 
 
 __all__ = ["Converted", "InputConverter", "converter_for", "finite_rows"]

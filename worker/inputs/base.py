@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +15,9 @@ import pyarrow as pa
 from ml_framework.datasets import ROW_ERROR, decode_dictionaries
 from ml_framework.manifest import ModelManifest
 from ml_framework.store import RowError
+
+if TYPE_CHECKING:
+    from ml_framework.settings import Settings
 
 PIECE_BYTES = 16 * 2**20
 """About how many bytes of model input one piece of a shard holds: a piece is read and
@@ -106,16 +109,20 @@ class InputConverter(ABC):
         data_dir: the workers' data directory (where image files lie).
         threads: threads a converter may use to decode rows (image files); ``None``: the
             CPU count. Workers pass their ``worker_threads`` (cores per process).
+        settings: the worker's settings, whose ``s3_*`` reach object storage (image
+            ``s3://`` URIs); ``None``: the process's (``get_settings()``), read when first
+            needed. Workers pass their context's settings.
     """
 
     def __init__(self, manifest: ModelManifest, directory: Path, data_dir: Path | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, settings: Settings | None = None) -> None:
         self.manifest = manifest
         self.spec = manifest.inputs
         self.preprocessing = manifest.preprocessing
         self.directory = Path(directory)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.threads = threads
+        self.settings = settings
 
     def convert(self, table: pa.Table, columns: Sequence[str], row_start: int) -> Converted:
         """Convert the rows of ``table``: what every reader's pieces and every inline

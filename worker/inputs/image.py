@@ -1,6 +1,6 @@
 """``image`` inputs: one column of image file paths under the workers' data directory, or
 of ``s3://bucket/key`` URIs of images in object storage (read whole, one GET each, through
-the worker's ``s3_*`` settings).
+the ``s3_*`` settings the converter was built with: the worker's).
 
 Each path is resolved by the project's one path rule (:func:`ml_framework.paths.resolve_under`:
 relative to the data directory, symbolic links followed without opening anything); a path
@@ -50,7 +50,7 @@ from ml_framework.errors import DatasetPathError, ImageRowError, ObjectStoreErro
 from ml_framework.manifest import ModelManifest
 from ml_framework.objectstore import describe_error, filesystem, is_object_uri, parse_uri
 from ml_framework.paths import resolve_under
-from ml_framework.settings import get_settings
+from ml_framework.settings import Settings, get_settings
 from ml_framework.store import RowError
 from worker.inputs.base import Converted, InputConverter
 
@@ -98,11 +98,12 @@ class ImageConverter(InputConverter):
         manifest / directory / data_dir: see :class:`InputConverter`; ``data_dir`` is
             where the paths are resolved (without it every row fails).
         threads: decoding threads (default: the CPU count).
+        settings: see :class:`InputConverter`: their ``s3_*`` reach ``s3://`` images.
     """
 
     def __init__(self, manifest: ModelManifest, directory: Path, data_dir: Path | None = None,
-                 threads: int | None = None) -> None:
-        super().__init__(manifest, directory, data_dir, threads)
+                 threads: int | None = None, settings: Settings | None = None) -> None:
+        super().__init__(manifest, directory, data_dir, threads, settings)
         prep = self.preprocessing
         size = prep.image_size
         if size is None:  # the manifest refuses this; kept for converters built by hand
@@ -247,9 +248,9 @@ class ImageConverter(InputConverter):
                                 f"model takes {self.size[1]}x{self.size[0]}")
         return pixels
 
-    @staticmethod
-    def _object(value: str) -> io.BytesIO:
-        """The bytes of the image object ``value`` (``s3://bucket/key``), read whole.
+    def _object(self, value: str) -> io.BytesIO:
+        """The bytes of the image object ``value`` (``s3://bucket/key``), read whole,
+        through :attr:`settings` (the process's when ``None``).
 
         Raises:
             ImageRowError: a malformed URI, a missing object, a file that is not an image,
@@ -258,7 +259,7 @@ class ImageConverter(InputConverter):
         """
         try:
             location = parse_uri(value)
-            with filesystem(get_settings()).open_input_file(location.path) as f:
+            with filesystem(get_settings() if self.settings is None else self.settings).open_input_file(location.path) as f:
                 data = io.BytesIO(f.read())
         except ObjectStoreError as exc:
             raise ImageRowError(str(exc)) from None

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from ml_framework.errors import ManifestError
 from ml_framework.manifest import ModelManifest
+from ml_framework.settings import Settings
 from ml_framework.store import RowError
 from worker.inputs.base import Converted, InputConverter
 
@@ -116,8 +117,8 @@ class TextConverter(InputConverter):
     """
 
     def __init__(self, manifest: ModelManifest, directory: Path, data_dir: Path | None = None,
-                 threads: int | None = None) -> None:
-        super().__init__(manifest, directory, data_dir, threads)
+                 threads: int | None = None, settings: Settings | None = None) -> None:
+        super().__init__(manifest, directory, data_dir, threads, settings)
         from tokenizers import Tokenizer
 
         spec = manifest.tokenizer
