@@ -105,6 +105,16 @@ def test_an_idle_drain_ends_soon_after_the_worker_is_asked_to_stop(tmp_path, mon
         assert took < 0.2 + DRAIN_SLICE_S + 1.0, took  # not the 5 s asked for
 
 
+def ack_each(messages, errors: list[BaseException]) -> None:
+    """Acknowledge ``messages`` as Celery's threads pool does (off the consumer's thread),
+    keeping each error in ``errors`` for the test to report."""
+    for message in messages:
+        try:
+            message.ack()
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertion
+            errors.append(exc)
+
+
 def test_acks_from_a_pool_thread_while_the_consumer_polls_lose_nothing(tmp_path):
     """Celery's threads pool acknowledges a message from the task's thread while the
     worker's main thread polls the same channel (regression: both used the channel's one
@@ -126,14 +136,7 @@ def test_acks_from_a_pool_thread_while_the_consumer_polls_lose_nothing(tmp_path)
     errors: list[BaseException] = []
     to_ack: queue_mod.Queue = queue_mod.Queue()
 
-    def pool_thread() -> None:  # acks as Celery's threads pool does, off the consumer's thread
-        while (message := to_ack.get()) is not None:
-            try:
-                message.ack()
-            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-                errors.append(exc)
-
-    acker = threading.Thread(target=pool_thread)
+    acker = threading.Thread(target=ack_each, args=(iter(to_ack.get, None), errors))
     acker.start()
     try:
         with Connection(f"mlfsqla+sqlite:///{path}", transport_options={"polling_interval": 0.001}) as conn:
@@ -195,11 +198,7 @@ def test_acks_racing_the_restore_of_a_closing_channel_republish_nothing(tmp_path
             deadline = time.monotonic() + 10
             while len(channel.qos._delivered) == n and time.monotonic() < deadline:
                 time.sleep(0.0005)
-            for message in held:
-                try:
-                    message.ack()
-                except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-                    errors.append(exc)
+            ack_each(held, errors)
 
         acker = threading.Thread(target=pool_thread)
         acker.start()
