@@ -10,7 +10,7 @@ import typer
 from ml_framework.errors import JobNotFoundError, MLFrameworkError, ObjectStoreError
 from producer.cli import client, err, fail, out
 
-jobs_app = typer.Typer(help="Jobs: delete them (see also `mlf status`, `mlf results`, `mlf cancel`).",
+jobs_app = typer.Typer(help="Jobs: list or delete them (see also `mlf status`, `mlf results`, `mlf cancel`).",
                        no_args_is_help=True)
 
 
@@ -33,6 +33,44 @@ def _age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} s"
+
+
+@jobs_app.command("list")
+def list_jobs(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="Most jobs listed.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per job and line (as `mlf status --json`).")]
+    = False,
+) -> None:
+    """List jobs: the open ones (PENDING, RUNNING) newest first, then the most recently
+    ended; each with its id, state, model, rows ok / failed of all, when it was created and
+    its dataset. Over the HTTP API, the job pages (/ui/jobs) list them."""
+    import json
+
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    from producer.cli_remote import refuse_remote
+    from producer.durations import when
+
+    refuse_remote("`mlf jobs list` (the API's job pages at /ui/jobs list jobs)")
+    try:
+        with client() as c:
+            jobs = c.store.recent_jobs(limit)
+    except MLFrameworkError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        for st in jobs:
+            print(json.dumps({k: getattr(st, k) for k in st.__dataclass_fields__}, default=str))
+        return
+    if not jobs:
+        _say("no job in the results store (submit one with `mlf score`)")
+        return
+    table = Table("state", "model", "rows ok", "failed", "of", "created", "dataset")
+    table.columns.insert(0, Column("job", no_wrap=True, min_width=32))  # ids whole, to copy
+    for st in jobs:  # user data (model names, paths) as plain text, never markup
+        table.add_row(st.job_id, st.state.value, Text(f"{st.model}/{st.model_version}"), str(st.rows_ok),
+                      str(st.rows_failed), str(st.n_rows), when(st.created_at), Text(st.dataset))
+    out.print(table)
 
 
 @jobs_app.command("delete")

@@ -81,3 +81,35 @@ def test_prune_dry_run_says_what_and_how_many_bytes_then_prune_deletes(tmp_path)
         assert bad.returncode == 2 and "'soon' is not a duration" in bad.stderr
     finally:
         store.close()
+
+
+def test_jobs_list_shows_open_jobs_first_then_the_latest_ended(tmp_path):
+    """`mlf jobs list` (found missing by the README walk-through: job ids were only in the
+    demo's output): the PENDING job first, then the ended ones newest first, whole ids,
+    a dataset path with brackets printed as typed; `--json` one object per line; `-n`
+    bounds the list; an empty store says how to make a job; over `--api` it is refused."""
+    run = mlf(tmp_path, "jobs", "list")
+    assert run.returncode == 0, run.stderr
+    assert "no job in the results store" in run.stdout
+    store = open_store(tmp_path)
+    try:
+        first, second = finished_job(store), finished_job(store)
+        age(store, first, 1)
+        pending = store.create_job(model="m", model_version=1, dataset="in/[red] rows.csv", n_rows=5,
+                                   shard_ranges=[(0, 5)], batch_size=5)
+    finally:
+        store.close()
+    run = mlf(tmp_path, "jobs", "list")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    order = [next(i for i, line in enumerate(lines) if job in line) for job in (pending, second, first)]
+    assert order == sorted(order), run.stdout
+    assert "in/[red] rows.csv" in run.stdout and "PENDING" in lines[order[0]] and "PARTIAL" in lines[order[1]]
+    assert " 9 " in lines[order[1]] and " 3 " in lines[order[1]] and " 12 " in lines[order[1]]  # ok, failed, of
+    run = mlf(tmp_path, "jobs", "list", "--json", "-n", "2")
+    assert run.returncode == 0, run.stderr
+    listed = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [j["job_id"] for j in listed] == [pending, second]
+    assert (listed[1]["state"], listed[1]["rows_ok"], listed[1]["rows_failed"]) == ("PARTIAL", 9, 3)
+    run = mlf(tmp_path, "--api", "http://127.0.0.1:9", "jobs", "list")
+    assert run.returncode == 2 and "/ui/jobs" in run.stderr and "does not work over the HTTP API" in run.stderr
