@@ -90,9 +90,13 @@ def print_status(status: JobStatus) -> None:
                   "`mlf worker --preload` loads it at start)")
     if status.callback_state is not None:
         out.print(f"  callback {status.callback_state} ({status.callback_attempts} attempt(s))")
+    if status.started_at is not None:  # the wait before any worker took a shard, then the run itself
+        queued_s = max((status.started_at - status.created_at).total_seconds(), 0.0)
+        out.print(f"  queued   {duration(queued_s)} before its first shard started")
     if status.elapsed_s is not None:
         rate = job_rows_per_s(status)
-        out.print(f"  elapsed  {duration(status.elapsed_s)}" + (f" ({rate:.0f} rows/s)" if rate is not None else ""))
+        out.print(f"  elapsed  {duration(status.elapsed_s)} since its first shard started"
+                  + (f" ({rate:.0f} rows/s)" if rate is not None else ""))
 
 
 @app.command()

@@ -31,9 +31,9 @@ def test_mlf_status_of_a_tiny_job_prints_milliseconds_and_no_rate(capsys):
                        n_shards=1, shards_done=1, rows_ok=10, rows_failed=0, batch_size=256, created_at=start,
                        started_at=start, finished_at=start + timedelta(milliseconds=15))
     print_status(status)
-    assert "  elapsed  15 ms\n" in capsys.readouterr().out
+    assert "  elapsed  15 ms since its first shard started\n" in capsys.readouterr().out
     print_status(replace(status, finished_at=start + timedelta(seconds=2)))
-    assert "  elapsed  2.0 s (5 rows/s)\n" in capsys.readouterr().out
+    assert "  elapsed  2.0 s since its first shard started (5 rows/s)\n" in capsys.readouterr().out
 
 
 def test_mlf_status_prints_no_rate_before_a_row_is_scored_ok(capsys):
@@ -49,5 +49,23 @@ def test_mlf_status_prints_no_rate_before_a_row_is_scored_ok(capsys):
     for status in (failed, running):
         assert job_rows_per_s(status) is None
         print_status(status)
-        assert "  elapsed  2.0 s\n" in capsys.readouterr().out
+        assert "  elapsed  2.0 s since its first shard started\n" in capsys.readouterr().out
     assert job_rows_per_s(replace(failed, rows_ok=4, rows_failed=6)) == 5.0  # rows recorded, failed ones included
+
+
+def test_mlf_status_shows_the_time_a_job_waited_in_the_queue(capsys):
+    """A job created 9 s before its first shard started showed only `elapsed` (from that
+    start): the wait in the queue was nowhere (found by the README walk-through). Now a
+    `queued` line gives it; a job no worker has taken yet has none."""
+    from producer.cli import print_status
+
+    created = datetime(2026, 12, 1, tzinfo=UTC)
+    done = JobStatus(job_id="j", model="m", model_version=1, dataset="d.csv", state=JobState.SUCCEEDED, n_rows=10,
+                     n_shards=1, shards_done=1, rows_ok=10, rows_failed=0, batch_size=256, created_at=created,
+                     started_at=created + timedelta(seconds=9), finished_at=created + timedelta(seconds=11))
+    print_status(done)
+    text = capsys.readouterr().out
+    assert "  queued   9.0 s before its first shard started\n" in text
+    assert "  elapsed  2.0 s since its first shard started (5 rows/s)\n" in text
+    print_status(replace(done, state=JobState.PENDING, shards_done=0, rows_ok=0, started_at=None, finished_at=None))
+    assert "queued" not in capsys.readouterr().out
