@@ -11,7 +11,7 @@ import typer
 from ml_framework.errors import MLFrameworkError
 from producer.cli_console import fail
 
-__all__ = ["NO_KEY_HINT", "REMOTE_COMMANDS", "global_options", "refuse_remote", "remote", "remote_client", "remote_url"]
+__all__ = ["KEY_HINT", "NO_KEY_HINT", "REMOTE_COMMANDS", "global_options", "refuse_remote", "remote", "remote_client", "remote_url"]
 
 REMOTE_COMMANDS = frozenset({"score", "status", "results", "cancel", "jobs", "models"})
 """Commands that work over the HTTP API (``mlf --api URL``); ``status`` and ``models`` refuse
@@ -19,6 +19,8 @@ their forms that need the store or the repository's directory (:func:`refuse_rem
 _remote: dict[str, str | None] = {"url": None, "key": None}  # set by the global options, per invocation
 NO_KEY_HINT = "set the MLF_API_KEY variable, or pass --api-key KEY (a command line shows in ps)"
 """What ``mlf --api`` says when the API answers 401 to a command sent without a key."""
+KEY_HINT = "from --api-key or MLF_API_KEY"
+"""Where ``mlf --api``'s key came from, said when the API refuses it (401)."""
 
 
 def global_options(
@@ -60,7 +62,8 @@ def remote_client():
     from producer.http_client import HTTP_TIMEOUT_S, HttpClient
 
     try:
-        return HttpClient(_remote["url"] or "", _remote["key"], HTTP_TIMEOUT_S, no_key_hint=NO_KEY_HINT)
+        return HttpClient(_remote["url"] or "", _remote["key"], HTTP_TIMEOUT_S, no_key_hint=NO_KEY_HINT,
+                          key_hint=KEY_HINT)
     except MLFrameworkError as exc:
         raise fail(str(exc), 2) from None
 

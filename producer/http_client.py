@@ -57,12 +57,14 @@ from producer.plan import JobOptions
 from producer.results import results_frame, table_frame
 from producer.rows import RowsLike, rows_to_table
 
-__all__ = ["HTTP_TIMEOUT_S", "NO_KEY_HINT", "POLL_S", "HttpClient"]
+__all__ = ["HTTP_TIMEOUT_S", "KEY_HINT", "NO_KEY_HINT", "POLL_S", "HttpClient"]
 
 HTTP_TIMEOUT_S = 60.0
 """Default seconds to wait for one HTTP answer (connect, each read); a results download
 streams, so only a pause that long fails it. ``predict`` waits its own ``timeout_s`` more."""
 NO_KEY_HINT = "pass api_key to Client.connect"
+KEY_HINT = "the api_key given to Client.connect"
+"""Where the key a 401 refused came from, as said in its error (see :class:`HttpClient`)."""
 """How an :class:`HttpClient` made without a key tells its caller to give one when the API
 answers 401 (``mlf --api`` passes its own: ``--api-key`` / ``MLF_API_KEY``)."""
 POLL_S = (0.05, 0.5)
@@ -98,6 +100,8 @@ class HttpClient:
         no_key_hint: without ``api_key``, how to give one, said in the
             :class:`~ml_framework.errors.UnauthorizedError` of a 401 (default
             :data:`NO_KEY_HINT`); requests still go without a key.
+        key_hint: with ``api_key``, where it came from, said in the error of a 401 (the
+            key was refused; default :data:`KEY_HINT`).
 
     Attributes:
         url: the base URL, without credentials or a trailing ``/``.
@@ -110,7 +114,8 @@ class HttpClient:
     poll_s = POLL_S
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = HTTP_TIMEOUT_S, *,
-                 transport: httpx.BaseTransport | None = None, no_key_hint: str = NO_KEY_HINT) -> None:
+                 transport: httpx.BaseTransport | None = None, no_key_hint: str = NO_KEY_HINT,
+                 key_hint: str = KEY_HINT) -> None:
         try:
             parsed = httpx.URL(url.strip())
         except (httpx.InvalidURL, TypeError) as exc:
@@ -120,6 +125,7 @@ class HttpClient:
         self.url = str(parsed.copy_with(username=None, password=None, query=None, fragment=None)).rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._no_key_hint = None if api_key else no_key_hint
+        self._key_hint = key_hint if api_key else None
         self.timeout_s = timeout_s
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, transport=transport)
         self._manifests: list[ModelManifest] | None = None
@@ -149,7 +155,7 @@ class HttpClient:
         except httpx.TransportError as exc:
             raise unreachable(self.url, exc) from None
         if response.is_error:
-            raise error_of(response, job_id=job_id, no_key_hint=self._no_key_hint)
+            raise error_of(response, job_id=job_id, no_key_hint=self._no_key_hint, key_hint=self._key_hint)
         return response
 
     def models(self) -> list[ModelManifest]:

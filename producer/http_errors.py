@@ -45,7 +45,7 @@ def _error_class(kind: str | None, status: int) -> type[MLFrameworkError]:
 
 
 def error_of(response: httpx.Response, *, job_id: str | None = None,
-             no_key_hint: str | None = None) -> MLFrameworkError:
+             no_key_hint: str | None = None, key_hint: str | None = None) -> MLFrameworkError:
     """The exception an error ``response`` (status 400 or more) stands for.
 
     Args:
@@ -55,6 +55,8 @@ def error_of(response: httpx.Response, *, job_id: str | None = None,
         no_key_hint: the request carried no API key: how to give one, said after the
             message of an :class:`UnauthorizedError` (the API's own message names
             headers, not the caller's options).
+        key_hint: the request carried an API key: where it came from, said in the
+            message of an :class:`UnauthorizedError` (the key was refused).
 
     Returns:
         An instance of the class the body's ``error.type`` names, with its ``message``
@@ -79,6 +81,9 @@ def error_of(response: httpx.Response, *, job_id: str | None = None,
         cls = ApiResponseError
     if cls is UnauthorizedError and no_key_hint:
         message = f"the API at {_base(response)} requires an API key and none was sent: {no_key_hint}. It said: {message}"
+    elif cls is UnauthorizedError and key_hint:
+        message = (f"the API at {_base(response)} refused the API key sent ({key_hint}): check it, or ask the "
+                   f"API's operator for one (`mlf api-key`). It said: {message}")
     exc = cls.__new__(cls, message)  # the API's message as it is; constructors differ in their extra arguments
     exc.args = (message,)
     if isinstance(exc, BodyInvalidError):

@@ -215,7 +215,7 @@ def test_cli_over_the_api(api_url, digits, tmp_path):
     refused = mlf("queues", url=api_url)
     assert refused.returncode == 2 and "needs direct access to the broker and the database" in refused.stderr
     wrong = mlf("status", job_id, url=api_url, key="not-the-key-0123")
-    assert wrong.returncode == 1 and "API key" in wrong.stderr
+    assert wrong.returncode == 1 and "refused the API key sent (from --api-key or MLF_API_KEY)" in wrong.stderr
     for run in (score, status, results, models, delete, refused, wrong):
         assert KEY not in run.stdout + run.stderr and "not-the-key-0123" not in run.stdout + run.stderr
 
