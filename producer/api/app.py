@@ -16,7 +16,7 @@ from producer.api import jobs, models, oip, operations, ui
 from producer.api.auth import KeyTable
 from producer.api.bodies import BodyParser, add_body_schemas
 from producer.api.callbacks import CallbackSender
-from producer.api.errors import RequestIdMiddleware, install_error_handlers
+from producer.api.errors import RequestIdMiddleware, StartupErrorMiddleware, install_error_handlers
 from producer.api.schemas import ApiError
 from producer.cache import ResultsCache
 from producer.client import Client
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api = FastAPI(title="ml-framework", version="0.1.0", lifespan=lifespan, description=DESCRIPTION,
                   responses={code: {"model": ApiError} for code in ERROR_STATUSES})
     api.add_middleware(RequestIdMiddleware)
+    api.add_middleware(StartupErrorMiddleware)
     install_error_handlers(api)
     default_openapi = api.openapi
     api.openapi = lambda: api.openapi_schema or add_body_schemas(default_openapi())  # type: ignore[method-assign]

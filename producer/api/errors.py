@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import uuid
 from email.message import EmailMessage
 from pathlib import Path
@@ -148,6 +149,31 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class StartupErrorMiddleware:
+    """Pure ASGI middleware: a start-up refused for a reason of ours (an
+    :class:`~ml_framework.errors.MLFrameworkError`, e.g. ``SettingsError``: no API keys)
+    reaches the server as that one sentence, not as Starlette's traceback of the lifespan
+    (Uvicorn printed 41 lines of framework frames before the sentence saying what to set).
+    Any other start-up failure keeps its traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_plain(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                exc = sys.exc_info()[1]  # Starlette reports the failure while it handles it
+                if isinstance(exc, MLFrameworkError):
+                    message = {**message, "message": f"cannot start: {type(exc).__name__}: {exc}"}
+            await send(message)
+
+        await self.app(scope, receive, send_plain)
 
 
 def scrub(message: str, roots: list[Path]) -> str:

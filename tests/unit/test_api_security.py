@@ -286,7 +286,8 @@ def test_bodies_over_the_limit_are_refused_declared_or_streamed(root):
 
 def test_uvicorn_exits_at_start_without_keys(root):
     """The production command itself: `uvicorn producer.api:app` with no key exits (status
-    3, Uvicorn's start-up failure) saying what to set, before it listens."""
+    3, Uvicorn's start-up failure) saying what to set, before it listens, in one line
+    (the README walk-through saw 41 lines of Starlette's traceback before it)."""
     import os
     import socket
     import subprocess
@@ -301,6 +302,8 @@ def test_uvicorn_exits_at_start_without_keys(root):
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 3, run.stdout + run.stderr
     assert "the HTTP API needs API keys" in run.stderr and "Uvicorn running" not in run.stderr
+    assert "Traceback" not in run.stderr and "ERROR:    cannot start: SettingsError: the HTTP API needs API keys" \
+        in run.stderr, run.stderr
 
 
 def test_rows_that_make_no_table_are_answered_after_the_model_check(http):
