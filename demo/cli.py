@@ -84,7 +84,7 @@ def demo(
                 terminate(workers, grace_s=90)
     Console(width=max(Console().width, 150), markup=False, emoji=False).print(report)
     console.print(f"results: {out_dir}/<model>.csv, and in the results store "
-                  "(`mlf status JOB`, `mlf results JOB -o out.parquet`)")
+                  "(`mlf jobs list`, `mlf status JOB`, `mlf results JOB -o out.parquet`)")
     console.print("rows/s: rows / (first shard start -> last result), model loading included")
 
 
