@@ -72,6 +72,12 @@ def where(c) -> str:
     return f"API {url}" if url is not None else where_line(c.settings)
 
 
+def status_json(status: JobStatus) -> str:
+    """A job's status as one line of JSON, every field of :class:`JobStatus` (times and
+    states as text), as ``mlf status --json`` and ``mlf jobs list --json`` print it."""
+    return json.dumps({k: getattr(status, k) for k in status.__dataclass_fields__}, default=str)
+
+
 def print_status(status: JobStatus) -> None:
     """Human-readable summary of a job."""
     pct = 100.0 * status.rows_done / status.n_rows if status.n_rows else 100.0
@@ -189,8 +195,7 @@ def status(
     except MLFrameworkError as exc:
         raise fail(str(exc)) from None
     if as_json:
-        data = {k: getattr(st, k) for k in st.__dataclass_fields__}
-        print(json.dumps(data, default=str))
+        print(status_json(st))
     else:
         print_status(st)
     if st.state is JobState.PENDING:

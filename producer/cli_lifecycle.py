@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ml_framework.errors import JobNotFoundError, MLFrameworkError, ObjectStoreError
-from producer.cli import client, err, fail, out
+from producer.cli import client, err, fail, out, status_json
 
 jobs_app = typer.Typer(help="Jobs: list or delete them (see also `mlf status`, `mlf results`, `mlf cancel`).",
                        no_args_is_help=True)
@@ -44,8 +44,6 @@ def list_jobs(
     """List jobs: the open ones (PENDING, RUNNING) newest first, then the most recently
     ended; each with its id, state, model, rows ok / failed of all, when it was created and
     its dataset. Over the HTTP API, the job pages (/ui/jobs) list them."""
-    import json
-
     from rich.table import Column, Table
     from rich.text import Text
 
@@ -60,7 +58,7 @@ def list_jobs(
         raise fail(str(exc)) from None
     if as_json:
         for st in jobs:
-            print(json.dumps({k: getattr(st, k) for k in st.__dataclass_fields__}, default=str))
+            print(status_json(st))
         return
     if not jobs:
         _say("no job in the results store (submit one with `mlf score`)")

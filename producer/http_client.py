@@ -63,10 +63,10 @@ HTTP_TIMEOUT_S = 60.0
 """Default seconds to wait for one HTTP answer (connect, each read); a results download
 streams, so only a pause that long fails it. ``predict`` waits its own ``timeout_s`` more."""
 NO_KEY_HINT = "pass api_key to Client.connect"
-KEY_HINT = "the api_key given to Client.connect"
-"""Where the key a 401 refused came from, as said in its error (see :class:`HttpClient`)."""
 """How an :class:`HttpClient` made without a key tells its caller to give one when the API
 answers 401 (``mlf --api`` passes its own: ``--api-key`` / ``MLF_API_KEY``)."""
+KEY_HINT = "the api_key given to Client.connect"
+"""Where the key a 401 refused came from, as said in its error (see :class:`HttpClient`)."""
 POLL_S = (0.05, 0.5)
 """First and longest pause, seconds, between two ``GET /v1/jobs/{id}`` of ``Job.wait``
 (x1.5 per poll): a finished job is seen within half a second, and a long wait costs the
