@@ -68,26 +68,63 @@ def queues(prefix: str) -> dict[str, str]:
     return {"bulk_queue": f"{prefix}{tag}", "online_queue": f"{prefix}{tag}.online"}
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now (the OS's choice)."""
+    """A TCP port on 127.0.0.1 that nothing is bound to now, never one given before in this
+    process, and below the kernel's ephemeral range (``net.ipv4.ip_local_port_range``).
+
+    Not ``bind(0)``: that picks from the ephemeral range, where every outgoing connection
+    (a worker's to Redis or PostgreSQL) takes its local port too, so between this call and
+    the server's own bind the port could be taken and the server would not start.
+    """
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default range starts here
+    draw = random.SystemRandom()  # unaffected by tests that seed the random module
+    for _ in range(500):
+        port = draw.randrange(max(1024, low - 12000), low)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port found below {low}")
 
 
-def wait_for_http(url: str, timeout_s: float = 60.0, **kwargs: Any):
-    """GET ``url`` until it answers (any status); returns the response."""
+def wait_for_http(url: str, timeout_s: float = 60.0, *, proc: subprocess.Popen | None = None,
+                  log: Path | None = None, **kwargs: Any):
+    """GET ``url`` until it answers (any status); returns the response.
+
+    With ``proc`` (the server's process) the wait fails as soon as it exits, and with
+    ``log`` (its output) a failure ends with that file's last 3,000 characters.
+    """
     import httpx
+
+    def fail(why: str) -> None:
+        tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+        pytest.fail(f"{url}: {why}" + (f"\n{log.name}:\n{tail}" if log is not None else ""))
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return httpx.get(url, timeout=5, **kwargs)
-        except httpx.TransportError:
+        except httpx.TransportError as exc:
+            if proc is not None and proc.poll() is not None:
+                fail(f"the server exited with status {proc.returncode} before it answered")
             if time.monotonic() > deadline:
-                raise
+                if proc is None and log is None:
+                    raise
+                fail(f"no answer in {timeout_s:.0f} s ({exc!r})")
             time.sleep(0.2)
 
 
@@ -102,7 +139,7 @@ def api_server(env: dict[str, str], log_path: Path, *, cwd: str | Path | None = 
                                  "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=cwd or os.getcwd())
         try:
-            wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
+            wait_for_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc, log=log_path)
             yield f"http://127.0.0.1:{port}", proc
         finally:
             proc.terminate()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,17 +34,10 @@ def weed_binary() -> str | None:
 
 def _free_ports(n: int) -> list[int]:
     """``n`` distinct free TCP ports whose +10000 (SeaweedFS's gRPC offset) is not needed:
-    every gRPC port is given explicitly."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    every gRPC port is given explicitly (see :func:`tests.conftest.free_port`)."""
+    from tests.conftest import free_port
+
+    return [free_port() for _ in range(n)]
 
 
 class S3Server:

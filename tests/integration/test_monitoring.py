@@ -203,7 +203,11 @@ def test_prometheus_scrapes_the_api_workers_and_flower(redis_backend, data_dir, 
                         f"--web.listen-address=127.0.0.1:{prom_port}"], backend.env, tmp_path / "prometheus.log"))
     prom = f"http://127.0.0.1:{prom_port}"
     try:
-        wait_for_http(f"{prom}/-/ready", timeout_s=60)
+        # each server answers before the job, or the test says which did not and why
+        for url, proc, log in [(f"http://127.0.0.1:{api_port}/health", procs[0], "api.log"),
+                               (f"http://127.0.0.1:{flower_port}/healthcheck", procs[1], "flower.log"),
+                               (f"{prom}/-/ready", procs[2], "prometheus.log")]:
+            wait_for_http(url, timeout_s=60, proc=proc, log=tmp_path / log)
         job = backend.client.score_dataset(data_dir / "digits.csv", model="digits-sklearn")
         assert job.wait(timeout_s=TIMEOUT_S).rows_ok == 1797
 
@@ -221,8 +225,11 @@ def test_prometheus_scrapes_the_api_workers_and_flower(redis_backend, data_dir, 
                     scored[0]["value"][1]) >= 1797 and rate:
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"up {up}; scored {scored}; rate {rate}\n"
-                            + (tmp_path / "prometheus.log").read_text()[-1500:])
+                targets = httpx.get(f"{prom}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+                pytest.fail(f"up {up}; scored {scored}; rate {rate}\ntargets: "
+                            + "; ".join(f"{t['labels']['job']} {t['health']} {t['lastError']!r} "
+                                        f"{t['lastScrapeDuration']:.3f}s" for t in targets)
+                            + "\napi.log:\n" + (tmp_path / "api.log").read_text()[-1500:])
             time.sleep(1)
         # The series starts at the first scored row, so the first job is a jump from nothing:
         # rate() sees an increase only within a series. A second job shows as rows/s.

@@ -289,13 +289,12 @@ def test_uvicorn_exits_at_start_without_keys(root):
     3, Uvicorn's start-up failure) saying what to set, before it listens, in one line
     (the README walk-through saw 41 lines of Starlette's traceback before it)."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.conftest import free_port
+
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ML_FRAMEWORK_")}
     env.update({"ML_FRAMEWORK_VAR_DIR": str(root / "var-uvicorn"), "ML_FRAMEWORK_MODELS_DIR": str(root / "models")})
     run = subprocess.run([sys.executable, "-m", "uvicorn", "producer.api:app", "--port", str(port)], env=env,
