@@ -256,7 +256,7 @@ def test_worker_log_records_carry_the_job_id(backend, data_dir):
     job = backend.client.score_dataset(data_dir / "digits.parquet", model="digits-sklearn")
     job.wait(timeout_s=TIMEOUT_S)
     log_file = Path(backend.values["var_dir"]) / "logs" / "ml_framework.log"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         lines = [ln for ln in log_file.read_text().splitlines() if f"[job={job.id} shard=" in ln]
         shard_lines = [ln for ln in lines if " - worker.tasks - " in ln]  # one as each shard ends
