@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -74,8 +75,13 @@ def where(c) -> str:
 
 def status_json(status: JobStatus) -> str:
     """A job's status as one line of JSON, every field of :class:`JobStatus` (times and
-    states as text), as ``mlf status --json`` and ``mlf jobs list --json`` print it."""
-    return json.dumps({k: getattr(status, k) for k in status.__dataclass_fields__}, default=str)
+    states as text, times in ISO 8601 as the HTTP API gives them), as ``mlf status --json`` and
+    ``mlf jobs list --json`` print it."""
+
+    def text(value: object) -> str:
+        return value.isoformat() if isinstance(value, datetime) else str(value)
+
+    return json.dumps({k: getattr(status, k) for k in status.__dataclass_fields__}, default=text)
 
 
 def print_status(status: JobStatus) -> None:

@@ -111,5 +111,7 @@ def test_jobs_list_shows_open_jobs_first_then_the_latest_ended(tmp_path):
     listed = [json.loads(line) for line in run.stdout.splitlines()]
     assert [j["job_id"] for j in listed] == [pending, second]
     assert (listed[1]["state"], listed[1]["rows_ok"], listed[1]["rows_failed"]) == ("PARTIAL", 9, 3)
+    for field in ("created_at", "finished_at"):  # ISO 8601, as the HTTP API gives times (was str(): no "T")
+        assert datetime.fromisoformat(listed[1][field]).tzinfo is not None and "T" in listed[1][field]
     run = mlf(tmp_path, "--api", "http://127.0.0.1:9", "jobs", "list")
     assert run.returncode == 2 and "/ui/jobs" in run.stderr and "does not work over the HTTP API" in run.stderr
