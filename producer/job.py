@@ -205,25 +205,41 @@ class Job:
 
 
 class _ProgressBar:
+    """Rows done of a job on the terminal, with the job's own elapsed time: from its first
+    shard's start (``queued`` before it), not from the bar's, so a job that ran while the
+    caller waited on another shows the time it took."""
+
     def __init__(self, job: Job) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
             Progress,
+            ProgressColumn,
             TextColumn,
-            TimeElapsedColumn,
         )
+        from rich.text import Text
+
+        class JobElapsed(ProgressColumn):
+            def render(self, task) -> Text:
+                elapsed, polled, running = (task.fields.get(k) for k in ("elapsed_s", "polled", "running"))
+                if elapsed is None:
+                    return Text("queued", style="progress.elapsed")
+                if running:  # ticks between polls
+                    elapsed += time.monotonic() - polled
+                seconds = int(elapsed)
+                return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
         # No markup: the progress line prints what it is given as plain text.
         self.progress = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("rows", markup=False), TimeElapsedColumn(),
+                                 MofNCompleteColumn(), TextColumn("rows", markup=False), JobElapsed(),
                                  TextColumn("{task.fields[state]}", markup=False))
-        self.task = self.progress.add_task(f"job {job.id}", total=None, state="")
+        self.task = self.progress.add_task(f"job {job.id}", total=None, state="", elapsed_s=None)
         self.progress.start()
 
     def update(self, status: JobStatus) -> None:
         self.progress.update(self.task, total=status.n_rows, completed=status.rows_done,
-                             state=status.state.value)
+                             state=status.state.value, elapsed_s=status.elapsed_s, polled=time.monotonic(),
+                             running=not status.state.terminal)
 
     def close(self) -> None:
         self.progress.stop()

@@ -69,3 +69,34 @@ def test_mlf_status_shows_the_time_a_job_waited_in_the_queue(capsys):
     assert "  elapsed  2.0 s since its first shard started (5 rows/s)\n" in text
     print_status(replace(done, state=JobState.PENDING, shards_done=0, rows_ok=0, started_at=None, finished_at=None))
     assert "queued" not in capsys.readouterr().out
+
+
+def test_the_progress_bar_shows_the_jobs_own_elapsed_time():
+    """The demo waits on its jobs one after another; the second had run while it waited on
+    the first, and its bar showed `0:00:00` (the bar's own time) for a shard of 8.8 s. The
+    bar shows the job's time from its first shard's start, `queued` before it."""
+    import io
+    import types
+
+    from rich.console import Console
+
+    from producer.job import _ProgressBar
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    queued = JobStatus(job_id="j", model="m", model_version=1, dataset="d.csv", state=JobState.PENDING, n_rows=10,
+                       n_shards=1, shards_done=0, rows_ok=0, rows_failed=0, batch_size=256, created_at=start,
+                       started_at=None, finished_at=None)
+    done = replace(queued, state=JobState.SUCCEEDED, shards_done=1, rows_ok=10, started_at=start,
+                   finished_at=start + timedelta(seconds=8.8))
+    bar = _ProgressBar(types.SimpleNamespace(id="j"))
+    try:
+        lines = []
+        for status in (queued, done):
+            bar.update(status)
+            screen = io.StringIO()
+            Console(file=screen, width=120).print(bar.progress.get_renderable())
+            lines.append(screen.getvalue())
+    finally:
+        bar.close()
+    assert "0/10 rows queued PENDING" in lines[0], lines[0]
+    assert "10/10 rows 0:00:08 SUCCEEDED" in lines[1], lines[1]
