@@ -69,6 +69,9 @@ def queues(prefix: str) -> dict[str, str]:
 
 
 _PORTS_GIVEN: set[int] = set()
+_SERVICE_PORTS = {15672, 15692, 25672, 26379}
+"""Ports of services that a fault test may restart (RabbitMQ's management, Prometheus plugin
+and inter-node ports; Redis Sentinel): never given, though free when asked."""
 
 
 def free_port() -> int:
@@ -86,10 +89,14 @@ def free_port() -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768  # Linux's default range starts here
+    if low < 4096:  # an ephemeral range that starts this low leaves no room below it: the OS's choice
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
     draw = random.SystemRandom()  # unaffected by tests that seed the random module
     for _ in range(500):
         port = draw.randrange(max(1024, low - 12000), low)
-        if port in _PORTS_GIVEN:
+        if port in _PORTS_GIVEN or port in _SERVICE_PORTS:
             continue
         with socket.socket() as sock:
             try:

@@ -18,6 +18,8 @@ def test_free_ports_are_below_the_ephemeral_range_and_never_given_twice():
     local port too, so it can be taken before the server binds it. The ports given are
     below that range, free, and distinct."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low < 4096:
+        pytest.skip(f"the ephemeral range starts at {low}: no room below it")
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
     assert all(1024 <= p < low for p in ports), [p for p in ports if not 1024 <= p < low]
