@@ -95,6 +95,8 @@ def test_make_test_runs_unit_tests_first_as_the_readme_says() -> None:
 
 
 def test_readme_names_the_prometheus_binary_and_the_suite_duration() -> None:
-    setup = (ROOT / "README.md").read_text().split("## Using Redis")[0]
-    assert "prometheus" in setup.lower()
-    assert re.search(r"\d+\s*(?:to|-)\s*\d+\s*min", setup), "the set-up section says how long the suite takes"
+    readme = (ROOT / "README.md").read_text()
+    setup, testing = readme.split("## Using Redis")[0], readme.split("\n## Testing\n")[1]
+    assert "[Testing](#testing)" in setup  # the set-up section points at what the tests need
+    assert "prometheus" in testing.lower()
+    assert re.search(r"\d+\s*(?:to|-)\s*\d+\s*min", testing), "the testing section says how long the suite takes"
