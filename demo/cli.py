@@ -64,7 +64,7 @@ def demo(
             for fw, job in jobs.items():
                 console.print(f"submitted job {job.id} ({manifests[fw].name})")
             report = Table("model", "framework", "state", "accuracy (test)", "accuracy (all)",
-                           "rows", "rows/s", "job id", title="digits: scored through the queue")
+                           "rows", "rows/s", "model load", "job id", title="digits: scored through the queue")
             out_dir = settings.var_dir / "demo"
             out_dir.mkdir(parents=True, exist_ok=True)
             for fw, job in jobs.items():
@@ -74,7 +74,8 @@ def demo(
                 test = frame["split"] == "test"
                 rate = job_rows_per_s(status)
                 report.add_row(manifests[fw].name, fw, status.state.value, f"{correct[test].mean():.3f}",
-                               f"{correct.mean():.3f}", str(status.rows_done), "-" if rate is None else f"{rate:,.0f}", job.id)
+                               f"{correct.mean():.3f}", str(status.rows_done), "-" if rate is None else f"{rate:,.0f}",
+                               "warm" if status.model_load_s is None else f"{status.model_load_s:.1f} s", job.id)
                 job.save_results(out_dir / f"{manifests[fw].name}.csv")
         except MLFrameworkError as exc:
             raise fail(str(exc)) from None
@@ -82,10 +83,11 @@ def demo(
             if workers is not None:
                 console.print("stopping the demo's workers ...")
                 terminate(workers, grace_s=90)
-    Console(width=max(Console().width, 150), markup=False, emoji=False).print(report)
+    Console(width=max(Console().width, 170), markup=False, emoji=False).print(report)
     console.print(f"results: {out_dir}/<model>.csv, and in the results store "
                   "(`mlf jobs list`, `mlf status JOB`, `mlf results JOB -o out.parquet`)")
-    console.print("rows/s: rows / (first shard start -> last result), model loading included")
+    console.print("rows/s: rows / (first shard start -> last result), including the model's load when a worker "
+                  "loaded it for this job (model load; warm: already loaded), so rates of cold and warm models differ")
 
 
 def register(app: typer.Typer, _models_app: typer.Typer) -> None:
