@@ -43,17 +43,15 @@ def list_jobs(
 ) -> None:
     """List jobs: the open ones (PENDING, RUNNING) newest first, then the most recently
     ended; each with its id, state, model, rows ok / failed of all, when it was created and
-    its dataset. Over the HTTP API, the job pages (/ui/jobs) list them."""
+    its dataset. Over the HTTP API (--api), the jobs of the key (an admin key: every job)."""
     from rich.table import Column, Table
     from rich.text import Text
 
-    from producer.cli_remote import refuse_remote
     from producer.durations import when
 
-    refuse_remote("`mlf jobs list` (the API's job pages at /ui/jobs list jobs)")
     try:
         with client() as c:
-            jobs = c.store.recent_jobs(limit)
+            jobs = c.recent_jobs(limit)
     except MLFrameworkError as exc:
         raise fail(str(exc)) from None
     if as_json:

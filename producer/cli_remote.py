@@ -28,7 +28,7 @@ def global_options(
     api: Annotated[str | None, typer.Option(
         "--api", envvar="MLF_API_URL", metavar="URL",
         help="Talk to the HTTP API at URL (e.g. http://api:8000) instead of the broker and the database: "
-             "score, status JOB, results, cancel, jobs delete and models.")] = None,
+             "score, status JOB, results, cancel, jobs list, jobs delete and models.")] = None,
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="MLF_API_KEY", metavar="KEY",
         help="API key for --api (prefer the MLF_API_KEY variable: a command line shows in ps).")] = None,

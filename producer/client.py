@@ -129,6 +129,15 @@ class Client:
         """Every model version in the model repository."""
         return self.repository.list()
 
+    def recent_jobs(self, limit: int = 20, *, owned_by: str | None = None) -> list[JobStatus]:
+        """Jobs still open (PENDING, RUNNING), newest first, then the most recently ended;
+        ``limit`` in all (``mlf jobs list``).
+
+        Args:
+            owned_by: only the jobs submitted with this API key name; ``None``: every job.
+        """
+        return self.store.recent_jobs(limit, owned_by=owned_by)
+
     def get_job(self, job_id: str) -> Job:
         """A handle on an existing job, by id or unique id prefix (from any process).
 

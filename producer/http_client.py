@@ -163,6 +163,12 @@ class HttpClient:
         self._manifests = [ModelManifest.model_validate(m) for m in self._request("GET", "/v1/models").json()]
         return list(self._manifests)
 
+    def recent_jobs(self, limit: int = 20) -> list[JobStatus]:
+        """This key's jobs (an admin key's: every job) still open, newest first, then the
+        most recently ended; ``limit`` (1 to 1,000) in all (``GET /v1/jobs``)."""
+        listed = self._request("GET", "/v1/jobs", params={"limit": limit}).json()["jobs"]
+        return [_STATUS.validate_python(job) for job in listed]
+
     def get_job(self, job_id: str) -> Job:
         """A handle on an existing job of this key, by id or unique prefix (8+ characters).
 

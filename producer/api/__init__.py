@@ -11,6 +11,8 @@ Endpoints (JSON unless said otherwise; errors are ``{"error": {"type", "message"
 ``POST /v1/jobs``                           submit a job: a dataset under the data directory,
                                             or inline ``rows``; 202 with the job's status (200
                                             with the same job for a repeated ``Idempotency-Key``)
+``GET /v1/jobs``                            the caller's jobs (admins: all), open ones first
+                                            (``limit``, 20 by default)
 ``GET /v1/jobs/{id}``                       state and progress (id or unique 8+ character prefix)
 ``GET /v1/jobs/{id}/results``               a page of rows (``offset``, ``limit``), or the
                                             whole result as ``?format=csv`` / ``parquet``

@@ -1,4 +1,4 @@
-"""The jobs resource: ``/v1/jobs`` (submit), ``/v1/jobs/{id}`` (status, cancel, delete),
+"""The jobs resource: ``/v1/jobs`` (submit, list), ``/v1/jobs/{id}`` (status, cancel, delete),
 ``/v1/jobs/{id}/events`` (progress as Server-Sent Events) and ``/v1/jobs/{id}/results``
 (JSON pages, CSV / Parquet downloads, Arrow IPC / NDJSON streams; the streamed answers are
 written by :mod:`producer.api.streams`).
@@ -36,7 +36,7 @@ from producer.api.requests import (
     output_uri_allowed,
     sf_string,
 )
-from producer.api.schemas import ApiError, JobOut, ResultsPage, finite
+from producer.api.schemas import ApiError, JobList, JobOut, ResultsPage, finite
 from producer.api.streams import (
     ARROW_MEDIA,
     NDJSON_MEDIA,
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 MAX_PAGE_ROWS = 10_000
 """Most rows of one JSON results page."""
+MAX_LISTED_JOBS = 1000
+"""Most jobs ``GET /v1/jobs`` lists at once (``limit``)."""
 LARGE_SUBMISSIONS = 1
 """Submissions of inline rows over :data:`~producer.api.bodies.INLINE_PARSE_BYTES` recorded
 and sent at a time per API process. Encoding and sending one holds the GIL in runs of tens
@@ -98,6 +100,15 @@ def submit_job(caller: User, parsed: Annotated[ParsedBody, Depends(json_body("jo
     log.info("request %s: job %s %s by %s (model %s)", request.state.request_id, job.id,
              "found by its idempotency key" if job.replayed else "submitted", caller.name or "-", body.model)
     return JobOut.of(job.status(), c.settings.data_dir)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(caller: User, c: ClientDep,
+              limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS, description="Most jobs listed.")] = 20) -> JobList:
+    """The caller's jobs (an admin's: every job): those still open (PENDING, RUNNING),
+    newest first, then the most recently ended; ``limit`` in all."""
+    listed = c.recent_jobs(limit, owned_by=None if caller.sees_all_jobs else caller.name)
+    return JobList(jobs=[JobOut.of(st, c.settings.data_dir) for st in listed])
 
 
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ApiError}})

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_fiel
 from ml_framework.store import JobStatus
 from producer.api.errors import scrub
 
-__all__ = ["ApiError", "JobOut", "PredictResponse", "ResultsPage", "finite"]
+__all__ = ["ApiError", "JobList", "JobOut", "PredictResponse", "ResultsPage", "finite"]
 
 
 class ApiError(BaseModel):
@@ -97,6 +97,13 @@ class JobOut(BaseModel):
     def of(cls, status: JobStatus, data_dir: Path) -> JobOut:
         """The answer for ``status``, its dataset shown relative to ``data_dir``."""
         return cls.model_validate(status, context={"data_dir": data_dir})
+
+
+class JobList(BaseModel):
+    """Jobs as ``GET /v1/jobs`` lists them: the open ones (PENDING, RUNNING) newest first,
+    then the most recently ended."""
+
+    jobs: list[JobOut]
 
 
 class ResultsPage(BaseModel):

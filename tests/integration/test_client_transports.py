@@ -6,6 +6,7 @@ closed port: it needs neither."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -127,6 +128,19 @@ def test_cancel_and_delete(client, stack):
     assert job.delete() is None
 
 
+def test_recent_jobs_lists_open_jobs_first(client, stack):
+    """Both clients list jobs the same way, open ones first: the job just scored with its
+    state and counts; ``limit`` bounds the list; the HTTP one through ``GET /v1/jobs``."""
+    ended = client.score_dataset(dataset(client, stack, "digits.csv"), model="digits-sklearn")
+    assert ended.wait(timeout_s=TIMEOUT_S).rows_ok == 1797
+    jobs = client.recent_jobs(1000)
+    listed = {st.job_id: st for st in jobs}
+    assert listed[ended.id].state.value == "SUCCEEDED" and listed[ended.id].rows_ok == 1797
+    open_ = [i for i, st in enumerate(jobs) if st.state.value in ("PENDING", "RUNNING")]
+    assert open_ == list(range(len(open_))), "open jobs come first"
+    assert len(client.recent_jobs(1)) == 1
+
+
 def test_predict_and_models(client, digits, trained):
     """predict answers a few rows in order with the model's predictions and names its job;
     models lists the repository."""
@@ -210,13 +224,15 @@ def test_cli_over_the_api(api_url, digits, tmp_path):
     assert results.returncode == 0 and len(pd.read_parquet(tmp_path / "r.parquet")) == len(digits.frame)
     models = mlf("models", url=api_url)
     assert models.returncode == 0 and "digits-sklearn" in models.stdout
+    listed = mlf("jobs", "list", "--json", url=api_url)
+    assert listed.returncode == 0 and job_id in [json.loads(line)["job_id"] for line in listed.stdout.splitlines()]
     delete = mlf("jobs", "delete", job_id, url=api_url)
     assert delete.returncode == 0 and f"deleted job {job_id}" in delete.stdout, delete.stderr
     refused = mlf("queues", url=api_url)
     assert refused.returncode == 2 and "needs direct access to the broker and the database" in refused.stderr
     wrong = mlf("status", job_id, url=api_url, key="not-the-key-0123")
     assert wrong.returncode == 1 and "refused the API key sent (from --api-key or MLF_API_KEY)" in wrong.stderr
-    for run in (score, status, results, models, delete, refused, wrong):
+    for run in (score, status, results, models, listed, delete, refused, wrong):
         assert KEY not in run.stdout + run.stderr and "not-the-key-0123" not in run.stdout + run.stderr
 
 

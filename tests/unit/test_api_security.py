@@ -76,7 +76,7 @@ def test_the_api_refuses_to_start_without_keys_unless_told_api_auth_none(root, c
 def test_every_endpoint_but_health_and_ready_needs_a_known_key(http):
     """401 without a key or with a wrong one (header or bearer); the key's role decides the
     rest: a metrics key reads only /metrics, a user key everything but /metrics."""
-    for method, path in [("get", "/v1/models"), ("get", "/v1/jobs/" + "0" * 32), ("get", "/gpu-status"),
+    for method, path in [("get", "/v1/models"), ("get", "/v1/jobs"), ("get", "/v1/jobs/" + "0" * 32), ("get", "/gpu-status"),
                          ("get", "/metrics"), ("post", "/v1/jobs"), ("delete", "/v1/jobs/" + "0" * 32)]:
         for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}):
             r = getattr(http, method)(path, headers=headers)
@@ -157,6 +157,29 @@ def test_a_job_belongs_to_the_key_that_submitted_it(http):
     metrics = http.get("/metrics", headers=hdr("prom")).text
     assert 'mlf_jobs_by_owner{owner="alice",state="CANCELLED"}' in metrics
     assert KEYS["alice"] not in metrics
+
+
+def test_a_key_lists_its_own_jobs_and_an_admin_every_job(http):
+    """`GET /v1/jobs` (the README walk-through got 405 looking for a job list): a key lists
+    only the jobs it submitted, open ones first, newest first; an admin key lists every
+    job; ``limit`` bounds the list (1 to 1,000); a metrics key may not list."""
+    first, second = submit(http, "alice")["job_id"], submit(http, "alice")["job_id"]
+    bobs = submit(http, "bob")["job_id"]
+    http.post(f"/v1/jobs/{first}/cancel", headers=hdr("alice"))
+    listed = http.get("/v1/jobs", headers=hdr("alice"))
+    assert listed.status_code == 200, listed.text
+    ids = [j["job_id"] for j in listed.json()["jobs"]]
+    assert bobs not in ids and {j["owner"] for j in listed.json()["jobs"]} == {"alice"}
+    assert ids.index(second) < ids.index(first)  # PENDING before CANCELLED
+    assert listed.json()["jobs"][ids.index(second)]["dataset"] == "<1 inline rows>"
+    assert [j["job_id"] for j in http.get("/v1/jobs", params={"limit": 1}, headers=hdr("alice")).json()["jobs"]] == [
+        second]
+    everyone = [j["job_id"] for j in http.get("/v1/jobs", params={"limit": 1000}, headers=hdr("ops")).json()["jobs"]]
+    assert {first, second, bobs} <= set(everyone)
+    assert [j["job_id"] for j in http.get("/v1/jobs", headers=hdr("bob")).json()["jobs"]].count(bobs) == 1
+    for bad in (0, 1001, "x"):
+        assert http.get("/v1/jobs", params={"limit": bad}, headers=hdr("alice")).status_code == 422
+    assert http.get("/v1/jobs", headers=hdr("prom")).status_code == 403
 
 
 def test_delete_deletes_idempotently_for_the_owner_only(http):

@@ -87,7 +87,7 @@ def test_jobs_list_shows_open_jobs_first_then_the_latest_ended(tmp_path):
     """`mlf jobs list` (found missing by the README walk-through: job ids were only in the
     demo's output): the PENDING job first, then the ended ones newest first, whole ids,
     a dataset path with brackets printed as typed; `--json` one object per line; `-n`
-    bounds the list; an empty store says how to make a job; over `--api` it is refused."""
+    bounds the list; an empty store says how to make a job; `--api` asks the API."""
     run = mlf(tmp_path, "jobs", "list")
     assert run.returncode == 0, run.stderr
     assert "no job in the results store" in run.stdout
@@ -113,5 +113,5 @@ def test_jobs_list_shows_open_jobs_first_then_the_latest_ended(tmp_path):
     assert (listed[1]["state"], listed[1]["rows_ok"], listed[1]["rows_failed"]) == ("PARTIAL", 9, 3)
     for field in ("created_at", "finished_at"):  # ISO 8601, as the HTTP API gives times (was str(): no "T")
         assert datetime.fromisoformat(listed[1][field]).tzinfo is not None and "T" in listed[1][field]
-    run = mlf(tmp_path, "--api", "http://127.0.0.1:9", "jobs", "list")
-    assert run.returncode == 2 and "/ui/jobs" in run.stderr and "does not work over the HTTP API" in run.stderr
+    run = mlf(tmp_path, "--api", "http://127.0.0.1:9", "jobs", "list")  # over HTTP: GET /v1/jobs
+    assert run.returncode == 1 and "the API at http://127.0.0.1:9 cannot be reached" in run.stderr, run.stderr
