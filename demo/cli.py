@@ -14,6 +14,15 @@ from rich.table import Table
 console = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)  # paths as they are
 
 
+def model_load(status) -> str:
+    """The demo table's ``model load`` cell of a job's status: the cold load a shard waited
+    for (seconds), ``warm`` when rows were scored by a worker that had the model loaded
+    already, ``-`` when no row was scored ok (a model that failed to load records no time)."""
+    if status.model_load_s is not None:
+        return f"{status.model_load_s:.1f} s"
+    return "warm" if status.rows_ok else "-"
+
+
 def _start_workers(processes: int | None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "worker"] + (["--processes", str(processes)] if processes else [])
     return subprocess.Popen(argv)
@@ -75,7 +84,7 @@ def demo(
                 rate = job_rows_per_s(status)
                 report.add_row(manifests[fw].name, fw, status.state.value, f"{correct[test].mean():.3f}",
                                f"{correct.mean():.3f}", str(status.rows_done), "-" if rate is None else f"{rate:,.0f}",
-                               "warm" if status.model_load_s is None else f"{status.model_load_s:.1f} s", job.id)
+                               model_load(status), job.id)
                 job.save_results(out_dir / f"{manifests[fw].name}.csv")
         except MLFrameworkError as exc:
             raise fail(str(exc)) from None

@@ -40,7 +40,7 @@ from ml_framework.endpoints import where_line
 from ml_framework.errors import JobTimeoutError, MLFrameworkError
 from ml_framework.logging import configure_logging
 from ml_framework.store import JobState, JobStatus
-from producer.cli_console import EXIT_ERROR, err, fail, out, say, warn
+from producer.cli_console import EXIT_ERROR, err, fail, out, printable, say, warn
 from producer.cli_remote import global_options, refuse_remote, remote, remote_client, remote_url
 from producer.durations import duration, job_rows_per_s, when
 from producer.results import check_output_path
@@ -78,8 +78,8 @@ def status_json(status: JobStatus) -> str:
     states as text, times in ISO 8601 as the HTTP API gives them), as ``mlf status --json`` and
     ``mlf jobs list --json`` print it."""
 
-    def text(value: object) -> str:
-        return value.isoformat() if isinstance(value, datetime) else str(value)
+    def text(value: object) -> str:  # UTC as pydantic writes it in the API's JSON: ...Z
+        return value.isoformat().replace("+00:00", "Z") if isinstance(value, datetime) else str(value)
 
     return json.dumps({k: getattr(status, k) for k in status.__dataclass_fields__}, default=text)
 
@@ -87,8 +87,8 @@ def status_json(status: JobStatus) -> str:
 def print_status(status: JobStatus) -> None:
     """Human-readable summary of a job."""
     pct = 100.0 * status.rows_done / status.n_rows if status.n_rows else 100.0
-    say(f"job {status.job_id}  ", (status.state.value, "bold"), f"  model {status.model}/{status.model_version}")
-    out.print(f"  dataset  {status.dataset}")
+    say(f"job {status.job_id}  ", (status.state.value, "bold"), f"  model {printable(status.model)}/{status.model_version}")
+    out.print(f"  dataset  {printable(status.dataset)}")
     if status.output_uri is not None:
         out.print(f"  results  {status.output_uri.rstrip('/')}/{status.job_id}/ (Parquet, one file per shard)")
     out.print(f"  rows     {status.rows_done}/{status.n_rows} ({pct:.1f}%): {status.rows_ok} ok, "

@@ -47,6 +47,8 @@ def list_jobs(
     from rich.table import Column, Table
     from rich.text import Text
 
+    from producer.cli_console import printable
+    from producer.cli_remote import remote_url
     from producer.durations import when
 
     try:
@@ -59,13 +61,14 @@ def list_jobs(
             print(status_json(st))
         return
     if not jobs:
-        _say("no job in the results store (submit one with `mlf score`)")
+        _say("no job of this API key (submit one with `mlf score`)" if remote_url() else
+             "no job in the results store (submit one with `mlf score`)")
         return
     table = Table("state", "model", "rows ok", "failed", "of", "created", "dataset")
     table.columns.insert(0, Column("job", no_wrap=True, min_width=32))  # ids whole, to copy
     for st in jobs:  # user data (model names, paths) as plain text, never markup
-        table.add_row(st.job_id, st.state.value, Text(f"{st.model}/{st.model_version}"), str(st.rows_ok),
-                      str(st.rows_failed), str(st.n_rows), when(st.created_at), Text(st.dataset))
+        table.add_row(st.job_id, st.state.value, Text(printable(f"{st.model}/{st.model_version}")), str(st.rows_ok),
+                      str(st.rows_failed), str(st.n_rows), when(st.created_at), Text(printable(st.dataset)))
     out.print(table)
 
 

@@ -222,11 +222,11 @@ class _ProgressBar:
         class JobElapsed(ProgressColumn):
             def render(self, task) -> Text:
                 elapsed, polled, running = (task.fields.get(k) for k in ("elapsed_s", "polled", "running"))
-                if elapsed is None:
-                    return Text("queued", style="progress.elapsed")
+                if elapsed is None:  # no shard started: waiting, or ended so (cancelled)
+                    return Text("queued" if running is not False else "-", style="progress.elapsed")
                 if running:  # ticks between polls
                     elapsed += time.monotonic() - polled
-                seconds = int(elapsed)
+                seconds = max(int(elapsed), 0)  # the workers' clocks may run ahead of this host's
                 return Text(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}", style="progress.elapsed")
 
         # No markup: the progress line prints what it is given as plain text.

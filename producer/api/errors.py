@@ -11,6 +11,7 @@ and URLs (:func:`scrub`). The full detail goes to the log under the request id.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import uuid
@@ -186,6 +187,22 @@ def scrub(message: str, roots: list[Path]) -> str:
     message = _URL.sub("<url>", message)
     message = _ABS_PATH.sub("<path>", message)
     return message[:_MAX_MESSAGE_CHARS]
+
+
+def shown_dataset(dataset: str, data_dir: Path) -> str:
+    """A job's dataset as the API shows it: relative to ``data_dir`` when it lies under it,
+    ``<server path>/NAME`` (its file name only) for another absolute path (a job the CLI or
+    the Python client submitted from elsewhere on the server), an ``s3://`` URI or
+    ``<N inline rows>`` as they are. Unlike :func:`scrub`, which finds paths inside free
+    text, this takes the whole value as one path, so no part of it (a directory with a
+    space, or one named like an endpoint) is shown."""
+    if not dataset.startswith("/"):
+        return scrub(dataset, [data_dir])
+    path = Path(os.path.normpath(dataset))  # no ".." left to climb out of the data directory
+    for root in {data_dir.absolute(), data_dir.resolve()}:
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return f"<server path>/{path.name}"
 
 
 def error_response(request: Request, status: int, kind: str, message: str,

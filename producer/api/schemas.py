@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator
 
 from ml_framework.store import JobStatus
-from producer.api.errors import scrub
+from producer.api.errors import shown_dataset
 
 __all__ = ["ApiError", "JobList", "JobOut", "PredictResponse", "ResultsPage", "finite"]
 
@@ -83,9 +83,9 @@ class JobOut(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _relative(cls, dataset: str, info: ValidationInfo) -> str:
-        """The dataset's server path relative to the data directory (``context["data_dir"]``)."""
+        """The dataset as :func:`~producer.api.errors.shown_dataset` shows it (``context["data_dir"]``)."""
         data_dir = (info.context or {}).get("data_dir")
-        return scrub(dataset, [Path(data_dir)]) if data_dir is not None else dataset
+        return shown_dataset(dataset, Path(data_dir)) if data_dir is not None else dataset
 
     @field_validator("output_uri")
     @classmethod

@@ -52,7 +52,7 @@ from producer.api.auth import (
     owned_job_id,
 )
 from producer.api.deps import read_body
-from producer.api.errors import scrub
+from producer.api.errors import scrub, shown_dataset
 from producer.durations import duration, job_rows_per_s, when
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _path(request: Request, name: str, **params: Any) -> str:
 
 def _job_view(request: Request, status: JobStatus) -> JobView:
     settings = request.app.state.client.settings
-    return JobView(status, scrub(status.dataset, [settings.data_dir]), job_rows_per_s(status),
+    return JobView(status, shown_dataset(status.dataset, settings.data_dir), job_rows_per_s(status),
                    _path(request, "job_page", job_id=status.job_id))
 
 

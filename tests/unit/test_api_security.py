@@ -5,6 +5,7 @@ broker with no worker: jobs stay PENDING, which is all these checks need."""
 
 from __future__ import annotations
 
+import html
 import logging
 from pathlib import Path
 
@@ -180,6 +181,30 @@ def test_a_key_lists_its_own_jobs_and_an_admin_every_job(http):
     for bad in (0, 1001, "x"):
         assert http.get("/v1/jobs", params={"limit": bad}, headers=hdr("alice")).status_code == 422
     assert http.get("/v1/jobs", headers=hdr("prom")).status_code == 403
+
+
+def test_datasets_outside_the_data_directory_show_no_server_path(http, root):
+    """A job the CLI submitted from elsewhere on the server records an absolute path; the
+    API listed `/srv/customer data/acme.csv` as `<path> data/acme.csv` and
+    `/healthcare/patients/ssn.csv` whole (free-text scrubbing stops at a space and spares
+    names that start like an endpoint). The whole value is one path: its file name only."""
+    from producer.api.errors import shown_dataset
+
+    data = root / "data"
+    cases = {str(data / "sub" / "x.csv"): "sub/x.csv", "/srv/customer data/acme.csv": "<server path>/acme.csv",
+             "/healthcare/patients/ssn.csv": "<server path>/ssn.csv", "/metrics-secret/x.csv": "<server path>/x.csv",
+             "/v1/../etc/shadow": "<server path>/shadow", f"{data}/../private.csv": "<server path>/private.csv",
+             "s3://bucket/in/key.csv": "s3://bucket/in/key.csv", "<3 inline rows>": "<3 inline rows>"}
+    assert {d: shown_dataset(d, data) for d in cases} == cases
+    store = http.app.state.client.store
+    ids = {store.create_job(model="m-public", model_version=1, dataset=d, n_rows=1, shard_ranges=[(0, 1)],
+                            batch_size=1): shown for d, shown in cases.items()}
+    listed = {j["job_id"]: j["dataset"] for j in
+              http.get("/v1/jobs", params={"limit": 1000}, headers=hdr("ops")).json()["jobs"]}
+    assert {job_id: listed[job_id] for job_id in ids} == ids
+    for job_id, shown in ids.items():  # the job page shows it so too
+        page = html.unescape(http.get(f"/ui/jobs/{job_id}", headers=hdr("ops")).text)
+        assert shown in page and "customer data" not in page and "healthcare" not in page
 
 
 def test_delete_deletes_idempotently_for_the_owner_only(http):

@@ -97,6 +97,9 @@ def test_jobs_list_shows_open_jobs_first_then_the_latest_ended(tmp_path):
         age(store, first, 1)
         pending = store.create_job(model="m", model_version=1, dataset="in/[red] rows.csv", n_rows=5,
                                    shard_ranges=[(0, 5)], batch_size=5)
+        # a name with a terminal escape, a newline and a right-to-left override (review: printed raw)
+        escaping = store.create_job(model="m\x1b[2J", model_version=1, dataset="in/\x1b[31mred\u202e.csv\nx",
+                                    n_rows=5, shard_ranges=[(0, 5)], batch_size=5)
     finally:
         store.close()
     run = mlf(tmp_path, "jobs", "list")
@@ -105,13 +108,19 @@ def test_jobs_list_shows_open_jobs_first_then_the_latest_ended(tmp_path):
     order = [next(i for i, line in enumerate(lines) if job in line) for job in (pending, second, first)]
     assert order == sorted(order), run.stdout
     assert "in/[red] rows.csv" in run.stdout and "PENDING" in lines[order[0]] and "PARTIAL" in lines[order[1]]
+    shown = next(line for line in lines if escaping in line)
+    assert "in/\\x1b[31mred\\u202e.csv\\nx" in shown and "m\\x1b[2J/1" in shown, shown
+    assert "\x1b" not in run.stdout and "\u202e" not in run.stdout
+    status = mlf(tmp_path, "status", escaping)
+    assert "in/\\x1b[31mred\\u202e.csv\\nx" in status.stdout and "\x1b" not in status.stdout, status.stdout
     assert " 9 " in lines[order[1]] and " 3 " in lines[order[1]] and " 12 " in lines[order[1]]  # ok, failed, of
-    run = mlf(tmp_path, "jobs", "list", "--json", "-n", "2")
+    run = mlf(tmp_path, "jobs", "list", "--json", "-n", "3")
     assert run.returncode == 0, run.stderr
     listed = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [j["job_id"] for j in listed] == [pending, second]
-    assert (listed[1]["state"], listed[1]["rows_ok"], listed[1]["rows_failed"]) == ("PARTIAL", 9, 3)
+    assert [j["job_id"] for j in listed] == [escaping, pending, second]
+    assert (listed[2]["state"], listed[2]["rows_ok"], listed[2]["rows_failed"]) == ("PARTIAL", 9, 3)
     for field in ("created_at", "finished_at"):  # ISO 8601, as the HTTP API gives times (was str(): no "T")
-        assert datetime.fromisoformat(listed[1][field]).tzinfo is not None and "T" in listed[1][field]
+        assert datetime.fromisoformat(listed[2][field]).tzinfo is not None and "T" in listed[2][field]
+        assert listed[2][field].endswith("Z")  # UTC as the API writes it
     run = mlf(tmp_path, "--api", "http://127.0.0.1:9", "jobs", "list")  # over HTTP: GET /v1/jobs
     assert run.returncode == 1 and "the API at http://127.0.0.1:9 cannot be reached" in run.stderr, run.stderr

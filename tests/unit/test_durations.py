@@ -100,3 +100,49 @@ def test_the_progress_bar_shows_the_jobs_own_elapsed_time():
         bar.close()
     assert "0/10 rows queued PENDING" in lines[0], lines[0]
     assert "10/10 rows 0:00:08 SUCCEEDED" in lines[1], lines[1]
+
+
+def test_the_progress_bar_never_shows_a_negative_time_nor_queued_for_an_ended_job():
+    """A review found `-1:59:59` for a job whose first shard started by a worker's clock 3 s
+    ahead of this host's, and `queued` for a job cancelled before any shard started."""
+    import io
+    import types
+
+    from rich.console import Console
+
+    from ml_framework.store.models import utc_now
+    from producer.job import _ProgressBar
+
+    ahead = utc_now() + timedelta(seconds=3)
+    running = JobStatus(job_id="j", model="m", model_version=1, dataset="d.csv", state=JobState.RUNNING, n_rows=10,
+                        n_shards=1, shards_done=0, rows_ok=0, rows_failed=0, batch_size=256, created_at=ahead,
+                        started_at=ahead, finished_at=None)
+    backwards = replace(running, state=JobState.SUCCEEDED, rows_ok=10, finished_at=ahead - timedelta(seconds=2))
+    cancelled = replace(running, state=JobState.CANCELLED, started_at=None, finished_at=ahead)
+    shown = []
+    for status in (running, backwards, cancelled):
+        bar = _ProgressBar(types.SimpleNamespace(id="j"))
+        try:
+            bar.update(status)
+            screen = io.StringIO()
+            Console(file=screen, width=120).print(bar.progress.get_renderable())
+            shown.append(screen.getvalue())
+        finally:
+            bar.close()
+    assert "0/10 rows 0:00:00 RUNNING" in shown[0], shown[0]
+    assert "10/10 rows 0:00:00 SUCCEEDED" in shown[1], shown[1]
+    assert "0/10 rows - CANCELLED" in shown[2], shown[2]
+
+
+def test_the_demo_says_warm_only_when_rows_were_scored_by_a_loaded_model():
+    """The demo's model load column said `warm` for a job whose model failed to load (no
+    load time is recorded then): `-` unless a row was scored ok."""
+    from demo.cli import model_load
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    done = JobStatus(job_id="j", model="m", model_version=1, dataset="d.csv", state=JobState.SUCCEEDED, n_rows=10,
+                     n_shards=1, shards_done=1, rows_ok=10, rows_failed=0, batch_size=256, created_at=start,
+                     started_at=start, finished_at=start)
+    assert [model_load(s) for s in (replace(done, model_load_s=2.84), done,
+                                    replace(done, state=JobState.FAILED, rows_ok=0, rows_failed=10))] == [
+        "2.8 s", "warm", "-"]
