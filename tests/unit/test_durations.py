@@ -71,10 +71,9 @@ def test_mlf_status_shows_the_time_a_job_waited_in_the_queue(capsys):
     assert "queued" not in capsys.readouterr().out
 
 
-def test_the_progress_bar_shows_the_jobs_own_elapsed_time():
-    """The demo waits on its jobs one after another; the second had run while it waited on
-    the first, and its bar showed `0:00:00` (the bar's own time) for a shard of 8.8 s. The
-    bar shows the job's time from its first shard's start, `queued` before it."""
+def bar_lines(*statuses: JobStatus) -> list[str]:
+    """The progress bar of ``Job.wait(progress=True)`` as a terminal shows it after each
+    status in turn (one bar for them all, as a wait updates it)."""
     import io
     import types
 
@@ -82,22 +81,30 @@ def test_the_progress_bar_shows_the_jobs_own_elapsed_time():
 
     from producer.job import _ProgressBar
 
+    bar = _ProgressBar(types.SimpleNamespace(id="j"))
+    try:
+        lines = []
+        for status in statuses:
+            bar.update(status)
+            screen = io.StringIO()
+            Console(file=screen, width=120).print(bar.progress.get_renderable())
+            lines.append(screen.getvalue())
+        return lines
+    finally:
+        bar.close()
+
+
+def test_the_progress_bar_shows_the_jobs_own_elapsed_time():
+    """The demo waits on its jobs one after another; the second had run while it waited on
+    the first, and its bar showed `0:00:00` (the bar's own time) for a shard of 8.8 s. The
+    bar shows the job's time from its first shard's start, `queued` before it."""
     start = datetime(2026, 1, 1, tzinfo=UTC)
     queued = JobStatus(job_id="j", model="m", model_version=1, dataset="d.csv", state=JobState.PENDING, n_rows=10,
                        n_shards=1, shards_done=0, rows_ok=0, rows_failed=0, batch_size=256, created_at=start,
                        started_at=None, finished_at=None)
     done = replace(queued, state=JobState.SUCCEEDED, shards_done=1, rows_ok=10, started_at=start,
                    finished_at=start + timedelta(seconds=8.8))
-    bar = _ProgressBar(types.SimpleNamespace(id="j"))
-    try:
-        lines = []
-        for status in (queued, done):
-            bar.update(status)
-            screen = io.StringIO()
-            Console(file=screen, width=120).print(bar.progress.get_renderable())
-            lines.append(screen.getvalue())
-    finally:
-        bar.close()
+    lines = bar_lines(queued, done)
     assert "0/10 rows queued PENDING" in lines[0], lines[0]
     assert "10/10 rows 0:00:08 SUCCEEDED" in lines[1], lines[1]
 
@@ -105,13 +112,7 @@ def test_the_progress_bar_shows_the_jobs_own_elapsed_time():
 def test_the_progress_bar_never_shows_a_negative_time_nor_queued_for_an_ended_job():
     """A review found `-1:59:59` for a job whose first shard started by a worker's clock 3 s
     ahead of this host's, and `queued` for a job cancelled before any shard started."""
-    import io
-    import types
-
-    from rich.console import Console
-
     from ml_framework.store.models import utc_now
-    from producer.job import _ProgressBar
 
     ahead = utc_now() + timedelta(seconds=3)
     running = JobStatus(job_id="j", model="m", model_version=1, dataset="d.csv", state=JobState.RUNNING, n_rows=10,
@@ -119,16 +120,7 @@ def test_the_progress_bar_never_shows_a_negative_time_nor_queued_for_an_ended_jo
                         started_at=ahead, finished_at=None)
     backwards = replace(running, state=JobState.SUCCEEDED, rows_ok=10, finished_at=ahead - timedelta(seconds=2))
     cancelled = replace(running, state=JobState.CANCELLED, started_at=None, finished_at=ahead)
-    shown = []
-    for status in (running, backwards, cancelled):
-        bar = _ProgressBar(types.SimpleNamespace(id="j"))
-        try:
-            bar.update(status)
-            screen = io.StringIO()
-            Console(file=screen, width=120).print(bar.progress.get_renderable())
-            shown.append(screen.getvalue())
-        finally:
-            bar.close()
+    shown = [bar_lines(status)[0] for status in (running, backwards, cancelled)]
     assert "0/10 rows 0:00:00 RUNNING" in shown[0], shown[0]
     assert "10/10 rows 0:00:00 SUCCEEDED" in shown[1], shown[1]
     assert "0/10 rows - CANCELLED" in shown[2], shown[2]
