@@ -51,7 +51,7 @@ from ml_framework.errors import (
 from ml_framework.manifest import ModelManifest
 from ml_framework.store import JobStatus, PruneReport
 from ml_framework.store.idempotency import check_key
-from producer.http_errors import error_of, unreachable
+from producer.http_errors import error_of, not_the_apis, unreachable
 from producer.job import Job
 from producer.plan import JobOptions
 from producer.results import results_frame, table_frame
@@ -158,15 +158,32 @@ class HttpClient:
             raise error_of(response, job_id=job_id, no_key_hint=self._no_key_hint, key_hint=self._key_hint)
         return response
 
+    def _body(self, response: httpx.Response, field: str | None = None) -> Any:
+        """The JSON of a success answer (its ``field``, when given).
+
+        Raises:
+            ApiResponseError: the answer is not JSON, or has no ``field``: not the API's
+                answer (a proxy's page at the URL; :func:`~producer.http_errors.not_the_apis`).
+        """
+        try:
+            body = response.json()
+        except ValueError:
+            raise not_the_apis(response, "JSON") from None
+        if field is None:
+            return body
+        if not isinstance(body, dict) or field not in body:
+            raise not_the_apis(response, f"JSON with field {field}")
+        return body[field]
+
     def models(self) -> list[ModelManifest]:
         """Every model version in the API's model repository (``GET /v1/models``)."""
-        self._manifests = [ModelManifest.model_validate(m) for m in self._request("GET", "/v1/models").json()]
+        self._manifests = [ModelManifest.model_validate(m) for m in self._body(self._request("GET", "/v1/models"))]
         return list(self._manifests)
 
     def recent_jobs(self, limit: int = 20) -> list[JobStatus]:
         """This key's jobs (an admin key's: every job) still open, newest first, then the
         most recently ended; ``limit`` (1 to 1,000) in all (``GET /v1/jobs``)."""
-        listed = self._request("GET", "/v1/jobs", params={"limit": limit}).json()["jobs"]
+        listed = self._body(self._request("GET", "/v1/jobs", params={"limit": limit}), "jobs")
         return [_STATUS.validate_python(job) for job in listed]
 
     def get_job(self, job_id: str) -> Job:
@@ -308,8 +325,8 @@ class HttpClient:
                 the direct client; BodyInvalidError for a ``timeout_s`` out of range.
         """
         body = {"rows": self._records(inputs, model, version), "version": version, "timeout_s": timeout_s}
-        answer = self._request("POST", f"/v1/models/{quote(model, safe='')}/predict", **_json(body),
-                               timeout=self.timeout_s + timeout_s).json()
+        answer = self._body(self._request("POST", f"/v1/models/{quote(model, safe='')}/predict", **_json(body),
+                                          timeout=self.timeout_s + timeout_s))
         ok = [(r["row"], {k: v for k, v in r.items() if k != "row"}) for r in answer["rows"] if "error" not in r]
         errors = [(r["row"], r.get("error_field"), r["error"]) for r in answer["rows"] if "error" in r]
         frame = results_frame(None if errors and not ok else ok, errors)
@@ -335,18 +352,21 @@ class HttpClient:
 
     # The JobClient protocol (producer.job): what a Job reads through.
     def _job_status(self, job_id: str) -> JobStatus:
-        return _STATUS.validate_python(self._request("GET", f"/v1/jobs/{_quoted(job_id)}", job_id=job_id).json())
+        return _STATUS.validate_python(self._body(self._request("GET", f"/v1/jobs/{_quoted(job_id)}", job_id=job_id)))
 
     def _cancel_job(self, job_id: str) -> JobStatus:
         response = self._request("POST", f"/v1/jobs/{_quoted(job_id)}/cancel", job_id=job_id)
-        return _STATUS.validate_python(response.json())
+        return _STATUS.validate_python(self._body(response))
 
     def _results_table(self, job_id: str) -> pa.Table:
         """The job's results as the API streams them (``?format=arrow``): the columns and
         types of ``ResultStore.results_table``."""
         response = self._request("GET", f"/v1/jobs/{_quoted(job_id)}/results", job_id=job_id,
                                  params={"format": "arrow"})
-        return pa.ipc.open_stream(io.BytesIO(response.content)).read_all()
+        try:
+            return pa.ipc.open_stream(io.BytesIO(response.content)).read_all()
+        except pa.ArrowInvalid:
+            raise not_the_apis(response, "an Arrow IPC stream") from None
 
     def _results_frame(self, job_id: str) -> pd.DataFrame:
         return table_frame(self._results_table(job_id))
@@ -365,7 +385,7 @@ class HttpClient:
             escaped = check_key(idempotency_key).replace("\\", "\\\\").replace('"', '\\"')
             headers["Idempotency-Key"] = f'"{escaped}"'
         response = self._request("POST", "/v1/jobs", **_json(body, headers))
-        return Job(self, response.json()["job_id"], replayed=response.headers.get("Idempotent-Replayed") == "true")
+        return Job(self, self._body(response, "job_id"), replayed=response.headers.get("Idempotent-Replayed") == "true")
 
     def _records(self, rows: RowsLike, model: str, version: int | None) -> list[dict[str, Any]]:
         """``rows`` (any form :func:`producer.rows.rows_to_table` takes, by the model's input

@@ -95,6 +95,24 @@ def error_of(response: httpx.Response, *, job_id: str | None = None,
     return exc
 
 
+def not_the_apis(response: httpx.Response, expected: str) -> ApiResponseError:
+    """The error for a success answer that is not what the API answers there (a proxy's
+    or another server's page, or a server too old for the route): HTTP status, content
+    type and URL (no query, no credentials), and the start of the text.
+
+    Args:
+        expected: what the API answers there, for the message (``"JSON"``, ``"JSON with
+            field jobs"``).
+    """
+    kind = response.headers.get("content-type", "no content type").split(";")[0].strip()
+    text = response.text.strip()[:_MAX_TEXT]
+    exc = ApiResponseError(f"HTTP {response.status_code} from {response.request.url.copy_with(query=None)} is not "
+                           f"the ml-framework API's answer ({kind}, not {expected}): is {_base(response)} the API, "
+                           "and as new as this client?" + (f" It said: {text}" if text else ""),
+                           response.status_code, response.headers.get("x-request-id"))
+    return exc
+
+
 def _base(response: httpx.Response) -> str:
     """``scheme://host[:port]`` the request went to (no path, query or credentials)."""
     url = response.request.url

@@ -78,6 +78,24 @@ def test_an_answer_that_is_not_the_apis_names_the_status_and_url():
         fake(lambda request: httpx.Response(401, text="")).models()
 
 
+def test_a_success_answer_that_is_not_the_apis_is_an_api_response_error():
+    """A 200 that is not the API's JSON (a proxy's sign-in page at the URL, a server too
+    old for GET /v1/jobs answering its own JSON) raised JSONDecodeError or KeyError from
+    the client's insides: an ApiResponseError naming the status, URL and content type."""
+    page = httpx.Response(200, text="<html>Sign in to the proxy</html>", headers={"Content-Type": "text/html"})
+
+    def status_then_page(request: httpx.Request) -> httpx.Response:  # results() reads the status first
+        return httpx.Response(200, json=STATUS) if request.url.path == f"/v1/jobs/{JOB}" else page
+
+    for call, handler in [(lambda c: c.recent_jobs(5), lambda r: page), (lambda c: c.get_job(JOB), lambda r: page),
+                          (lambda c: c.models(), lambda r: page), (lambda c: c.get_job(JOB).results(), status_then_page)]:
+        with pytest.raises(ApiResponseError, match=r"HTTP 200 from http://api\.test:8000/v1/\S+ is not the "
+                                                   r"ml-framework API's answer \(text/html, not .*Sign in"):
+            call(fake(handler))
+    with pytest.raises(ApiResponseError, match=r"\(application/json, not JSON with field jobs\)"):
+        fake(lambda request: httpx.Response(200, json={"detail": "something else"})).recent_jobs(5)
+
+
 def test_the_key_is_sent_as_bearer_and_never_shown():
     """The key goes in Authorization: Bearer; the client's repr, an unreachable API's error
     and the request's repr hold no key."""
