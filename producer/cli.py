@@ -74,9 +74,9 @@ def where(c) -> str:
 
 
 def status_json(status: JobStatus) -> str:
-    """A job's status as one line of JSON, every field of :class:`JobStatus` (times and
-    states as text, times in ISO 8601 as the HTTP API gives them), as ``mlf status --json`` and
-    ``mlf jobs list --json`` print it."""
+    """A job's status as one line of JSON, every field of :class:`JobStatus` (states as
+    text, times in ISO 8601 ending in ``Z`` as the HTTP API gives them), as ``mlf status
+    --json`` and ``mlf jobs list --json`` print it."""
 
     def text(value: object) -> str:  # UTC as pydantic writes it in the API's JSON: ...Z
         return value.isoformat().replace("+00:00", "Z") if isinstance(value, datetime) else str(value)

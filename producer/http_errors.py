@@ -106,11 +106,10 @@ def not_the_apis(response: httpx.Response, expected: str) -> ApiResponseError:
     """
     kind = response.headers.get("content-type", "no content type").split(";")[0].strip()
     text = response.text.strip()[:_MAX_TEXT]
-    exc = ApiResponseError(f"HTTP {response.status_code} from {response.request.url.copy_with(query=None)} is not "
-                           f"the ml-framework API's answer ({kind}, not {expected}): is {_base(response)} the API, "
-                           "and as new as this client?" + (f" It said: {text}" if text else ""),
-                           response.status_code, response.headers.get("x-request-id"))
-    return exc
+    return ApiResponseError(f"HTTP {response.status_code} from {response.request.url.copy_with(query=None)} is not "
+                            f"the ml-framework API's answer ({kind}, not {expected}): is {_base(response)} the API, "
+                            "and as new as this client?" + (f" It said: {text}" if text else ""),
+                            response.status_code, response.headers.get("x-request-id"))
 
 
 def _base(response: httpx.Response) -> str:
